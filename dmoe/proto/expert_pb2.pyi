@@ -1,0 +1,143 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NONE: _ClassVar[Compression]
+    FLOAT16: _ClassVar[Compression]
+    UNIFORM_8BIT: _ClassVar[Compression]
+NONE: Compression
+FLOAT16: Compression
+UNIFORM_8BIT: Compression
+
+class Tensor(_message.Message):
+    __slots__ = ("buffer", "shape", "dtype", "compression")
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    buffer: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    compression: Compression
+    def __init__(self, buffer: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class TensorSchema(_message.Message):
+    __slots__ = ("shape", "dtype")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("uid", "inputs", "reply_compression")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    reply_compression: Compression
+    def __init__(self, uid: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., reply_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("uid", "inputs", "grad_outputs", "reply_compression")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    grad_outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    reply_compression: Compression
+    def __init__(self, uid: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., grad_outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., reply_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_inputs",)
+    GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    grad_inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, grad_inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ExpertStats(_message.Message):
+    __slots__ = ("forward_calls", "backward_calls", "forward_tokens", "backward_tokens", "errors", "rejected", "queued_tokens", "latency_p50_ms", "latency_p99_ms", "optimizer_steps")
+    FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    forward_calls: int
+    backward_calls: int
+    forward_tokens: int
+    backward_tokens: int
+    errors: int
+    rejected: int
+    queued_tokens: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+    optimizer_steps: int
+    def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., forward_tokens: _Optional[int] = ..., backward_tokens: _Optional[int] = ..., errors: _Optional[int] = ..., rejected: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., optimizer_steps: _Optional[int] = ...) -> None: ...
+
+class ExpertInfo(_message.Message):
+    __slots__ = ("uid", "expert_cls", "inputs", "outputs", "version", "num_parameters", "stats")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CLS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    expert_cls: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorSchema]
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorSchema]
+    version: int
+    num_parameters: int
+    stats: ExpertStats
+    def __init__(self, uid: _Optional[str] = ..., expert_cls: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSchema, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSchema, _Mapping]]] = ..., version: _Optional[int] = ..., num_parameters: _Optional[int] = ..., stats: _Optional[_Union[ExpertStats, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ("uids",)
+    UIDS_FIELD_NUMBER: _ClassVar[int]
+    uids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "dmoe_version", "device", "experts", "max_batch_tokens", "max_message_bytes", "max_request_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DMOE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    dmoe_version: str
+    device: str
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertInfo]
+    max_batch_tokens: int
+    max_message_bytes: int
+    max_request_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...

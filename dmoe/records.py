@@ -1,0 +1,166 @@
+"""What nodes announce in the DHT, and reading it back.
+
+Keys (all values are msgpack dicts, validated on read by the pydantic models below, which ignore
+fields they do not know so that old and new versions read each other's records):
+
+- ``<uid>`` (e.g. ``ffn.3.5``) -> :class:`ExpertRecord`: where to call the expert.
+- ``<prefix>.`` with subkey ``<next coordinate>`` for each proper prefix of the uid (``ffn.`` / 3,
+  ``ffn.3.`` / 5) -> :class:`ExpertRecord` of the uid: lets a client find live experts by a beam
+  search over grid prefixes instead of listing the swarm.
+- ``_dmoe.nodes`` with subkey ``<node_id>`` -> :class:`NodeRecord`: hardware, experts and load.
+
+Records expire after a node-chosen TTL and are refreshed by its heartbeat; a killed node's records
+disappear when they expire. A node that stops gracefully overwrites its records, with a later
+expiration (the DHT keeps the record that expires last), by tombstones (``state='stopped'``) that
+readers treat as absent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal
+
+import pydantic
+from hivemind.dht import DHT, DHTNode
+
+from dmoe.uids import UID_DELIMITER, split_uid
+
+logger = logging.getLogger(__name__)
+
+NODES_KEY = "_dmoe.nodes"
+RECORD_VERSION = 1
+
+
+class _Record(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+
+class ExpertRecord(_Record):
+    uid: str
+    endpoint: str  # host:port of the node's gRPC ExpertService
+    node_id: str
+    state: Literal["online", "stopped"] = "online"
+    expert_cls: str = ""
+    version: int = 0  # optimizer steps applied
+    queued_tokens: int = 0
+    record_version: int = RECORD_VERSION
+
+
+class Hardware(_Record):
+    device: str
+    device_name: str = ""
+    num_cpus: int = 0
+    ram_bytes: int = 0
+    device_memory_bytes: int = 0
+
+
+class ExpertLoad(_Record):
+    forward_calls: int = 0
+    backward_calls: int = 0
+    tokens: int = 0
+    errors: int = 0
+    rejected: int = 0
+    queued_tokens: int = 0
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    version: int = 0
+
+
+class NodeRecord(_Record):
+    node_id: str
+    endpoint: str
+    state: Literal["online", "stopped"] = "online"
+    dmoe_version: str = ""
+    started_at: float = 0.0
+    hardware: Hardware | None = None
+    experts: list[str] = []
+    load: dict[str, ExpertLoad] = {}
+    record_version: int = RECORD_VERSION
+
+
+def prefix_entries(uid: str) -> list[tuple[str, int]]:
+    """(key, subkey) of every grid prefix under which ``uid`` is announced: ffn.3.5 -> [(ffn., 3), (ffn.3., 5)]."""
+    prefix, coords = split_uid(uid)
+    entries = []
+    for i, coord in enumerate(coords):
+        key = UID_DELIMITER.join([prefix, *map(str, coords[:i])]) + UID_DELIMITER
+        entries.append((key, coord))
+    return entries
+
+
+def announcement(
+    experts: Sequence[ExpertRecord], node: NodeRecord
+) -> tuple[list[str], list[int | str | None], list[dict[str, Any]]]:
+    """Keys, subkeys and values that announce ``experts`` and ``node`` (or their tombstones)."""
+    keys: list[str] = []
+    subkeys: list[int | str | None] = []
+    values: list[dict[str, Any]] = []
+    for record in experts:
+        value = record.model_dump()
+        keys.append(record.uid)
+        subkeys.append(None)
+        values.append(value)
+        for key, subkey in prefix_entries(record.uid):
+            keys.append(key)
+            subkeys.append(subkey)
+            values.append(value)
+    keys.append(NODES_KEY)
+    subkeys.append(node.node_id)
+    values.append(node.model_dump())
+    return keys, subkeys, values
+
+
+async def _store_many(_dht: DHT, node: DHTNode, keys, subkeys, values, expiration_time: float) -> int:
+    ok = await node.store_many(keys, values, expiration_time, subkeys=subkeys)
+    return sum(bool(v) for v in ok.values())
+
+
+def store_announcement(
+    dht: DHT, experts: Sequence[ExpertRecord], node: NodeRecord, expiration_time: float
+) -> int:
+    """Store the records in the DHT (blocking); returns how many keys were accepted."""
+    keys, subkeys, values = announcement(experts, node)
+    return dht.run_coroutine(
+        partial(_store_many, keys=keys, subkeys=subkeys, values=values, expiration_time=expiration_time)
+    )
+
+
+def _parse(model: type[_Record], raw: Any) -> Any:
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as e:
+        logger.debug("ignoring a malformed %s: %s", model.__name__, e)
+        return None
+
+
+async def _get_many(_dht: DHT, node: DHTNode, keys: list[str]) -> dict[str, Any]:
+    found = await node.get_many(keys, latest=True)
+    return {key: (None if entry is None else entry.value) for key, entry in found.items()}
+
+
+def find_experts(dht: DHT, uids: Sequence[str]) -> dict[str, ExpertRecord]:
+    """Live (online, unexpired, well-formed) records of the given uids; absent uids are left out."""
+    found = dht.run_coroutine(partial(_get_many, keys=list(uids)))
+    result = {}
+    for uid, value in found.items():
+        if value is None:
+            continue
+        record = _parse(ExpertRecord, value)
+        if record is not None and record.state == "online" and record.uid == uid:
+            result[uid] = record
+    return result
+
+
+def find_nodes(dht: DHT) -> dict[str, NodeRecord]:
+    """Every live node record in the swarm, by node id."""
+    entry = dht.get(NODES_KEY, latest=True)
+    if entry is None or not isinstance(entry.value, dict):
+        return {}
+    nodes = {}
+    for node_id, sub in entry.value.items():
+        record = _parse(NodeRecord, getattr(sub, "value", None))
+        if record is not None and record.state == "online" and record.node_id == node_id:
+            nodes[node_id] = record
+    return nodes

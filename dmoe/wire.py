@@ -1,0 +1,162 @@
+"""Tensors on the wire: ``dmoe.proto.Tensor`` <-> ``torch.Tensor``, compression, and chunking.
+
+The encodings themselves are hivemind's (``hivemind.compression``: none, float16, uniform 8-bit);
+this module adds what a server reading bytes from strangers needs before it hands them to those
+decoders: an allow-list of dtypes, a bound on rank and element count, and an exact check of the
+buffer length for every encoding, so a malformed tensor is a :class:`~dmoe.errors.WireError`
+(INVALID_ARGUMENT on a node), never a crash or an allocation chosen by the peer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterable, Iterator
+
+import numpy as np
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from dmoe.errors import WireError
+from dmoe.proto import expert_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+MAX_RANK = 8
+CODEBOOK_HEADER_BYTES = 8
+
+COMPRESSION_NAMES: dict[str, int] = {"none": pb.NONE, "fp16": pb.FLOAT16, "8bit": pb.UNIFORM_8BIT}
+_TO_HIVEMIND = {
+    pb.NONE: runtime_pb2.CompressionType.NONE,
+    pb.FLOAT16: runtime_pb2.CompressionType.FLOAT16,
+    pb.UNIFORM_8BIT: runtime_pb2.CompressionType.UNIFORM_8BIT,
+}
+
+
+def compression_from_name(name: str) -> int:
+    """'none' | 'fp16' | '8bit' -> the wire enum value."""
+    try:
+        return COMPRESSION_NAMES[name]
+    except KeyError:
+        raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSION_NAMES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def serialize(tensor: torch.Tensor, compression: int = pb.NONE) -> pb.Tensor:
+    """Encode a tensor; lossy compression applies to floating-point tensors only (others go raw)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    name = dtype_name(tensor.dtype)
+    if name not in DTYPES:
+        raise WireError(f"dtype {name} cannot be sent; supported: {', '.join(DTYPES)}")
+    if name not in FLOAT_DTYPES or tensor.numel() < 2 or (compression == pb.FLOAT16 and name == "bfloat16"):
+        compression = pb.NONE
+    encoded = serialize_torch_tensor(tensor.contiguous(), _TO_HIVEMIND[compression])
+    return pb.Tensor(buffer=encoded.buffer, shape=list(tensor.shape), dtype=name, compression=compression)
+
+
+def _expected_length(message: pb.Tensor, numel: int) -> int | None:
+    """Exact buffer length for this message, or None where the encoding carries its own header."""
+    if message.compression == pb.NONE:
+        return numel * DTYPES[message.dtype].itemsize
+    if message.compression == pb.FLOAT16:
+        return numel * 2
+    return None
+
+
+def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
+    """Decode a tensor read from the network, or raise WireError saying what is wrong with it."""
+    if message.dtype not in DTYPES:
+        raise WireError(f"unsupported dtype {message.dtype!r}; supported: {', '.join(DTYPES)}")
+    if message.compression not in _TO_HIVEMIND:
+        raise WireError(f"unknown compression tag {message.compression}")
+    shape = tuple(message.shape)
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise WireError(f"invalid shape {list(shape)}")
+    numel = math.prod(shape)
+    if numel > max_numel:
+        raise WireError(f"tensor of {numel} elements exceeds the limit of {max_numel}")
+    if message.compression != pb.NONE and message.dtype not in FLOAT_DTYPES:
+        raise WireError(f"compression {pb.Compression.Name(message.compression)} needs a float dtype")
+    if message.compression == pb.FLOAT16 and message.dtype == "bfloat16":
+        raise WireError("FLOAT16 compression does not carry bfloat16 tensors")
+    buffer = message.buffer
+    expected = _expected_length(message, numel)
+    if expected is not None and len(buffer) != expected:
+        raise WireError(f"buffer of {len(buffer)} bytes does not hold {numel} x {message.dtype} ({expected} bytes)")
+    if message.compression == pb.UNIFORM_8BIT:
+        _check_8bit(buffer, numel)
+    encoded = runtime_pb2.Tensor(
+        buffer=buffer, size=shape, dtype=message.dtype, compression=_TO_HIVEMIND[message.compression]
+    )
+    try:
+        tensor = deserialize_torch_tensor(encoded)
+    except (ValueError, RuntimeError, TypeError, IndexError) as e:  # pragma: no cover - guarded above
+        raise WireError(f"undecodable tensor: {e}") from None
+    if tuple(tensor.shape) != shape or tensor.dtype != DTYPES[message.dtype]:
+        raise WireError("tensor decoded to the wrong shape or dtype")
+    return tensor
+
+
+def _check_8bit(buffer: bytes, numel: int) -> None:
+    if len(buffer) < CODEBOOK_HEADER_BYTES:
+        raise WireError("8-bit tensor without its codebook header")
+    codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+    if not 1 <= codebook_size <= 256:
+        raise WireError(f"8-bit codebook of {codebook_size} entries (1..256 allowed)")
+    expected = CODEBOOK_HEADER_BYTES + 4 * codebook_size + numel
+    if len(buffer) != expected:
+        raise WireError(f"8-bit buffer of {len(buffer)} bytes, expected {expected}")
+    if numel and codebook_size < 256:
+        indices = np.frombuffer(buffer, offset=CODEBOOK_HEADER_BYTES + 4 * codebook_size, dtype=np.uint8)
+        if int(indices.max()) >= codebook_size:
+            raise WireError("8-bit index outside its codebook")
+
+
+def split_chunks(data: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:
+    """Cut one serialized message into Chunk messages of at most chunk_bytes each (at least one)."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    view = memoryview(data)
+    yield pb.Chunk(data=bytes(view[:chunk_bytes]))
+    for start in range(chunk_bytes, len(data), chunk_bytes):
+        yield pb.Chunk(data=bytes(view[start : start + chunk_bytes]))
+
+
+class _Joiner:
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.total, self.parts = max_bytes, 0, []
+
+    def add(self, chunk: pb.Chunk) -> None:
+        self.total += len(chunk.data)
+        if self.total > self.max_bytes:
+            raise WireError(f"streamed message exceeds {self.max_bytes} bytes")
+        self.parts.append(chunk.data)
+
+
+def join_chunks(chunks: Iterable[pb.Chunk], *, max_bytes: int) -> bytes:
+    """Join chunks into one message, refusing to hold more than max_bytes (WireError)."""
+    joiner = _Joiner(max_bytes)
+    for chunk in chunks:
+        joiner.add(chunk)
+    return b"".join(joiner.parts)
+
+
+async def join_chunks_async(chunks: AsyncIterator[pb.Chunk], *, max_bytes: int) -> bytes:
+    """join_chunks for a gRPC request stream."""
+    joiner = _Joiner(max_bytes)
+    async for chunk in chunks:
+        joiner.add(chunk)
+    return b"".join(joiner.parts)

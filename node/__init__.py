@@ -1,0 +1,16 @@
+"""dmoe.node: the node daemon that hosts experts and serves them over gRPC.
+
+- ``config.py``     NodeConfig: every option of a node (CLI, TOML, DMOE_NODE_* environment)
+- ``node.py``       Node: lifecycle of the DHT peer, experts, runtime and gRPC server; signals
+- ``backend.py``    ExpertBackend: one expert on its device: schema checks, forward, backward + optimizer step
+- ``runtime.py``    Runtime, Task: per-expert forward/backward queues, admission control, the batching device thread
+- ``service.py``    ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info)
+- ``announcer.py``  Announcer: DHT heartbeat of the expert and node records, and their withdrawal
+- ``checkpoint.py`` CheckpointStore: atomic safetensors checkpoints, the last few kept
+- ``stats.py``      ExpertCounters: calls, tokens, errors, latency per expert
+"""
+
+from dmoe.node.config import NodeConfig
+from dmoe.node.node import Node
+
+__all__ = ["Node", "NodeConfig"]

@@ -1,0 +1,76 @@
+"""Announcer: keeps a node's expert and node records alive in the DHT (heartbeat), and withdraws them.
+
+Each beat stores every expert record, its grid-prefix entries and the node record with an
+expiration ``record_ttl`` seconds ahead. ``withdraw()`` replaces them by tombstones that expire a
+little after the last beat's records, since the DHT keeps the value that expires last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from dmoe.records import ExpertRecord, NodeRecord, store_announcement
+
+logger = logging.getLogger(__name__)
+
+
+class Announcer:
+    def __init__(
+        self,
+        dht: DHT,
+        make_records: Callable[[], tuple[list[ExpertRecord], NodeRecord]],
+        *,
+        heartbeat_interval: float,
+        record_ttl: float,
+    ):
+        self.dht, self.make_records = dht, make_records
+        self.heartbeat_interval, self.record_ttl = heartbeat_interval, record_ttl
+        self.last_expiration = 0.0
+        self.num_beats = 0
+        self._task: asyncio.Task | None = None
+
+    async def beat(self) -> int:
+        experts, node = self.make_records()
+        expiration = get_dht_time() + self.record_ttl
+        stored = await asyncio.to_thread(store_announcement, self.dht, experts, node, expiration)
+        self.last_expiration = max(self.last_expiration, expiration)
+        self.num_beats += 1
+        if stored == 0:
+            logger.warning("no DHT peer accepted this node's records; will retry in %.0fs", self.heartbeat_interval)
+        return stored
+
+    async def start(self) -> None:
+        """Announce once (so that the node is visible when start returns), then keep beating."""
+        await self.beat()
+        self._task = asyncio.create_task(self._loop(), name="dmoe-announcer")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.beat()
+            except Exception:
+                logger.exception("DHT heartbeat failed; will retry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def withdraw(self) -> None:
+        """Stop beating and overwrite the records with tombstones."""
+        await self.stop()
+        experts, node = self.make_records()
+        experts = [r.model_copy(update={"state": "stopped"}) for r in experts]
+        node = node.model_copy(update={"state": "stopped"})
+        expiration = max(self.last_expiration + 1.0, get_dht_time() + 1.0)
+        await asyncio.to_thread(store_announcement, self.dht, experts, node, expiration)

@@ -1,0 +1,86 @@
+"""NodeConfig: every setting of a node, as CLI option, TOML key and DMOE_NODE_* variable."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from dmoe.config import option
+from dmoe.errors import ConfigError
+from dmoe.experts import BUILTIN_EXPERTS
+from dmoe.uids import expand_patterns
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class NodeConfig:
+    ENV_PREFIX: ClassVar[str] = "DMOE_NODE_"
+
+    swarm: list[str] = option([], "multiaddr of a swarm peer to join (repeat for several); none: start a new swarm")
+    experts: list[str] = option(["ffn.[0:4]"], "expert uid patterns to host, e.g. 'ffn.[0:8]' or 'ffn.[0:4].[0:16]'")
+    expert_cls: str = option("ffn", f"expert class: {', '.join(BUILTIN_EXPERTS)} or 'module:Class'")
+    hidden_dim: int = option(1024, "model dimension of the experts' inputs and outputs")
+    inner_dim: int | None = option(None, "inner dimension of built-in experts (default 4 x hidden-dim)")
+    seed: int = option(0, "initialisation seed, mixed with each uid")
+    device: str = option("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
+    num_threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
+    host: str = option("127.0.0.1", "address the gRPC server and the DHT peer listen on")
+    port: int = option(0, "gRPC port (0: any free port; the one taken is printed)")
+    dht_port: int = option(0, "DHT (libp2p) port (0: any free port)")
+    announce_host: str | None = option(None, "host others should dial for gRPC (default: --host)")
+    identity_path: str | None = option(None, "file holding the DHT private key, so the peer id survives restarts")
+    checkpoint_dir: str | None = option(None, "directory for expert checkpoints (none: no checkpoints)")
+    checkpoint_interval: float = option(60.0, "seconds between periodic checkpoints of experts that changed")
+    keep_checkpoints: int = option(3, "checkpoints kept per expert; older ones are deleted")
+    optimizer: str = option("adam", "expert optimizer: adam or sgd")
+    lr: float = option(1e-3, "learning rate of the expert optimizers")
+    max_grad_norm: float = option(1.0, "gradient clipping norm per expert step (0: no clipping)")
+    batching: bool = option(True, "merge concurrent requests for one expert into one device call")
+    max_batch_tokens: int = option(4096, "largest batch (tokens) run in one device call, and per request")
+    max_queued_tokens: int = option(32768, "tokens that may wait per expert and direction before new ones are shed")
+    max_message_bytes: int = option(32 * MiB, "largest unary gRPC message; bigger requests use the streams")
+    max_request_bytes: int = option(512 * MiB, "largest request accepted at all, streamed or not")
+    heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
+    record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
+    shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
+    ready_file: str | None = option(None, "write a JSON file with the endpoint and swarm address once serving")
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and not allow_zero):
+                raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+        for name in ("hidden_dim", "max_batch_tokens", "max_queued_tokens", "max_message_bytes",
+                     "max_request_bytes", "heartbeat_interval", "record_ttl", "checkpoint_interval",
+                     "keep_checkpoints", "lr"):
+            positive(name)
+        for name in ("port", "dht_port", "max_grad_norm", "shutdown_grace"):
+            positive(name, allow_zero=True)
+        if self.inner_dim is not None:
+            positive("inner_dim")
+        if self.num_threads is not None:
+            positive("num_threads")
+        if self.port > 65535 or self.dht_port > 65535:
+            raise ConfigError("ports must be at most 65535")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.record_ttl <= self.heartbeat_interval:
+            raise ConfigError("record_ttl must be longer than heartbeat_interval, or records lapse between beats")
+        if self.max_queued_tokens < self.max_batch_tokens:
+            raise ConfigError("max_queued_tokens must be at least max_batch_tokens")
+        if self.max_request_bytes < self.max_message_bytes:
+            raise ConfigError("max_request_bytes must be at least max_message_bytes")
+        if not self.experts:
+            raise ConfigError("no experts to host: give --experts, e.g. 'ffn.[0:8]'")
+        try:
+            expand_patterns(self.experts)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.host in ("0.0.0.0", "::") and not self.announce_host:
+            raise ConfigError(f"listening on {self.host}: give --announce-host, the address others dial")
+
+    @property
+    def uids(self) -> list[str]:
+        return expand_patterns(self.experts)

@@ -1,0 +1,319 @@
+"""Node: the daemon a volunteer runs. Lifecycle of the DHT peer, experts, runtime and gRPC server.
+
+Start-up order matters: the DHT peer (a forked process) starts before any torch work, because
+forking after torch has used its OpenMP pool can hang the child. Shutdown (SIGINT/SIGTERM or
+``shutdown()``): withdraw the DHT records, stop taking calls and let in-flight ones finish
+(``server.stop(grace)``), drain the runtime, write a last checkpoint, stop the DHT peer.
+
+Use it from Python as a context manager (``with Node(config) as node: node.endpoint``), which runs
+it on a background thread with its own event loop, or from the CLI through :meth:`Node.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import hivemind
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+import dmoe
+from dmoe.node.announcer import Announcer
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.checkpoint import CheckpointStore
+from dmoe.node.config import NodeConfig
+from dmoe.node.runtime import Runtime
+from dmoe.node.service import SERVICE_NAME, ExpertServicer
+from dmoe.node.stats import ExpertCounters
+from dmoe.proto import expert_pb2 as pb
+from dmoe.records import ExpertRecord, Hardware, NodeRecord
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def _maddr(host: str, port: int) -> str:
+    return f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.uids = config.uids
+        self.endpoint: str | None = None  # host:port of the gRPC server, once started
+        self.swarm_addresses: list[str] = []  # multiaddrs others join with
+        self.node_id: str | None = None
+        self.backends: dict[str, ExpertBackend] = {}
+        self.counters = {uid: ExpertCounters() for uid in self.uids}
+        self.started_at = time.time()
+        self._dht: hivemind.DHT | None = None
+        self._server: grpc.aio.Server | None = None
+        self._runtime: Runtime | None = None
+        self._announcer: Announcer | None = None
+        self._health: HealthServicer | None = None
+        self._checkpoints = CheckpointStore(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
+        self._saved_versions: dict[str, int] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+
+    # ---- Python API: run on a background thread -------------------------------------------------
+    def start(self, timeout: float = 120.0) -> Node:
+        """Start on a background thread; returns once serving and announced, or raises why not."""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="dmoe-node", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"node did not start within {timeout}s")
+        if self._startup_error is not None:
+            self._thread.join()
+            raise self._startup_error
+        return self
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Graceful stop (withdraw records, finish calls, checkpoint); safe to call twice."""
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- CLI: run in the main thread until a signal ----------------------------------------------
+    def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
+        """Serve until SIGINT/SIGTERM on uvloop; ``on_ready(node)`` runs once serving."""
+        import uvloop
+
+        uvloop.run(self.serve(handle_signals=True, on_ready=on_ready))
+
+    async def serve(self, handle_signals: bool = False, on_ready: Callable[[Node], None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start_up()
+        except BaseException as e:
+            self._startup_error = e
+            self._ready.set()
+            await self._shut_down()
+            if handle_signals:
+                raise
+            return
+        self._ready.set()
+        if on_ready is not None:
+            on_ready(self)
+        await self._stop.wait()
+        logger.info("stopping: withdrawing records, finishing in-flight calls")
+        await self._shut_down()
+
+    # ---- start-up and shutdown --------------------------------------------------------------------
+    async def _start_up(self) -> None:
+        config = self.config
+        self._dht = await asyncio.to_thread(
+            hivemind.DHT,
+            initial_peers=config.swarm or None,
+            start=True,
+            host_maddrs=[_maddr(config.host, config.dht_port)],
+            identity_path=config.identity_path,
+        )
+        self.node_id = self._dht.peer_id.to_base58()
+        self.swarm_addresses = [str(a) for a in self._dht.get_visible_maddrs()]
+        logger.info("joined the swarm as %s", self.node_id)
+
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        device = resolve_device(config.device)
+        for uid in self.uids:
+            self.backends[uid] = ExpertBackend(
+                uid, expert_cls=config.expert_cls, hidden_dim=config.hidden_dim, inner_dim=config.inner_dim,
+                seed=config.seed, device=device, optimizer=config.optimizer, lr=config.lr,
+                max_grad_norm=config.max_grad_norm,
+            )
+        self._restore_checkpoints()
+
+        self._runtime = Runtime(
+            self.backends, max_batch_tokens=config.max_batch_tokens,
+            max_queued_tokens=config.max_queued_tokens, batching=config.batching,
+        )
+        self._runtime.start()
+
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.aio.server(options=options)
+        servicer = ExpertServicer(
+            self.backends, self._runtime, self.counters, max_batch_tokens=config.max_batch_tokens,
+            max_request_bytes=config.max_request_bytes, node_info=self.info,
+        )
+        self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        self._health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        port = self._server.add_insecure_port(f"{host}:{config.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        await self._server.start()
+        announce_host = config.announce_host or config.host
+        self.endpoint = f"[{announce_host}]:{port}" if ":" in announce_host else f"{announce_host}:{port}"
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, device)
+
+        self._announcer = Announcer(
+            self._dht, self.records, heartbeat_interval=config.heartbeat_interval, record_ttl=config.record_ttl
+        )
+        await self._announcer.start()
+        logger.info("announced %d experts in the DHT", len(self.uids))
+        if self._checkpoints is not None:
+            self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="dmoe-checkpoints"))
+        if config.ready_file:
+            self._write_ready_file(Path(config.ready_file))
+
+    async def _shut_down(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._announcer is not None:
+            try:
+                await asyncio.wait_for(self._announcer.withdraw(), timeout=10)
+            except Exception as e:
+                logger.warning("could not withdraw DHT records (they will expire): %s", e)
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace)
+        if self._runtime is not None:
+            await asyncio.to_thread(self._runtime.shutdown, 30)
+        if self._checkpoints is not None and self.backends:
+            await asyncio.to_thread(self.save_checkpoints, True)
+        if self._dht is not None:
+            await asyncio.to_thread(self._dht.shutdown)
+            self._dht = None
+        logger.info("node stopped")
+
+    # ---- records, info, checkpoints -----------------------------------------------------------------
+    def records(self) -> tuple[list[ExpertRecord], NodeRecord]:
+        assert self.endpoint is not None and self.node_id is not None and self._runtime is not None
+        experts = [
+            ExpertRecord(
+                uid=uid, endpoint=self.endpoint, node_id=self.node_id, expert_cls=self.config.expert_cls,
+                version=backend.version, queued_tokens=self._runtime.queued_tokens(uid),
+            )
+            for uid, backend in self.backends.items()
+        ]
+        load = {
+            uid: self.counters[uid].to_load(queued_tokens=self._runtime.queued_tokens(uid), version=b.version)
+            for uid, b in self.backends.items()
+        }
+        node = NodeRecord(
+            node_id=self.node_id, endpoint=self.endpoint, dmoe_version=dmoe.__version__,
+            started_at=self.started_at, hardware=self.hardware(), experts=list(self.backends), load=load,
+        )
+        return experts, node
+
+    def hardware(self) -> Hardware:
+        device = next(iter(self.backends.values())).device
+        name, memory = "", 0
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            name, memory = props.name, props.total_memory
+        return Hardware(
+            device=str(device), device_name=name, num_cpus=os.cpu_count() or 0,
+            ram_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), device_memory_bytes=memory,
+        )
+
+    def info(self, uids: list[str]) -> pb.NodeInfo:
+        assert self._runtime is not None
+        experts = []
+        for uid in uids or list(self.backends):
+            backend = self.backends[uid]
+            experts.append(pb.ExpertInfo(
+                uid=uid, expert_cls=backend.expert_cls,
+                inputs=[pb.TensorSchema(shape=s.shape, dtype=s.dtype) for s in backend.input_schema],
+                outputs=[pb.TensorSchema(shape=s.shape, dtype=s.dtype) for s in backend.output_schema],
+                version=backend.version, num_parameters=backend.num_parameters,
+                stats=self.counters[uid].to_proto(queued_tokens=self._runtime.queued_tokens(uid), version=backend.version),
+            ))
+        return pb.NodeInfo(
+            node_id=self.node_id or "", dmoe_version=dmoe.__version__,
+            device=str(next(iter(self.backends.values())).device), experts=experts,
+            max_batch_tokens=self.config.max_batch_tokens, max_message_bytes=self.config.max_message_bytes,
+            max_request_bytes=self.config.max_request_bytes,
+        )
+
+    def _restore_checkpoints(self) -> None:
+        if self._checkpoints is None:
+            return
+        for uid, backend in self.backends.items():
+            found = self._checkpoints.load_latest(uid)
+            if found is None:
+                continue
+            tensors, metadata, path = found
+            backend.load_state_tensors(tensors, metadata)
+            self._saved_versions[uid] = backend.version
+            logger.info("restored %s from %s (version %d)", uid, path, backend.version)
+
+    def save_checkpoints(self, force: bool = False) -> int:
+        """Checkpoint every expert that changed since its last checkpoint (all of them if force)."""
+        assert self._checkpoints is not None
+        saved = 0
+        for uid, backend in self.backends.items():
+            if not force and self._saved_versions.get(uid) == backend.version:
+                continue
+            tensors, metadata = backend.state_tensors()
+            version = int(metadata["version"])
+            self._checkpoints.save(uid, version, tensors, metadata)
+            self._saved_versions[uid] = version
+            saved += 1
+        if saved:
+            logger.info("checkpoint written for %d experts in %s", saved, self.config.checkpoint_dir)
+        return saved
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval)
+            try:
+                await asyncio.to_thread(self.save_checkpoints)
+            except Exception:
+                logger.exception("periodic checkpoint failed")
+
+    def _write_ready_file(self, path: Path) -> None:
+        data = {
+            "endpoint": self.endpoint, "swarm": self.swarm_addresses, "node_id": self.node_id,
+            "pid": os.getpid(), "experts": self.uids,
+        }
+        temp = path.with_name(f".{path.name}.tmp")
+        temp.write_text(json.dumps(data))
+        os.replace(temp, path)

@@ -1,0 +1,153 @@
+"""Runtime: per-expert task queues and the one thread that runs batches on the device.
+
+Each expert has two queues, forward and backward. The runtime thread always takes the queue whose
+oldest task has waited longest, merges the tasks at its head into one batch (same trailing shapes,
+at most ``max_batch_tokens`` tokens; one task per batch when batching is off), runs it, and hands
+each task its slice of the result. The device is therefore busy whenever any task is queued, and
+concurrent clients of one expert share one device call. A queue never holds more than
+``max_queued_tokens``: past that, :meth:`Runtime.submit` raises :class:`Overloaded` at once.
+Tasks whose caller has gone (deadline passed, call cancelled) are dropped before they run.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+import torch
+
+from dmoe.node.backend import ExpertBackend
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The expert's queue is full; the caller should answer RESOURCE_EXHAUSTED."""
+
+
+@dataclasses.dataclass(slots=True)
+class Task:
+    inputs: list[torch.Tensor]
+    grad_outputs: list[torch.Tensor] | None  # None for forward
+    num_tokens: int
+    future: concurrent.futures.Future
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def shape_key(self) -> tuple:
+        return tuple(tuple(t.shape[1:]) for t in self.inputs)
+
+
+@dataclasses.dataclass(slots=True)
+class _Queue:
+    backend: ExpertBackend
+    backward: bool
+    tasks: collections.deque = dataclasses.field(default_factory=collections.deque)
+    num_tokens: int = 0
+
+
+class Runtime:
+    """Owns the queues and the device thread. start() / shutdown(); submit() is thread-safe."""
+
+    def __init__(
+        self, backends: Mapping[str, ExpertBackend], *, max_batch_tokens: int, max_queued_tokens: int, batching: bool
+    ):
+        self.max_batch_tokens, self.max_queued_tokens, self.batching = max_batch_tokens, max_queued_tokens, batching
+        self._queues = {
+            (uid, backward): _Queue(backend, backward) for uid, backend in backends.items() for backward in (False, True)
+        }
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dmoe-runtime", daemon=True)
+        self.num_batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def queued_tokens(self, uid: str) -> int:
+        return self._queues[uid, False].num_tokens + self._queues[uid, True].num_tokens
+
+    def submit(self, uid: str, task: Task) -> concurrent.futures.Future:
+        queue = self._queues[uid, task.grad_outputs is not None]
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("node is shutting down")
+            if queue.num_tokens + task.num_tokens > self.max_queued_tokens:
+                raise Overloaded(
+                    f"{uid} has {queue.num_tokens} tokens queued; limit {self.max_queued_tokens}"
+                )
+            queue.tasks.append(task)
+            queue.num_tokens += task.num_tokens
+            self._cond.notify()
+        return task.future
+
+    def _take_batch(self) -> tuple[_Queue, list[Task]] | None:
+        """Pop the next batch, or None when stopping with nothing left. Called with the lock held."""
+        while True:
+            ready = [q for q in self._queues.values() if q.tasks]
+            if ready:
+                break
+            if self._stopping:
+                return None
+            self._cond.wait()
+        queue = min(ready, key=lambda q: q.tasks[0].enqueued_at)
+        batch: list[Task] = []
+        num_tokens = 0
+        key = queue.tasks[0].shape_key
+        while queue.tasks:
+            task = queue.tasks[0]
+            if batch and (not self.batching or task.shape_key != key
+                          or num_tokens + task.num_tokens > self.max_batch_tokens):
+                break
+            queue.tasks.popleft()
+            queue.num_tokens -= task.num_tokens
+            if task.future.set_running_or_notify_cancel():  # False: its caller has gone
+                batch.append(task)
+                num_tokens += task.num_tokens
+        return queue, batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                taken = self._take_batch()
+            if taken is None:
+                return
+            queue, batch = taken
+            if batch:
+                self._run_batch(queue, batch)
+
+    def _run_batch(self, queue: _Queue, batch: list[Task]) -> None:
+        try:
+            inputs = _concat([t.inputs for t in batch])
+            if queue.backward:
+                outputs = queue.backend.backward(inputs, _concat([t.grad_outputs for t in batch]))
+            else:
+                outputs = queue.backend.forward(inputs)
+            sizes = [t.num_tokens for t in batch]
+            per_task = list(zip(*(o.split(sizes) for o in outputs)))
+        except Exception as e:  # a bug or a device error: fail these calls, keep serving
+            logger.exception("%s: batch of %d tasks failed", queue.backend.uid, len(batch))
+            for task in batch:
+                task.future.set_exception(e)
+            return
+        self.num_batches += 1
+        for task, result in zip(batch, per_task):
+            task.future.set_result(list(result))
+
+
+def _concat(per_task: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    if len(per_task) == 1:
+        return per_task[0]
+    return [torch.cat(tensors) for tensors in zip(*per_task)]

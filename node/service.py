@@ -1,0 +1,177 @@
+"""ExpertService: the gRPC servicer of a node (Forward, Backward, their streams, Info).
+
+The handlers are registered with raw-bytes request deserialisers instead of the generated
+``add_ExpertServiceServicer_to_server``: parsing the request ourselves lets garbage on the wire get
+INVALID_ARGUMENT with a message, where grpc's own deserialiser would answer an opaque INTERNAL.
+Every request is decoded and checked against the expert's schema (dtype, rank, sizes, finite
+values) before it is queued, so a bad request never reaches a batch that good requests share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from dmoe.errors import WireError
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.runtime import Overloaded, Runtime, Task
+from dmoe.node.stats import ExpertCounters
+from dmoe.proto import expert_pb2 as pb
+from dmoe.wire import deserialize, join_chunks_async, serialize, split_chunks
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
+RESPONSE_CHUNK_BYTES = 1 << 20
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class ExpertServicer:
+    def __init__(
+        self,
+        backends: Mapping[str, ExpertBackend],
+        runtime: Runtime,
+        counters: Mapping[str, ExpertCounters],
+        *,
+        max_batch_tokens: int,
+        max_request_bytes: int,
+        node_info: Callable[[list[str]], pb.NodeInfo],
+    ):
+        self.backends, self.runtime, self.counters = backends, runtime, counters
+        self.max_batch_tokens, self.max_request_bytes = max_batch_tokens, max_request_bytes
+        self.node_info = node_info
+
+    # ---- registration -----------------------------------------------------------------------
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn, response_cls):
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=None, response_serializer=response_cls.SerializeToString
+            )
+
+        def stream(fn):
+            return grpc.stream_stream_rpc_method_handler(
+                fn, request_deserializer=pb.Chunk.FromString, response_serializer=pb.Chunk.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Forward": unary(self.forward, pb.ForwardResponse),
+                "Backward": unary(self.backward, pb.BackwardResponse),
+                "ForwardStream": stream(self.forward_stream),
+                "BackwardStream": stream(self.backward_stream),
+                "Info": grpc.unary_unary_rpc_method_handler(
+                    self.info, request_deserializer=None, response_serializer=pb.NodeInfo.SerializeToString
+                ),
+            },
+        )
+
+    # ---- handlers -----------------------------------------------------------------------------
+    async def forward(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        return await self._answer(context, lambda: self._run(_parse(pb.ForwardRequest, data), backward=False))
+
+    async def backward(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
+        return await self._answer(context, lambda: self._run(_parse(pb.BackwardRequest, data), backward=True))
+
+    async def forward_stream(self, chunks: AsyncIterator[pb.Chunk], context) -> AsyncIterator[pb.Chunk]:
+        async def handle():
+            data = await self._join(chunks)
+            return await self._run(_parse(pb.ForwardRequest, data), backward=False)
+
+        response = await self._answer(context, handle)
+        for chunk in split_chunks(response.SerializeToString(), RESPONSE_CHUNK_BYTES):
+            yield chunk
+
+    async def backward_stream(self, chunks: AsyncIterator[pb.Chunk], context) -> AsyncIterator[pb.Chunk]:
+        async def handle():
+            data = await self._join(chunks)
+            return await self._run(_parse(pb.BackwardRequest, data), backward=True)
+
+        response = await self._answer(context, handle)
+        for chunk in split_chunks(response.SerializeToString(), RESPONSE_CHUNK_BYTES):
+            yield chunk
+
+    async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
+        async def handle():
+            request = _parse(pb.InfoRequest, data)
+            unknown = [uid for uid in request.uids if uid not in self.backends]
+            if unknown:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {unknown[0]!r} on this node")
+            return self.node_info(list(request.uids))
+
+        return await self._answer(context, handle)
+
+    # ---- the work ------------------------------------------------------------------------------
+    async def _answer(self, context: grpc.aio.ServicerContext, handle: Callable):
+        try:
+            return await handle()
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+    async def _join(self, chunks: AsyncIterator[pb.Chunk]) -> bytes:
+        try:
+            return await join_chunks_async(chunks, max_bytes=self.max_request_bytes)
+        except WireError as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+
+    async def _run(self, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool):
+        backend = self.backends.get(request.uid)
+        if backend is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {request.uid!r} on this node")
+        counters = self.counters[request.uid]
+        if request.reply_compression not in pb.Compression.values():
+            counters.errors += 1
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown reply compression {request.reply_compression}")
+        started = time.perf_counter()
+        try:
+            inputs = [deserialize(t, max_numel=self.max_request_bytes) for t in request.inputs]
+            num_tokens = backend.check_inputs(inputs, backend.input_schema, "inputs")
+            grads = None
+            if backward:
+                grads = [deserialize(t, max_numel=self.max_request_bytes) for t in request.grad_outputs]
+                backend.check_grad_outputs(inputs, grads)
+        except ValueError as e:  # WireError is a ValueError
+            counters.errors += 1
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if num_tokens > self.max_batch_tokens:
+            counters.rejected += 1
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request of {num_tokens} tokens exceeds this node's limit of {self.max_batch_tokens}; split it",
+            )
+        task = Task(inputs, grads, num_tokens, concurrent.futures.Future())
+        try:
+            future = self.runtime.submit(request.uid, task)
+        except Overloaded as e:
+            counters.rejected += 1
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        try:
+            outputs = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            counters.errors += 1
+            raise RequestError(grpc.StatusCode.INTERNAL, f"{request.uid} failed: {type(e).__name__}: {e}") from None
+        counters.record_call(backward, num_tokens, time.perf_counter() - started)
+        encoded = [serialize(o, request.reply_compression) for o in outputs]
+        if backward:
+            return pb.BackwardResponse(grad_inputs=encoded)
+        return pb.ForwardResponse(outputs=encoded)
+
+
+def _parse(message_cls, data: bytes):
+    try:
+        return message_cls.FromString(data)
+    except DecodeError as e:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable {message_cls.__name__}: {e}") from None

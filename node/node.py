@@ -173,6 +173,7 @@ class Node:
         servicer = ExpertServicer(
             self.backends, self._runtime, self.counters, max_batch_tokens=config.max_batch_tokens,
             max_request_bytes=config.max_request_bytes, node_info=self.info,
+            chunk_bytes=min(1 << 20, config.max_message_bytes // 2),
         )
         self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
         self._health = HealthServicer()

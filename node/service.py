@@ -28,7 +28,6 @@ from dmoe.wire import deserialize, join_chunks_async, serialize, split_chunks
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
-RESPONSE_CHUNK_BYTES = 1 << 20
 
 
 class RequestError(Exception):
@@ -47,10 +46,12 @@ class ExpertServicer:
         max_batch_tokens: int,
         max_request_bytes: int,
         node_info: Callable[[list[str]], pb.NodeInfo],
+        chunk_bytes: int,
     ):
         self.backends, self.runtime, self.counters = backends, runtime, counters
         self.max_batch_tokens, self.max_request_bytes = max_batch_tokens, max_request_bytes
         self.node_info = node_info
+        self.chunk_bytes = chunk_bytes  # response chunk size of the streams, within the message limit
 
     # ---- registration -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -90,7 +91,7 @@ class ExpertServicer:
             return await self._run(_parse(pb.ForwardRequest, data), backward=False)
 
         response = await self._answer(context, handle)
-        for chunk in split_chunks(response.SerializeToString(), RESPONSE_CHUNK_BYTES):
+        for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
             yield chunk
 
     async def backward_stream(self, chunks: AsyncIterator[pb.Chunk], context) -> AsyncIterator[pb.Chunk]:
@@ -99,7 +100,7 @@ class ExpertServicer:
             return await self._run(_parse(pb.BackwardRequest, data), backward=True)
 
         response = await self._answer(context, handle)
-        for chunk in split_chunks(response.SerializeToString(), RESPONSE_CHUNK_BYTES):
+        for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
             yield chunk
 
     async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:

@@ -136,7 +136,7 @@ def _parse(model: type[_Record], raw: Any) -> Any:
 
 
 async def _get_many(_dht: DHT, node: DHTNode, keys: list[str]) -> dict[str, Any]:
-    found = await node.get_many(keys, latest=True)
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest value
     return {key: (None if entry is None else entry.value) for key, entry in found.items()}
 
 

@@ -1,0 +1,125 @@
+"""Node lifecycle: DHT records, SIGTERM and kill -9, checkpoints, restart, concurrent learning."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+
+from dmoe.experts import create_expert
+from dmoe.proto import expert_pb2 as pb
+from dmoe.records import find_experts, find_nodes
+from dmoe.wire import deserialize, serialize
+
+from conftest import expert_version, stub, wait_for
+
+HIDDEN = 16
+pytestmark = pytest.mark.timeout(180)
+PROBE = torch.linspace(-2, 2, 5 * HIDDEN).reshape(5, HIDDEN)
+
+
+def probe_output(service, uid: str) -> torch.Tensor:
+    reply = service.Forward(pb.ForwardRequest(uid=uid, inputs=[serialize(PROBE)]), timeout=30)
+    return deserialize(reply.outputs[0], max_numel=1 << 20)
+
+
+def train_steps(service, uid: str, steps: int) -> None:
+    for step in range(steps):
+        x = torch.randn(8, HIDDEN, generator=torch.Generator().manual_seed(step))
+        service.Backward(pb.BackwardRequest(uid=uid, inputs=[serialize(x)], grad_outputs=[serialize(x)]), timeout=30)
+
+
+def test_records_appear_and_go_away_after_sigterm(node_factory, dht_factory, tmp_path):
+    node = node_factory("--experts", "ffn.[0:2].[0:2]", "--hidden-dim", str(HIDDEN),
+                        "--checkpoint-dir", str(tmp_path / "ckpt"))
+    dht = dht_factory(node.swarm)
+    uids = ["ffn.0.0", "ffn.0.1", "ffn.1.0", "ffn.1.1"]
+    records = wait_for(lambda: len(r := find_experts(dht, uids)) == 4 and r, 30, "expert records")
+    assert {r.endpoint for r in records.values()} == {node.endpoint}
+    assert {r.node_id for r in records.values()} == {node.ready["node_id"]}
+    prefix = dht.get("ffn.1.", latest=True)
+    assert prefix is not None and set(prefix.value) == {0, 1}
+    nodes = find_nodes(dht)
+    assert set(nodes) == {node.ready["node_id"]}
+    record = nodes[node.ready["node_id"]]
+    assert sorted(record.experts) == uids and record.hardware.device == "cpu"
+    assert record.hardware.num_cpus >= 1 and set(record.load) == set(uids)
+
+    _, service = stub(node.endpoint)
+    train_steps(service, "ffn.0.0", 2)
+    trained = probe_output(service, "ffn.0.0")
+
+    assert node.terminate() == 0
+    assert "checkpoint written" in node.log()
+    assert find_experts(dht, uids) == {}
+    assert find_nodes(dht) == {}
+    saved = sorted((tmp_path / "ckpt" / "ffn.0.0").glob("*.safetensors"))
+    assert [p.name for p in saved] == ["000000000002.safetensors"]
+
+    swarm = [str(a) for a in dht.get_visible_maddrs()]
+    restarted = node_factory("--experts", "ffn.[0:2].[0:2]", "--hidden-dim", str(HIDDEN),
+                             "--checkpoint-dir", str(tmp_path / "ckpt"), "--swarm", swarm[0], name="restarted")
+    _, service = stub(restarted.endpoint)
+    assert expert_version(service, "ffn.0.0") == 2
+    torch.testing.assert_close(probe_output(service, "ffn.0.0"), trained, rtol=0, atol=0)
+    assert wait_for(lambda: len(find_experts(dht, uids)) == 4, 30, "records of the restarted node")
+
+
+def test_kill_9_resumes_from_last_checkpoint_and_records_expire(node_factory, dht_factory, tmp_path):
+    args = ["--experts", "ffn.[0:1]", "--hidden-dim", str(HIDDEN), "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--checkpoint-interval", "0.3", "--keep-checkpoints", "2", "--heartbeat-interval", "1",
+            "--record-ttl", "3"]
+    node = node_factory(*args)
+    dht = dht_factory(node.swarm)
+    _, service = stub(node.endpoint)
+    train_steps(service, "ffn.0", 4)
+    trained = probe_output(service, "ffn.0")
+    ckpt_dir = tmp_path / "ckpt" / "ffn.0"
+    wait_for(lambda: (ckpt_dir / "000000000004.safetensors").exists(), 30, "the periodic checkpoint")
+    assert wait_for(lambda: find_experts(dht, ["ffn.0"]), 10, "the record")
+
+    node.kill()
+    # the killed node cannot withdraw its records: they lapse after their TTL
+    wait_for(lambda: not find_experts(dht, ["ffn.0"]), 20, "the record to expire", interval=0.5)
+    files = sorted(p.name for p in ckpt_dir.iterdir())
+    assert files[-1] == "000000000004.safetensors" and len(files) <= 2  # old ones pruned, no temp files
+
+    restarted = node_factory(*args, name="restarted")
+    _, service = stub(restarted.endpoint)
+    assert expert_version(service, "ffn.0") == 4
+    torch.testing.assert_close(probe_output(service, "ffn.0"), trained, rtol=0, atol=0)
+    train_steps(service, "ffn.0", 1)  # the optimizer state came back too: training goes on
+    assert expert_version(service, "ffn.0") == 5
+
+
+def test_concurrent_backward_calls_all_count(node_factory):
+    """16 concurrent backward calls into a linear expert with SGD: the update equals the sum of all
+    16 gradients, however the node batched them."""
+    lr = 0.01
+    node = node_factory("--experts", "lin.[0:1]", "--expert-cls", "experts_for_tests:LinearExpert",
+                        "--hidden-dim", str(HIDDEN), "--optimizer", "sgd", "--lr", str(lr), "--max-grad-norm", "0")
+    _, service = stub(node.endpoint)
+    from experts_for_tests import LinearExpert
+
+    local, _ = create_expert("experts_for_tests:LinearExpert", uid="lin.0", hidden_dim=HIDDEN)
+    assert isinstance(local, LinearExpert)
+    inputs = [torch.randn(4, HIDDEN) for _ in range(16)]
+    grads = [torch.randn(4, HIDDEN) for _ in range(16)]
+
+    def call(i: int):
+        return service.Backward(pb.BackwardRequest(uid="lin.0", inputs=[serialize(inputs[i])],
+                                                   grad_outputs=[serialize(grads[i])]), timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(call, range(16)))
+
+    x, g = torch.cat(inputs), torch.cat(grads)
+    with torch.no_grad():
+        local.linear.weight -= lr * g.T @ x
+        local.linear.bias -= lr * g.sum(0)
+        expected = local(PROBE)
+    torch.testing.assert_close(probe_output(service, "lin.0"), expected, rtol=1e-4, atol=1e-5)
+    stats = service.Info(pb.InfoRequest(), timeout=10).experts[0].stats
+    assert stats.backward_calls == 16 and stats.backward_tokens == 64
+    assert 1 <= stats.optimizer_steps <= 16

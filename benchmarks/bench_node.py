@@ -99,8 +99,8 @@ def bench_local(mode: str, duration: float, warmup: float) -> Cell:
     measure_from, end = start + warmup, start + warmup + duration
     while (t0 := time.perf_counter()) < end:
         step()
-        if t0 >= measure_from:
-            latencies.append(time.perf_counter() - t0)
+        if measure_from <= (t1 := time.perf_counter()) <= end:
+            latencies.append(t1 - t0)
     return summarize(mode, 0, "local", latencies, duration, {})
 
 
@@ -125,11 +125,11 @@ async def bench_clients(endpoint: str, mode: str, clients: int, batching: str, d
                     back = await stub.Backward(backward_req, timeout=CALL_TIMEOUT_S)
                     deserialize(back.grad_inputs[0], max_numel=BATCH * HIDDEN)
             except grpc.aio.AioRpcError as e:
-                errors[e.code().name] += 1
+                if loop.time() >= measure_from:
+                    errors[e.code().name] += 1
                 await asyncio.sleep(0.01)  # shed load: back off a little before the next call
                 continue
-            t1 = loop.time()
-            if t0 >= measure_from and t1 <= end:
+            if measure_from <= (t1 := loop.time()) <= end:  # completed inside the measured window
                 latencies.append(t1 - t0)
 
     async with grpc.aio.insecure_channel(endpoint) as channel:

@@ -9,7 +9,9 @@ import sys
 import click
 
 from dmoe.config import click_options, load_config
+from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.errors import ConfigError, DmoeError
+from dmoe.node.config import NodeConfig
 
 
 def _setup_logging() -> None:
@@ -40,7 +42,6 @@ def _config(cls: type, config_path: str | None, values: dict):
         raise click.UsageError(str(e)) from None
 
 
-from dmoe.node.config import NodeConfig  # noqa: E402  (kept next to the command that uses it)
 
 
 @node.command("start")
@@ -61,3 +62,26 @@ def node_start(config_path: str | None, **values) -> None:
         Node(config).run(on_ready=on_ready)
     except (DmoeError, ValueError, OSError) as e:
         raise click.ClickException(f"node failed to start: {e}") from None
+
+
+@main.group()
+def coordinator() -> None:
+    """Run the swarm's bootstrap peer."""
+
+
+@coordinator.command("start")
+@click_options(CoordinatorConfig)
+def coordinator_start(config_path: str | None, **values) -> None:
+    """Start a bootstrap DHT peer and print the swarm address to hand out; runs until SIGINT/SIGTERM."""
+    config = _config(CoordinatorConfig, config_path, values)
+    from dmoe.coordinator.bootstrap import Coordinator
+
+    coord = Coordinator(config)
+    try:
+        coord.start()
+    except (ValueError, OSError) as e:
+        raise click.ClickException(f"coordinator failed to start: {e}") from None
+    for address in coord.swarm_addresses:
+        click.echo(f"swarm address: {address}")
+    click.echo(f"nodes join with: dmoe node start --swarm {coord.swarm_addresses[0]} --experts 'ffn.[0:8]'")
+    coord.run()

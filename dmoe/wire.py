@@ -63,8 +63,11 @@ def serialize(tensor: torch.Tensor, compression: int = pb.NONE) -> pb.Tensor:
         raise WireError(f"dtype {name} cannot be sent; supported: {', '.join(DTYPES)}")
     if name not in FLOAT_DTYPES or tensor.numel() < 2 or (compression == pb.FLOAT16 and name == "bfloat16"):
         compression = pb.NONE
-    encoded = serialize_torch_tensor(tensor.contiguous(), _TO_HIVEMIND[compression])
-    return pb.Tensor(buffer=encoded.buffer, shape=list(tensor.shape), dtype=name, compression=compression)
+    if name == "bfloat16" and compression == pb.NONE:  # hivemind widens these to fp32 by default; send 2 bytes
+        buffer = tensor.contiguous().view(torch.int16).numpy().tobytes()
+    else:
+        buffer = serialize_torch_tensor(tensor.contiguous(), _TO_HIVEMIND[compression]).buffer
+    return pb.Tensor(buffer=buffer, shape=list(tensor.shape), dtype=name, compression=compression)
 
 
 def _expected_length(message: pb.Tensor, numel: int) -> int | None:
@@ -97,32 +100,38 @@ def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
     if expected is not None and len(buffer) != expected:
         raise WireError(f"buffer of {len(buffer)} bytes does not hold {numel} x {message.dtype} ({expected} bytes)")
     if message.compression == pb.UNIFORM_8BIT:
-        _check_8bit(buffer, numel)
-    encoded = runtime_pb2.Tensor(
-        buffer=buffer, size=shape, dtype=message.dtype, compression=_TO_HIVEMIND[message.compression]
-    )
-    try:
+        tensor = _decode_8bit(buffer, shape, DTYPES[message.dtype])
+    else:
+        encoded = runtime_pb2.Tensor(
+            buffer=buffer, size=shape, dtype=message.dtype, compression=_TO_HIVEMIND[message.compression]
+        )
         tensor = deserialize_torch_tensor(encoded)
-    except (ValueError, RuntimeError, TypeError, IndexError) as e:  # pragma: no cover - guarded above
-        raise WireError(f"undecodable tensor: {e}") from None
     if tuple(tensor.shape) != shape or tensor.dtype != DTYPES[message.dtype]:
         raise WireError("tensor decoded to the wrong shape or dtype")
     return tensor
 
 
-def _check_8bit(buffer: bytes, numel: int) -> None:
+def _decode_8bit(buffer: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Checked decoding of hivemind's UNIFORM_8BIT layout (hivemind 1.1.12's own decoder fails under
+    numpy >= 2.3, which no longer converts a 1-element array to int)."""
     if len(buffer) < CODEBOOK_HEADER_BYTES:
         raise WireError("8-bit tensor without its codebook header")
     codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
     if not 1 <= codebook_size <= 256:
         raise WireError(f"8-bit codebook of {codebook_size} entries (1..256 allowed)")
+    numel = math.prod(shape)
     expected = CODEBOOK_HEADER_BYTES + 4 * codebook_size + numel
     if len(buffer) != expected:
         raise WireError(f"8-bit buffer of {len(buffer)} bytes, expected {expected}")
-    if numel and codebook_size < 256:
-        indices = np.frombuffer(buffer, offset=CODEBOOK_HEADER_BYTES + 4 * codebook_size, dtype=np.uint8)
-        if int(indices.max()) >= codebook_size:
-            raise WireError("8-bit index outside its codebook")
+    codebook = torch.from_numpy(
+        np.frombuffer(buffer, offset=CODEBOOK_HEADER_BYTES, count=codebook_size, dtype=np.float32).copy()
+    )
+    indices = torch.from_numpy(
+        np.frombuffer(buffer, offset=CODEBOOK_HEADER_BYTES + 4 * codebook_size, dtype=np.uint8).copy()
+    ).long()
+    if numel and int(indices.max()) >= codebook_size:
+        raise WireError("8-bit index outside its codebook")
+    return codebook.to(dtype)[indices].reshape(shape)
 
 
 def split_chunks(data: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:

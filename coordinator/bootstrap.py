@@ -1,0 +1,59 @@
+"""Coordinator: the swarm's well-known first peer. It holds no experts and nothing depends on it
+after joining: nodes and clients may join through any peer and keep working without it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import hivemind
+
+from dmoe.coordinator.config import CoordinatorConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.dht: hivemind.DHT | None = None
+        self.swarm_addresses: list[str] = []
+
+    def start(self) -> Coordinator:
+        host = self.config.host
+        maddr = f"/ip6/{host}/tcp/{self.config.dht_port}" if ":" in host else f"/ip4/{host}/tcp/{self.config.dht_port}"
+        self.dht = hivemind.DHT(
+            initial_peers=self.config.swarm or None, start=True, host_maddrs=[maddr],
+            identity_path=self.config.identity,
+        )
+        self.swarm_addresses = [str(a) for a in self.dht.get_visible_maddrs()]
+        logger.info("coordinator up as %s", self.dht.peer_id.to_base58())
+        if self.config.ready_file:
+            path = Path(self.config.ready_file)
+            temp = path.with_name(f".{path.name}.tmp")
+            temp.write_text(json.dumps({"swarm": self.swarm_addresses, "pid": os.getpid()}))
+            os.replace(temp, path)
+        return self
+
+    def shutdown(self) -> None:
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM."""
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        self.shutdown()

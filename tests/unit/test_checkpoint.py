@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from dmoe.errors import CheckpointError
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.checkpoint import CheckpointStore
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def backend(uid: str = "ffn.0", hidden: int = 8) -> ExpertBackend:
+    return ExpertBackend(uid, expert_cls="ffn", hidden_dim=hidden, inner_dim=None, seed=0,
+                         device=torch.device("cpu"), optimizer="adam", lr=1e-2, max_grad_norm=1.0)
+
+
+def test_roundtrip_restores_parameters_optimizer_and_version(tmp_path):
+    trained = backend()
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        trained.backward([x], [torch.ones(4, 8)])
+    store = CheckpointStore(tmp_path, keep=2)
+    tensors, metadata = trained.state_tensors()
+    store.save("ffn.0", trained.version, tensors, metadata)
+
+    restored = backend()
+    found = store.load_latest("ffn.0")
+    assert found is not None
+    restored.load_state_tensors(found[0], found[1])
+    assert restored.version == 3
+    x, g = torch.randn(4, 8), torch.randn(4, 8)
+    # same parameters and the same Adam moments: the next step matches exactly
+    torch.testing.assert_close(restored.backward([x], [g]), trained.backward([x], [g]), rtol=0, atol=0)
+    torch.testing.assert_close(restored.forward([x]), trained.forward([x]), rtol=0, atol=0)
+
+
+def test_keeps_the_last_few_and_skips_a_torn_file(tmp_path):
+    b = backend()
+    store = CheckpointStore(tmp_path, keep=2)
+    for version in (1, 2, 3):
+        b.version = version
+        store.save("ffn.0", version, *b.state_tensors())
+    assert [p.name for p in store.checkpoints("ffn.0")] == ["000000000002.safetensors", "000000000003.safetensors"]
+    (tmp_path / "ffn.0" / "000000000004.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    (tmp_path / "ffn.0" / ".000000000005.safetensors.123.tmp").write_bytes(b"half")
+    found = store.load_latest("ffn.0")
+    assert found is not None and found[2].name == "000000000003.safetensors"
+    assert store.load_latest("ffn.9") is None
+
+
+def test_a_checkpoint_of_another_expert_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save("ffn.0", 0, *backend("ffn.0").state_tensors())
+    tensors, metadata, _ = store.load_latest("ffn.0")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        backend("ffn.1").load_state_tensors(tensors, metadata)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        backend("ffn.0", hidden=16).load_state_tensors(tensors, metadata)

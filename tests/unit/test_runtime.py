@@ -1,0 +1,76 @@
+"""The batching runtime, in process: merging, shape grouping, admission, cancelled callers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+
+from dmoe.experts import create_expert
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.runtime import Overloaded, Runtime, Task
+
+pytestmark = pytest.mark.timeout(60)
+HIDDEN = 16
+
+
+def backend(uid: str, expert_cls: str = "ffn") -> ExpertBackend:
+    return ExpertBackend(uid, expert_cls=expert_cls, hidden_dim=HIDDEN, inner_dim=None, seed=0,
+                         device=torch.device("cpu"), optimizer="adam", lr=1e-3, max_grad_norm=1.0)
+
+
+def task(x: torch.Tensor, grad: torch.Tensor | None = None) -> Task:
+    return Task([x], None if grad is None else [grad], x.shape[0], concurrent.futures.Future())
+
+
+@pytest.mark.parametrize("batching,expected_batches", [(True, 1), (False, 6)])
+def test_queued_requests_merge_into_one_device_call(batching, expected_batches):
+    runtime = Runtime({"ffn.0": backend("ffn.0")}, max_batch_tokens=1024, max_queued_tokens=4096, batching=batching)
+    inputs = [torch.randn(n, HIDDEN) for n in (1, 5, 3, 8, 2, 7)]
+    tasks = [task(x) for x in inputs]
+    for t in tasks:  # all queued before the device thread starts: it finds them waiting together
+        runtime.submit("ffn.0", t)
+    runtime.start()
+    local = create_expert("ffn", uid="ffn.0", hidden_dim=HIDDEN)[0]
+    for x, t in zip(inputs, tasks):
+        with torch.no_grad():
+            torch.testing.assert_close(t.future.result(30)[0], local(x), rtol=1e-5, atol=1e-6)
+    runtime.shutdown(10)
+    assert runtime.num_batches == expected_batches
+
+
+def test_batches_respect_the_token_limit_and_shapes():
+    runtime = Runtime({"tf.0": backend("tf.0", "transformer")}, max_batch_tokens=4, max_queued_tokens=64,
+                      batching=True)
+    inputs = [torch.randn(2, seq, HIDDEN) for seq in (3, 3, 5, 3, 3, 3)]
+    tasks = [task(x) for x in inputs]
+    for t in tasks:
+        runtime.submit("tf.0", t)
+    runtime.start()
+    local = create_expert("transformer", uid="tf.0", hidden_dim=HIDDEN)[0].eval()
+    for x, t in zip(inputs, tasks):
+        with torch.no_grad():
+            torch.testing.assert_close(t.future.result(30)[0], local(x), rtol=1e-4, atol=1e-5)
+    runtime.shutdown(10)
+    # [seq 3, seq 3] | [seq 5] | [seq 3, seq 3] | [seq 3]: a new shape or a full batch starts another
+    assert runtime.num_batches == 4
+
+
+def test_admission_control_and_cancelled_callers():
+    runtime = Runtime({"ffn.0": backend("ffn.0")}, max_batch_tokens=8, max_queued_tokens=10, batching=True)
+    first, cancelled = task(torch.randn(6, HIDDEN)), task(torch.randn(4, HIDDEN))
+    runtime.submit("ffn.0", first)
+    runtime.submit("ffn.0", cancelled)
+    with pytest.raises(Overloaded):
+        runtime.submit("ffn.0", task(torch.randn(1, HIDDEN)))
+    assert runtime.queued_tokens("ffn.0") == 10
+    # backward has its own queue and limit
+    runtime.submit("ffn.0", task(torch.randn(2, HIDDEN), torch.randn(2, HIDDEN)))
+    cancelled.future.cancel()
+    runtime.start()
+    assert first.future.result(30)[0].shape == (6, HIDDEN)
+    runtime.shutdown(10)
+    assert cancelled.future.cancelled()
+    assert runtime.queued_tokens("ffn.0") == 0
+    assert runtime.num_batches == 2  # the cancelled task never ran

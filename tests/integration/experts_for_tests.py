@@ -14,3 +14,22 @@ class LinearExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
+
+
+class SlowExpert(nn.Module):
+    """Identity that takes a second per call and touches the file named by $DMOE_TEST_STARTED
+    when a call begins, so a test knows a call is in flight."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(hidden_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        import time
+
+        marker = os.environ.get("DMOE_TEST_STARTED")
+        if marker and x.shape[0] > 1:  # the node's one-row shape probe at start-up does not count
+            open(marker, "a").close()
+            time.sleep(1.0)
+        return x * self.scale

@@ -123,3 +123,16 @@ def test_concurrent_backward_calls_all_count(node_factory):
     stats = service.Info(pb.InfoRequest(), timeout=10).experts[0].stats
     assert stats.backward_calls == 16 and stats.backward_tokens == 64
     assert 1 <= stats.optimizer_steps <= 16
+
+
+def test_sigterm_finishes_in_flight_calls(node_factory, tmp_path, monkeypatch):
+    marker = tmp_path / "started"
+    monkeypatch.setenv("DMOE_TEST_STARTED", str(marker))
+    node = node_factory("--experts", "slow.[0:1]", "--expert-cls", "experts_for_tests:SlowExpert",
+                        "--hidden-dim", str(HIDDEN))
+    _, service = stub(node.endpoint)
+    x = torch.randn(3, HIDDEN)
+    call = service.Forward.future(pb.ForwardRequest(uid="slow.0", inputs=[serialize(x)]), timeout=30)
+    wait_for(marker.exists, 20, "the call to reach the expert")
+    assert node.terminate() == 0
+    torch.testing.assert_close(deserialize(call.result().outputs[0], max_numel=1 << 20), x)

@@ -4,7 +4,8 @@ What it measures, side by side in one run:
 
 * **local** — ``create_expert("ffn", uid="ffn.0", hidden_dim=1024)`` (Linear 1024->4096, GELU,
   Linear 4096->1024, the node's own weights) called in this process on batches of 64 tokens, with
-  the torch thread count the node gets (torch's default). This is the throughput baseline.
+  the torch thread count the node gets (torch's default). This is the throughput baseline; it is
+  run before, between and after the two nodes and the median of the three is the reference.
 * **node** — ``dmoe node start --device cpu`` in its own process (group), first with batching on,
   then (after it has stopped) with ``--no-batching``. 1, 4 and 16 clients each send batches of 64
   tokens in a closed loop (send, wait for the answer, send again) for ``--duration`` seconds after
@@ -68,13 +69,15 @@ class Cell:
     steps: int
     errors: dict[str, int] = dataclasses.field(default_factory=dict)
     pct_of_local: float | None = None
+    load_1m: float | None = None  # 1-minute load average right after the cell (node + clients count too)
 
 
 def summarize(mode: str, clients: int, batching: str, latencies: list[float], duration: float,
               errors: dict[str, int]) -> Cell:
     lat_ms = np.asarray(latencies) * 1e3 if latencies else np.asarray([float("nan")])
-    return Cell(mode, clients, batching, len(latencies) * BATCH / duration,
-                float(np.percentile(lat_ms, 50)), float(np.percentile(lat_ms, 99)), len(latencies), dict(errors))
+    p50, p99 = (float(v) for v in np.percentile(lat_ms, [50, 99]))
+    samples_per_s = len(latencies) * BATCH / duration
+    return Cell(mode, clients, batching, samples_per_s, p50, p99, len(latencies), dict(errors))
 
 
 def bench_local(mode: str, duration: float, warmup: float) -> Cell:
@@ -190,28 +193,52 @@ def main() -> None:
     modes = ["forward", "train"] if args.mode == "both" else [args.mode]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()  # torch's default, which the node (no --num-threads) also gets
-    print(f"torch threads: {threads}; {BATCH} tokens x {HIDDEN} per call; {args.duration}s per cell", flush=True)
+    print(f"torch threads: {threads}; {BATCH} tokens x {HIDDEN} per call; {args.duration}s per cell",
+          flush=True)
 
-    local = {m: bench_local(m, args.duration, args.warmup) for m in modes}
+    # The local baseline runs before, between and after the two nodes; the median is the reference,
+    # so a burst of other load on a shared machine moves it less (all runs are kept in the JSON).
+    local_runs: dict[str, list[Cell]] = {m: [] for m in modes}
+
+    def run_local() -> None:
+        for m in modes:
+            local_runs[m].append(cell := bench_local(m, args.duration, args.warmup))
+            cell.load_1m = os.getloadavg()[0]
+            print(f"  {m} local: {cell.samples_per_s:,.0f} samples/s", flush=True)
+
     node_cells: list[Cell] = []
     for batching in (True, False):
+        run_local()
         log_path = args.out.parent / f"bench_node_{'batching' if batching else 'no_batching'}.log"
         with node_process(batching, log_path) as ready:
             for mode in modes:
                 for clients in CLIENT_COUNTS:
-                    cell = asyncio.run(bench_clients(ready["endpoint"], mode, clients, "on" if batching else "off",
-                                                     args.duration, args.warmup))
-                    cell.pct_of_local = 100 * cell.samples_per_s / local[mode].samples_per_s
-                    print(f"  {mode} clients={clients} batching={cell.batching}: {cell.samples_per_s:,.0f} samples/s",
+                    label = "on" if batching else "off"
+                    cell = asyncio.run(
+                        bench_clients(ready["endpoint"], mode, clients, label, args.duration, args.warmup))
+                    cell.load_1m = os.getloadavg()[0]
+                    print(f"  {mode} clients={clients} batching={label}: {cell.samples_per_s:,.0f} samples/s",
                           flush=True)
                     node_cells.append(cell)
+    run_local()
+    local = {m: sorted(runs, key=lambda c: c.samples_per_s)[len(runs) // 2] for m, runs in local_runs.items()}
+    for cell in node_cells:
+        cell.pct_of_local = 100 * cell.samples_per_s / local[cell.mode].samples_per_s
     order = {"on": 0, "off": 1}
     cells = [c for m in modes for c in [local[m], *sorted((c for c in node_cells if c.mode == m),
                                                           key=lambda c: (c.clients, order[c.batching]))]]
     print()
     print_table(cells)
-    payload = {"torch_threads": threads, "batch_tokens": BATCH, "hidden_dim": HIDDEN, "duration_s": args.duration,
-               "warmup_s": args.warmup, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    for m in modes:
+        rates = [c.samples_per_s for c in local_runs[m]]
+        print(f"local {m} runs (samples/s): {', '.join(f'{r:,.0f}' for r in rates)}; the median is the reference")
+        if max(rates) > 1.25 * min(rates):
+            print(f"  warning: the local {m} baseline varied {max(rates) / min(rates):.1f}x during the run;"
+                  " other load on this machine makes the % column unreliable (rerun on an idle machine)")
+    payload = {"torch_threads": threads, "batch_tokens": BATCH, "hidden_dim": HIDDEN,
+               "duration_s": args.duration, "warmup_s": args.warmup, "cpu_count": os.cpu_count(),
+               "torch": torch.__version__,
+               "local_runs": {m: [dataclasses.asdict(c) for c in runs] for m, runs in local_runs.items()},
                "results": [dataclasses.asdict(c) for c in cells]}
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {args.out}")

@@ -3,16 +3,15 @@ after joining: nodes and clients may join through any peer and keep working with
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import threading
-from pathlib import Path
 
 import hivemind
 
 from dmoe.coordinator.config import CoordinatorConfig
+from dmoe.local import listen_maddr, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +23,15 @@ class Coordinator:
         self.swarm_addresses: list[str] = []
 
     def start(self) -> Coordinator:
-        host = self.config.host
-        maddr = f"/ip6/{host}/tcp/{self.config.dht_port}" if ":" in host else f"/ip4/{host}/tcp/{self.config.dht_port}"
         self.dht = hivemind.DHT(
-            initial_peers=self.config.swarm or None, start=True, host_maddrs=[maddr],
+            initial_peers=self.config.swarm or None, start=True,
+            host_maddrs=[listen_maddr(self.config.host, self.config.dht_port)],
             identity_path=self.config.identity,
         )
         self.swarm_addresses = [str(a) for a in self.dht.get_visible_maddrs()]
         logger.info("coordinator up as %s", self.dht.peer_id.to_base58())
         if self.config.ready_file:
-            path = Path(self.config.ready_file)
-            temp = path.with_name(f".{path.name}.tmp")
-            temp.write_text(json.dumps({"swarm": self.swarm_addresses, "pid": os.getpid()}))
-            os.replace(temp, path)
+            write_json_atomic(self.config.ready_file, {"swarm": self.swarm_addresses, "pid": os.getpid()})
         return self
 
     def shutdown(self) -> None:

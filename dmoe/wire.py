@@ -10,7 +10,7 @@ buffer length for every encoding, so a malformed tensor is a :class:`~dmoe.error
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 MAX_RANK = 8
+MAX_DIM = 2**31 - 1
 CODEBOOK_HEADER_BYTES = 8
 
 COMPRESSION_NAMES: dict[str, int] = {"none": pb.NONE, "fp16": pb.FLOAT16, "8bit": pb.UNIFORM_8BIT}
@@ -86,7 +87,7 @@ def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
     if message.compression not in _TO_HIVEMIND:
         raise WireError(f"unknown compression tag {message.compression}")
     shape = tuple(message.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+    if len(shape) > MAX_RANK or any(d < 0 or d > MAX_DIM for d in shape):
         raise WireError(f"invalid shape {list(shape)}")
     numel = math.prod(shape)
     if numel > max_numel:
@@ -128,7 +129,7 @@ def _decode_8bit(buffer: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> t
     )
     indices = torch.from_numpy(
         np.frombuffer(buffer, offset=CODEBOOK_HEADER_BYTES + 4 * codebook_size, dtype=np.uint8).copy()
-    ).long()
+    ).int()
     if numel and int(indices.max()) >= codebook_size:
         raise WireError("8-bit index outside its codebook")
     return codebook.to(dtype)[indices].reshape(shape)
@@ -144,28 +145,13 @@ def split_chunks(data: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:
         yield pb.Chunk(data=bytes(view[start : start + chunk_bytes]))
 
 
-class _Joiner:
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.total, self.parts = max_bytes, 0, []
-
-    def add(self, chunk: pb.Chunk) -> None:
-        self.total += len(chunk.data)
-        if self.total > self.max_bytes:
-            raise WireError(f"streamed message exceeds {self.max_bytes} bytes")
-        self.parts.append(chunk.data)
-
-
 def join_chunks(chunks: Iterable[pb.Chunk], *, max_bytes: int) -> bytes:
     """Join chunks into one message, refusing to hold more than max_bytes (WireError)."""
-    joiner = _Joiner(max_bytes)
+    parts: list[bytes] = []
+    total = 0
     for chunk in chunks:
-        joiner.add(chunk)
-    return b"".join(joiner.parts)
-
-
-async def join_chunks_async(chunks: AsyncIterator[pb.Chunk], *, max_bytes: int) -> bytes:
-    """join_chunks for a gRPC request stream."""
-    joiner = _Joiner(max_bytes)
-    async for chunk in chunks:
-        joiner.add(chunk)
-    return b"".join(joiner.parts)
+        total += len(chunk.data)
+        if total > max_bytes:
+            raise WireError(f"streamed message exceeds {max_bytes} bytes")
+        parts.append(chunk.data)
+    return b"".join(parts)

@@ -2,7 +2,7 @@
 
 Each beat stores every expert record, its grid-prefix entries and the node record with an
 expiration ``record_ttl`` seconds ahead. ``withdraw()`` replaces them by tombstones that expire a
-little after the last beat's records, since the DHT keeps the value that expires last.
+little after any record a beat may have stored, since the DHT keeps the value that expires last.
 """
 
 from __future__ import annotations
@@ -72,5 +72,6 @@ class Announcer:
         experts, node = self.make_records()
         experts = [r.model_copy(update={"state": "stopped"}) for r in experts]
         node = node.model_copy(update={"state": "stopped"})
-        expiration = max(self.last_expiration + 1.0, get_dht_time() + 1.0)
+        # a beat cancelled mid-store may still land with now + ttl: outlast it
+        expiration = max(self.last_expiration, get_dht_time() + self.record_ttl) + 1.0
         await asyncio.to_thread(store_announcement, self.dht, experts, node, expiration)

@@ -1,5 +1,9 @@
 """ExpertBackend: one hosted expert: its module on the device, its optimizer, schema checks.
 
+Requests are checked in two steps so that a hostile one costs little: :meth:`check_request`
+looks only at the declared shapes and dtypes (before any buffer is decoded, which also bounds the
+memory decoding may take), then :meth:`check_finite` at the decoded values.
+
 Backward recomputes the forward on purpose instead of keeping activations between calls: a node
 then holds no per-client state, so a client that never sends Backward costs nothing, a restarted
 node can serve the backward of a forward it ran before the restart, and memory is bounded by the
@@ -11,108 +15,113 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import threading
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from dmoe.errors import CheckpointError
 from dmoe.experts import FREE, TensorSpec, create_expert, sample_inputs
-from dmoe.wire import DTYPES
+from dmoe.node.config import NodeConfig
+from dmoe.wire import DTYPES, dtype_name
 
 logger = logging.getLogger(__name__)
 
 _MAX_SHAPE_CACHE = 256
+Shape = tuple[int, ...]
 
 
 class ExpertBackend:
-    """An expert as the node runs it. Forward/backward are called by the runtime thread only."""
+    """An expert as the node runs it. forward/backward are called by the runtime thread only."""
 
-    def __init__(
-        self,
-        uid: str,
-        *,
-        expert_cls: str,
-        hidden_dim: int,
-        inner_dim: int | None,
-        seed: int,
-        device: torch.device,
-        optimizer: str,
-        lr: float,
-        max_grad_norm: float,
-    ):
-        self.uid, self.expert_cls, self.device = uid, expert_cls, device
+    def __init__(self, uid: str, config: NodeConfig, device: torch.device):
+        self.uid, self.expert_cls, self.device = uid, config.expert_cls, device
+        self.optimizer_name = config.optimizer
         module, self.input_schema = create_expert(
-            expert_cls, uid=uid, hidden_dim=hidden_dim, inner_dim=inner_dim, seed=seed
+            config.expert_cls, uid=uid, hidden_dim=config.hidden_dim, inner_dim=config.inner_dim, seed=config.seed
         )
         self.module: nn.Module = module.to(device)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.num_parameters = sum(p.numel() for p in params)
-        if optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
+        if config.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=lr)
-        self.max_grad_norm = max_grad_norm
+            self.optimizer = torch.optim.SGD(params, lr=config.lr)
+        self.max_grad_norm = config.max_grad_norm
         self.version = 0  # optimizer steps applied
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
-        self.lock = threading.Lock()  # held while parameters change; checkpoints take it to read them
-        self._output_shapes: collections.OrderedDict[tuple, list[tuple[int, ...]]] = collections.OrderedDict()
-        probe = self.output_shapes(sample_inputs(self.input_schema))
-        self.output_schema = [TensorSpec((FREE, *shape[1:])) for shape in probe]
-        self.output_dtypes = ["float32"] * len(probe)
+        self.lock = threading.Lock()  # held while parameters change or the module runs off the runtime thread
+        self._output_shapes: collections.OrderedDict[tuple, list[Shape]] = collections.OrderedDict()
+        probe = self._probe([tuple(t.shape[1:]) for t in sample_inputs(self.input_schema)])
+        self.output_schema = [TensorSpec((FREE, *shape), dtype) for shape, dtype in probe]
+        # elements one request may decode: every tensor has at most max_batch_tokens tokens
+        token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
+        self.max_numel = config.max_batch_tokens * token_width
 
-    # ---- schema -------------------------------------------------------------------------------
-    def check_inputs(self, tensors: list[torch.Tensor], specs: list[TensorSpec], what: str) -> int:
-        """Raise ValueError unless tensors match specs and share one batch size; return it."""
-        if len(tensors) != len(specs):
-            raise ValueError(f"{self.uid} takes {len(specs)} {what}, got {len(tensors)}")
-        batch = None
-        for i, (tensor, spec) in enumerate(zip(tensors, specs)):
-            name = str(tensor.dtype).removeprefix("torch.")
-            if name != spec.dtype:
-                raise ValueError(f"{what}[{i}] of {self.uid} must be {spec.dtype}, got {name}")
-            if tensor.dim() != len(spec.shape):
-                raise ValueError(f"{what}[{i}] of {self.uid} must have rank {len(spec.shape)}, got {tensor.dim()}")
-            for axis, (size, want) in enumerate(zip(tensor.shape, spec.shape)):
+    # ---- schema (any thread) --------------------------------------------------------------------
+    def check_request(
+        self, shapes: Sequence[Shape], dtypes: Sequence[str], specs: Sequence[TensorSpec], what: str
+    ) -> tuple[int, int]:
+        """Raise ValueError unless the declared tensors fit specs; return (rows, tokens).
+
+        rows is the shared first dimension; tokens counts every position but the feature dim
+        (rows x seq for a transformer), which is what limits and batching count."""
+        if len(shapes) != len(specs):
+            raise ValueError(f"{self.uid} takes {len(specs)} {what}, got {len(shapes)}")
+        rows = tokens = None
+        for i, (shape, dtype, spec) in enumerate(zip(shapes, dtypes, specs)):
+            if dtype != spec.dtype:
+                raise ValueError(f"{what}[{i}] of {self.uid} must be {spec.dtype}, got {dtype}")
+            if len(shape) != len(spec.shape):
+                raise ValueError(f"{what}[{i}] of {self.uid} must have rank {len(spec.shape)}, got {len(shape)}")
+            for axis, (size, want) in enumerate(zip(shape, spec.shape)):
                 if want != FREE and size != want:
                     raise ValueError(f"{what}[{i}] of {self.uid}: dim {axis} must be {want}, got {size}")
-            if tensor.shape[0] == 0 or any(size == 0 for size in tensor.shape):
+            if any(size == 0 for size in shape):
                 raise ValueError(f"{what}[{i}] of {self.uid} is empty")
-            if batch is None:
-                batch = tensor.shape[0]
-            elif tensor.shape[0] != batch:
+            if rows is None:
+                rows, tokens = shape[0], math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
+            elif shape[0] != rows:
                 raise ValueError(f"{what} of {self.uid} disagree on the batch size")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{what}[{i}] of {self.uid} holds NaN or Inf")
-        assert batch is not None
-        return batch
+        assert rows is not None and tokens is not None
+        return rows, tokens
 
-    def output_shapes(self, inputs: list[torch.Tensor]) -> list[tuple[int, ...]]:
-        """Output shapes for these inputs (batch dim included), from a cached one-row probe."""
-        key = tuple(tuple(t.shape[1:]) for t in inputs)
+    def check_grad_request(self, input_shapes: Sequence[Shape], shapes: Sequence[Shape], dtypes: Sequence[str]) -> None:
+        expected = self.output_shapes(input_shapes)
+        if len(shapes) != len(expected):
+            raise ValueError(f"{self.uid} has {len(expected)} outputs, got {len(shapes)} grad_outputs")
+        for i, (shape, dtype, (want_shape, want_dtype)) in enumerate(zip(shapes, dtypes, expected)):
+            if tuple(shape) != want_shape:
+                raise ValueError(f"grad_outputs[{i}] of {self.uid} must have shape {list(want_shape)}, got {list(shape)}")
+            if dtype != want_dtype:
+                raise ValueError(f"grad_outputs[{i}] of {self.uid} must be {want_dtype}, got {dtype}")
+
+    def check_finite(self, tensors: Sequence[torch.Tensor], what: str) -> None:
+        for i, tensor in enumerate(tensors):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{what}[{i}] of {self.uid} holds NaN or Inf")
+
+    def output_shapes(self, input_shapes: Sequence[Shape]) -> list[tuple[Shape, str]]:
+        """(shape, dtype) of each output for inputs of these shapes, from a cached one-row probe."""
+        trailing = [tuple(shape[1:]) for shape in input_shapes]
+        per_row = self._probe(trailing)
+        return [((input_shapes[0][0], *shape), dtype) for shape, dtype in per_row]
+
+    def _probe(self, trailing: list[Shape]) -> list[tuple[Shape, str]]:
+        key = tuple(trailing)
         cached = self._output_shapes.get(key)
         if cached is None:
-            probe = [torch.zeros((1, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in inputs]
-            with torch.no_grad():
+            probe = [torch.zeros((1, *shape), dtype=DTYPES[spec.dtype], device=self.device)
+                     for shape, spec in zip(trailing, self.input_schema)]
+            with self.lock, torch.no_grad():
                 outputs = _as_tuple(self.module(*probe))
-            cached = [tuple(o.shape[1:]) for o in outputs]
+            cached = [(tuple(o.shape[1:]), dtype_name(o.dtype)) for o in outputs]
             self._output_shapes[key] = cached
             if len(self._output_shapes) > _MAX_SHAPE_CACHE:
                 self._output_shapes.popitem(last=False)
-        batch = inputs[0].shape[0]
-        return [(batch, *shape) for shape in cached]
-
-    def check_grad_outputs(self, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        expected = self.output_shapes(inputs)
-        if len(grads) != len(expected):
-            raise ValueError(f"{self.uid} has {len(expected)} outputs, got {len(grads)} grad_outputs")
-        for i, (grad, shape) in enumerate(zip(grads, expected)):
-            if tuple(grad.shape) != shape:
-                raise ValueError(f"grad_outputs[{i}] of {self.uid} must have shape {list(shape)}, got {list(grad.shape)}")
-            if grad.dtype != DTYPES[self.output_dtypes[i]]:
-                raise ValueError(f"grad_outputs[{i}] of {self.uid} must be {self.output_dtypes[i]}")
-            if not bool(torch.isfinite(grad).all()):
-                raise ValueError(f"grad_outputs[{i}] of {self.uid} holds NaN or Inf")
+        return cached
 
     # ---- compute (runtime thread) ---------------------------------------------------------------
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -121,72 +130,80 @@ class ExpertBackend:
         return [o.cpu() for o in outputs]
 
     def backward(self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Input gradients for grad_outputs; applies one optimizer step with the parameter gradients."""
+        """Input gradients for grad_outputs; applies one optimizer step with the parameter gradients.
+        Parameter gradients never outlive the call, even when it fails half-way."""
         with self.lock:
-            leaves = [x.to(self.device).requires_grad_(x.is_floating_point()) for x in inputs]
-            with torch.enable_grad():
-                outputs = _as_tuple(self.module(*leaves))
-                torch.autograd.backward(outputs, [g.to(self.device) for g in grad_outputs])
-            grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
-            self._step()
+            try:
+                leaves = [x.to(self.device).requires_grad_(x.is_floating_point()) for x in inputs]
+                with torch.enable_grad():
+                    outputs = _as_tuple(self.module(*leaves))
+                    torch.autograd.backward(outputs, [g.to(self.device) for g in grad_outputs])
+                grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+                self._step()
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
         return [g.detach().cpu() for g in grads]
 
     def _step(self) -> None:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if params:
-            if self.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            else:
-                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-            if torch.isfinite(norm):
-                self.optimizer.step()
-                self.version += 1
-            else:
-                self.skipped_steps += 1
-                logger.warning("%s: non-finite parameter gradients; optimizer step skipped", self.uid)
-        self.optimizer.zero_grad(set_to_none=True)
+        if not params:
+            return
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        if torch.isfinite(norm):
+            self.optimizer.step()
+            self.version += 1
+        else:
+            self.skipped_steps += 1
+            logger.warning("%s: non-finite parameter gradients; optimizer step skipped", self.uid)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Copies of parameters and optimizer state (safetensors layout) and metadata, taken atomically."""
         with self.lock:
             tensors = {f"module.{k}": v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-            state = self.optimizer.state_dict()
-            for index, slots in state["state"].items():
+            for index, slots in self.optimizer.state_dict()["state"].items():
                 for name, value in slots.items():
-                    if not isinstance(value, torch.Tensor):
-                        value = torch.tensor(value)
+                    value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
                     tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().clone()
-            metadata = {
-                "uid": self.uid,
-                "expert_cls": self.expert_cls,
-                "version": str(self.version),
-                "param_groups": json.dumps(state["param_groups"]),
-            }
+            metadata = {"uid": self.uid, "expert_cls": self.expert_cls, "optimizer": self.optimizer_name,
+                        "version": str(self.version)}
         return tensors, metadata
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        """Restore what state_tensors saved; raises CheckpointError if it belongs to another expert."""
-        if metadata.get("uid") != self.uid or metadata.get("expert_cls") != self.expert_cls:
-            raise CheckpointError(
-                f"checkpoint of {metadata.get('uid')}/{metadata.get('expert_cls')} cannot load into "
-                f"{self.uid}/{self.expert_cls}"
-            )
+        """Restore what state_tensors saved. Hyper-parameters (lr, ...) stay those of the config.
+        Raises CheckpointError, changing nothing, if the checkpoint belongs to another expert."""
+        saved = (metadata.get("uid"), metadata.get("expert_cls"), metadata.get("optimizer"))
+        if saved != (self.uid, self.expert_cls, self.optimizer_name):
+            raise CheckpointError(f"checkpoint of {'/'.join(map(str, saved))} cannot load into "
+                                  f"{self.uid}/{self.expert_cls}/{self.optimizer_name}")
         module_state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                opt_state.setdefault(int(index), {})[name] = value
+        try:
+            version = int(metadata.get("version", "0"))
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    opt_state.setdefault(int(index), {})[name] = value
+        except ValueError as e:
+            raise CheckpointError(f"malformed checkpoint of {self.uid}: {e}") from None
         with self.lock:
+            backup = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             try:
                 self.module.load_state_dict(module_state, strict=True)
-                self.optimizer.load_state_dict(
-                    {"state": opt_state, "param_groups": json.loads(metadata["param_groups"])}
-                )
+                groups = self.optimizer.state_dict()["param_groups"]
+                self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
             except (RuntimeError, ValueError, KeyError) as e:
+                self.module.load_state_dict(backup)
                 raise CheckpointError(f"checkpoint does not fit {self.uid}: {e}") from None
-            self.version = int(metadata.get("version", "0"))
+            self.version = version
+
+
+def _token_width(spec: TensorSpec) -> int:
+    last = spec.shape[-1] if len(spec.shape) > 1 else 1
+    return last if last != FREE else 1 << 16
 
 
 def _as_tuple(outputs: torch.Tensor | tuple | list) -> tuple[torch.Tensor, ...]:

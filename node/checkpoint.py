@@ -2,7 +2,7 @@
 
 Layout: ``<dir>/<uid>/<version:012d>.safetensors``. A file is written under a temporary name,
 fsynced, and renamed into place (then the directory is fsynced), so a kill at any moment leaves
-either the previous checkpoint or the new one, never a torn file. Loading walks from the newest
+either the previous checkpoint or the new one, never a torn file (temporary files left by a kill are removed at start-up). Loading walks from the newest
 file down and skips any that does not parse.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ class CheckpointStore:
             raise ValueError("keep must be at least 1")
         self.root, self.keep = Path(root), keep
         self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob("*/.*.tmp"):  # a write cut short by a kill
+            leftover.unlink(missing_ok=True)
 
     def _dir(self, uid: str) -> Path:
         return self.root / uid
@@ -42,7 +45,9 @@ class CheckpointStore:
         directory = self._dir(uid)
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / f"{version:012d}{SUFFIX}"
-        temp = directory / f".{final.name}.{os.getpid()}.tmp"
+        fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{final.name}.", suffix=".tmp")
+        os.close(fd)
+        temp = Path(temp_name)
         save_file(tensors, str(temp), metadata=metadata)
         with open(temp, "rb") as file:
             os.fsync(file.fileno())

@@ -41,6 +41,8 @@ class NodeConfig:
     max_queued_tokens: int = option(32768, "tokens that may wait per expert and direction before new ones are shed")
     max_message_bytes: int = option(32 * MiB, "largest unary gRPC message; bigger requests use the streams")
     max_request_bytes: int = option(512 * MiB, "largest request accepted at all, streamed or not")
+    max_concurrent_calls: int = option(512, "calls served at once; more get RESOURCE_EXHAUSTED")
+    max_inflight_bytes: int = option(1024 * MiB, "bytes all request streams together may hold while arriving")
     heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
     record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
@@ -53,7 +55,7 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
         for name in ("hidden_dim", "max_batch_tokens", "max_queued_tokens", "max_message_bytes",
-                     "max_request_bytes", "heartbeat_interval", "record_ttl", "checkpoint_interval",
+                     "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval", "record_ttl", "checkpoint_interval",
                      "keep_checkpoints", "lr"):
             positive(name)
         for name in ("port", "dht_port", "max_grad_norm", "shutdown_grace"):
@@ -70,6 +72,8 @@ class NodeConfig:
             raise ConfigError("record_ttl must be longer than heartbeat_interval, or records lapse between beats")
         if self.max_queued_tokens < self.max_batch_tokens:
             raise ConfigError("max_queued_tokens must be at least max_batch_tokens")
+        if self.max_inflight_bytes < self.max_request_bytes:
+            raise ConfigError("max_inflight_bytes must be at least max_request_bytes")
         if self.max_request_bytes < self.max_message_bytes:
             raise ConfigError("max_request_bytes must be at least max_message_bytes")
         if not self.experts:

@@ -7,12 +7,13 @@ forking after torch has used its OpenMP pool can hang the child. Shutdown (SIGIN
 
 Use it from Python as a context manager (``with Node(config) as node: node.endpoint``), which runs
 it on a background thread with its own event loop, or from the CLI through :meth:`Node.run`.
+From Python, start the node before the host process runs torch work, for the same fork reason;
+``--num-threads`` sets torch's thread count for the whole process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import dmoe
+from dmoe.local import listen_maddr, write_json_atomic
 from dmoe.node.announcer import Announcer
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.checkpoint import CheckpointStore
@@ -51,10 +53,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _maddr(host: str, port: int) -> str:
-    return f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"
-
-
 class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
@@ -72,6 +70,7 @@ class Node:
         self._health: HealthServicer | None = None
         self._checkpoints = CheckpointStore(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
         self._saved_versions: dict[str, int] = {}
+        self._checkpoint_lock = threading.Lock()  # one checkpoint writer at a time
         self._tasks: list[asyncio.Task] = []
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,6 +84,7 @@ class Node:
         self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="dmoe-node", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
+            self.shutdown()
             raise TimeoutError(f"node did not start within {timeout}s")
         if self._startup_error is not None:
             self._thread.join()
@@ -140,7 +140,7 @@ class Node:
             hivemind.DHT,
             initial_peers=config.swarm or None,
             start=True,
-            host_maddrs=[_maddr(config.host, config.dht_port)],
+            host_maddrs=[listen_maddr(config.host, config.dht_port)],
             identity_path=config.identity_path,
         )
         self.node_id = self._dht.peer_id.to_base58()
@@ -151,11 +151,8 @@ class Node:
             torch.set_num_threads(config.num_threads)
         device = resolve_device(config.device)
         for uid in self.uids:
-            self.backends[uid] = ExpertBackend(
-                uid, expert_cls=config.expert_cls, hidden_dim=config.hidden_dim, inner_dim=config.inner_dim,
-                seed=config.seed, device=device, optimizer=config.optimizer, lr=config.lr,
-                max_grad_norm=config.max_grad_norm,
-            )
+            self.backends[uid] = ExpertBackend(uid, config, device)
+        self._hardware = self._read_hardware(device)
         self._restore_checkpoints()
 
         self._runtime = Runtime(
@@ -169,11 +166,11 @@ class Node:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self._server = grpc.aio.server(options=options)
+        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_calls)
         servicer = ExpertServicer(
             self.backends, self._runtime, self.counters, max_batch_tokens=config.max_batch_tokens,
             max_request_bytes=config.max_request_bytes, node_info=self.info,
-            chunk_bytes=min(1 << 20, config.max_message_bytes // 2),
+            chunk_bytes=min(1 << 20, config.max_message_bytes // 2), max_inflight_bytes=config.max_inflight_bytes,
         )
         self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
         self._health = HealthServicer()
@@ -206,6 +203,7 @@ class Node:
     async def _shut_down(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._announcer is not None:
@@ -227,25 +225,26 @@ class Node:
     # ---- records, info, checkpoints -----------------------------------------------------------------
     def records(self) -> tuple[list[ExpertRecord], NodeRecord]:
         assert self.endpoint is not None and self.node_id is not None and self._runtime is not None
+        queued = {uid: self._runtime.queued_tokens(uid) for uid in self.backends}
         experts = [
             ExpertRecord(
                 uid=uid, endpoint=self.endpoint, node_id=self.node_id, expert_cls=self.config.expert_cls,
-                version=backend.version, queued_tokens=self._runtime.queued_tokens(uid),
+                version=backend.version, queued_tokens=queued[uid],
             )
             for uid, backend in self.backends.items()
         ]
         load = {
-            uid: self.counters[uid].to_load(queued_tokens=self._runtime.queued_tokens(uid), version=b.version)
+            uid: self.counters[uid].to_load(queued_tokens=queued[uid], version=b.version)
             for uid, b in self.backends.items()
         }
         node = NodeRecord(
             node_id=self.node_id, endpoint=self.endpoint, dmoe_version=dmoe.__version__,
-            started_at=self.started_at, hardware=self.hardware(), experts=list(self.backends), load=load,
+            started_at=self.started_at, hardware=self._hardware, experts=list(self.backends), load=load,
         )
         return experts, node
 
-    def hardware(self) -> Hardware:
-        device = next(iter(self.backends.values())).device
+    @staticmethod
+    def _read_hardware(device: torch.device) -> Hardware:
         name, memory = "", 0
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
@@ -288,6 +287,10 @@ class Node:
 
     def save_checkpoints(self, force: bool = False) -> int:
         """Checkpoint every expert that changed since its last checkpoint (all of them if force)."""
+        with self._checkpoint_lock:
+            return self._save_checkpoints(force)
+
+    def _save_checkpoints(self, force: bool) -> int:
         assert self._checkpoints is not None
         saved = 0
         for uid, backend in self.backends.items():
@@ -311,10 +314,7 @@ class Node:
                 logger.exception("periodic checkpoint failed")
 
     def _write_ready_file(self, path: Path) -> None:
-        data = {
+        write_json_atomic(path, {
             "endpoint": self.endpoint, "swarm": self.swarm_addresses, "node_id": self.node_id,
             "pid": os.getpid(), "experts": self.uids,
-        }
-        temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text(json.dumps(data))
-        os.replace(temp, path)
+        })

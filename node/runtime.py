@@ -34,7 +34,8 @@ class Overloaded(Exception):
 class Task:
     inputs: list[torch.Tensor]
     grad_outputs: list[torch.Tensor] | None  # None for forward
-    num_tokens: int
+    rows: int  # size of the first dimension: results are split back along it
+    num_tokens: int  # positions, rows x seq for sequence experts: what limits count
     future: concurrent.futures.Future
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -105,10 +106,9 @@ class Runtime:
         queue = min(ready, key=lambda q: q.tasks[0].enqueued_at)
         batch: list[Task] = []
         num_tokens = 0
-        key = queue.tasks[0].shape_key
         while queue.tasks:
             task = queue.tasks[0]
-            if batch and (not self.batching or task.shape_key != key
+            if batch and (not self.batching or task.shape_key != batch[0].shape_key
                           or num_tokens + task.num_tokens > self.max_batch_tokens):
                 break
             queue.tasks.popleft()
@@ -135,9 +135,9 @@ class Runtime:
                 outputs = queue.backend.backward(inputs, _concat([t.grad_outputs for t in batch]))
             else:
                 outputs = queue.backend.forward(inputs)
-            sizes = [t.num_tokens for t in batch]
+            sizes = [t.rows for t in batch]
             per_task = list(zip(*(o.split(sizes) for o in outputs)))
-        except Exception as e:  # a bug or a device error: fail these calls, keep serving
+        except BaseException as e:  # a bug, a device error, a user module that exits: fail these calls only
             logger.exception("%s: batch of %d tasks failed", queue.backend.uid, len(batch))
             for task in batch:
                 task.future.set_exception(e)

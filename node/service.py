@@ -13,17 +13,18 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
-from google.protobuf.message import DecodeError
+import torch
+from google.protobuf.message import DecodeError, Message
 
 from dmoe.errors import WireError
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.runtime import Overloaded, Runtime, Task
 from dmoe.node.stats import ExpertCounters
 from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import deserialize, join_chunks_async, serialize, split_chunks
+from dmoe.wire import deserialize, serialize, split_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,14 @@ class ExpertServicer:
         max_request_bytes: int,
         node_info: Callable[[list[str]], pb.NodeInfo],
         chunk_bytes: int,
+        max_inflight_bytes: int,
     ):
         self.backends, self.runtime, self.counters = backends, runtime, counters
         self.max_batch_tokens, self.max_request_bytes = max_batch_tokens, max_request_bytes
         self.node_info = node_info
         self.chunk_bytes = chunk_bytes  # response chunk size of the streams, within the message limit
+        self.max_inflight_bytes = max_inflight_bytes
+        self._inflight_bytes = 0  # bytes held by request streams being received (event loop only)
 
     # ---- registration -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -85,73 +89,96 @@ class ExpertServicer:
     async def backward(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
         return await self._answer(context, lambda: self._run(_parse(pb.BackwardRequest, data), backward=True))
 
-    async def forward_stream(self, chunks: AsyncIterator[pb.Chunk], context) -> AsyncIterator[pb.Chunk]:
-        async def handle():
-            data = await self._join(chunks)
-            return await self._run(_parse(pb.ForwardRequest, data), backward=False)
-
-        response = await self._answer(context, handle)
-        for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
+    async def forward_stream(
+        self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream(chunks, context, backward=False):  # grpc wants an async generator here
             yield chunk
 
-    async def backward_stream(self, chunks: AsyncIterator[pb.Chunk], context) -> AsyncIterator[pb.Chunk]:
-        async def handle():
-            data = await self._join(chunks)
-            return await self._run(_parse(pb.BackwardRequest, data), backward=True)
-
-        response = await self._answer(context, handle)
-        for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
+    async def backward_stream(
+        self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream(chunks, context, backward=True):  # grpc wants an async generator here
             yield chunk
 
     async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
-        async def handle():
+        async def handle() -> pb.NodeInfo:
             request = _parse(pb.InfoRequest, data)
             unknown = [uid for uid in request.uids if uid not in self.backends]
             if unknown:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {unknown[0]!r} on this node")
-            return self.node_info(list(request.uids))
+            info = self.node_info(list(request.uids))
+            info.receiving_bytes = self._inflight_bytes
+            return info
 
         return await self._answer(context, handle)
 
     # ---- the work ------------------------------------------------------------------------------
-    async def _answer(self, context: grpc.aio.ServicerContext, handle: Callable):
+    async def _answer(self, context: grpc.aio.ServicerContext, handle: Callable[[], Awaitable[Message]]) -> Message:
         try:
             return await handle()
         except RequestError as e:
             await context.abort(e.code, e.message)
+            raise AssertionError("abort returns only by raising") from None
+
+    async def _stream(
+        self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext, *, backward: bool
+    ) -> AsyncIterator[pb.Chunk]:
+        async def handle() -> Message:
+            data = await self._join(chunks)
+            request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
+            return await self._run(_parse(request_cls, data), backward=backward)
+
+        response = await self._answer(context, handle)
+        for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
+            yield chunk
 
     async def _join(self, chunks: AsyncIterator[pb.Chunk]) -> bytes:
+        """Join a request stream within max_request_bytes, and within the node-wide budget of bytes
+        held by streams being received (max_inflight_bytes), so many streams cannot exhaust memory."""
+        parts: list[bytes] = []
+        size = 0
         try:
-            return await join_chunks_async(chunks, max_bytes=self.max_request_bytes)
-        except WireError as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            async for chunk in chunks:
+                size += len(chunk.data)
+                self._inflight_bytes += len(chunk.data)
+                if size > self.max_request_bytes:
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"streamed request exceeds {self.max_request_bytes} bytes")
+                if self._inflight_bytes > self.max_inflight_bytes:
+                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       "node is receiving too much data at once; retry later")
+                parts.append(chunk.data)
+            return b"".join(parts)
+        finally:
+            self._inflight_bytes -= size
 
-    async def _run(self, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool):
+    async def _run(self, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool) -> Message:
         backend = self.backends.get(request.uid)
         if backend is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {request.uid!r} on this node")
         counters = self.counters[request.uid]
-        if request.reply_compression not in pb.Compression.values():
-            counters.errors += 1
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown reply compression {request.reply_compression}")
         started = time.perf_counter()
         try:
-            inputs = [deserialize(t, max_numel=self.max_request_bytes) for t in request.inputs]
-            num_tokens = backend.check_inputs(inputs, backend.input_schema, "inputs")
-            grads = None
+            if request.reply_compression not in pb.Compression.values():
+                raise ValueError(f"unknown reply compression {request.reply_compression}")
+            shapes = [tuple(t.shape) for t in request.inputs]
+            rows, num_tokens = backend.check_request(shapes, [t.dtype for t in request.inputs],
+                                                     backend.input_schema, "inputs")
+            if num_tokens > self.max_batch_tokens:
+                counters.rejected += 1
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"request of {num_tokens} tokens exceeds this node's limit of {self.max_batch_tokens}; split it",
+                )
             if backward:
-                grads = [deserialize(t, max_numel=self.max_request_bytes) for t in request.grad_outputs]
-                backend.check_grad_outputs(inputs, grads)
+                backend.check_grad_request(shapes, [tuple(t.shape) for t in request.grad_outputs],
+                                           [t.dtype for t in request.grad_outputs])
+            inputs, grads = await asyncio.to_thread(self._decode, backend, request, backward)
         except ValueError as e:  # WireError is a ValueError
             counters.errors += 1
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        if num_tokens > self.max_batch_tokens:
-            counters.rejected += 1
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request of {num_tokens} tokens exceeds this node's limit of {self.max_batch_tokens}; split it",
-            )
-        task = Task(inputs, grads, num_tokens, concurrent.futures.Future())
+        task = Task(inputs, grads, rows, num_tokens, concurrent.futures.Future())
         try:
             future = self.runtime.submit(request.uid, task)
         except Overloaded as e:
@@ -159,19 +186,30 @@ class ExpertServicer:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         try:
             outputs = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            raise
         except Exception as e:
             counters.errors += 1
             raise RequestError(grpc.StatusCode.INTERNAL, f"{request.uid} failed: {type(e).__name__}: {e}") from None
+        encoded = await asyncio.to_thread(lambda: [serialize(o, request.reply_compression) for o in outputs])
         counters.record_call(backward, num_tokens, time.perf_counter() - started)
-        encoded = [serialize(o, request.reply_compression) for o in outputs]
         if backward:
             return pb.BackwardResponse(grad_inputs=encoded)
         return pb.ForwardResponse(outputs=encoded)
 
+    @staticmethod
+    def _decode(
+        backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, backward: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Decode and check values, off the event loop (shapes and dtypes were checked already)."""
+        inputs = [deserialize(t, max_numel=backend.max_numel) for t in request.inputs]
+        backend.check_finite(inputs, "inputs")
+        if not backward:
+            return inputs, None
+        grads = [deserialize(t, max_numel=backend.max_numel) for t in request.grad_outputs]
+        backend.check_finite(grads, "grad_outputs")
+        return inputs, grads
 
-def _parse(message_cls, data: bytes):
+
+def _parse(message_cls: type[Message], data: bytes) -> Message:
     try:
         return message_cls.FromString(data)
     except DecodeError as e:

@@ -125,7 +125,7 @@ class InfoRequest(_message.Message):
     def __init__(self, uids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "dmoe_version", "device", "experts", "max_batch_tokens", "max_message_bytes", "max_request_bytes")
+    __slots__ = ("node_id", "dmoe_version", "device", "experts", "max_batch_tokens", "max_message_bytes", "max_request_bytes", "receiving_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DMOE_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class NodeInfo(_message.Message):
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVING_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     dmoe_version: str
     device: str
@@ -140,4 +141,5 @@ class NodeInfo(_message.Message):
     max_batch_tokens: int
     max_message_bytes: int
     max_request_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    receiving_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., receiving_bytes: _Optional[int] = ...) -> None: ...

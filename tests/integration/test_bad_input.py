@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 
 import grpc
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from dmoe.proto import expert_pb2 as pb
 from dmoe.wire import deserialize, serialize, split_chunks
 
-from conftest import NodeProcess, expert_version, stub
+from conftest import NodeProcess, expert_version, stub, wait_for
 
 HIDDEN = 32
 UID = "ffn.0"
@@ -26,7 +27,8 @@ def node(tmp_path_factory):
     process = NodeProcess(
         tmp_path_factory.mktemp("bad"),
         ["--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), "--max-message-bytes", str(256 << 10),
-         "--max-request-bytes", str(1 << 20), "--max-batch-tokens", "1024", "--max-queued-tokens", "2048"],
+         "--max-request-bytes", str(1 << 20), "--max-batch-tokens", "1024", "--max-queued-tokens", "2048",
+         "--max-inflight-bytes", str(1100 << 10)],
     )
     try:
         yield process.start()
@@ -175,4 +177,28 @@ def test_overload_is_shed_with_resource_exhausted(node, service):
     stats = service.Info(pb.InfoRequest(uids=["ffn.1"]), timeout=10).experts[0].stats
     assert stats.rejected == codes.count(EXHAUSTED)
     assert stats.queued_tokens == 0
+    assert good_forward(service).shape == (4, HIDDEN)
+
+
+def test_streams_share_a_budget_of_bytes_in_flight(service):
+    """A stream held open with 700 KiB received leaves no room for another 700 KiB (1100 KiB budget)."""
+    release = threading.Event()
+
+    def held_open():
+        yield from split_chunks(b"\x00" * (700 << 10), 175 << 10)  # chunks within the 256 KiB message limit
+        release.wait(30)
+
+    first = service.ForwardStream(held_open(), timeout=60)
+    first_result = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: list(first))
+    try:
+        wait_for(lambda: service.Info(pb.InfoRequest(), timeout=10).receiving_bytes == 700 << 10, 20,
+                 "the first stream to arrive")
+        with pytest.raises(grpc.RpcError) as second:
+            list(service.ForwardStream(split_chunks(b"\x00" * (700 << 10), 175 << 10), timeout=30))
+        assert second.value.code() == EXHAUSTED and "too much data" in second.value.details()
+    finally:
+        release.set()
+    with pytest.raises(grpc.RpcError) as held:
+        first_result.result(60)
+    assert held.value.code() == INVALID  # zeros are no ForwardRequest
     assert good_forward(service).shape == (4, HIDDEN)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.config import NodeConfig
 from dmoe.node.node import resolve_device
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.gpu]
@@ -11,8 +12,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def make(device: str) -> ExpertBackend:
-    return ExpertBackend("ffn.0", expert_cls="ffn", hidden_dim=64, inner_dim=None, seed=0,
-                         device=torch.device(device), optimizer="adam", lr=1e-3, max_grad_norm=1.0)
+    return ExpertBackend("ffn.0", NodeConfig(expert_cls="ffn", hidden_dim=64, lr=1e-3), torch.device(device))
 
 
 def test_auto_device_matches_what_torch_sees():

@@ -9,6 +9,7 @@ import torch
 
 from dmoe.experts import create_expert
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.config import NodeConfig
 from dmoe.node.runtime import Overloaded, Runtime, Task
 
 pytestmark = pytest.mark.timeout(60)
@@ -16,12 +17,11 @@ HIDDEN = 16
 
 
 def backend(uid: str, expert_cls: str = "ffn") -> ExpertBackend:
-    return ExpertBackend(uid, expert_cls=expert_cls, hidden_dim=HIDDEN, inner_dim=None, seed=0,
-                         device=torch.device("cpu"), optimizer="adam", lr=1e-3, max_grad_norm=1.0)
+    return ExpertBackend(uid, NodeConfig(expert_cls=expert_cls, hidden_dim=HIDDEN, lr=1e-3), torch.device("cpu"))
 
 
 def task(x: torch.Tensor, grad: torch.Tensor | None = None) -> Task:
-    return Task([x], None if grad is None else [grad], x.shape[0], concurrent.futures.Future())
+    return Task([x], None if grad is None else [grad], x.shape[0], x.shape[:-1].numel(), concurrent.futures.Future())
 
 
 @pytest.mark.parametrize("batching,expected_batches", [(True, 1), (False, 6)])
@@ -41,7 +41,7 @@ def test_queued_requests_merge_into_one_device_call(batching, expected_batches):
 
 
 def test_batches_respect_the_token_limit_and_shapes():
-    runtime = Runtime({"tf.0": backend("tf.0", "transformer")}, max_batch_tokens=4, max_queued_tokens=64,
+    runtime = Runtime({"tf.0": backend("tf.0", "transformer")}, max_batch_tokens=12, max_queued_tokens=64,
                       batching=True)
     inputs = [torch.randn(2, seq, HIDDEN) for seq in (3, 3, 5, 3, 3, 3)]
     tasks = [task(x) for x in inputs]
@@ -53,6 +53,7 @@ def test_batches_respect_the_token_limit_and_shapes():
         with torch.no_grad():
             torch.testing.assert_close(t.future.result(30)[0], local(x), rtol=1e-4, atol=1e-5)
     runtime.shutdown(10)
+    # tokens are rows x seq (6 or 10 here), at most 12 a batch:
     # [seq 3, seq 3] | [seq 5] | [seq 3, seq 3] | [seq 3]: a new shape or a full batch starts another
     assert runtime.num_batches == 4
 
@@ -74,3 +75,24 @@ def test_admission_control_and_cancelled_callers():
     assert cancelled.future.cancelled()
     assert runtime.queued_tokens("ffn.0") == 0
     assert runtime.num_batches == 2  # the cancelled task never ran
+
+
+def test_a_cancelled_head_task_does_not_set_the_shape_of_the_batch():
+    runtime = Runtime({"tf.0": backend("tf.0", "transformer")}, max_batch_tokens=64, max_queued_tokens=64,
+                      batching=True)
+    gone, b, c = task(torch.randn(1, 5, HIDDEN)), task(torch.randn(1, 7, HIDDEN)), task(torch.randn(1, 5, HIDDEN))
+    for t in (gone, b, c):
+        runtime.submit("tf.0", t)
+    gone.future.cancel()
+    runtime.start()
+    assert b.future.result(30)[0].shape == (1, 7, HIDDEN)
+    assert c.future.result(30)[0].shape == (1, 5, HIDDEN)
+    runtime.shutdown(10)
+
+
+def test_tokens_count_every_position():
+    tf = backend("tf.0", "transformer")
+    assert tf.check_request([(2, 3, HIDDEN)], ["float32"], tf.input_schema, "inputs") == (2, 6)
+    ffn = backend("ffn.0")
+    assert ffn.check_request([(5, HIDDEN)], ["float32"], ffn.input_schema, "inputs") == (5, 5)
+    assert ffn.max_numel == 4096 * HIDDEN  # max_batch_tokens x the widest input or output per token

@@ -109,7 +109,32 @@ class Node:
         """Serve until SIGINT/SIGTERM on uvloop; ``on_ready(node)`` runs once serving."""
         import uvloop
 
+        self._start_dht()  # forked before the event loop exists: a child forked inside uvloop stops slowly
         uvloop.run(self.serve(handle_signals=True, on_ready=on_ready))
+
+    def _start_dht(self) -> None:
+        """Fork the DHT peer with SIGTERM ignored: when a whole process group is stopped (systemd,
+        docker), the node must withdraw its records through a live peer before it stops it."""
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
+        try:
+            self._dht = hivemind.DHT(
+                initial_peers=self.config.swarm or None,
+                start=True,
+                host_maddrs=[listen_maddr(self.config.host, self.config.dht_port)],
+                identity_path=self.config.identity_path,
+            )
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _stop_dht(self) -> None:
+        assert self._dht is not None
+        self._dht.shutdown()
+        if self._dht.is_alive():  # it ignores SIGTERM, so hivemind's own fallback cannot stop it
+            self._dht.kill()
+            self._dht.join(5)
+        self._dht = None
 
     async def serve(self, handle_signals: bool = False, on_ready: Callable[[Node], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -136,13 +161,9 @@ class Node:
     # ---- start-up and shutdown --------------------------------------------------------------------
     async def _start_up(self) -> None:
         config = self.config
-        self._dht = await asyncio.to_thread(
-            hivemind.DHT,
-            initial_peers=config.swarm or None,
-            start=True,
-            host_maddrs=[listen_maddr(config.host, config.dht_port)],
-            identity_path=config.identity_path,
-        )
+        if self._dht is None:
+            await asyncio.to_thread(self._start_dht)
+        assert self._dht is not None
         self.node_id = self._dht.peer_id.to_base58()
         self.swarm_addresses = [str(a) for a in self._dht.get_visible_maddrs()]
         logger.info("joined the swarm as %s", self.node_id)
@@ -208,7 +229,7 @@ class Node:
             await self._health.enter_graceful_shutdown()
         if self._announcer is not None:
             try:
-                await asyncio.wait_for(self._announcer.withdraw(), timeout=10)
+                await asyncio.wait_for(self._announcer.withdraw(), timeout=5)
             except Exception as e:
                 logger.warning("could not withdraw DHT records (they will expire): %s", e)
         if self._server is not None:
@@ -218,8 +239,7 @@ class Node:
         if self._checkpoints is not None and self.backends:
             await asyncio.to_thread(self.save_checkpoints, True)
         if self._dht is not None:
-            await asyncio.to_thread(self._dht.shutdown)
-            self._dht = None
+            await asyncio.to_thread(self._stop_dht)
         logger.info("node stopped")
 
     # ---- records, info, checkpoints -----------------------------------------------------------------

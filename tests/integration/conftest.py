@@ -84,6 +84,12 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def terminate_group(self, timeout: float = 60.0) -> int:
+        """SIGTERM to the whole process group (as systemd or docker stop do), then the exit code."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
     def kill(self) -> None:
         """kill -9 of the whole process group: the machine is gone."""
         if self.proc is not None:

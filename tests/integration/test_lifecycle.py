@@ -136,3 +136,13 @@ def test_sigterm_finishes_in_flight_calls(node_factory, tmp_path, monkeypatch):
     wait_for(marker.exists, 20, "the call to reach the expert")
     assert node.terminate() == 0
     torch.testing.assert_close(deserialize(call.result().outputs[0], max_numel=1 << 20), x)
+
+
+def test_sigterm_to_the_whole_process_group_still_stops_cleanly(node_factory, tmp_path):
+    """systemd and docker signal every process of the service; the DHT peer must outlive the node's
+    own shutdown, which then exits 0 with its checkpoint written."""
+    node = node_factory("--experts", "ffn.[0:1]", "--hidden-dim", str(HIDDEN), "--checkpoint-dir", str(tmp_path / "c"))
+    _, service = stub(node.endpoint)
+    train_steps(service, "ffn.0", 1)
+    assert node.terminate_group(timeout=30) == 0
+    assert (tmp_path / "c" / "ffn.0" / "000000000001.safetensors").exists()

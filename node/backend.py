@@ -79,8 +79,8 @@ class ExpertBackend:
             for axis, (size, want) in enumerate(zip(shape, spec.shape)):
                 if want != FREE and size != want:
                     raise ValueError(f"{what}[{i}] of {self.uid}: dim {axis} must be {want}, got {size}")
-            if any(size == 0 for size in shape):
-                raise ValueError(f"{what}[{i}] of {self.uid} is empty")
+            if any(size <= 0 for size in shape):
+                raise ValueError(f"{what}[{i}] of {self.uid} has an empty or negative dimension: {list(shape)}")
             if rows is None:
                 rows, tokens = shape[0], math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
             elif shape[0] != rows:

@@ -139,8 +139,9 @@ class Runtime:
             per_task = list(zip(*(o.split(sizes) for o in outputs)))
         except BaseException as e:  # a bug, a device error, a user module that exits: fail these calls only
             logger.exception("%s: batch of %d tasks failed", queue.backend.uid, len(batch))
+            error = e if isinstance(e, Exception) else RuntimeError(f"expert raised {e!r}")  # not into the loop
             for task in batch:
-                task.future.set_exception(e)
+                task.future.set_exception(error)
             return
         self.num_batches += 1
         for task, result in zip(batch, per_task):

@@ -93,6 +93,8 @@ def test_a_cancelled_head_task_does_not_set_the_shape_of_the_batch():
 def test_tokens_count_every_position():
     tf = backend("tf.0", "transformer")
     assert tf.check_request([(2, 3, HIDDEN)], ["float32"], tf.input_schema, "inputs") == (2, 6)
+    with pytest.raises(ValueError, match="negative"):
+        tf.check_request([(2, -3, HIDDEN)], ["float32"], tf.input_schema, "inputs")
     ffn = backend("ffn.0")
     assert ffn.check_request([(5, HIDDEN)], ["float32"], ffn.input_schema, "inputs") == (5, 5)
     assert ffn.max_numel == 4096 * HIDDEN  # max_batch_tokens x the widest input or output per token

@@ -143,3 +143,30 @@ def stub(endpoint: str) -> tuple[grpc.Channel, pbg.ExpertServiceStub]:
 
 def expert_version(service: pbg.ExpertServiceStub, uid: str) -> int:
     return service.Info(pb.InfoRequest(uids=[uid]), timeout=10).experts[0].version
+
+
+def module_node(*args: str):
+    """A module-scoped fixture: one node started with these CLI args for every test of a module."""
+
+    @pytest.fixture(scope="module")
+    def node(tmp_path_factory) -> Iterator[NodeProcess]:
+        process = NodeProcess(tmp_path_factory.mktemp("node"), list(args))
+        try:
+            yield process.start()
+        finally:
+            process.cleanup()
+
+    return node
+
+
+@pytest.fixture(scope="module")
+def channel(node: NodeProcess) -> Iterator[grpc.Channel]:
+    """A channel to the module's ``node`` fixture."""
+    channel, _ = stub(node.endpoint)
+    yield channel
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def service(channel: grpc.Channel) -> pbg.ExpertServiceStub:
+    return pbg.ExpertServiceStub(channel)

@@ -13,7 +13,7 @@ import torch
 from dmoe.proto import expert_pb2 as pb
 from dmoe.wire import deserialize, serialize, split_chunks
 
-from conftest import NodeProcess, expert_version, stub, wait_for
+from conftest import expert_version, module_node, wait_for
 
 HIDDEN = 32
 UID = "ffn.0"
@@ -22,32 +22,11 @@ INVALID, NOT_FOUND, EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCo
                                  grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    process = NodeProcess(
-        tmp_path_factory.mktemp("bad"),
-        ["--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), "--max-message-bytes", str(256 << 10),
-         "--max-request-bytes", str(1 << 20), "--max-batch-tokens", "1024", "--max-queued-tokens", "2048",
-         "--max-inflight-bytes", str(1100 << 10)],
-    )
-    try:
-        yield process.start()
-    finally:
-        process.cleanup()
-
-
-@pytest.fixture(scope="module")
-def channel(node):
-    channel, _ = stub(node.endpoint)
-    yield channel
-    channel.close()
-
-
-@pytest.fixture(scope="module")
-def service(node):
-    channel, service = stub(node.endpoint)
-    yield service
-    channel.close()
+node = module_node(
+    "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), "--max-message-bytes", str(256 << 10),
+    "--max-request-bytes", str(1 << 20), "--max-batch-tokens", "1024", "--max-queued-tokens", "2048",
+    "--max-inflight-bytes", str(1100 << 10),
+)
 
 
 def good_forward(service) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_concurrent_backward_calls_all_count(node_factory):
     torch.testing.assert_close(probe_output(service, "lin.0"), expected, rtol=1e-4, atol=1e-5)
     stats = service.Info(pb.InfoRequest(), timeout=10).experts[0].stats
     assert stats.backward_calls == 16 and stats.backward_tokens == 64
-    assert 1 <= stats.optimizer_steps <= 16
+    assert stats.optimizer_steps in range(1, 17)  # one step per merged batch
 
 
 def test_sigterm_finishes_in_flight_calls(node_factory, tmp_path, monkeypatch):

@@ -13,31 +13,17 @@ from dmoe.experts import create_expert
 from dmoe.proto import expert_pb2 as pb
 from dmoe.wire import deserialize, serialize, split_chunks
 
-from conftest import NodeProcess, expert_version, stub
+from conftest import expert_version, module_node
 
 HIDDEN = 32
 MAX_NUMEL = 1 << 26
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    process = NodeProcess(
-        tmp_path_factory.mktemp("calls"),
-        ["--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), "--max-message-bytes", str(256 << 10),
-         "--max-request-bytes", str(1 << 20), "--max-batch-tokens", "4096"],
-    )
-    try:
-        yield process.start()
-    finally:
-        process.cleanup()
-
-
-@pytest.fixture(scope="module")
-def service(node):
-    channel, service = stub(node.endpoint)
-    yield service
-    channel.close()
+node = module_node(
+    "--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), "--max-message-bytes", str(256 << 10),
+    "--max-request-bytes", str(1 << 20), "--max-batch-tokens", "4096",
+)
 
 
 def local_expert(uid: str) -> torch.nn.Module:

@@ -1,0 +1,117 @@
+"""RemoteMoE against real nodes: equal to a local MoE when all answer; survivors only when not."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dmoe.experts import create_expert
+from dmoe.moe import RemoteMoE
+from dmoe.swarm import Swarm, SwarmConfig
+
+pytestmark = pytest.mark.timeout(180)
+HIDDEN, NUM_EXPERTS = 16, 8
+
+
+@pytest.fixture
+def swarm_of_two(node_factory):
+    first = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), name="a")
+    second = node_factory("--experts", "ffn.[4:8]", "--hidden-dim", str(HIDDEN), "--swarm", first.swarm[0], name="b")
+    with Swarm(SwarmConfig(initial_peers=first.swarm, cache_ttl=60)) as swarm:
+        yield swarm, first, second
+
+
+def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Tensor:
+    """The same MoE with the experts in this process (initial weights), over the experts in alive."""
+    experts = [create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in layer.uids]
+    live_E = torch.tensor([uid in alive for uid in layer.uids])
+    logits_TE = layer.gate(x_TD).masked_fill(~live_E, float("-inf"))
+    top_TK, experts_TK = logits_TE.topk(layer.k, dim=-1)
+    weights_TK = top_TK.softmax(-1)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        rows.append(sum(weights_TK[t, j] * experts[int(experts_TK[t, j])](x_TD[t : t + 1])[0] for j in range(layer.k)))
+    return torch.stack(rows)
+
+
+def test_all_alive_equals_a_local_moe(swarm_of_two):
+    swarm, _, _ = swarm_of_two
+    torch.manual_seed(0)
+    layer = RemoteMoE(swarm, prefix="ffn", num_experts=NUM_EXPERTS, in_features=HIDDEN, k=2)
+    try:
+        assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
+        x = torch.randn(2, 12, HIDDEN, requires_grad=True)
+        y = layer(x)
+        assert y.shape == x.shape and layer.last_num_failed == 0
+        (y * torch.linspace(-1, 1, HIDDEN)).sum().backward()
+        remote_grad_x, remote_grad_gate = x.grad.clone(), layer.gate.weight.grad.clone()
+
+        x.grad, layer.gate.weight.grad = None, None
+        expected = local_moe(layer, x.reshape(-1, HIDDEN), set(layer.uids)).reshape(x.shape)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+        (expected * torch.linspace(-1, 1, HIDDEN)).sum().backward()
+        torch.testing.assert_close(remote_grad_x, x.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(remote_grad_gate, layer.gate.weight.grad, rtol=1e-4, atol=1e-5)
+        assert torch.isfinite(layer.aux_loss) and layer.aux_loss > 0 and torch.isfinite(layer.z_loss)
+    finally:
+        layer.dispatcher.shutdown()
+
+
+def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):
+    swarm, _, second = swarm_of_two
+    torch.manual_seed(1)
+    layer = RemoteMoE(swarm, prefix="ffn", num_experts=NUM_EXPERTS, in_features=HIDDEN, k=2,
+                      forward_timeout=5, backward_timeout=5)
+    try:
+        assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS  # cached: the client still believes in b
+        second.kill()
+        x = torch.randn(32, HIDDEN, requires_grad=True)
+        started = time.monotonic()
+        y = layer(x)
+        y.sum().backward()
+        assert time.monotonic() - started < 5 + 5
+        assert layer.last_num_failed > 0 and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        # tokens whose two experts were both on b get zero; the rest use a's experts, renormalised
+        survivors = {f"ffn.{i}" for i in range(4)}
+        with torch.no_grad():
+            logits = layer.gate(x)
+            _, chosen = logits.topk(2, dim=-1)
+            on_a = chosen < 4
+            expected = local_moe_renormalised(layer, x, chosen, on_a, survivors)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+        assert set(swarm.live_experts(layer.uids)) == survivors  # b's endpoint is avoided now
+    finally:
+        layer.dispatcher.shutdown()
+
+
+def local_moe_renormalised(layer, x_TD, chosen_TK, answered_TK, alive) -> torch.Tensor:
+    experts = {uid: create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in alive}
+    logits_TK = layer.gate(x_TD).gather(1, chosen_TK)
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        mask = answered_TK[t]
+        if not mask.any():
+            continue
+        weights = logits_TK[t][mask].softmax(-1)
+        for w, e in zip(weights, chosen_TK[t][mask]):
+            out[t] += w * experts[f"ffn.{int(e)}"](x_TD[t : t + 1])[0]
+    return out
+
+
+def test_all_experts_dead_gives_zero(swarm_of_two):
+    swarm, first, second = swarm_of_two
+    layer = RemoteMoE(swarm, prefix="ffn", num_experts=NUM_EXPERTS, in_features=HIDDEN, k=2,
+                      forward_timeout=3, backward_timeout=3)
+    try:
+        assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
+        first.kill()
+        second.kill()
+        x = torch.randn(5, HIDDEN, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(x.grad).all()
+        assert torch.equal(layer(x), torch.zeros_like(x))  # now every endpoint is avoided: no call at all
+    finally:
+        layer.dispatcher.shutdown()

@@ -4,6 +4,9 @@
 - ``uids.py``     expert uids (``prefix.i.j``) and grid patterns (``ffn.[0:8]``)
 - ``experts.py``  expert modules (ffn, transformer, module:Class) and their schemas
 - ``records.py``  DHT records of experts and nodes; find_experts, find_nodes
+- ``swarm.py``    Swarm, SwarmConfig: a client's DHT peer, live-expert cache, back-off of failing endpoints
+- ``dispatch.py`` Dispatcher: expert calls in flight at once, deadlines, per-token quorum, reply checks
+- ``moe.py``      RemoteMoE: the gated MoE layer whose experts are remote (autograd through them)
 - ``config.py``   config dataclasses -> CLI options, TOML, DMOE_* environment
 - ``errors.py``   the errors dmoe raises for its users
 - ``cli.py``      the ``dmoe`` command
@@ -18,3 +21,8 @@ try:
     __version__ = version("dmoe")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
+
+from dmoe.moe import RemoteMoE  # noqa: E402
+from dmoe.swarm import Swarm, SwarmConfig  # noqa: E402
+
+__all__ = ["RemoteMoE", "Swarm", "SwarmConfig", "__version__"]

@@ -1,7 +1,7 @@
 """Dispatcher: expert calls from a client, all in flight at once, with deadlines and a quorum.
 
-Calls run on one background event loop (uvloop when available) over one long-lived grpc.aio
-channel per endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answers
+Calls run on the Swarm's background event loop (uvloop) over one long-lived grpc.aio channel per
+endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answers
 (or every call has ended, or ``forward_timeout`` passed), then at most ``timeout_after_k_min``
 more for the rest. A reply that is malformed, of the wrong shape or dtype, or not finite counts as
 a failure of that expert, exactly like an error status or a missed deadline.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -39,33 +38,26 @@ class ExpertCall:
 
 
 class Dispatcher:
-    def __init__(self, compression: int = pb.NONE):
-        self.compression = compression
-        try:
-            import uvloop
+    """Expert calls on an event loop that runs in another thread (the Swarm's)."""
 
-            self._loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover - uvloop is a dependency
-            self._loop = asyncio.new_event_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE):
+        self._loop, self.compression = loop, compression
         self._channels: dict[str, tuple[grpc.aio.Channel, pbg.ExpertServiceStub]] = {}
-        self._thread = threading.Thread(target=self._loop.run_forever, name="dmoe-dispatch", daemon=True)
-        self._thread.start()
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
+        """Close the channels (the loop belongs to the caller)."""
         if self._loop.is_closed():
             return
 
         async def close() -> None:
             for channel, _ in self._channels.values():
                 await channel.close()
+            self._channels.clear()
 
         self.run(close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     def _stub(self, endpoint: str) -> pbg.ExpertServiceStub:
         if endpoint not in self._channels:

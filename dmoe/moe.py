@@ -1,7 +1,8 @@
 """RemoteMoE: a drop-in nn.Module whose experts live on other machines.
 
 Legend for tensor names: T tokens, D model dim (in_features), E experts, K experts per token.
-The gate runs here; each token goes to its top-k live experts; each chosen expert gets its whole
+The gate runs here and scores every uid of the grid (``prefix.i.j``); each token goes to its
+top-k live experts; each chosen expert gets its whole
 sub-batch in one call, all calls in flight at once (see :mod:`dmoe.dispatch`). Experts that fail
 or miss the deadline are dropped and the gate weights renormalised over those that answered; a
 token with no answer contributes zero (its residual path carries it). Backward goes only to the
@@ -10,7 +11,9 @@ experts that answered, and a failed backward drops that expert's gradient, never
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from typing import Any
 
 import torch
@@ -25,11 +28,14 @@ logger = logging.getLogger(__name__)
 
 class RemoteMoE(nn.Module):
     def __init__(
-        self, swarm: Swarm, *, prefix: str, num_experts: int, in_features: int, k: int = 2, k_min: int = 1,
+        self, swarm: Swarm, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2, k_min: int = 1,
         forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0, backward_timeout: float = 10.0,
         compression: str = "none",
     ):
         super().__init__()
+        if not grid or any(size < 1 for size in grid):
+            raise ValueError(f"grid must be a tuple of positive sizes, e.g. (8,) or (4, 16); got {grid!r}")
+        num_experts = math.prod(grid)
         if not 1 <= k_min <= k <= num_experts:
             raise ValueError(f"need 1 <= k_min <= k <= num_experts, got k_min={k_min}, k={k}, num_experts={num_experts}")
         if min(forward_timeout, backward_timeout) <= 0 or timeout_after_k_min < 0:
@@ -38,9 +44,10 @@ class RemoteMoE(nn.Module):
         self.k, self.k_min = k, k_min
         self.forward_timeout, self.timeout_after_k_min = forward_timeout, timeout_after_k_min
         self.backward_timeout = backward_timeout
-        self.uids = [f"{prefix}.{i}" for i in range(num_experts)]
+        self.grid = tuple(grid)
+        self.uids = [".".join([prefix, *map(str, coords)]) for coords in itertools.product(*map(range, grid))]
         self.gate = nn.Linear(in_features, num_experts)
-        self.dispatcher = Dispatcher(compression_from_name(compression))
+        self.dispatcher = Dispatcher(swarm.loop, compression_from_name(compression))
         self.aux_loss = torch.zeros(())  # load balancing (Switch), set by each forward
         self.z_loss = torch.zeros(())  # router z-loss, set by each forward
         self.last_num_failed = 0  # expert calls dropped in the last forward
@@ -77,7 +84,7 @@ class RemoteMoE(nn.Module):
         self.z_loss = torch.logsumexp(live_logits_TE, dim=-1).square().mean()
 
     def extra_repr(self) -> str:
-        return f"prefix={self.prefix!r}, num_experts={len(self.uids)}, in_features={self.in_features}, k={self.k}"
+        return f"prefix={self.prefix!r}, grid={self.grid}, in_features={self.in_features}, k={self.k}"
 
 
 class _Dispatch(torch.autograd.Function):

@@ -135,14 +135,22 @@ def _parse(model: type[_Record], raw: Any) -> Any:
         return None
 
 
-async def _get_many(_dht: DHT, node: DHTNode, keys: list[str]) -> dict[str, Any]:
+async def _get_many(_dht: DHT | None, node: DHTNode, keys: list[str]) -> dict[str, Any]:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest value
     return {key: (None if entry is None else entry.value) for key, entry in found.items()}
 
 
 def find_experts(dht: DHT, uids: Sequence[str]) -> dict[str, ExpertRecord]:
     """Live (online, unexpired, well-formed) records of the given uids; absent uids are left out."""
-    found = dht.run_coroutine(partial(_get_many, keys=list(uids)))
+    return _experts_from(dht.run_coroutine(partial(_get_many, keys=list(uids))))
+
+
+async def find_experts_async(node: DHTNode, uids: Sequence[str]) -> dict[str, ExpertRecord]:
+    """find_experts for a DHTNode running in the caller's event loop."""
+    return _experts_from(await _get_many(None, node, list(uids)))
+
+
+def _experts_from(found: dict[str, Any]) -> dict[str, ExpertRecord]:
     result = {}
     for uid, value in found.items():
         if value is None:

@@ -7,19 +7,20 @@ time (``ban_base`` x 2^(failures-1), at most ``ban_max``), then tried again; one
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Coroutine, Sequence
+from typing import Any, ClassVar
 
-import hivemind
+from hivemind.dht import DHTNode
 
 from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.local import listen_maddr
-from dmoe.records import ExpertRecord, find_experts
+from dmoe.records import ExpertRecord, find_experts_async
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +43,49 @@ class SwarmConfig:
 
 
 class Swarm:
-    """Join with ``Swarm(SwarmConfig(initial_peers=[...]))``; use as a context manager or start()/shutdown()."""
+    """Join with ``Swarm(SwarmConfig(initial_peers=[...]))``; use as a context manager or start()/shutdown().
+
+    The client's DHT peer is a hivemind ``DHTNode`` on the swarm's own background event loop, not
+    a ``hivemind.DHT`` process: that one is forked, and a fork taken after grpc or torch started
+    their threads can hang (the libp2p daemon is started by fork + exec, which is safe). Expert
+    calls (:class:`dmoe.dispatch.Dispatcher`) run on the same loop.
+    """
 
     def __init__(self, config: SwarmConfig):
         self.config = config
-        self.dht: hivemind.DHT | None = None
+        self.loop = _new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._node: DHTNode | None = None
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, ExpertRecord | None]] = {}  # uid -> (looked up at, record)
         self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
 
-    def start(self) -> Swarm:
-        self.dht = hivemind.DHT(initial_peers=self.config.initial_peers, start=True,
-                                host_maddrs=[listen_maddr(self.config.host, 0)])
+    def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
+        """Run a coroutine on the swarm's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def start(self, timeout: float = 60.0) -> Swarm:
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dmoe-swarm", daemon=True)
+        self._thread.start()
+        try:
+            self._node = self.run(DHTNode.create(
+                initial_peers=self.config.initial_peers, host_maddrs=[listen_maddr(self.config.host, 0)]
+            ), timeout)
+        except BaseException:
+            self.shutdown()
+            raise
         return self
 
     def shutdown(self) -> None:
-        if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+        if self._thread is None:
+            return
+        if self._node is not None:
+            self.run(self._node.shutdown(), 30)
+            self._node = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self._thread = None
+        self.loop.close()
 
     def __enter__(self) -> Swarm:
         return self.start()
@@ -69,12 +95,12 @@ class Swarm:
 
     def live_experts(self, uids: Sequence[str], *, refresh: bool = False) -> dict[str, ExpertRecord]:
         """Records of the uids that are announced and whose endpoint is not banned right now."""
-        assert self.dht is not None, "call start() first"
+        assert self._node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:
             stale = [u for u in uids if refresh or u not in self._cache or now - self._cache[u][0] > self.config.cache_ttl]
         if stale:
-            found = find_experts(self.dht, stale)
+            found = self.run(find_experts_async(self._node, stale), 60)
             with self._lock:
                 for uid in stale:
                     self._cache[uid] = (now, found.get(uid))
@@ -96,3 +122,12 @@ class Swarm:
     def report_success(self, endpoint: str) -> None:
         with self._lock:
             self._failures.pop(endpoint, None)
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()

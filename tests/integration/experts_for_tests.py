@@ -33,3 +33,15 @@ class SlowExpert(nn.Module):
             open(marker, "a").close()
             time.sleep(1.0)
         return x * self.scale
+
+
+class NaNExpert(nn.Module):
+    """A hostile expert: answers NaN for every input but the node's one-row start-up probe."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y if x.shape[0] == 1 else y * float("nan")

@@ -39,7 +39,7 @@ def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Te
 def test_all_alive_equals_a_local_moe(swarm_of_two):
     swarm, _, _ = swarm_of_two
     torch.manual_seed(0)
-    layer = RemoteMoE(swarm, prefix="ffn", num_experts=NUM_EXPERTS, in_features=HIDDEN, k=2)
+    layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
     try:
         assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
         x = torch.randn(2, 12, HIDDEN, requires_grad=True)
@@ -56,13 +56,13 @@ def test_all_alive_equals_a_local_moe(swarm_of_two):
         torch.testing.assert_close(remote_grad_gate, layer.gate.weight.grad, rtol=1e-4, atol=1e-5)
         assert torch.isfinite(layer.aux_loss) and layer.aux_loss > 0 and torch.isfinite(layer.z_loss)
     finally:
-        layer.dispatcher.shutdown()
+        layer.dispatcher.close()
 
 
 def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):
     swarm, _, second = swarm_of_two
     torch.manual_seed(1)
-    layer = RemoteMoE(swarm, prefix="ffn", num_experts=NUM_EXPERTS, in_features=HIDDEN, k=2,
+    layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                       forward_timeout=5, backward_timeout=5)
     try:
         assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS  # cached: the client still believes in b
@@ -83,7 +83,7 @@ def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         assert set(swarm.live_experts(layer.uids)) == survivors  # b's endpoint is avoided now
     finally:
-        layer.dispatcher.shutdown()
+        layer.dispatcher.close()
 
 
 def local_moe_renormalised(layer, x_TD, chosen_TK, answered_TK, alive) -> torch.Tensor:
@@ -102,7 +102,7 @@ def local_moe_renormalised(layer, x_TD, chosen_TK, answered_TK, alive) -> torch.
 
 def test_all_experts_dead_gives_zero(swarm_of_two):
     swarm, first, second = swarm_of_two
-    layer = RemoteMoE(swarm, prefix="ffn", num_experts=NUM_EXPERTS, in_features=HIDDEN, k=2,
+    layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                       forward_timeout=3, backward_timeout=3)
     try:
         assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
@@ -114,4 +114,31 @@ def test_all_experts_dead_gives_zero(swarm_of_two):
         assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(x.grad).all()
         assert torch.equal(layer(x), torch.zeros_like(x))  # now every endpoint is avoided: no call at all
     finally:
-        layer.dispatcher.shutdown()
+        layer.dispatcher.close()
+
+
+def test_hostile_and_slow_experts_are_dropped(node_factory, tmp_path, monkeypatch):
+    """b's experts answer NaN, c's answer after a second (past the deadline): both are failures of
+    those experts, and the output is a's experts alone, renormalised."""
+    a = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), name="a")
+    node_factory("--experts", "ffn.[4:6]", "--hidden-dim", str(HIDDEN), "--swarm", a.swarm[0],
+                 "--expert-cls", "experts_for_tests:NaNExpert", name="b")
+    monkeypatch.setenv("DMOE_TEST_STARTED", str(tmp_path / "slow-started"))
+    node_factory("--experts", "ffn.[6:8]", "--hidden-dim", str(HIDDEN), "--swarm", a.swarm[0],
+                 "--expert-cls", "experts_for_tests:SlowExpert", name="c")
+    with Swarm(SwarmConfig(initial_peers=a.swarm, cache_ttl=60)) as swarm:
+        torch.manual_seed(2)
+        layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
+                          forward_timeout=0.5, backward_timeout=5)
+        try:
+            assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
+            x = torch.randn(32, HIDDEN)
+            y = layer(x)
+            with torch.no_grad():
+                chosen = layer.gate(x).topk(2, dim=-1).indices
+                expected = local_moe_renormalised(layer, x, chosen, chosen < 4, {f"ffn.{i}" for i in range(4)})
+            assert torch.isfinite(y).all()
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+            assert set(swarm.live_experts(layer.uids)) == {f"ffn.{i}" for i in range(4)}
+        finally:
+            layer.dispatcher.close()

@@ -82,6 +82,7 @@ class Swarm:
         if self._node is not None:
             self.run(self._node.shutdown(), 30)
             self._node = None
+        self.run(_cancel_other_tasks(), 30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self._thread = None
@@ -131,3 +132,11 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency
         return asyncio.new_event_loop()
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel what the DHT node left running (cache refreshers), so the loop closes cleanly."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,14 +1,13 @@
 """A local swarm on 127.0.0.1: a coordinator and two nodes hosting 8 experts; a client trains a small MoE through them.
 
-The client finds the experts in the DHT, routes each token to its top-2 experts with a gate it
-trains itself, calls Forward/Backward on the nodes over gRPC (the experts learn on the nodes) and
-shows the loss going down. Run: ``bash scripts/demo.sh`` (or ``python examples/local_swarm.py``).
+The client (``dmoe.RemoteMoE``) finds the experts in the DHT, routes each token to its top-2 live
+experts with a gate it trains itself, and calls them over gRPC with deadlines (the experts learn on
+the nodes); the loss goes down on screen. Then a table of the swarm from the nodes' DHT records. Run: ``bash scripts/demo.sh`` (or ``python examples/local_swarm.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import signal
@@ -18,17 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import hivemind
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dmoe.proto import expert_pb2 as pb
-from dmoe.proto import expert_pb2_grpc as pbg
-from dmoe.records import find_experts, find_nodes
-from dmoe.wire import deserialize, serialize
+import dmoe
+from dmoe.records import find_nodes
 
 HIDDEN, NUM_EXPERTS, K = 64, 8, 2
 console = Console()
@@ -56,53 +52,40 @@ def start_node(workdir: Path, name: str, experts: str, swarm: str) -> subprocess
     return proc
 
 
-def train(dht: hivemind.DHT, steps: int) -> None:
-    uids = [f"ffn.{i}" for i in range(NUM_EXPERTS)]
-    records = find_experts(dht, uids)
-    console.print(f"found {len(records)} live experts in the DHT: {', '.join(sorted(records))}")
-    stubs = {uid: pbg.ExpertServiceStub(grpc.insecure_channel(r.endpoint)) for uid, r in records.items()}
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 128), torch.nn.Tanh(), torch.nn.Linear(128, HIDDEN))
-    gate = torch.nn.Linear(HIDDEN, NUM_EXPERTS)
-    gate_opt = torch.optim.Adam(gate.parameters(), lr=3e-3)
-    pool = concurrent.futures.ThreadPoolExecutor(NUM_EXPERTS)
-
-    def call(uid, method, *tensors):
-        if method == "forward":
-            reply = stubs[uid].Forward(pb.ForwardRequest(uid=uid, inputs=[serialize(tensors[0])]), timeout=10)
-            return deserialize(reply.outputs[0], max_numel=1 << 24)
-        request = pb.BackwardRequest(uid=uid, inputs=[serialize(tensors[0])], grad_outputs=[serialize(tensors[1])])
-        return deserialize(stubs[uid].Backward(request, timeout=10).grad_inputs[0], max_numel=1 << 24)
-
-    columns = [TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn()]
-    first = last = None
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=steps, loss=float("nan"))
-        for step in range(steps):
-            x_TD = torch.randn(256, HIDDEN)
-            with torch.no_grad():
-                target_TD = teacher(x_TD)
-            logits_TE = gate(x_TD)
-            weights_TK, experts_TK = logits_TE.topk(K, dim=-1)
-            weights_TK = weights_TK.softmax(-1)
-            groups = {uids[e]: (experts_TK == e).nonzero(as_tuple=True) for e in range(NUM_EXPERTS)}
-            groups = {uid: g for uid, g in groups.items() if len(g[0])}
-            outs = dict(zip(groups, pool.map(lambda u: call(u, "forward", x_TD[groups[u][0]]), groups)))
-            expert_out_TKD = torch.zeros(*experts_TK.shape, HIDDEN)
-            for uid, (tokens, slots) in groups.items():
-                expert_out_TKD[tokens, slots] = outs[uid]
-            y_TD = (weights_TK.unsqueeze(-1) * expert_out_TKD).sum(1)
-            loss = torch.nn.functional.mse_loss(y_TD, target_TD)
-            grad_y_TD = torch.autograd.grad(loss, y_TD, retain_graph=True)[0]
-            gate_opt.zero_grad()
-            loss.backward()  # the gate learns from the expert outputs
-            gate_opt.step()
-            grads = {uid: weights_TK[t, s].detach().unsqueeze(-1) * grad_y_TD[t] for uid, (t, s) in groups.items()}
-            list(pool.map(lambda u: call(u, "backward", x_TD[groups[u][0]], grads[u]), groups))
-            first = loss.item() if first is None else first
-            last = loss.item()
-            progress.update(task, advance=1, loss=last)
+def train(swarm_address: str, steps: int) -> None:
+    """A residual MoE block, x + RemoteMoE(LayerNorm(x)), fits a fixed random function."""
+    with dmoe.Swarm(dmoe.SwarmConfig(initial_peers=[swarm_address])) as swarm:
+        moe = dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=K, k_min=1,
+                             forward_timeout=5, timeout_after_k_min=0.5, backward_timeout=5)
+        live = swarm.live_experts(moe.uids)
+        console.print(f"found {len(live)} live experts in the DHT: {', '.join(sorted(live))}")
+        torch.manual_seed(0)
+        teacher = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 128), torch.nn.Tanh(), torch.nn.Linear(128, HIDDEN))
+        norm = torch.nn.LayerNorm(HIDDEN)
+        optimizer = torch.optim.Adam([*moe.parameters(), *norm.parameters()], lr=3e-3)  # the experts learn on the nodes
+        columns = [TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("failed calls {task.fields[failed]}"),
+                   TimeElapsedColumn()]
+        first = last = None
+        failed = 0
+        try:
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task("train", total=steps, loss=float("nan"), failed=0)
+                for _ in range(steps):
+                    x_TD = torch.randn(256, HIDDEN)
+                    with torch.no_grad():
+                        target_TD = x_TD + teacher(x_TD)
+                    y_TD = x_TD + moe(norm(x_TD))
+                    loss = torch.nn.functional.mse_loss(y_TD, target_TD)
+                    optimizer.zero_grad()
+                    (loss + 0.01 * moe.aux_loss).backward()
+                    optimizer.step()
+                    failed += moe.last_num_failed
+                    first = loss.item() if first is None else first
+                    last = loss.item()
+                    progress.update(task, advance=1, loss=last, failed=failed)
+        finally:
+            moe.dispatcher.close()
     console.print(f"loss {first:.4f} -> {last:.4f} ({'down' if last < first else 'NOT down'})")
 
 
@@ -131,8 +114,8 @@ def main() -> None:
             console.print(f"[green]coordinator[/] up; swarm address {swarm}")
             procs.append(start_node(workdir, "node-a", "ffn.[0:4]", swarm))
             procs.append(start_node(workdir, "node-b", "ffn.[4:8]", swarm))
+            train(swarm, args.steps)
             dht = hivemind.DHT(initial_peers=[swarm], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-            train(dht, args.steps)
             time.sleep(2.5)  # one heartbeat, so the node records carry the calls just made
             show_swarm(dht)
             for proc in procs[::-1]:  # graceful stop: records withdrawn, checkpoints written

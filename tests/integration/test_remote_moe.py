@@ -142,3 +142,24 @@ def test_hostile_and_slow_experts_are_dropped(node_factory, tmp_path, monkeypatc
             assert set(swarm.live_experts(layer.uids)) == {f"ffn.{i}" for i in range(4)}
         finally:
             layer.dispatcher.close()
+
+
+def test_compressed_activations_and_gradients_stay_close(swarm_of_two):
+    swarm, _, _ = swarm_of_two
+    torch.manual_seed(3)
+    x = torch.randn(24, HIDDEN)
+    results = {}
+    for compression in ("none", "fp16", "8bit"):
+        layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2, compression=compression)
+        try:
+            layer.gate.load_state_dict(torch.nn.Linear(HIDDEN, NUM_EXPERTS).requires_grad_(False).state_dict()
+                                       if compression == "none" else results["none"][2])
+            with torch.no_grad():
+                results[compression] = (layer(x), layer.last_num_failed, layer.gate.state_dict())
+        finally:
+            layer.dispatcher.close()
+    reference = results["none"][0]
+    assert all(failed == 0 for _, failed, _ in results.values())
+    torch.testing.assert_close(results["fp16"][0], reference, rtol=0, atol=2e-3)
+    error_8bit = (results["8bit"][0] - reference).abs().mean() / reference.abs().mean()
+    assert 0 < error_8bit < 0.1

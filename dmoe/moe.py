@@ -1,6 +1,7 @@
 """RemoteMoE: a drop-in nn.Module whose experts live on other machines.
 
-Legend for tensor names: T tokens, D model dim (in_features), E experts, K experts per token.
+Legend for tensor names: T tokens, D model dim (in_features), C candidate (live) experts, K experts
+per token, L grid dimensions, P grid prefixes.
 The gate runs here and scores every uid of the grid (``prefix.i.j``); each token goes to its
 top-k live experts; each chosen expert gets its whole
 sub-batch in one call, all calls in flight at once (see :mod:`dmoe.dispatch`). Experts that fail
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from dmoe.dispatch import Dispatcher, ExpertCall
+from dmoe.records import ExpertRecord
 from dmoe.swarm import Swarm
 from dmoe.wire import compression_from_name
 
@@ -30,7 +32,7 @@ class RemoteMoE(nn.Module):
     def __init__(
         self, swarm: Swarm, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2, k_min: int = 1,
         forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0, backward_timeout: float = 10.0,
-        compression: str = "none",
+        compression: str = "none", beam_size: int | None = None,
     ):
         super().__init__()
         if not grid or any(size < 1 for size in grid):
@@ -45,8 +47,11 @@ class RemoteMoE(nn.Module):
         self.forward_timeout, self.timeout_after_k_min = forward_timeout, timeout_after_k_min
         self.backward_timeout = backward_timeout
         self.grid = tuple(grid)
-        self.uids = [".".join([prefix, *map(str, coords)]) for coords in itertools.product(*map(range, grid))]
-        self.gate = nn.Linear(in_features, num_experts)
+        self.beam_size = beam_size if beam_size is not None else 2 * k
+        if self.beam_size < k:
+            raise ValueError(f"beam_size ({self.beam_size}) must be at least k ({k})")
+        # one gate per grid dimension: expert (i, j) scores gates[0](x)[i] + gates[1](x)[j]
+        self.gates = nn.ModuleList(nn.Linear(in_features, size) for size in grid)
         self.dispatcher = Dispatcher(swarm.loop, compression_from_name(compression))
         self.aux_loss = torch.zeros(())  # load balancing (Switch), set by each forward
         self.z_loss = torch.zeros(())  # router z-loss, set by each forward
@@ -56,47 +61,67 @@ class RemoteMoE(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {list(x.shape)}")
         x_TD = x.reshape(-1, self.in_features)
-        live = self.swarm.live_experts(self.uids)
-        if not live:
+        scores = [gate(x_TD) for gate in self.gates]  # one [T, grid[d]] per grid dimension
+        candidates = self._find_candidates(scores)
+        if not candidates:
             logger.warning("no live expert under prefix %r: is a node running with --experts '%s.[...]'?",
                            self.prefix, self.prefix)
             return torch.zeros_like(x)
-        live_E = torch.tensor([uid in live for uid in self.uids])
-        logits_TE = self.gate(x_TD).masked_fill(~live_E, float("-inf"))
-        k = min(self.k, len(live))
-        top_logits_TK, experts_TK = logits_TE.topk(k, dim=-1)
-        endpoints = [live[uid].endpoint if uid in live else "" for uid in self.uids]
-        out_TKD, answered_TK = _Dispatch.apply(x_TD, experts_TK, endpoints, self)
+        coords_CL = torch.tensor([coords for coords, _ in candidates])
+        uids = [record.uid for _, record in candidates]
+        endpoints = [record.endpoint for _, record in candidates]
+        logits_TC = sum(score[:, coords_CL[:, d]] for d, score in enumerate(scores))
+        top_logits_TK, experts_TK = logits_TC.topk(min(self.k, len(candidates)), dim=-1)
+        out_TKD, answered_TK = _Dispatch.apply(x_TD, experts_TK, uids, endpoints, self)
         scores_TK = torch.exp(top_logits_TK - top_logits_TK.max(-1, keepdim=True).values.detach()) * answered_TK
         weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         y_TD = (weights_TK.unsqueeze(-1) * out_TKD).sum(1)
-        self._set_losses(logits_TE[:, live_E], experts_TK, live_E)
+        self._set_losses(logits_TC, experts_TK)
         return y_TD.reshape(x.shape)
 
-    def _set_losses(self, live_logits_TE: torch.Tensor, experts_TK: torch.Tensor, live_E: torch.Tensor) -> None:
-        num_live = live_logits_TE.shape[-1]
-        probs_TE = live_logits_TE.softmax(-1)
-        index_of = torch.full((len(self.uids),), -1, dtype=torch.long)
-        index_of[live_E] = torch.arange(num_live)
-        routed_E = torch.bincount(index_of[experts_TK].flatten(), minlength=num_live).float()
-        fraction_E = routed_E / routed_E.sum()
-        self.aux_loss = num_live * (fraction_E * probs_TE.mean(0)).sum()
-        self.z_loss = torch.logsumexp(live_logits_TE, dim=-1).square().mean()
+    def _find_candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], ExpertRecord]]:
+        """Live experts worth scoring, found by a beam search over grid prefixes for the whole batch:
+        at each level, the union of every token's best ``beam_size`` live prefixes is expanded, all
+        of them in one (cached) DHT read. For a 1-D grid this is one read of every live expert."""
+        root = f"{self.prefix}."
+        level = self.swarm.live_under([root])[root]
+        prefixes: list[tuple[int, ...]] = [(c,) for c in sorted(level) if c < self.grid[0]]
+        records = {(c,): level[c] for c, in prefixes}
+        for depth in range(1, len(self.grid)):
+            if not prefixes:
+                return []
+            with torch.no_grad():
+                partial_TP = sum(scores[d][:, [p[d] for p in prefixes]] for d in range(depth))
+                beam = partial_TP.topk(min(self.beam_size, len(prefixes)), dim=-1).indices.unique().tolist()
+            chosen = [prefixes[i] for i in beam]
+            keys = {p: ".".join([self.prefix, *map(str, p)]) + "." for p in chosen}
+            found = self.swarm.live_under(list(keys.values()))
+            prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < self.grid[depth]]
+            records = {p + (c,): found[keys[p]][c] for p in chosen for c in found[keys[p]] if c < self.grid[depth]}
+        expected = {p: ".".join([self.prefix, *map(str, p)]) for p in prefixes}
+        return [(p, records[p]) for p in prefixes if records[p].uid == expected[p]]
+
+    def _set_losses(self, logits_TC: torch.Tensor, experts_TK: torch.Tensor) -> None:
+        num_candidates = logits_TC.shape[-1]
+        routed_C = torch.bincount(experts_TK.flatten(), minlength=num_candidates).float()
+        self.aux_loss = num_candidates * (routed_C / routed_C.sum() * logits_TC.softmax(-1).mean(0)).sum()
+        self.z_loss = torch.logsumexp(logits_TC, dim=-1).square().mean()
 
     def extra_repr(self) -> str:
         return f"prefix={self.prefix!r}, grid={self.grid}, in_features={self.in_features}, k={self.k}"
 
 
 class _Dispatch(torch.autograd.Function):
-    """(x_TD, experts_TK) -> (expert outputs out_TKD, answered_TK mask), differentiable in x_TD."""
+    """(x_TD, experts_TK into uids/endpoints) -> (outputs out_TKD, answered_TK mask), differentiable in x_TD."""
 
     @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, endpoints: list[str], layer: RemoteMoE):
+    def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, uids: list[str], endpoints: list[str],
+                layer: RemoteMoE):
         x_TD = x_TD.detach()
         calls, slots = [], []
         for e in experts_TK.unique().tolist():
             token_ids, slot_ids = (experts_TK == e).nonzero(as_tuple=True)
-            calls.append(ExpertCall(layer.uids[e], endpoints[e], x_TD[token_ids], token_ids))
+            calls.append(ExpertCall(uids[e], endpoints[e], x_TD[token_ids], token_ids))
             slots.append(slot_ids)
         results = layer.dispatcher.forward(
             calls, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
@@ -128,7 +153,7 @@ class _Dispatch(torch.autograd.Function):
             )
             for index, grad_in in results.items():
                 grad_x_TD.index_add_(0, calls[index].token_ids, grad_in)
-        return grad_x_TD, None, None, None
+        return grad_x_TD, None, None, None, None
 
 
 def _reporter(swarm: Swarm):

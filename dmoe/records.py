@@ -150,6 +150,23 @@ async def find_experts_async(node: DHTNode, uids: Sequence[str]) -> dict[str, Ex
     return _experts_from(await _get_many(None, node, list(uids)))
 
 
+async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str]) -> dict[str, dict[int, ExpertRecord]]:
+    """For each grid prefix key (``ffn.``, ``ffn.3.``): live records by next coordinate. A record
+    under ``ffn.3.`` / 5 names ``ffn.3.5`` or an expert deeper in the grid (``ffn.3.5.1``)."""
+    found = await _get_many(None, node, list(keys))
+    result: dict[str, dict[int, ExpertRecord]] = {}
+    for key, value in found.items():
+        entries: dict[int, ExpertRecord] = {}
+        for coord, sub in (value.items() if hasattr(value, "items") else []):
+            record = _parse(ExpertRecord, getattr(sub, "value", None))
+            if (record is None or record.state != "online" or not isinstance(coord, int)
+                    or not (record.uid == f"{key}{coord}" or record.uid.startswith(f"{key}{coord}."))):
+                continue
+            entries[coord] = record
+        result[key] = entries
+    return result
+
+
 def _experts_from(found: dict[str, Any]) -> dict[str, ExpertRecord]:
     result = {}
     for uid, value in found.items():

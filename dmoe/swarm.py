@@ -20,7 +20,7 @@ from hivemind.dht import DHTNode
 from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.local import listen_maddr
-from dmoe.records import ExpertRecord, find_experts_async
+from dmoe.records import ExpertRecord, find_experts_async, find_under_prefixes_async
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Swarm:
         self._node: DHTNode | None = None
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, ExpertRecord | None]] = {}  # uid -> (looked up at, record)
+        self._prefix_cache: dict[str, tuple[float, dict[int, ExpertRecord]]] = {}  # "ffn.3." -> (at, records)
         self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
 
     def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
@@ -108,6 +109,23 @@ class Swarm:
         with self._lock:
             records = {u: self._cache[u][1] for u in uids}
             return {u: r for u, r in records.items() if r is not None and not self._banned(r.endpoint, now)}
+
+    def live_under(self, keys: Sequence[str], *, refresh: bool = False) -> dict[str, dict[int, ExpertRecord]]:
+        """For each grid prefix key (``ffn.``, ``ffn.3.``): records by next coordinate, cached like
+        :meth:`live_experts`, all stale keys read in one DHT traversal. Banned endpoints are left out."""
+        assert self._node is not None, "call start() first"
+        now = time.monotonic()
+        with self._lock:
+            stale = [k for k in keys if refresh or k not in self._prefix_cache
+                     or now - self._prefix_cache[k][0] > self.config.cache_ttl]
+        if stale:
+            found = self.run(find_under_prefixes_async(self._node, stale), 60)
+            with self._lock:
+                for key in stale:
+                    self._prefix_cache[key] = (now, found.get(key, {}))
+        with self._lock:
+            return {key: {c: r for c, r in self._prefix_cache[key][1].items() if not self._banned(r.endpoint, now)}
+                    for key in keys}
 
     def _banned(self, endpoint: str, now: float) -> bool:
         entry = self._failures.get(endpoint)

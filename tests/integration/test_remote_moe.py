@@ -13,6 +13,7 @@ from dmoe.swarm import Swarm, SwarmConfig
 
 pytestmark = pytest.mark.timeout(180)
 HIDDEN, NUM_EXPERTS = 16, 8
+UIDS = [f"ffn.{i}" for i in range(NUM_EXPERTS)]
 
 
 @pytest.fixture
@@ -25,9 +26,9 @@ def swarm_of_two(node_factory):
 
 def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Tensor:
     """The same MoE with the experts in this process (initial weights), over the experts in alive."""
-    experts = [create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in layer.uids]
-    live_E = torch.tensor([uid in alive for uid in layer.uids])
-    logits_TE = layer.gate(x_TD).masked_fill(~live_E, float("-inf"))
+    experts = [create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in UIDS]
+    live_E = torch.tensor([uid in alive for uid in UIDS])
+    logits_TE = layer.gates[0](x_TD).masked_fill(~live_E, float("-inf"))
     top_TK, experts_TK = logits_TE.topk(layer.k, dim=-1)
     weights_TK = top_TK.softmax(-1)
     rows = []
@@ -41,19 +42,19 @@ def test_all_alive_equals_a_local_moe(swarm_of_two):
     torch.manual_seed(0)
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
     try:
-        assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
+        assert len(swarm.live_under(["ffn."])["ffn."]) == NUM_EXPERTS
         x = torch.randn(2, 12, HIDDEN, requires_grad=True)
         y = layer(x)
         assert y.shape == x.shape and layer.last_num_failed == 0
         (y * torch.linspace(-1, 1, HIDDEN)).sum().backward()
-        remote_grad_x, remote_grad_gate = x.grad.clone(), layer.gate.weight.grad.clone()
+        remote_grad_x, remote_grad_gate = x.grad.clone(), layer.gates[0].weight.grad.clone()
 
-        x.grad, layer.gate.weight.grad = None, None
-        expected = local_moe(layer, x.reshape(-1, HIDDEN), set(layer.uids)).reshape(x.shape)
+        x.grad, layer.gates[0].weight.grad = None, None
+        expected = local_moe(layer, x.reshape(-1, HIDDEN), set(UIDS)).reshape(x.shape)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
         (expected * torch.linspace(-1, 1, HIDDEN)).sum().backward()
         torch.testing.assert_close(remote_grad_x, x.grad, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(remote_grad_gate, layer.gate.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(remote_grad_gate, layer.gates[0].weight.grad, rtol=1e-4, atol=1e-5)
         assert torch.isfinite(layer.aux_loss) and layer.aux_loss > 0 and torch.isfinite(layer.z_loss)
     finally:
         layer.dispatcher.close()
@@ -65,7 +66,7 @@ def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                       forward_timeout=5, backward_timeout=5)
     try:
-        assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS  # cached: the client still believes in b
+        assert len(swarm.live_under(["ffn."])["ffn."]) == NUM_EXPERTS  # cached: the client still believes in b
         second.kill()
         x = torch.randn(32, HIDDEN, requires_grad=True)
         started = time.monotonic()
@@ -76,19 +77,19 @@ def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):
         # tokens whose two experts were both on b get zero; the rest use a's experts, renormalised
         survivors = {f"ffn.{i}" for i in range(4)}
         with torch.no_grad():
-            logits = layer.gate(x)
+            logits = layer.gates[0](x)
             _, chosen = logits.topk(2, dim=-1)
             on_a = chosen < 4
             expected = local_moe_renormalised(layer, x, chosen, on_a, survivors)
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
-        assert set(swarm.live_experts(layer.uids)) == survivors  # b's endpoint is avoided now
+        assert set(swarm.live_under(["ffn."])["ffn."]) == set(range(4))  # b's endpoint is avoided now
     finally:
         layer.dispatcher.close()
 
 
 def local_moe_renormalised(layer, x_TD, chosen_TK, answered_TK, alive) -> torch.Tensor:
     experts = {uid: create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in alive}
-    logits_TK = layer.gate(x_TD).gather(1, chosen_TK)
+    logits_TK = layer.gates[0](x_TD).gather(1, chosen_TK)
     out = torch.zeros_like(x_TD)
     for t in range(x_TD.shape[0]):
         mask = answered_TK[t]
@@ -105,7 +106,7 @@ def test_all_experts_dead_gives_zero(swarm_of_two):
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                       forward_timeout=3, backward_timeout=3)
     try:
-        assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
+        assert len(swarm.live_under(["ffn."])["ffn."]) == NUM_EXPERTS
         first.kill()
         second.kill()
         x = torch.randn(5, HIDDEN, requires_grad=True)
@@ -131,15 +132,15 @@ def test_hostile_and_slow_experts_are_dropped(node_factory, tmp_path, monkeypatc
         layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                           forward_timeout=0.5, backward_timeout=5)
         try:
-            assert len(swarm.live_experts(layer.uids)) == NUM_EXPERTS
+            assert len(swarm.live_under(["ffn."])["ffn."]) == NUM_EXPERTS
             x = torch.randn(32, HIDDEN)
             y = layer(x)
             with torch.no_grad():
-                chosen = layer.gate(x).topk(2, dim=-1).indices
+                chosen = layer.gates[0](x).topk(2, dim=-1).indices
                 expected = local_moe_renormalised(layer, x, chosen, chosen < 4, {f"ffn.{i}" for i in range(4)})
             assert torch.isfinite(y).all()
             torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
-            assert set(swarm.live_experts(layer.uids)) == {f"ffn.{i}" for i in range(4)}
+            assert set(swarm.live_under(["ffn."])["ffn."]) == set(range(4))
         finally:
             layer.dispatcher.close()
 
@@ -152,10 +153,10 @@ def test_compressed_activations_and_gradients_stay_close(swarm_of_two):
     for compression in ("none", "fp16", "8bit"):
         layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2, compression=compression)
         try:
-            layer.gate.load_state_dict(torch.nn.Linear(HIDDEN, NUM_EXPERTS).requires_grad_(False).state_dict()
+            layer.gates[0].load_state_dict(torch.nn.Linear(HIDDEN, NUM_EXPERTS).requires_grad_(False).state_dict()
                                        if compression == "none" else results["none"][2])
             with torch.no_grad():
-                results[compression] = (layer(x), layer.last_num_failed, layer.gate.state_dict())
+                results[compression] = (layer(x), layer.last_num_failed, layer.gates[0].state_dict())
         finally:
             layer.dispatcher.close()
     reference = results["none"][0]

@@ -56,6 +56,7 @@ class RemoteMoE(nn.Module):
         self.aux_loss = torch.zeros(())  # load balancing (Switch), set by each forward
         self.z_loss = torch.zeros(())  # router z-loss, set by each forward
         self.last_num_failed = 0  # expert calls dropped in the last forward
+        self.last_routing: tuple[list[str], torch.Tensor] | None = None  # (candidate uids, experts_TK) of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -72,6 +73,7 @@ class RemoteMoE(nn.Module):
         endpoints = [record.endpoint for _, record in candidates]
         logits_TC = sum(score[:, coords_CL[:, d]] for d, score in enumerate(scores))
         top_logits_TK, experts_TK = logits_TC.topk(min(self.k, len(candidates)), dim=-1)
+        self.last_routing = (uids, experts_TK)
         out_TKD, answered_TK = _Dispatch.apply(x_TD, experts_TK, uids, endpoints, self)
         scores_TK = torch.exp(top_logits_TK - top_logits_TK.max(-1, keepdim=True).values.detach()) * answered_TK
         weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)

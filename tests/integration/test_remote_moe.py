@@ -11,6 +11,8 @@ from dmoe.experts import create_expert
 from dmoe.moe import RemoteMoE
 from dmoe.swarm import Swarm, SwarmConfig
 
+from conftest import wait_for
+
 pytestmark = pytest.mark.timeout(180)
 HIDDEN, NUM_EXPERTS = 16, 8
 UIDS = [f"ffn.{i}" for i in range(NUM_EXPERTS)]
@@ -164,3 +166,29 @@ def test_compressed_activations_and_gradients_stay_close(swarm_of_two):
     torch.testing.assert_close(results["fp16"][0], reference, rtol=0, atol=2e-3)
     error_8bit = (results["8bit"][0] - reference).abs().mean() / reference.abs().mean()
     assert 0 < error_8bit < 0.1
+
+
+def test_beam_search_on_a_16x16_grid_over_4_nodes_finds_the_true_top_k(node_factory):
+    first = node_factory("--experts", "grid.[0:4].[0:16]", "--hidden-dim", "8", name="n0")
+    for n in range(1, 4):
+        node_factory("--experts", f"grid.[{4 * n}:{4 * n + 4}].[0:16]", "--hidden-dim", "8",
+                     "--swarm", first.swarm[0], name=f"n{n}")
+    with Swarm(SwarmConfig(initial_peers=first.swarm)) as swarm:
+        torch.manual_seed(4)
+        layer = RemoteMoE(swarm, prefix="grid", grid=(16, 16), in_features=8, k=4, beam_size=4)
+        try:
+            wait_for(lambda: len(swarm.live_under(["grid."], refresh=True)["grid."]) == 16, 30, "all 16 rows")
+            x = torch.randn(40, 8)
+            with torch.no_grad():
+                y = layer(x)
+                s1, s2 = layer.gates[0](x), layer.gates[1](x)
+            assert layer.last_num_failed == 0 and torch.isfinite(y).all()
+            uids, experts_TK = layer.last_routing
+            full_T256 = (s1[:, :, None] + s2[:, None, :]).reshape(40, 256)
+            true_TK = full_T256.topk(4, dim=-1).indices
+            for t in range(40):
+                chosen = {uids[int(e)] for e in experts_TK[t]}
+                assert chosen == {f"grid.{int(i) // 16}.{int(i) % 16}" for i in true_TK[t]}
+            assert len(uids) < 256  # the beam did not list the whole grid
+        finally:
+            layer.dispatcher.close()

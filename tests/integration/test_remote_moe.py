@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import pytest
@@ -191,4 +192,55 @@ def test_beam_search_on_a_16x16_grid_over_4_nodes_finds_the_true_top_k(node_fact
                 assert chosen == {f"grid.{int(i) // 16}.{int(i) % 16}" for i in true_TK[t]}
             assert len(uids) < 256  # the beam did not list the whole grid
         finally:
+            layer.dispatcher.close()
+
+
+def test_a_node_killed_mid_forward_and_mid_backward(node_factory, tmp_path, monkeypatch):
+    """b's experts take a second per call; b is killed while a forward, then a backward, is in
+    flight there. Both finish well within their deadlines, using a's experts only."""
+    marker = tmp_path / "started"
+    monkeypatch.setenv("DMOE_TEST_STARTED", str(marker))
+    a = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), name="a")
+    b_args = ["--experts", "ffn.[4:8]", "--hidden-dim", str(HIDDEN), "--swarm", a.swarm[0],
+              "--expert-cls", "experts_for_tests:SlowExpert"]
+    with Swarm(SwarmConfig(initial_peers=a.swarm, cache_ttl=60)) as swarm:
+        torch.manual_seed(5)
+        # b serves its 4 slow experts one after another: wait for all of them once the quorum is met
+        layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
+                          forward_timeout=20, timeout_after_k_min=20, backward_timeout=20)
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            b = node_factory(*b_args, name="b")
+            wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30, "all experts")
+            x = torch.randn(32, HIDDEN, requires_grad=True)
+            started = time.monotonic()
+            forward = pool.submit(layer, x)
+            wait_for(marker.exists, 20, "a forward call in flight on b")
+            b.kill()
+            y = forward.result(30)
+            assert time.monotonic() - started < 10 and layer.last_num_failed > 0
+            with torch.no_grad():
+                chosen = layer.gates[0](x).topk(2, dim=-1).indices
+                expected = local_moe_renormalised(layer, x, chosen, chosen < 4, {f"ffn.{i}" for i in range(4)})
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+            # mid-backward: forward with b alive (restarted), then kill it while backward runs there
+            marker.unlink()
+            b = node_factory(*b_args, name="b2")
+            # the killed b's records have not expired yet: wait until the DHT hands out b2's
+            wait_for(lambda: {r.endpoint for c, r in swarm.live_under(["ffn."], refresh=True)["ffn."].items() if c >= 4}
+                     == {b.endpoint}, 30, "b2's records")
+            x.grad = None
+            y = layer(x)
+            assert layer.last_num_failed == 0
+            marker.unlink()
+            started = time.monotonic()
+            backward = pool.submit(lambda: y.square().sum().backward())
+            wait_for(marker.exists, 20, "a backward call in flight on b")
+            b.kill()
+            backward.result(30)
+            assert time.monotonic() - started < 10
+            assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+        finally:
+            pool.shutdown()
             layer.dispatcher.close()

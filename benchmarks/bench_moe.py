@@ -1,0 +1,241 @@
+"""Benchmark: one MoE training step, local experts vs a dmoe node vs a hivemind server, on the CPU.
+
+An MoE layer with 8 FFN experts (hidden 1024, inner 4096), top-2 routing, a batch of 256 tokens.
+One step = forward + ``loss = y.square().mean()`` + backward, with the experts updated by Adam
+(lr 1e-3, grad norm clipped to 1.0 per expert). Measured side by side in one run, one after another:
+
+* **local** — the 8 experts (``create_expert("ffn", ...)``, the node's own weights) in this
+  process: gate ``nn.Linear(1024, 8)``, softmax over the top-2 logits, each expert called on its
+  tokens, weighted sum; then ``clip_grad_norm_`` + ``Adam.step()`` per expert, as the node does.
+  Also reported without the Adam step (``local-noopt``: forward + backward only).
+* **dmoe** — ``dmoe node start --experts 'ffn.[0:8]'`` in its own process group, and
+  ``dmoe.RemoteMoE`` (k=2, k_min=1) in this process; the node runs Adam in its Backward.
+* **hivemind** — ``hivemind.moe.Server.create`` (8 experts ``ffn.0``..``ffn.7`` of hivemind's
+  built-in ``ffn`` class, Adam lr 1e-3, clip 1.0, 2 connection handlers) in a subprocess, and
+  ``hivemind.moe.RemoteMixtureOfExperts`` (k_best=2) in this process. Note: hivemind's ``ffn``
+  is Linear 1024->4096, tanh-GELU, Linear 4096->1024, plus a residual and a LayerNorm, so it does
+  slightly more work per token than dmoe's (Linear, GELU, Linear).
+
+Reports the median seconds per step after 2 warm-up steps, and the ratios dmoe/local and
+hivemind/dmoe. Client and servers share this machine's cores. Writes
+``benchmarks/results/bench_moe.json`` and the server logs next to it.
+
+Run::
+
+    python benchmarks/bench_moe.py [--steps N] [--hivemind-steps N] [--skip-hivemind]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+HIDDEN, NUM_EXPERTS, K, BATCH, WARMUP = 1024, 8, 2, 256, 2
+START_TIMEOUT_S, DISCOVERY_TIMEOUT_S = 120.0, 60.0
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_steps(step: Callable[[], None], steps: int) -> list[float]:
+    """Run ``WARMUP`` untimed steps, then ``steps`` timed ones; seconds per step."""
+    for _ in range(WARMUP):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_local(steps: int, optimize: bool) -> list[float]:
+    from dmoe.experts import create_expert
+
+    experts = [create_expert("ffn", uid=f"ffn.{i}", hidden_dim=HIDDEN)[0] for i in range(NUM_EXPERTS)]
+    optimizers = [torch.optim.Adam(e.parameters(), lr=1e-3) for e in experts]
+    gate = nn.Linear(HIDDEN, NUM_EXPERTS)
+
+    def step() -> None:
+        x = torch.randn(BATCH, HIDDEN, requires_grad=True)
+        top_logits, top_idx = gate(x).topk(K, dim=-1)
+        weights = top_logits.softmax(dim=-1)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(experts):
+            token, slot = (top_idx == e).nonzero(as_tuple=True)
+            if token.numel():
+                y = y.index_add(0, token, weights[token, slot, None] * expert(x[token]))
+        y.square().mean().backward()
+        for expert, opt in zip(experts, optimizers):
+            if optimize:
+                torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        gate.zero_grad(set_to_none=True)
+
+    return time_steps(step, steps)
+
+
+@contextmanager
+def server_process(cmd: list[str], log_path: Path, ready_file: Path) -> Iterator[dict]:
+    """A server in its own process group; yields its ready-file JSON; the group is killed on exit."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not ready_file.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"server not ready after {START_TIMEOUT_S}s; see {log_path}")
+                time.sleep(0.2)
+            time.sleep(0.2)  # the file may be written but not yet complete
+            yield json.loads(ready_file.read_text())
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            except ProcessLookupError:
+                pass
+
+
+def wait_until(found: Callable[[], int], what: str) -> None:
+    deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+    while (n := found()) < NUM_EXPERTS:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {n}/{NUM_EXPERTS} {what} experts found after {DISCOVERY_TIMEOUT_S}s")
+        time.sleep(0.5)
+
+
+def bench_dmoe(steps: int) -> tuple[list[float], int]:
+    """Seconds per step, and the total number of failed expert calls over all steps."""
+    import dmoe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready.json"
+        cmd = [sys.executable, "-m", "dmoe", "node", "start", "--experts", f"ffn.[0:{NUM_EXPERTS}]",
+               "--hidden-dim", str(HIDDEN), "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
+               "--ready-file", str(ready)]
+        with server_process(cmd, RESULTS / "bench_moe_dmoe_node.log", ready) as info, \
+                dmoe.Swarm(dmoe.SwarmConfig(initial_peers=info["swarm"])) as swarm:
+            wait_until(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]), "dmoe")
+            moe = dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=K, k_min=1,
+                                 forward_timeout=60, timeout_after_k_min=60, backward_timeout=60)
+            failed = 0
+
+            def step() -> None:
+                nonlocal failed
+                x = torch.randn(BATCH, HIDDEN, requires_grad=True)
+                moe(x).square().mean().backward()
+                failed += moe.last_num_failed
+                moe.zero_grad(set_to_none=True)
+
+            try:
+                return time_steps(step, steps), failed
+            finally:
+                moe.dispatcher.close()
+
+
+def hivemind_server_main(ready_file: Path) -> None:
+    """Entry point of the hivemind server subprocess (``--hivemind-server READY_FILE``)."""
+    from hivemind.moe import Server
+
+    server = Server.create(expert_uids=[f"ffn.{i}" for i in range(NUM_EXPERTS)], expert_cls="ffn",
+                           hidden_dim=HIDDEN, optim_cls=partial(torch.optim.Adam, lr=1e-3), clip_grad_norm=1.0,
+                           num_handlers=2, device="cpu", host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    maddrs = [str(a) for a in server.dht.get_visible_maddrs()]
+    tmp = ready_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"swarm": maddrs, "pid": os.getpid()}))
+    tmp.rename(ready_file)
+    server.join()
+
+
+def bench_hivemind(steps: int) -> list[float]:
+    from hivemind import DHT
+    from hivemind.moe import RemoteMixtureOfExperts
+    from hivemind.moe.server.dht_handler import get_experts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready.json"
+        cmd = [sys.executable, __file__, "--hivemind-server", str(ready)]
+        with server_process(cmd, RESULTS / "bench_moe_hivemind_server.log", ready) as info:
+            dht = DHT(initial_peers=info["swarm"], client_mode=True, start=True)
+            try:
+                uids = [f"ffn.{i}" for i in range(NUM_EXPERTS)]
+                wait_until(lambda: sum(e is not None for e in get_experts(dht, uids)), "hivemind")
+                moe = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(NUM_EXPERTS,), dht=dht,
+                                             uid_prefix="ffn.", k_best=K, k_min=1, forward_timeout=60,
+                                             timeout_after_k_min=60, backward_timeout=60)
+
+                def step() -> None:
+                    x = torch.randn(BATCH, HIDDEN, requires_grad=True)
+                    moe(x).square().mean().backward()
+                    moe.zero_grad(set_to_none=True)
+
+                return time_steps(step, steps)
+            finally:
+                dht.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--hivemind-steps", type=int, default=None, help="timed steps for hivemind (default: --steps)")
+    parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--hivemind-server", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hivemind_server is not None:
+        return hivemind_server_main(args.hivemind_server)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[float]] = {}
+    notes: dict[str, str] = {}
+    runs["local"] = bench_local(args.steps, optimize=True)
+    runs["local-noopt"] = bench_local(args.steps, optimize=False)
+    runs["dmoe"], failed = bench_dmoe(args.steps)
+    notes["dmoe"] = f"{failed} failed expert calls"
+    if not args.skip_hivemind:
+        try:
+            runs["hivemind"] = bench_hivemind(args.hivemind_steps or args.steps)
+        except Exception as e:  # report, keep the other results
+            notes["hivemind"] = f"failed: {type(e).__name__}: {e}"
+
+    median = {name: statistics.median(times) for name, times in runs.items()}
+    ratios = {"dmoe/local": median["dmoe"] / median["local"]}
+    if "hivemind" in median:
+        ratios["hivemind/dmoe"] = median["hivemind"] / median["dmoe"]
+
+    print(f"\n{'config':<12} {'steps':>5} {'median s/step':>14} {'min':>8} {'max':>8}  notes")
+    for name, times in runs.items():
+        print(f"{name:<12} {len(times):>5} {median[name]:>14.3f} {min(times):>8.3f} {max(times):>8.3f}"
+              f"  {notes.get(name, '')}")
+    for name in notes.keys() - runs.keys():
+        print(f"{name:<12} {'-':>5} {'-':>14} {'-':>8} {'-':>8}  {notes[name]}")
+    for name, ratio in ratios.items():
+        print(f"{name}: {ratio:.2f}x")
+
+    out = {"config": {"experts": NUM_EXPERTS, "hidden": HIDDEN, "inner": 4 * HIDDEN, "k": K, "batch": BATCH,
+                      "warmup": WARMUP, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+           "seconds_per_step": runs, "median": median, "ratios": ratios, "notes": notes}
+    (RESULTS / "bench_moe.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'bench_moe.json'}")
+
+
+if __name__ == "__main__":
+    main()

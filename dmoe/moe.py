@@ -32,7 +32,8 @@ class RemoteMoE(nn.Module):
     def __init__(
         self, swarm: Swarm, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2, k_min: int = 1,
         forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0, backward_timeout: float = 10.0,
-        compression: str = "none", beam_size: int | None = None,
+        compression: str = "none", beam_size: int | None = None, routing: str = "topk",
+        capacity_factor: float = 1.25, noise_std: float = 0.0,
     ):
         super().__init__()
         if not grid or any(size < 1 for size in grid):
@@ -46,6 +47,13 @@ class RemoteMoE(nn.Module):
         self.k, self.k_min = k, k_min
         self.forward_timeout, self.timeout_after_k_min = forward_timeout, timeout_after_k_min
         self.backward_timeout = backward_timeout
+        if routing not in ("topk", "switch"):
+            raise ValueError(f"routing must be 'topk' or 'switch', got {routing!r}")
+        if routing == "switch" and k != 1:
+            raise ValueError("switch routing sends each token to one expert: use k=1")
+        if capacity_factor <= 0 or noise_std < 0:
+            raise ValueError("need capacity_factor > 0 and noise_std >= 0")
+        self.routing, self.capacity_factor, self.noise_std = routing, capacity_factor, noise_std
         self.grid = tuple(grid)
         self.beam_size = beam_size if beam_size is not None else 2 * k
         if self.beam_size < k:
@@ -72,14 +80,33 @@ class RemoteMoE(nn.Module):
         uids = [record.uid for _, record in candidates]
         endpoints = [record.endpoint for _, record in candidates]
         logits_TC = sum(score[:, coords_CL[:, d]] for d, score in enumerate(scores))
-        top_logits_TK, experts_TK = logits_TC.topk(min(self.k, len(candidates)), dim=-1)
+        if self.training and self.noise_std > 0:
+            logits_TC = logits_TC + self.noise_std * torch.randn_like(logits_TC)
+        if self.routing == "switch":
+            experts_TK, gate_TK = self._switch_route(logits_TC)
+        else:
+            top_logits_TK, experts_TK = logits_TC.topk(min(self.k, len(candidates)), dim=-1)
         self.last_routing = (uids, experts_TK)
         out_TKD, answered_TK = _Dispatch.apply(x_TD, experts_TK, uids, endpoints, self)
-        scores_TK = torch.exp(top_logits_TK - top_logits_TK.max(-1, keepdim=True).values.detach()) * answered_TK
-        weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
+        if self.routing == "switch":  # p(expert) x its output, as Switch Transformers do; 0 if dropped
+            weights_TK = gate_TK * answered_TK
+        else:  # softmax over the top-k that answered
+            scores_TK = torch.exp(top_logits_TK - top_logits_TK.max(-1, keepdim=True).values.detach()) * answered_TK
+            weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         y_TD = (weights_TK.unsqueeze(-1) * out_TKD).sum(1)
         self._set_losses(logits_TC, experts_TK)
         return y_TD.reshape(x.shape)
+
+    def _switch_route(self, logits_TC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 with a capacity: each expert takes at most ceil(capacity_factor x T / C) tokens, in
+        token order; the rest are dropped (expert index -1) and carried by the residual path."""
+        num_tokens, num_candidates = logits_TC.shape
+        probs_TC = logits_TC.softmax(-1)
+        gate_T1, experts_T1 = probs_TC.max(-1, keepdim=True)
+        capacity = math.ceil(self.capacity_factor * num_tokens / num_candidates)
+        onehot_TC = torch.nn.functional.one_hot(experts_T1[:, 0], num_candidates)
+        position_T = (onehot_TC.cumsum(0) * onehot_TC).sum(-1) - 1
+        return experts_T1.masked_fill((position_T >= capacity)[:, None], -1), gate_T1
 
     def _find_candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], ExpertRecord]]:
         """Live experts worth scoring, found by a beam search over grid prefixes for the whole batch:
@@ -105,8 +132,10 @@ class RemoteMoE(nn.Module):
 
     def _set_losses(self, logits_TC: torch.Tensor, experts_TK: torch.Tensor) -> None:
         num_candidates = logits_TC.shape[-1]
-        routed_C = torch.bincount(experts_TK.flatten(), minlength=num_candidates).float()
-        self.aux_loss = num_candidates * (routed_C / routed_C.sum() * logits_TC.softmax(-1).mean(0)).sum()
+        routed = experts_TK.flatten()
+        routed_C = torch.bincount(routed[routed >= 0], minlength=num_candidates).float().clamp_min(0)
+        fraction_C = routed_C / routed_C.sum().clamp_min(1)
+        self.aux_loss = num_candidates * (fraction_C * logits_TC.softmax(-1).mean(0)).sum()
         self.z_loss = torch.logsumexp(logits_TC, dim=-1).square().mean()
 
     def extra_repr(self) -> str:
@@ -122,6 +151,8 @@ class _Dispatch(torch.autograd.Function):
         x_TD = x_TD.detach()
         calls, slots = [], []
         for e in experts_TK.unique().tolist():
+            if e < 0:  # dropped by switch routing's capacity
+                continue
             token_ids, slot_ids = (experts_TK == e).nonzero(as_tuple=True)
             calls.append(ExpertCall(uids[e], endpoints[e], x_TD[token_ids], token_ids))
             slots.append(slot_ids)

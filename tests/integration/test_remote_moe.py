@@ -244,3 +244,30 @@ def test_a_node_killed_mid_forward_and_mid_backward(node_factory, tmp_path, monk
         finally:
             pool.shutdown()
             layer.dispatcher.close()
+
+
+def test_switch_routing_respects_capacity(swarm_of_two):
+    swarm, _, _ = swarm_of_two
+    torch.manual_seed(6)
+    layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=1, routing="switch",
+                      capacity_factor=1.0)
+    try:
+        x = torch.randn(64, HIDDEN)
+        with torch.no_grad():
+            layer.gates[0].bias[0] = 5.0  # most tokens prefer ffn.0: the capacity must bite
+            y = layer(x)
+            probs = layer.gates[0](x).softmax(-1)
+        uids, experts_T1 = layer.last_routing
+        counts = torch.bincount(experts_T1[experts_T1 >= 0], minlength=NUM_EXPERTS)
+        assert counts.max() <= 8  # ceil(1.0 x 64 tokens / 8 experts)
+        dropped = experts_T1[:, 0] < 0
+        assert dropped.any() and torch.equal(y[dropped], torch.zeros_like(y[dropped]))
+        experts = {uid: create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in UIDS}
+        with torch.no_grad():
+            for t in torch.nonzero(~dropped).flatten().tolist():
+                e = int(experts_T1[t, 0])
+                expected = probs[t, UIDS.index(uids[e])] * experts[uids[e]](x[t : t + 1])[0]
+                torch.testing.assert_close(y[t], expected, rtol=1e-4, atol=1e-5)
+        assert torch.isfinite(layer.aux_loss)
+    finally:
+        layer.dispatcher.close()

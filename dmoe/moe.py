@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmoe.dispatch import Dispatcher, ExpertCall
+from dmoe.dispatch import ExpertCall
 from dmoe.records import ExpertRecord
 from dmoe.swarm import Swarm
 from dmoe.wire import compression_from_name
@@ -60,7 +60,7 @@ class RemoteMoE(nn.Module):
             raise ValueError(f"beam_size ({self.beam_size}) must be at least k ({k})")
         # one gate per grid dimension: expert (i, j) scores gates[0](x)[i] + gates[1](x)[j]
         self.gates = nn.ModuleList(nn.Linear(in_features, size) for size in grid)
-        self.dispatcher = Dispatcher(swarm.loop, compression_from_name(compression))
+        self.dispatcher = swarm.dispatcher(compression_from_name(compression))
         self.aux_loss = torch.zeros(())  # load balancing (Switch), set by each forward
         self.z_loss = torch.zeros(())  # router z-loss, set by each forward
         self.last_num_failed = 0  # expert calls dropped in the last forward

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from hivemind.dht import DHTNode
 
 from dmoe.config import option
+from dmoe.dispatch import Dispatcher
 from dmoe.errors import ConfigError
 from dmoe.local import listen_maddr
 from dmoe.records import ExpertRecord, find_experts_async, find_under_prefixes_async
@@ -60,6 +61,13 @@ class Swarm:
         self._cache: dict[str, tuple[float, ExpertRecord | None]] = {}  # uid -> (looked up at, record)
         self._prefix_cache: dict[str, tuple[float, dict[int, ExpertRecord]]] = {}  # "ffn.3." -> (at, records)
         self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
+        self._dispatchers: list[Dispatcher] = []
+
+    def dispatcher(self, compression: int) -> Dispatcher:
+        """A Dispatcher on this swarm's loop; its channels are closed by shutdown()."""
+        dispatcher = Dispatcher(self.loop, compression)
+        self._dispatchers.append(dispatcher)
+        return dispatcher
 
     def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
         """Run a coroutine on the swarm's loop and wait for its result."""
@@ -80,6 +88,8 @@ class Swarm:
     def shutdown(self) -> None:
         if self._thread is None:
             return
+        for dispatcher in self._dispatchers:
+            dispatcher.close()
         if self._node is not None:
             self.run(self._node.shutdown(), 30)
             self._node = None

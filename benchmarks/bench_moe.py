@@ -30,22 +30,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from common import server_process
+
 HIDDEN, NUM_EXPERTS, K, BATCH, WARMUP = 1024, 8, 2, 256, 2
-START_TIMEOUT_S, DISCOVERY_TIMEOUT_S = 120.0, 60.0
+DISCOVERY_TIMEOUT_S = 60.0
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -86,33 +85,6 @@ def bench_local(steps: int, optimize: bool) -> list[float]:
         gate.zero_grad(set_to_none=True)
 
     return time_steps(step, steps)
-
-
-@contextmanager
-def server_process(cmd: list[str], log_path: Path, ready_file: Path) -> Iterator[dict]:
-    """A server in its own process group; yields its ready-file JSON; the group is killed on exit."""
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not ready_file.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server not ready after {START_TIMEOUT_S}s; see {log_path}")
-                time.sleep(0.2)
-            time.sleep(0.2)  # the file may be written but not yet complete
-            yield json.loads(ready_file.read_text())
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            except ProcessLookupError:
-                pass
 
 
 def wait_until(found: Callable[[], int], what: str) -> None:

@@ -33,8 +33,6 @@ import collections
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,7 @@ import grpc
 import numpy as np
 import torch
 
+from common import server_process
 from dmoe.experts import create_expert
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
@@ -54,7 +53,6 @@ from dmoe.wire import deserialize, serialize
 HIDDEN, BATCH, UID = 1024, 64, "ffn.0"
 CLIENT_COUNTS = (1, 4, 16)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-START_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
 
 
@@ -144,32 +142,13 @@ async def bench_clients(endpoint: str, mode: str, clients: int, batching: str, d
 @contextmanager
 def node_process(batching: bool, log_path: Path) -> Iterator[dict]:
     """A node in its own process group; yields its ready-file JSON; the group is killed on exit."""
-    with tempfile.TemporaryDirectory() as tmp, open(log_path, "wb") as log:
+    with tempfile.TemporaryDirectory() as tmp:
         ready_file = Path(tmp) / "ready.json"
         cmd = [sys.executable, "-m", "dmoe", "node", "start", "--experts", "ffn.[0:1]", "--expert-cls", "ffn",
                "--hidden-dim", str(HIDDEN), "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
                "--ready-file", str(ready_file), "--batching" if batching else "--no-batching"]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not ready_file.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"node exited with {proc.returncode}; see {log_path}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"node not ready after {START_TIMEOUT_S}s; see {log_path}")
-                time.sleep(0.2)
-            time.sleep(0.1)  # the file may be written but not yet complete
-            yield json.loads(ready_file.read_text())
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            except ProcessLookupError:
-                pass
+        with server_process(cmd, log_path, ready_file) as ready:
+            yield ready
 
 
 def print_table(cells: list[Cell]) -> None:

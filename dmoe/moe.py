@@ -12,7 +12,6 @@ experts that answered, and a failed backward drops that expert's gradient, never
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from typing import Any

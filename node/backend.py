@@ -13,7 +13,6 @@ batch size alone. The cost is one extra forward per backward (about a third more
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import threading

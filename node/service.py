@@ -19,7 +19,6 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError, Message
 
-from dmoe.errors import WireError
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.runtime import Overloaded, Runtime, Task
 from dmoe.node.stats import ExpertCounters

@@ -57,8 +57,8 @@ def train(swarm_address: str, steps: int) -> None:
     with dmoe.Swarm(dmoe.SwarmConfig(initial_peers=[swarm_address])) as swarm:
         moe = dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=K, k_min=1,
                              forward_timeout=5, timeout_after_k_min=0.5, backward_timeout=5)
-        live = swarm.live_experts(moe.uids)
-        console.print(f"found {len(live)} live experts in the DHT: {', '.join(sorted(live))}")
+        live = swarm.live_under(["ffn."])["ffn."]
+        console.print(f"found {len(live)} live experts in the DHT: {', '.join(r.uid for _, r in sorted(live.items()))}")
         torch.manual_seed(0)
         teacher = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 128), torch.nn.Tanh(), torch.nn.Linear(128, HIDDEN))
         norm = torch.nn.LayerNorm(HIDDEN)

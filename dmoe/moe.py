@@ -148,11 +148,15 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, uids: list[str], endpoints: list[str],
                 layer: RemoteMoE):
         x_TD = x_TD.detach()
+        # group the (token, slot) pairs by expert with one stable sort, not one scan per expert
+        flat = experts_TK.flatten()
+        order = torch.argsort(flat, stable=True)
+        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
         calls, slots = [], []
-        for e in experts_TK.unique().tolist():
+        for e, pairs in zip(experts.tolist(), order.split(counts.tolist())):
             if e < 0:  # dropped by switch routing's capacity
                 continue
-            token_ids, slot_ids = (experts_TK == e).nonzero(as_tuple=True)
+            token_ids, slot_ids = pairs // experts_TK.shape[1], pairs % experts_TK.shape[1]
             calls.append(ExpertCall(uids[e], endpoints[e], x_TD[token_ids], token_ids))
             slots.append(slot_ids)
         results = layer.dispatcher.forward(

@@ -145,11 +145,6 @@ def find_experts(dht: DHT, uids: Sequence[str]) -> dict[str, ExpertRecord]:
     return _experts_from(dht.run_coroutine(partial(_get_many, keys=list(uids))))
 
 
-async def find_experts_async(node: DHTNode, uids: Sequence[str]) -> dict[str, ExpertRecord]:
-    """find_experts for a DHTNode running in the caller's event loop."""
-    return _experts_from(await _get_many(None, node, list(uids)))
-
-
 async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str]) -> dict[str, dict[int, ExpertRecord]]:
     """For each grid prefix key (``ffn.``, ``ffn.3.``): live records by next coordinate. A record
     under ``ffn.3.`` / 5 names ``ffn.3.5`` or an expert deeper in the grid (``ffn.3.5.1``)."""

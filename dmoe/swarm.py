@@ -21,7 +21,7 @@ from dmoe.config import option
 from dmoe.dispatch import Dispatcher
 from dmoe.errors import ConfigError
 from dmoe.local import listen_maddr
-from dmoe.records import ExpertRecord, find_experts_async, find_under_prefixes_async
+from dmoe.records import ExpertRecord, find_under_prefixes_async
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ class Swarm:
         self._thread: threading.Thread | None = None
         self._node: DHTNode | None = None
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, ExpertRecord | None]] = {}  # uid -> (looked up at, record)
         self._prefix_cache: dict[str, tuple[float, dict[int, ExpertRecord]]] = {}  # "ffn.3." -> (at, records)
         self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
         self._dispatchers: list[Dispatcher] = []
@@ -105,24 +104,9 @@ class Swarm:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def live_experts(self, uids: Sequence[str], *, refresh: bool = False) -> dict[str, ExpertRecord]:
-        """Records of the uids that are announced and whose endpoint is not banned right now."""
-        assert self._node is not None, "call start() first"
-        now = time.monotonic()
-        with self._lock:
-            stale = [u for u in uids if refresh or u not in self._cache or now - self._cache[u][0] > self.config.cache_ttl]
-        if stale:
-            found = self.run(find_experts_async(self._node, stale), 60)
-            with self._lock:
-                for uid in stale:
-                    self._cache[uid] = (now, found.get(uid))
-        with self._lock:
-            records = {u: self._cache[u][1] for u in uids}
-            return {u: r for u, r in records.items() if r is not None and not self._banned(r.endpoint, now)}
-
     def live_under(self, keys: Sequence[str], *, refresh: bool = False) -> dict[str, dict[int, ExpertRecord]]:
         """For each grid prefix key (``ffn.``, ``ffn.3.``): records by next coordinate, cached like
-        :meth:`live_experts`, all stale keys read in one DHT traversal. Banned endpoints are left out."""
+        ``cache_ttl``, all stale keys read in one DHT traversal. Banned endpoints are left out."""
         assert self._node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:

@@ -35,12 +35,15 @@ class SwarmConfig:
     cache_ttl: float = option(5.0, "seconds a lookup of live experts is reused")
     ban_base: float = option(1.0, "seconds a failing endpoint is avoided after its first failure")
     ban_max: float = option(60.0, "longest time a failing endpoint is avoided")
+    event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
             raise ConfigError("no swarm address: give the address a coordinator or node printed")
         if self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base:
             raise ConfigError("need cache_ttl >= 0 and 0 < ban_base <= ban_max")
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ConfigError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
 
 
 class Swarm:
@@ -54,7 +57,7 @@ class Swarm:
 
     def __init__(self, config: SwarmConfig):
         self.config = config
-        self.loop = _new_event_loop()
+        self.loop = _new_event_loop(config.event_loop)
         self._thread: threading.Thread | None = None
         self._node: DHTNode | None = None
         self._lock = threading.Lock()
@@ -137,13 +140,12 @@ class Swarm:
             self._failures.pop(endpoint, None)
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
+def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 async def _cancel_other_tasks() -> None:

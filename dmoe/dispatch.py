@@ -5,6 +5,11 @@ endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answe
 (or every call has ended, or ``forward_timeout`` passed), then at most ``timeout_after_k_min``
 more for the rest. A reply that is malformed, of the wrong shape or dtype, or not finite counts as
 a failure of that expert, exactly like an error status or a missed deadline.
+
+A call carries the limits its node announced (:class:`dmoe.records.ExpertRecord`): a sub-batch of
+more tokens than ``max_batch_tokens`` is cut into parts sent concurrently (the call fails if any
+part fails), and a request larger than ``max_message_bytes`` goes through the node's
+ForwardStream/BackwardStream in chunks instead of one unary message.
 """
 
 from __future__ import annotations
@@ -18,14 +23,21 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
-from dmoe.wire import deserialize, serialize
+from dmoe.errors import WireError
+from dmoe.records import ExpertRecord
+from dmoe.wire import deserialize, join_chunks, serialize, split_chunks
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 << 20
+MAX_MESSAGE_BYTES = 256 << 20  # largest unary reply this client accepts
+DEFAULT_MAX_TOKENS = 4096  # a node's default max_batch_tokens, for records that do not announce theirs
+DEFAULT_MAX_UNARY_BYTES = 4 << 20  # gRPC's default message limit, for records that do not announce theirs
+STREAM_CHUNK_BYTES = 1 << 20
+ENVELOPE_BYTES = 64 << 10  # room for the fields around the tensor buffers in a reply
 
 
 @dataclasses.dataclass(slots=True)
@@ -35,6 +47,14 @@ class ExpertCall:
     inputs: torch.Tensor  # [n, D], the rows of the tokens sent to this expert
     token_ids: torch.Tensor  # [n], which tokens of the batch they are
     grad_outputs: torch.Tensor | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS  # rows per request; more are cut into concurrent parts
+    max_unary_bytes: int = DEFAULT_MAX_UNARY_BYTES  # larger requests use the streams
+
+    @classmethod
+    def to(cls, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor) -> ExpertCall:
+        return cls(record.uid, record.endpoint, inputs, token_ids,
+                   max_tokens=record.max_batch_tokens or DEFAULT_MAX_TOKENS,
+                   max_unary_bytes=record.max_message_bytes or DEFAULT_MAX_UNARY_BYTES)
 
 
 class Dispatcher:
@@ -76,15 +96,9 @@ class Dispatcher:
         """Outputs of the calls that answered in time and well, by index in ``calls``."""
         return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result))
 
-    async def _call_forward(self, call: ExpertCall, timeout: float) -> torch.Tensor:
-        request = pb.ForwardRequest(uid=call.uid, inputs=[serialize(call.inputs, self.compression)],
-                                    reply_compression=self.compression)
-        reply = await self._stub(call.endpoint).Forward(request, timeout=timeout)
-        return _checked(reply.outputs, call.inputs)
-
     async def _forward(self, calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result):
         started = time.monotonic()
-        tasks = {asyncio.create_task(self._call_forward(c, forward_timeout)): i for i, c in enumerate(calls)}
+        tasks = {asyncio.create_task(self._call(c, forward_timeout, backward=False)): i for i, c in enumerate(calls)}
         candidates_T = torch.zeros(num_tokens, dtype=torch.long)
         for call in calls:
             candidates_T[call.token_ids] += 1
@@ -126,16 +140,50 @@ class Dispatcher:
         """Input gradients of the calls that answered in time and well, by index in ``calls``."""
         return self.run(self._backward(calls, backward_timeout, on_result))
 
-    async def _call_backward(self, call: ExpertCall, timeout: float) -> torch.Tensor:
-        assert call.grad_outputs is not None
-        request = pb.BackwardRequest(uid=call.uid, inputs=[serialize(call.inputs, self.compression)],
-                                     grad_outputs=[serialize(call.grad_outputs, self.compression)],
-                                     reply_compression=self.compression)
-        reply = await self._stub(call.endpoint).Backward(request, timeout=timeout)
-        return _checked(reply.grad_inputs, call.inputs)
+    async def _call(self, call: ExpertCall, timeout: float, *, backward: bool) -> torch.Tensor:
+        """Outputs (or input gradients) of one expert call, cut into parts of at most max_tokens rows."""
+        step = max(1, call.max_tokens)
+        if call.inputs.shape[0] <= step:
+            return await self._call_part(call, call.inputs, call.grad_outputs, timeout, backward)
+        tasks = [
+            asyncio.ensure_future(self._call_part(
+                call, call.inputs[start:start + step],
+                None if call.grad_outputs is None else call.grad_outputs[start:start + step], timeout, backward,
+            ))
+            for start in range(0, call.inputs.shape[0], step)
+        ]
+        try:
+            return torch.cat(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one part failed: the others are of no use
+                task.cancel()
+
+    async def _call_part(self, call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None,
+                         timeout: float, backward: bool) -> torch.Tensor:
+        stub = self._stub(call.endpoint)
+        encoded = [serialize(inputs, self.compression)]
+        if backward:
+            assert grad_outputs is not None
+            request = pb.BackwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression,
+                                         grad_outputs=[serialize(grad_outputs, self.compression)])
+        else:
+            request = pb.ForwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression)
+        if request.ByteSize() <= call.max_unary_bytes:
+            reply = await (stub.Backward if backward else stub.Forward)(request, timeout=timeout)
+        else:
+            method = stub.BackwardStream if backward else stub.ForwardStream
+            chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, call.max_unary_bytes // 2))  # a chunk is a message too
+            replies = method(split_chunks(request.SerializeToString(), chunk_bytes), timeout=timeout)
+            data = await join_chunks(replies, max_bytes=inputs.numel() * 8 + ENVELOPE_BYTES)
+            reply_cls = pb.BackwardResponse if backward else pb.ForwardResponse
+            try:
+                reply = reply_cls.FromString(data)
+            except DecodeError as e:
+                raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
+        return _checked(reply.grad_inputs if backward else reply.outputs, inputs)
 
     async def _backward(self, calls, backward_timeout, on_result):
-        replies = await asyncio.gather(*(self._call_backward(c, backward_timeout) for c in calls),
+        replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True) for c in calls),
                                        return_exceptions=True)
         results = {}
         for index, (call, reply) in enumerate(zip(calls, replies)):

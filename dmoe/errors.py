@@ -17,3 +17,7 @@ class WireError(DmoeError, ValueError):
 
 class CheckpointError(DmoeError):
     """A checkpoint exists but cannot be used for the expert it is meant for."""
+
+
+class MessageTooLarge(WireError):
+    """A streamed message grew past the size its receiver accepts."""

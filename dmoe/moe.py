@@ -12,6 +12,7 @@ experts that answered, and a failed backward drops that expert's gradient, never
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -76,8 +77,7 @@ class RemoteMoE(nn.Module):
                            self.prefix, self.prefix)
             return torch.zeros_like(x)
         coords_CL = torch.tensor([coords for coords, _ in candidates])
-        uids = [record.uid for _, record in candidates]
-        endpoints = [record.endpoint for _, record in candidates]
+        records = [record for _, record in candidates]
         logits_TC = sum(score[:, coords_CL[:, d]] for d, score in enumerate(scores))
         if self.training and self.noise_std > 0:
             logits_TC = logits_TC + self.noise_std * torch.randn_like(logits_TC)
@@ -85,8 +85,8 @@ class RemoteMoE(nn.Module):
             experts_TK, gate_TK = self._switch_route(logits_TC)
         else:
             top_logits_TK, experts_TK = logits_TC.topk(min(self.k, len(candidates)), dim=-1)
-        self.last_routing = (uids, experts_TK)
-        out_TKD, answered_TK = _Dispatch.apply(x_TD, experts_TK, uids, endpoints, self)
+        self.last_routing = ([r.uid for r in records], experts_TK)
+        out_TKD, answered_TK = _Dispatch.apply(x_TD, experts_TK, records, self)
         if self.routing == "switch":  # p(expert) x its output, as Switch Transformers do; 0 if dropped
             weights_TK = gate_TK * answered_TK
         else:  # softmax over the top-k that answered
@@ -142,10 +142,10 @@ class RemoteMoE(nn.Module):
 
 
 class _Dispatch(torch.autograd.Function):
-    """(x_TD, experts_TK into uids/endpoints) -> (outputs out_TKD, answered_TK mask), differentiable in x_TD."""
+    """(x_TD, experts_TK into records) -> (outputs out_TKD, answered_TK mask), differentiable in x_TD."""
 
     @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, uids: list[str], endpoints: list[str],
+    def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, records: list[ExpertRecord],
                 layer: RemoteMoE):
         x_TD = x_TD.detach()
         # group the (token, slot) pairs by expert with one stable sort, not one scan per expert
@@ -157,7 +157,7 @@ class _Dispatch(torch.autograd.Function):
             if e < 0:  # dropped by switch routing's capacity
                 continue
             token_ids, slot_ids = pairs // experts_TK.shape[1], pairs % experts_TK.shape[1]
-            calls.append(ExpertCall(uids[e], endpoints[e], x_TD[token_ids], token_ids))
+            calls.append(ExpertCall.to(records[e], x_TD[token_ids], token_ids))
             slots.append(slot_ids)
         results = layer.dispatcher.forward(
             calls, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
@@ -181,7 +181,7 @@ class _Dispatch(torch.autograd.Function):
         for call, slot_ids in ctx.answered:
             grad = grad_out_TKD[call.token_ids, slot_ids]
             if bool(grad.any()):
-                calls.append(ExpertCall(call.uid, call.endpoint, call.inputs, call.token_ids, grad.contiguous()))
+                calls.append(dataclasses.replace(call, grad_outputs=grad.contiguous()))
         grad_x_TD = grad_out_TKD.new_zeros(ctx.num_tokens, grad_out_TKD.shape[-1])
         if calls:
             results = ctx.layer.dispatcher.backward(
@@ -189,7 +189,7 @@ class _Dispatch(torch.autograd.Function):
             )
             for index, grad_in in results.items():
                 grad_x_TD.index_add_(0, calls[index].token_ids, grad_in)
-        return grad_x_TD, None, None, None, None
+        return grad_x_TD, None, None, None
 
 
 def _reporter(swarm: Swarm):

@@ -45,6 +45,8 @@ class ExpertRecord(_Record):
     expert_cls: str = ""
     version: int = 0  # optimizer steps applied
     queued_tokens: int = 0
+    max_batch_tokens: int = 0  # most tokens per request (0: not said; the client uses its default)
+    max_message_bytes: int = 0  # largest unary message; bigger requests go through the streams
     record_version: int = RECORD_VERSION
 
 

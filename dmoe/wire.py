@@ -10,14 +10,14 @@ buffer length for every encoding, so a malformed tensor is a :class:`~dmoe.error
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 
 import numpy as np
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-from dmoe.errors import WireError
+from dmoe.errors import MessageTooLarge, WireError
 from dmoe.proto import expert_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
@@ -145,13 +145,19 @@ def split_chunks(data: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:
         yield pb.Chunk(data=bytes(view[start : start + chunk_bytes]))
 
 
-def join_chunks(chunks: Iterable[pb.Chunk], *, max_bytes: int) -> bytes:
-    """Join chunks into one message, refusing to hold more than max_bytes (WireError)."""
+async def join_chunks(
+    chunks: AsyncIterable[pb.Chunk], *, max_bytes: int, on_chunk: Callable[[int], None] | None = None
+) -> bytes:
+    """Join a stream of chunks into one message, refusing to hold more than max_bytes
+    (:class:`~dmoe.errors.MessageTooLarge`). ``on_chunk(size)`` is called for each chunk kept, so a
+    receiver can account for what all its streams hold and stop one by raising."""
     parts: list[bytes] = []
     total = 0
-    for chunk in chunks:
+    async for chunk in chunks:
         total += len(chunk.data)
         if total > max_bytes:
-            raise WireError(f"streamed message exceeds {max_bytes} bytes")
+            raise MessageTooLarge(f"streamed message exceeds {max_bytes} bytes")
+        if on_chunk is not None:
+            on_chunk(len(chunk.data))
         parts.append(chunk.data)
     return b"".join(parts)

@@ -29,6 +29,8 @@ class NodeConfig:
     port: int = option(0, "gRPC port (0: any free port; the one taken is printed)")
     dht_port: int = option(0, "DHT (libp2p) port (0: any free port)")
     announce_host: str | None = option(None, "host others should dial for gRPC (default: --host)")
+    announce_port: int | None = option(None, "port others should dial for gRPC, when a port forward or proxy "
+                                             "sits in front of the node (default: the port it listens on)")
     identity_path: str | None = option(None, "file holding the DHT private key, so the peer id survives restarts")
     checkpoint_dir: str | None = option(None, "directory for expert checkpoints (none: no checkpoints)")
     checkpoint_interval: float = option(60.0, "seconds between periodic checkpoints of experts that changed")
@@ -64,6 +66,8 @@ class NodeConfig:
             positive("inner_dim")
         if self.num_threads is not None:
             positive("num_threads")
+        if self.announce_port is not None and not 0 < self.announce_port <= 65535:
+            raise ConfigError(f"announce_port must be in 1..65535, got {self.announce_port}")
         if self.port > 65535 or self.dht_port > 65535:
             raise ConfigError("ports must be at most 65535")
         if self.optimizer not in ("adam", "sgd"):

@@ -57,7 +57,8 @@ class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
         self.uids = config.uids
-        self.endpoint: str | None = None  # host:port of the gRPC server, once started
+        self.endpoint: str | None = None  # host:port others dial for the gRPC server, once started
+        self.port: int | None = None  # the port the gRPC server listens on (endpoint may differ: --announce-port)
         self.swarm_addresses: list[str] = []  # multiaddrs others join with
         self.node_id: str | None = None
         self.backends: dict[str, ExpertBackend] = {}
@@ -206,7 +207,10 @@ class Node:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self._server.start()
         announce_host = config.announce_host or config.host
-        self.endpoint = f"[{announce_host}]:{port}" if ":" in announce_host else f"{announce_host}:{port}"
+        self.port = port
+        announce_port = config.announce_port or port
+        self.endpoint = (f"[{announce_host}]:{announce_port}" if ":" in announce_host
+                         else f"{announce_host}:{announce_port}")
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, device)
@@ -250,6 +254,7 @@ class Node:
             ExpertRecord(
                 uid=uid, endpoint=self.endpoint, node_id=self.node_id, expert_cls=self.config.expert_cls,
                 version=backend.version, queued_tokens=queued[uid],
+                max_batch_tokens=self.config.max_batch_tokens, max_message_bytes=self.config.max_message_bytes,
             )
             for uid, backend in self.backends.items()
         ]
@@ -335,6 +340,6 @@ class Node:
 
     def _write_ready_file(self, path: Path) -> None:
         write_json_atomic(path, {
-            "endpoint": self.endpoint, "swarm": self.swarm_addresses, "node_id": self.node_id,
+            "endpoint": self.endpoint, "port": self.port, "swarm": self.swarm_addresses, "node_id": self.node_id,
             "pid": os.getpid(), "experts": self.uids,
         })

@@ -23,7 +23,8 @@ from dmoe.node.backend import ExpertBackend
 from dmoe.node.runtime import Overloaded, Runtime, Task
 from dmoe.node.stats import ExpertCounters
 from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import deserialize, serialize, split_chunks
+from dmoe.errors import MessageTooLarge
+from dmoe.wire import deserialize, join_chunks, serialize, split_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -135,22 +136,23 @@ class ExpertServicer:
     async def _join(self, chunks: AsyncIterator[pb.Chunk]) -> bytes:
         """Join a request stream within max_request_bytes, and within the node-wide budget of bytes
         held by streams being received (max_inflight_bytes), so many streams cannot exhaust memory."""
-        parts: list[bytes] = []
-        size = 0
+        held = 0
+
+        def hold(size: int) -> None:
+            nonlocal held
+            held += size
+            self._inflight_bytes += size
+            if self._inflight_bytes > self.max_inflight_bytes:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   "node is receiving too much data at once; retry later")
+
         try:
-            async for chunk in chunks:
-                size += len(chunk.data)
-                self._inflight_bytes += len(chunk.data)
-                if size > self.max_request_bytes:
-                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                       f"streamed request exceeds {self.max_request_bytes} bytes")
-                if self._inflight_bytes > self.max_inflight_bytes:
-                    raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                       "node is receiving too much data at once; retry later")
-                parts.append(chunk.data)
-            return b"".join(parts)
+            return await join_chunks(chunks, max_bytes=self.max_request_bytes, on_chunk=hold)
+        except MessageTooLarge:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"streamed request exceeds {self.max_request_bytes} bytes") from None
         finally:
-            self._inflight_bytes -= size
+            self._inflight_bytes -= held
 
     async def _run(self, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool) -> Message:
         backend = self.backends.get(request.uid)

@@ -10,9 +10,11 @@ import torch
 
 from dmoe.experts import create_expert
 from dmoe.moe import RemoteMoE
+from dmoe.netproxy import TcpProxy
+from dmoe.proto import expert_pb2 as pb
 from dmoe.swarm import Swarm, SwarmConfig
 
-from conftest import wait_for
+from conftest import stub, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 HIDDEN, NUM_EXPERTS = 16, 8
@@ -271,3 +273,80 @@ def test_switch_routing_respects_capacity(swarm_of_two):
         assert torch.isfinite(layer.aux_loss)
     finally:
         layer.dispatcher.close()
+
+
+def test_big_sub_batches_are_cut_to_the_node_limits_and_streamed(node_factory):
+    """The node takes at most 48 tokens per request and 1 KiB unary messages (it says so in its
+    records): 512 tokens are cut into parts of at most 48 rows, sent through the streams, and the
+    result still equals the local MoE, forward and backward. (Each part's Backward is an Adam step on
+    the node, and the next part's gradient is taken at the stepped weights: a learning rate of 1e-9
+    keeps those steps too small to see.)"""
+    node = node_factory("--experts", "ffn.[0:8]", "--hidden-dim", str(HIDDEN), "--max-batch-tokens", "48",
+                        "--max-message-bytes", "1024", "--lr", "1e-9", name="small")
+    with Swarm(SwarmConfig(initial_peers=node.swarm, cache_ttl=60)) as swarm:
+        torch.manual_seed(7)
+        layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
+        try:
+            records = swarm.live_under(["ffn."])["ffn."]
+            assert {r.max_batch_tokens for r in records.values()} == {48}
+            x = torch.randn(512, HIDDEN, requires_grad=True)
+            y = layer(x)
+            (y * torch.linspace(-1, 1, HIDDEN)).sum().backward()
+            assert layer.last_num_failed == 0
+            remote_grad_x = x.grad.clone()
+            x.grad = None
+            expected = local_moe(layer, x, set(UIDS))
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+            (expected * torch.linspace(-1, 1, HIDDEN)).sum().backward()
+            torch.testing.assert_close(remote_grad_x, x.grad, rtol=1e-4, atol=1e-5)
+        finally:
+            layer.dispatcher.close()
+        channel, service = stub(node.endpoint)
+        with channel:
+            stats = {e.uid: e.stats for e in service.Info(pb.InfoRequest(), timeout=10).experts}
+        _, experts_TK = layer.last_routing
+        for e, uid in enumerate(layer.last_routing[0]):
+            rows = int((experts_TK == e).sum())
+            assert stats[uid].forward_tokens == rows
+            assert stats[uid].forward_calls == -(-rows // 48)  # ceil: one request per part of <= 48 rows
+
+
+def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
+    """c is reached through a proxy (it announces the proxy's port). With 2 s of delay on that link
+    and a 1 s deadline, c's experts are dropped and the step ends within its deadline; once the link
+    is fast again and c's back-off has passed, c's experts are used again."""
+    a = node_factory("--experts", "ffn.[0:6]", "--hidden-dim", str(HIDDEN), name="a")
+    with TcpProxy() as proxy:
+        c = node_factory("--experts", "ffn.[6:8]", "--hidden-dim", str(HIDDEN), "--swarm", a.swarm[0],
+                         "--announce-port", str(proxy.port), name="c")
+        proxy.target = ("127.0.0.1", c.ready["port"])
+        assert c.endpoint == f"127.0.0.1:{proxy.port}"
+        with Swarm(SwarmConfig(initial_peers=a.swarm, cache_ttl=60, ban_base=1.0)) as swarm:
+            torch.manual_seed(8)
+            layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
+                              forward_timeout=1.0, timeout_after_k_min=1.0)
+            try:
+                wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30, "all experts")
+                x = torch.randn(64, HIDDEN)
+                with torch.no_grad():
+                    chosen = layer.gates[0](x).topk(2, dim=-1).indices
+                    assert bool((chosen >= 6).any()), "the test needs tokens routed to c"
+                    torch.testing.assert_close(layer(x), local_moe(layer, x, set(UIDS)), rtol=1e-4, atol=1e-5)
+                    assert proxy.num_connections >= 1
+
+                    proxy.delay = 2.0
+                    started = time.monotonic()
+                    y = layer(x)
+                    elapsed = time.monotonic() - started
+                    assert elapsed < 1.0 + 0.5, elapsed
+                    assert layer.last_num_failed == int((chosen >= 6).any(0).sum()) == 2
+                    expected = local_moe_renormalised(layer, x, chosen, chosen < 6, {f"ffn.{i}" for i in range(6)})
+                    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+                    proxy.delay = 0.0
+                    proxy.cut_connections()  # the delayed bytes still queued on the old connection go with it
+                    wait_for(lambda: len(swarm.live_under(["ffn."])["ffn."]) == 8, 10, "c's back-off to end")
+                    torch.testing.assert_close(layer(x), local_moe(layer, x, set(UIDS)), rtol=1e-4, atol=1e-5)
+                    assert layer.last_num_failed == 0
+            finally:
+                layer.dispatcher.close()

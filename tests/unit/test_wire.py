@@ -1,8 +1,10 @@
+import asyncio
+
 import numpy as np
 import pytest
 import torch
 
-from dmoe.errors import WireError
+from dmoe.errors import MessageTooLarge, WireError
 from dmoe.proto import expert_pb2 as pb
 from dmoe.wire import compression_from_name, deserialize, join_chunks, serialize, split_chunks
 
@@ -54,7 +56,14 @@ def test_chunks_roundtrip_and_limit():
     data = bytes(range(256)) * 41
     chunks = list(split_chunks(data, 1000))
     assert len(chunks) == 11 and all(len(c.data) <= 1000 for c in chunks)
-    assert join_chunks(chunks, max_bytes=len(data)) == data
+    sizes: list[int] = []
+    assert asyncio.run(join_chunks(_aiter(chunks), max_bytes=len(data), on_chunk=sizes.append)) == data
+    assert sum(sizes) == len(data) and len(sizes) == 11
     assert [c.data for c in split_chunks(b"", 10)] == [b""]
-    with pytest.raises(WireError):
-        join_chunks(chunks, max_bytes=len(data) - 1)
+    with pytest.raises(MessageTooLarge, match=f"exceeds {len(data) - 1} bytes"):
+        asyncio.run(join_chunks(_aiter(chunks), max_bytes=len(data) - 1))
+
+
+async def _aiter(items):
+    for item in items:
+        yield item

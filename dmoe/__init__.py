@@ -6,7 +6,10 @@
 - ``records.py``  DHT records of experts and nodes; find_experts, find_nodes
 - ``swarm.py``    Swarm, SwarmConfig: a client's DHT peer, live-expert cache, back-off of failing endpoints
 - ``dispatch.py`` Dispatcher: expert calls in flight at once, deadlines, per-token quorum, reply checks
+- ``gating.py``   MoEGate: gates, top-k / Switch routing, aux and z losses, shared by both MoE layers
 - ``moe.py``      RemoteMoE: the gated MoE layer whose experts are remote (autograd through them)
+- ``local_moe.py`` LocalMoE: the same layer with its experts in this process
+- ``netproxy.py`` TcpProxy: a userspace proxy that delays or cuts loopback links (tests, benchmarks)
 - ``config.py``   config dataclasses -> CLI options, TOML, DMOE_* environment
 - ``errors.py``   the errors dmoe raises for its users
 - ``cli.py``      the ``dmoe`` command
@@ -22,7 +25,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
+from dmoe.local_moe import LocalMoE  # noqa: E402
 from dmoe.moe import RemoteMoE  # noqa: E402
 from dmoe.swarm import Swarm, SwarmConfig  # noqa: E402
 
-__all__ = ["RemoteMoE", "Swarm", "SwarmConfig", "__version__"]
+__all__ = ["LocalMoE", "RemoteMoE", "Swarm", "SwarmConfig", "__version__"]

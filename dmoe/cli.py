@@ -11,7 +11,9 @@ import click
 from dmoe.config import click_options, load_config
 from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.errors import ConfigError, DmoeError
+from dmoe.infer import InferConfig
 from dmoe.node.config import NodeConfig
+from dmoe.train import TrainConfig
 
 
 def _setup_logging() -> None:
@@ -40,8 +42,6 @@ def _config(cls: type, config_path: str | None, values: dict):
         return load_config(cls, toml_path=config_path, overrides=values)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-
-
 
 
 @node.command("start")
@@ -85,3 +85,77 @@ def coordinator_start(config_path: str | None, **values) -> None:
         click.echo(f"swarm address: {address}")
     click.echo(f"nodes join with: dmoe node start --swarm {coord.swarm_addresses[0]} --experts 'ffn.[0:8]'")
     coord.run()
+
+
+@main.command("train")
+@click_options(TrainConfig)
+def train(config_path: str | None, **values) -> None:
+    """Train the byte-level MoE language model through the swarm (or --local), with a progress bar."""
+    config = _config(TrainConfig, config_path, values)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dmoe.train import Trainer
+
+    console = Console(stderr=True)
+    try:
+        trainer = Trainer(config).start()
+    except (DmoeError, ValueError, OSError) as e:
+        raise click.ClickException(f"cannot start training: {e}") from None
+    where = "local experts" if config.local else f"swarm {config.swarm[0]}" if config.swarm else "dense model"
+    console.print(f"training on {trainer.corpus.name} ({len(trainer.corpus.train):,} train bytes, "
+                  f"{len(trainer.corpus.heldout):,} held out) with {where}; starting at step {trainer.step}")
+    columns = [TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}")]
+    try:
+        # on a terminal a live bar; in a log (CI, a pipe) a line every 10 steps
+        with Progress(*columns, console=console, refresh_per_second=4, disable=not console.is_terminal) as progress:
+            task = progress.add_task("train", total=config.steps, completed=trainer.step, status="")
+
+            def on_step(r: dict) -> None:
+                progress.update(task, completed=r["step"], status=(
+                    f"loss {r['loss']:.3f}  {r['tokens_per_s']:,.0f} tok/s  experts {r['live_experts']}  "
+                    f"failed calls {trainer.num_failed_calls}"))
+                if progress.disable and (r["step"] % 10 == 0 or r["step"] == config.steps):
+                    console.print(f"step {r['step']}/{config.steps}  loss {r['loss']:.3f}  "
+                                  f"{r['tokens_per_s']:,.0f} tok/s  experts {r['live_experts']}  "
+                                  f"failed calls {trainer.num_failed_calls}")
+
+            def on_eval(step: int, loss: float) -> None:
+                console.print(f"step {step}: held-out loss {loss:.3f} nats/byte")
+
+            final = trainer.train(on_step=on_step, on_eval=on_eval)
+    except KeyboardInterrupt:
+        console.print(f"interrupted at step {trainer.step}")
+        if config.save:
+            trainer.save()
+        raise SystemExit(130) from None
+    finally:
+        trainer.shutdown()
+    console.print(f"done: {trainer.step} steps, held-out loss {final:.3f} nats/byte"
+                  + (f", checkpoint in {config.save}" if config.save else ""))
+
+
+@main.command("infer")
+@click_options(InferConfig)
+def infer(config_path: str | None, **values) -> None:
+    """Generate text from a checkpoint of dmoe train, with its experts on the swarm."""
+    config = _config(InferConfig, config_path, values)
+    from dmoe.infer import generate, load_model, needs_swarm
+    from dmoe.swarm import Swarm, SwarmConfig
+
+    swarm = None
+    try:
+        if needs_swarm(config.checkpoint):
+            if not config.swarm:
+                raise click.UsageError("this model's experts live on a swarm: give --swarm ADDR")
+            swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host)).start()
+        model = load_model(config, swarm)
+        text = generate(model, config.prompt, config.max_new_tokens, temperature=config.temperature,
+                        top_k=config.top_k, seed=config.seed)
+    except (DmoeError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if swarm is not None:
+            swarm.shutdown()
+    click.echo(config.prompt + text)

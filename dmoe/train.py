@@ -1,0 +1,277 @@
+"""Training the MoE language model through the client: TrainConfig and Trainer (``dmoe train``).
+
+The Trainer owns the corpus, the model (:class:`dmoe.lm.MoELM` with RemoteMoE layers on a swarm,
+or LocalMoE layers with ``local``), an Adam optimizer over the client-side parameters (the experts'
+optimizers run on their nodes), periodic held-out evaluation, atomic checkpoints of the
+client-side parameters and optimizer (safetensors, with ``resume``), and, with ``run_id``, the
+asynchronous averaging of the client-side parameters with the other trainers of that run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from dmoe.config import option
+from dmoe.data import ByteCorpus
+from dmoe.errors import CheckpointError, ConfigError
+from dmoe.lm import LMConfig, MoELM, local_moe_factory, remote_moe_factory
+from dmoe.wire import COMPRESSION_NAMES
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "client"  # <save>/client/<step>.safetensors
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class TrainConfig(LMConfig):
+    """The model's options (LMConfig) and the training run's."""
+
+    ENV_PREFIX: ClassVar[str] = "DMOE_TRAIN_"
+
+    swarm: list[str] = option([], "multiaddr of a swarm peer (repeat for several)")
+    local: bool = option(False, "run the experts in this process instead of on a swarm")
+    data: str = option("stdlib", "text: 'stdlib' (Python's standard library sources), a file or a folder")
+    steps: int = option(1000, "training steps to run (counted from the start, so resume continues to it)")
+    batch_size: int = option(16, "sequences per step")
+    lr: float = option(1e-3, "learning rate of the client-side parameters (Adam)")
+    max_grad_norm: float = option(1.0, "gradient clipping of the client-side parameters (0: none)")
+    seed: int = option(0, "seed of the model's initialisation and of the data order")
+    save: str | None = option(None, "directory for checkpoints of the client-side parameters and optimizer")
+    save_interval: int = option(100, "steps between checkpoints")
+    resume: bool = option(False, "continue from the newest checkpoint in --save")
+    eval_interval: int = option(50, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = option(4, "held-out batches per evaluation")
+    run_id: str | None = option(None, "average client-side parameters with the other trainers of this run")
+    average_interval: float = option(10.0, "seconds between averaging rounds (with --run-id)")
+    k_min: int = option(1, "experts that must answer for a token")
+    forward_timeout: float = option(10.0, "deadline of an expert forward call (s)")
+    timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
+    backward_timeout: float = option(10.0, "deadline of an expert backward call (s)")
+    compression: str = option("none", "activations and gradients on the wire: none, fp16, 8bit")
+    host: str = option("127.0.0.1", "address this trainer's DHT peers listen on")
+    metrics_file: str | None = option(None, "append one JSON line per step and per evaluation to this file")
+
+    def __post_init__(self) -> None:
+        LMConfig.__post_init__(self)
+        for name in ("steps", "batch_size", "save_interval", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_interval < 0 or self.lr <= 0 or self.average_interval <= 0:
+            raise ConfigError("need eval_interval >= 0, lr > 0 and average_interval > 0")
+        if self.compression not in COMPRESSION_NAMES:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}, got {self.compression!r}")
+        if self.ffn == "moe" and not self.local and not self.swarm:
+            raise ConfigError("no swarm address: give --swarm ADDR (printed by a coordinator or node), or --local")
+        if self.run_id is not None and not self.swarm:
+            raise ConfigError("--run-id averages with other trainers over a swarm: give --swarm too")
+        if self.resume and not self.save:
+            raise ConfigError("--resume needs --save DIR, where the checkpoints are")
+
+    @property
+    def model_config(self) -> LMConfig:
+        return LMConfig.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(LMConfig)})
+
+
+class Trainer:
+    """``with Trainer(config) as trainer: trainer.train()``."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.step = 0
+        self.swarm = None
+        self.averager = None
+        self.num_failed_calls = 0
+        self.history: list[dict] = []
+        self._store = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Trainer:
+        config = self.config
+        self.corpus = ByteCorpus.load(config.data)
+        self.heldout = self.corpus.heldout_batches(config.batch_size, config.seq_len, config.eval_batches)
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        try:
+            self.model = self._build_model()
+            self.client_params = [p for name, p in self.model.named_parameters() if ".experts." not in name]
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+            if config.save:
+                from dmoe.node.checkpoint import CheckpointStore
+
+                self._store = CheckpointStore(config.save, keep=2)
+            if config.resume and self._store is not None:
+                self._load()
+            if self.averager is not None:
+                if not config.resume or self.step == 0:
+                    self.averager.catch_up(timeout=10.0)
+                self.averager.start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _build_model(self) -> MoELM:
+        config = self.config
+        if config.ffn == "dense":
+            return MoELM(config.model_config)
+        if config.local:
+            return MoELM(config.model_config, local_moe_factory())
+        from dmoe.swarm import Swarm, SwarmConfig
+
+        model_config = config.model_config
+        if config.run_id is not None:  # forked DHT and averager processes: before any gRPC thread
+            from dmoe.averaging import ParameterAverager
+
+            from dmoe.gating import MoEGate
+
+            # the client-side parameters' shapes: a RemoteMoE's are its gates, as a bare MoEGate's
+            probe = MoELM(model_config, lambda c, i: MoEGate(prefix=c.layer_prefix(i), grid=(c.num_experts,),
+                                                             in_features=c.d_model, k=c.k))
+            shapes = list(probe.parameters())
+            self.averager = ParameterAverager(shapes, initial_peers=config.swarm, run_id=config.run_id,
+                                              host=config.host, interval=config.average_interval)
+        self.swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host)).start()
+        torch.manual_seed(config.seed)
+        model = MoELM(model_config, remote_moe_factory(
+            self.swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
+            timeout_after_k_min=config.timeout_after_k_min, backward_timeout=config.backward_timeout,
+            compression=config.compression))
+        if self.averager is not None:
+            self.averager.params = [p for name, p in model.named_parameters() if ".experts." not in name]
+        return model
+
+    def shutdown(self) -> None:
+        if self.averager is not None:
+            self.averager.shutdown()
+            self.averager = None
+        if self.swarm is not None:
+            self.swarm.shutdown()
+            self.swarm = None
+
+    def __enter__(self) -> Trainer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- training --------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        config = self.config
+        if self.averager is not None:
+            self.averager.apply_pending()
+        started = time.perf_counter()
+        self.model.train()
+        x, y = self.corpus.batch(config.batch_size, config.seq_len, self.generator)
+        loss, ce = self.model.loss(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        layers = self.model.moe_layers()
+        failed = sum(layer.last_num_failed for layer in layers)
+        self.num_failed_calls += failed
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": self.step, "loss": float(ce), "tokens_per_s": x.numel() / elapsed, "seconds": elapsed,
+            "live_experts": sum(len(l.last_routing[0]) if l.last_routing else 0 for l in layers),
+            "failed_calls": failed, "time": time.time(),
+        }
+        self._log(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy (nats per byte) on the fixed held-out batches."""
+        self.model.eval()
+        losses = [float(self.model.loss(x, y)[1]) for x, y in self.heldout]
+        loss = sum(losses) / len(losses)
+        self._log({"step": self.step, "heldout_loss": loss, "time": time.time()})
+        return loss
+
+    def train(self, on_step: Callable[[dict], None] | None = None,
+              on_eval: Callable[[int, float], None] | None = None) -> float:
+        """Run up to config.steps; returns the final held-out loss."""
+        config = self.config
+        while self.step < config.steps:
+            record = self.train_step()
+            if on_step is not None:
+                on_step(record)
+            if config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.steps:
+                loss = self.evaluate()
+                if on_eval is not None:
+                    on_eval(self.step, loss)
+            if self._store is not None and self.step % config.save_interval == 0:
+                self.save()
+        loss = self.evaluate()
+        if on_eval is not None:
+            on_eval(self.step, loss)
+        if self._store is not None:
+            self.save()
+        return loss
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.config.metrics_file:
+            with open(self.config.metrics_file, "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Client-side parameters (and local experts), optimizer state and data-order RNG, atomically."""
+        assert self._store is not None
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        state = self.optimizer.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous()
+        tensors["rng.data"] = self.generator.get_state()
+        metadata = {"step": str(self.step), "model_config": json.dumps(self.config.model_config.to_dict()),
+                    "param_groups": json.dumps(state["param_groups"])}
+        path = self._store.save(CHECKPOINT_NAME, self.step, tensors, metadata)
+        logger.info("checkpoint of step %d written to %s", self.step, path)
+        return path
+
+    def _load(self) -> None:
+        assert self._store is not None
+        loaded = self._store.load_latest(CHECKPOINT_NAME)
+        if loaded is None:
+            logger.info("no checkpoint in %s: starting from step 0", self.config.save)
+            return
+        tensors, metadata, path = loaded
+        saved = json.loads(metadata["model_config"])
+        if saved != self.config.model_config.to_dict():
+            raise CheckpointError(f"{path} holds a model of another shape: {saved}")
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(state)
+        self.generator.set_state(tensors["rng.data"])
+        self.step = int(metadata["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+
+def load_checkpoint(checkpoint_dir: str) -> tuple[LMConfig, dict[str, torch.Tensor], int]:
+    """(model config, client-side parameters, step) of the newest checkpoint in a --save directory."""
+    from dmoe.node.checkpoint import CheckpointStore
+
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"no checkpoint directory {checkpoint_dir}")
+    loaded = CheckpointStore(checkpoint_dir, keep=2).load_latest(CHECKPOINT_NAME)
+    if loaded is None:
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir} (was it written by dmoe train --save?)")
+    tensors, metadata, _ = loaded
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return LMConfig.from_dict(json.loads(metadata["model_config"])), state, int(metadata["step"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -98,6 +99,11 @@ def train(config_path: str | None, **values) -> None:
     from dmoe.train import Trainer
 
     console = Console(stderr=True)
+
+    def stop(signum, frame):  # SIGTERM as SIGINT: checkpoint, then shut the DHT and averager down
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         trainer = Trainer(config).start()
     except (DmoeError, ValueError, OSError) as e:
@@ -126,7 +132,7 @@ def train(config_path: str | None, **values) -> None:
 
             final = trainer.train(on_step=on_step, on_eval=on_eval)
     except KeyboardInterrupt:
-        console.print(f"interrupted at step {trainer.step}")
+        console.print(f"stopped at step {trainer.step}")
         if config.save:
             trainer.save()
         raise SystemExit(130) from None

@@ -39,6 +39,7 @@ class MoEGate(nn.Module):
         self.aux_loss = torch.zeros(())  # load balancing (Switch), set by each forward
         self.z_loss = torch.zeros(())  # router z-loss, set by each forward
         self.last_num_failed = 0  # expert calls dropped in the last forward
+        self.num_failed_calls = 0  # expert calls dropped by forwards since this layer was made
         self.last_routing: tuple[list[str], torch.Tensor] | None = None  # (candidate uids, experts_TK)
 
     # ---- what a subclass provides ----------------------------------------------------------------
@@ -79,6 +80,7 @@ class MoEGate(nn.Module):
             top_logits_TK, experts_TK = logits_TC.topk(min(self.k, len(found)), dim=-1)
         self.last_routing = ([self.uid(coords) for coords, _ in found], experts_TK)
         out_TKD, answered_TK = self.run_experts(x_TD, experts_TK, handles)
+        self.num_failed_calls += self.last_num_failed
         if self.routing == "switch":  # p(expert) x its output, as Switch Transformers do; 0 if dropped
             weights_TK = gate_TK * answered_TK
         else:  # softmax over the top-k that answered

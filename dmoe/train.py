@@ -91,6 +91,7 @@ class Trainer:
         self.num_failed_calls = 0
         self.history: list[dict] = []
         self._store = None
+        self._saved_step = -1
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Trainer:
@@ -165,8 +166,8 @@ class Trainer:
     # ---- training --------------------------------------------------------------------------------
     def train_step(self) -> dict:
         config = self.config
-        if self.averager is not None:
-            self.averager.apply_pending()
+        if self.averager is not None and self.averager.apply_pending():
+            self._log({"step": self.step, "averaged_with": self.averager.last_group_size, "time": time.time()})
         started = time.perf_counter()
         self.model.train()
         x, y = self.corpus.batch(config.batch_size, config.seq_len, self.generator)
@@ -215,7 +216,7 @@ class Trainer:
         loss = self.evaluate()
         if on_eval is not None:
             on_eval(self.step, loss)
-        if self._store is not None:
+        if self._store is not None and self._saved_step != self.step:
             self.save()
         return loss
 
@@ -238,6 +239,7 @@ class Trainer:
         metadata = {"step": str(self.step), "model_config": json.dumps(self.config.model_config.to_dict()),
                     "param_groups": json.dumps(state["param_groups"])}
         path = self._store.save(CHECKPOINT_NAME, self.step, tensors, metadata)
+        self._saved_step = self.step
         logger.info("checkpoint of step %d written to %s", self.step, path)
         return path
 

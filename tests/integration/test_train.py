@@ -1,0 +1,187 @@
+"""Training and inference through the client: the LM learns over a real two-node swarm,
+checkpoints resume exactly, two trainers average, inference survives a node killed mid-generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from dmoe.errors import CheckpointError
+from dmoe.gating import MoEGate
+from dmoe.infer import InferConfig, generate, load_model
+from dmoe.lm import MoELM
+from dmoe.swarm import Swarm, SwarmConfig
+from dmoe.train import TrainConfig, Trainer, load_checkpoint
+
+from conftest import HERE, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+MODEL = dict(d_model=32, num_heads=2, num_layers=2, num_experts=4, expert_inner=64, seq_len=32)
+
+
+def node_args(first: int, last: int) -> list[str]:
+    args = ["--hidden-dim", str(MODEL["d_model"]), "--inner-dim", str(MODEL["expert_inner"]), "--lr", "3e-3"]
+    for layer in range(MODEL["num_layers"]):
+        args += ["--experts", f"lm{layer}.[{first}:{last}]"]
+    return args
+
+
+@pytest.fixture
+def two_nodes(node_factory):
+    a = node_factory(*node_args(0, 2), name="a")
+    b = node_factory(*node_args(2, 4), "--swarm", a.swarm[0], name="b")
+    return a, b
+
+
+def test_training_over_a_two_node_swarm_lowers_the_held_out_loss(two_nodes, tmp_path):
+    a, b = two_nodes
+    config = TrainConfig(**MODEL, swarm=a.swarm, steps=25, batch_size=8, lr=3e-3, eval_interval=0,
+                         save=str(tmp_path / "run"), metrics_file=str(tmp_path / "metrics.jsonl"))
+    with Trainer(config) as trainer:
+        before = trainer.evaluate()
+        after = trainer.train()
+        assert trainer.num_failed_calls == 0
+    assert after < before - 0.3, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 26))
+    assert all(r["live_experts"] == 8 and r["failed_calls"] == 0 for r in steps)
+    _, state, step = load_checkpoint(str(tmp_path / "run"))
+    assert step == 25 and not any(".experts." in name for name in state)  # the experts stay on the nodes
+
+
+def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
+    """--local is deterministic: 6 steps, save, resume, 6 more equals 12 steps straight."""
+    common = dict(**MODEL, local=True, batch_size=4, eval_interval=0, save_interval=3, data="stdlib")
+    with Trainer(TrainConfig(**common, steps=12, save=str(tmp_path / "straight"))) as straight:
+        straight.train()
+        expected = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    with Trainer(TrainConfig(**common, steps=6, save=str(tmp_path / "split"))) as first:
+        first.train()
+    with Trainer(TrainConfig(**common, steps=12, save=str(tmp_path / "split"), resume=True)) as second:
+        assert second.step == 6
+        second.train()
+        assert second.history[0]["step"] == 7
+        for name, value in second.model.state_dict().items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    common = dict(local=True, batch_size=2, eval_interval=0, steps=1, save=str(tmp_path / "run"))
+    with Trainer(TrainConfig(**MODEL, **common)) as trainer:
+        trainer.train()
+    with pytest.raises(CheckpointError, match="another shape"):
+        Trainer(TrainConfig(**{**MODEL, "d_model": 64}, **common, resume=True)).start()
+
+
+def client_params(seed: int) -> dict[str, torch.Tensor]:
+    """The client-side parameters a trainer with this seed starts from (its gates are a RemoteMoE's)."""
+    from dmoe.lm import LMConfig
+
+    torch.manual_seed(seed)
+    config = LMConfig(**MODEL)
+    model = MoELM(config, lambda c, i: MoEGate(prefix=c.layer_prefix(i), grid=(c.num_experts,),
+                                               in_features=c.d_model, k=c.k))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[k] - b[k]).square().sum() for k in a)) ** 0.5
+
+
+def start_trainer(tmp_path, name: str, swarm: list[str], seed: int, steps: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "dmoe", "train", "--run-id", "pair", "--average-interval", "2", "--seed", str(seed),
+            "--steps", str(steps), "--batch-size", "4", "--lr", "1e-5", "--eval-interval", "0", "--save-interval", "1",
+            "--save", str(tmp_path / name), "--metrics-file", str(tmp_path / f"{name}.jsonl")]
+    for key, value in MODEL.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    for address in swarm:
+        args += ["--swarm", address]
+    log = open(tmp_path / f"{name}.log", "wb")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=HERE)
+
+
+def events(tmp_path, name: str) -> list[dict]:
+    path = tmp_path / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(300)
+def test_two_trainers_average_and_one_survives_the_other_being_killed(two_nodes, tmp_path):
+    """Trainers with different seeds start far apart; after an averaging round their client-side
+    parameters are close (lr is tiny, so only averaging moves them far). Then b is killed (-9):
+    a goes on and finishes all its steps."""
+    a_node, _ = two_nodes
+    far = distance(client_params(0), client_params(1))
+    trainers = {"t0": start_trainer(tmp_path, "t0", a_node.swarm, 0, 100000),
+                "t1": start_trainer(tmp_path, "t1", a_node.swarm, 1, 100000)}
+    try:
+        def averaged(name):
+            if trainers[name].poll() is not None:
+                raise RuntimeError(f"{name} exited:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}")
+            return [e["step"] for e in events(tmp_path, name) if e.get("averaged_with") == 2]
+
+        wait_for(lambda: averaged("t0") and averaged("t1"), 120, "an averaging round of both trainers")
+        # a checkpoint of each written after the round was applied
+        wait_for(lambda: all(max(e["step"] for e in events(tmp_path, n) if "loss" in e) > averaged(n)[0] + 1
+                             for n in trainers), 60, "a step past the round")
+        _, t0_state, _ = load_checkpoint(str(tmp_path / "t0"))
+        _, t1_state, _ = load_checkpoint(str(tmp_path / "t1"))
+        near = distance(t0_state, t1_state)
+        print(f"parameter distance: {far:.3f} at the start, {near:.4f} after averaging")
+        assert near < 0.2 * far, (near, far)
+
+        os.killpg(trainers["t1"].pid, signal.SIGKILL)  # the trainer and its DHT and averager processes
+        trainers["t1"].wait(10)
+        killed_at = max(e["step"] for e in events(tmp_path, "t0") if "loss" in e)
+        wait_for(lambda: max(e["step"] for e in events(tmp_path, "t0") if "loss" in e) > killed_at + 30, 90,
+                 "t0 to go on training without t1")
+        assert trainers["t0"].poll() is None
+        trainers["t0"].terminate()
+        assert trainers["t0"].wait(60) == 130
+        assert "stopped at step" in (tmp_path / "t0.log").read_text()
+    finally:
+        for proc in trainers.values():
+            if proc.poll() is None:
+                proc.terminate()  # a graceful stop shuts its DHT and averager down
+        for proc in trainers.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+
+def test_inference_goes_on_when_a_node_is_killed_mid_generation(two_nodes, tmp_path):
+    a, b = two_nodes
+    config = TrainConfig(**MODEL, swarm=a.swarm, steps=3, batch_size=4, eval_interval=0, save=str(tmp_path / "run"))
+    with Trainer(config) as trainer:
+        trainer.train()
+    with Swarm(SwarmConfig(initial_peers=a.swarm, cache_ttl=60)) as swarm:
+        model = load_model(InferConfig(checkpoint=str(tmp_path / "run"), forward_timeout=3.0), swarm)
+        assert generate(model, "def ", 5, temperature=0)  # warm: both nodes answer
+        assert sum(layer.num_failed_calls for layer in model.moe_layers()) == 0
+        result: dict = {}
+        generation = threading.Thread(target=lambda: result.update(tokens=model.generate(list(b"def "), 150)))
+        started = time.monotonic()
+        generation.start()
+        time.sleep(0.5)  # some bytes in
+        b.kill()
+        generation.join(120)
+        assert not generation.is_alive()
+        assert len(result["tokens"]) == 150
+        assert sum(layer.num_failed_calls for layer in model.moe_layers()) > 0  # b's experts were dropped
+        assert time.monotonic() - started < 100

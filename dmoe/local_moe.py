@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import torch
 from torch import nn
 
 from dmoe.experts import create_expert

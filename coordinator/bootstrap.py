@@ -8,10 +8,9 @@ import os
 import signal
 import threading
 
-import hivemind
-
 from dmoe.coordinator.config import CoordinatorConfig
-from dmoe.local import listen_maddr, write_json_atomic
+from dmoe.local import write_json_atomic
+from dmoe.peer import DHTPeer
 
 logger = logging.getLogger(__name__)
 
@@ -19,17 +18,16 @@ logger = logging.getLogger(__name__)
 class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
-        self.dht: hivemind.DHT | None = None
+        self.dht: DHTPeer | None = None
         self.swarm_addresses: list[str] = []
 
     def start(self) -> Coordinator:
-        self.dht = hivemind.DHT(
-            initial_peers=self.config.swarm or None, start=True,
-            host_maddrs=[listen_maddr(self.config.host, self.config.dht_port)],
+        self.dht = DHTPeer(
+            initial_peers=self.config.swarm, host=self.config.host, port=self.config.dht_port,
             identity_path=self.config.identity,
-        )
-        self.swarm_addresses = [str(a) for a in self.dht.get_visible_maddrs()]
-        logger.info("coordinator up as %s", self.dht.peer_id.to_base58())
+        ).start()
+        self.swarm_addresses = list(self.dht.visible_maddrs)
+        logger.info("coordinator up as %s", self.dht.peer_id)
         if self.config.ready_file:
             write_json_atomic(self.config.ready_file, {"swarm": self.swarm_addresses, "pid": os.getpid()})
         return self

@@ -13,6 +13,9 @@ Records expire after a node-chosen TTL and are refreshed by its heartbeat; a kil
 disappear when they expire. A node that stops gracefully overwrites its records, with a later
 expiration (the DHT keeps the record that expires last), by tombstones (``state='stopped'``) that
 readers treat as absent.
+
+The blocking readers take a ``hivemind.DHT`` or a :class:`dmoe.peer.DHTPeer` (anything with
+``run_coroutine(fn)`` that calls ``fn(dht, node)``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from typing import Any, Literal
 import pydantic
 from hivemind.dht import DHT, DHTNode
 
+from dmoe.peer import DHTPeer
 from dmoe.uids import UID_DELIMITER, split_uid
+
+DHTLike = DHT | DHTPeer
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +120,13 @@ def announcement(
     return keys, subkeys, values
 
 
-async def _store_many(_dht: DHT, node: DHTNode, keys, subkeys, values, expiration_time: float) -> int:
+async def store_announcement_async(
+    node: DHTNode, experts: Sequence[ExpertRecord], record: NodeRecord, expiration_time: float
+) -> int:
+    """Store the records in the DHT; returns how many keys were accepted."""
+    keys, subkeys, values = announcement(experts, record)
     ok = await node.store_many(keys, values, expiration_time, subkeys=subkeys)
     return sum(bool(v) for v in ok.values())
-
-
-def store_announcement(
-    dht: DHT, experts: Sequence[ExpertRecord], node: NodeRecord, expiration_time: float
-) -> int:
-    """Store the records in the DHT (blocking); returns how many keys were accepted."""
-    keys, subkeys, values = announcement(experts, node)
-    return dht.run_coroutine(
-        partial(_store_many, keys=keys, subkeys=subkeys, values=values, expiration_time=expiration_time)
-    )
 
 
 def _parse(model: type[_Record], raw: Any) -> Any:
@@ -137,12 +137,12 @@ def _parse(model: type[_Record], raw: Any) -> Any:
         return None
 
 
-async def _get_many(_dht: DHT | None, node: DHTNode, keys: list[str]) -> dict[str, Any]:
+async def _get_many(_dht: object, node: DHTNode, keys: list[str]) -> dict[str, Any]:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest value
     return {key: (None if entry is None else entry.value) for key, entry in found.items()}
 
 
-def find_experts(dht: DHT, uids: Sequence[str]) -> dict[str, ExpertRecord]:
+def find_experts(dht: DHTLike, uids: Sequence[str]) -> dict[str, ExpertRecord]:
     """Live (online, unexpired, well-formed) records of the given uids; absent uids are left out."""
     return _experts_from(dht.run_coroutine(partial(_get_many, keys=list(uids))))
 
@@ -175,9 +175,9 @@ def _experts_from(found: dict[str, Any]) -> dict[str, ExpertRecord]:
     return result
 
 
-def find_nodes(dht: DHT) -> dict[str, NodeRecord]:
+async def find_nodes_async(node: DHTNode) -> dict[str, NodeRecord]:
     """Every live node record in the swarm, by node id."""
-    entry = dht.get(NODES_KEY, latest=True)
+    entry = await node.get(NODES_KEY, latest=True)
     if entry is None or not isinstance(entry.value, dict):
         return {}
     nodes = {}
@@ -186,3 +186,12 @@ def find_nodes(dht: DHT) -> dict[str, NodeRecord]:
         if record is not None and record.state == "online" and record.node_id == node_id:
             nodes[node_id] = record
     return nodes
+
+
+async def _find_nodes(_dht: object, node: DHTNode) -> dict[str, NodeRecord]:
+    return await find_nodes_async(node)
+
+
+def find_nodes(dht: DHTLike) -> dict[str, NodeRecord]:
+    """Every live node record in the swarm, by node id (blocking)."""
+    return dht.run_coroutine(_find_nodes)

@@ -7,7 +7,6 @@ time (``ban_base`` x 2^(failures-1), at most ``ban_max``), then tried again; one
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import threading
@@ -15,12 +14,10 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, ClassVar
 
-from hivemind.dht import DHTNode
-
 from dmoe.config import option
 from dmoe.dispatch import Dispatcher
 from dmoe.errors import ConfigError
-from dmoe.local import listen_maddr
+from dmoe.peer import DHTPeer
 from dmoe.records import ExpertRecord, find_under_prefixes_async
 
 logger = logging.getLogger(__name__)
@@ -49,17 +46,16 @@ class SwarmConfig:
 class Swarm:
     """Join with ``Swarm(SwarmConfig(initial_peers=[...]))``; use as a context manager or start()/shutdown().
 
-    The client's DHT peer is a hivemind ``DHTNode`` on the swarm's own background event loop, not
-    a ``hivemind.DHT`` process: that one is forked, and a fork taken after grpc or torch started
-    their threads can hang (the libp2p daemon is started by fork + exec, which is safe). Expert
-    calls (:class:`dmoe.dispatch.Dispatcher`) run on the same loop.
+    The client's DHT peer is an in-process :class:`dmoe.peer.DHTPeer` (why not a forked
+    ``hivemind.DHT``: see that module). Expert calls (:class:`dmoe.dispatch.Dispatcher`) run on the
+    peer's background event loop too.
     """
 
     def __init__(self, config: SwarmConfig):
         self.config = config
-        self.loop = _new_event_loop(config.event_loop)
-        self._thread: threading.Thread | None = None
-        self._node: DHTNode | None = None
+        self.peer = DHTPeer(initial_peers=config.initial_peers, host=config.host, event_loop=config.event_loop)
+        self.loop = self.peer.loop
+        self._started = False
         self._lock = threading.Lock()
         self._prefix_cache: dict[str, tuple[float, dict[int, ExpertRecord]]] = {}  # "ffn.3." -> (at, records)
         self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
@@ -73,33 +69,20 @@ class Swarm:
 
     def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
         """Run a coroutine on the swarm's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+        return self.peer.run(coroutine, timeout)
 
     def start(self, timeout: float = 60.0) -> Swarm:
-        self._thread = threading.Thread(target=self.loop.run_forever, name="dmoe-swarm", daemon=True)
-        self._thread.start()
-        try:
-            self._node = self.run(DHTNode.create(
-                initial_peers=self.config.initial_peers, host_maddrs=[listen_maddr(self.config.host, 0)]
-            ), timeout)
-        except BaseException:
-            self.shutdown()
-            raise
+        self.peer.start(timeout)
+        self._started = True
         return self
 
     def shutdown(self) -> None:
-        if self._thread is None:
+        if not self._started:
             return
         for dispatcher in self._dispatchers:
             dispatcher.close()
-        if self._node is not None:
-            self.run(self._node.shutdown(), 30)
-            self._node = None
-        self.run(_cancel_other_tasks(), 30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self._thread = None
-        self.loop.close()
+        self.peer.shutdown()
+        self._started = False
 
     def __enter__(self) -> Swarm:
         return self.start()
@@ -110,13 +93,13 @@ class Swarm:
     def live_under(self, keys: Sequence[str], *, refresh: bool = False) -> dict[str, dict[int, ExpertRecord]]:
         """For each grid prefix key (``ffn.``, ``ffn.3.``): records by next coordinate, cached like
         ``cache_ttl``, all stale keys read in one DHT traversal. Banned endpoints are left out."""
-        assert self._node is not None, "call start() first"
+        assert self.peer.node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:
             stale = [k for k in keys if refresh or k not in self._prefix_cache
                      or now - self._prefix_cache[k][0] > self.config.cache_ttl]
         if stale:
-            found = self.run(find_under_prefixes_async(self._node, stale), 60)
+            found = self.run(find_under_prefixes_async(self.peer.node, stale), 60)
             with self._lock:
                 for key in stale:
                     self._prefix_cache[key] = (now, found.get(key, {}))
@@ -139,18 +122,3 @@ class Swarm:
         with self._lock:
             self._failures.pop(endpoint, None)
 
-
-def _new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    if kind == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
-async def _cancel_other_tasks() -> None:
-    """Cancel what the DHT node left running (cache refreshers), so the loop closes cleanly."""
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

@@ -11,10 +11,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from dmoe.records import ExpertRecord, NodeRecord, store_announcement
+from dmoe.peer import DHTPeer
+from dmoe.records import ExpertRecord, NodeRecord, store_announcement_async
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class Announcer:
     def __init__(
         self,
-        dht: DHT,
+        dht: DHTPeer,
         make_records: Callable[[], tuple[list[ExpertRecord], NodeRecord]],
         *,
         heartbeat_interval: float,
@@ -37,12 +37,16 @@ class Announcer:
     async def beat(self) -> int:
         experts, node = self.make_records()
         expiration = get_dht_time() + self.record_ttl
-        stored = await asyncio.to_thread(store_announcement, self.dht, experts, node, expiration)
+        stored = await self._store(experts, node, expiration)
         self.last_expiration = max(self.last_expiration, expiration)
         self.num_beats += 1
         if stored == 0:
             logger.warning("no DHT peer accepted this node's records; will retry in %.0fs", self.heartbeat_interval)
         return stored
+
+    async def _store(self, experts: list[ExpertRecord], node: NodeRecord, expiration: float) -> int:
+        assert self.dht.node is not None
+        return await self.dht.run_async(store_announcement_async(self.dht.node, experts, node, expiration))
 
     async def start(self) -> None:
         """Announce once (so that the node is visible when start returns), then keep beating."""
@@ -74,4 +78,4 @@ class Announcer:
         node = node.model_copy(update={"state": "stopped"})
         # a beat cancelled mid-store may still land with now + ttl: outlast it
         expiration = max(self.last_expiration, get_dht_time() + self.record_ttl) + 1.0
-        await asyncio.to_thread(store_announcement, self.dht, experts, node, expiration)
+        await self._store(experts, node, expiration)

@@ -1,13 +1,12 @@
 """Node: the daemon a volunteer runs. Lifecycle of the DHT peer, experts, runtime and gRPC server.
 
-Start-up order matters: the DHT peer (a forked process) starts before any torch work, because
-forking after torch has used its OpenMP pool can hang the child. Shutdown (SIGINT/SIGTERM or
-``shutdown()``): withdraw the DHT records, stop taking calls and let in-flight ones finish
-(``server.stop(grace)``), drain the runtime, write a last checkpoint, stop the DHT peer.
+The DHT peer is an in-process :class:`dmoe.peer.DHTPeer` on a thread of its own, so that a
+heartbeat of thousands of records never runs on the loop that serves gRPC calls. Shutdown
+(SIGINT/SIGTERM or ``shutdown()``): withdraw the DHT records, stop taking calls and let in-flight
+ones finish (``server.stop(grace)``), drain the runtime, write a last checkpoint, stop the DHT peer.
 
 Use it from Python as a context manager (``with Node(config) as node: node.endpoint``), which runs
 it on a background thread with its own event loop, or from the CLI through :meth:`Node.run`.
-From Python, start the node before the host process runs torch work, for the same fork reason;
 ``--num-threads`` sets torch's thread count for the whole process.
 """
 
@@ -23,14 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import hivemind
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import dmoe
-from dmoe.local import listen_maddr, write_json_atomic
+from dmoe.local import write_json_atomic
 from dmoe.node.announcer import Announcer
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.checkpoint import CheckpointStore
@@ -38,6 +36,7 @@ from dmoe.node.config import NodeConfig
 from dmoe.node.runtime import Runtime
 from dmoe.node.service import SERVICE_NAME, ExpertServicer
 from dmoe.node.stats import ExpertCounters
+from dmoe.peer import DHTPeer
 from dmoe.proto import expert_pb2 as pb
 from dmoe.records import ExpertRecord, Hardware, NodeRecord
 
@@ -64,7 +63,7 @@ class Node:
         self.backends: dict[str, ExpertBackend] = {}
         self.counters = {uid: ExpertCounters() for uid in self.uids}
         self.started_at = time.time()
-        self._dht: hivemind.DHT | None = None
+        self._dht: DHTPeer | None = None
         self._server: grpc.aio.Server | None = None
         self._runtime: Runtime | None = None
         self._announcer: Announcer | None = None
@@ -110,31 +109,17 @@ class Node:
         """Serve until SIGINT/SIGTERM on uvloop; ``on_ready(node)`` runs once serving."""
         import uvloop
 
-        self._start_dht()  # forked before the event loop exists: a child forked inside uvloop stops slowly
         uvloop.run(self.serve(handle_signals=True, on_ready=on_ready))
 
     def _start_dht(self) -> None:
-        """Fork the DHT peer with SIGTERM ignored: when a whole process group is stopped (systemd,
-        docker), the node must withdraw its records through a live peer before it stops it."""
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
-        try:
-            self._dht = hivemind.DHT(
-                initial_peers=self.config.swarm or None,
-                start=True,
-                host_maddrs=[listen_maddr(self.config.host, self.config.dht_port)],
-                identity_path=self.config.identity_path,
-            )
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
+        self._dht = DHTPeer(
+            initial_peers=self.config.swarm, host=self.config.host, port=self.config.dht_port,
+            identity_path=self.config.identity_path,
+        ).start()
 
     def _stop_dht(self) -> None:
         assert self._dht is not None
         self._dht.shutdown()
-        if self._dht.is_alive():  # it ignores SIGTERM, so hivemind's own fallback cannot stop it
-            self._dht.kill()
-            self._dht.join(5)
         self._dht = None
 
     async def serve(self, handle_signals: bool = False, on_ready: Callable[[Node], None] | None = None) -> None:
@@ -165,8 +150,8 @@ class Node:
         if self._dht is None:
             await asyncio.to_thread(self._start_dht)
         assert self._dht is not None
-        self.node_id = self._dht.peer_id.to_base58()
-        self.swarm_addresses = [str(a) for a in self._dht.get_visible_maddrs()]
+        self.node_id = self._dht.peer_id
+        self.swarm_addresses = list(self._dht.visible_maddrs)
         logger.info("joined the swarm as %s", self.node_id)
 
         if config.num_threads is not None:
@@ -231,7 +216,10 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self._announcer is not None:
+        if self._announcer is not None and self._dht is not None and not self._dht.daemon_alive:
+            logger.warning("the DHT daemon is gone (was the whole process group signalled?): records will expire "
+                           "in %.0fs instead of being withdrawn", self.config.record_ttl)
+        elif self._announcer is not None:
             try:
                 await asyncio.wait_for(self._announcer.withdraw(), timeout=5)
             except Exception as e:

@@ -1,0 +1,150 @@
+"""DHTPeer: a hivemind ``DHTNode`` that lives in this process, on an event loop of its own thread.
+
+Why not ``hivemind.DHT``: that one forks a process and sends every request through a pipe. A fork
+taken after grpc or torch started their threads can hang the child, and the child reads its pipe
+from uvloop, which makes the pipe non-blocking: a request over 16 KiB (multiprocessing writes its
+header and its body separately) can then be read half-way, which kills the DHT process. A node
+announcing more than ~100 experts sends such requests on every heartbeat. Here requests are
+coroutines scheduled on the peer's loop, so nothing is pickled and no size matters; the libp2p
+daemon is still a child process, started by fork + exec, which is safe after threads.
+
+The thread also keeps DHT work (a heartbeat of thousands of records) off the loop that serves
+gRPC calls. Other code may schedule its own coroutines on :attr:`DHTPeer.loop` (the client's
+dispatcher does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from hivemind.dht import DHTNode
+
+from dmoe.local import listen_maddr
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DHTPeer:
+    """``with DHTPeer(initial_peers=[...]) as peer: peer.run(coroutine)``, or start()/shutdown()."""
+
+    def __init__(
+        self,
+        *,
+        initial_peers: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        identity_path: str | None = None,
+        event_loop: str = "uvloop",
+        client_mode: bool = False,
+    ):
+        if event_loop not in ("uvloop", "asyncio"):
+            raise ValueError(f"event_loop must be uvloop or asyncio, got {event_loop!r}")
+        self.initial_peers = list(initial_peers)
+        self.host, self.port, self.identity_path, self.client_mode = host, port, identity_path, client_mode
+        self.loop = new_event_loop(event_loop)
+        self.node: DHTNode | None = None
+        self.peer_id: str = ""  # base58 libp2p peer id, once started
+        self.visible_maddrs: list[str] = []  # multiaddrs others join with, once started
+        self._thread: threading.Thread | None = None
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the peer's loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def run_async(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Await a coroutine run on the peer's loop, from another event loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    def run_coroutine(self, fn: Callable[[Any, DHTNode], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
+        """``fn(self, node)`` on the peer's loop: the calling convention of ``hivemind.DHT.run_coroutine``,
+        so that helpers in :mod:`dmoe.records` take either."""
+        assert self.node is not None, "call start() first"
+        return self.run(fn(self, self.node), timeout)
+
+    def start(self, timeout: float = 60.0) -> DHTPeer:
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dmoe-dht", daemon=True)
+        self._thread.start()
+        try:
+            self.node = self.run(self._create(), timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    async def _create(self) -> DHTNode:
+        extra: dict[str, Any] = {"identity_path": self.identity_path} if self.identity_path else {}
+        node = await DHTNode.create(
+            initial_peers=self.initial_peers or None, host_maddrs=[listen_maddr(self.host, self.port)],
+            client_mode=self.client_mode, **extra,
+        )
+        self.peer_id = node.peer_id.to_base58()
+        self.visible_maddrs = [str(a) for a in await node.get_visible_maddrs()]
+        return node
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the DHT node and the loop; safe to call twice."""
+        if self._thread is None:
+            return
+        try:
+            if self.node is not None:
+                self.run(_stop_node(self.node, timeout), timeout + 5)
+        except Exception as e:
+            logger.debug("DHT node shutdown: %s", e)
+        finally:
+            self.node = None
+            self.run(_cancel_other_tasks(), timeout)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self._thread = None
+            self.loop.close()
+
+    @property
+    def daemon_alive(self) -> bool:
+        """False once the libp2p daemon has exited (e.g. a SIGTERM sent to the whole process group)."""
+        return self.node is not None and _daemon_alive(self.node)
+
+    def __enter__(self) -> DHTPeer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def _daemon_alive(node: DHTNode) -> bool:
+    child = getattr(node.p2p, "_child", None)  # hivemind keeps the daemon's process here
+    return child is None or child.returncode is None
+
+
+async def _stop_node(node: DHTNode, timeout: float) -> None:
+    """A graceful DHTNode.shutdown talks to the daemon and waits forever if it is gone: then only
+    clean up the client side."""
+    if _daemon_alive(node):
+        try:
+            await asyncio.wait_for(node.shutdown(), timeout)
+            return
+        except asyncio.TimeoutError:
+            logger.warning("the DHT node did not stop within %.0fs; stopping its daemon", timeout)
+    node.is_alive = False
+    await node.p2p.shutdown()
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel what the DHT node left running (cache refreshers), so the loop closes cleanly."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -139,10 +139,33 @@ def test_sigterm_finishes_in_flight_calls(node_factory, tmp_path, monkeypatch):
 
 
 def test_sigterm_to_the_whole_process_group_still_stops_cleanly(node_factory, tmp_path):
-    """systemd (KillMode=control-group) signals every process of the service, the libp2p daemon
-    included: the node cannot withdraw its records then, but still exits 0 with its checkpoint written."""
+    """systemd and docker signal every process of the service; the DHT peer must outlive the node's
+    own shutdown, which then exits 0 with its checkpoint written."""
     node = node_factory("--experts", "ffn.[0:1]", "--hidden-dim", str(HIDDEN), "--checkpoint-dir", str(tmp_path / "c"))
     _, service = stub(node.endpoint)
     train_steps(service, "ffn.0", 1)
     assert node.terminate_group(timeout=30) == 0
     assert (tmp_path / "c" / "ffn.0" / "000000000001.safetensors").exists()
+
+
+def test_a_node_of_1024_experts_keeps_beating_and_withdraws(node_factory, dht_factory):
+    """A heartbeat of 1,024 experts (~3,000 DHT entries, far over 16 KiB) is stored again and again,
+    the grid prefixes list every expert, and a graceful stop withdraws them all."""
+    node = node_factory("--experts", "ffn.[0:32].[0:32]", "--hidden-dim", "4", "--inner-dim", "4",
+                        "--heartbeat-interval", "1", "--record-ttl", "20")
+    dht = dht_factory(node.swarm)
+    sample = ["ffn.0.0", "ffn.17.5", "ffn.31.31"]
+
+    def expiration() -> float | None:
+        entry = dht.get("ffn.17.5", latest=True)
+        return None if entry is None else entry.expiration_time
+
+    first = wait_for(expiration, 30, "the first beat")
+    second = wait_for(lambda: (e := expiration()) is not None and e > first and e, 30, "a second beat")
+    wait_for(lambda: (e := expiration()) is not None and e > second, 30, "a third beat")
+    assert node.proc.poll() is None
+    assert set(dht.get("ffn.", latest=True).value) == set(range(32))
+    assert all(set(dht.get(f"ffn.{i}.", latest=True).value) == set(range(32)) for i in (0, 13, 31))
+    assert set(find_experts(dht, sample)) == set(sample)
+    assert node.terminate() == 0
+    assert find_experts(dht, sample) == {}

@@ -139,8 +139,8 @@ def test_sigterm_finishes_in_flight_calls(node_factory, tmp_path, monkeypatch):
 
 
 def test_sigterm_to_the_whole_process_group_still_stops_cleanly(node_factory, tmp_path):
-    """systemd and docker signal every process of the service; the DHT peer must outlive the node's
-    own shutdown, which then exits 0 with its checkpoint written."""
+    """systemd (KillMode=control-group) signals every process of the service, the libp2p daemon
+    included: the node cannot withdraw its records then, but still exits 0 with its checkpoint written."""
     node = node_factory("--experts", "ffn.[0:1]", "--hidden-dim", str(HIDDEN), "--checkpoint-dir", str(tmp_path / "c"))
     _, service = stub(node.endpoint)
     train_steps(service, "ffn.0", 1)

@@ -4,9 +4,8 @@ A coordinator and ``--nodes`` nodes (default 4) on this machine; the first grid 
 over the nodes (node n hosts ``ffn.[a:b].[0:64]``, 1,024 experts each with 4 nodes). The experts
 are tiny (hidden 16, inner 16), so hosting thousands is cheap and a full training step is
 dominated by the number of calls, not by compute. The nodes are ``dmoe node start`` with a
-work-around for a crash of their DHT process on big heartbeats (see :func:`patched_node_main`;
-``--stock-nodes`` runs them as they are) and a heartbeat put off past the run (``--heartbeat-interval``),
-so that announcing 1,024 experts, ~10 s of a core per beat here, does not land in the timings.
+heartbeat put off past the run (``--heartbeat-interval``), so that announcing 1,024 experts does not
+land in the timings.
 The client is ``dmoe.RemoteMoE(swarm, prefix='ffn', grid=(64, 64), in_features=16, k=2)`` (beam
 size 2k = 4 by default), after it sees all 4,096 experts in the DHT (``--discovery-timeout``).
 
@@ -47,7 +46,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -75,47 +73,10 @@ LOOKUP_FIELDS = ("gate_s", "lookup_s", "score_s", "route_s", "num_candidates", "
 
 
 # ---- swarm ------------------------------------------------------------------------------------
-def patched_node_main(argv: list[str]) -> None:
-    """``dmoe node start ARGV`` with a work-around for a crash of the node's DHT process.
-
-    The node sends each heartbeat's records (keys and values) through the pipe of its forked
-    ``hivemind.DHT`` process. That process reads the pipe from uvloop, whose ``add_reader`` made
-    the socket non-blocking, and multiprocessing sends a message over 16 KiB as two writes
-    (header, then body): when the reader wakes between the two, ``recv`` raises BlockingIOError,
-    the DHT process dies (the messages after it are read from mid-stream) and the node never gets
-    ready, or cannot withdraw its records when it stops. It is a race, but a node of more than ~100
-    experts lost it on its first heartbeat in 3 of 4 tries here. Here a read that would block waits
-    for the rest of the message instead.
-    """
-    import multiprocessing.connection as mpc
-    import select
-
-    def recv_exactly(self, size: int, read=os.read) -> io.BytesIO:  # Connection._recv, waiting on EAGAIN
-        buf = io.BytesIO()
-        remaining = size
-        while remaining > 0:
-            try:
-                chunk = read(self._handle, remaining)
-            except BlockingIOError:
-                select.select([self._handle], [], [])
-                continue
-            if not chunk:
-                raise EOFError if remaining == size else OSError("got end of file during message")
-            buf.write(chunk)
-            remaining -= len(chunk)
-        return buf
-
-    mpc.Connection._recv = recv_exactly
-    from dmoe.cli import main as dmoe_main
-
-    dmoe_main(args=argv, prog_name="dmoe")
-
-
 @contextmanager
-def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, stock_nodes: bool,
-                tmp: Path) -> Iterator[list[str]]:
-    """A coordinator and ``num_nodes`` nodes sharing the grid's rows; yields the swarm address.
-    The nodes are ``dmoe node start``, with the pipe work-around unless ``stock_nodes``."""
+def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path) -> Iterator[list[str]]:
+    """A coordinator and ``num_nodes`` nodes (``dmoe node start``) sharing the grid's rows; yields
+    the swarm address."""
     rows = [GRID[0] * n // num_nodes for n in range(num_nodes + 1)]
     with ExitStack() as stack:
         ready = tmp / "coordinator.json"
@@ -123,7 +84,7 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, stock_nodes
                "--ready-file", str(ready)]
         log = RESULTS / "bench_lookup_coordinator.log"
         swarm_addrs = stack.enter_context(server_process(cmd, log, ready))["swarm"]
-        start = [sys.executable, "-m", "dmoe"] if stock_nodes else [sys.executable, __file__, "_patched_node"]
+        start = [sys.executable, "-m", "dmoe"]
         for n in range(num_nodes):
             ready = tmp / f"node{n}.json"
             cmd = [*start, "node", "start", "--experts", f"{PREFIX}.[{rows[n]}:{rows[n + 1]}].[0:{GRID[1]}]",
@@ -304,9 +265,6 @@ def measure_training(layers: dict[str, dmoe.RemoteMoE], batch: int, steps: int,
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=4, help="nodes sharing the grid's rows")
-    parser.add_argument("--stock-nodes", action="store_true",
-                        help="run `python -m dmoe node start` as is, without the DHT-pipe work-around "
-                             "(a node of more than ~100 experts then mostly dies on its first heartbeat)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 256],
                         help="tokens per step (several: one measurement each; training uses the largest)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per lookup configuration")
@@ -330,8 +288,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["_patched_node"]:  # a node process started by this script (see patched_node_main)
-        return patched_node_main(sys.argv[2:])
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind the context managers: stop the servers
     loops = ["uvloop", "asyncio"] if args.event_loop == "both" else [args.event_loop]
@@ -342,7 +298,7 @@ def main() -> None:
         "grid": list(GRID), "experts": GRID[0] * GRID[1], "nodes": args.nodes, "hidden": HIDDEN,
         "inner": INNER, "k": K, "beam_size": args.beam_size or 2 * K, "batches": args.batch,
         "steps": args.steps, "train_steps": args.train_steps, "warmup": args.warmup, "event_loops": loops,
-        "external_swarm": args.swarm, "stock_nodes": args.stock_nodes,
+        "external_swarm": args.swarm,
         "heartbeat_interval": args.heartbeat_interval, "record_ttl": args.record_ttl,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
     started = time.monotonic()
@@ -350,7 +306,7 @@ def main() -> None:
         swarm_addrs = args.swarm
         if not swarm_addrs:
             swarm_addrs = stack.enter_context(local_swarm(
-                args.nodes, args.heartbeat_interval, args.record_ttl, args.stock_nodes, Path(tmp)))
+                args.nodes, args.heartbeat_interval, args.record_ttl, Path(tmp)))
             out["swarm_start_s"] = time.monotonic() - started
             print(f"coordinator + {args.nodes} nodes up in {out['swarm_start_s']:.1f}s", flush=True)
         swarms: dict[tuple[str, str], dmoe.Swarm] = {}

@@ -1,5 +1,10 @@
-"""Coordinator: the swarm's well-known first peer. It holds no experts and nothing depends on it
-after joining: nodes and clients may join through any peer and keep working without it."""
+"""Coordinator: the swarm's well-known first peer and its monitor. It holds no experts and nothing
+depends on it after joining: nodes and clients may join through any peer and keep working without it.
+
+It runs a DHT peer (a stable address with ``--identity`` and ``--dht-port``), a
+:class:`~dmoe.coordinator.monitor.SwarmMonitor` that reads the nodes' records, and the
+:class:`~dmoe.coordinator.dashboard.Dashboard` HTTP server, all on the DHT peer's event loop.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import signal
 import threading
 
 from dmoe.coordinator.config import CoordinatorConfig
+from dmoe.coordinator.dashboard import Dashboard
+from dmoe.coordinator.metrics import make_registry
+from dmoe.coordinator.monitor import SwarmMonitor
 from dmoe.local import write_json_atomic
 from dmoe.peer import DHTPeer
 
@@ -19,23 +27,50 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.dht: DHTPeer | None = None
+        self.monitor: SwarmMonitor | None = None
+        self.dashboard: Dashboard | None = None
         self.swarm_addresses: list[str] = []
+        self.dashboard_url: str = ""
 
     def start(self) -> Coordinator:
-        self.dht = DHTPeer(
-            initial_peers=self.config.swarm, host=self.config.host, port=self.config.dht_port,
-            identity_path=self.config.identity,
-        ).start()
-        self.swarm_addresses = list(self.dht.visible_maddrs)
-        logger.info("coordinator up as %s", self.dht.peer_id)
-        if self.config.ready_file:
-            write_json_atomic(self.config.ready_file, {"swarm": self.swarm_addresses, "pid": os.getpid()})
+        config = self.config
+        try:
+            self.dht = DHTPeer(
+                initial_peers=config.swarm, host=config.host, port=config.dht_port, identity_path=config.identity,
+            ).start()
+            self.swarm_addresses = list(self.dht.visible_maddrs)
+            logger.info("coordinator up as %s", self.dht.peer_id)
+            self.monitor = SwarmMonitor(self.dht, poll_interval=config.poll_interval, history=config.history)
+            info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses}
+            self.dashboard = Dashboard(self.monitor, make_registry(self.monitor), info)
+            self.dashboard_url = self.dht.run(self._start_serving(), 60)
+        except BaseException:
+            self.shutdown()
+            raise
+        if config.ready_file:
+            write_json_atomic(config.ready_file, {"swarm": self.swarm_addresses, "dashboard": self.dashboard_url,
+                                                  "pid": os.getpid()})
         return self
+
+    async def _start_serving(self) -> str:
+        assert self.monitor is not None and self.dashboard is not None
+        self.monitor.start()
+        return await self.dashboard.start(self.config.http_host, self.config.http_port)
+
+    async def _stop_serving(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+        if self.monitor is not None:
+            await self.monitor.stop()
 
     def shutdown(self) -> None:
         if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+            try:
+                self.dht.run(self._stop_serving(), 30)
+            finally:
+                self.dht.shutdown()
+                self.dht = None
+            logger.info("coordinator stopped")
 
     def __enter__(self) -> Coordinator:
         return self.start()

@@ -17,8 +17,17 @@ class CoordinatorConfig:
     dht_port: int = option(0, "DHT (libp2p) port; fix it (and --identity) for an address that survives restarts")
     identity: str | None = option(None, "file with the peer's private key (created if missing): a stable peer id")
     swarm: list[str] = option([], "other swarm peers to join (repeat); none: this peer starts the swarm")
-    ready_file: str | None = option(None, "write a JSON file with the swarm address once up")
+    http_host: str = option("127.0.0.1", "address the dashboard, JSON API and /metrics listen on")
+    http_port: int = option(0, "dashboard port (0: any free port, printed at start)")
+    poll_interval: float = option(5.0, "seconds between two reads of the nodes' DHT records")
+    history: int = option(360, "views kept for the throughput plots (360 x 5 s = 30 minutes)")
+    ready_file: str | None = option(None, "write a JSON file with the swarm address and dashboard URL once up")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.dht_port <= 65535:
-            raise ConfigError(f"dht_port must be in 0..65535, got {self.dht_port}")
+        for name in ("dht_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if self.poll_interval <= 0:
+            raise ConfigError(f"poll_interval must be > 0, got {self.poll_interval}")
+        if self.history < 2:
+            raise ConfigError(f"history must be at least 2 views, got {self.history}")

@@ -14,6 +14,7 @@ from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.errors import ConfigError, DmoeError
 from dmoe.infer import InferConfig
 from dmoe.node.config import NodeConfig
+from dmoe.status import StatusConfig
 from dmoe.train import TrainConfig
 
 
@@ -85,7 +86,36 @@ def coordinator_start(config_path: str | None, **values) -> None:
     for address in coord.swarm_addresses:
         click.echo(f"swarm address: {address}")
     click.echo(f"nodes join with: dmoe node start --swarm {coord.swarm_addresses[0]} --experts 'ffn.[0:8]'")
+    click.echo(f"dashboard: {coord.dashboard_url}  (JSON: {coord.dashboard_url}api/swarm, "
+               f"Prometheus: {coord.dashboard_url}metrics)")
     coord.run()
+
+
+@main.group()
+def swarm() -> None:
+    """Look at a swarm."""
+
+
+@swarm.command("status")
+@click_options(StatusConfig)
+def swarm_status(config_path: str | None, **values) -> None:
+    """Nodes and experts of a swarm, from the nodes' own DHT records: tables, or --json for scripts."""
+    config = _config(StatusConfig, config_path, values)
+    from rich.console import Console
+
+    from dmoe.status import read_view, render
+
+    try:
+        view = read_view(config)
+    except (DmoeError, ValueError, OSError, TimeoutError) as e:
+        raise click.ClickException(f"cannot read the swarm: {e}") from None
+    if config.json:
+        click.echo(view.model_dump_json(indent=2))
+    else:
+        console = Console()
+        if not console.is_terminal:  # a pipe or a log: no terminal width to fit, keep rows whole
+            console = Console(width=200)
+        render(view, console, experts=config.experts)
 
 
 @main.command("train")

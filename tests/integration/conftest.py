@@ -105,6 +105,47 @@ class NodeProcess:
             self._log.close()
 
 
+class CoordinatorProcess(NodeProcess):
+    """``dmoe coordinator start`` in its own process group; ``ready`` has its swarm and dashboard URL."""
+
+    def start(self) -> CoordinatorProcess:
+        self.ready_file.unlink(missing_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dmoe", "coordinator", "start", "--host", "127.0.0.1",
+             "--ready-file", str(self.ready_file), *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            return self.ready_file.exists()
+
+        wait_for(ready, START_TIMEOUT, f"{self.name} to start")
+        self.ready = json.loads(self.ready_file.read_text())
+        return self
+
+    @property
+    def dashboard(self) -> str:
+        return self.ready["dashboard"]
+
+
+@pytest.fixture
+def coordinator_factory(tmp_path) -> Iterator:
+    """coordinator_factory(*cli_args, name=...) -> a started CoordinatorProcess; killed at teardown."""
+    started: list[CoordinatorProcess] = []
+
+    def start(*args: str, name: str = "coordinator") -> CoordinatorProcess:
+        coordinator = CoordinatorProcess(tmp_path, list(args), name)
+        started.append(coordinator)
+        return coordinator.start()
+
+    yield start
+    for coordinator in started:
+        coordinator.cleanup()
+
+
 @pytest.fixture
 def node_factory(tmp_path) -> Iterator:
     """node_factory(*cli_args, name=...) -> a started NodeProcess; all are killed at teardown."""

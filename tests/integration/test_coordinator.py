@@ -1,53 +1,151 @@
-"""The coordinator: a bootstrap peer whose address survives restarts, and that nodes join through."""
+"""The coordinator: a bootstrap peer whose address survives restarts, its dashboard, JSON API and
+metrics, ``dmoe swarm status``, and a swarm that keeps working without it."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
+import shutil
 import subprocess
 import sys
+import tempfile
+import urllib.request
 
 import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
 
+import dmoe
+from dmoe.proto import expert_pb2 as pb
 from dmoe.records import find_experts
+from dmoe.wire import serialize
 
-from conftest import wait_for
+from conftest import stub, wait_for
 
-pytestmark = pytest.mark.timeout(120)
-
-
-def start_coordinator(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
-    ready = tmp_path / "coordinator.json"
-    ready.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "dmoe", "coordinator", "start", "--ready-file", str(ready), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: ready.exists() or proc.poll() is not None, 60, "the coordinator")
-    assert proc.poll() is None, "coordinator exited"
-    return proc, json.loads(ready.read_text())
+pytestmark = pytest.mark.timeout(180)
+HIDDEN = 8
 
 
-def test_address_is_stable_and_nodes_join_through_it(tmp_path, node_factory, dht_factory):
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
+
+
+def rendered_page(url: str) -> str:
+    """The dashboard's DOM after its scripts ran, from headless Chromium (Debian's package)."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Chromium is missing: scripts/test.sh installs Debian's chromium package"
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", url],
+            capture_output=True, timeout=60, text=True,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def node_ids(view: dict) -> set[str]:
+    return {n["node_id"] for n in view["nodes"]}
+
+
+def test_address_is_stable_and_nodes_join_through_it(tmp_path, coordinator_factory, node_factory, dht_factory):
     identity = tmp_path / "coordinator.key"
-    procs = []
-    try:
-        proc, first = start_coordinator(tmp_path, "--identity", str(identity))
-        procs.append(proc)
-        address = first["swarm"][0]
-        port = address.split("/tcp/")[1].split("/")[0]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+    first = coordinator_factory("--identity", str(identity))
+    address = first.ready["swarm"][0]
+    port = address.split("/tcp/")[1].split("/")[0]
+    assert first.terminate(30) == 0
 
-        proc, second = start_coordinator(tmp_path, "--identity", str(identity), "--dht-port", port)
-        procs.append(proc)
-        assert second["swarm"][0] == address
+    second = coordinator_factory("--identity", str(identity), "--dht-port", port)
+    assert second.ready["swarm"][0] == address
 
-        node = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", "8")
-        client = dht_factory([address])
-        records = wait_for(lambda: find_experts(client, ["ffn.0", "ffn.1"]), 30, "records via the coordinator")
-        assert {r.endpoint for r in records.values()} == {node.endpoint}
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    node = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN))
+    client = dht_factory([address])
+    records = wait_for(lambda: find_experts(client, ["ffn.0", "ffn.1"]), 30, "records via the coordinator")
+    assert {r.endpoint for r in records.values()} == {node.endpoint}
+
+
+def test_dashboard_api_metrics_and_status_follow_the_swarm(coordinator_factory, node_factory):
+    coordinator = coordinator_factory("--poll-interval", "0.5")
+    address, url = coordinator.ready["swarm"][0], coordinator.dashboard
+    beats = ("--heartbeat-interval", "1", "--record-ttl", "4")
+    busy = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), *beats, name="busy")
+    doomed = node_factory("--swarm", address, "--experts", "ffn.[2:4]", "--hidden-dim", str(HIDDEN), *beats,
+                          name="doomed")
+    busy_id, doomed_id = busy.ready["node_id"], doomed.ready["node_id"]
+
+    _, service = stub(busy.endpoint)
+    x = torch.randn(8, HIDDEN)
+    for _ in range(3):
+        service.Backward(pb.BackwardRequest(uid="ffn.1", inputs=[serialize(x)], grad_outputs=[serialize(x)]), timeout=30)
+
+    def busy_seen():
+        view = get_json(url + "api/swarm")
+        nodes = {n["node_id"]: n for n in view["nodes"]}
+        return set(nodes) == {busy_id, doomed_id} and nodes[busy_id]["backward_calls"] == 3 and view
+
+    view = wait_for(busy_seen, 30, "both nodes and the busy node's calls in /api/swarm", interval=0.3)
+    nodes = {n["node_id"]: n for n in view["nodes"]}
+    assert nodes[busy_id]["tokens"] == 24 and nodes[busy_id]["endpoint"] == busy.endpoint
+    assert nodes[busy_id]["optimizer_steps"] == 3 and nodes[doomed_id]["calls"] == 0
+    assert (view["num_nodes"], view["num_experts"], nodes[busy_id]["device"]) == (2, 4, "cpu")
+    assert {e["uid"] for e in view["experts"] if e["node_id"] == doomed_id} == {"ffn.2", "ffn.3"}
+    assert view["coordinator"]["swarm"] == coordinator.ready["swarm"]
+
+    families = {f.name: f for f in text_string_to_metric_families(get_text(url + "metrics"))}
+    assert families["dmoe_swarm_nodes"].samples[0].value == 2
+    tokens = {s.labels["node"]: s.value for s in families["dmoe_node_tokens"].samples}
+    assert tokens == {busy_id: 24, doomed_id: 0}
+    calls = {(s.labels["node"], s.labels["kind"]): s.value for s in families["dmoe_node_calls"].samples}
+    assert calls[(busy_id, "backward")] == 3
+
+    history = wait_for(lambda: (h := get_json(url + "api/history"))["nodes"].get(busy_id) and h, 20, "history")
+    assert all(set(p) == {"at", "tokens_per_s", "calls_per_s", "errors_per_s"} for p in history["nodes"][busy_id])
+    assert get_text(url + "healthz") == "ok"
+
+    status = subprocess.run([sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", address, "--json",
+                             "--wait-nodes", "2"], capture_output=True, text=True, timeout=90)
+    assert status.returncode == 0, status.stderr
+    from_status = json.loads(status.stdout)
+    assert node_ids(from_status) == {busy_id, doomed_id}
+    assert {n["node_id"]: n["calls"] for n in from_status["nodes"]}[busy_id] == 3
+    table = subprocess.run([sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", busy.swarm[0], "--experts",
+                            "--wait-nodes", "2"], capture_output=True, text=True, timeout=90)
+    assert table.returncode == 0, table.stderr
+    assert "2 nodes, 4 experts" in table.stdout and busy.endpoint in table.stdout and "ffn.3" in table.stdout
+
+    page = rendered_page(url)
+    assert f'data-node-id="{busy_id}"' in page and f'data-node-id="{doomed_id}"' in page
+    assert 'data-uid="ffn.3"' in page and 'data-series="swarm"' in page
+
+    doomed.kill()  # kill -9: no withdrawal, its records expire
+    wait_for(lambda: node_ids(get_json(url + "api/swarm")) == {busy_id}, 30, "the killed node to vanish", interval=0.5)
+    page = rendered_page(url)
+    assert f'data-node-id="{busy_id}"' in page and f'data-node-id="{doomed_id}"' not in page
+    assert 'data-uid="ffn.3"' not in page
+    log = coordinator.log()
+    assert f"node joined: {doomed_id}" in log and f"node gone: {doomed_id}" in log
+
+
+def test_the_swarm_keeps_working_without_the_coordinator(coordinator_factory, node_factory):
+    coordinator = coordinator_factory()
+    address = coordinator.ready["swarm"][0]
+    first = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), name="first")
+    coordinator.kill()
+    # several addresses, the coordinator's dead: a node and a client join through the live one
+    second = node_factory("--swarm", address, "--swarm", first.swarm[0], "--experts", "ffn.[2:4]",
+                          "--hidden-dim", str(HIDDEN), name="second")
+    with dmoe.Swarm(dmoe.SwarmConfig(initial_peers=[address, first.swarm[0]], cache_ttl=0)) as swarm:
+        def both():
+            live = swarm.live_under(["ffn."])["ffn."]
+            return set(live) == {0, 1, 2, 3} and live
+        live = wait_for(both, 30, "experts of both nodes")
+        assert {live[0].endpoint, live[2].endpoint} == {first.endpoint, second.endpoint}
+        moe = dmoe.RemoteMoE(swarm, prefix="ffn", grid=(4,), in_features=HIDDEN, k=4, k_min=4, forward_timeout=30)
+        y = moe(torch.randn(5, HIDDEN))
+        assert y.shape == (5, HIDDEN) and bool(y.abs().sum() > 0)

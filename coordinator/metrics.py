@@ -1,0 +1,66 @@
+"""SwarmCollector: Prometheus metrics of the swarm, read from the monitor's latest view at scrape time.
+
+The numbers are the nodes' own cumulative counters (from their DHT records), exported with a
+``node`` label, so Prometheus' ``rate()`` gives throughput per node; a node that restarts starts
+its counters again, which ``rate()`` treats as a counter reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dmoe.coordinator.monitor import SwarmMonitor
+
+
+class SwarmCollector(Collector):
+    def __init__(self, monitor: SwarmMonitor):
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        view = self.monitor.view
+        yield GaugeMetricFamily("dmoe_swarm_nodes", "live nodes (unexpired online records)", value=view.num_nodes)
+        yield GaugeMetricFamily("dmoe_swarm_experts", "distinct live expert uids", value=view.num_experts)
+        yield GaugeMetricFamily("dmoe_swarm_replicated_experts", "uids served by more than one node",
+                                value=view.num_replicated)
+        yield CounterMetricFamily("dmoe_monitor_polls", "reads of the swarm's records by this coordinator",
+                                  value=self.monitor.num_polls)
+        labels = ["node", "endpoint", "device"]
+        families = {
+            "calls": CounterMetricFamily("dmoe_node_calls", "calls served by the node", labels=[*labels, "kind"]),
+            "tokens": CounterMetricFamily("dmoe_node_tokens", "tokens processed (forward + backward)", labels=labels),
+            "errors": CounterMetricFamily("dmoe_node_errors", "calls that failed on the node", labels=labels),
+            "rejected": CounterMetricFamily("dmoe_node_rejected", "calls shed for overload", labels=labels),
+            "steps": CounterMetricFamily("dmoe_node_optimizer_steps", "optimizer steps over the node's experts",
+                                         labels=labels),
+            "experts": GaugeMetricFamily("dmoe_node_experts", "experts hosted", labels=labels),
+            "queued": GaugeMetricFamily("dmoe_node_queued_tokens", "tokens waiting on the node", labels=labels),
+            "p50": GaugeMetricFamily("dmoe_node_latency_p50_seconds", "median time to serve a call", labels=labels),
+            "p99": GaugeMetricFamily("dmoe_node_latency_p99_seconds", "99th percentile time to serve a call",
+                                     labels=labels),
+            "uptime": GaugeMetricFamily("dmoe_node_uptime_seconds", "seconds since the node started", labels=labels),
+        }
+        for n in view.nodes:
+            values = [n.node_id, n.endpoint, n.device]
+            families["calls"].add_metric([*values, "forward"], n.forward_calls)
+            families["calls"].add_metric([*values, "backward"], n.backward_calls)
+            families["tokens"].add_metric(values, n.tokens)
+            families["errors"].add_metric(values, n.errors)
+            families["rejected"].add_metric(values, n.rejected)
+            families["steps"].add_metric(values, n.optimizer_steps)
+            families["experts"].add_metric(values, n.num_experts)
+            families["queued"].add_metric(values, n.queued_tokens)
+            families["p50"].add_metric(values, n.latency_p50_ms / 1e3)
+            families["p99"].add_metric(values, n.latency_p99_ms / 1e3)
+            families["uptime"].add_metric(values, n.uptime_s)
+        yield from families.values()
+
+
+def make_registry(monitor: SwarmMonitor) -> CollectorRegistry:
+    """A registry of its own per coordinator (several may run in one process, as in tests)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(SwarmCollector(monitor))
+    return registry

@@ -1,0 +1,73 @@
+"""SwarmMonitor: reads the nodes' DHT records every few seconds, keeps the latest view of the swarm
+and its throughput history, and logs nodes joining and leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from dmoe.peer import DHTPeer
+from dmoe.records import find_nodes_async
+from dmoe.swarmview import SwarmView, ThroughputHistory, summarize
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmMonitor:
+    def __init__(self, peer: DHTPeer, *, poll_interval: float, history: int):
+        self.peer, self.poll_interval = peer, poll_interval
+        self.view: SwarmView = summarize({})
+        self.history = ThroughputHistory(history)
+        self.num_polls = 0
+        self.last_error: str = ""
+        self._task: asyncio.Task | None = None
+
+    async def poll(self) -> SwarmView:
+        """Read the records once (on the peer's loop) and update the view and history."""
+        assert self.peer.node is not None
+        records = await find_nodes_async(self.peer.node)
+        view = summarize(records, time.time())
+        self._log_changes(self.view, view)
+        self.view = view
+        self.history.add(view)
+        self.num_polls += 1
+        return view
+
+    def _log_changes(self, old: SwarmView, new: SwarmView) -> None:
+        before = {n.node_id: n for n in old.nodes}
+        after = {n.node_id: n for n in new.nodes}
+        for node_id in after.keys() - before.keys():
+            n = after[node_id]
+            logger.info("node joined: %s at %s, %d experts (%s) on %s", node_id, n.endpoint, n.num_experts,
+                        ", ".join(n.expert_prefixes), n.device)
+        for node_id in before.keys() - after.keys():
+            logger.info("node gone: %s at %s (its records were withdrawn or expired)", node_id, before[node_id].endpoint)
+        for node_id in after.keys() & before.keys():
+            if after[node_id].started_at != before[node_id].started_at:
+                logger.info("node restarted: %s at %s", node_id, after[node_id].endpoint)
+            new_failures = after[node_id].errors - before[node_id].errors
+            if new_failures > 0:
+                logger.info("node %s failed %d calls since the last view", node_id, new_failures)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll()
+                self.last_error = ""
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the DHT may be unreachable for a while; keep the last view
+                self.last_error = f"{type(e).__name__}: {e}"
+                logger.warning("could not read the swarm's records: %s", self.last_error)
+            await asyncio.sleep(self.poll_interval)
+
+    def start(self) -> None:
+        """Start polling on the running loop (the peer's)."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dmoe-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

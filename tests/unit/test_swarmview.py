@@ -1,0 +1,64 @@
+"""SwarmView from node records, and throughput history across views, restarts and departures."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmoe.records import ExpertLoad, Hardware, NodeRecord
+from dmoe.swarmview import ThroughputHistory, summarize
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def node(node_id: str, experts: dict[str, ExpertLoad], started_at: float = 100.0) -> NodeRecord:
+    return NodeRecord(node_id=node_id, endpoint=f"127.0.0.1:{len(node_id)}", started_at=started_at,
+                      hardware=Hardware(device="cuda:0", device_name="RTX 4090", num_cpus=8, ram_bytes=1 << 34),
+                      experts=list(experts), load=experts)
+
+
+def load(calls: int, tokens: int, p50: float = 1.0, p99: float = 2.0, errors: int = 0, version: int = 0) -> ExpertLoad:
+    return ExpertLoad(forward_calls=calls, backward_calls=calls, tokens=tokens, errors=errors,
+                      latency_p50_ms=p50, latency_p99_ms=p99, version=version, queued_tokens=3)
+
+
+def test_summary_sums_per_node_and_counts_replicas():
+    records = {
+        "b": node("b", {"lm1.0": load(1, 10, p50=10.0, p99=50.0), "lm0.1": load(3, 30, p50=2.0, p99=5.0, errors=1)}),
+        "a": node("a", {"lm0.0": load(0, 0), "lm0.1": load(2, 20, version=7)}),
+    }
+    view = summarize(records, now=160.0)
+    assert [n.node_id for n in view.nodes] == ["a", "b"]
+    b = view.nodes[1]
+    assert (b.forward_calls, b.backward_calls, b.calls, b.tokens, b.errors) == (4, 4, 8, 40, 1)
+    assert b.latency_p50_ms == pytest.approx((2 * 10.0 + 6 * 2.0) / 8)  # call-weighted
+    assert b.latency_p99_ms == 50.0 and b.queued_tokens == 6 and b.uptime_s == 60.0
+    assert b.expert_prefixes == ["lm0", "lm1"] and b.device_name == "RTX 4090" and b.num_experts == 2
+    assert view.nodes[0].latency_p50_ms == 1.0 and view.nodes[0].optimizer_steps == 7
+    assert (view.num_nodes, view.num_experts, view.num_replicated) == (2, 3, 1)
+    assert (view.calls, view.tokens, view.errors) == (12, 60, 1)
+    assert [(e.uid, e.node_id) for e in view.experts] == [("lm0.0", "a"), ("lm0.1", "a"), ("lm0.1", "b"), ("lm1.0", "b")]
+
+
+def test_an_empty_swarm():
+    view = summarize({}, now=1.0)
+    assert (view.num_nodes, view.num_experts, view.nodes, view.experts) == (0, 0, [], [])
+
+
+def test_throughput_is_the_growth_of_counters_between_views():
+    history = ThroughputHistory(maxlen=3)
+    history.add(summarize({"a": node("a", {"x.0": load(1, 100)})}, now=10.0))
+    assert history.nodes == {} and history.swarm[-1].tokens_per_s == 0.0  # one view: no rate yet
+    history.add(summarize({"a": node("a", {"x.0": load(3, 300)}),
+                           "b": node("b", {"x.1": load(1, 50)})}, now=12.0))
+    assert history.nodes["a"][-1].tokens_per_s == 100.0 and history.nodes["a"][-1].calls_per_s == 2.0
+    assert "b" not in history.nodes  # first seen now
+    history.add(summarize({"a": node("a", {"x.0": load(3, 300)}),
+                           "b": node("b", {"x.1": load(2, 90, errors=2)})}, now=14.0))
+    assert history.nodes["a"][-1].tokens_per_s == 0.0
+    assert history.nodes["b"][-1].tokens_per_s == 20.0 and history.nodes["b"][-1].errors_per_s == 1.0
+    assert history.swarm[-1].tokens_per_s == 20.0
+    # a restarted node counts from zero again; a departed one is forgotten
+    history.add(summarize({"a": node("a", {"x.0": load(1, 40)}, started_at=13.0)}, now=16.0))
+    assert history.nodes["a"][-1].tokens_per_s == 20.0 and "b" not in history.nodes
+    assert len(history.swarm) == 3  # maxlen
+    assert set(history.to_json()) == {"swarm", "nodes"}

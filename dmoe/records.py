@@ -82,6 +82,7 @@ class NodeRecord(_Record):
     state: Literal["online", "stopped"] = "online"
     dmoe_version: str = ""
     started_at: float = 0.0
+    updated_at: float = 0.0  # the node's wall clock when it made this record (its heartbeat)
     hardware: Hardware | None = None
     experts: list[str] = []
     load: dict[str, ExpertLoad] = {}

@@ -45,6 +45,7 @@ class NodeSummary(_Model):
     endpoint: str
     dmoe_version: str
     started_at: float
+    updated_at: float  # the node's clock when it made the record this view comes from
     uptime_s: float
     device: str
     device_name: str
@@ -102,7 +103,7 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
         hardware = record.hardware
         nodes.append(NodeSummary(
             node_id=node_id, endpoint=record.endpoint, dmoe_version=record.dmoe_version,
-            started_at=record.started_at, uptime_s=max(0.0, now - record.started_at) if record.started_at else 0.0,
+            started_at=record.started_at, updated_at=record.updated_at, uptime_s=max(0.0, now - record.started_at) if record.started_at else 0.0,
             device=hardware.device if hardware else "", device_name=hardware.device_name if hardware else "",
             num_cpus=hardware.num_cpus if hardware else 0, ram_bytes=hardware.ram_bytes if hardware else 0,
             device_memory_bytes=hardware.device_memory_bytes if hardware else 0,
@@ -133,8 +134,11 @@ class ThroughputPoint(_Model):
 class ThroughputHistory:
     """Rates per node and for the whole swarm between consecutive views, the last ``maxlen`` kept.
 
-    A node that restarted (new ``started_at``) counts from zero again; a node seen for the first
-    time has no rate until its second view."""
+    A node's rate is the growth of its counters between two of its records, over the time between
+    them by its own clock (``updated_at``): a view that finds the same record as the last one adds
+    no point for that node, so polling faster or slower than the heartbeat does not alias. A node
+    that restarted (new ``started_at``) counts from zero again; a node seen for the first time has
+    no rate until its second record. The swarm's rate is the sum of each node's latest rate."""
 
     def __init__(self, maxlen: int = 360):
         self.swarm: collections.deque[ThroughputPoint] = collections.deque(maxlen=maxlen)
@@ -143,28 +147,33 @@ class ThroughputHistory:
         self._last: dict[str, tuple[float, NodeSummary]] = {}
 
     def add(self, view: SwarmView) -> None:
-        totals = [0.0, 0.0, 0.0]
         for node in view.nodes:
             previous = self._last.get(node.node_id)
-            self._last[node.node_id] = (view.at, node)
-            if previous is None or view.at <= previous[0]:
+            stamp = node.updated_at or view.at  # records of old nodes have no updated_at
+            if previous is not None and stamp <= previous[0]:
+                continue  # the same record as last time
+            self._last[node.node_id] = (stamp, node)
+            if previous is None:
                 continue
             at, old = previous
-            dt = view.at - at
+            dt = stamp - at
             if old.started_at != node.started_at:  # restarted: its counters began again at zero
                 old = old.model_copy(update={"tokens": 0, "calls": 0, "errors": 0, "rejected": 0})
-            rates = [max(0, node.tokens - old.tokens) / dt, max(0, node.calls - old.calls) / dt,
-                     max(0, node.errors + node.rejected - old.errors - old.rejected) / dt]
-            point = ThroughputPoint(at=view.at, tokens_per_s=rates[0], calls_per_s=rates[1], errors_per_s=rates[2])
-            self.nodes.setdefault(node.node_id, collections.deque(maxlen=self.maxlen)).append(point)
-            totals = [t + r for t, r in zip(totals, rates)]
-        self.swarm.append(ThroughputPoint(at=view.at, tokens_per_s=totals[0], calls_per_s=totals[1],
-                                          errors_per_s=totals[2]))
+            self.nodes.setdefault(node.node_id, collections.deque(maxlen=self.maxlen)).append(ThroughputPoint(
+                at=view.at, tokens_per_s=max(0, node.tokens - old.tokens) / dt,
+                calls_per_s=max(0, node.calls - old.calls) / dt,
+                errors_per_s=max(0, node.errors + node.rejected - old.errors - old.rejected) / dt,
+            ))
         live = {node.node_id for node in view.nodes}
         for node_id in list(self._last):
             if node_id not in live:  # gone: forget it (a node coming back starts a new series)
                 del self._last[node_id]
                 self.nodes.pop(node_id, None)
+        latest = [points[-1] for points in self.nodes.values() if points]
+        self.swarm.append(ThroughputPoint(
+            at=view.at, tokens_per_s=sum(p.tokens_per_s for p in latest),
+            calls_per_s=sum(p.calls_per_s for p in latest), errors_per_s=sum(p.errors_per_s for p in latest),
+        ))
 
     def to_json(self) -> dict:
         return {"swarm": [p.model_dump() for p in self.swarm],

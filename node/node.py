@@ -252,7 +252,7 @@ class Node:
         }
         node = NodeRecord(
             node_id=self.node_id, endpoint=self.endpoint, dmoe_version=dmoe.__version__,
-            started_at=self.started_at, hardware=self._hardware, experts=list(self.backends), load=load,
+            started_at=self.started_at, updated_at=time.time(), hardware=self._hardware, experts=list(self.backends), load=load,
         )
         return experts, node
 

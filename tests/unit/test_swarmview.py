@@ -10,8 +10,8 @@ from dmoe.swarmview import ThroughputHistory, summarize
 pytestmark = pytest.mark.timeout(30)
 
 
-def node(node_id: str, experts: dict[str, ExpertLoad], started_at: float = 100.0) -> NodeRecord:
-    return NodeRecord(node_id=node_id, endpoint=f"127.0.0.1:{len(node_id)}", started_at=started_at,
+def node(node_id: str, experts: dict[str, ExpertLoad], started_at: float = 100.0, at: float = 0.0) -> NodeRecord:
+    return NodeRecord(node_id=node_id, endpoint=f"127.0.0.1:{len(node_id)}", started_at=started_at, updated_at=at,
                       hardware=Hardware(device="cuda:0", device_name="RTX 4090", num_cpus=8, ram_bytes=1 << 34),
                       experts=list(experts), load=experts)
 
@@ -44,21 +44,25 @@ def test_an_empty_swarm():
     assert (view.num_nodes, view.num_experts, view.nodes, view.experts) == (0, 0, [], [])
 
 
-def test_throughput_is_the_growth_of_counters_between_views():
-    history = ThroughputHistory(maxlen=3)
-    history.add(summarize({"a": node("a", {"x.0": load(1, 100)})}, now=10.0))
-    assert history.nodes == {} and history.swarm[-1].tokens_per_s == 0.0  # one view: no rate yet
-    history.add(summarize({"a": node("a", {"x.0": load(3, 300)}),
-                           "b": node("b", {"x.1": load(1, 50)})}, now=12.0))
+def test_throughput_is_the_growth_of_counters_between_records():
+    history = ThroughputHistory(maxlen=4)
+    history.add(summarize({"a": node("a", {"x.0": load(1, 100)}, at=10.0)}, now=10.5))
+    assert history.nodes == {} and history.swarm[-1].tokens_per_s == 0.0  # one record: no rate yet
+    history.add(summarize({"a": node("a", {"x.0": load(3, 300)}, at=12.0),
+                           "b": node("b", {"x.1": load(1, 50)}, at=12.0)}, now=12.5))
     assert history.nodes["a"][-1].tokens_per_s == 100.0 and history.nodes["a"][-1].calls_per_s == 2.0
     assert "b" not in history.nodes  # first seen now
-    history.add(summarize({"a": node("a", {"x.0": load(3, 300)}),
-                           "b": node("b", {"x.1": load(2, 90, errors=2)})}, now=14.0))
+    # polled again before the next heartbeat: the same records add no point, the rates stand
+    history.add(summarize({"a": node("a", {"x.0": load(3, 300)}, at=12.0),
+                           "b": node("b", {"x.1": load(1, 50)}, at=12.0)}, now=13.0))
+    assert len(history.nodes["a"]) == 1 and history.swarm[-1].tokens_per_s == 100.0
+    history.add(summarize({"a": node("a", {"x.0": load(3, 300)}, at=14.0),
+                           "b": node("b", {"x.1": load(2, 90, errors=2)}, at=14.0)}, now=14.5))
     assert history.nodes["a"][-1].tokens_per_s == 0.0
     assert history.nodes["b"][-1].tokens_per_s == 20.0 and history.nodes["b"][-1].errors_per_s == 1.0
     assert history.swarm[-1].tokens_per_s == 20.0
     # a restarted node counts from zero again; a departed one is forgotten
-    history.add(summarize({"a": node("a", {"x.0": load(1, 40)}, started_at=13.0)}, now=16.0))
+    history.add(summarize({"a": node("a", {"x.0": load(1, 40)}, started_at=13.0, at=16.0)}, now=16.5))
     assert history.nodes["a"][-1].tokens_per_s == 20.0 and "b" not in history.nodes
-    assert len(history.swarm) == 3  # maxlen
+    assert len(history.swarm) == 4  # maxlen
     assert set(history.to_json()) == {"swarm", "nodes"}

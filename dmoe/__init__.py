@@ -3,7 +3,10 @@
 - ``wire.py``     tensors on the wire: serialize/deserialize with compression, chunking
 - ``uids.py``     expert uids (``prefix.i.j``) and grid patterns (``ffn.[0:8]``)
 - ``experts.py``  expert modules (ffn, transformer, module:Class) and their schemas
+- ``peer.py``     DHTPeer: a hivemind DHTNode in this process, on an event loop of its own thread
 - ``records.py``  DHT records of experts and nodes; find_experts, find_nodes
+- ``swarmview.py`` SwarmView, ThroughputHistory: the swarm summarized from the nodes' records
+- ``status.py``   StatusConfig, read_view, render: ``dmoe swarm status``
 - ``swarm.py``    Swarm, SwarmConfig: a client's DHT peer, live-expert cache, back-off of failing endpoints
 - ``dispatch.py`` Dispatcher: expert calls in flight at once, deadlines, per-token quorum, reply checks
 - ``gating.py``   MoEGate: gates, top-k / Switch routing, aux and z losses, shared by both MoE layers
@@ -15,7 +18,7 @@
 - ``cli.py``      the ``dmoe`` command
 - ``proto/``      generated wire-format code (from ``proto/dmoe/proto/*.proto``)
 - ``dmoe.node``   the node daemon (package ``node/``)
-- ``dmoe.coordinator`` the swarm's bootstrap peer (package ``coordinator/``)
+- ``dmoe.coordinator`` the swarm's bootstrap peer, monitor and dashboard (package ``coordinator/``)
 """
 
 from importlib.metadata import PackageNotFoundError, version

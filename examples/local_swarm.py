@@ -20,12 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import hivemind
 from rich.console import Console
-from rich.table import Table
 
 from dmoe.lm import LMConfig
-from dmoe.records import find_nodes
 
 MODEL = LMConfig()  # the defaults of dmoe train: 2 layers of 8 experts, d_model 128, experts 128 -> 256 -> 128
 console = Console()
@@ -65,17 +62,6 @@ def run(title: str, args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "dmoe", *args], check=True, stdin=subprocess.DEVNULL)
 
 
-def show_swarm(dht: hivemind.DHT) -> None:
-    table = Table(title="swarm, from the nodes' DHT records")
-    for column in ("node", "endpoint", "experts", "forward calls", "backward calls", "p50 ms"):
-        table.add_column(column)
-    for node_id, record in sorted(find_nodes(dht).items()):
-        loads = record.load.values()
-        table.add_row(node_id[-8:], record.endpoint, f"{len(record.experts)}: {record.experts[0]} .. {record.experts[-1]}", str(sum(l.forward_calls for l in loads)),
-                      str(sum(l.backward_calls for l in loads)),
-                      f"{sorted(l.latency_p50_ms for l in loads)[len(record.load) // 2]:.1f}")
-    console.print(table)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,12 +69,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=300)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dmoe-demo-") as tmp:
-        workdir, procs, dht = Path(tmp), [], None
+        workdir, procs = Path(tmp), []
         try:
             proc, coordinator = start(workdir, "coordinator", ["coordinator", "start"])
             procs.append(proc)
             swarm = coordinator["swarm"][0]
-            console.print(f"[green]coordinator[/] up; swarm address {swarm}")
+            console.print(f"[green]coordinator[/] up; swarm address {swarm}; dashboard {coordinator['dashboard']}")
             procs.append(start_node(workdir, "node-a", 0, swarm))
             procs.append(start_node(workdir, "node-b", 1, swarm))
             save = str(workdir / "model")
@@ -96,17 +82,14 @@ def main() -> None:
                                                "--eval-interval", str(max(10, args.steps // 5))])
             run("generating through the swarm", ["infer", "--swarm", swarm, "--checkpoint", save, "--prompt",
                                                  "def ", "--max-new-tokens", str(args.max_new_tokens)])
-            dht = hivemind.DHT(initial_peers=[swarm], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
             time.sleep(2.5)  # one heartbeat, so the node records carry the calls just made
-            show_swarm(dht)
+            run("the swarm, from the nodes' own records", ["swarm", "status", "--swarm", swarm])
             for proc in procs[::-1]:  # graceful stop: records withdrawn, checkpoints written
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 proc.wait(60)
             console.print(f"nodes stopped; checkpoints: {sorted(p.parent.name for p in workdir.rglob('*.safetensors'))}")
         finally:
-            if dht is not None:
-                dht.shutdown()
             for proc in procs:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -24,4 +24,5 @@ def test_demo_trains_the_lm_through_the_swarm_and_generates():
     assert len(heldout) >= 2 and heldout[-1] < heldout[0]
     generated = out.split("generating through the swarm", 1)[1]
     assert "\ndef " in generated  # the prompt, followed by what the model wrote
+    assert "2 nodes, 16 experts" in out  # dmoe swarm status after the run
     assert "nodes stopped; checkpoints" in out

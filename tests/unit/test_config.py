@@ -52,3 +52,21 @@ def test_cli_rejects_bad_options_before_starting_anything():
     assert result.exit_code == 2 and "empty range" in result.output
     result = CliRunner().invoke(main, ["node", "start", "--optimizer", "lbfgs"])
     assert result.exit_code == 2 and "adam or sgd" in result.output
+    result = CliRunner().invoke(main, ["swarm", "status"])
+    assert result.exit_code == 2 and "no swarm address" in result.output
+    result = CliRunner().invoke(main, ["coordinator", "start", "--http-port", "70000"])
+    assert result.exit_code == 2 and "http_port must be in 0..65535" in result.output
+    result = CliRunner().invoke(main, ["coordinator", "start", "--poll-interval", "0"])
+    assert result.exit_code == 2 and "poll_interval must be > 0" in result.output
+
+
+def test_coordinator_and_status_help_list_their_options():
+    result = CliRunner().invoke(main, ["coordinator", "start", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--identity", "--dht-port", "--http-host", "--http-port", "--poll-interval", "--history",
+                 "DMOE_COORDINATOR_HTTP_PORT"):
+        assert flag in result.output
+    result = CliRunner().invoke(main, ["swarm", "status", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--swarm", "--json", "--experts", "--wait-nodes", "--timeout", "DMOE_STATUS_SWARM"):
+        assert flag in result.output

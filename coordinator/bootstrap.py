@@ -30,6 +30,8 @@ class Coordinator:
         self.monitor: SwarmMonitor | None = None
         self.dashboard: Dashboard | None = None
         self.swarm_addresses: list[str] = []
+        self.join_address: str = ""  # the address to hand out (not loopback, if there is one)
+        self.peer_id: str = ""
         self.dashboard_url: str = ""
 
     def start(self) -> Coordinator:
@@ -37,18 +39,21 @@ class Coordinator:
         try:
             self.dht = DHTPeer(
                 initial_peers=config.swarm, host=config.host, port=config.dht_port, identity_path=config.identity,
+                announce_maddrs=config.dht_announce,
             ).start()
             self.swarm_addresses = list(self.dht.visible_maddrs)
+            self.join_address, self.peer_id = self.dht.join_address, self.dht.peer_id
             logger.info("coordinator up as %s", self.dht.peer_id)
             self.monitor = SwarmMonitor(self.dht, poll_interval=config.poll_interval, history=config.history)
-            info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses}
+            info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses, "join": self.join_address}
             self.dashboard = Dashboard(self.monitor, make_registry(self.monitor), info)
             self.dashboard_url = self.dht.run(self._start_serving(), 60)
         except BaseException:
             self.shutdown()
             raise
         if config.ready_file:
-            write_json_atomic(config.ready_file, {"swarm": self.swarm_addresses, "dashboard": self.dashboard_url,
+            write_json_atomic(config.ready_file, {"swarm": self.swarm_addresses, "join": self.join_address,
+                                                  "peer_id": self.peer_id, "dashboard": self.dashboard_url,
                                                   "pid": os.getpid()})
         return self
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from dmoe.config import option
 from dmoe.errors import ConfigError
+from dmoe.local import check_announce_maddrs
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -17,6 +18,8 @@ class CoordinatorConfig:
     dht_port: int = option(0, "DHT (libp2p) port; fix it (and --identity) for an address that survives restarts")
     identity: str | None = option(None, "file with the peer's private key (created if missing): a stable peer id")
     swarm: list[str] = option([], "other swarm peers to join (repeat); none: this peer starts the swarm")
+    dht_announce: list[str] = option([], "multiaddr others dial for this peer, behind a NAT or in a container "
+                                         "(repeat), e.g. /dns4/coordinator/tcp/31337")
     http_host: str = option("127.0.0.1", "address the dashboard, JSON API and /metrics listen on")
     http_port: int = option(0, "dashboard port (0: any free port, printed at start)")
     poll_interval: float = option(5.0, "seconds between two reads of the nodes' DHT records")
@@ -27,6 +30,7 @@ class CoordinatorConfig:
         for name in ("dht_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        check_announce_maddrs("dht_announce", self.dht_announce)
         if self.poll_interval <= 0:
             raise ConfigError(f"poll_interval must be > 0, got {self.poll_interval}")
         if self.history < 2:

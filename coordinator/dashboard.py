@@ -12,6 +12,8 @@ port 0 and reports the port it got, with no second server process or thread.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from importlib import resources
 from typing import Any
@@ -22,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from dmoe.coordinator.monitor import SwarmMonitor
 
 logger = logging.getLogger(__name__)
+_strict_dumps = functools.partial(json.dumps, allow_nan=False)  # browsers cannot parse NaN: fail here instead
 
 
 class Dashboard:
@@ -45,7 +48,7 @@ class Dashboard:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        bound = site._server.sockets[0].getsockname()[1]  # the port really bound, also for port 0
+        bound = self._runner.addresses[0][1]  # the port really bound, also for port 0
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}/"
         logger.info("dashboard at %s (JSON at %sapi/swarm, Prometheus metrics at %smetrics)", self.url, self.url, self.url)
@@ -63,10 +66,10 @@ class Dashboard:
         monitor = self.monitor
         body = {**monitor.view.model_dump(), "coordinator": self.info, "poll_interval": monitor.poll_interval,
                 "num_polls": monitor.num_polls, "last_error": monitor.last_error}
-        return web.json_response(body)
+        return web.json_response(body, dumps=_strict_dumps)
 
     async def _history(self, request: web.Request) -> web.Response:
-        return web.json_response(self.monitor.history.to_json())
+        return web.json_response(self.monitor.history.to_json(), dumps=_strict_dumps)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -38,8 +38,9 @@ class SwarmCollector(Collector):
                                          labels=labels),
             "experts": GaugeMetricFamily("dmoe_node_experts", "experts hosted", labels=labels),
             "queued": GaugeMetricFamily("dmoe_node_queued_tokens", "tokens waiting on the node", labels=labels),
-            "p50": GaugeMetricFamily("dmoe_node_latency_p50_seconds", "median time to serve a call", labels=labels),
-            "p99": GaugeMetricFamily("dmoe_node_latency_p99_seconds", "99th percentile time to serve a call",
+            "p50": GaugeMetricFamily("dmoe_node_latency_p50_seconds", "call-weighted mean of the experts' median time "
+                                     "to serve a call", labels=labels),
+            "p99": GaugeMetricFamily("dmoe_node_latency_p99_seconds", "worst 99th percentile over the node's experts",
                                      labels=labels),
             "uptime": GaugeMetricFamily("dmoe_node_uptime_seconds", "seconds since the node started", labels=labels),
         }

@@ -58,7 +58,7 @@ def node_start(config_path: str | None, **values) -> None:
         for address in n.swarm_addresses:
             click.echo(f"swarm address: {address}")
         if not config.swarm:
-            click.echo(f"others join with: --swarm {n.swarm_addresses[0]}")
+            click.echo(f"others join with: --swarm {n.join_address}")
 
     try:
         Node(config).run(on_ready=on_ready)
@@ -85,7 +85,7 @@ def coordinator_start(config_path: str | None, **values) -> None:
         raise click.ClickException(f"coordinator failed to start: {e}") from None
     for address in coord.swarm_addresses:
         click.echo(f"swarm address: {address}")
-    click.echo(f"nodes join with: dmoe node start --swarm {coord.swarm_addresses[0]} --experts 'ffn.[0:8]'")
+    click.echo(f"nodes join with: dmoe node start --swarm {coord.join_address} --experts 'ffn.[0:8]'")
     click.echo(f"dashboard: {coord.dashboard_url}  (JSON: {coord.dashboard_url}api/swarm, "
                f"Prometheus: {coord.dashboard_url}metrics)")
     coord.run()
@@ -103,12 +103,15 @@ def swarm_status(config_path: str | None, **values) -> None:
     config = _config(StatusConfig, config_path, values)
     from rich.console import Console
 
+    from hivemind.p2p import P2PDaemonError
+
     from dmoe.status import read_view, render
 
     try:
         view = read_view(config)
-    except (DmoeError, ValueError, OSError, TimeoutError) as e:
-        raise click.ClickException(f"cannot read the swarm: {e}") from None
+    except (DmoeError, ValueError, OSError, TimeoutError, RuntimeError, P2PDaemonError) as e:
+        raise click.ClickException(f"cannot read the swarm through {' '.join(config.swarm)}: {e} "
+                                   "(is that the address a coordinator or node printed, and is it up?)") from None
     if config.json:
         click.echo(view.model_dump_json(indent=2))
     else:

@@ -40,6 +40,7 @@ class DHTPeer:
         host: str = "127.0.0.1",
         port: int = 0,
         identity_path: str | None = None,
+        announce_maddrs: Sequence[str] = (),
         event_loop: str = "uvloop",
         client_mode: bool = False,
     ):
@@ -47,6 +48,7 @@ class DHTPeer:
             raise ValueError(f"event_loop must be uvloop or asyncio, got {event_loop!r}")
         self.initial_peers = list(initial_peers)
         self.host, self.port, self.identity_path, self.client_mode = host, port, identity_path, client_mode
+        self.announce_maddrs = list(announce_maddrs)
         self.loop = new_event_loop(event_loop)
         self.node: DHTNode | None = None
         self.peer_id: str = ""  # base58 libp2p peer id, once started
@@ -79,6 +81,8 @@ class DHTPeer:
 
     async def _create(self) -> DHTNode:
         extra: dict[str, Any] = {"identity_path": self.identity_path} if self.identity_path else {}
+        if self.announce_maddrs:
+            extra["announce_maddrs"] = self.announce_maddrs
         node = await DHTNode.create(
             initial_peers=self.initial_peers or None, host_maddrs=[listen_maddr(self.host, self.port)],
             client_mode=self.client_mode, **extra,
@@ -90,24 +94,34 @@ class DHTPeer:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the DHT node and the loop; safe to call twice."""
         if self._thread is None:
+            if not self.loop.is_closed():  # never started: release the loop's descriptors
+                self.loop.close()
             return
-        try:
-            if self.node is not None:
-                self.run(_stop_node(self.node, timeout), timeout + 5)
-        except Exception as e:
-            logger.debug("DHT node shutdown: %s", e)
-        finally:
-            self.node = None
-            self.run(_cancel_other_tasks(), timeout)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self._thread = None
+        for step in (lambda: self.node is not None and self.run(_stop_node(self.node, timeout), timeout + 10),
+                     lambda: self.run(_cancel_other_tasks(), timeout)):
+            try:
+                step()
+            except Exception as e:  # each step on its own: one failing must not skip the next
+                logger.warning("stopping the DHT peer: %s: %s", type(e).__name__, e)
+        self.node = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if self._thread.is_alive():
+            logger.warning("the DHT peer's thread did not stop; leaving its event loop open")
+        else:
             self.loop.close()
+        self._thread = None
 
     @property
     def daemon_alive(self) -> bool:
         """False once the libp2p daemon has exited (e.g. a SIGTERM sent to the whole process group)."""
         return self.node is not None and _daemon_alive(self.node)
+
+    @property
+    def join_address(self) -> str:
+        """The address to hand out: the first visible one that is not loopback, if any."""
+        public = [a for a in self.visible_maddrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))]
+        return (public or self.visible_maddrs or [""])[0]
 
     def __enter__(self) -> DHTPeer:
         return self.start()
@@ -130,16 +144,29 @@ def _daemon_alive(node: DHTNode) -> bool:
 
 
 async def _stop_node(node: DHTNode, timeout: float) -> None:
-    """A graceful DHTNode.shutdown talks to the daemon and waits forever if it is gone: then only
-    clean up the client side."""
+    """Stop the node gracefully, unless its libp2p daemon is gone or goes while it stops (a signal
+    to the whole process group): a graceful DHTNode.shutdown talks to the daemon and would wait
+    forever. Then, or if it fails, stop the client side and the daemon (killed if it lingers)."""
+    child = getattr(node.p2p, "_child", None)
     if _daemon_alive(node):
-        try:
-            await asyncio.wait_for(node.shutdown(), timeout)
+        graceful = asyncio.ensure_future(node.shutdown())
+        waiters = {graceful} | ({asyncio.ensure_future(child.wait())} if child is not None else set())
+        done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if graceful in done and graceful.exception() is None:
             return
-        except asyncio.TimeoutError:
-            logger.warning("the DHT node did not stop within %.0fs; stopping its daemon", timeout)
+        reason = "its daemon exited" if not _daemon_alive(node) else (
+            f"{graceful.exception()!r}" if graceful in done else f"no answer in {timeout:.0f}s")
+        logger.info("stopping the DHT node without a goodbye: %s", reason)
     node.is_alive = False
-    await node.p2p.shutdown()
+    try:
+        await asyncio.wait_for(node.p2p.shutdown(), 5)
+    except (asyncio.TimeoutError, Exception) as e:
+        logger.warning("the libp2p daemon did not stop (%r); killing it", e)
+        if child is not None and child.returncode is None:
+            child.kill()
 
 
 async def _cancel_other_tasks() -> None:

@@ -40,7 +40,7 @@ RECORD_VERSION = 1
 
 
 class _Record(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)  # NaN from a peer: malformed
 
 
 class ExpertRecord(_Record):

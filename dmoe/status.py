@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dmoe.config import option
 from dmoe.errors import ConfigError
@@ -51,6 +52,11 @@ def read_view(config: StatusConfig) -> SwarmView:
         peer.shutdown()
 
 
+def _cell(value: object) -> Text:
+    """Text from a peer's record, shown as is: no rich markup, no control characters."""
+    return Text("".join(c if c.isprintable() else "?" for c in str(value)))
+
+
 def _short(node_id: str) -> str:
     return node_id if len(node_id) <= 14 else f"{node_id[:6]}…{node_id[-6:]}"
 
@@ -74,10 +80,10 @@ def render(view: SwarmView, console: Console, experts: bool = False) -> None:
     for name in ("calls", "failed", "shed", "tokens", "p50 ms", "p99 ms", "queued"):
         table.add_column(name, justify="right")
     for n in view.nodes:
-        table.add_row(_short(n.node_id), n.endpoint, n.device_name or n.device, str(n.num_experts),
-                      " ".join(n.expert_prefixes), _duration(n.uptime_s), f"{n.calls:,}", f"{n.errors:,}",
-                      f"{n.rejected:,}", f"{n.tokens:,}", f"{n.latency_p50_ms:.1f}", f"{n.latency_p99_ms:.1f}",
-                      f"{n.queued_tokens:,}")
+        table.add_row(*map(_cell, (
+            _short(n.node_id), n.endpoint, n.device_name or n.device, n.num_experts, " ".join(n.expert_prefixes),
+            _duration(n.uptime_s), f"{n.calls:,}", f"{n.errors:,}", f"{n.rejected:,}", f"{n.tokens:,}",
+            f"{n.latency_p50_ms:.1f}", f"{n.latency_p99_ms:.1f}", f"{n.queued_tokens:,}")))
     console.print(table)
     if experts:
         table = Table(title="experts", title_justify="left")
@@ -86,6 +92,7 @@ def render(view: SwarmView, console: Console, experts: bool = False) -> None:
         for name in ("calls", "tokens", "failed", "p50 ms", "version"):
             table.add_column(name, justify="right")
         for e in view.experts:
-            table.add_row(e.uid, _short(e.node_id), f"{e.forward_calls + e.backward_calls:,}", f"{e.tokens:,}",
-                          f"{e.errors + e.rejected:,}", f"{e.latency_p50_ms:.1f}", str(e.version))
+            table.add_row(*map(_cell, (
+                e.uid, _short(e.node_id), f"{e.forward_calls + e.backward_calls:,}", f"{e.tokens:,}",
+                f"{e.errors + e.rejected:,}", f"{e.latency_p50_ms:.1f}", e.version)))
         console.print(table)

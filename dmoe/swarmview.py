@@ -86,7 +86,7 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
     owners: collections.Counter[str] = collections.Counter()
     for node_id, record in sorted(records.items()):
         loads = record.load
-        for uid in record.experts:
+        for uid in dict.fromkeys(record.experts):  # a uid listed twice by one node is one expert
             owners[uid] += 1
             load = loads.get(uid)
             if load is None:
@@ -107,7 +107,7 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
             device=hardware.device if hardware else "", device_name=hardware.device_name if hardware else "",
             num_cpus=hardware.num_cpus if hardware else 0, ram_bytes=hardware.ram_bytes if hardware else 0,
             device_memory_bytes=hardware.device_memory_bytes if hardware else 0,
-            num_experts=len(record.experts), expert_prefixes=sorted({uid.split(".")[0] for uid in record.experts}),
+            num_experts=len(set(record.experts)), expert_prefixes=sorted({uid.split(".")[0] for uid in record.experts}),
             forward_calls=sum(lo.forward_calls for lo in loads.values()),
             backward_calls=sum(lo.backward_calls for lo in loads.values()),
             calls=num_calls, tokens=sum(lo.tokens for lo in loads.values()),
@@ -122,6 +122,10 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
         errors=sum(n.errors for n in nodes), rejected=sum(n.rejected for n in nodes),
         nodes=nodes, experts=sorted(experts, key=lambda e: (e.uid, e.node_id)),
     )
+
+
+MAX_CLOCK_SKEW_S = 3600.0  # a record's own time further than this from the view's is not used
+MIN_INTERVAL_S = 0.1  # shortest time a rate is taken over (no division by ~0)
 
 
 class ThroughputPoint(_Model):
@@ -150,15 +154,18 @@ class ThroughputHistory:
         for node in view.nodes:
             previous = self._last.get(node.node_id)
             stamp = node.updated_at or view.at  # records of old nodes have no updated_at
+            if abs(stamp - view.at) > MAX_CLOCK_SKEW_S:
+                stamp = view.at  # a clock far off (or a made-up record): use the time of the view
             if previous is not None and stamp <= previous[0]:
                 continue  # the same record as last time
             self._last[node.node_id] = (stamp, node)
             if previous is None:
                 continue
             at, old = previous
-            dt = stamp - at
             if old.started_at != node.started_at:  # restarted: its counters began again at zero
                 old = old.model_copy(update={"tokens": 0, "calls": 0, "errors": 0, "rejected": 0})
+                at = max(at, min(node.started_at, stamp))
+            dt = max(stamp - at, MIN_INTERVAL_S)
             self.nodes.setdefault(node.node_id, collections.deque(maxlen=self.maxlen)).append(ThroughputPoint(
                 at=view.at, tokens_per_s=max(0, node.tokens - old.tokens) / dt,
                 calls_per_s=max(0, node.calls - old.calls) / dt,

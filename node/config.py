@@ -8,6 +8,7 @@ from typing import ClassVar
 from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.experts import BUILTIN_EXPERTS
+from dmoe.local import check_announce_maddrs
 from dmoe.uids import expand_patterns
 
 MiB = 1 << 20
@@ -32,6 +33,8 @@ class NodeConfig:
     announce_port: int | None = option(None, "port others should dial for gRPC, when a port forward or proxy "
                                              "sits in front of the node (default: the port it listens on)")
     identity_path: str | None = option(None, "file holding the DHT private key, so the peer id survives restarts")
+    dht_announce: list[str] = option([], "multiaddr others dial for this DHT peer, behind a NAT or in a container "
+                                         "(repeat), e.g. /dns4/node1/tcp/31341")
     checkpoint_dir: str | None = option(None, "directory for expert checkpoints (none: no checkpoints)")
     checkpoint_interval: float = option(60.0, "seconds between periodic checkpoints of experts that changed")
     keep_checkpoints: int = option(3, "checkpoints kept per expert; older ones are deleted")
@@ -80,6 +83,7 @@ class NodeConfig:
             raise ConfigError("max_inflight_bytes must be at least max_request_bytes")
         if self.max_request_bytes < self.max_message_bytes:
             raise ConfigError("max_request_bytes must be at least max_message_bytes")
+        check_announce_maddrs("dht_announce", self.dht_announce)
         if not self.experts:
             raise ConfigError("no experts to host: give --experts, e.g. 'ffn.[0:8]'")
         try:

@@ -59,6 +59,7 @@ class Node:
         self.endpoint: str | None = None  # host:port others dial for the gRPC server, once started
         self.port: int | None = None  # the port the gRPC server listens on (endpoint may differ: --announce-port)
         self.swarm_addresses: list[str] = []  # multiaddrs others join with
+        self.join_address: str = ""  # the one of them to hand out (not loopback, if there is one)
         self.node_id: str | None = None
         self.backends: dict[str, ExpertBackend] = {}
         self.counters = {uid: ExpertCounters() for uid in self.uids}
@@ -114,7 +115,7 @@ class Node:
     def _start_dht(self) -> None:
         self._dht = DHTPeer(
             initial_peers=self.config.swarm, host=self.config.host, port=self.config.dht_port,
-            identity_path=self.config.identity_path,
+            identity_path=self.config.identity_path, announce_maddrs=self.config.dht_announce,
         ).start()
 
     def _stop_dht(self) -> None:
@@ -152,6 +153,7 @@ class Node:
         assert self._dht is not None
         self.node_id = self._dht.peer_id
         self.swarm_addresses = list(self._dht.visible_maddrs)
+        self.join_address = self._dht.join_address
         logger.info("joined the swarm as %s", self.node_id)
 
         if config.num_threads is not None:
@@ -221,7 +223,7 @@ class Node:
                            "in %.0fs instead of being withdrawn", self.config.record_ttl)
         elif self._announcer is not None:
             try:
-                await asyncio.wait_for(self._announcer.withdraw(), timeout=5)
+                await asyncio.wait_for(self._announcer.withdraw(), timeout=5 + 0.01 * len(self.uids))
             except Exception as e:
                 logger.warning("could not withdraw DHT records (they will expire): %s", e)
         if self._server is not None:

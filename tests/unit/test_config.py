@@ -56,6 +56,8 @@ def test_cli_rejects_bad_options_before_starting_anything():
     assert result.exit_code == 2 and "no swarm address" in result.output
     result = CliRunner().invoke(main, ["coordinator", "start", "--http-port", "70000"])
     assert result.exit_code == 2 and "http_port must be in 0..65535" in result.output
+    result = CliRunner().invoke(main, ["node", "start", "--dht-announce", "/ip4/203.0.113.7/tcp/0"])
+    assert result.exit_code == 2 and "not an address to announce" in result.output
     result = CliRunner().invoke(main, ["coordinator", "start", "--poll-interval", "0"])
     assert result.exit_code == 2 and "poll_interval must be > 0" in result.output
 

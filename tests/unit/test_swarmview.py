@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 
 from dmoe.records import ExpertLoad, Hardware, NodeRecord
@@ -66,3 +67,18 @@ def test_throughput_is_the_growth_of_counters_between_records():
     assert history.nodes["a"][-1].tokens_per_s == 20.0 and "b" not in history.nodes
     assert len(history.swarm) == 4  # maxlen
     assert set(history.to_json()) == {"swarm", "nodes"}
+
+
+def test_records_with_nan_or_a_wild_clock_cannot_break_the_view():
+    with pytest.raises(pydantic.ValidationError):
+        NodeRecord.model_validate({"node_id": "a", "endpoint": "x:1", "updated_at": float("nan")})
+    with pytest.raises(pydantic.ValidationError):
+        ExpertLoad.model_validate({"latency_p50_ms": float("inf")})
+    twice = NodeRecord(node_id="a", endpoint="x:1", experts=["x.0", "x.0"], load={"x.0": load(1, 10)})
+    view = summarize({"a": twice}, now=5.0)
+    assert (view.num_experts, view.num_replicated, view.nodes[0].num_experts, len(view.experts)) == (1, 0, 1, 1)
+    history = ThroughputHistory()
+    history.add(summarize({"a": node("a", {"x.0": load(1, 100)}, at=1e-300)}, now=10.0))  # clock far off
+    history.add(summarize({"a": node("a", {"x.0": load(2, 1e6)}, at=2e-300)}, now=10.05))
+    rate = history.nodes["a"][-1].tokens_per_s
+    assert rate == pytest.approx((1e6 - 100) / 0.1)  # the view's time, over at least 0.1 s: finite

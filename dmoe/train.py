@@ -271,7 +271,7 @@ def load_checkpoint(checkpoint_dir: str) -> tuple[LMConfig, dict[str, torch.Tens
 
     if not Path(checkpoint_dir).is_dir():
         raise CheckpointError(f"no checkpoint directory {checkpoint_dir}")
-    loaded = CheckpointStore(checkpoint_dir, keep=2).load_latest(CHECKPOINT_NAME)
+    loaded = CheckpointStore(checkpoint_dir, keep=2, writer=False).load_latest(CHECKPOINT_NAME)
     if loaded is None:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir} (was it written by dmoe train --save?)")
     tensors, metadata, _ = loaded

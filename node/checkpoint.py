@@ -23,13 +23,16 @@ SUFFIX = ".safetensors"
 
 
 class CheckpointStore:
-    def __init__(self, root: str | os.PathLike, keep: int):
+    def __init__(self, root: str | os.PathLike, keep: int, *, writer: bool = True):
+        """``writer``: this process owns the directory; it removes the temporary files a kill left.
+        A reader (``writer=False``) must not: the writer may be writing one right now."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.root, self.keep = Path(root), keep
-        self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob("*/.*.tmp"):  # a write cut short by a kill
-            leftover.unlink(missing_ok=True)
+        if writer:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for leftover in self.root.glob("*/.*.tmp"):  # a write cut short by a kill
+                leftover.unlink(missing_ok=True)
 
     def _dir(self, uid: str) -> Path:
         return self.root / uid

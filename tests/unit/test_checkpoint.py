@@ -67,3 +67,15 @@ def test_config_hyperparameters_win_over_the_checkpoint(tmp_path):
     sgd = ExpertBackend("ffn.0", NodeConfig(hidden_dim=8, optimizer="sgd"), torch.device("cpu"))
     with pytest.raises(CheckpointError, match="adam cannot load into ffn.0/ffn/sgd"):
         sgd.load_state_tensors(tensors, metadata)
+
+
+def test_only_the_writer_removes_temporary_files(tmp_path):
+    """A reader (dmoe infer, a test) opening the directory of a running trainer or node must not
+    delete the file the writer is writing; the writer, at its start, removes what a kill left."""
+    (tmp_path / "ffn.0").mkdir()
+    in_progress = tmp_path / "ffn.0" / ".000000000007.safetensors.abc.tmp"
+    in_progress.write_bytes(b"being written")
+    assert CheckpointStore(tmp_path, keep=1, writer=False).load_latest("ffn.0") is None
+    assert in_progress.exists()
+    CheckpointStore(tmp_path, keep=1)
+    assert not in_progress.exists()

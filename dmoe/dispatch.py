@@ -63,6 +63,7 @@ class Dispatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE):
         self._loop, self.compression = loop, compression
         self._channels: dict[str, tuple[grpc.aio.Channel, pbg.ExpertServiceStub]] = {}
+        self.last_num_unneeded = 0  # hedged calls the last forward cancelled because they were not needed
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -91,21 +92,25 @@ class Dispatcher:
     # ---- forward ------------------------------------------------------------------------------
     def forward(
         self, calls: list[ExpertCall], *, num_tokens: int, k_min: int, forward_timeout: float,
-        timeout_after_k_min: float, on_result: Callable[[str, bool], None],
+        timeout_after_k_min: float, on_result: Callable[[str, bool], None], enough: int = 0,
     ) -> dict[int, torch.Tensor]:
-        """Outputs of the calls that answered in time and well, by index in ``calls``."""
-        return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result))
+        """Outputs of the calls that answered in time and well, by index in ``calls``. With
+        ``enough`` > 0 (hedged calls), the forward ends once every token has that many answers (or
+        all it can get), and the calls still running are cancelled without counting as failures."""
+        return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
+                                      enough))
 
-    async def _forward(self, calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result):
+    async def _forward(self, calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result, enough):
         started = time.monotonic()
         tasks = {asyncio.create_task(self._call(c, forward_timeout, backward=False)): i for i, c in enumerate(calls)}
         candidates_T = torch.zeros(num_tokens, dtype=torch.long)
         for call in calls:
             candidates_T[call.token_ids] += 1
         need_T = candidates_T.clamp(max=k_min)
+        enough_T = candidates_T.clamp(max=enough) if enough > 0 else None
         answered_T = torch.zeros(num_tokens, dtype=torch.long)
         results: dict[int, torch.Tensor] = {}
-        pending, quorum_at = set(tasks), None
+        pending, quorum_at, satisfied = set(tasks), None, False
         while pending:
             now = time.monotonic()
             deadline = started + forward_timeout
@@ -126,11 +131,16 @@ class Dispatcher:
                     continue
                 on_result(call.endpoint, True)
                 answered_T[call.token_ids] += 1
+            if enough_T is not None and bool((answered_T >= enough_T).all()):
+                satisfied = True  # every token has its k answers: the spares still running are not needed
+                break
             if quorum_at is None and bool((answered_T >= need_T).all()):
                 quorum_at = time.monotonic()
-        for task in pending:  # late: dropped, and counted as a failure of its endpoint
+        self.last_num_unneeded = len(pending) if satisfied else 0
+        for task in pending:  # late: dropped, and counted as a failure of its endpoint (unless hedged away)
             task.cancel()
-            on_result(calls[tasks[task]].endpoint, False)
+            if not satisfied:
+                on_result(calls[tasks[task]].endpoint, False)
         return results
 
     # ---- backward -----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ per token, L grid dimensions.
 One gate per grid dimension scores the tokens (expert ``prefix.i.j`` scores ``g0(x)[i] + g1(x)[j]``);
 each token goes to its top-k candidates (or, with Switch routing, its top-1 within a capacity);
 the outputs of the experts that answered are combined with the gate weights renormalised over them.
+With ``hedge=h``, each token is also sent to its next h candidates, and of those that answer, its
+best k by gate score are kept: a slow or dead expert costs the token nothing when a spare answers.
 A subclass says which experts are candidates (:meth:`MoEGate.candidates`) and runs them
 (:meth:`MoEGate.run_experts`): :class:`dmoe.moe.RemoteMoE` on other machines,
 :class:`dmoe.local_moe.LocalMoE` in this process.
@@ -21,7 +23,7 @@ from torch import nn
 
 class MoEGate(nn.Module):
     def __init__(self, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2,
-                 routing: str = "topk", capacity_factor: float = 1.25, noise_std: float = 0.0):
+                 routing: str = "topk", capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0):
         super().__init__()
         if not grid or any(size < 1 for size in grid):
             raise ValueError(f"grid must be a tuple of positive sizes, e.g. (8,) or (4, 16); got {grid!r}")
@@ -33,8 +35,11 @@ class MoEGate(nn.Module):
             raise ValueError("switch routing sends each token to one expert: use k=1")
         if capacity_factor <= 0 or noise_std < 0:
             raise ValueError("need capacity_factor > 0 and noise_std >= 0")
+        if hedge < 0 or (hedge and routing != "topk"):
+            raise ValueError(f"hedge must be >= 0, and is for topk routing only; got hedge={hedge}, routing={routing!r}")
         self.prefix, self.grid, self.in_features, self.k = prefix, tuple(grid), in_features, k
         self.routing, self.capacity_factor, self.noise_std = routing, capacity_factor, noise_std
+        self.hedge = hedge  # spare experts asked per token; the best k that answer are kept
         self.gates = nn.ModuleList(nn.Linear(in_features, size) for size in grid)
         self.aux_loss = torch.zeros(())  # load balancing (Switch), set by each forward
         self.z_loss = torch.zeros(())  # router z-loss, set by each forward
@@ -77,17 +82,20 @@ class MoEGate(nn.Module):
         if self.routing == "switch":
             experts_TK, gate_TK = self._switch_route(logits_TC)
         else:
-            top_logits_TK, experts_TK = logits_TC.topk(min(self.k, len(found)), dim=-1)
+            # K = k + hedge slots, best first; with hedging, the spares are the last slots
+            top_logits_TK, experts_TK = logits_TC.topk(min(self.k + self.hedge, len(found)), dim=-1)
         self.last_routing = ([self.uid(coords) for coords, _ in found], experts_TK)
         out_TKD, answered_TK = self.run_experts(x_TD, experts_TK, handles)
         self.num_failed_calls += self.last_num_failed
+        if self.hedge:  # keep each token's best k answers (slots are sorted by gate score)
+            answered_TK = answered_TK & (answered_TK.cumsum(-1) <= self.k)
         if self.routing == "switch":  # p(expert) x its output, as Switch Transformers do; 0 if dropped
             weights_TK = gate_TK * answered_TK
         else:  # softmax over the top-k that answered
             scores_TK = torch.exp(top_logits_TK - top_logits_TK.max(-1, keepdim=True).values.detach()) * answered_TK
             weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         y_TD = (weights_TK.unsqueeze(-1) * out_TKD).sum(1)
-        self._set_losses(logits_TC, experts_TK)
+        self._set_losses(logits_TC, experts_TK[:, : self.k])  # balance the primary routing, not the spares
         return y_TD.reshape(x.shape)
 
     def _switch_route(self, logits_TC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +118,8 @@ class MoEGate(nn.Module):
         self.z_loss = torch.logsumexp(logits_TC, dim=-1).square().mean()
 
     def extra_repr(self) -> str:
-        return f"prefix={self.prefix!r}, grid={self.grid}, in_features={self.in_features}, k={self.k}"
+        return (f"prefix={self.prefix!r}, grid={self.grid}, in_features={self.in_features}, k={self.k}"
+                + (f", hedge={self.hedge}" if self.hedge else ""))
 
 
 def group_by_expert(experts_TK: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -21,9 +21,9 @@ from dmoe.gating import MoEGate, group_by_expert
 class LocalMoE(MoEGate):
     def __init__(self, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2,
                  expert_cls: str = "ffn", inner_dim: int | None = None, seed: int = 0, routing: str = "topk",
-                 capacity_factor: float = 1.25, noise_std: float = 0.0):
+                 capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0):
         super().__init__(prefix=prefix, grid=grid, in_features=in_features, k=k, routing=routing,
-                         capacity_factor=capacity_factor, noise_std=noise_std)
+                         capacity_factor=capacity_factor, noise_std=noise_std, hedge=hedge)
         if math.prod(grid) > 65536:
             raise ValueError(f"a local grid of {math.prod(grid)} experts is too large for one process")
         self.coords = list(itertools.product(*(range(size) for size in grid)))

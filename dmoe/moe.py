@@ -6,6 +6,11 @@ calls in flight at once (see :mod:`dmoe.dispatch`). Experts that fail or miss th
 dropped and the gate weights renormalised over those that answered; a token with no answer
 contributes zero (its residual path carries it). Backward goes only to the experts that answered,
 and a failed backward drops that expert's gradient, never the step.
+
+Hedging (``hedge=h``): each token also asks its next h experts; the forward ends as soon as every
+token has k answers (or, failing that, by the usual k_min rule), the calls still running are
+cancelled without blame, and each token keeps its best k answers. The tail of a step is then the
+k-th fastest of k + h experts, not the slowest of k.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ class RemoteMoE(MoEGate):
         self, swarm: Swarm, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2, k_min: int = 1,
         forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0, backward_timeout: float = 10.0,
         compression: str = "none", beam_size: int | None = None, routing: str = "topk",
-        capacity_factor: float = 1.25, noise_std: float = 0.0,
+        capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0,
     ):
         super().__init__(prefix=prefix, grid=grid, in_features=in_features, k=k, routing=routing,
-                         capacity_factor=capacity_factor, noise_std=noise_std)
+                         capacity_factor=capacity_factor, noise_std=noise_std, hedge=hedge)
         if not 1 <= k_min <= k:
             raise ValueError(f"need 1 <= k_min <= k, got k_min={k_min}, k={k}")
         if min(forward_timeout, backward_timeout) <= 0 or timeout_after_k_min < 0:
@@ -89,13 +94,14 @@ class _Dispatch(torch.autograd.Function):
         results = layer.dispatcher.forward(
             calls, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
             timeout_after_k_min=layer.timeout_after_k_min, on_result=_reporter(layer.swarm),
+            enough=layer.k if layer.hedge else 0,
         )
         out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
         answered_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
         for index, output in results.items():
             out_TKD[calls[index].token_ids, slots[index]] = output
             answered_TK[calls[index].token_ids, slots[index]] = True
-        layer.last_num_failed = len(calls) - len(results)
+        layer.last_num_failed = len(calls) - len(results) - layer.dispatcher.last_num_unneeded
         ctx.layer = layer
         ctx.answered = [(calls[i], slots[i]) for i in results]
         ctx.num_tokens = x_TD.shape[0]

@@ -350,3 +350,43 @@ def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
                     assert layer.last_num_failed == 0
             finally:
                 layer.dispatcher.close()
+
+
+def test_hedging_ends_the_step_without_waiting_for_a_slow_node(node_factory):
+    """ffn.7 lives on c, behind a 0.6 s link. Without hedging (k_min = k = 2), every step waits for
+    c. With hedge=1, each token also asks its third-best expert; all of a token's k answers but c's
+    come from a, so the step ends without c, exactly as if ffn.7 did not exist, and c is not blamed."""
+    a = node_factory("--experts", "ffn.[0:7]", "--hidden-dim", str(HIDDEN), name="a")
+    with TcpProxy() as proxy:
+        c = node_factory("--experts", "ffn.[7:8]", "--hidden-dim", str(HIDDEN), "--swarm", a.swarm[0],
+                         "--announce-port", str(proxy.port), name="c")
+        proxy.target = ("127.0.0.1", c.ready["port"])
+        with Swarm(SwarmConfig(initial_peers=a.swarm, cache_ttl=60)) as swarm:
+            torch.manual_seed(9)
+            common = dict(prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2, k_min=2,
+                          forward_timeout=10.0, timeout_after_k_min=10.0)
+            plain = RemoteMoE(swarm, **common)
+            hedged = RemoteMoE(swarm, **common, hedge=1)
+            hedged.load_state_dict(plain.state_dict())
+            try:
+                wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30, "all experts")
+                x = torch.randn(64, HIDDEN)
+                with torch.no_grad():
+                    assert bool((plain.gates[0](x).topk(2, dim=-1).indices == 7).any()), "needs tokens for c"
+                    plain(x), hedged(x)  # warm: channels open
+                    proxy.delay = 0.6
+                    started = time.monotonic()
+                    y_plain = plain(x)
+                    waited = time.monotonic() - started
+                    started = time.monotonic()
+                    y_hedged = hedged(x)
+                    hedged_s = time.monotonic() - started
+                assert waited >= 0.6 * 2 and plain.last_num_failed == 0  # request and reply both delayed
+                torch.testing.assert_close(y_plain, local_moe(plain, x, set(UIDS)), rtol=1e-4, atol=1e-5)
+                assert hedged_s < 0.6, hedged_s
+                assert hedged.last_num_failed == 0
+                torch.testing.assert_close(y_hedged, local_moe(plain, x, set(UIDS) - {"ffn.7"}), rtol=1e-4, atol=1e-5)
+                assert len(swarm.live_under(["ffn."])["ffn."]) == 8  # c was not banned for being unneeded
+            finally:
+                plain.dispatcher.close()
+                hedged.dispatcher.close()

@@ -46,6 +46,7 @@ class MoEGate(nn.Module):
         self.last_num_failed = 0  # expert calls dropped in the last forward
         self.num_failed_calls = 0  # expert calls dropped by forwards since this layer was made
         self.last_routing: tuple[list[str], torch.Tensor] | None = None  # (candidate uids, experts_TK)
+        self.last_answered_TK: torch.Tensor | None = None  # which slots of last_routing gave an output
 
     # ---- what a subclass provides ----------------------------------------------------------------
     def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], Any]]:
@@ -89,6 +90,7 @@ class MoEGate(nn.Module):
         self.num_failed_calls += self.last_num_failed
         if self.hedge:  # keep each token's best k answers (slots are sorted by gate score)
             answered_TK = answered_TK & (answered_TK.cumsum(-1) <= self.k)
+        self.last_answered_TK = answered_TK
         if self.routing == "switch":  # p(expert) x its output, as Switch Transformers do; 0 if dropped
             weights_TK = gate_TK * answered_TK
         else:  # softmax over the top-k that answered

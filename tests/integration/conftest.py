@@ -47,16 +47,16 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
         self.ready: dict = {}
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dmoe", "node", "start", "--host", "127.0.0.1", "--port", "0",
+                "--device", "cpu", "--ready-file", str(self.ready_file), *self.args]
+
     def start(self) -> NodeProcess:
         self.ready_file.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dmoe", "node", "start", "--host", "127.0.0.1", "--port", "0",
-             "--device", "cpu", "--ready-file", str(self.ready_file), *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,
-        )
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
         def ready():
             if self.proc.poll() is not None:
@@ -108,57 +108,38 @@ class NodeProcess:
 class CoordinatorProcess(NodeProcess):
     """``dmoe coordinator start`` in its own process group; ``ready`` has its swarm and dashboard URL."""
 
-    def start(self) -> CoordinatorProcess:
-        self.ready_file.unlink(missing_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dmoe", "coordinator", "start", "--host", "127.0.0.1",
-             "--ready-file", str(self.ready_file), *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-
-        def ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            return self.ready_file.exists()
-
-        wait_for(ready, START_TIMEOUT, f"{self.name} to start")
-        self.ready = json.loads(self.ready_file.read_text())
-        return self
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dmoe", "coordinator", "start", "--host", "127.0.0.1",
+                "--ready-file", str(self.ready_file), *self.args]
 
     @property
     def dashboard(self) -> str:
         return self.ready["dashboard"]
 
 
+def _process_factory(cls: type[NodeProcess], workdir: Path, default_name: str) -> Iterator:
+    started: list[NodeProcess] = []
+
+    def start(*args: str, name: str = default_name) -> NodeProcess:
+        process = cls(workdir, list(args), name)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.cleanup()
+
+
 @pytest.fixture
 def coordinator_factory(tmp_path) -> Iterator:
     """coordinator_factory(*cli_args, name=...) -> a started CoordinatorProcess; killed at teardown."""
-    started: list[CoordinatorProcess] = []
-
-    def start(*args: str, name: str = "coordinator") -> CoordinatorProcess:
-        coordinator = CoordinatorProcess(tmp_path, list(args), name)
-        started.append(coordinator)
-        return coordinator.start()
-
-    yield start
-    for coordinator in started:
-        coordinator.cleanup()
+    yield from _process_factory(CoordinatorProcess, tmp_path, "coordinator")
 
 
 @pytest.fixture
 def node_factory(tmp_path) -> Iterator:
     """node_factory(*cli_args, name=...) -> a started NodeProcess; all are killed at teardown."""
-    started: list[NodeProcess] = []
-
-    def start(*args: str, name: str = "node") -> NodeProcess:
-        node = NodeProcess(tmp_path, list(args), name)
-        started.append(node)
-        return node.start()
-
-    yield start
-    for node in started:
-        node.cleanup()
+    yield from _process_factory(NodeProcess, tmp_path, "node")
 
 
 @pytest.fixture

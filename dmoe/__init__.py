@@ -12,7 +12,8 @@
 - ``gating.py``   MoEGate: gates, top-k / Switch routing, aux and z losses, shared by both MoE layers
 - ``moe.py``      RemoteMoE: the gated MoE layer whose experts are remote (autograd through them)
 - ``local_moe.py`` LocalMoE: the same layer with its experts in this process
-- ``netproxy.py`` TcpProxy: a userspace proxy that delays or cuts loopback links (tests, benchmarks)
+- ``netproxy.py`` TcpProxy: a userspace proxy that delays or cuts loopback links and counts bytes (tests, benchmarks)
+- ``netlab.py``   NetLab: a network namespace behind a veth link shaped by tc tbf (tests, benchmarks)
 - ``config.py``   config dataclasses -> CLI options, TOML, DMOE_* environment
 - ``errors.py``   the errors dmoe raises for its users
 - ``cli.py``      the ``dmoe`` command

@@ -30,6 +30,7 @@ class TcpProxy:
         self.delay, self.jitter = delay, jitter  # seconds added to each direction; read on every chunk
         self.port = port
         self.num_connections = 0
+        self.num_bytes = {"up": 0, "down": 0}  # bytes relayed towards the target ("up") and back
         self._random = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
@@ -95,13 +96,17 @@ class TcpProxy:
             return
         self.num_connections += 1
         self._writers.update((client_writer, server_writer))
-        await asyncio.gather(self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer),
-                             return_exceptions=True)
-        for writer in (client_writer, server_writer):
-            self._writers.discard(writer)
-            writer.transport.abort()
+        try:
+            await asyncio.gather(self._pipe(client_reader, server_writer, "up"),
+                                 self._pipe(server_reader, client_writer, "down"), return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # shutdown; asyncio's stream server reads this task's outcome, which must not be a cancellation
+        finally:
+            for writer in (client_writer, server_writer):
+                self._writers.discard(writer)
+                writer.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
         """Copy one direction, each chunk delivered ``delay`` (+ jitter) after it was read, in order."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -122,6 +127,7 @@ class TcpProxy:
         try:
             while True:
                 data = await reader.read(READ_BYTES)
+                self.num_bytes[direction] += len(data)
                 due = loop.time() + self.delay + (self._random.uniform(0, self.jitter) if self.jitter else 0.0)
                 last_due = max(last_due, due)  # jitter never reorders bytes of one stream
                 queue.put_nowait((last_due, data))

@@ -1,0 +1,51 @@
+"""NetLab: a namespace behind a veth link shaped by tc tbf, removed afterwards."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dmoe.netlab import NetLab
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+SINK = """
+import socket, sys
+server = socket.socket()
+server.bind((sys.argv[1], 0))
+server.listen()
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+total = 0
+while data := conn.recv(1 << 16):
+    total += len(data)
+print(total, flush=True)
+"""
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def test_a_shaped_link_to_a_namespace_and_nothing_left_after():
+    size, mbit = 2_000_000, 8
+    with NetLab() as lab:
+        assert lab.name in namespaces()
+        lab.shape(mbit)
+        sink = lab.popen([sys.executable, "-c", SINK, lab.inner_ip], stdout=subprocess.PIPE, text=True)
+        port = int(sink.stdout.readline())
+        started = time.monotonic()
+        with socket.create_connection((lab.inner_ip, port), timeout=30) as conn:
+            conn.sendall(b"x" * size)
+        assert int(sink.stdout.readline()) == size
+        elapsed = time.monotonic() - started
+        ideal = size * 8 / (mbit * 1e6)  # 2 s
+        assert 0.8 * ideal < elapsed < 2.5 * ideal, elapsed
+        name = lab.name
+    wait_for(lambda: name not in namespaces(), 10, "the namespace to be removed")
+    assert sink.poll() is not None

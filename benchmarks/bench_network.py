@@ -33,21 +33,13 @@ from pathlib import Path
 import torch
 
 import dmoe
+from dmoe.local import wait_ready_file
 from dmoe.netlab import NetLab
 from dmoe.netproxy import TcpProxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_EXPERTS, K = 8, 2
 COMPRESSIONS = ("none", "fp16", "8bit")
-
-
-def wait_ready(path: Path, proc, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the node did not start; see {RESULTS / 'bench_network_node.log'}")
-        time.sleep(0.2)
-    return json.loads(path.read_text())
 
 
 def main() -> None:
@@ -69,7 +61,7 @@ def main() -> None:
                           "--max-message-bytes", str(256 << 20), "--max-request-bytes", str(256 << 20),
                           "--max-inflight-bytes", str(1 << 30), "--ready-file", str(ready)],
                          stdout=log, stderr=subprocess.STDOUT)
-        info = wait_ready(ready, node)
+        info = wait_ready_file(ready, node, 120, f"the node (log: {RESULTS / 'bench_network_node.log'})")
         proxy.target = (lab.inner_ip, info["port"])
         with dmoe.Swarm(dmoe.SwarmConfig(initial_peers=info["swarm"], host=lab.outer_ip, cache_ttl=1e9)) as swarm:
             deadline = time.monotonic() + 60

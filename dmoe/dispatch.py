@@ -63,7 +63,6 @@ class Dispatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE):
         self._loop, self.compression = loop, compression
         self._channels: dict[str, tuple[grpc.aio.Channel, pbg.ExpertServiceStub]] = {}
-        self.last_num_unneeded = 0  # hedged calls the last forward cancelled because they were not needed
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -93,10 +92,11 @@ class Dispatcher:
     def forward(
         self, calls: list[ExpertCall], *, num_tokens: int, k_min: int, forward_timeout: float,
         timeout_after_k_min: float, on_result: Callable[[str, bool], None], enough: int = 0,
-    ) -> dict[int, torch.Tensor]:
-        """Outputs of the calls that answered in time and well, by index in ``calls``. With
-        ``enough`` > 0 (hedged calls), the forward ends once every token has that many answers (or
-        all it can get), and the calls still running are cancelled without counting as failures."""
+    ) -> tuple[dict[int, torch.Tensor], int]:
+        """Outputs of the calls that answered in time and well, by index in ``calls``, and how many
+        calls were cancelled as not needed. With ``enough`` > 0 (hedged calls), the forward ends once
+        every token has that many answers (or all it can get), and the calls still running are
+        cancelled without counting as failures."""
         return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
                                       enough))
 
@@ -136,12 +136,11 @@ class Dispatcher:
                 break
             if quorum_at is None and bool((answered_T >= need_T).all()):
                 quorum_at = time.monotonic()
-        self.last_num_unneeded = len(pending) if satisfied else 0
         for task in pending:  # late: dropped, and counted as a failure of its endpoint (unless hedged away)
             task.cancel()
             if not satisfied:
                 on_result(calls[tasks[task]].endpoint, False)
-        return results
+        return results, (len(pending) if satisfied else 0)
 
     # ---- backward -----------------------------------------------------------------------------
     def backward(

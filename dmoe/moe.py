@@ -91,7 +91,7 @@ class _Dispatch(torch.autograd.Function):
         for e, token_ids, slot_ids in group_by_expert(experts_TK):
             calls.append(ExpertCall.to(records[e], x_TD[token_ids], token_ids))
             slots.append(slot_ids)
-        results = layer.dispatcher.forward(
+        results, num_unneeded = layer.dispatcher.forward(
             calls, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
             timeout_after_k_min=layer.timeout_after_k_min, on_result=_reporter(layer.swarm),
             enough=layer.k if layer.hedge else 0,
@@ -101,7 +101,7 @@ class _Dispatch(torch.autograd.Function):
         for index, output in results.items():
             out_TKD[calls[index].token_ids, slots[index]] = output
             answered_TK[calls[index].token_ids, slots[index]] = True
-        layer.last_num_failed = len(calls) - len(results) - layer.dispatcher.last_num_unneeded
+        layer.last_num_failed = len(calls) - len(results) - num_unneeded
         ctx.layer = layer
         ctx.answered = [(calls[i], slots[i]) for i in results]
         ctx.num_tokens = x_TD.shape[0]

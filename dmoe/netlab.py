@@ -13,8 +13,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import signal
 import subprocess
+
+from dmoe.local import stop_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +74,7 @@ class NetLab:
 
     def close(self) -> None:
         for proc in self._procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            except ProcessLookupError:
-                pass
+            stop_process_group(proc, 20)
         self._procs.clear()
         subprocess.run(["ip", "link", "del", self.outer_if], capture_output=True)
         if self._made:

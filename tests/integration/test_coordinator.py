@@ -161,3 +161,11 @@ def test_the_swarm_keeps_working_without_the_coordinator(coordinator_factory, no
         moe = dmoe.RemoteMoE(swarm, prefix="ffn", grid=(4,), in_features=HIDDEN, k=4, k_min=4, forward_timeout=30)
         y = moe(torch.randn(5, HIDDEN))
         assert y.shape == (5, HIDDEN) and bool(y.abs().sum() > 0)
+
+
+def test_swarm_status_through_a_dead_address_says_what_to_check():
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEFCvBWyYb99onwTpANNAsLYQE2dxu5a5Vpy2wq1SaFc2"  # nobody listens
+    result = subprocess.run([sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", dead, "--timeout", "20"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot read the swarm through {dead}" in result.stderr and "Traceback" not in result.stderr

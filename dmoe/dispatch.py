@@ -4,7 +4,8 @@ Calls run on the Swarm's background event loop (uvloop) over one long-lived grpc
 endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answers
 (or every call has ended, or ``forward_timeout`` passed), then at most ``timeout_after_k_min``
 more for the rest. A reply that is malformed, of the wrong shape or dtype, or not finite counts as
-a failure of that expert, exactly like an error status or a missed deadline.
+a failure of that expert, exactly like an error status or a missed deadline; so does any other
+exception of one call (a connection torn down mid-stream): one peer never fails a step.
 
 A call carries the limits its node announced (:class:`dmoe.records.ExpertRecord`): a sub-batch of
 more tokens than ``max_batch_tokens`` is cut into parts sent concurrently (the call fails if any
@@ -125,8 +126,8 @@ class Dispatcher:
                 call = calls[index]
                 try:
                     results[index] = task.result()
-                except (grpc.RpcError, ValueError) as e:
-                    logger.debug("forward to %s at %s failed: %s", call.uid, call.endpoint, e)
+                except Exception as e:  # whatever went wrong, it is that expert's failure, not the step's
+                    _log_failure("forward", call, e)
                     on_result(call.endpoint, False)
                     continue
                 on_result(call.endpoint, True)
@@ -196,8 +197,8 @@ class Dispatcher:
                                        return_exceptions=True)
         results = {}
         for index, (call, reply) in enumerate(zip(calls, replies)):
-            if isinstance(reply, (grpc.RpcError, ValueError)):
-                logger.debug("backward to %s at %s failed: %s", call.uid, call.endpoint, reply)
+            if isinstance(reply, Exception):
+                _log_failure("backward", call, reply)
                 on_result(call.endpoint, False)
             elif isinstance(reply, BaseException):
                 raise reply
@@ -205,6 +206,14 @@ class Dispatcher:
                 on_result(call.endpoint, True)
                 results[index] = reply
         return results
+
+
+def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
+    """An error status, a deadline or a bad reply is a peer's expected failure (debug); anything else
+    (a broken connection's OSError, a bug) is logged louder, and is still only that expert's failure."""
+    expected = isinstance(error, (grpc.RpcError, ValueError))
+    logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s", what, call.uid,
+               call.endpoint, type(error).__name__, error)
 
 
 def _checked(tensors, like: torch.Tensor) -> torch.Tensor:

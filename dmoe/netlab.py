@@ -3,7 +3,8 @@
 For tests and benchmarks of what crosses a network: ``NetLab()`` creates a namespace and a veth
 pair (``10.<a>.<b>.1`` here, ``.2`` in the namespace, a /30 of its own per lab), and ``shape(mbit)``
 limits both directions with ``tc ... tbf`` (netem is not available here, so latency, jitter and cuts
-come from :class:`dmoe.netproxy.TcpProxy`). ``popen(argv)`` starts a process inside the namespace.
+come from :class:`dmoe.netproxy.TcpProxy`); ``set_link(False)`` cuts the namespace off the network
+until ``set_link(True)``. ``popen(argv)`` starts a process inside the namespace.
 Everything it made is removed by ``close()`` (or the ``with`` block), processes first. It needs root
 (``ip netns``), and uses only addresses inside the namespaces it creates.
 """
@@ -65,6 +66,11 @@ class NetLab:
                 burst = max(32_000, int(mbit * 1e6 / 8 / 100))  # >= 10 ms of traffic
                 subprocess.run([*tc, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
                                 "burst", str(burst), "latency", "400ms"], check=True, capture_output=True)
+
+    def set_link(self, up: bool) -> None:
+        """Take the namespace's end of the link down (the cable pulled: packets to it are lost, open
+        connections stall until their deadlines) or bring it back up; addresses and routes come back."""
+        _ip("netns", "exec", self.name, "ip", "link", "set", self.inner_if, "up" if up else "down")
 
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         """Start ``argv`` inside the namespace, in a process group of its own; stopped by close()."""

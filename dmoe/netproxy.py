@@ -2,8 +2,11 @@
 
 Tests and benchmarks put it in front of a node (which announces the proxy's port with
 ``--announce-port``) to inject what the kernel's netem would, where netem is not available: a
-one-way delay per direction with jitter (order kept, as on one TCP path), and cutting every
-connection at once. Bytes pass through unchanged. It runs on its own event loop thread, so it
+one-way delay per direction with jitter (order kept, as on one TCP path); packet loss as TCP shows
+it to the application, a stall of one retransmission timeout (``loss``: the chance per chunk read,
+``rto`` seconds, everything behind it waits too); connection resets (``reset``: the chance per chunk
+that the connection is torn down, both ways); and cutting every connection at once. Bytes that
+pass arrive unchanged. It runs on its own event loop thread, so it
 works from synchronous test code; the settings may be changed while it runs.
 """
 
@@ -23,11 +26,14 @@ class TcpProxy:
     """``with TcpProxy(delay=0.05) as proxy: proxy.target = ("127.0.0.1", port); dial proxy.port``."""
 
     def __init__(self, target: tuple[str, int] | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 delay: float = 0.0, jitter: float = 0.0, seed: int = 0):
-        if delay < 0 or jitter < 0:
-            raise ValueError("delay and jitter must be >= 0")
+                 delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0, rto: float = 0.2, reset: float = 0.0,
+                 seed: int = 0):
+        if delay < 0 or jitter < 0 or rto < 0 or not (0 <= loss <= 1 and 0 <= reset <= 1):
+            raise ValueError("delay, jitter and rto must be >= 0; loss and reset are chances in [0, 1]")
         self.target, self.host = target, host
         self.delay, self.jitter = delay, jitter  # seconds added to each direction; read on every chunk
+        self.loss, self.rto, self.reset = loss, rto, reset  # read on every chunk too
+        self.num_losses = self.num_resets = 0
         self.port = port
         self.num_connections = 0
         self.num_bytes = {"up": 0, "down": 0}  # bytes relayed towards the target ("up") and back
@@ -97,8 +103,9 @@ class TcpProxy:
         self.num_connections += 1
         self._writers.update((client_writer, server_writer))
         try:
-            await asyncio.gather(self._pipe(client_reader, server_writer, "up"),
-                                 self._pipe(server_reader, client_writer, "down"), return_exceptions=True)
+            both = (client_writer, server_writer)
+            await asyncio.gather(self._pipe(client_reader, server_writer, "up", both),
+                                 self._pipe(server_reader, client_writer, "down", both), return_exceptions=True)
         except asyncio.CancelledError:
             pass  # shutdown; asyncio's stream server reads this task's outcome, which must not be a cancellation
         finally:
@@ -106,7 +113,8 @@ class TcpProxy:
                 self._writers.discard(writer)
                 writer.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str,
+                    both: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
         """Copy one direction, each chunk delivered ``delay`` (+ jitter) after it was read, in order."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -127,8 +135,16 @@ class TcpProxy:
         try:
             while True:
                 data = await reader.read(READ_BYTES)
+                if data and self.reset and self._random.random() < self.reset:
+                    self.num_resets += 1
+                    for end in both:  # a RST to each side, at once
+                        end.transport.abort()
+                    return
                 self.num_bytes[direction] += len(data)
                 due = loop.time() + self.delay + (self._random.uniform(0, self.jitter) if self.jitter else 0.0)
+                if data and self.loss and self._random.random() < self.loss:
+                    self.num_losses += 1
+                    due += self.rto  # TCP resends the lost segment after its retransmission timeout
                 last_due = max(last_due, due)  # jitter never reorders bytes of one stream
                 queue.put_nowait((last_due, data))
                 if not data:

@@ -16,6 +16,7 @@ dispatcher does).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -56,8 +57,14 @@ class DHTPeer:
         self._thread: threading.Thread | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine on the peer's loop and wait for its result (from any other thread)."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+        """Run a coroutine on the peer's loop and wait for its result (from any other thread); on a
+        timeout the coroutine is cancelled and TimeoutError raised."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no result in {timeout}s") from None
 
     async def run_async(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Await a coroutine run on the peer's loop, from another event loop."""

@@ -1,7 +1,9 @@
 """Swarm: a client's view of the swarm: a DHT peer, a cache of live experts, and endpoint back-off.
 
 Lookups of live experts are cached for ``cache_ttl`` seconds, so a training step does not wait on
-the DHT when nothing changed. An endpoint that fails is banned for a capped, exponentially growing
+the DHT when nothing changed; a lookup that fails or takes longer than ``lookup_timeout`` (a peer
+on the lookup's path frozen, the DHT cut off) leaves the last known experts in use, so a step's
+time stays bounded by its deadlines. An endpoint that fails is banned for a capped, exponentially growing
 time (``ban_base`` x 2^(failures-1), at most ``ban_max``), then tried again; one success clears it.
 """
 
@@ -30,6 +32,8 @@ class SwarmConfig:
     initial_peers: list[str] = option([], "multiaddrs of swarm peers to join (any live peer will do)")
     host: str = option("127.0.0.1", "address this client's DHT peer listens on")
     cache_ttl: float = option(5.0, "seconds a lookup of live experts is reused")
+    lookup_timeout: float = option(5.0, "seconds a lookup of live experts may take; past it the last "
+                                        "known experts are used")
     ban_base: float = option(1.0, "seconds a failing endpoint is avoided after its first failure")
     ban_max: float = option(60.0, "longest time a failing endpoint is avoided")
     event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
@@ -37,8 +41,8 @@ class SwarmConfig:
     def __post_init__(self) -> None:
         if not self.initial_peers:
             raise ConfigError("no swarm address: give the address a coordinator or node printed")
-        if self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base:
-            raise ConfigError("need cache_ttl >= 0 and 0 < ban_base <= ban_max")
+        if self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base or self.lookup_timeout <= 0:
+            raise ConfigError("need cache_ttl >= 0, lookup_timeout > 0 and 0 < ban_base <= ban_max")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
 
@@ -99,13 +103,19 @@ class Swarm:
             stale = [k for k in keys if refresh or k not in self._prefix_cache
                      or now - self._prefix_cache[k][0] > self.config.cache_ttl]
         if stale:
-            found = self.run(find_under_prefixes_async(self.peer.node, stale), 60)
+            try:
+                found = self.run(find_under_prefixes_async(self.peer.node, stale), self.config.lookup_timeout)
+            except Exception as e:  # a slow or broken DHT must not stop a step: keep what was known
+                logger.warning("expert lookup of %s failed (%s: %s); using the last known experts for %.0fs",
+                               ", ".join(stale), type(e).__name__, e, self.config.cache_ttl)
+                with self._lock:
+                    found = {key: self._prefix_cache.get(key, (now, {}))[1] for key in stale}
             with self._lock:
                 for key in stale:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:
-            return {key: {c: r for c, r in self._prefix_cache[key][1].items() if not self._banned(r.endpoint, now)}
-                    for key in keys}
+            return {key: {c: r for c, r in self._prefix_cache.get(key, (now, {}))[1].items()
+                          if not self._banned(r.endpoint, now)} for key in keys}
 
     def _banned(self, endpoint: str, now: float) -> bool:
         entry = self._failures.get(endpoint)

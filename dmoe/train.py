@@ -40,6 +40,8 @@ class TrainConfig(LMConfig):
     local: bool = option(False, "run the experts in this process instead of on a swarm")
     data: str = option("stdlib", "text: 'stdlib' (Python's standard library sources), a file or a folder")
     steps: int = option(1000, "training steps to run (counted from the start, so resume continues to it)")
+    max_time: float = option(0.0, "stop after this many seconds of training, evaluate and save, as at --steps "
+                                  "(0: no time limit)")
     batch_size: int = option(16, "sequences per step")
     lr: float = option(1e-3, "learning rate of the client-side parameters (Adam)")
     max_grad_norm: float = option(1.0, "gradient clipping of the client-side parameters (0: none)")
@@ -55,6 +57,7 @@ class TrainConfig(LMConfig):
     forward_timeout: float = option(10.0, "deadline of an expert forward call (s)")
     timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
     backward_timeout: float = option(10.0, "deadline of an expert backward call (s)")
+    lookup_timeout: float = option(5.0, "deadline of a DHT lookup of live experts; past it the last known are used (s)")
     compression: str = option("none", "activations and gradients on the wire: none, fp16, 8bit")
     host: str = option("127.0.0.1", "address this trainer's DHT peers listen on")
     metrics_file: str | None = option(None, "append one JSON line per step and per evaluation to this file")
@@ -64,8 +67,8 @@ class TrainConfig(LMConfig):
         for name in ("steps", "batch_size", "save_interval", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.eval_interval < 0 or self.lr <= 0 or self.average_interval <= 0:
-            raise ConfigError("need eval_interval >= 0, lr > 0 and average_interval > 0")
+        if self.eval_interval < 0 or self.lr <= 0 or self.average_interval <= 0 or self.max_time < 0:
+            raise ConfigError("need eval_interval >= 0, lr > 0, average_interval > 0 and max_time >= 0")
         if self.compression not in COMPRESSION_NAMES:
             raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}, got {self.compression!r}")
         if self.ffn == "moe" and not self.local and not self.swarm:
@@ -139,7 +142,8 @@ class Trainer:
             shapes = list(probe.parameters())
             self.averager = ParameterAverager(shapes, initial_peers=config.swarm, run_id=config.run_id,
                                               host=config.host, interval=config.average_interval)
-        self.swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host)).start()
+        self.swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host,
+                                       lookup_timeout=config.lookup_timeout)).start()
         torch.manual_seed(config.seed)
         model = MoELM(model_config, remote_moe_factory(
             self.swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
@@ -201,13 +205,20 @@ class Trainer:
 
     def train(self, on_step: Callable[[dict], None] | None = None,
               on_eval: Callable[[int, float], None] | None = None) -> float:
-        """Run up to config.steps; returns the final held-out loss."""
+        """Run up to config.steps (or config.max_time seconds); returns the final held-out loss. A run
+        that starts at step 0 is evaluated first, so that its log shows where it began."""
         config = self.config
-        while self.step < config.steps:
+        if self.step == 0 and self.step < config.steps:
+            loss = self.evaluate()
+            if on_eval is not None:
+                on_eval(self.step, loss)
+        started = time.monotonic()
+        while self.step < config.steps and not (config.max_time and time.monotonic() - started >= config.max_time):
             record = self.train_step()
             if on_step is not None:
                 on_step(record)
-            if config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.steps:
+            if (config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.steps
+                    and not (config.max_time and time.monotonic() - started >= config.max_time)):
                 loss = self.evaluate()
                 if on_eval is not None:
                     on_eval(self.step, loss)

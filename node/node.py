@@ -71,6 +71,7 @@ class Node:
         self._health: HealthServicer | None = None
         self._checkpoints = CheckpointStore(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
         self._saved_versions: dict[str, int] = {}
+        self.restored_versions: dict[str, int] = {}  # uid -> version loaded from a checkpoint at start
         self._checkpoint_lock = threading.Lock()  # one checkpoint writer at a time
         self._tasks: list[asyncio.Task] = []
         self._stop: asyncio.Event | None = None
@@ -297,7 +298,7 @@ class Node:
                 continue
             tensors, metadata, path = found
             backend.load_state_tensors(tensors, metadata)
-            self._saved_versions[uid] = backend.version
+            self._saved_versions[uid] = self.restored_versions[uid] = backend.version
             logger.info("restored %s from %s (version %d)", uid, path, backend.version)
 
     def save_checkpoints(self, force: bool = False) -> int:
@@ -331,5 +332,5 @@ class Node:
     def _write_ready_file(self, path: Path) -> None:
         write_json_atomic(path, {
             "endpoint": self.endpoint, "port": self.port, "swarm": self.swarm_addresses, "node_id": self.node_id,
-            "pid": os.getpid(), "experts": self.uids,
+            "pid": os.getpid(), "experts": self.uids, "restored": self.restored_versions,
         })

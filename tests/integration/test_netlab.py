@@ -49,3 +49,20 @@ def test_a_shaped_link_to_a_namespace_and_nothing_left_after():
         name = lab.name
     wait_for(lambda: name not in namespaces(), 10, "the namespace to be removed")
     assert sink.poll() is not None
+
+
+def test_a_cut_off_namespace_is_unreachable_until_its_link_is_back():
+    with NetLab() as lab, socket.create_server((lab.outer_ip, 0)) as server:
+        port = server.getsockname()[1]
+        dial = [sys.executable, "-c", f"import socket; socket.create_connection(('{lab.outer_ip}', {port}), timeout=3)"]
+
+        def reachable() -> bool:
+            return subprocess.run(["ip", "netns", "exec", lab.name, *dial], capture_output=True).returncode == 0
+
+        assert reachable()
+        lab.set_link(False)
+        assert not reachable()
+        with pytest.raises(OSError):  # and from the host side, packets to it are lost: a timeout
+            socket.create_connection((lab.inner_ip, 9), timeout=1)
+        lab.set_link(True)
+        wait_for(reachable, 10, "the link to come back")

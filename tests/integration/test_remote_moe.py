@@ -314,7 +314,8 @@ def test_big_sub_batches_are_cut_to_the_node_limits_and_streamed(node_factory):
 def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
     """c is reached through a proxy (it announces the proxy's port). With 2 s of delay on that link
     and a 1 s deadline, c's experts are dropped and the step ends within its deadline; once the link
-    is fast again and c's back-off has passed, c's experts are used again."""
+    is fast again and c's back-off has passed, c's experts are used again. Then the link turns flaky
+    (lost segments, resets): no step fails."""
     a = node_factory("--experts", "ffn.[0:6]", "--hidden-dim", str(HIDDEN), name="a")
     with TcpProxy() as proxy:
         c = node_factory("--experts", "ffn.[6:8]", "--hidden-dim", str(HIDDEN), "--swarm", a.swarm[0],
@@ -324,7 +325,7 @@ def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
         with Swarm(SwarmConfig(initial_peers=a.swarm, cache_ttl=60, ban_base=1.0)) as swarm:
             torch.manual_seed(8)
             layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
-                              forward_timeout=1.0, timeout_after_k_min=1.0)
+                              forward_timeout=1.0, timeout_after_k_min=1.0, backward_timeout=2.0)
             try:
                 wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30, "all experts")
                 x = torch.randn(64, HIDDEN)
@@ -348,6 +349,22 @@ def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
                     wait_for(lambda: len(swarm.live_under(["ffn."])["ffn."]) == 8, 10, "c's back-off to end")
                     torch.testing.assert_close(layer(x), local_moe(layer, x, set(UIDS)), rtol=1e-4, atol=1e-5)
                     assert layer.last_num_failed == 0
+
+                # a flaky link: lost segments (0.2 s stalls) and connection resets; no step raises,
+                # each ends within its deadlines, and c still answers some of the time
+                proxy.loss, proxy.reset = 0.2, 0.1
+                swarm.config.ban_base = swarm.config.ban_max = 0.01  # retry c at once, to meet the faults often
+                failed = 0
+                for _ in range(12):
+                    x = torch.randn(64, HIDDEN, requires_grad=True)
+                    started = time.monotonic()
+                    y = layer(x)
+                    y.square().sum().backward()
+                    assert time.monotonic() - started < 1.0 + 1.0 + layer.backward_timeout + 1.0
+                    assert bool(torch.isfinite(y).all() and torch.isfinite(x.grad).all())
+                    failed += layer.last_num_failed
+                assert proxy.num_resets > 0 and proxy.num_losses > 0
+                assert failed > 0 and proxy.num_connections > 2  # resets were felt, and c was dialled again
             finally:
                 layer.dispatcher.close()
 

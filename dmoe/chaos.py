@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from dmoe.proto import expert_pb2_grpc as pbg
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 90.0
+# what an exception that escaped leaves in a trainer's log: a thread's, or the CLI's error line
+UNHANDLED = re.compile(r"^(Exception in thread|Error: )", re.MULTILINE)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -55,6 +58,7 @@ class ChaosConfig:
     stop_time: tuple[float, float] = (1.0, 5.0)  # a frozen node is resumed after this many seconds
     cut_at: float = 0.4  # when the namespace is cut off, as a fraction of ``duration``
     cut_for: float = 8.0  # seconds it stays cut off
+    no_kills_for: float = 10.0  # no kill in the last seconds of ``duration``: the last restart gets used
     seed: int = 0
     # the model and its experts: num_experts per layer, spread evenly over the nodes
     num_layers: int = 2
@@ -82,8 +86,10 @@ class ChaosConfig:
             raise ValueError(f"num_experts ({self.num_experts}) must be a multiple of nodes ({self.nodes})")
         if not 1 <= self.max_faulty < self.nodes:
             raise ValueError("max_faulty must be in 1 .. nodes - 1")
-        if min(self.duration, self.fault_interval, self.cut_for) <= 0 or self.calm < 0 or not 0 <= self.cut_at < 1:
-            raise ValueError("need duration, fault_interval, cut_for > 0, calm >= 0 and 0 <= cut_at < 1")
+        if min(self.duration, self.fault_interval, self.cut_for) <= 0 or min(self.calm, self.no_kills_for) < 0:
+            raise ValueError("need duration, fault_interval, cut_for > 0 and calm, no_kills_for >= 0")
+        if not 0 <= self.cut_at < 1:
+            raise ValueError("cut_at is a fraction of duration, in [0, 1)")
         for low, high in (self.down_time, self.stop_time):
             if not 0 <= low <= high:
                 raise ValueError("down_time and stop_time are (low, high) with 0 <= low <= high")
@@ -127,6 +133,8 @@ class ChaosRun:
         self.restarts: list[dict] = []
         self.corrupt: list[str] = []
         self.started = time.monotonic()
+        self.trainers_done: float | None = None
+        self._next_check = 0.0
         self._env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
     # ---- the run -------------------------------------------------------------------------------------
@@ -181,9 +189,6 @@ class ChaosRun:
                                       in_lab=in_lab))
         for node in self.nodes:
             self._spawn(node)
-        self._wait_ready(self.nodes)
-        self.say(f"swarm up: coordinator and {len(self.nodes)} nodes ({self.nodes[-1].name} in namespace "
-                 f"{self.lab.name} at {self.lab.inner_ip})")
         for t in range(c.trainers):
             name = f"trainer{t}"
             (self.workdir / name).mkdir(exist_ok=True)
@@ -198,8 +203,11 @@ class ChaosRun:
                     "--timeout-after-k-min", str(c.timeout_after_k_min), "--backward-timeout", str(c.backward_timeout),
                     "--lookup-timeout", str(c.lookup_timeout)]
             self.trainers.append(_Member(name, argv, self.workdir / name / "train.log"))
-        for trainer in self.trainers:
+        for trainer in self.trainers:  # they start (import, join, averager) while the nodes do
             self._spawn(trainer)
+        self._wait_ready(self.nodes)
+        self.say(f"swarm up: coordinator and {len(self.nodes)} nodes ({self.nodes[-1].name} in namespace "
+                 f"{self.lab.name} at {self.lab.inner_ip})")
         deadline = time.monotonic() + START_TIMEOUT
         while not all(self._metrics(t) for t in self.trainers):
             for trainer in self.trainers:
@@ -247,23 +255,30 @@ class ChaosRun:
         begin = time.monotonic()
         end = begin + c.duration
         next_fault = begin + self.random.expovariate(1 / c.fault_interval)
-        cut_at, cut_done = begin + c.cut_at * c.duration, False
+        cut_at, cut_done, num_faults = begin + c.cut_at * c.duration, False, 0
+        lab_node = self.nodes[-1]
         while time.monotonic() < end and self._trainers_running():
             now = time.monotonic()
             self._heal(now)
-            out = [n for n in self.nodes if n.state != "up"]
-            if not cut_done and now >= cut_at and self.nodes[-1].state == "up" and len(out) < c.max_faulty:
-                self._cut(self.nodes[-1], now + c.cut_for)
+            self._check_used()
+            if not cut_done and now >= cut_at and lab_node.state == "up":  # the one cut: not held back
+                self._cut(lab_node, now + c.cut_for)
                 cut_done = True
             elif now >= next_fault:
-                healthy = [n for n in self.nodes if n.state == "up"]
-                if len(out) < c.max_faulty and healthy:
-                    node = self.random.choice(healthy)
-                    if self.random.random() < 0.5:
-                        self._kill(node, now + self.random.uniform(*c.down_time))
-                    else:
-                        self._freeze(node, now + self.random.uniform(*c.stop_time))
                 next_fault = now + self.random.expovariate(1 / c.fault_interval)
+                kill = num_faults % 2 == 0  # kills and freezes take turns; the node is drawn at random
+                healthy = [n for n in self.nodes if n.state == "up"
+                           and not (n is lab_node and not cut_done and now > cut_at - c.fault_interval)]
+                if kill and now > end - c.no_kills_for:
+                    continue
+                if sum(n.state != "up" for n in self.nodes) >= c.max_faulty or not healthy:
+                    continue
+                node = self.random.choice(healthy)
+                if kill:
+                    self._kill(node, now + self.random.uniform(*c.down_time))
+                else:
+                    self._freeze(node, now + self.random.uniform(*c.stop_time))
+                num_faults += 1
             time.sleep(0.05)
 
     def _kill(self, node: _Member, until: float) -> None:
@@ -312,8 +327,22 @@ class ChaosRun:
         restored = {uid: int(v) for uid, v in node.ready.get("restored", {}).items()}
         ok = restored == node.on_disk
         self.restarts.append({"t": round(time.monotonic() - self.started, 2), "node": node.name,
-                              "restored": restored, "on_disk": node.on_disk, "ok": ok})
+                              "restored": restored, "on_disk": node.on_disk, "ok": ok, "served": None,
+                              "incarnation": node.incarnations})
         self._event("ready again", node, restored_experts=len(restored), matches_disk=ok)
+
+    def _check_used(self) -> None:
+        """Once a second, ask restarted nodes (Info) whether they have served forward calls since."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        for restart in self.restarts:
+            node = next(n for n in self.nodes if n.name == restart["node"])
+            if not restart["served"] and node.state == "up" and node.incarnations == restart["incarnation"]:
+                restart["served"] = node_forward_calls(node.ready.get("endpoint"), timeout=0.5)
+                if restart["served"]:
+                    restart["served_after_s"] = round(now - self.started - restart["t"], 1)
 
     def _calm(self) -> None:
         self._heal(time.monotonic(), force=True)
@@ -328,7 +357,9 @@ class ChaosRun:
         while self._trainers_running():
             if time.monotonic() > deadline:
                 raise TimeoutError("the trainers did not finish")
+            self._check_used()
             time.sleep(0.2)
+        self.trainers_done = time.monotonic() - self.started
 
     def _trainers_running(self) -> bool:
         return any(t.proc is not None and t.proc.poll() is None for t in self.trainers)
@@ -348,9 +379,10 @@ class ChaosRun:
             records = self._metrics(trainer)
             steps = [r for r in records if "loss" in r]
             log = trainer.log_path.read_text(errors="replace")
+            unhandled = len(UNHANDLED.findall(log))
             trainers.append({
                 "name": trainer.name, "exit_code": trainer.proc.returncode if trainer.proc else None,
-                "traceback": "Traceback" in log, "steps": len(steps),
+                "unhandled_errors": unhandled, "steps": len(steps),
                 "max_step_s": max((r["seconds"] for r in steps), default=0.0),
                 "median_step_s": sorted(r["seconds"] for r in steps)[len(steps) // 2] if steps else 0.0,
                 "failed_calls": sum(r["failed_calls"] for r in steps),
@@ -370,18 +402,27 @@ class ChaosRun:
         return {
             "config": dataclasses.asdict(c), "step_bound_s": c.step_bound_s, "faults": counts, "events": self.events,
             "restarts": self.restarts, "corrupt_checkpoints": sorted(set(self.corrupt)), "trainers": trainers,
-            "nodes": nodes, "seconds": round(time.monotonic() - self.started, 1),
+            "nodes": nodes, "trainers_done_at": self.trainers_done, "seconds": round(time.monotonic() - self.started, 1),
         }
 
     def _stop_all(self) -> None:
-        for member in [*self.trainers, *self.nodes, *([self.coordinator] if self.coordinator else [])]:
-            if member.proc is None or member.proc.poll() is not None:
-                continue
+        """SIGTERM to each process (as an init system would: a node withdraws its records and
+        checkpoints), SIGKILL to its group after a grace period."""
+        members = [*self.trainers, *self.nodes, *([self.coordinator] if self.coordinator else [])]
+        live = [m for m in members if m.proc is not None and m.proc.poll() is None]
+        for member in live:
             try:
                 os.killpg(member.proc.pid, signal.SIGCONT)
+                member.proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
-                continue
-            stop_process_group(member.proc, 15)
+                pass
+        deadline = time.monotonic() + 20
+        for member in live:
+            try:
+                member.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            stop_process_group(member.proc, 1)
         if self.lab is not None:
             self.lab.close()
             self.lab = None
@@ -408,13 +449,13 @@ def check_checkpoints(root: Path) -> tuple[dict[str, int], list[str]]:
     return newest, corrupt
 
 
-def node_forward_calls(endpoint: str | None) -> int | None:
+def node_forward_calls(endpoint: str | None, timeout: float = 10.0) -> int | None:
     """Forward calls the node at endpoint served since it started (its Info), or None if it does not answer."""
     if not endpoint:
         return None
     with grpc.insecure_channel(endpoint) as channel:
         try:
-            info = pbg.ExpertServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
+            info = pbg.ExpertServiceStub(channel).Info(pb.InfoRequest(), timeout=timeout)
         except grpc.RpcError:
             return None
     return sum(e.stats.forward_calls for e in info.experts)

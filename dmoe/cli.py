@@ -136,11 +136,11 @@ def train(config_path: str | None, **values) -> None:
     def stop(signum, frame):  # SIGTERM as SIGINT: checkpoint, then shut the DHT and averager down
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
     try:
         trainer = Trainer(config).start()
     except (DmoeError, ValueError, OSError) as e:
         raise click.ClickException(f"cannot start training: {e}") from None
+    signal.signal(signal.SIGTERM, stop)  # after start: the averager's forked processes keep the default
     where = "local experts" if config.local else f"swarm {config.swarm[0]}" if config.swarm else "dense model"
     console.print(f"training on {trainer.corpus.name} ({len(trainer.corpus.train):,} train bytes, "
                   f"{len(trainer.corpus.heldout):,} held out) with {where}; starting at step {trainer.step}")

@@ -74,6 +74,8 @@ class MoEGate(nn.Module):
         if not found:
             self.no_candidates()
             self.last_num_failed, self.last_routing = 0, None
+            # no routing, no routing losses: those of the last step belong to a graph already freed
+            self.aux_loss = self.z_loss = x.new_zeros(())
             return x * 0  # zero, and still a function of x for autograd
         coords_CL = torch.tensor([coords for coords, _ in found])
         handles = [handle for _, handle in found]

@@ -5,6 +5,8 @@ the DHT when nothing changed; a lookup that fails or takes longer than ``lookup_
 on the lookup's path frozen, the DHT cut off) leaves the last known experts in use, so a step's
 time stays bounded by its deadlines. An endpoint that fails is banned for a capped, exponentially growing
 time (``ban_base`` x 2^(failures-1), at most ``ban_max``), then tried again; one success clears it.
+Failures reported while the endpoint is banned (the other calls of one step, in flight when it
+failed) do not lengthen the ban: a node that fails once per try is avoided 1, 2, 4 ... seconds.
 """
 
 from __future__ import annotations
@@ -122,10 +124,14 @@ class Swarm:
         return entry is not None and now < entry[1]
 
     def report_failure(self, endpoint: str) -> None:
+        now = time.monotonic()
         with self._lock:
-            failures = self._failures.get(endpoint, (0, 0.0))[0] + 1
+            failures, until = self._failures.get(endpoint, (0, 0.0))
+            if now < until:  # the other calls of the same outage (in flight when it began) do not add to the ban
+                return
+            failures += 1
             ban = min(self.config.ban_max, self.config.ban_base * 2 ** (failures - 1))
-            self._failures[endpoint] = (failures, time.monotonic() + ban)
+            self._failures[endpoint] = (failures, now + ban)
         logger.info("avoiding %s for %.1fs after %d failure(s)", endpoint, ban, failures)
 
     def report_success(self, endpoint: str) -> None:

@@ -19,7 +19,7 @@ COMPUTE_ALLOWANCE_S = 6.0  # a step's own compute on a loaded 2-core machine, on
 
 
 def test_training_survives_kills_freezes_restarts_and_a_cut_off_node(tmp_path):
-    config = ChaosConfig(duration=40, calm=15, fault_interval=2.5, seed=1)
+    config = ChaosConfig(duration=30, calm=10, fault_interval=2.0, no_kills_for=8, seed=1)
     report = ChaosRun(config, tmp_path).run()
     (tmp_path / "report.json").write_text(json.dumps(report, indent=1))
     logs = "\n".join(f"--- {t['name']}: {(tmp_path / t['name'] / 'train.log').read_text()[-3000:]}"
@@ -28,7 +28,7 @@ def test_training_survives_kills_freezes_restarts_and_a_cut_off_node(tmp_path):
     assert report["faults"]["kill -9"] >= 1 and report["faults"]["SIGSTOP"] >= 1, report["events"]
     assert report["faults"]["cut off"] == 1, report["events"]
     for trainer in report["trainers"]:
-        assert trainer["exit_code"] == 0 and not trainer["traceback"], logs
+        assert trainer["exit_code"] == 0 and trainer["unhandled_errors"] == 0, logs
         assert trainer["steps"] >= 20, trainer
         assert trainer["max_step_s"] <= report["step_bound_s"] + COMPUTE_ALLOWANCE_S, trainer
         (first_step, first), (last_step, last) = trainer["heldout"][0], trainer["heldout"][-1]
@@ -40,6 +40,9 @@ def test_training_survives_kills_freezes_restarts_and_a_cut_off_node(tmp_path):
     # every restart resumed from the newest checkpoint on disk, and at least one had something to resume
     assert report["restarts"] and all(r["ok"] for r in report["restarts"]), report["restarts"]
     assert any(r["restored"] for r in report["restarts"]), report["restarts"]
-    # nodes that came back were used again: Info counts the forward calls since the restart
-    for node in report["nodes"]:
-        assert node["forward_calls_since_start"], node
+    # nodes that came back were used again (Info counts forward calls since the restart), at least
+    # those that came back some seconds before the trainers stopped
+    for restart in report["restarts"]:
+        if restart["t"] < report["trainers_done_at"] - 8:
+            assert restart["served"], restart
+    assert all(node["forward_calls_since_start"] for node in report["nodes"]), report["nodes"]

@@ -50,3 +50,27 @@ def test_generation_is_seeded_and_greedy_is_deterministic():
 def test_bad_model_configs_are_refused(bad):
     with pytest.raises(ConfigError):
         LMConfig(**bad)
+
+
+class Vanishing(LocalMoE):
+    """A LocalMoE whose experts can all disappear, as when every node of a layer is down."""
+
+    gone = False
+
+    def candidates(self, scores):
+        return [] if self.gone else super().candidates(scores)
+
+
+def test_a_step_with_no_live_expert_after_one_with_experts_still_trains():
+    """The routing losses of a step without experts must not be the last step's (a freed graph)."""
+    config = LMConfig(d_model=16, num_heads=2, num_layers=2, num_experts=4, expert_inner=32, seq_len=8)
+    model = MoELM(config, lambda c, i: Vanishing(prefix=c.layer_prefix(i), grid=(c.num_experts,),
+                                                 in_features=c.d_model, k=c.k, inner_dim=c.expert_inner))
+    tokens = torch.randint(0, 256, (2, 9))
+    for gone in (False, True, True, False):
+        for layer in model.moe_layers():
+            layer.gone = gone
+        loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        assert bool(torch.isfinite(loss))
+        assert all(bool(layer.aux_loss == 0) == gone for layer in model.moe_layers())

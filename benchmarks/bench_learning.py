@@ -41,8 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def train(name: str, config: TrainConfig) -> dict:
     curve: list[tuple[int, float]] = []
-    with Trainer(config) as trainer:
-        curve.append((0, trainer.evaluate()))
+    with Trainer(config) as trainer:  # train() evaluates at step 0 first
         trainer.train(on_eval=lambda step, loss: curve.append((step, loss)),
                       on_step=lambda r: print(f"\r{name}: step {r['step']}/{config.steps} loss {r['loss']:.3f}",
                                               end="", file=sys.stderr, flush=True))

@@ -6,8 +6,10 @@ separate processes, each in a process group of its own. One node lives in a netw
 the lab's host-side address, which that node can reach. While the trainers train, a controller
 picks, every ``fault_interval`` seconds on average (exponential gaps, seeded), a healthy node and
 either kills its process group with SIGKILL (the node is restarted ``down_time`` seconds later, from
-its checkpoints) or freezes it with SIGSTOP (SIGCONT ``stop_time`` later); once, it takes the
-namespace's link down for ``cut_for`` seconds. At most ``max_faulty`` nodes are out at once.
+its checkpoints) or freezes it with SIGSTOP (SIGCONT ``stop_time`` later), in turns; ``cuts`` times,
+it takes the namespace's link down for ``cut_for`` seconds. At most ``max_faulty`` nodes are out at
+once (a cut that is due goes ahead regardless), and no node is killed in the last ``no_kills_for``
+seconds, so that the last restart is seen serving again.
 After ``duration`` seconds every node is brought back and the trainers run ``calm`` seconds more.
 
 The controller records what it did and checks what must hold: after each kill every checkpoint
@@ -56,7 +58,8 @@ class ChaosConfig:
     max_faulty: int = 2  # nodes killed, frozen or cut off at one time, at most
     down_time: tuple[float, float] = (1.0, 4.0)  # a killed node restarts after this many seconds (uniform)
     stop_time: tuple[float, float] = (1.0, 5.0)  # a frozen node is resumed after this many seconds
-    cut_at: float = 0.4  # when the namespace is cut off, as a fraction of ``duration``
+    cuts: int = 1  # times the namespace is cut off, spread evenly over ``duration``
+    cut_at: float = 0.4  # when in its share of ``duration`` each cut begins (a fraction)
     cut_for: float = 8.0  # seconds it stays cut off
     no_kills_for: float = 10.0  # no kill in the last seconds of ``duration``: the last restart gets used
     seed: int = 0
@@ -84,6 +87,8 @@ class ChaosConfig:
             raise ValueError("need at least 2 nodes and 1 trainer")
         if self.num_experts % self.nodes:
             raise ValueError(f"num_experts ({self.num_experts}) must be a multiple of nodes ({self.nodes})")
+        if self.cuts < 0:
+            raise ValueError("cuts must be >= 0")
         if not 1 <= self.max_faulty < self.nodes:
             raise ValueError("max_faulty must be in 1 .. nodes - 1")
         if min(self.duration, self.fault_interval, self.cut_for) <= 0 or min(self.calm, self.no_kills_for) < 0:
@@ -133,6 +138,7 @@ class ChaosRun:
         self.restarts: list[dict] = []
         self.corrupt: list[str] = []
         self.started = time.monotonic()
+        self.wall_started = time.time()  # events' "t" are seconds after this
         self.trainers_done: float | None = None
         self._next_check = 0.0
         self._env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -193,7 +199,7 @@ class ChaosRun:
             name = f"trainer{t}"
             (self.workdir / name).mkdir(exist_ok=True)
             argv = [sys.executable, "-m", "dmoe", "train", "--swarm", swarm, "--host", host, "--run-id", "chaos",
-                    "--seed", str(t), "--save", str(self.workdir / name / "checkpoints"), "--save-interval", "20",
+                    "--seed", str(t), "--save", str(self.workdir / name / "checkpoints"), "--save-interval", "50",
                     "--metrics-file", str(self.workdir / name / "metrics.jsonl"), "--steps", "1000000",
                     "--max-time", str(c.duration + c.calm), "--average-interval", "5",
                     "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--eval-interval", str(c.eval_interval),
@@ -255,20 +261,21 @@ class ChaosRun:
         begin = time.monotonic()
         end = begin + c.duration
         next_fault = begin + self.random.expovariate(1 / c.fault_interval)
-        cut_at, cut_done, num_faults = begin + c.cut_at * c.duration, False, 0
+        cuts = [begin + (i + c.cut_at) * c.duration / c.cuts for i in range(c.cuts)]
+        num_faults = 0
         lab_node = self.nodes[-1]
         while time.monotonic() < end and self._trainers_running():
             now = time.monotonic()
             self._heal(now)
             self._check_used()
-            if not cut_done and now >= cut_at and lab_node.state == "up":  # the one cut: not held back
+            if cuts and now >= cuts[0] and lab_node.state == "up":  # a cut is due: not held back by max_faulty
                 self._cut(lab_node, now + c.cut_for)
-                cut_done = True
+                cuts.pop(0)
             elif now >= next_fault:
                 next_fault = now + self.random.expovariate(1 / c.fault_interval)
                 kill = num_faults % 2 == 0  # kills and freezes take turns; the node is drawn at random
                 healthy = [n for n in self.nodes if n.state == "up"
-                           and not (n is lab_node and not cut_done and now > cut_at - c.fault_interval)]
+                           and not (n is lab_node and cuts and now > cuts[0] - c.fault_interval)]
                 if kill and now > end - c.no_kills_for:
                     continue
                 if sum(n.state != "up" for n in self.nodes) >= c.max_faulty or not healthy:
@@ -378,13 +385,15 @@ class ChaosRun:
         for trainer in self.trainers:
             records = self._metrics(trainer)
             steps = [r for r in records if "loss" in r]
+            seconds = sorted(r["seconds"] for r in steps)
             log = trainer.log_path.read_text(errors="replace")
             unhandled = len(UNHANDLED.findall(log))
             trainers.append({
                 "name": trainer.name, "exit_code": trainer.proc.returncode if trainer.proc else None,
                 "unhandled_errors": unhandled, "steps": len(steps),
-                "max_step_s": max((r["seconds"] for r in steps), default=0.0),
-                "median_step_s": sorted(r["seconds"] for r in steps)[len(steps) // 2] if steps else 0.0,
+                "max_step_s": seconds[-1] if seconds else 0.0,
+                "median_step_s": seconds[len(seconds) // 2] if seconds else 0.0,
+                "p99_step_s": seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))] if seconds else 0.0,
                 "failed_calls": sum(r["failed_calls"] for r in steps),
                 "heldout": [[r["step"], r["heldout_loss"]] for r in records if "heldout_loss" in r],
                 "loss": [[r["step"], r["loss"], r["time"]] for r in steps],
@@ -402,7 +411,7 @@ class ChaosRun:
         return {
             "config": dataclasses.asdict(c), "step_bound_s": c.step_bound_s, "faults": counts, "events": self.events,
             "restarts": self.restarts, "corrupt_checkpoints": sorted(set(self.corrupt)), "trainers": trainers,
-            "nodes": nodes, "trainers_done_at": self.trainers_done, "seconds": round(time.monotonic() - self.started, 1),
+            "nodes": nodes, "started_at": self.wall_started, "trainers_done_at": self.trainers_done, "seconds": round(time.monotonic() - self.started, 1),
         }
 
     def _stop_all(self) -> None:

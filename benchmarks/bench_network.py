@@ -1,33 +1,44 @@
-"""Benchmark: RemoteMoE step time over a shaped link, against the bound that bandwidth alone sets.
+"""Benchmark: RemoteMoE throughput over a shaped link, against the bound that bandwidth alone sets.
 
 The node runs in a network namespace of its own (:class:`dmoe.netlab.NetLab`), behind a veth link
 limited to ``--bandwidth`` Mbit/s each way by ``tc tbf``; the client reaches its gRPC endpoint
 through :class:`dmoe.netproxy.TcpProxy` (the node announces the proxy's port), which adds half of
-``--rtt`` to each direction and counts the bytes. For each bandwidth, round-trip time and wire
-compression (none, fp16, 8-bit) the client trains a RemoteMoE layer (8 FFN experts of hidden
-``--hidden``, k=2, ``--tokens`` tokens, forward + backward, Adam on the node) for ``--steps`` steps
-after one warm-up step, and reports the median s/step, the bytes on the wire per step in each
-direction (as relayed by the proxy), the bound that the bandwidth alone sets, ``bytes of the busier
-direction x 8 / bandwidth`` (the link is full duplex: each direction has the bandwidth, and the
-calls of one step overlap: one expert's reply comes down while another's request goes up), and the
-efficiency ``bound / achieved``. The JSON also has ``sequential_bound_s``, all bytes x 8 / bandwidth:
-the time if nothing overlapped. Needs root (network namespaces). Writes ``benchmarks/results/bench_network.json``
-and a plot ``bench_network.png`` (with matplotlib).
+``--rtt`` to each direction and counts the bytes. For each bandwidth and round-trip time it trains
+(forward + backward, Adam on the node; ``--tokens`` tokens of width ``--hidden`` per step):
+
+* **dmoe, 1 in flight**: a RemoteMoE layer, 8 FFN experts, k=2, one step at a time, with wire
+  compression none, fp16 and 8-bit. A step is forward up, forward down, backward up, backward
+  down: at least two round trips and some link idle, whatever the bandwidth.
+* **dmoe, 2 in flight**: the same layer (no compression) with two steps in flight at once (two
+  threads, as two trainers would, or a trainer that overlaps the next batch with this one's
+  backward, as in Learning@home's asynchronous training), so one step's requests go up while the
+  other's replies come down.
+* **model-parallel**: the same compute per token (two expert evaluations) as a chain of two
+  stages, each one expert on the node taking every token, one step in flight: what a
+  model-parallel pipeline without micro-batching does, one stage after the other.
+
+It reports s/step (wall time / steps, all threads together), the bytes per step in each direction
+(as relayed by the proxy), the bound that the bandwidth alone sets, ``bytes of the busier direction
+x 8 / bandwidth`` (the link is full duplex), the efficiency ``bound / achieved`` and tokens/s. The
+JSON also has ``sequential_bound_s``, all bytes x 8 / bandwidth: the time if nothing overlapped.
+Needs root (network namespaces). Writes ``benchmarks/results/bench_network.json`` and a plot
+``bench_network.png`` (efficiency, and tokens/s against RTT; with matplotlib).
 
 Run::
 
-    sudo python benchmarks/bench_network.py [--bandwidth 10 50 100] [--rtt 0 25 50 100 200] [--steps 3]
+    sudo python benchmarks/bench_network.py [--bandwidth 10 50 100] [--rtt 0 25 50 100 200] [--steps 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,14 +50,20 @@ from dmoe.netproxy import TcpProxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_EXPERTS, K = 8, 2
-COMPRESSIONS = ("none", "fp16", "8bit")
+# (name, compression, steps in flight); "model-parallel" is the chain of two one-expert stages
+VARIANTS = [("dmoe", "none", 1), ("dmoe", "fp16", 1), ("dmoe", "8bit", 1), ("dmoe", "none", 2),
+            ("model-parallel", "none", 1)]
+
+
+def label(name: str, compression: str, inflight: int) -> str:
+    return name if name == "model-parallel" else f"dmoe {compression}, {inflight} in flight"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bandwidth", type=float, nargs="+", default=[10, 50, 100], help="Mbit/s each way")
     parser.add_argument("--rtt", type=float, nargs="+", default=[0, 25, 50, 100, 200], help="milliseconds")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per thread, after one warm-up step")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=512)
     args = parser.parse_args()
@@ -57,7 +74,8 @@ def main() -> None:
         ready = Path(tmp) / "node.json"
         node = lab.popen([sys.executable, "-m", "dmoe", "node", "start", "--host", lab.inner_ip, "--port", "0",
                           "--announce-host", "127.0.0.1", "--announce-port", str(proxy.port), "--device", "cpu",
-                          "--experts", f"ffn.[0:{NUM_EXPERTS}]", "--hidden-dim", str(args.hidden),
+                          "--experts", f"ffn.[0:{NUM_EXPERTS}]", "--experts", "stage0.[0:1]",
+                          "--experts", "stage1.[0:1]", "--hidden-dim", str(args.hidden),
                           "--max-message-bytes", str(256 << 20), "--max-request-bytes", str(256 << 20),
                           "--max-inflight-bytes", str(1 << 30), "--ready-file", str(ready)],
                          stdout=log, stderr=subprocess.STDOUT)
@@ -65,50 +83,79 @@ def main() -> None:
         proxy.target = (lab.inner_ip, info["port"])
         with dmoe.Swarm(dmoe.SwarmConfig(initial_peers=info["swarm"], host=lab.outer_ip, cache_ttl=1e9)) as swarm:
             deadline = time.monotonic() + 60
-            while len(swarm.live_under(["ffn."], refresh=True)["ffn."]) < NUM_EXPERTS:
+            while len(swarm.live_under(["ffn."], refresh=True)["ffn."]) < NUM_EXPERTS or not all(
+                    swarm.live_under([f"stage{i}."], refresh=True)[f"stage{i}."] for i in range(2)):
                 if time.monotonic() > deadline:
                     raise TimeoutError("the client does not see the node's experts")
                 time.sleep(0.5)
             torch.manual_seed(0)
+            deadlines = dict(forward_timeout=120, timeout_after_k_min=120, backward_timeout=120)
             layers = {c: dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=args.hidden, k=K,
-                                        k_min=K, forward_timeout=120, timeout_after_k_min=120, backward_timeout=120,
-                                        compression=c) for c in COMPRESSIONS}
+                                        k_min=K, compression=c, **deadlines) for c in ("none", "fp16", "8bit")}
             for layer in layers.values():
                 layer.load_state_dict(layers["none"].state_dict())
-            x = torch.randn(args.tokens, args.hidden)
+            stages = [dmoe.RemoteMoE(swarm, prefix=f"stage{i}", grid=(1,), in_features=args.hidden, k=1, **deadlines)
+                      for i in range(2)]
+            # inputs that need a gradient, as a layer's inside a model: backward then reaches the experts
+            inputs = [torch.randn(args.tokens, args.hidden, requires_grad=True) for _ in range(2)]
+
+            def step_fn(name: str, compression: str) -> Callable[[torch.Tensor], None]:
+                if name == "model-parallel":
+                    return lambda x: stages[1](stages[0](x)).square().mean().backward()
+                return lambda x: layers[compression](x).square().mean().backward()
+
             for mbit in args.bandwidth:
                 lab.shape(mbit)
                 for rtt in args.rtt:
                     proxy.delay = rtt / 2e3
-                    for compression, layer in layers.items():
-                        times, num_bytes, up_down = [], [], []
-                        for step in range(1 + args.steps):
-                            before = dict(proxy.num_bytes)
-                            started = time.perf_counter()
-                            layer(x).square().mean().backward()
-                            elapsed = time.perf_counter() - started
-                            if step:
-                                times.append(elapsed)
-                                moved = {d: proxy.num_bytes[d] - before[d] for d in before}
-                                num_bytes.append(sum(moved.values()))
-                                up_down.append(max(moved.values()))
-                        achieved = statistics.median(times)
-                        per_step = statistics.median(num_bytes)
-                        bound = statistics.median(up_down) * 8 / (mbit * 1e6)
-                        row = {"bandwidth_mbit": mbit, "rtt_ms": rtt, "compression": compression,
-                               "s_per_step": achieved, "bytes_per_step": per_step,
-                               "busier_direction_bytes_per_step": statistics.median(up_down), "bound_s": bound,
-                               "sequential_bound_s": per_step * 8 / (mbit * 1e6),
-                               "efficiency": bound / achieved, "failed_calls": layer.num_failed_calls,
-                               "seconds": times}
+                    for name, compression, inflight in VARIANTS:
+                        row = measure(step_fn(name, compression), inputs[:inflight], args.steps, proxy)
+                        bound = row["busier_direction_bytes_per_step"] * 8 / (mbit * 1e6)
+                        row.update(variant=label(name, compression, inflight), name=name, compression=compression,
+                                   inflight=inflight, bandwidth_mbit=mbit, rtt_ms=rtt, bound_s=bound,
+                                   sequential_bound_s=row["bytes_per_step"] * 8 / (mbit * 1e6),
+                                   efficiency=bound / row["s_per_step"],
+                                   tokens_per_s=args.tokens / row["s_per_step"])
                         rows.append(row)
-                        print(f"{mbit:>5.0f} Mbit/s {rtt:>4.0f} ms {compression:>5}: {achieved:7.3f} s/step, "
-                              f"{per_step / 1e6:6.2f} MB/step, bound {bound:6.3f} s, "
-                              f"efficiency {100 * bound / achieved:5.1f}%", flush=True)
-    out = {"config": {**vars(args), "experts": NUM_EXPERTS, "k": K}, "results": rows}
+                        print(f"{mbit:>5.0f} Mbit/s {rtt:>4.0f} ms {row['variant']:>24}: {row['s_per_step']:7.3f} "
+                              f"s/step, {row['bytes_per_step'] / 1e6:6.2f} MB/step, bound {bound:6.3f} s, "
+                              f"efficiency {100 * row['efficiency']:5.1f}%, {row['tokens_per_s']:8,.0f} tok/s",
+                              flush=True)
+            failed = sum(layer.num_failed_calls for layer in [*layers.values(), *stages])
+    out = {"config": {**vars(args), "experts": NUM_EXPERTS, "k": K}, "failed_calls": failed, "results": rows}
     (RESULTS / "bench_network.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'bench_network.json'}")
+    print(f"wrote {RESULTS / 'bench_network.json'} (failed expert calls: {failed})")
     plot(rows, args)
+
+
+def measure(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], steps: int, proxy: TcpProxy) -> dict:
+    """One warm-up step per thread, then ``steps`` per thread, all threads at once: s/step is the
+    wall time over all their steps; bytes are the proxy's counts over the same span."""
+    for x in inputs:
+        step(x)
+    before = dict(proxy.num_bytes)
+    errors: list[BaseException] = []
+
+    def run(x: torch.Tensor) -> None:
+        try:
+            for _ in range(steps):
+                step(x)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(x,)) for x in inputs]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    total = steps * len(inputs)
+    moved = {d: (proxy.num_bytes[d] - before[d]) / total for d in before}
+    return {"s_per_step": elapsed / total, "bytes_per_step": sum(moved.values()),
+            "busier_direction_bytes_per_step": max(moved.values()), "wall_s": elapsed, "steps": total}
 
 
 def plot(rows: list[dict], args: argparse.Namespace) -> None:
@@ -120,17 +167,22 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e .[bench])")
         return
-    figure, axes = plt.subplots(1, len(args.bandwidth), figsize=(4.5 * len(args.bandwidth), 3.8), squeeze=False)
-    for ax, mbit in zip(axes[0], args.bandwidth):
-        for compression in COMPRESSIONS:
-            cells = [r for r in rows if r["bandwidth_mbit"] == mbit and r["compression"] == compression]
-            ax.plot([r["rtt_ms"] for r in cells], [100 * r["efficiency"] for r in cells], marker="o", label=compression)
-        ax.set_title(f"{mbit:g} Mbit/s")
-        ax.set_xlabel("round-trip time (ms)")
-        ax.set_ylim(0, 105)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("efficiency: bandwidth bound / step time (%)")
-    axes[0][0].legend()
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    figure, axes = plt.subplots(2, len(args.bandwidth), figsize=(4.8 * len(args.bandwidth), 7.2), squeeze=False)
+    for column, mbit in enumerate(args.bandwidth):
+        for variant in variants:
+            cells = [r for r in rows if r["bandwidth_mbit"] == mbit and r["variant"] == variant]
+            rtts = [r["rtt_ms"] for r in cells]
+            axes[0][column].plot(rtts, [100 * r["efficiency"] for r in cells], marker="o", label=variant)
+            axes[1][column].plot(rtts, [r["tokens_per_s"] for r in cells], marker="o", label=variant)
+        axes[0][column].set_title(f"{mbit:g} Mbit/s each way")
+        axes[0][column].set_ylim(0, 105)
+        axes[1][column].set_xlabel("round-trip time (ms)")
+        for ax in axes[:, column]:
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("bandwidth bound / step time (%)")
+    axes[1][0].set_ylabel("tokens / s")
+    axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(RESULTS / "bench_network.png", dpi=110)
     print(f"plot: {RESULTS / 'bench_network.png'}")

@@ -115,7 +115,8 @@ def main() -> None:
         own: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         missing: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         for step in range(args.warmup + args.steps):
-            x = torch.randn(TOKENS, args.hidden, generator=torch.Generator().manual_seed(step))
+            # an input that needs a gradient, as a layer's inside a model: backward then reaches the experts
+            x = torch.randn(TOKENS, args.hidden, generator=torch.Generator().manual_seed(step)).requires_grad_(True)
             for name, _, delay in runs:
                 layer = layers[name]
                 proxy.delay, proxy.jitter = delay, (args.jitter if delay else 0.0)

@@ -56,7 +56,7 @@ class RemoteMoE(MoEGate):
                        self.prefix, self.prefix)
 
     def run_experts(self, x_TD, experts_TK, handles):
-        return _Dispatch.apply(x_TD, experts_TK, handles, self)
+        return _Dispatch.apply(x_TD, experts_TK, handles, self, _LEARN)
 
     def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], ExpertRecord]]:
         """Live experts worth scoring, found by a beam search over grid prefixes for the whole batch:
@@ -80,12 +80,17 @@ class RemoteMoE(MoEGate):
         return [(p, records[p]) for p in prefixes if records[p].uid == self.uid(p)]
 
 
+# An input that always needs a gradient: autograd then calls _Dispatch.backward (the experts' Backward,
+# which is how they learn) even when x_TD needs none, e.g. a RemoteMoE applied to raw features.
+_LEARN = torch.empty(0, requires_grad=True)
+
+
 class _Dispatch(torch.autograd.Function):
     """(x_TD, experts_TK into records) -> (outputs out_TKD, answered_TK mask), differentiable in x_TD."""
 
     @staticmethod
     def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, records: list[ExpertRecord],
-                layer: RemoteMoE):
+                layer: RemoteMoE, _learn: torch.Tensor):
         x_TD = x_TD.detach()
         calls, slots = [], []
         for e, token_ids, slot_ids in group_by_expert(experts_TK):
@@ -122,7 +127,7 @@ class _Dispatch(torch.autograd.Function):
             )
             for index, grad_in in results.items():
                 grad_x_TD.index_add_(0, calls[index].token_ids, grad_in)
-        return grad_x_TD, None, None, None
+        return grad_x_TD, None, None, None, None
 
 
 def _reporter(swarm: Swarm):

@@ -16,7 +16,6 @@ dispatcher does).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -62,7 +61,7 @@ class DHTPeer:
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except TimeoutError:  # concurrent.futures' is the builtin since Python 3.11
             future.cancel()
             raise TimeoutError(f"no result in {timeout}s") from None
 

@@ -14,7 +14,7 @@ from dmoe.netproxy import TcpProxy
 from dmoe.proto import expert_pb2 as pb
 from dmoe.swarm import Swarm, SwarmConfig
 
-from conftest import stub, wait_for
+from conftest import expert_version, stub, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 HIDDEN, NUM_EXPERTS = 16, 8
@@ -63,6 +63,29 @@ def test_all_alive_equals_a_local_moe(swarm_of_two):
         assert torch.isfinite(layer.aux_loss) and layer.aux_loss > 0 and torch.isfinite(layer.z_loss)
     finally:
         layer.dispatcher.close()
+
+
+def test_experts_learn_even_when_the_input_needs_no_gradient(swarm_of_two):
+    """A RemoteMoE applied to raw features (no gradient wanted for them): backward still reaches
+    the experts, whose optimizers step on their nodes."""
+    swarm, first, second = swarm_of_two
+    torch.manual_seed(1)
+    layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
+    channels = [stub(node.endpoint) for node in (first, second)]
+    try:
+        versions = lambda: [expert_version(channels[i // 4][1], uid) for i, uid in enumerate(UIDS)]  # noqa: E731
+        before = versions()
+        x = torch.randn(64, HIDDEN)
+        layer(x).square().sum().backward()
+        used = set(layer.last_routing[1].unique().tolist())
+        after = versions()
+        uids = layer.last_routing[0]
+        assert used and all(after[UIDS.index(uids[e])] == before[UIDS.index(uids[e])] + 1 for e in used)
+        assert x.grad is None
+    finally:
+        layer.dispatcher.close()
+        for channel, _ in channels:
+            channel.close()
 
 
 def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):

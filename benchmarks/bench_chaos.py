@@ -23,6 +23,8 @@ import shutil
 import statistics
 from pathlib import Path
 
+from common import pyplot
+
 from dmoe.chaos import ChaosConfig, ChaosRun
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,13 +73,8 @@ def print_table(report: dict) -> None:
 
 
 def plot(report: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e .[bench])")
+    plt = pyplot()
+    if plt is None:
         return
     figure, ax = plt.subplots(figsize=(10, 4))
     start = min(t["loss"][0][2] for t in report["trainers"] if t["loss"])

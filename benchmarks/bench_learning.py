@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import server_process
+from common import pyplot, server_process
 
 from dmoe.lm import LMConfig, num_active_params
 from dmoe.train import TrainConfig, Trainer
@@ -99,13 +99,8 @@ def main() -> None:
     print(f"moe-swarm vs moe-local: {100 * summary['swarm_vs_local']:+.2f}% (goal: within +5%)")
     print(f"moe-local vs dense: {local:.4f} vs {dense:.4f} (goal: moe below dense)")
     (RESULTS / "bench_learning.json").write_text(json.dumps(summary, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e .[bench])")
+    plt = pyplot()
+    if plt is None:
         return
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import pyplot
 
 import dmoe
 from dmoe.local import wait_ready_file
@@ -159,13 +160,8 @@ def measure(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], st
 
 
 def plot(rows: list[dict], args: argparse.Namespace) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e .[bench])")
+    plt = pyplot()
+    if plt is None:
         return
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     figure, axes = plt.subplots(2, len(args.bandwidth), figsize=(4.8 * len(args.bandwidth), 7.2), squeeze=False)

@@ -22,3 +22,16 @@ def server_process(cmd: list[str], log_path: Path, ready_file: Path) -> Iterator
             yield wait_ready_file(ready_file, proc, START_TIMEOUT_S, f"server (log: {log_path})")
         finally:
             stop_process_group(proc)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e .[bench])")
+        return None
+    return plt

@@ -13,6 +13,7 @@ it on a background thread with its own event loop, or from the CLI through :meth
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -149,8 +150,13 @@ class Node:
     # ---- start-up and shutdown --------------------------------------------------------------------
     async def _start_up(self) -> None:
         config = self.config
+        # torch.optim imports torch._dynamo on first use (seconds of CPU): do it while the DHT peer
+        # starts (mostly waiting on its daemon and the network), not after; a restart is that much shorter
+        warm = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
+        warm.start()
         if self._dht is None:
             await asyncio.to_thread(self._start_dht)
+        await asyncio.to_thread(warm.join)
         assert self._dht is not None
         self.node_id = self._dht.peer_id
         self.swarm_addresses = list(self._dht.visible_maddrs)

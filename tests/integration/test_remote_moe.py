@@ -14,7 +14,7 @@ from dmoe.netproxy import TcpProxy
 from dmoe.proto import expert_pb2 as pb
 from dmoe.swarm import Swarm, SwarmConfig
 
-from conftest import expert_version, stub, wait_for
+from conftest import NodeProcess, expert_version, stub, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 HIDDEN, NUM_EXPERTS = 16, 8
@@ -23,9 +23,36 @@ UIDS = [f"ffn.{i}" for i in range(NUM_EXPERTS)]
 
 @pytest.fixture
 def swarm_of_two(node_factory):
+    """Two nodes of this test's own (it may kill them), and a client."""
     first = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), name="a")
     second = node_factory("--experts", "ffn.[4:8]", "--hidden-dim", str(HIDDEN), "--swarm", first.swarm[0], name="b")
     with Swarm(SwarmConfig(initial_peers=first.swarm, cache_ttl=60)) as swarm:
+        yield swarm, first, second
+
+
+@pytest.fixture(scope="module")
+def shared_pair(tmp_path_factory):
+    """Two nodes for the tests of this module that leave them alive. Their experts learn at a rate
+    of 1e-9, so that after any test their outputs still equal the initial experts' (local_moe)."""
+    workdir = tmp_path_factory.mktemp("pair")
+    common = ["--hidden-dim", str(HIDDEN), "--lr", "1e-9"]
+    first = NodeProcess(workdir, ["--experts", "ffn.[0:4]", *common], "a")
+    second = None
+    try:
+        first.start()
+        second = NodeProcess(workdir, ["--experts", "ffn.[4:8]", *common, "--swarm", first.swarm[0]], "b").start()
+        yield first, second
+    finally:
+        for node in (first, second):
+            if node is not None:
+                node.cleanup()
+
+
+@pytest.fixture
+def live_pair(shared_pair):
+    first, second = shared_pair
+    with Swarm(SwarmConfig(initial_peers=first.swarm, cache_ttl=60)) as swarm:
+        wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == NUM_EXPERTS, 30, "all experts")
         yield swarm, first, second
 
 
@@ -42,8 +69,8 @@ def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Te
     return torch.stack(rows)
 
 
-def test_all_alive_equals_a_local_moe(swarm_of_two):
-    swarm, _, _ = swarm_of_two
+def test_all_alive_equals_a_local_moe(live_pair):
+    swarm, _, _ = live_pair
     torch.manual_seed(0)
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
     try:
@@ -65,10 +92,10 @@ def test_all_alive_equals_a_local_moe(swarm_of_two):
         layer.dispatcher.close()
 
 
-def test_experts_learn_even_when_the_input_needs_no_gradient(swarm_of_two):
+def test_experts_learn_even_when_the_input_needs_no_gradient(live_pair):
     """A RemoteMoE applied to raw features (no gradient wanted for them): backward still reaches
     the experts, whose optimizers step on their nodes."""
-    swarm, first, second = swarm_of_two
+    swarm, first, second = live_pair
     torch.manual_seed(1)
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
     channels = [stub(node.endpoint) for node in (first, second)]
@@ -173,8 +200,8 @@ def test_hostile_and_slow_experts_are_dropped(node_factory, tmp_path, monkeypatc
             layer.dispatcher.close()
 
 
-def test_compressed_activations_and_gradients_stay_close(swarm_of_two):
-    swarm, _, _ = swarm_of_two
+def test_compressed_activations_and_gradients_stay_close(live_pair):
+    swarm, _, _ = live_pair
     torch.manual_seed(3)
     x = torch.randn(24, HIDDEN)
     results = {}
@@ -271,8 +298,8 @@ def test_a_node_killed_mid_forward_and_mid_backward(node_factory, tmp_path, monk
             layer.dispatcher.close()
 
 
-def test_switch_routing_respects_capacity(swarm_of_two):
-    swarm, _, _ = swarm_of_two
+def test_switch_routing_respects_capacity(live_pair):
+    swarm, _, _ = live_pair
     torch.manual_seed(6)
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=1, routing="switch",
                       capacity_factor=1.0)

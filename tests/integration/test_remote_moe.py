@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 
@@ -113,6 +114,28 @@ def test_experts_learn_even_when_the_input_needs_no_gradient(live_pair):
         layer.dispatcher.close()
         for channel, _ in channels:
             channel.close()
+
+
+def test_a_lookup_that_hangs_leaves_the_last_known_experts_in_use(live_pair, monkeypatch, caplog):
+    """A DHT lookup stuck (a frozen peer on its path) costs a step lookup_timeout, not the step."""
+    swarm, _, _ = live_pair
+    torch.manual_seed(2)
+    layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
+    try:
+        expected = layer(torch.ones(4, HIDDEN))
+
+        async def stuck(node, keys):
+            await asyncio.sleep(60)
+
+        monkeypatch.setattr("dmoe.swarm.find_under_prefixes_async", stuck)
+        swarm.config.lookup_timeout, swarm.config.cache_ttl = 0.5, 0.0
+        started = time.monotonic()
+        assert len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == NUM_EXPERTS
+        assert time.monotonic() - started < 0.5 + 1.0
+        assert "using the last known experts" in caplog.text
+        torch.testing.assert_close(layer(torch.ones(4, HIDDEN)), expected)  # its own lookup hangs too
+    finally:
+        layer.dispatcher.close()
 
 
 def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):

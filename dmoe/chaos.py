@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 import grpc
-from safetensors import safe_open
 
 from dmoe.local import stop_process_group
+from dmoe.node.checkpoint import scan_checkpoints
 from dmoe.netlab import NetLab
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
@@ -293,7 +293,7 @@ class ChaosRun:
         os.killpg(node.proc.pid, signal.SIGKILL)
         node.proc.wait(10)
         node.state, node.until = "killed", until
-        node.on_disk, corrupt = check_checkpoints(self.workdir / node.name / "checkpoints")
+        node.on_disk, corrupt = scan_checkpoints(self.workdir / node.name / "checkpoints")
         self.corrupt += corrupt
         self._event("kill -9", node, checkpoints=sum(1 for _ in node.on_disk), corrupt=len(corrupt))
 
@@ -399,11 +399,11 @@ class ChaosRun:
                 "loss": [[r["step"], r["loss"], r["time"]] for r in steps],
                 "averaging_rounds": sum(1 for r in records if "averaged_with" in r),
             })
-            self.corrupt += check_checkpoints(trainer.log_path.parent / "checkpoints")[1]
+            self.corrupt += scan_checkpoints(trainer.log_path.parent / "checkpoints")[1]
         nodes = []
         for node in self.nodes:
             stats = node_forward_calls(node.ready.get("endpoint")) if node.state == "up" else None
-            on_disk, corrupt = check_checkpoints(self.workdir / node.name / "checkpoints")
+            on_disk, corrupt = scan_checkpoints(self.workdir / node.name / "checkpoints")
             self.corrupt += corrupt
             nodes.append({"name": node.name, "in_namespace": node.in_lab, "incarnations": node.incarnations,
                           "forward_calls_since_start": stats, "checkpointed_experts": len(on_disk)})
@@ -435,27 +435,6 @@ class ChaosRun:
         if self.lab is not None:
             self.lab.close()
             self.lab = None
-
-
-def check_checkpoints(root: Path) -> tuple[dict[str, int], list[str]]:
-    """(newest version by uid, files that do not parse) of a checkpoint directory
-    (``<root>/<uid>/<version>.safetensors``); every complete file is opened and read."""
-    newest: dict[str, int] = {}
-    corrupt: list[str] = []
-    if not root.is_dir():
-        return newest, corrupt
-    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-        for path in sorted(directory.glob("*.safetensors")):
-            try:
-                with safe_open(str(path), framework="pt") as file:
-                    for name in file.keys():
-                        file.get_tensor(name)
-            except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file
-                corrupt.append(f"{path}: {e}")
-                continue
-            if path.stem.isdigit():
-                newest[directory.name] = max(newest.get(directory.name, -1), int(path.stem))
-    return newest, corrupt
 
 
 def node_forward_calls(endpoint: str | None, timeout: float = 10.0) -> int | None:

@@ -76,3 +76,23 @@ class CheckpointStore:
                 logger.warning("skipping unreadable checkpoint %s: %s", path, e)
         return None
 
+
+def scan_checkpoints(root: Path) -> tuple[dict[str, int], list[str]]:
+    """(newest version by uid, files that do not parse) of a checkpoint directory: every complete
+    file is opened and read in full (temporary files of writes cut short are not complete files)."""
+    newest: dict[str, int] = {}
+    corrupt: list[str] = []
+    if not root.is_dir():
+        return newest, corrupt
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as file:
+                    for name in file.keys():
+                        file.get_tensor(name)
+            except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt file
+                corrupt.append(f"{path}: {e}")
+                continue
+            if path.stem.isdigit():
+                newest[directory.name] = max(newest.get(directory.name, -1), int(path.stem))
+    return newest, corrupt

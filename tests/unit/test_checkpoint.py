@@ -4,7 +4,7 @@ import torch
 from dmoe.errors import CheckpointError
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.config import NodeConfig
-from dmoe.node.checkpoint import CheckpointStore
+from dmoe.node.checkpoint import CheckpointStore, scan_checkpoints
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,3 +79,17 @@ def test_only_the_writer_removes_temporary_files(tmp_path):
     assert in_progress.exists()
     CheckpointStore(tmp_path, keep=1)
     assert not in_progress.exists()
+
+
+def test_scan_reads_every_file_and_names_the_torn_ones(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    for uid in ("ffn.0", "ffn.1"):
+        for version in (1, 2):
+            store.save(uid, version, {"w": torch.full((64,), float(version))}, {"version": str(version)})
+    (tmp_path / "ffn.1" / ".000000000003.safetensors.x.tmp").write_bytes(b"half a write")  # ignored
+    assert scan_checkpoints(tmp_path) == ({"ffn.0": 2, "ffn.1": 2}, [])
+    newest = tmp_path / "ffn.1" / "000000000002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])  # torn: what an atomic write never leaves
+    versions, corrupt = scan_checkpoints(tmp_path)
+    assert versions == {"ffn.0": 2, "ffn.1": 1} and len(corrupt) == 1 and str(newest) in corrupt[0]
+    assert scan_checkpoints(tmp_path / "missing") == ({}, [])

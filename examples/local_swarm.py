@@ -11,7 +11,6 @@ Run: ``bash scripts/demo.sh [--steps N]`` (or ``python examples/local_swarm.py``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -22,27 +21,29 @@ from pathlib import Path
 
 from rich.console import Console
 
+from dmoe.local import wait_ready_file
+
 from dmoe.lm import LMConfig
 
 MODEL = LMConfig()  # the defaults of dmoe train: 2 layers of 8 experts, d_model 128, experts 128 -> 256 -> 128
 console = Console()
 
 
-def start(workdir: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, dict]:
-    """Start ``python -m dmoe ARGS --ready-file ...`` and wait for its ready file."""
+def spawn(workdir: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    """Start ``python -m dmoe ARGS --ready-file ...``; returns the process and its ready file."""
     ready = workdir / f"{name}.json"
     args = [sys.executable, "-m", "dmoe", *args, "--ready-file", str(ready)]
-    log = open(workdir / f"{name}.log", "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not start; see {workdir / name}.log")
-        time.sleep(0.1)
-    return proc, json.loads(ready.read_text())
+    with open(workdir / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, ready
 
 
-def start_node(workdir: Path, name: str, half: int, swarm: str) -> subprocess.Popen:
+def ready(proc: subprocess.Popen, path: Path, name: str) -> dict:
+    return wait_ready_file(path, proc, 90, f"{name} (log: {path.with_suffix('.log')})")
+
+
+def node_args(workdir: Path, name: str, half: int, swarm: str) -> tuple[list[str], list[str]]:
+    """The CLI arguments of a node hosting half of every layer's experts, and those experts."""
     n = MODEL.num_experts // 2
     experts = [f"{MODEL.layer_prefix(i)}.[{half * n}:{half * n + n}]" for i in range(MODEL.num_layers)]
     args = ["node", "start", "--swarm", swarm, "--hidden-dim", str(MODEL.d_model), "--inner-dim",
@@ -50,9 +51,7 @@ def start_node(workdir: Path, name: str, half: int, swarm: str) -> subprocess.Po
             "--record-ttl", "20", "--checkpoint-dir", str(workdir / name)]
     for pattern in experts:
         args += ["--experts", pattern]
-    proc, info = start(workdir, name, args)
-    console.print(f"[green]{name}[/] serves {' '.join(experts)} at {info['endpoint']}")
-    return proc
+    return args, experts
 
 
 def run(title: str, args: list[str]) -> None:
@@ -71,12 +70,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dmoe-demo-") as tmp:
         workdir, procs = Path(tmp), []
         try:
-            proc, coordinator = start(workdir, "coordinator", ["coordinator", "start"])
+            proc, path = spawn(workdir, "coordinator", ["coordinator", "start"])
             procs.append(proc)
+            coordinator = ready(proc, path, "coordinator")
             swarm = coordinator["swarm"][0]
             console.print(f"[green]coordinator[/] up; swarm address {swarm}; dashboard {coordinator['dashboard']}")
-            procs.append(start_node(workdir, "node-a", 0, swarm))
-            procs.append(start_node(workdir, "node-b", 1, swarm))
+            nodes = []
+            for half, name in enumerate(("node-a", "node-b")):  # both start at once
+                argv, experts = node_args(workdir, name, half, swarm)
+                proc, path = spawn(workdir, name, argv)
+                procs.append(proc)
+                nodes.append((name, proc, path, experts))
+            for name, proc, path, experts in nodes:
+                info = ready(proc, path, name)
+                console.print(f"[green]{name}[/] serves {' '.join(experts)} at {info['endpoint']}")
             save = str(workdir / "model")
             run("training through the swarm", ["train", "--swarm", swarm, "--steps", str(args.steps), "--save", save,
                                                "--eval-interval", str(max(10, args.steps // 5))])

@@ -19,7 +19,7 @@ COMPUTE_ALLOWANCE_S = 6.0  # a step's own compute on a loaded 2-core machine, on
 
 
 def test_training_survives_kills_freezes_restarts_and_a_cut_off_node(tmp_path):
-    config = ChaosConfig(duration=30, calm=10, fault_interval=2.0, no_kills_for=8, seed=1)
+    config = ChaosConfig(duration=22, calm=8, fault_interval=1.5, no_kills_for=6, seed=1)
     report = ChaosRun(config, tmp_path).run()
     (tmp_path / "report.json").write_text(json.dumps(report, indent=1))
     logs = "\n".join(f"--- {t['name']}: {(tmp_path / t['name'] / 'train.log').read_text()[-3000:]}"
@@ -29,7 +29,7 @@ def test_training_survives_kills_freezes_restarts_and_a_cut_off_node(tmp_path):
     assert report["faults"]["cut off"] == 1, report["events"]
     for trainer in report["trainers"]:
         assert trainer["exit_code"] == 0 and trainer["unhandled_errors"] == 0, logs
-        assert trainer["steps"] >= 20, trainer
+        assert trainer["steps"] >= 20, trainer  # evaluated every 20 steps: at least one evaluation on the way
         assert trainer["max_step_s"] <= report["step_bound_s"] + COMPUTE_ALLOWANCE_S, trainer
         (first_step, first), (last_step, last) = trainer["heldout"][0], trainer["heldout"][-1]
         assert first_step == 0 and last_step == trainer["steps"], trainer["heldout"]

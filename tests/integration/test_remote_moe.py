@@ -244,11 +244,9 @@ def test_compressed_activations_and_gradients_stay_close(live_pair):
     assert 0 < error_8bit < 0.1
 
 
-def test_beam_search_on_a_16x16_grid_over_4_nodes_finds_the_true_top_k(node_factory):
-    first = node_factory("--experts", "grid.[0:4].[0:16]", "--hidden-dim", "8", name="n0")
-    for n in range(1, 4):
-        node_factory("--experts", f"grid.[{4 * n}:{4 * n + 4}].[0:16]", "--hidden-dim", "8",
-                     "--swarm", first.swarm[0], name=f"n{n}")
+def test_beam_search_on_a_16x16_grid_over_2_nodes_finds_the_true_top_k(node_factory):
+    first = node_factory("--experts", "grid.[0:8].[0:16]", "--hidden-dim", "8", name="n0")
+    node_factory("--experts", "grid.[8:16].[0:16]", "--hidden-dim", "8", "--swarm", first.swarm[0], name="n1")
     with Swarm(SwarmConfig(initial_peers=first.swarm)) as swarm:
         torch.manual_seed(4)
         layer = RemoteMoE(swarm, prefix="grid", grid=(16, 16), in_features=8, k=4, beam_size=4)

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 
+from dmoe.auth import dht_authorizer
 from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.coordinator.dashboard import Dashboard
 from dmoe.coordinator.metrics import make_registry
@@ -39,7 +40,7 @@ class Coordinator:
         try:
             self.dht = DHTPeer(
                 initial_peers=config.swarm, host=config.host, port=config.dht_port, identity_path=config.identity,
-                announce_maddrs=config.dht_announce,
+                announce_maddrs=config.dht_announce, authorizer=dht_authorizer(config.swarm_key),
             ).start()
             self.swarm_addresses = list(self.dht.visible_maddrs)
             self.join_address, self.peer_id = self.dht.join_address, self.dht.peer_id

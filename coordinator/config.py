@@ -18,6 +18,7 @@ class CoordinatorConfig:
     dht_port: int = option(0, "DHT (libp2p) port; fix it (and --identity) for an address that survives restarts")
     identity: str | None = option(None, "file with the peer's private key (created if missing): a stable peer id")
     swarm: list[str] = option([], "other swarm peers to join (repeat); none: this peer starts the swarm")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
     dht_announce: list[str] = option([], "multiaddr others dial for this peer, behind a NAT or in a container "
                                          "(repeat), e.g. /dns4/coordinator/tcp/31337")
     http_host: str = option("127.0.0.1", "address the dashboard, JSON API and /metrics listen on")

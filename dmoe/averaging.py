@@ -21,6 +21,7 @@ import threading
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.utils.auth import AuthorizerBase
 
 from dmoe.local import listen_maddr
 
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 class ParameterAverager:
     def __init__(self, params: list[torch.nn.Parameter], *, initial_peers: list[str], run_id: str,
                  host: str = "127.0.0.1", interval: float = 10.0, matchmaking_time: float = 3.0,
-                 round_timeout: float = 30.0):
+                 round_timeout: float = 30.0, authorizer: AuthorizerBase | None = None):
         if interval <= 0 or matchmaking_time <= 0 or round_timeout <= 0:
             raise ValueError("interval, matchmaking_time and round_timeout must be positive")
         self.params, self.interval, self.round_timeout = params, interval, round_timeout
@@ -40,7 +41,8 @@ class ParameterAverager:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.dht = DHT(initial_peers=initial_peers, host_maddrs=[listen_maddr(host, 0)], start=True)
+        extra = {"authorizer": authorizer} if authorizer is not None else {}  # a private swarm's DHT
+        self.dht = DHT(initial_peers=initial_peers, host_maddrs=[listen_maddr(host, 0)], start=True, **extra)
         try:
             self.averager = DecentralizedAverager(
                 [p.detach().clone() for p in params], self.dht, prefix=f"dmoe_run_{run_id}", start=True,

@@ -93,7 +93,22 @@ def coordinator_start(config_path: str | None, **values) -> None:
 
 @main.group()
 def swarm() -> None:
-    """Look at a swarm."""
+    """Look at a swarm, or make the key of a private one."""
+
+
+@swarm.command("keygen")
+@click.argument("path", type=click.Path(dir_okay=False))
+def swarm_keygen(path: str) -> None:
+    """Write a new private swarm key to PATH (mode 600). Hand it, by a safe channel, to every member:
+    nodes, trainers and the coordinator then take --swarm-key PATH, and refuse whoever lacks it."""
+    from dmoe.auth import SwarmKey
+
+    try:
+        key = SwarmKey.generate(path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"swarm key written to {path} (fingerprint {key.fingerprint})")
+    click.echo(f"members start with: --swarm-key {path}")
 
 
 @swarm.command("status")
@@ -188,7 +203,8 @@ def infer(config_path: str | None, **values) -> None:
         if needs_swarm(config.checkpoint):
             if not config.swarm:
                 raise click.UsageError("this model's experts live on a swarm: give --swarm ADDR")
-            swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host)).start()
+            swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host,
+                                      swarm_key=config.swarm_key)).start()
         model = load_model(config, swarm)
         text = generate(model, config.prompt, config.max_new_tokens, temperature=config.temperature,
                         top_k=config.top_k, seed=config.seed)

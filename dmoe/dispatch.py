@@ -11,6 +11,13 @@ A call carries the limits its node announced (:class:`dmoe.records.ExpertRecord`
 more tokens than ``max_batch_tokens`` is cut into parts sent concurrently (the call fails if any
 part fails), and a request larger than ``max_message_bytes`` goes through the node's
 ForwardStream/BackwardStream in chunks instead of one unary message.
+
+Each call's fate goes to ``on_result(call, error)``: None for an answer used, else the error.
+:func:`is_misbehaviour` tells the errors only a broken or hostile peer causes from those of a slow,
+busy or vanished one; the Swarm quarantines the first kind and backs off from the second. A call
+whose own inputs (or gradients) are not finite is not sent: the node would refuse it, and that is
+this client's fault, not the node's. In a private swarm every call carries the swarm key's token
+(:mod:`dmoe.auth`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -28,6 +36,7 @@ from google.protobuf.message import DecodeError
 
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
+from dmoe.auth import SwarmKey, fullmethod
 from dmoe.errors import WireError
 from dmoe.records import ExpertRecord
 from dmoe.wire import deserialize, join_chunks, serialize, split_chunks
@@ -39,6 +48,29 @@ DEFAULT_MAX_TOKENS = 4096  # a node's default max_batch_tokens, for records that
 DEFAULT_MAX_UNARY_BYTES = 4 << 20  # gRPC's default message limit, for records that do not announce theirs
 STREAM_CHUNK_BYTES = 1 << 20
 ENVELOPE_BYTES = 64 << 10  # room for the fields around the tensor buffers in a reply
+SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
+# statuses a node that works as it says never answers to a well-formed request for a uid it announced
+_MISBEHAVIOUR_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                                 grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS})
+
+
+class Late(Exception):
+    """The call was still running at the forward's deadline."""
+
+
+class LocalInputError(ValueError):
+    """This client's own inputs or gradients are not finite: nothing was sent."""
+
+
+def is_misbehaviour(error: BaseException) -> bool:
+    """True for what only a broken or hostile peer does: a malformed, mis-shaped, non-finite or
+    absurd reply (ValueError, WireError), or a refusal of a well-formed request for a uid it
+    announced. Deadlines, lost connections and load shedding are ordinary failures."""
+    if isinstance(error, LocalInputError):
+        return False
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return error.code() in _MISBEHAVIOUR_CODES
+    return isinstance(error, ValueError)
 
 
 @dataclasses.dataclass(slots=True)
@@ -61,8 +93,9 @@ class ExpertCall:
 class Dispatcher:
     """Expert calls on an event loop that runs in another thread (the Swarm's)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE):
-        self._loop, self.compression = loop, compression
+    def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *, key: SwarmKey | None = None,
+                 max_reply_abs: float = float("inf")):
+        self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
         self._channels: dict[str, tuple[grpc.aio.Channel, pbg.ExpertServiceStub]] = {}
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -92,7 +125,7 @@ class Dispatcher:
     # ---- forward ------------------------------------------------------------------------------
     def forward(
         self, calls: list[ExpertCall], *, num_tokens: int, k_min: int, forward_timeout: float,
-        timeout_after_k_min: float, on_result: Callable[[str, bool], None], enough: int = 0,
+        timeout_after_k_min: float, on_result: Callable[[ExpertCall, BaseException | None], None], enough: int = 0,
     ) -> tuple[dict[int, torch.Tensor], int]:
         """Outputs of the calls that answered in time and well, by index in ``calls``, and how many
         calls were cancelled as not needed. With ``enough`` > 0 (hedged calls), the forward ends once
@@ -128,9 +161,9 @@ class Dispatcher:
                     results[index] = task.result()
                 except Exception as e:  # whatever went wrong, it is that expert's failure, not the step's
                     _log_failure("forward", call, e)
-                    on_result(call.endpoint, False)
+                    on_result(call, e)
                     continue
-                on_result(call.endpoint, True)
+                on_result(call, None)
                 answered_T[call.token_ids] += 1
             if enough_T is not None and bool((answered_T >= enough_T).all()):
                 satisfied = True  # every token has its k answers: the spares still running are not needed
@@ -140,12 +173,13 @@ class Dispatcher:
         for task in pending:  # late: dropped, and counted as a failure of its endpoint (unless hedged away)
             task.cancel()
             if not satisfied:
-                on_result(calls[tasks[task]].endpoint, False)
+                on_result(calls[tasks[task]], Late(f"no answer within the forward's deadline"))
         return results, (len(pending) if satisfied else 0)
 
     # ---- backward -----------------------------------------------------------------------------
     def backward(
-        self, calls: list[ExpertCall], *, backward_timeout: float, on_result: Callable[[str, bool], None]
+        self, calls: list[ExpertCall], *, backward_timeout: float,
+        on_result: Callable[[ExpertCall, BaseException | None], None]
     ) -> dict[int, torch.Tensor]:
         """Input gradients of the calls that answered in time and well, by index in ``calls``."""
         return self.run(self._backward(calls, backward_timeout, on_result))
@@ -171,6 +205,10 @@ class Dispatcher:
     async def _call_part(self, call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None,
                          timeout: float, backward: bool) -> torch.Tensor:
         stub = self._stub(call.endpoint)
+        if not bool(torch.isfinite(inputs).all()) or (grad_outputs is not None
+                                                       and not bool(torch.isfinite(grad_outputs).all())):
+            raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} are not "
+                                  "finite (has the model diverged?); not sent")
         encoded = [serialize(inputs, self.compression)]
         if backward:
             assert grad_outputs is not None
@@ -178,19 +216,22 @@ class Dispatcher:
                                          grad_outputs=[serialize(grad_outputs, self.compression)])
         else:
             request = pb.ForwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression)
-        if request.ByteSize() <= call.max_unary_bytes:
-            reply = await (stub.Backward if backward else stub.Forward)(request, timeout=timeout)
+        unary = request.ByteSize() <= call.max_unary_bytes
+        name = ("Backward" if backward else "Forward") + ("" if unary else "Stream")
+        metadata = self.key.call_metadata(fullmethod(SERVICE, name)) if self.key is not None else None
+        if unary:
+            reply = await getattr(stub, name)(request, timeout=timeout, metadata=metadata)
         else:
-            method = stub.BackwardStream if backward else stub.ForwardStream
             chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, call.max_unary_bytes // 2))  # a chunk is a message too
-            replies = method(split_chunks(request.SerializeToString(), chunk_bytes), timeout=timeout)
+            replies = getattr(stub, name)(split_chunks(request.SerializeToString(), chunk_bytes), timeout=timeout,
+                                          metadata=metadata)
             data = await join_chunks(replies, max_bytes=inputs.numel() * 8 + ENVELOPE_BYTES)
             reply_cls = pb.BackwardResponse if backward else pb.ForwardResponse
             try:
                 reply = reply_cls.FromString(data)
             except DecodeError as e:
                 raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
-        return _checked(reply.grad_inputs if backward else reply.outputs, inputs)
+        return _checked(reply.grad_inputs if backward else reply.outputs, inputs, self.max_reply_abs)
 
     async def _backward(self, calls, backward_timeout, on_result):
         replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True) for c in calls),
@@ -199,11 +240,11 @@ class Dispatcher:
         for index, (call, reply) in enumerate(zip(calls, replies)):
             if isinstance(reply, Exception):
                 _log_failure("backward", call, reply)
-                on_result(call.endpoint, False)
+                on_result(call, reply)
             elif isinstance(reply, BaseException):
                 raise reply
             else:
-                on_result(call.endpoint, True)
+                on_result(call, None)
                 results[index] = reply
         return results
 
@@ -216,13 +257,17 @@ def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
                call.endpoint, type(error).__name__, error)
 
 
-def _checked(tensors, like: torch.Tensor) -> torch.Tensor:
-    """The one reply tensor, if it has the shape and dtype of ``like`` and finite values (else ValueError)."""
+def _checked(tensors, like: torch.Tensor, max_abs: float = float("inf")) -> torch.Tensor:
+    """The one reply tensor, if it has the shape and dtype of ``like`` and finite values no larger
+    than ``max_abs`` in magnitude (else ValueError)."""
     if len(tensors) != 1:
         raise ValueError(f"expected 1 tensor in the reply, got {len(tensors)}")
     tensor = deserialize(tensors[0], max_numel=like.numel())
     if tensor.shape != like.shape or tensor.dtype != like.dtype:
         raise ValueError(f"reply of shape {list(tensor.shape)} {tensor.dtype}, expected {list(like.shape)} {like.dtype}")
-    if not bool(torch.isfinite(tensor).all()):
+    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if not math.isfinite(largest):
         raise ValueError("reply holds NaN or Inf")
+    if largest > max_abs:
+        raise ValueError(f"reply holds {largest:.3g}, above max_reply_abs={max_abs:g}")
     return tensor

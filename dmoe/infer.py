@@ -24,6 +24,7 @@ class InferConfig:
     ENV_PREFIX: ClassVar[str] = "DMOE_INFER_"
 
     swarm: list[str] = option([], "multiaddr of a swarm peer (repeat for several); not needed for --local models")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
     checkpoint: str = option("", "directory that dmoe train --save wrote")
     prompt: str = option("def ", "text to continue")
     max_new_tokens: int = option(200, "bytes to generate")

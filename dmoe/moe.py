@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dmoe.dispatch import ExpertCall
+from dmoe.dispatch import ExpertCall, LocalInputError
 from dmoe.gating import MoEGate, group_by_expert
 from dmoe.records import ExpertRecord
 from dmoe.swarm import Swarm
@@ -131,7 +131,8 @@ class _Dispatch(torch.autograd.Function):
 
 
 def _reporter(swarm: Swarm):
-    def report(endpoint: str, ok: bool) -> None:
-        (swarm.report_success if ok else swarm.report_failure)(endpoint)
+    def report(call: ExpertCall, error: BaseException | None) -> None:
+        if not isinstance(error, LocalInputError):  # this client's own fault is no peer's failure
+            swarm.report(call.endpoint, call.uid, error)
 
     return report

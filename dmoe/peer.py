@@ -22,7 +22,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from hivemind.dht import DHTNode
+from hivemind.utils.auth import AuthorizerBase
 
+from dmoe.errors import DmoeError
 from dmoe.local import listen_maddr
 
 logger = logging.getLogger(__name__)
@@ -43,12 +45,14 @@ class DHTPeer:
         announce_maddrs: Sequence[str] = (),
         event_loop: str = "uvloop",
         client_mode: bool = False,
+        authorizer: AuthorizerBase | None = None,
     ):
         if event_loop not in ("uvloop", "asyncio"):
             raise ValueError(f"event_loop must be uvloop or asyncio, got {event_loop!r}")
         self.initial_peers = list(initial_peers)
         self.host, self.port, self.identity_path, self.client_mode = host, port, identity_path, client_mode
         self.announce_maddrs = list(announce_maddrs)
+        self.authorizer = authorizer  # signs and checks every DHT request (a private swarm's key)
         self.loop = new_event_loop(event_loop)
         self.node: DHTNode | None = None
         self.peer_id: str = ""  # base58 libp2p peer id, once started
@@ -89,10 +93,19 @@ class DHTPeer:
         extra: dict[str, Any] = {"identity_path": self.identity_path} if self.identity_path else {}
         if self.announce_maddrs:
             extra["announce_maddrs"] = self.announce_maddrs
-        node = await DHTNode.create(
-            initial_peers=self.initial_peers or None, host_maddrs=[listen_maddr(self.host, self.port)],
-            client_mode=self.client_mode, **extra,
-        )
+        if self.authorizer is not None:
+            extra["authorizer"] = self.authorizer
+        try:
+            node = await DHTNode.create(
+                initial_peers=self.initial_peers or None, host_maddrs=[listen_maddr(self.host, self.port)],
+                client_mode=self.client_mode, **extra,
+            )
+        except RuntimeError as e:
+            if "bootstrap failed" not in str(e):
+                raise
+            raise DmoeError(f"none of the swarm peers {', '.join(self.initial_peers)} answered: are they up? A "
+                            "private swarm answers only peers holding its key (--swarm-key)" +
+                            (", and this one's key is not theirs" if self.authorizer else "")) from None
         self.peer_id = node.peer_id.to_base58()
         self.visible_maddrs = [str(a) for a in await node.get_visible_maddrs()]
         return node

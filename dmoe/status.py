@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from dmoe.auth import dht_authorizer
 from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.peer import DHTPeer
@@ -25,6 +26,7 @@ class StatusConfig:
     ENV_PREFIX: ClassVar[str] = "DMOE_STATUS_"
 
     swarm: list[str] = option([], "multiaddr of any swarm peer (repeat for several)")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
     host: str = option("127.0.0.1", "address this command's short-lived DHT peer listens on")
     json: bool = option(False, "print the view as JSON (for scripts) instead of tables")
     experts: bool = option(False, "also list every expert (one row per expert and node)")
@@ -41,7 +43,8 @@ class StatusConfig:
 def read_view(config: StatusConfig) -> SwarmView:
     """Join the swarm, read the node records (until ``wait_nodes`` are seen or the timeout), leave."""
     deadline = time.monotonic() + config.timeout
-    peer = DHTPeer(initial_peers=config.swarm, host=config.host, client_mode=True).start(config.timeout)
+    peer = DHTPeer(initial_peers=config.swarm, host=config.host, client_mode=True,
+                   authorizer=dht_authorizer(config.swarm_key)).start(config.timeout)
     try:
         while True:
             view = summarize(find_nodes(peer))

@@ -7,6 +7,11 @@ time stays bounded by its deadlines. An endpoint that fails is banned for a capp
 time (``ban_base`` x 2^(failures-1), at most ``ban_max``), then tried again; one success clears it.
 Failures reported while the endpoint is banned (the other calls of one step, in flight when it
 failed) do not lengthen the ban: a node that fails once per try is avoided 1, 2, 4 ... seconds.
+
+A failure that only a broken or hostile peer causes (see :func:`dmoe.dispatch.is_misbehaviour`: a
+reply of the wrong shape, NaN or absurd values, an undecodable reply; or the node saying it does
+not host the uid its record names, or refusing a well-formed request) puts that expert at that
+endpoint in quarantine for ``quarantine_time``, at once: a peer that lies is not retried in seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, ClassVar
 
 from dmoe.config import option
-from dmoe.dispatch import Dispatcher
+from dmoe.auth import DHTAuthorizer, load_key
+from dmoe.dispatch import Dispatcher, is_misbehaviour
 from dmoe.errors import ConfigError
 from dmoe.peer import DHTPeer
 from dmoe.records import ExpertRecord, find_under_prefixes_async
@@ -38,13 +44,20 @@ class SwarmConfig:
                                         "known experts are used")
     ban_base: float = option(1.0, "seconds a failing endpoint is avoided after its first failure")
     ban_max: float = option(60.0, "longest time a failing endpoint is avoided")
+    quarantine_time: float = option(600.0, "seconds an expert that answered malformed, non-finite or absurd "
+                                           "values (or denied hosting its uid) is avoided")
+    max_reply_abs: float = option(1e4, "largest magnitude accepted in an expert's reply (outputs or input "
+                                       "gradients); larger counts as that expert's failure")
     event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
             raise ConfigError("no swarm address: give the address a coordinator or node printed")
         if self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base or self.lookup_timeout <= 0:
             raise ConfigError("need cache_ttl >= 0, lookup_timeout > 0 and 0 < ban_base <= ban_max")
+        if self.quarantine_time < 0 or self.max_reply_abs <= 0:
+            raise ConfigError("need quarantine_time >= 0 and max_reply_abs > 0")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
 
@@ -59,17 +72,20 @@ class Swarm:
 
     def __init__(self, config: SwarmConfig):
         self.config = config
-        self.peer = DHTPeer(initial_peers=config.initial_peers, host=config.host, event_loop=config.event_loop)
+        self.key = load_key(config.swarm_key)
+        self.peer = DHTPeer(initial_peers=config.initial_peers, host=config.host, event_loop=config.event_loop,
+                            authorizer=DHTAuthorizer(self.key) if self.key else None)
         self.loop = self.peer.loop
         self._started = False
         self._lock = threading.Lock()
         self._prefix_cache: dict[str, tuple[float, dict[int, ExpertRecord]]] = {}  # "ffn.3." -> (at, records)
         self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
+        self._quarantine: dict[tuple[str, str], float] = {}  # (endpoint, uid) -> avoided until
         self._dispatchers: list[Dispatcher] = []
 
     def dispatcher(self, compression: int) -> Dispatcher:
         """A Dispatcher on this swarm's loop; its channels are closed by shutdown()."""
-        dispatcher = Dispatcher(self.loop, compression)
+        dispatcher = Dispatcher(self.loop, compression, key=self.key, max_reply_abs=self.config.max_reply_abs)
         self._dispatchers.append(dispatcher)
         return dispatcher
 
@@ -117,11 +133,35 @@ class Swarm:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:
             return {key: {c: r for c, r in self._prefix_cache.get(key, (now, {}))[1].items()
-                          if not self._banned(r.endpoint, now)} for key in keys}
+                          if not self._banned(r.endpoint, r.uid, now)} for key in keys}
 
-    def _banned(self, endpoint: str, now: float) -> bool:
+    def _banned(self, endpoint: str, uid: str, now: float) -> bool:
         entry = self._failures.get(endpoint)
-        return entry is not None and now < entry[1]
+        if entry is not None and now < entry[1]:
+            return True
+        return now < self._quarantine.get((endpoint, uid), 0.0)
+
+    def report(self, endpoint: str, uid: str, error: BaseException | None) -> None:
+        """What became of one call: None for success, else the error (see dmoe.dispatch)."""
+        if error is None:
+            self.report_success(endpoint)
+        elif is_misbehaviour(error):
+            self.quarantine(endpoint, uid, error)
+        else:
+            self.report_failure(endpoint)
+
+    def quarantine(self, endpoint: str, uid: str, why: BaseException | str) -> None:
+        with self._lock:
+            self._quarantine[(endpoint, uid)] = time.monotonic() + self.config.quarantine_time
+            if len(self._quarantine) > 100_000:  # forget the ones that ended
+                now = time.monotonic()
+                self._quarantine = {k: t for k, t in self._quarantine.items() if t > now}
+        logger.warning("%s at %s misbehaved (%s); avoiding it for %.0fs", uid, endpoint, _describe(why),
+                       self.config.quarantine_time)
+
+    def quarantined(self, endpoint: str, uid: str) -> bool:
+        with self._lock:
+            return time.monotonic() < self._quarantine.get((endpoint, uid), 0.0)
 
     def report_failure(self, endpoint: str) -> None:
         now = time.monotonic()
@@ -138,3 +178,12 @@ class Swarm:
         with self._lock:
             self._failures.pop(endpoint, None)
 
+
+
+def _describe(error: BaseException | str) -> str:
+    if isinstance(error, str):
+        return error
+    details = getattr(error, "details", None)
+    if callable(details):  # a grpc.RpcError
+        return f"{error.code().name}: {details()}"
+    return f"{type(error).__name__}: {error}"

@@ -37,6 +37,7 @@ class TrainConfig(LMConfig):
     ENV_PREFIX: ClassVar[str] = "DMOE_TRAIN_"
 
     swarm: list[str] = option([], "multiaddr of a swarm peer (repeat for several)")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
     local: bool = option(False, "run the experts in this process instead of on a swarm")
     data: str = option("stdlib", "text: 'stdlib' (Python's standard library sources), a file or a folder")
     steps: int = option(1000, "training steps to run (counted from the start, so resume continues to it)")
@@ -128,6 +129,7 @@ class Trainer:
             return MoELM(config.model_config)
         if config.local:
             return MoELM(config.model_config, local_moe_factory())
+        from dmoe.auth import dht_authorizer
         from dmoe.swarm import Swarm, SwarmConfig
 
         model_config = config.model_config
@@ -141,8 +143,9 @@ class Trainer:
                                                              in_features=c.d_model, k=c.k))
             shapes = list(probe.parameters())
             self.averager = ParameterAverager(shapes, initial_peers=config.swarm, run_id=config.run_id,
-                                              host=config.host, interval=config.average_interval)
-        self.swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host,
+                                              host=config.host, interval=config.average_interval,
+                                              authorizer=dht_authorizer(config.swarm_key))
+        self.swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host, swarm_key=config.swarm_key,
                                        lookup_timeout=config.lookup_timeout)).start()
         torch.manual_seed(config.seed)
         model = MoELM(model_config, remote_moe_factory(

@@ -2,7 +2,7 @@
 
 Requests are checked in two steps so that a hostile one costs little: :meth:`check_request`
 looks only at the declared shapes and dtypes (before any buffer is decoded, which also bounds the
-memory decoding may take), then :meth:`check_finite` at the decoded values.
+memory decoding may take), then :meth:`check_values` at the decoded values.
 
 Backward recomputes the forward on purpose instead of keeping activations between calls: a node
 then holds no per-client state, so a client that never sends Backward costs nothing, a restarted
@@ -97,10 +97,18 @@ class ExpertBackend:
             if dtype != want_dtype:
                 raise ValueError(f"grad_outputs[{i}] of {self.uid} must be {want_dtype}, got {dtype}")
 
-    def check_finite(self, tensors: Sequence[torch.Tensor], what: str) -> None:
+    def check_values(self, tensors: Sequence[torch.Tensor], what: str, max_abs: float = math.inf) -> None:
+        """ValueError if a floating-point tensor holds NaN, Inf, or a value larger than max_abs in
+        magnitude (an absurd gradient is refused before it can reach the optimizer)."""
         for i, tensor in enumerate(tensors):
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            largest = float(tensor.abs().max())
+            if not math.isfinite(largest):
                 raise ValueError(f"{what}[{i}] of {self.uid} holds NaN or Inf")
+            if largest > max_abs:
+                raise ValueError(f"{what}[{i}] of {self.uid} holds {largest:.3g}, above this node's bound of "
+                                 f"{max_abs:g} (max_{'grad' if what == 'grad_outputs' else 'input'}_abs)")
 
     def output_shapes(self, input_shapes: Sequence[Shape]) -> list[tuple[Shape, str]]:
         """(shape, dtype) of each output for inputs of these shapes, from a cached one-row probe."""

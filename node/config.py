@@ -48,6 +48,14 @@ class NodeConfig:
     max_request_bytes: int = option(512 * MiB, "largest request accepted at all, streamed or not")
     max_concurrent_calls: int = option(512, "calls served at once; more get RESOURCE_EXHAUSTED")
     max_inflight_bytes: int = option(1024 * MiB, "bytes all request streams together may hold while arriving")
+    max_calls_per_peer: int = option(64, "calls one peer (IP address) may have in flight; more get RESOURCE_EXHAUSTED")
+    peer_rate: float = option(500.0, "requests per second one peer (IP address) may send on average")
+    peer_burst: float = option(1000.0, "requests one peer may send at once above peer_rate (token bucket size)")
+    max_input_abs: float = option(1e4, "largest magnitude accepted in an expert's inputs; larger is refused")
+    max_grad_abs: float = option(1e3, "largest magnitude accepted in grad_outputs of a Backward call; larger is "
+                                      "refused before it reaches the optimizer")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen): calls and "
+                                         "DHT peers without it are refused")
     heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
     record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
@@ -60,8 +68,9 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
         for name in ("hidden_dim", "max_batch_tokens", "max_queued_tokens", "max_message_bytes",
-                     "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval", "record_ttl", "checkpoint_interval",
-                     "keep_checkpoints", "lr"):
+                     "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval", "record_ttl",
+                     "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer", "peer_rate", "peer_burst",
+                     "max_input_abs", "max_grad_abs"):
             positive(name)
         for name in ("port", "dht_port", "max_grad_norm", "shutdown_grace"):
             positive(name, allow_zero=True)
@@ -77,6 +86,8 @@ class NodeConfig:
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.record_ttl <= self.heartbeat_interval:
             raise ConfigError("record_ttl must be longer than heartbeat_interval, or records lapse between beats")
+        if self.peer_burst < 1:
+            raise ConfigError(f"peer_burst must be at least 1, got {self.peer_burst}")
         if self.max_queued_tokens < self.max_batch_tokens:
             raise ConfigError("max_queued_tokens must be at least max_batch_tokens")
         if self.max_inflight_bytes < self.max_request_bytes:

@@ -29,11 +29,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import dmoe
+from dmoe.auth import CallVerifier, DHTAuthorizer, load_key
 from dmoe.local import write_json_atomic
 from dmoe.node.announcer import Announcer
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.config import NodeConfig
+from dmoe.node.guard import CallGuard
 from dmoe.node.runtime import Runtime
 from dmoe.node.service import SERVICE_NAME, ExpertServicer
 from dmoe.node.stats import ExpertCounters
@@ -70,6 +72,10 @@ class Node:
         self._runtime: Runtime | None = None
         self._announcer: Announcer | None = None
         self._health: HealthServicer | None = None
+        self.swarm_key = load_key(config.swarm_key)  # None: an open swarm
+        self.guard = CallGuard(verifier=CallVerifier(self.swarm_key) if self.swarm_key else None,
+                               max_calls_per_peer=config.max_calls_per_peer, peer_rate=config.peer_rate,
+                               peer_burst=config.peer_burst)
         self._checkpoints = CheckpointStore(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
         self._saved_versions: dict[str, int] = {}
         self.restored_versions: dict[str, int] = {}  # uid -> version loaded from a checkpoint at start
@@ -118,6 +124,7 @@ class Node:
         self._dht = DHTPeer(
             initial_peers=self.config.swarm, host=self.config.host, port=self.config.dht_port,
             identity_path=self.config.identity_path, announce_maddrs=self.config.dht_announce,
+            authorizer=DHTAuthorizer(self.swarm_key) if self.swarm_key else None,
         ).start()
 
     def _stop_dht(self) -> None:
@@ -162,6 +169,9 @@ class Node:
         self.swarm_addresses = list(self._dht.visible_maddrs)
         self.join_address = self._dht.join_address
         logger.info("joined the swarm as %s", self.node_id)
+        if self.swarm_key is not None:
+            logger.info("private swarm (key fingerprint %s): calls and DHT peers without the key are refused",
+                        self.swarm_key.fingerprint)
 
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
@@ -187,6 +197,7 @@ class Node:
             self.backends, self._runtime, self.counters, max_batch_tokens=config.max_batch_tokens,
             max_request_bytes=config.max_request_bytes, node_info=self.info,
             chunk_bytes=min(1 << 20, config.max_message_bytes // 2), max_inflight_bytes=config.max_inflight_bytes,
+            guard=self.guard, max_input_abs=config.max_input_abs, max_grad_abs=config.max_grad_abs,
         )
         self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
         self._health = HealthServicer()

@@ -3,8 +3,11 @@
 The handlers are registered with raw-bytes request deserialisers instead of the generated
 ``add_ExpertServiceServicer_to_server``: parsing the request ourselves lets garbage on the wire get
 INVALID_ARGUMENT with a message, where grpc's own deserialiser would answer an opaque INTERNAL.
-Every request is decoded and checked against the expert's schema (dtype, rank, sizes, finite
-values) before it is queued, so a bad request never reaches a batch that good requests share.
+Every call first passes the node's :class:`~dmoe.node.guard.CallGuard` (swarm key, limits per
+peer), then its request is decoded and checked against the expert's schema (dtype, rank, sizes,
+finite values no larger than the node's bounds) before it is queued, so a bad request never
+reaches a batch that good requests share. :func:`check_request` and :func:`decode_request` are that
+path as plain functions, which the fuzzer (``fuzz/fuzz_request.py``) drives in-process.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError, Message
 
+from dmoe.auth import fullmethod
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.guard import CallGuard, Refused
 from dmoe.node.runtime import Overloaded, Runtime, Task
 from dmoe.node.stats import ExpertCounters
 from dmoe.proto import expert_pb2 as pb
@@ -49,8 +54,12 @@ class ExpertServicer:
         node_info: Callable[[list[str]], pb.NodeInfo],
         chunk_bytes: int,
         max_inflight_bytes: int,
+        guard: CallGuard,
+        max_input_abs: float = float("inf"),
+        max_grad_abs: float = float("inf"),
     ):
         self.backends, self.runtime, self.counters = backends, runtime, counters
+        self.guard, self.max_input_abs, self.max_grad_abs = guard, max_input_abs, max_grad_abs
         self.max_batch_tokens, self.max_request_bytes = max_batch_tokens, max_request_bytes
         self.node_info = node_info
         self.chunk_bytes = chunk_bytes  # response chunk size of the streams, within the message limit
@@ -84,10 +93,12 @@ class ExpertServicer:
 
     # ---- handlers -----------------------------------------------------------------------------
     async def forward(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
-        return await self._answer(context, lambda: self._run(_parse(pb.ForwardRequest, data), backward=False))
+        return await self._answer(context, "Forward",
+                                  lambda: self._run(_parse(pb.ForwardRequest, data), backward=False))
 
     async def backward(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
-        return await self._answer(context, lambda: self._run(_parse(pb.BackwardRequest, data), backward=True))
+        return await self._answer(context, "Backward",
+                                  lambda: self._run(_parse(pb.BackwardRequest, data), backward=True))
 
     async def forward_stream(
         self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
@@ -111,15 +122,23 @@ class ExpertServicer:
             info.receiving_bytes = self._inflight_bytes
             return info
 
-        return await self._answer(context, handle)
+        return await self._answer(context, "Info", handle)
 
     # ---- the work ------------------------------------------------------------------------------
-    async def _answer(self, context: grpc.aio.ServicerContext, handle: Callable[[], Awaitable[Message]]) -> Message:
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str,
+                      handle: Callable[[], Awaitable[Message]]) -> Message:
+        try:
+            peer = self.guard.admit(fullmethod(SERVICE_NAME, method), context.peer(), context.invocation_metadata())
+        except Refused as e:
+            await context.abort(e.code, e.message)
+            raise AssertionError("abort returns only by raising") from None
         try:
             return await handle()
         except RequestError as e:
             await context.abort(e.code, e.message)
             raise AssertionError("abort returns only by raising") from None
+        finally:
+            self.guard.release(peer)
 
     async def _stream(
         self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext, *, backward: bool
@@ -129,7 +148,7 @@ class ExpertServicer:
             request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
             return await self._run(_parse(request_cls, data), backward=backward)
 
-        response = await self._answer(context, handle)
+        response = await self._answer(context, "BackwardStream" if backward else "ForwardStream", handle)
         for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
             yield chunk
 
@@ -155,30 +174,21 @@ class ExpertServicer:
             self._inflight_bytes -= held
 
     async def _run(self, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool) -> Message:
-        backend = self.backends.get(request.uid)
-        if backend is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {request.uid!r} on this node")
-        counters = self.counters[request.uid]
+        counters = self.counters.get(request.uid)
         started = time.perf_counter()
         try:
-            if request.reply_compression not in pb.Compression.values():
-                raise ValueError(f"unknown reply compression {request.reply_compression}")
-            shapes = [tuple(t.shape) for t in request.inputs]
-            rows, num_tokens = backend.check_request(shapes, [t.dtype for t in request.inputs],
-                                                     backend.input_schema, "inputs")
-            if num_tokens > self.max_batch_tokens:
-                counters.rejected += 1
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"request of {num_tokens} tokens exceeds this node's limit of {self.max_batch_tokens}; split it",
-                )
-            if backward:
-                backend.check_grad_request(shapes, [tuple(t.shape) for t in request.grad_outputs],
-                                           [t.dtype for t in request.grad_outputs])
-            inputs, grads = await asyncio.to_thread(self._decode, backend, request, backward)
-        except ValueError as e:  # WireError is a ValueError
-            counters.errors += 1
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            backend, rows, num_tokens = check_request(self.backends, request, backward=backward,
+                                                      max_batch_tokens=self.max_batch_tokens)
+            inputs, grads = await asyncio.to_thread(decode_request, backend, request, backward=backward,
+                                                    max_input_abs=self.max_input_abs, max_grad_abs=self.max_grad_abs)
+        except RequestError as e:
+            if counters is not None:
+                if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    counters.rejected += 1
+                else:
+                    counters.errors += 1
+            raise
+        assert counters is not None
         task = Task(inputs, grads, rows, num_tokens, concurrent.futures.Future())
         try:
             future = self.runtime.submit(request.uid, task)
@@ -196,18 +206,45 @@ class ExpertServicer:
             return pb.BackwardResponse(grad_inputs=encoded)
         return pb.ForwardResponse(outputs=encoded)
 
-    @staticmethod
-    def _decode(
-        backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, backward: bool
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Decode and check values, off the event loop (shapes and dtypes were checked already)."""
+
+def check_request(backends: Mapping[str, ExpertBackend], request: pb.ForwardRequest | pb.BackwardRequest, *,
+                  backward: bool, max_batch_tokens: int) -> tuple[ExpertBackend, int, int]:
+    """(backend, rows, tokens) of a request whose declared uid, shapes and dtypes fit, else RequestError.
+    Looks at no buffer: cheap, and it bounds what decoding may allocate."""
+    backend = backends.get(request.uid)
+    if backend is None:
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {request.uid!r} on this node")
+    try:
+        if request.reply_compression not in pb.Compression.values():
+            raise ValueError(f"unknown reply compression {request.reply_compression}")
+        shapes = [tuple(t.shape) for t in request.inputs]
+        rows, num_tokens = backend.check_request(shapes, [t.dtype for t in request.inputs],
+                                                 backend.input_schema, "inputs")
+        if num_tokens > max_batch_tokens:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"request of {num_tokens} tokens exceeds this node's limit of {max_batch_tokens}; split it")
+        if backward:
+            backend.check_grad_request(shapes, [tuple(t.shape) for t in request.grad_outputs],
+                                       [t.dtype for t in request.grad_outputs])
+    except ValueError as e:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    return backend, rows, num_tokens
+
+
+def decode_request(backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool,
+                   max_input_abs: float, max_grad_abs: float) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Decoded inputs (and grad_outputs), finite and within the node's bounds, else RequestError
+    (INVALID_ARGUMENT). Runs off the event loop; check_request has passed already."""
+    try:
         inputs = [deserialize(t, max_numel=backend.max_numel) for t in request.inputs]
-        backend.check_finite(inputs, "inputs")
+        backend.check_values(inputs, "inputs", max_input_abs)
         if not backward:
             return inputs, None
         grads = [deserialize(t, max_numel=backend.max_numel) for t in request.grad_outputs]
-        backend.check_finite(grads, "grad_outputs")
-        return inputs, grads
+        backend.check_values(grads, "grad_outputs", max_grad_abs)
+    except ValueError as e:  # WireError is a ValueError
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    return inputs, grads
 
 
 def _parse(message_cls: type[Message], data: bytes) -> Message:

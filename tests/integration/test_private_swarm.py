@@ -1,0 +1,144 @@
+"""A private swarm: a coordinator and a node started with --swarm-key refuse whoever lacks the key,
+on the gRPC data plane (UNAUTHENTICATED, nothing changes) and in the DHT (no answer at all)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import grpc
+import pytest
+import torch
+from click.testing import CliRunner
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dmoe.auth import SwarmKey
+from dmoe.cli import main
+from dmoe.errors import DmoeError
+from dmoe.moe import RemoteMoE
+from dmoe.proto import expert_pb2 as pb
+from dmoe.swarm import Swarm, SwarmConfig
+from dmoe.wire import serialize
+
+from conftest import CoordinatorProcess, NodeProcess, stub, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+HIDDEN = 16
+FORWARD = "/dmoe.ExpertService/Forward"
+
+
+@pytest.fixture(scope="module")
+def private(tmp_path_factory):
+    """(key path, coordinator, node): both started with the same new key; the node joined the coordinator."""
+    workdir = tmp_path_factory.mktemp("private")
+    key = workdir / "swarm.key"
+    result = CliRunner().invoke(main, ["swarm", "keygen", str(key)])
+    assert result.exit_code == 0, result.output
+    coordinator = CoordinatorProcess(workdir, ["--swarm-key", str(key)], "coordinator")
+    node = None
+    try:
+        coordinator.start()
+        node = NodeProcess(workdir, ["--swarm-key", str(key), "--swarm", coordinator.swarm[0], "--experts",
+                                     "ffn.[0:2]", "--hidden-dim", str(HIDDEN)], "node").start()
+        yield key, coordinator, node
+    finally:
+        for process in (node, coordinator):
+            if process is not None:
+                process.cleanup()
+
+
+def test_keygen_writes_a_private_file_and_never_overwrites(tmp_path):
+    path = tmp_path / "k"
+    first = CliRunner().invoke(main, ["swarm", "keygen", str(path)])
+    assert first.exit_code == 0 and "fingerprint" in first.output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(bytes.fromhex(path.read_text())) == 32
+    before = path.read_text()
+    again = CliRunner().invoke(main, ["swarm", "keygen", str(path)])
+    assert again.exit_code == 1 and "never overwritten" in again.output
+    assert path.read_text() == before
+
+
+def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, tmp_path):
+    key_path, _, node = private
+    key = SwarmKey.load(key_path)
+    other = SwarmKey.generate(tmp_path / "other.key")
+    channel, service = stub(node.endpoint)
+    x = torch.randn(4, HIDDEN)
+    forward = pb.ForwardRequest(uid="ffn.0", inputs=[serialize(x)])
+    backward = pb.BackwardRequest(uid="ffn.0", inputs=[serialize(x)], grad_outputs=[serialize(torch.ones(4, HIDDEN))])
+    try:
+        version = expert_version_with(service, key)
+        attempts = [
+            (lambda md: service.Forward(forward, timeout=10, metadata=md), "call it with the swarm's key"),
+            (lambda md: service.Backward(backward, timeout=10, metadata=md), "call it with the swarm's key"),
+            (lambda md: service.Info(pb.InfoRequest(), timeout=10, metadata=md), "call it with the swarm's key"),
+            (lambda md: list(service.BackwardStream(iter([pb.Chunk(data=backward.SerializeToString())]),
+                                                    timeout=10, metadata=md)), "call it with the swarm's key"),
+        ]
+        for call, message in attempts:
+            for metadata, why in ((None, message), (other.call_metadata(FORWARD), "wrong swarm key"),
+                                  ((("dmoe-auth", "not.a.token"),), "malformed")):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value.details()
+                assert why in refused.value.details()
+        # a token is for one method and one use
+        wrong_method = key.call_metadata("/dmoe.ExpertService/Info")
+        with pytest.raises(grpc.RpcError) as refused:
+            service.Backward(backward, timeout=10, metadata=wrong_method)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = key.call_metadata(FORWARD)
+        assert len(service.Forward(forward, timeout=10, metadata=token).outputs) == 1
+        with pytest.raises(grpc.RpcError) as replayed:
+            service.Forward(forward, timeout=10, metadata=token)
+        assert replayed.value.code() == grpc.StatusCode.UNAUTHENTICATED and "already used" in replayed.value.details()
+        assert expert_version_with(service, key) == version  # no outsider's Backward reached the optimizer
+        # a member's Backward does
+        service.Backward(backward, timeout=10, metadata=key.call_metadata("/dmoe.ExpertService/Backward"))
+        assert expert_version_with(service, key) == version + 1
+        # the health service stays open to process supervisors
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        channel.close()
+
+
+def expert_version_with(service, key: SwarmKey) -> int:
+    info = service.Info(pb.InfoRequest(uids=["ffn.0"]), timeout=10, metadata=key.call_metadata("/dmoe.ExpertService/Info"))
+    return info.experts[0].version
+
+
+def test_members_train_through_it_and_outsiders_cannot_join(private, tmp_path):
+    key_path, coordinator, node = private
+    channel, service = stub(node.endpoint)
+    key = SwarmKey.load(key_path)
+    with Swarm(SwarmConfig(initial_peers=coordinator.swarm, swarm_key=str(key_path), cache_ttl=60)) as swarm:
+        wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 2, 30, "the node's experts")
+        layer = RemoteMoE(swarm, prefix="ffn", grid=(2,), in_features=HIDDEN, k=2, k_min=2)
+        before = expert_version_with(service, key)
+        x = torch.randn(8, HIDDEN, requires_grad=True)
+        y = layer(x)
+        assert layer.last_num_failed == 0 and bool(y.abs().sum() > 0)
+        y.sum().backward()
+        assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+        assert expert_version_with(service, key) > before  # the expert learned from a member's step
+    channel.close()
+    SwarmKey.generate(tmp_path / "wrong.key")
+    for key in (None, str(tmp_path / "wrong.key")):
+        outsider = Swarm(SwarmConfig(initial_peers=coordinator.swarm, swarm_key=key))
+        with pytest.raises(DmoeError, match="private swarm answers only peers holding its key"):
+            outsider.start(30)
+        outsider.peer.shutdown()
+
+
+def test_a_node_without_the_key_cannot_join_and_says_why(private, tmp_path):
+    _, coordinator, _ = private
+    proc = subprocess.run(
+        [sys.executable, "-m", "dmoe", "node", "start", "--swarm", coordinator.swarm[0], "--device", "cpu",
+         "--experts", "ffn.[5:6]", "--hidden-dim", str(HIDDEN)],
+        capture_output=True, text=True, timeout=90, cwd=tmp_path, env=dict(os.environ),
+    )
+    assert proc.returncode != 0
+    assert "private swarm answers only peers holding its key (--swarm-key)" in proc.stdout + proc.stderr

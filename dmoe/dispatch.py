@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -35,7 +35,6 @@ import torch
 from google.protobuf.message import DecodeError
 
 from dmoe.proto import expert_pb2 as pb
-from dmoe.proto import expert_pb2_grpc as pbg
 from dmoe.auth import SwarmKey, fullmethod
 from dmoe.errors import WireError
 from dmoe.records import ExpertRecord
@@ -96,7 +95,7 @@ class Dispatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *, key: SwarmKey | None = None,
                  max_reply_abs: float = float("inf")):
         self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
-        self._channels: dict[str, tuple[grpc.aio.Channel, pbg.ExpertServiceStub]] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, dict[str, Any]]] = {}
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -113,13 +112,24 @@ class Dispatcher:
 
         self.run(close())
 
-    def _stub(self, endpoint: str) -> pbg.ExpertServiceStub:
+    def _stub(self, endpoint: str) -> dict[str, Any]:
+        """The endpoint's call objects by method name. Replies arrive as raw bytes and are parsed here:
+        grpc's own deserialiser hands None to the caller when a reply does not parse."""
         if endpoint not in self._channels:
             channel = grpc.aio.insecure_channel(endpoint, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ])
-            self._channels[endpoint] = (channel, pbg.ExpertServiceStub(channel))
+            methods = {
+                name: channel.unary_unary(fullmethod(SERVICE, name), request_serializer=_serialize,
+                                          response_deserializer=None)
+                for name in ("Forward", "Backward")
+            } | {
+                name: channel.stream_stream(fullmethod(SERVICE, name), request_serializer=_serialize,
+                                            response_deserializer=None)
+                for name in ("ForwardStream", "BackwardStream")
+            }
+            self._channels[endpoint] = (channel, methods)
         return self._channels[endpoint][1]
 
     # ---- forward ------------------------------------------------------------------------------
@@ -220,17 +230,17 @@ class Dispatcher:
         name = ("Backward" if backward else "Forward") + ("" if unary else "Stream")
         metadata = self.key.call_metadata(fullmethod(SERVICE, name)) if self.key is not None else None
         if unary:
-            reply = await getattr(stub, name)(request, timeout=timeout, metadata=metadata)
+            data = await stub[name](request, timeout=timeout, metadata=metadata)
         else:
             chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, call.max_unary_bytes // 2))  # a chunk is a message too
-            replies = getattr(stub, name)(split_chunks(request.SerializeToString(), chunk_bytes), timeout=timeout,
-                                          metadata=metadata)
-            data = await join_chunks(replies, max_bytes=inputs.numel() * 8 + ENVELOPE_BYTES)
-            reply_cls = pb.BackwardResponse if backward else pb.ForwardResponse
-            try:
-                reply = reply_cls.FromString(data)
-            except DecodeError as e:
-                raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
+            replies = stub[name](split_chunks(request.SerializeToString(), chunk_bytes), timeout=timeout,
+                                 metadata=metadata)
+            data = await join_chunks(_parsed_chunks(replies), max_bytes=inputs.numel() * 8 + ENVELOPE_BYTES)
+        reply_cls = pb.BackwardResponse if backward else pb.ForwardResponse
+        try:
+            reply = reply_cls.FromString(data)
+        except DecodeError as e:
+            raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
         return _checked(reply.grad_inputs if backward else reply.outputs, inputs, self.max_reply_abs)
 
     async def _backward(self, calls, backward_timeout, on_result):
@@ -247,6 +257,18 @@ class Dispatcher:
                 on_result(call, None)
                 results[index] = reply
         return results
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
+
+
+async def _parsed_chunks(replies: AsyncIterator[bytes]) -> AsyncIterator[pb.Chunk]:
+    async for data in replies:
+        try:
+            yield pb.Chunk.FromString(data)
+        except DecodeError as e:
+            raise WireError(f"undecodable Chunk: {e}") from None
 
 
 def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:

@@ -45,3 +45,19 @@ class NaNExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         return y if x.shape[0] == 1 else y * float("nan")
+
+
+class SleepyExpert(nn.Module):
+    """Identity that takes half a second per call (the node's one-row start-up probe excepted), so
+    that calls stay in flight long enough for a test to count them."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(hidden_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        if x.shape[0] > 1:
+            time.sleep(0.5)
+        return x * self.scale

@@ -65,6 +65,7 @@ BAD_FORWARDS = {
     "zero tokens": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(0, HIDDEN))]), INVALID),
     "nan": (pb.ForwardRequest(uid=UID, inputs=[serialize(nan_input())]), INVALID),
     "inf": (pb.ForwardRequest(uid=UID, inputs=[serialize(inf_input())]), INVALID),
+    "absurdly large": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.full((2, HIDDEN), -1e6))]), INVALID),
     "short buffer": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], buffer=b"\0" * 10)]), INVALID),
     "unknown dtype": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], dtype="object")]), INVALID),
     "negative dim": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([-2, HIDDEN], buffer=b"")]), INVALID),
@@ -106,6 +107,8 @@ BAD_BACKWARDS = {
     "no gradient": bad_backward([]),
     "float64 gradient": bad_backward([serialize(torch.ones(3, HIDDEN, dtype=torch.float64))]),
     "nan input": bad_backward([serialize(torch.ones(3, HIDDEN))], [serialize(nan_input())]),
+    "absurdly large gradient": bad_backward([serialize(torch.full((3, HIDDEN), 1e6))]),
+    "absurdly large input": bad_backward([serialize(torch.ones(3, HIDDEN))], [serialize(torch.full((3, HIDDEN), 1e6))]),
 }
 
 
@@ -115,6 +118,8 @@ def test_bad_backward_moves_no_parameter(service, case):
     with pytest.raises(grpc.RpcError) as error:
         service.Backward(BAD_BACKWARDS[case], timeout=30)
     assert error.value.code() == INVALID, error.value.details()
+    if case.startswith("absurdly"):
+        assert "above this node's bound" in error.value.details()
     assert expert_version(service, UID) == before_version
     torch.testing.assert_close(good_forward(service), before_output, rtol=0, atol=0)
 

@@ -48,9 +48,9 @@ class NodeConfig:
     max_request_bytes: int = option(512 * MiB, "largest request accepted at all, streamed or not")
     max_concurrent_calls: int = option(512, "calls served at once; more get RESOURCE_EXHAUSTED")
     max_inflight_bytes: int = option(1024 * MiB, "bytes all request streams together may hold while arriving")
-    max_calls_per_peer: int = option(64, "calls one peer (IP address) may have in flight; more get RESOURCE_EXHAUSTED")
-    peer_rate: float = option(500.0, "requests per second one peer (IP address) may send on average")
-    peer_burst: float = option(1000.0, "requests one peer may send at once above peer_rate (token bucket size)")
+    max_calls_per_peer: int = option(256, "calls one peer (IP address) may have in flight; more get RESOURCE_EXHAUSTED")
+    peer_rate: float = option(2000.0, "requests per second one peer (IP address) may send on average")
+    peer_burst: float = option(4000.0, "requests one peer may send at once above peer_rate (token bucket size)")
     max_input_abs: float = option(1e4, "largest magnitude accepted in an expert's inputs; larger is refused")
     max_grad_abs: float = option(1e3, "largest magnitude accepted in grad_outputs of a Backward call; larger is "
                                       "refused before it reaches the optimizer")

@@ -56,7 +56,7 @@ def test_hostile_experts_are_detected_avoided_and_training_is_unharmed(node_fact
                 step_times.append(time.monotonic() - started)
                 assert bool(torch.isfinite(y).all()) and torch.isfinite(loss), f"step {step}"
                 assert all(bool(torch.isfinite(p).all()) for p in layer.parameters())
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if step == 4:
                     liar_calls_after_warmup = dict(liar.calls)
                 step += 1

@@ -20,6 +20,7 @@ from dmoe.errors import DmoeError
 from dmoe.moe import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
 from dmoe.swarm import Swarm, SwarmConfig
+from dmoe.train import TrainConfig, Trainer
 from dmoe.wire import serialize
 
 from conftest import CoordinatorProcess, NodeProcess, stub, wait_for
@@ -41,7 +42,8 @@ def private(tmp_path_factory):
     try:
         coordinator.start()
         node = NodeProcess(workdir, ["--swarm-key", str(key), "--swarm", coordinator.swarm[0], "--experts",
-                                     "ffn.[0:2]", "--hidden-dim", str(HIDDEN)], "node").start()
+                                     "ffn.[0:2]", "--experts", "lm0.[0:2]", "--experts", "lm1.[0:2]",
+                                     "--hidden-dim", str(HIDDEN)], "node").start()
         yield key, coordinator, node
     finally:
         for process in (node, coordinator):
@@ -142,3 +144,14 @@ def test_a_node_without_the_key_cannot_join_and_says_why(private, tmp_path):
     )
     assert proc.returncode != 0
     assert "private swarm answers only peers holding its key (--swarm-key)" in proc.stdout + proc.stderr
+
+
+def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dht(private, tmp_path):
+    key_path, coordinator, _ = private
+    config = TrainConfig(d_model=HIDDEN, num_heads=2, num_layers=2, num_experts=2, seq_len=16, swarm=coordinator.swarm,
+                         swarm_key=str(key_path), run_id="private", steps=4, batch_size=2, eval_interval=0,
+                         save=str(tmp_path / "run"))
+    with Trainer(config) as trainer:  # its averager's DHT (a forked hivemind.DHT) joins with the key too
+        trainer.train()
+        assert trainer.step == 4 and trainer.num_failed_calls == 0
+        assert trainer.averager is not None and trainer.averager.dht.is_alive()

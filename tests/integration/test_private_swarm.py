@@ -155,3 +155,14 @@ def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dh
         trainer.train()
         assert trainer.step == 4 and trainer.num_failed_calls == 0
         assert trainer.averager is not None and trainer.averager.dht.is_alive()
+
+
+def test_swarm_status_reads_a_private_swarm_with_the_key_only(private):
+    key_path, coordinator, node = private
+    common = [sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", coordinator.swarm[0], "--json", "--timeout", "20"]
+    member = subprocess.run([*common, "--swarm-key", str(key_path), "--wait-nodes", "1"], capture_output=True, text=True,
+                            timeout=60)
+    assert member.returncode == 0, member.stderr
+    assert node.ready["node_id"] in member.stdout
+    outsider = subprocess.run(common, capture_output=True, text=True, timeout=60)
+    assert outsider.returncode == 1 and "private swarm answers only peers holding its key" in outsider.stderr

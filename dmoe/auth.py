@@ -13,8 +13,8 @@ A key file (``dmoe swarm keygen FILE``) holds 32 random bytes in hex. Given ``--
   hivemind's own ``TokenAuthorizerBase`` needs an authority that issues RSA-signed access tokens;
   a shared secret needs no server, which is what a group of friends running a swarm can keep up.
 
-What the key does not do: it does not encrypt (tensors cross the network in the clear, as
-without it), and anyone holding it is a full member. See docs/security.md.
+The calls are also encrypted: nodes of a private swarm serve TLS with certificates that the key
+makes (:mod:`dmoe.tls`). Anyone holding the key is a full member. See docs/security.md.
 """
 
 from __future__ import annotations

@@ -81,12 +81,13 @@ class ExpertCall:
     grad_outputs: torch.Tensor | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS  # rows per request; more are cut into concurrent parts
     max_unary_bytes: int = DEFAULT_MAX_UNARY_BYTES  # larger requests use the streams
+    tls: bool = False  # the node speaks TLS (a private swarm's)
 
     @classmethod
     def to(cls, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor) -> ExpertCall:
         return cls(record.uid, record.endpoint, inputs, token_ids,
                    max_tokens=record.max_batch_tokens or DEFAULT_MAX_TOKENS,
-                   max_unary_bytes=record.max_message_bytes or DEFAULT_MAX_UNARY_BYTES)
+                   max_unary_bytes=record.max_message_bytes or DEFAULT_MAX_UNARY_BYTES, tls=record.tls)
 
 
 class Dispatcher:
@@ -95,7 +96,8 @@ class Dispatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *, key: SwarmKey | None = None,
                  max_reply_abs: float = float("inf")):
         self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
-        self._channels: dict[str, tuple[grpc.aio.Channel, dict[str, Any]]] = {}
+        self._channels: dict[tuple[str, bool], tuple[grpc.aio.Channel, dict[str, Any]]] = {}
+        self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -112,14 +114,22 @@ class Dispatcher:
 
         self.run(close())
 
-    def _stub(self, endpoint: str) -> dict[str, Any]:
+    def _stub(self, endpoint: str, tls: bool) -> dict[str, Any]:
         """The endpoint's call objects by method name. Replies arrive as raw bytes and are parsed here:
         grpc's own deserialiser hands None to the caller when a reply does not parse."""
-        if endpoint not in self._channels:
-            channel = grpc.aio.insecure_channel(endpoint, options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ])
+        if (endpoint, tls) not in self._channels:
+            options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+            if tls:
+                if self.key is None:
+                    raise LocalInputError(f"{endpoint} speaks a private swarm's TLS: this client needs its --swarm-key")
+                if self._tls is None:
+                    from dmoe.tls import channel_credentials
+
+                    self._tls = channel_credentials(self.key)
+                channel = grpc.aio.secure_channel(endpoint, self._tls[0], options=options + self._tls[1])
+            else:
+                channel = grpc.aio.insecure_channel(endpoint, options=options)
             methods = {
                 name: channel.unary_unary(fullmethod(SERVICE, name), request_serializer=_serialize,
                                           response_deserializer=None)
@@ -129,8 +139,8 @@ class Dispatcher:
                                             response_deserializer=None)
                 for name in ("ForwardStream", "BackwardStream")
             }
-            self._channels[endpoint] = (channel, methods)
-        return self._channels[endpoint][1]
+            self._channels[(endpoint, tls)] = (channel, methods)
+        return self._channels[(endpoint, tls)][1]
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(
@@ -214,7 +224,7 @@ class Dispatcher:
 
     async def _call_part(self, call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None,
                          timeout: float, backward: bool) -> torch.Tensor:
-        stub = self._stub(call.endpoint)
+        stub = self._stub(call.endpoint, call.tls)
         if not bool(torch.isfinite(inputs).all()) or (grad_outputs is not None
                                                        and not bool(torch.isfinite(grad_outputs).all())):
             raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} are not "

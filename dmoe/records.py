@@ -53,6 +53,7 @@ class ExpertRecord(_Record):
     queued_tokens: int = 0
     max_batch_tokens: int = 0  # most tokens per request (0: not said; the client uses its default)
     max_message_bytes: int = 0  # largest unary message; bigger requests go through the streams
+    tls: bool = False  # the endpoint speaks TLS with a certificate of the private swarm's CA (dmoe.tls)
     record_version: int = RECORD_VERSION
 
 

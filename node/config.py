@@ -56,6 +56,7 @@ class NodeConfig:
                                       "refused before it reaches the optimizer")
     swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen): calls and "
                                          "DHT peers without it are refused")
+    tls: bool = option(True, "in a private swarm, encrypt calls with TLS (certificates made from the swarm key)")
     heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
     record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")

@@ -72,6 +72,7 @@ class Node:
         self._runtime: Runtime | None = None
         self._announcer: Announcer | None = None
         self._health: HealthServicer | None = None
+        self.tls = False  # whether the gRPC server speaks TLS (a private swarm's, unless --no-tls)
         self.swarm_key = load_key(config.swarm_key)  # None: an open swarm
         self.guard = CallGuard(verifier=CallVerifier(self.swarm_key) if self.swarm_key else None,
                                max_calls_per_peer=config.max_calls_per_peer, peer_rate=config.peer_rate,
@@ -207,7 +208,13 @@ class Node:
             self._server,
         )
         host = f"[{config.host}]" if ":" in config.host else config.host
-        port = self._server.add_insecure_port(f"{host}:{config.port}")
+        self.tls = self.swarm_key is not None and config.tls
+        if self.tls:
+            from dmoe.tls import server_credentials
+
+            port = self._server.add_secure_port(f"{host}:{config.port}", server_credentials(self.swarm_key))
+        else:
+            port = self._server.add_insecure_port(f"{host}:{config.port}")
         if port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self._server.start()
@@ -263,6 +270,7 @@ class Node:
                 uid=uid, endpoint=self.endpoint, node_id=self.node_id, expert_cls=self.config.expert_cls,
                 version=backend.version, queued_tokens=queued[uid],
                 max_batch_tokens=self.config.max_batch_tokens, max_message_bytes=self.config.max_message_bytes,
+                tls=self.tls,
             )
             for uid, backend in self.backends.items()
         ]
@@ -349,5 +357,5 @@ class Node:
     def _write_ready_file(self, path: Path) -> None:
         write_json_atomic(path, {
             "endpoint": self.endpoint, "port": self.port, "swarm": self.swarm_addresses, "node_id": self.node_id,
-            "pid": os.getpid(), "experts": self.uids, "restored": self.restored_versions,
+            "pid": os.getpid(), "experts": self.uids, "restored": self.restored_versions, "tls": self.tls,
         })

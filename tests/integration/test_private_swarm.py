@@ -19,11 +19,13 @@ from dmoe.cli import main
 from dmoe.errors import DmoeError
 from dmoe.moe import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
+from dmoe.proto import expert_pb2_grpc as pbg
 from dmoe.swarm import Swarm, SwarmConfig
+from dmoe.tls import channel_credentials
 from dmoe.train import TrainConfig, Trainer
 from dmoe.wire import serialize
 
-from conftest import CoordinatorProcess, NodeProcess, stub, wait_for
+from conftest import CoordinatorProcess, NodeProcess, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN = 16
@@ -51,6 +53,13 @@ def private(tmp_path_factory):
                 process.cleanup()
 
 
+def stub(endpoint: str, key: SwarmKey) -> tuple[grpc.Channel, pbg.ExpertServiceStub]:
+    """A channel as a member makes it: TLS, trusting the CA that the swarm key makes."""
+    credentials, options = channel_credentials(key)
+    channel = grpc.secure_channel(endpoint, credentials, options=options)
+    return channel, pbg.ExpertServiceStub(channel)
+
+
 def test_keygen_writes_a_private_file_and_never_overwrites(tmp_path):
     path = tmp_path / "k"
     first = CliRunner().invoke(main, ["swarm", "keygen", str(path)])
@@ -66,7 +75,8 @@ def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, t
     key_path, _, node = private
     key = SwarmKey.load(key_path)
     other = SwarmKey.generate(tmp_path / "other.key")
-    channel, service = stub(node.endpoint)
+    assert node.ready["tls"] is True
+    channel, service = stub(node.endpoint, key)
     x = torch.randn(4, HIDDEN)
     forward = pb.ForwardRequest(uid="ffn.0", inputs=[serialize(x)])
     backward = pb.BackwardRequest(uid="ffn.0", inputs=[serialize(x)], grad_outputs=[serialize(torch.ones(4, HIDDEN))])
@@ -105,6 +115,17 @@ def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, t
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         channel.close()
+    # without the key, not even a connection: plain text, or TLS trusting another swarm's CA
+    for outsider, _ in (
+        (grpc.insecure_channel(node.endpoint), None), stub(node.endpoint, other),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            pbg.ExpertServiceStub(outsider).Forward(forward, timeout=10, metadata=key.call_metadata(FORWARD))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        outsider.close()
+    channel, service = stub(node.endpoint, key)
+    assert expert_version_with(service, key) == version + 1
+    channel.close()
 
 
 def expert_version_with(service, key: SwarmKey) -> int:
@@ -114,8 +135,8 @@ def expert_version_with(service, key: SwarmKey) -> int:
 
 def test_members_train_through_it_and_outsiders_cannot_join(private, tmp_path):
     key_path, coordinator, node = private
-    channel, service = stub(node.endpoint)
     key = SwarmKey.load(key_path)
+    channel, service = stub(node.endpoint, key)
     with Swarm(SwarmConfig(initial_peers=coordinator.swarm, swarm_key=str(key_path), cache_ttl=60)) as swarm:
         wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 2, 30, "the node's experts")
         layer = RemoteMoE(swarm, prefix="ffn", grid=(2,), in_features=HIDDEN, k=2, k_min=2)

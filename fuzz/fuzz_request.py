@@ -1,0 +1,266 @@
+"""Coverage-guided fuzzing of a node's request path, in-process, with atheris (libFuzzer).
+
+Each fuzz input is one selector byte followed by a serialized request:
+
+- bit 0: the request is a ``BackwardRequest`` (set) or a ``ForwardRequest``;
+- bit 1: replace the request's uid by a hosted one, so that mutated requests keep reaching an expert;
+- bits 2-3: which hosted expert, when bit 1 is set.
+
+The rest takes the path ``ExpertService`` takes before it queues a request: ``_parse``, then
+``check_request`` and ``decode_request`` (``dmoe.node.service``); an accepted request then runs one
+forward on its expert. Backward is never run: it changes parameters. The experts are real
+``ExpertBackend`` objects on the CPU, with the limits of a default ``NodeConfig``: ``ffn.0`` and
+``ffn.1`` (feed-forward, inputs ``[tokens, 8]``) and ``attn.0`` (transformer block, ``[batch, seq, 8]``).
+
+An input may end in two ways only: accepted, or refused with ``RequestError`` and one of
+INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED and a message. Anything else is a crash that libFuzzer
+reports with the input saved as ``crash-<sha1>``: another exception or status code, decoded tensors
+that are not what the request declared, or forward outputs that differ from ``output_shapes``.
+At the end the script prints a table and writes a JSON report (inputs tried, accepted, refused per
+code, seconds, whether every expert parameter equals a copy taken before fuzzing); it exits with 3
+when a parameter changed. The report is written from a C ``on_exit`` handler, because libFuzzer ends
+the process with ``exit()`` and Python's own ``atexit`` handlers never run.
+
+Run:
+    python fuzz/fuzz_request.py --seconds 60 --json /tmp/fuzz.json
+    python fuzz/fuzz_request.py --runs 20000 -artifact_prefix=/tmp/crashes/ CORPUS_DIR
+    python fuzz/fuzz_request.py crash-<sha1>        # replay saved inputs
+Arguments the script does not know go to libFuzzer (flags like ``-dict=``, corpus directories: the
+first one given receives the new inputs). Seed requests (valid ones in every compression, and a few
+that each refusal code answers) are written to a temporary corpus directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import atheris
+import grpc
+import numpy as np
+import torch
+
+with atheris.instrument_imports(include=["dmoe", "hivemind.compression"]):
+    from dmoe.node.backend import ExpertBackend
+    from dmoe.node.config import NodeConfig
+    from dmoe.node.service import RequestError, _parse, check_request, decode_request
+    from dmoe.proto import expert_pb2 as pb
+    from dmoe.wire import DTYPES, dtype_name, serialize
+
+ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED)
+HIDDEN = 8
+MAX_LEN = 4096  # bytes per input: buffers stay small, the declared shapes do not
+LIBFUZZER_DEFAULTS = [f"-max_len={MAX_LEN}", "-rss_limit_mb=2048", "-timeout=60"]
+FFN = NodeConfig(experts=["ffn.[0:2]"], hidden_dim=HIDDEN, inner_dim=2 * HIDDEN, device="cpu")
+ATTN = NodeConfig(experts=["attn.[0:1]"], expert_cls="transformer", hidden_dim=HIDDEN, inner_dim=2 * HIDDEN,
+                  device="cpu")
+Snapshot = dict[str, dict[str, torch.Tensor]]
+_EXIT_HOOKS: list[ctypes._CFuncPtr] = []
+
+
+@dataclasses.dataclass(slots=True)
+class Report:
+    inputs: int = 0
+    accepted: int = 0
+    accepted_backward: int = 0  # decoded BackwardRequests (their forward ran, never their backward)
+    refused: Counter = dataclasses.field(default_factory=Counter)  # status code name -> inputs
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    crash: str | None = None  # traceback of the input that crashed the fuzzer
+
+
+def make_backends() -> dict[str, ExpertBackend]:
+    cpu = torch.device("cpu")
+    return {uid: ExpertBackend(uid, config, cpu) for config in (FFN, ATTN) for uid in config.uids}
+
+
+def snapshot(backends: dict[str, ExpertBackend]) -> Snapshot:
+    return {uid: {name: value.detach().clone() for name, value in b.module.state_dict().items()}
+            for uid, b in backends.items()}
+
+
+def unchanged(backends: dict[str, ExpertBackend], before: Snapshot) -> bool:
+    after = snapshot(backends)
+    return all(b.version == 0 and not b.optimizer.state for b in backends.values()) and all(
+        after[uid].keys() == tensors.keys() and all(torch.equal(after[uid][k], v) for k, v in tensors.items())
+        for uid, tensors in before.items())
+
+
+class Target:
+    """The function libFuzzer calls, the experts it drives and what it has seen so far."""
+
+    def __init__(self, backends: dict[str, ExpertBackend]):
+        self.backends, self.uids = backends, sorted(backends)
+        self.report = Report()
+
+    def __call__(self, data: bytes) -> None:
+        self.report.inputs += 1
+        try:
+            backward = self.run(data)
+        except RequestError as e:
+            if e.code not in ALLOWED or not e.message:
+                self.report.crash = f"RequestError {e.code.name}: {e.message!r}"
+                raise
+            self.report.refused[e.code.name] += 1
+        except BaseException:
+            self.report.crash = traceback.format_exc()
+            raise
+        else:
+            self.report.accepted += 1
+            self.report.accepted_backward += backward
+
+    def run(self, data: bytes) -> bool:
+        selector, payload = (data[0], data[1:]) if data else (0, b"")
+        backward = bool(selector & 1)
+        request = _parse(pb.BackwardRequest if backward else pb.ForwardRequest, payload)
+        if selector & 2:
+            request.uid = self.uids[(selector >> 2) % len(self.uids)]
+        backend, rows, num_tokens = check_request(self.backends, request, backward=backward,
+                                                  max_batch_tokens=FFN.max_batch_tokens)
+        inputs, grads = decode_request(backend, request, backward=backward,
+                                       max_input_abs=FFN.max_input_abs, max_grad_abs=FFN.max_grad_abs)
+        # accepted: what was decoded must be what was declared, and what check_request promised
+        assert 0 < num_tokens <= FFN.max_batch_tokens and len(inputs) == len(backend.input_schema)
+        shapes = [tuple(t.shape) for t in request.inputs]
+        _expect_decoded(inputs, request.inputs, backend.max_numel)
+        assert all(t.shape[0] == rows for t in inputs), (rows, shapes)
+        assert (grads is not None) == backward
+        if grads is not None:
+            _expect_decoded(grads, request.grad_outputs, backend.max_numel)
+        outputs = backend.forward(inputs)
+        got = [(tuple(o.shape), dtype_name(o.dtype)) for o in outputs]
+        assert got == backend.output_shapes(shapes), (got, shapes)
+        return backward
+
+
+def _expect_decoded(tensors: list[torch.Tensor], messages: Sequence[pb.Tensor], max_numel: int) -> None:
+    assert len(tensors) == len(messages)
+    for tensor, message in zip(tensors, messages):
+        assert tuple(tensor.shape) == tuple(message.shape), (tensor.shape, list(message.shape))
+        assert tensor.dtype == DTYPES[message.dtype] and tensor.numel() <= max_numel
+
+
+def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
+    """Valid requests for every expert in every compression, then one for each refusal code."""
+    uids = sorted(backends)
+    generator = torch.Generator().manual_seed(0)
+    found: list[bytes] = []
+    for index, (uid, backend) in enumerate(sorted(backends.items())):
+        shape = [2, 3, HIDDEN] if len(backend.input_schema[0].shape) == 3 else [3, HIDDEN]
+        x = torch.randn(shape, generator=generator)
+        grad = torch.randn(backend.output_shapes([tuple(shape)])[0][0], generator=generator)
+        for compression in (pb.NONE, pb.FLOAT16, pb.UNIFORM_8BIT):
+            inputs = [serialize(x, compression)]
+            forward = pb.ForwardRequest(uid=uid, inputs=inputs, reply_compression=compression)
+            backward = pb.BackwardRequest(uid=uid, inputs=inputs, grad_outputs=[serialize(grad, compression)])
+            found += [b"\x00" + forward.SerializeToString(), b"\x01" + backward.SerializeToString()]
+            forward.uid = backward.uid = ""
+            forced = 2 | uids.index(uid) << 2
+            found += [bytes([forced]) + forward.SerializeToString(), bytes([forced | 1]) + backward.SerializeToString()]
+    good = serialize(torch.zeros(2, HIDDEN))
+    nan = pb.Tensor(shape=[1, HIDDEN], dtype="float32", buffer=np.full(HIDDEN, np.nan, np.float32).tobytes())
+    refused = [
+        pb.ForwardRequest(uid="ffn.99", inputs=[good]),  # NOT_FOUND
+        pb.ForwardRequest(uid="ffn.0", inputs=[pb.Tensor(shape=[1 << 20, HIDDEN], dtype="float32")]),  # EXHAUSTED
+        pb.ForwardRequest(uid="ffn.0", inputs=[nan]),  # INVALID_ARGUMENT from the values
+        pb.ForwardRequest(uid="ffn.0", inputs=[good], reply_compression=7),  # INVALID_ARGUMENT from the schema
+    ]
+    return found + [b"\x00" + r.SerializeToString() for r in refused] + [b"\x01\xff\xff"]  # undecodable
+
+
+def print_table(summary: dict) -> None:
+    rows = [("inputs tried", summary["inputs"]), ("accepted", summary["accepted"]),
+            ("  of them Backward", summary["accepted_backward"])]
+    rows += [(f"refused {code}", summary["refused"].get(code, 0)) for code in (c.name for c in ALLOWED)]
+    rows += [("seconds", f"{summary['seconds']:.1f}"), ("inputs/s", f"{summary['inputs_per_s']:.0f}"),
+             ("parameters unchanged", "yes" if summary["parameters_unchanged"] else "NO")]
+    if summary["crash"]:
+        rows.append(("crash", summary["crash"].strip().splitlines()[-1]))
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows), flush=True)
+
+
+def install_exit_report(write: Callable[[], None]) -> None:
+    """Call write() once when the process exits: libFuzzer ends with exit(), which skips Python's
+    atexit, so the hook is registered with the C library too (on_exit on glibc)."""
+    done = False
+
+    def once(*_) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            write()
+
+    hook = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p)(once)
+    _EXIT_HOOKS.append(hook)  # the C library holds a pointer to it until exit
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "on_exit"):
+        libc.on_exit(hook, None)
+    atexit.register(once)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="other arguments are passed to libFuzzer")
+    stop = parser.add_mutually_exclusive_group()
+    stop.add_argument("--runs", type=int, help="stop after this many inputs (libFuzzer -runs)")
+    stop.add_argument("--seconds", type=float, help="stop after this many seconds (default 60; -max_total_time)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args, extra = parser.parse_known_args(argv[1:])
+    torch.set_num_threads(1)
+    backends = make_backends()
+    before = snapshot(backends)
+    target = Target(backends)
+
+    positional = [a for a in extra if not a.startswith("-")]
+    replay = bool(positional) and all(os.path.isfile(p) for p in positional)
+    corpus = tempfile.mkdtemp(prefix="dmoe-fuzz-seeds-")
+    if not replay:
+        for i, seed in enumerate(seeds(backends)):
+            Path(corpus, f"seed-{i:03d}").write_bytes(seed)
+    flags = [*LIBFUZZER_DEFAULTS]
+    if args.runs is not None:
+        flags.append(f"-runs={args.runs}")
+    elif not replay:
+        flags.append(f"-max_total_time={max(1, round(args.seconds if args.seconds is not None else 60))}")
+    libfuzzer_args = [*flags, *extra] + ([] if replay else [corpus])
+
+    def write() -> None:
+        seconds = time.monotonic() - target.report.started
+        report = target.report
+        summary = {
+            "inputs": report.inputs, "accepted": report.accepted, "accepted_backward": report.accepted_backward,
+            "refused": dict(report.refused), "seconds": round(seconds, 3),
+            "inputs_per_s": report.inputs / seconds if seconds > 0 else 0.0,
+            "parameters_unchanged": unchanged(backends, before), "experts": sorted(backends),
+            "crash": report.crash, "libfuzzer_args": libfuzzer_args,
+        }
+        shutil.rmtree(corpus, ignore_errors=True)
+        print_table(summary)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        sys.stdout.flush()
+        if not summary["parameters_unchanged"]:
+            print("expert parameters changed while fuzzing", file=sys.stderr, flush=True)
+            os._exit(3)
+
+    install_exit_report(write)
+    atheris.Setup([argv[0], *libfuzzer_args], target)
+    target.report.started = time.monotonic()
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

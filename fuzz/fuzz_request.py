@@ -52,7 +52,7 @@ import grpc
 import numpy as np
 import torch
 
-with atheris.instrument_imports(include=["dmoe", "hivemind.compression"]):
+with atheris.instrument_imports(include=["dmoe"]):
     from dmoe.node.backend import ExpertBackend
     from dmoe.node.config import NodeConfig
     from dmoe.node.service import RequestError, _parse, check_request, decode_request
@@ -72,10 +72,12 @@ _EXIT_HOOKS: list[ctypes._CFuncPtr] = []
 
 @dataclasses.dataclass(slots=True)
 class Report:
+    """What the fuzzer has seen so far."""
+
     inputs: int = 0
     accepted: int = 0
     accepted_backward: int = 0  # decoded BackwardRequests (their forward ran, never their backward)
-    refused: Counter = dataclasses.field(default_factory=Counter)  # status code name -> inputs
+    refused: Counter[str] = dataclasses.field(default_factory=Counter)  # status code name -> inputs
     started: float = dataclasses.field(default_factory=time.monotonic)
     crash: str | None = None  # traceback of the input that crashed the fuzzer
 
@@ -131,24 +133,32 @@ class Target:
         inputs, grads = decode_request(backend, request, backward=backward,
                                        max_input_abs=FFN.max_input_abs, max_grad_abs=FFN.max_grad_abs)
         # accepted: what was decoded must be what was declared, and what check_request promised
-        assert 0 < num_tokens <= FFN.max_batch_tokens and len(inputs) == len(backend.input_schema)
         shapes = [tuple(t.shape) for t in request.inputs]
-        _expect_decoded(inputs, request.inputs, backend.max_numel)
-        assert all(t.shape[0] == rows for t in inputs), (rows, shapes)
-        assert (grads is not None) == backward
+        expect(0 < num_tokens <= FFN.max_batch_tokens, f"{num_tokens} tokens passed check_request")
+        expect(len(inputs) == len(backend.input_schema), f"{len(inputs)} inputs passed check_request")
+        expect_decoded(inputs, request.inputs, backend.max_numel)
+        expect(all(t.shape[0] == rows for t in inputs), f"inputs of {shapes} do not all have {rows} rows")
+        expect((grads is not None) == backward, "grad_outputs decoded for Forward, or missing for Backward")
         if grads is not None:
-            _expect_decoded(grads, request.grad_outputs, backend.max_numel)
+            expect_decoded(grads, request.grad_outputs, backend.max_numel)
         outputs = backend.forward(inputs)
         got = [(tuple(o.shape), dtype_name(o.dtype)) for o in outputs]
-        assert got == backend.output_shapes(shapes), (got, shapes)
+        expect(got == backend.output_shapes(shapes), f"outputs {got} for inputs {shapes}, not output_shapes")
         return backward
 
 
-def _expect_decoded(tensors: list[torch.Tensor], messages: Sequence[pb.Tensor], max_numel: int) -> None:
-    assert len(tensors) == len(messages)
+def expect(condition: bool, message: str) -> None:
+    """An oracle (not an assert, so that python -O keeps it)."""
+    if not condition:
+        raise AssertionError(message)
+
+
+def expect_decoded(tensors: list[torch.Tensor], messages: Sequence[pb.Tensor], max_numel: int) -> None:
+    expect(len(tensors) == len(messages), f"{len(messages)} tensors decoded to {len(tensors)}")
     for tensor, message in zip(tensors, messages):
-        assert tuple(tensor.shape) == tuple(message.shape), (tensor.shape, list(message.shape))
-        assert tensor.dtype == DTYPES[message.dtype] and tensor.numel() <= max_numel
+        expect(tuple(tensor.shape) == tuple(message.shape) and tensor.dtype == DTYPES[message.dtype],
+               f"{list(message.shape)} x {message.dtype} decoded to {list(tensor.shape)} x {tensor.dtype}")
+        expect(tensor.numel() <= max_numel, f"{tensor.numel()} elements decoded, above max_numel {max_numel}")
 
 
 def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
@@ -156,7 +166,7 @@ def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
     uids = sorted(backends)
     generator = torch.Generator().manual_seed(0)
     found: list[bytes] = []
-    for index, (uid, backend) in enumerate(sorted(backends.items())):
+    for uid, backend in sorted(backends.items()):
         shape = [2, 3, HIDDEN] if len(backend.input_schema[0].shape) == 3 else [3, HIDDEN]
         x = torch.randn(shape, generator=generator)
         grad = torch.randn(backend.output_shapes([tuple(shape)])[0][0], generator=generator)
@@ -167,16 +177,19 @@ def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
             found += [b"\x00" + forward.SerializeToString(), b"\x01" + backward.SerializeToString()]
             forward.uid = backward.uid = ""
             forced = 2 | uids.index(uid) << 2
-            found += [bytes([forced]) + forward.SerializeToString(), bytes([forced | 1]) + backward.SerializeToString()]
+            found += [bytes([forced]) + forward.SerializeToString(),
+                      bytes([forced | 1]) + backward.SerializeToString()]
     good = serialize(torch.zeros(2, HIDDEN))
     nan = pb.Tensor(shape=[1, HIDDEN], dtype="float32", buffer=np.full(HIDDEN, np.nan, np.float32).tobytes())
+    too_many = pb.Tensor(shape=[1 << 20, HIDDEN], dtype="float32")
     refused = [
         pb.ForwardRequest(uid="ffn.99", inputs=[good]),  # NOT_FOUND
-        pb.ForwardRequest(uid="ffn.0", inputs=[pb.Tensor(shape=[1 << 20, HIDDEN], dtype="float32")]),  # EXHAUSTED
-        pb.ForwardRequest(uid="ffn.0", inputs=[nan]),  # INVALID_ARGUMENT from the values
-        pb.ForwardRequest(uid="ffn.0", inputs=[good], reply_compression=7),  # INVALID_ARGUMENT from the schema
+        pb.ForwardRequest(uid="ffn.0", inputs=[too_many]),  # RESOURCE_EXHAUSTED
+        pb.ForwardRequest(uid="ffn.0", inputs=[nan]),  # INVALID_ARGUMENT: the values
+        pb.ForwardRequest(uid="ffn.0", inputs=[good], reply_compression=7),  # INVALID_ARGUMENT: the schema
     ]
-    return found + [b"\x00" + r.SerializeToString() for r in refused] + [b"\x01\xff\xff"]  # undecodable
+    undecodable = b"\x01\xff\xff"
+    return found + [b"\x00" + r.SerializeToString() for r in refused] + [undecodable]
 
 
 def print_table(summary: dict) -> None:
@@ -215,7 +228,8 @@ def main(argv: list[str]) -> None:
                                      epilog="other arguments are passed to libFuzzer")
     stop = parser.add_mutually_exclusive_group()
     stop.add_argument("--runs", type=int, help="stop after this many inputs (libFuzzer -runs)")
-    stop.add_argument("--seconds", type=float, help="stop after this many seconds (default 60; -max_total_time)")
+    stop.add_argument("--seconds", type=float,
+                      help="stop after this many seconds (default 60; libFuzzer -max_total_time)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args, extra = parser.parse_known_args(argv[1:])
     torch.set_num_threads(1)
@@ -240,7 +254,8 @@ def main(argv: list[str]) -> None:
         seconds = time.monotonic() - target.report.started
         report = target.report
         summary = {
-            "inputs": report.inputs, "accepted": report.accepted, "accepted_backward": report.accepted_backward,
+            "inputs": report.inputs, "accepted": report.accepted,
+            "accepted_backward": report.accepted_backward,
             "refused": dict(report.refused), "seconds": round(seconds, 3),
             "inputs_per_s": report.inputs / seconds if seconds > 0 else 0.0,
             "parameters_unchanged": unchanged(backends, before), "experts": sorted(backends),

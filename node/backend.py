@@ -53,8 +53,14 @@ class ExpertBackend:
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
         self.lock = threading.Lock()  # held while parameters change or the module runs off the runtime thread
         self._output_shapes: collections.OrderedDict[tuple, list[Shape]] = collections.OrderedDict()
-        probe = self._probe([tuple(t.shape[1:]) for t in sample_inputs(self.input_schema)])
-        self.output_schema = [TensorSpec((FREE, *shape), dtype) for shape, dtype in probe]
+        # probes with free dimensions of two sizes: an output dimension that follows them is free too
+        small, large = (self._probe([tuple(t.shape[1:]) for t in sample_inputs(self.input_schema, free_size=size)])
+                        for size in (3, 5))
+        self.output_schema = [
+            TensorSpec((FREE, *(a if len(sa) != len(sb) or a == b else FREE for a, b in zip(sa, sb))), dtype)
+            for (sa, dtype), (sb, _) in zip(small, large)
+        ]
+        self._shape_preserving = self._preserves_free_dims()
         # elements one request may decode: every tensor has at most max_batch_tokens tokens
         token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
         self.max_numel = config.max_batch_tokens * token_width
@@ -110,8 +116,28 @@ class ExpertBackend:
                 raise ValueError(f"{what}[{i}] of {self.uid} holds {largest:.3g}, above this node's bound of "
                                  f"{max_abs:g} (max_{'grad' if what == 'grad_outputs' else 'input'}_abs)")
 
+    def _preserves_free_dims(self) -> bool:
+        """True if the expert has one input and one output of the same rank whose free dimensions
+        are the input's (ffn, transformer): checked with probes of two sizes. Then output shapes
+        follow from input shapes with no forward pass, so a request cannot make the node compute
+        before it is accepted."""
+        if len(self.input_schema) != 1 or len(self.output_schema) != 1:
+            return False
+        spec_in, spec_out = self.input_schema[0].shape, self.output_schema[0].shape
+        if len(spec_in) != len(spec_out) or any((a == FREE) != (b == FREE) for a, b in zip(spec_in, spec_out)):
+            return False
+        for size in (3, 5):
+            trailing = tuple(size if d == FREE else d for d in spec_in[1:])
+            if self._probe([trailing])[0][0] != tuple(size if d == FREE else d for d in spec_out[1:]):
+                return False
+        return True
+
     def output_shapes(self, input_shapes: Sequence[Shape]) -> list[tuple[Shape, str]]:
-        """(shape, dtype) of each output for inputs of these shapes, from a cached one-row probe."""
+        """(shape, dtype) of each output for inputs of these shapes: from the schema when the expert
+        preserves free dimensions, else from a cached one-row probe."""
+        if self._shape_preserving:
+            (shape,), (spec,) = input_shapes, self.output_schema
+            return [(tuple(s if d == FREE else d for s, d in zip(shape, spec.shape)), spec.dtype)]
         trailing = [tuple(shape[1:]) for shape in input_shapes]
         per_row = self._probe(trailing)
         return [((input_shapes[0][0], *shape), dtype) for shape, dtype in per_row]

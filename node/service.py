@@ -73,9 +73,9 @@ class ExpertServicer:
                 fn, request_deserializer=None, response_serializer=response_cls.SerializeToString
             )
 
-        def stream(fn):
+        def stream(fn):  # chunks arrive as bytes too, parsed by _join: garbage gets INVALID_ARGUMENT, not UNKNOWN
             return grpc.stream_stream_rpc_method_handler(
-                fn, request_deserializer=pb.Chunk.FromString, response_serializer=pb.Chunk.SerializeToString
+                fn, request_deserializer=None, response_serializer=pb.Chunk.SerializeToString
             )
 
         return grpc.method_handlers_generic_handler(
@@ -101,13 +101,13 @@ class ExpertServicer:
                                   lambda: self._run(_parse(pb.BackwardRequest, data), backward=True))
 
     async def forward_stream(
-        self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
+        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Chunk]:
         async for chunk in self._stream(chunks, context, backward=False):  # grpc wants an async generator here
             yield chunk
 
     async def backward_stream(
-        self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext
+        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Chunk]:
         async for chunk in self._stream(chunks, context, backward=True):  # grpc wants an async generator here
             yield chunk
@@ -141,7 +141,7 @@ class ExpertServicer:
             self.guard.release(peer)
 
     async def _stream(
-        self, chunks: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext, *, backward: bool
+        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext, *, backward: bool
     ) -> AsyncIterator[pb.Chunk]:
         async def handle() -> Message:
             data = await self._join(chunks)
@@ -152,7 +152,7 @@ class ExpertServicer:
         for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
             yield chunk
 
-    async def _join(self, chunks: AsyncIterator[pb.Chunk]) -> bytes:
+    async def _join(self, messages: AsyncIterator[bytes]) -> bytes:
         """Join a request stream within max_request_bytes, and within the node-wide budget of bytes
         held by streams being received (max_inflight_bytes), so many streams cannot exhaust memory."""
         held = 0
@@ -165,8 +165,12 @@ class ExpertServicer:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    "node is receiving too much data at once; retry later")
 
+        async def chunks() -> AsyncIterator[pb.Chunk]:
+            async for data in messages:
+                yield _parse(pb.Chunk, data)
+
         try:
-            return await join_chunks(chunks, max_bytes=self.max_request_bytes, on_chunk=hold)
+            return await join_chunks(chunks(), max_bytes=self.max_request_bytes, on_chunk=hold)
         except MessageTooLarge:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"streamed request exceeds {self.max_request_bytes} bytes") from None
@@ -223,9 +227,6 @@ def check_request(backends: Mapping[str, ExpertBackend], request: pb.ForwardRequ
         if num_tokens > max_batch_tokens:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"request of {num_tokens} tokens exceeds this node's limit of {max_batch_tokens}; split it")
-        if backward:
-            backend.check_grad_request(shapes, [tuple(t.shape) for t in request.grad_outputs],
-                                       [t.dtype for t in request.grad_outputs])
     except ValueError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
     return backend, rows, num_tokens
@@ -234,8 +235,14 @@ def check_request(backends: Mapping[str, ExpertBackend], request: pb.ForwardRequ
 def decode_request(backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool,
                    max_input_abs: float, max_grad_abs: float) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Decoded inputs (and grad_outputs), finite and within the node's bounds, else RequestError
-    (INVALID_ARGUMENT). Runs off the event loop; check_request has passed already."""
+    (INVALID_ARGUMENT). Runs off the event loop; check_request has passed already. The shapes of
+    grad_outputs are checked here, since for an expert whose output shapes do not follow from its
+    schema that takes a probe (a forward pass of one row)."""
     try:
+        if backward:
+            backend.check_grad_request([tuple(t.shape) for t in request.inputs],
+                                       [tuple(t.shape) for t in request.grad_outputs],
+                                       [t.dtype for t in request.grad_outputs])
         inputs = [deserialize(t, max_numel=backend.max_numel) for t in request.inputs]
         backend.check_values(inputs, "inputs", max_input_abs)
         if not backward:

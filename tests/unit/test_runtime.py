@@ -98,3 +98,44 @@ def test_tokens_count_every_position():
     ffn = backend("ffn.0")
     assert ffn.check_request([(5, HIDDEN)], ["float32"], ffn.input_schema, "inputs") == (5, 5)
     assert ffn.max_numel == 4096 * HIDDEN  # max_batch_tokens x the widest input or output per token
+
+
+@pytest.mark.parametrize("expert_cls", ["ffn", "transformer"])
+def test_checking_a_gradient_request_runs_no_forward_pass_for_shape_preserving_experts(expert_cls):
+    """A request that declares a long sequence and carries no data must cost nothing to refuse:
+    the output shapes of built-in experts follow from the schema, with no probe."""
+    b = backend("e.0", expert_cls)
+    calls = []
+    b.module.register_forward_hook(lambda *args: calls.append(1))
+    shape = (1, 4096, HIDDEN) if expert_cls == "transformer" else (4096, HIDDEN)
+    b.check_grad_request([shape], [shape], ["float32"])
+    with pytest.raises(ValueError, match="must have shape"):
+        b.check_grad_request([shape], [(1,)], ["float32"])
+    assert calls == [] and b.output_shapes([shape]) == [(shape, "float32")]
+
+
+def test_an_expert_that_changes_free_dimensions_is_probed():
+    class Halve(torch.nn.Module):
+        def __init__(self, hidden_dim: int):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(hidden_dim))
+
+        def forward(self, x):  # [B, S, D] -> [B, S // 2 + 1, D]
+            return x[:, ::2] * self.scale
+
+        @staticmethod
+        def input_schema(hidden_dim: int):
+            from dmoe.experts import FREE, TensorSpec
+
+            return [TensorSpec((FREE, FREE, hidden_dim))]
+
+    import sys
+    import types
+
+    sys.modules["halve_for_tests"] = types.SimpleNamespace(Halve=Halve)
+    try:
+        b = backend("e.0", "halve_for_tests:Halve")
+    finally:
+        del sys.modules["halve_for_tests"]
+    assert not b._shape_preserving
+    assert b.output_shapes([(2, 9, HIDDEN)]) == [((2, 5, HIDDEN), "float32")]

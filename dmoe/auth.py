@@ -95,15 +95,39 @@ def fullmethod(service: str, method: str) -> str:
     return f"/{service}/{method}"
 
 
+class _Nonces:
+    """Nonces of accepted tokens, each kept until its token is too old to pass the time check
+    anyway; forgetting costs O(1) per nonce (a queue in order of acceptance)."""
+
+    def __init__(self):
+        self._seen: dict[str | bytes, float] = {}
+        self._expiry: collections.deque[tuple[float, str | bytes]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, nonce: str | bytes, forget_at: float, now: float) -> bool:
+        """Remember ``nonce``; False if it is remembered already (a replay)."""
+        with self._lock:
+            while self._expiry and self._expiry[0][0] < now:
+                _, old = self._expiry.popleft()
+                if self._seen.get(old, now + 1) <= now:
+                    del self._seen[old]
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = forget_at
+            self._expiry.append((forget_at, nonce))
+            return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
 class CallVerifier:
     """Checks the ``dmoe-auth`` token of incoming calls; remembers the tokens it accepted while
     they are fresh, so that a captured token cannot be used twice."""
 
     def __init__(self, key: SwarmKey, max_skew: float = MAX_CLOCK_SKEW):
         self.key, self.max_skew = key, max_skew
-        self._seen: dict[str, float] = {}  # nonce -> time after which it may be forgotten
-        self._expiry: collections.deque[tuple[float, str]] = collections.deque()
-        self._lock = threading.Lock()
+        self._seen = _Nonces()
 
     def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
         """None if the call is authentic, else why not (for the UNAUTHENTICATED status)."""
@@ -124,15 +148,9 @@ class CallVerifier:
         now = time.time()
         if abs(now - sent) > self.max_skew:
             return f"token time is {now - sent:+.0f}s off this node's clock (more than {self.max_skew:.0f}s): sync clocks"
-        with self._lock:
-            while self._expiry and self._expiry[0][0] < now:
-                _, old = self._expiry.popleft()
-                self._seen.pop(old, None)
-            if nonce in self._seen:
-                return "token already used (a replayed call)"
-            forget_at = sent + 2 * self.max_skew
-            self._seen[nonce] = forget_at
-            self._expiry.append((forget_at, nonce))
+        # a token passes the time check until sent + max_skew; its nonce is kept a little longer
+        if not self._seen.add(nonce, max(sent, now) + self.max_skew + 1, now):
+            return "token already used (a replayed call)"
         return None
 
 
@@ -141,8 +159,7 @@ class DHTAuthorizer(AuthorizerBase):
 
     def __init__(self, key: SwarmKey, max_skew: float = MAX_CLOCK_SKEW):
         self.key, self.max_skew = key, max_skew
-        self._seen: dict[bytes, float] = {}
-        self._lock = threading.Lock()
+        self._seen = _Nonces()
 
     async def sign_request(self, request: AuthorizedRequestBase, service_public_key=None) -> None:
         auth = request.auth
@@ -162,13 +179,7 @@ class DHTAuthorizer(AuthorizerBase):
         now = time.time()
         if abs(now - auth.time) > self.max_skew:
             return False
-        with self._lock:
-            if len(self._seen) > 100_000 or (self._seen and next(iter(self._seen.values())) < now):
-                self._seen = {n: t for n, t in self._seen.items() if t >= now}
-            if auth.nonce in self._seen:
-                return False
-            self._seen[auth.nonce] = auth.time + 2 * self.max_skew
-        return True
+        return self._seen.add(auth.nonce, max(auth.time, now) + self.max_skew + 1, now)
 
     async def sign_response(self, response: AuthorizedResponseBase, request: AuthorizedRequestBase) -> None:
         auth = response.auth

@@ -48,9 +48,8 @@ DEFAULT_MAX_UNARY_BYTES = 4 << 20  # gRPC's default message limit, for records t
 STREAM_CHUNK_BYTES = 1 << 20
 ENVELOPE_BYTES = 64 << 10  # room for the fields around the tensor buffers in a reply
 SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
-# statuses a node that works as it says never answers to a well-formed request for a uid it announced
-_MISBEHAVIOUR_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-                                 grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS})
+# statuses a node that works as it says never answers to a request for a uid it announced
+_MISBEHAVIOUR_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS})
 
 
 class Late(Exception):
@@ -61,12 +60,20 @@ class LocalInputError(ValueError):
     """This client's own inputs or gradients are not finite: nothing was sent."""
 
 
+class Disagreement(Exception):
+    """A node refused as malformed (INVALID_ARGUMENT) a request that other nodes accepted in the
+    same step: it does not take the schema its record claims."""
+
+
 def is_misbehaviour(error: BaseException) -> bool:
     """True for what only a broken or hostile peer does: a malformed, mis-shaped, non-finite or
-    absurd reply (ValueError, WireError), or a refusal of a well-formed request for a uid it
-    announced. Deadlines, lost connections and load shedding are ordinary failures."""
+    absurd reply (ValueError, WireError); NOT_FOUND for a uid it announced; or a Disagreement.
+    Deadlines, lost connections, load shedding, OUT_OF_RANGE (this client's values above the node's
+    bounds) and an INVALID_ARGUMENT that every node gave (this client's request, then) are ordinary."""
     if isinstance(error, LocalInputError):
         return False
+    if isinstance(error, Disagreement):
+        return True
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         return error.code() in _MISBEHAVIOUR_CODES
     return isinstance(error, ValueError)
@@ -165,6 +172,7 @@ class Dispatcher:
         answered_T = torch.zeros(num_tokens, dtype=torch.long)
         results: dict[int, torch.Tensor] = {}
         pending, quorum_at, satisfied = set(tasks), None, False
+        refused: list[tuple[ExpertCall, BaseException]] = []  # INVALID_ARGUMENT: judged once all are in
         while pending:
             now = time.monotonic()
             deadline = started + forward_timeout
@@ -181,7 +189,10 @@ class Dispatcher:
                     results[index] = task.result()
                 except Exception as e:  # whatever went wrong, it is that expert's failure, not the step's
                     _log_failure("forward", call, e)
-                    on_result(call, e)
+                    if _is_refusal(e):
+                        refused.append((call, e))
+                    else:
+                        on_result(call, e)
                     continue
                 on_result(call, None)
                 answered_T[call.token_ids] += 1
@@ -193,7 +204,8 @@ class Dispatcher:
         for task in pending:  # late: dropped, and counted as a failure of its endpoint (unless hedged away)
             task.cancel()
             if not satisfied:
-                on_result(calls[tasks[task]], Late(f"no answer within the forward's deadline"))
+                on_result(calls[tasks[task]], Late("no answer within the forward's deadline"))
+        _judge(refused, bool(results), on_result)
         return results, (len(pending) if satisfied else 0)
 
     # ---- backward -----------------------------------------------------------------------------
@@ -257,16 +269,33 @@ class Dispatcher:
         replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True) for c in calls),
                                        return_exceptions=True)
         results = {}
+        refused: list[tuple[ExpertCall, BaseException]] = []
         for index, (call, reply) in enumerate(zip(calls, replies)):
             if isinstance(reply, Exception):
                 _log_failure("backward", call, reply)
-                on_result(call, reply)
+                if _is_refusal(reply):
+                    refused.append((call, reply))
+                else:
+                    on_result(call, reply)
             elif isinstance(reply, BaseException):
                 raise reply
             else:
                 on_result(call, None)
                 results[index] = reply
+        _judge(refused, bool(results), on_result)
         return results
+
+
+def _is_refusal(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and hasattr(error, "code") and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _judge(refused: list[tuple[ExpertCall, BaseException]], others_accepted: bool,
+           on_result: Callable[[ExpertCall, BaseException | None], None]) -> None:
+    """Report the INVALID_ARGUMENT refusals of one step: a disagreement with the nodes that accepted
+    the same inputs, or, if none did, an ordinary failure (the request may be this client's fault)."""
+    for call, error in refused:
+        on_result(call, Disagreement(f"refused what other nodes accepted: {error}") if others_accepted else error)
 
 
 def _serialize(message: Any) -> bytes:
@@ -283,10 +312,13 @@ async def _parsed_chunks(replies: AsyncIterator[bytes]) -> AsyncIterator[pb.Chun
 
 def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
     """An error status, a deadline or a bad reply is a peer's expected failure (debug); anything else
-    (a broken connection's OSError, a bug) is logged louder, and is still only that expert's failure."""
-    expected = isinstance(error, (grpc.RpcError, ValueError))
-    logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s", what, call.uid,
-               call.endpoint, type(error).__name__, error)
+    (a broken connection's OSError, a bug) is logged louder, and is still only that expert's failure.
+    UNAUTHENTICATED is loud too: it is almost always this client's key or clock."""
+    code = error.code() if isinstance(error, grpc.RpcError) and hasattr(error, "code") else None
+    expected = isinstance(error, (grpc.RpcError, ValueError)) and code != grpc.StatusCode.UNAUTHENTICATED
+    hint = " (is this client's --swarm-key the swarm's, and its clock right?)" if code == grpc.StatusCode.UNAUTHENTICATED else ""
+    logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s%s", what, call.uid,
+               call.endpoint, type(error).__name__, error, hint)
 
 
 def _checked(tensors, like: torch.Tensor, max_abs: float = float("inf")) -> torch.Tensor:

@@ -9,9 +9,11 @@ Failures reported while the endpoint is banned (the other calls of one step, in 
 failed) do not lengthen the ban: a node that fails once per try is avoided 1, 2, 4 ... seconds.
 
 A failure that only a broken or hostile peer causes (see :func:`dmoe.dispatch.is_misbehaviour`: a
-reply of the wrong shape, NaN or absurd values, an undecodable reply; or the node saying it does
-not host the uid its record names, or refusing a well-formed request) puts that expert at that
-endpoint in quarantine for ``quarantine_time``, at once: a peer that lies is not retried in seconds.
+reply of the wrong shape, NaN or absurd values, an undecodable reply; or the node refusing as
+malformed inputs that other nodes accepted) puts that expert at that endpoint in quarantine for
+``quarantine_time``, at once: a peer that lies is not retried in seconds. A node that says it does
+not host the uid its record names is avoided for ``ban_max`` only: its record may merely be stale
+(a node restarted with other experts on the same address).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import threading
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, ClassVar
+
+import grpc
 
 from dmoe.config import option
 from dmoe.auth import DHTAuthorizer, load_key
@@ -46,7 +50,7 @@ class SwarmConfig:
     ban_max: float = option(60.0, "longest time a failing endpoint is avoided")
     quarantine_time: float = option(600.0, "seconds an expert that answered malformed, non-finite or absurd "
                                            "values (or denied hosting its uid) is avoided")
-    max_reply_abs: float = option(1e4, "largest magnitude accepted in an expert's reply (outputs or input "
+    max_reply_abs: float = option(1e6, "largest magnitude accepted in an expert's reply (outputs or input "
                                        "gradients); larger counts as that expert's failure")
     event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
     swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
@@ -146,18 +150,20 @@ class Swarm:
         if error is None:
             self.report_success(endpoint)
         elif is_misbehaviour(error):
-            self.quarantine(endpoint, uid, error)
+            not_found = getattr(error, "code", None) is not None and callable(error.code) and \
+                error.code() == grpc.StatusCode.NOT_FOUND
+            self.quarantine(endpoint, uid, error, self.config.ban_max if not_found else None)
         else:
             self.report_failure(endpoint)
 
-    def quarantine(self, endpoint: str, uid: str, why: BaseException | str) -> None:
+    def quarantine(self, endpoint: str, uid: str, why: BaseException | str, seconds: float | None = None) -> None:
+        seconds = self.config.quarantine_time if seconds is None else seconds
         with self._lock:
-            self._quarantine[(endpoint, uid)] = time.monotonic() + self.config.quarantine_time
+            self._quarantine[(endpoint, uid)] = time.monotonic() + seconds
             if len(self._quarantine) > 100_000:  # forget the ones that ended
                 now = time.monotonic()
                 self._quarantine = {k: t for k, t in self._quarantine.items() if t > now}
-        logger.warning("%s at %s misbehaved (%s); avoiding it for %.0fs", uid, endpoint, _describe(why),
-                       self.config.quarantine_time)
+        logger.warning("%s at %s misbehaved (%s); avoiding it for %.0fs", uid, endpoint, _describe(why), seconds)
 
     def quarantined(self, endpoint: str, uid: str) -> bool:
         with self._lock:

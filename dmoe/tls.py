@@ -3,9 +3,11 @@
 Every member derives the same certificate authority from the swarm key: its ECDSA P-256 private key
 is an HMAC of the key, so no one has to run a CA or hand out certificates. A node makes a fresh
 key pair at each start and signs its own certificate (for the name ``dmoe-node``) with that CA;
-a client trusts only that CA and checks the name. So calls are encrypted, and only a holder of the
-swarm key can serve them: an outsider can neither read the traffic nor stand in for a node.
-The HMAC token of :mod:`dmoe.auth` still authenticates each call inside the TLS session.
+a client does the same for a client certificate. Both sides trust only that CA (mutual TLS), and
+the client checks the name. So calls are encrypted, only a holder of the swarm key can serve
+them, and an outsider cannot complete a connection at all: it cannot hold a node's call slots
+or make it read a request. The HMAC token of :mod:`dmoe.auth` still authenticates each call
+inside the TLS session (and alone, with ``--no-tls``).
 
 Why derived and not issued: the swarm key is the one secret members already share; an issued CA
 would be a second secret to distribute and a server to keep up, for no protection the key does
@@ -51,8 +53,9 @@ def ca_pem(key: SwarmKey) -> bytes:
     return _ca(key)[1].public_bytes(serialization.Encoding.PEM)
 
 
-def node_key_and_chain(key: SwarmKey) -> tuple[bytes, bytes]:
-    """A fresh private key and its certificate (PEM), signed by the swarm CA, for a node's server."""
+def node_key_and_chain(key: SwarmKey, *, client: bool = False) -> tuple[bytes, bytes]:
+    """A fresh private key and its certificate (PEM), signed by the swarm CA, for a node's server
+    (or, with ``client``, for a client's side of mutual TLS)."""
     ca_private, ca_cert = _ca(key)
     private = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -64,7 +67,8 @@ def node_key_and_chain(key: SwarmKey) -> tuple[bytes, bytes]:
         .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(NODE_NAME)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                              else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_private.public_key()), critical=False)
         .sign(ca_private, hashes.SHA256())
     )
@@ -74,10 +78,14 @@ def node_key_and_chain(key: SwarmKey) -> tuple[bytes, bytes]:
 
 
 def server_credentials(key: SwarmKey) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials([node_key_and_chain(key)])
+    """A node's: its certificate, and clients must show one of the same CA (mutual TLS)."""
+    return grpc.ssl_server_credentials([node_key_and_chain(key)], root_certificates=ca_pem(key),
+                                       require_client_auth=True)
 
 
 def channel_credentials(key: SwarmKey) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
     """Credentials and channel options for calls to any node of the swarm."""
-    return (grpc.ssl_channel_credentials(root_certificates=ca_pem(key)),
+    private_key, chain = node_key_and_chain(key, client=True)
+    return (grpc.ssl_channel_credentials(root_certificates=ca_pem(key), private_key=private_key,
+                                         certificate_chain=chain),
             [("grpc.ssl_target_name_override", NODE_NAME), ("grpc.default_authority", NODE_NAME)])

@@ -29,6 +29,7 @@ from dmoe.wire import DTYPES, dtype_name
 logger = logging.getLogger(__name__)
 
 _MAX_SHAPE_CACHE = 256
+_PROBE_SIZES = (3, 4, 17)  # free-dimension sizes the start-up probes use: odd, even, longer
 Shape = tuple[int, ...]
 
 
@@ -53,13 +54,17 @@ class ExpertBackend:
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
         self.lock = threading.Lock()  # held while parameters change or the module runs off the runtime thread
         self._output_shapes: collections.OrderedDict[tuple, list[Shape]] = collections.OrderedDict()
-        # probes with free dimensions of two sizes: an output dimension that follows them is free too
-        small, large = (self._probe([tuple(t.shape[1:]) for t in sample_inputs(self.input_schema, free_size=size)])
-                        for size in (3, 5))
-        self.output_schema = [
-            TensorSpec((FREE, *(a if len(sa) != len(sb) or a == b else FREE for a, b in zip(sa, sb))), dtype)
-            for (sa, dtype), (sb, _) in zip(small, large)
-        ]
+        # probes with free dimensions of several sizes: an output dimension that varies with them is free too
+        probes = [self._probe([tuple(t.shape[1:]) for t in sample_inputs(self.input_schema, free_size=size)])
+                  for size in _PROBE_SIZES]
+        self.output_schema = []
+        for outputs in zip(*probes):  # one output's (shape, dtype) in each probe
+            shapes = [shape for shape, _ in outputs]
+            if len({len(shape) for shape in shapes}) > 1:  # its rank follows the inputs': nothing is fixed
+                shape = tuple(FREE for _ in shapes[0])
+            else:
+                shape = tuple(dims[0] if len(set(dims)) == 1 else FREE for dims in zip(*shapes))
+            self.output_schema.append(TensorSpec((FREE, *shape), outputs[0][1]))
         self._shape_preserving = self._preserves_free_dims()
         # elements one request may decode: every tensor has at most max_batch_tokens tokens
         token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
@@ -113,12 +118,12 @@ class ExpertBackend:
             if not math.isfinite(largest):
                 raise ValueError(f"{what}[{i}] of {self.uid} holds NaN or Inf")
             if largest > max_abs:
-                raise ValueError(f"{what}[{i}] of {self.uid} holds {largest:.3g}, above this node's bound of "
+                raise OutOfBounds(f"{what}[{i}] of {self.uid} holds {largest:.3g}, above this node's bound of "
                                  f"{max_abs:g} (max_{'grad' if what == 'grad_outputs' else 'input'}_abs)")
 
     def _preserves_free_dims(self) -> bool:
         """True if the expert has one input and one output of the same rank whose free dimensions
-        are the input's (ffn, transformer): checked with probes of two sizes. Then output shapes
+        are the input's (ffn, transformer): checked with probes of several sizes. Then output shapes
         follow from input shapes with no forward pass, so a request cannot make the node compute
         before it is accepted."""
         if len(self.input_schema) != 1 or len(self.output_schema) != 1:
@@ -126,7 +131,7 @@ class ExpertBackend:
         spec_in, spec_out = self.input_schema[0].shape, self.output_schema[0].shape
         if len(spec_in) != len(spec_out) or any((a == FREE) != (b == FREE) for a, b in zip(spec_in, spec_out)):
             return False
-        for size in (3, 5):
+        for size in _PROBE_SIZES:
             trailing = tuple(size if d == FREE else d for d in spec_in[1:])
             if self._probe([trailing])[0][0] != tuple(size if d == FREE else d for d in spec_out[1:]):
                 return False
@@ -232,6 +237,10 @@ class ExpertBackend:
                 self.module.load_state_dict(backup)
                 raise CheckpointError(f"checkpoint does not fit {self.uid}: {e}") from None
             self.version = version
+
+
+class OutOfBounds(ValueError):
+    """Finite values above the node's bound: the caller's values, refused with OUT_OF_RANGE."""
 
 
 def _token_width(spec: TensorSpec) -> int:

@@ -48,9 +48,11 @@ class NodeConfig:
     max_request_bytes: int = option(512 * MiB, "largest request accepted at all, streamed or not")
     max_concurrent_calls: int = option(512, "calls served at once; more get RESOURCE_EXHAUSTED")
     max_inflight_bytes: int = option(1024 * MiB, "bytes all request streams together may hold while arriving")
-    max_calls_per_peer: int = option(256, "calls one peer (IP address) may have in flight; more get RESOURCE_EXHAUSTED")
+    max_calls_per_peer: int = option(128, "calls one peer (IP address) may have in flight; more get RESOURCE_EXHAUSTED")
     peer_rate: float = option(2000.0, "requests per second one peer (IP address) may send on average")
     peer_burst: float = option(4000.0, "requests one peer may send at once above peer_rate (token bucket size)")
+    receive_timeout: float = option(60.0, "seconds a streamed request may take to arrive; slower ones are dropped "
+                                          "(DEADLINE_EXCEEDED), so slow senders cannot hold calls forever")
     max_input_abs: float = option(1e4, "largest magnitude accepted in an expert's inputs; larger is refused")
     max_grad_abs: float = option(1e3, "largest magnitude accepted in grad_outputs of a Backward call; larger is "
                                       "refused before it reaches the optimizer")
@@ -70,7 +72,7 @@ class NodeConfig:
 
         for name in ("hidden_dim", "max_batch_tokens", "max_queued_tokens", "max_message_bytes",
                      "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval", "record_ttl",
-                     "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer", "peer_rate", "peer_burst",
+                     "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer", "peer_rate", "peer_burst", "receive_timeout",
                      "max_input_abs", "max_grad_abs"):
             positive(name)
         for name in ("port", "dht_port", "max_grad_norm", "shutdown_grace"):

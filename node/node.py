@@ -199,6 +199,7 @@ class Node:
             max_request_bytes=config.max_request_bytes, node_info=self.info,
             chunk_bytes=min(1 << 20, config.max_message_bytes // 2), max_inflight_bytes=config.max_inflight_bytes,
             guard=self.guard, max_input_abs=config.max_input_abs, max_grad_abs=config.max_grad_abs,
+            receive_timeout=config.receive_timeout,
         )
         self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
         self._health = HealthServicer()

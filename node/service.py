@@ -23,7 +23,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from dmoe.auth import fullmethod
-from dmoe.node.backend import ExpertBackend
+from dmoe.node.backend import ExpertBackend, OutOfBounds
 from dmoe.node.guard import CallGuard, Refused
 from dmoe.node.runtime import Overloaded, Runtime, Task
 from dmoe.node.stats import ExpertCounters
@@ -57,9 +57,11 @@ class ExpertServicer:
         guard: CallGuard,
         max_input_abs: float = float("inf"),
         max_grad_abs: float = float("inf"),
+        receive_timeout: float = float("inf"),
     ):
         self.backends, self.runtime, self.counters = backends, runtime, counters
         self.guard, self.max_input_abs, self.max_grad_abs = guard, max_input_abs, max_grad_abs
+        self.receive_timeout = receive_timeout
         self.max_batch_tokens, self.max_request_bytes = max_batch_tokens, max_request_bytes
         self.node_info = node_info
         self.chunk_bytes = chunk_bytes  # response chunk size of the streams, within the message limit
@@ -170,7 +172,11 @@ class ExpertServicer:
                 yield _parse(pb.Chunk, data)
 
         try:
-            return await join_chunks(chunks(), max_bytes=self.max_request_bytes, on_chunk=hold)
+            async with asyncio.timeout(None if self.receive_timeout == float("inf") else self.receive_timeout):
+                return await join_chunks(chunks(), max_bytes=self.max_request_bytes, on_chunk=hold)
+        except TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the request took more than {self.receive_timeout:g}s to arrive (receive_timeout)") from None
         except MessageTooLarge:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"streamed request exceeds {self.max_request_bytes} bytes") from None
@@ -249,6 +255,8 @@ def decode_request(backend: ExpertBackend, request: pb.ForwardRequest | pb.Backw
             return inputs, None
         grads = [deserialize(t, max_numel=backend.max_numel) for t in request.grad_outputs]
         backend.check_values(grads, "grad_outputs", max_grad_abs)
+    except OutOfBounds as e:  # well-formed, but values this node will not take: the caller's to fix
+        raise RequestError(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
     except ValueError as e:  # WireError is a ValueError
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
     return inputs, grads

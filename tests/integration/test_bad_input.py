@@ -65,7 +65,8 @@ BAD_FORWARDS = {
     "zero tokens": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(0, HIDDEN))]), INVALID),
     "nan": (pb.ForwardRequest(uid=UID, inputs=[serialize(nan_input())]), INVALID),
     "inf": (pb.ForwardRequest(uid=UID, inputs=[serialize(inf_input())]), INVALID),
-    "absurdly large": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.full((2, HIDDEN), -1e6))]), INVALID),
+    "absurdly large": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.full((2, HIDDEN), -1e6))]),
+                       grpc.StatusCode.OUT_OF_RANGE),
     "short buffer": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], buffer=b"\0" * 10)]), INVALID),
     "unknown dtype": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], dtype="object")]), INVALID),
     "negative dim": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([-2, HIDDEN], buffer=b"")]), INVALID),
@@ -117,9 +118,11 @@ def test_bad_backward_moves_no_parameter(service, case):
     before_version, before_output = expert_version(service, UID), good_forward(service)
     with pytest.raises(grpc.RpcError) as error:
         service.Backward(BAD_BACKWARDS[case], timeout=30)
-    assert error.value.code() == INVALID, error.value.details()
-    if case.startswith("absurdly"):
+    if case.startswith("absurdly"):  # well-formed, but beyond the node's bounds: the caller's to fix
+        assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE, error.value.details()
         assert "above this node's bound" in error.value.details()
+    else:
+        assert error.value.code() == INVALID, error.value.details()
     assert expert_version(service, UID) == before_version
     torch.testing.assert_close(good_forward(service), before_output, rtol=0, atol=0)
 

@@ -83,6 +83,10 @@ def test_hostile_experts_are_detected_avoided_and_training_is_unharmed(node_fact
             # training unharmed: every step within its deadlines, and the loss went down
             assert max(step_times) < 1.0 + 0.3 + 1.0 + 2.0, step_times
             assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+            # this client's own fault (values above the nodes' --max-input-abs) quarantines no honest node
+            y = layer(torch.full((16, HIDDEN), 1e5))
+            assert layer.last_num_failed > 0 and not bool(y.any())
+            assert not any(swarm.quarantined(honest.endpoint, f"ffn.{i}") for i in range(4))
     finally:
         liar.shutdown()
         slow.shutdown()

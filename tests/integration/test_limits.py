@@ -1,10 +1,12 @@
 """Limits per peer: calls in flight and request rate, each answered RESOURCE_EXHAUSTED with a message
-that names the limit, and lifted as soon as the peer is back within it. (Message size, tokens per
-request, queued tokens and bytes arriving are in test_bad_input.py.)"""
+that names the limit and lifted as soon as the peer is back within it; and a stream that never
+finishes arriving is dropped after --receive-timeout. (Message size, tokens per request, queued
+tokens and bytes arriving are in test_bad_input.py.)"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 
 import grpc
@@ -14,15 +16,15 @@ import torch
 from dmoe.proto import expert_pb2 as pb
 from dmoe.wire import serialize
 
-from conftest import module_node
+from conftest import module_node, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN = 8
-RATE = 4
+RATE, BURST = 2.0, 4
 
 node = module_node("--experts", "ffn.[0:1]", "--hidden-dim", str(HIDDEN), "--expert-cls",
                    "experts_for_tests:SleepyExpert", "--max-calls-per-peer", "2", "--peer-rate", str(RATE),
-                   "--peer-burst", str(RATE), "--no-batching")
+                   "--peer-burst", str(BURST), "--no-batching", "--receive-timeout", "2")
 
 
 def outcome(call) -> grpc.StatusCode | str:
@@ -33,24 +35,47 @@ def outcome(call) -> grpc.StatusCode | str:
         return f"{e.code().name}: {e.details()}"
 
 
+def info(service) -> grpc.StatusCode | str:
+    return outcome(lambda: service.Info(pb.InfoRequest(), timeout=10))
+
+
 def test_calls_in_flight_per_peer_are_capped(service):
-    time.sleep(1.0)  # a full bucket of requests
+    time.sleep(BURST / RATE)  # a full bucket
     request = pb.ForwardRequest(uid="ffn.0", inputs=[serialize(torch.ones(2, HIDDEN))])
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = [pool.submit(outcome, lambda: service.Forward(request, timeout=10)) for _ in range(2)]
-        time.sleep(0.2)  # both are in the expert's half-second sleep now
-        third = outcome(lambda: service.Forward(request, timeout=10))
+        # polled: once both are in the expert's half-second sleep, a third call is refused
+        third = wait_for(lambda: (r := info(service)) != grpc.StatusCode.OK and r, 5, "a refused third call",
+                         interval=0.01)
         assert [f.result() for f in first] == [grpc.StatusCode.OK] * 2
     assert third.startswith("RESOURCE_EXHAUSTED") and "max_calls_per_peer=2" in third, third
-    assert outcome(lambda: service.Forward(request, timeout=10)) == grpc.StatusCode.OK  # back within the limit
+    assert info(service) == grpc.StatusCode.OK  # back within the limit
 
 
 def test_request_rate_per_peer_is_capped_and_recovers(service):
-    time.sleep(RATE / RATE + 0.2)  # the bucket refills: RATE requests at once
-    results = [outcome(lambda: service.Info(pb.InfoRequest(), timeout=10)) for _ in range(2 * RATE)]
-    assert results[:RATE] == [grpc.StatusCode.OK] * RATE
-    refused = [r for r in results[RATE:] if r != grpc.StatusCode.OK]
-    assert len(refused) >= RATE - 1  # one may slip in as the bucket refills while these run
-    assert all(r.startswith("RESOURCE_EXHAUSTED") and f"peer_rate={RATE}" in r for r in refused), refused
-    time.sleep(1.5 / RATE)
-    assert outcome(lambda: service.Info(pb.InfoRequest(), timeout=10)) == grpc.StatusCode.OK
+    time.sleep(BURST / RATE)  # a full bucket: BURST calls at once, then RATE per second
+    results = [info(service) for _ in range(BURST + 4)]
+    assert results[:BURST] == [grpc.StatusCode.OK] * BURST, results
+    refused = [r for r in results[BURST:] if r != grpc.StatusCode.OK]
+    assert len(refused) >= 3, results  # these calls take milliseconds: at most one token refills meanwhile
+    assert all(r.startswith("RESOURCE_EXHAUSTED") and f"peer_rate={RATE:g}" in r for r in refused), refused
+    time.sleep(1.2 / RATE)
+    assert info(service) == grpc.StatusCode.OK
+
+
+def test_a_stream_that_never_finishes_arriving_is_dropped(service):
+    time.sleep(2 / RATE)
+    release = threading.Event()
+
+    def stalled():
+        yield pb.Chunk(data=b"\x00" * 100)
+        release.wait(30)
+
+    started = time.monotonic()
+    try:
+        result = outcome(lambda: list(service.ForwardStream(stalled(), timeout=30)))
+    finally:
+        release.set()
+    assert result.startswith("DEADLINE_EXCEEDED") and "receive_timeout" in result, result
+    assert 1.5 < time.monotonic() - started < 15
+    assert info(service) == grpc.StatusCode.OK  # its slot was given back

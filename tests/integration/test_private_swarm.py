@@ -21,7 +21,7 @@ from dmoe.moe import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
 from dmoe.swarm import Swarm, SwarmConfig
-from dmoe.tls import channel_credentials
+from dmoe.tls import NODE_NAME, ca_pem, channel_credentials
 from dmoe.train import TrainConfig, Trainer
 from dmoe.wire import serialize
 
@@ -115,9 +115,13 @@ def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, t
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         channel.close()
-    # without the key, not even a connection: plain text, or TLS trusting another swarm's CA
+    # without the key, not even a connection: plain text; TLS trusting another swarm's CA; or TLS that
+    # trusts this swarm's CA (public knowledge to whoever saw a node's certificate) but has no client
+    # certificate of it, so that an outsider cannot even hold a call slot open
+    no_client_cert = grpc.secure_channel(node.endpoint, grpc.ssl_channel_credentials(root_certificates=ca_pem(key)),
+                                         options=[("grpc.ssl_target_name_override", NODE_NAME)])
     for outsider, _ in (
-        (grpc.insecure_channel(node.endpoint), None), stub(node.endpoint, other),
+        (grpc.insecure_channel(node.endpoint), None), stub(node.endpoint, other), (no_client_cert, None),
     ):
         with pytest.raises(grpc.RpcError) as refused:
             pbg.ExpertServiceStub(outsider).Forward(forward, timeout=10, metadata=key.call_metadata(FORWARD))

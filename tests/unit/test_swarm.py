@@ -1,7 +1,7 @@
 import grpc
 import pytest
 
-from dmoe.dispatch import Late, LocalInputError, is_misbehaviour
+from dmoe.dispatch import Disagreement, Late, LocalInputError, is_misbehaviour
 from dmoe.errors import ConfigError, WireError
 from dmoe.swarm import Swarm, SwarmConfig
 
@@ -40,11 +40,12 @@ def _status(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
 
 def test_what_only_a_broken_or_hostile_peer_does_is_misbehaviour():
     for error in (ValueError("reply holds NaN or Inf"), WireError("undecodable"), _status(grpc.StatusCode.NOT_FOUND),
-                  _status(grpc.StatusCode.INVALID_ARGUMENT), _status(grpc.StatusCode.UNIMPLEMENTED)):
+                  Disagreement("refused what others accepted"), _status(grpc.StatusCode.UNIMPLEMENTED)):
         assert is_misbehaviour(error), error
     for error in (Late("late"), LocalInputError("mine"), OSError("reset"), _status(grpc.StatusCode.UNAVAILABLE),
                   _status(grpc.StatusCode.DEADLINE_EXCEEDED), _status(grpc.StatusCode.RESOURCE_EXHAUSTED),
-                  _status(grpc.StatusCode.INTERNAL), _status(grpc.StatusCode.UNAUTHENTICATED)):
+                  _status(grpc.StatusCode.INTERNAL), _status(grpc.StatusCode.UNAUTHENTICATED),
+                  _status(grpc.StatusCode.OUT_OF_RANGE), _status(grpc.StatusCode.INVALID_ARGUMENT)):
         assert not is_misbehaviour(error), error
 
 
@@ -64,5 +65,9 @@ def test_a_misbehaving_expert_is_quarantined_alone_and_for_long(monkeypatch):
         assert swarm._banned("h:2", "e.5", now[0]) and not swarm.quarantined("h:2", "e.0")
         now[0] += 1.01
         assert not swarm._banned("h:2", "e.0", now[0])
+        swarm.report("h:3", "e.0", _status(grpc.StatusCode.NOT_FOUND))  # maybe a stale record: ban_max only
+        assert swarm.quarantined("h:3", "e.0")
+        now[0] += swarm.config.ban_max + 0.01
+        assert not swarm.quarantined("h:3", "e.0")
     finally:
         swarm.loop.close()

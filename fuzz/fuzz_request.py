@@ -13,7 +13,7 @@ forward on its expert. Backward is never run: it changes parameters. The experts
 ``ffn.1`` (feed-forward, inputs ``[tokens, 8]``) and ``attn.0`` (transformer block, ``[batch, seq, 8]``).
 
 An input may end in two ways only: accepted, or refused with ``RequestError`` and one of
-INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED and a message. Anything else is a crash that libFuzzer
+INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, OUT_OF_RANGE and a message. Anything else is a crash that libFuzzer
 reports with the input saved as ``crash-<sha1>``: another exception or status code, decoded tensors
 that are not what the request declared, or forward outputs that differ from ``output_shapes``.
 At the end the script prints a table and writes a JSON report (inputs tried, accepted, refused per
@@ -59,7 +59,8 @@ with atheris.instrument_imports(include=["dmoe"]):
     from dmoe.proto import expert_pb2 as pb
     from dmoe.wire import DTYPES, dtype_name, serialize
 
-ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED)
+ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+           grpc.StatusCode.OUT_OF_RANGE)
 HIDDEN = 8
 MAX_LEN = 4096  # bytes per input: buffers stay small, the declared shapes do not
 LIBFUZZER_DEFAULTS = [f"-max_len={MAX_LEN}", "-rss_limit_mb=2048", "-timeout=60"]
@@ -186,6 +187,7 @@ def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
         pb.ForwardRequest(uid="ffn.99", inputs=[good]),  # NOT_FOUND
         pb.ForwardRequest(uid="ffn.0", inputs=[too_many]),  # RESOURCE_EXHAUSTED
         pb.ForwardRequest(uid="ffn.0", inputs=[nan]),  # INVALID_ARGUMENT: the values
+        pb.ForwardRequest(uid="ffn.0", inputs=[serialize(torch.full((2, HIDDEN), 1e9))]),  # OUT_OF_RANGE
         pb.ForwardRequest(uid="ffn.0", inputs=[good], reply_compression=7),  # INVALID_ARGUMENT: the schema
     ]
     undecodable = b"\x01\xff\xff"

@@ -2,7 +2,7 @@
 the coverage-guided fuzzer (``fuzz/fuzz_request.py``).
 
 The property: whatever a peer sends to any method (Forward, Backward, Info, and the streams), the
-call ends with OK or with INVALID_ARGUMENT, NOT_FOUND or RESOURCE_EXHAUSTED and a message; never
+call ends with OK or with INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED or OUT_OF_RANGE and a message; never
 INTERNAL, UNKNOWN or UNAVAILABLE. Afterwards the node still serves, every expert's version moved by
 exactly the Backward calls that succeeded, and an expert no Backward reached answers a fixed input
 exactly as before. Requests are drawn from strategies that mix well-formed parts (a hosted uid,
@@ -43,7 +43,8 @@ UIDS = ["ffn.0", "ffn.1"]
 TOUCHED = "ffn.0"  # the one hosted uid Backward requests name; ffn.1 only ever sees Forward and garbage
 MAX_BATCH_TOKENS = 256
 OK = grpc.StatusCode.OK
-REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
+REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.OUT_OF_RANGE}
 ALLOWED = {OK, *REFUSALS}
 SERVICE = "/dmoe.ExpertService"
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,7 +3,9 @@ depends on it after joining: nodes and clients may join through any peer and kee
 
 It runs a DHT peer (a stable address with ``--identity`` and ``--dht-port``), a
 :class:`~dmoe.coordinator.monitor.SwarmMonitor` that reads the nodes' records, and the
-:class:`~dmoe.coordinator.dashboard.Dashboard` HTTP server, all on the DHT peer's event loop.
+:class:`~dmoe.coordinator.dashboard.Dashboard` HTTP server, all on the DHT peer's event loop; and,
+unless ``--no-offer-relay``, a :class:`~dmoe.relay.Relay` (on a thread of its own) for nodes that
+cannot be dialled, announced in the DHT.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import os
 import signal
 import threading
 
-from dmoe.auth import dht_authorizer
+from dmoe.auth import dht_authorizer, load_key
 from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.coordinator.dashboard import Dashboard
 from dmoe.coordinator.metrics import make_registry
 from dmoe.coordinator.monitor import SwarmMonitor
 from dmoe.local import write_json_atomic
 from dmoe.peer import DHTPeer
+from dmoe.relay import Relay, RelayLimits
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class Coordinator:
         self.join_address: str = ""  # the address to hand out (not loopback, if there is one)
         self.peer_id: str = ""
         self.dashboard_url: str = ""
+        self.relay: Relay | None = None  # serves nodes that cannot be dialled (--offer-relay, on by default)
 
     def start(self) -> Coordinator:
         config = self.config
@@ -49,12 +53,19 @@ class Coordinator:
             info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses, "join": self.join_address}
             self.dashboard = Dashboard(self.monitor, make_registry(self.monitor), info)
             self.dashboard_url = self.dht.run(self._start_serving(), 60)
+            if config.offer_relay:
+                self.relay = Relay(host=config.host, port=config.relay_port, announce_host=config.relay_announce_host,
+                                   key=load_key(config.swarm_key),
+                                   limits=RelayLimits(max_nodes=config.relay_max_nodes, rate_mbit=config.relay_rate_mbit))
+                self.relay.start()
+                self.relay.announce(self.dht, self.peer_id)
         except BaseException:
             self.shutdown()
             raise
         if config.ready_file:
             write_json_atomic(config.ready_file, {"swarm": self.swarm_addresses, "join": self.join_address,
                                                   "peer_id": self.peer_id, "dashboard": self.dashboard_url,
+                                                  "relay": self.relay.address if self.relay else "",
                                                   "pid": os.getpid()})
         return self
 
@@ -70,6 +81,9 @@ class Coordinator:
             await self.monitor.stop()
 
     def shutdown(self) -> None:
+        if self.relay is not None:
+            self.relay.shutdown()
+            self.relay = None
         if self.dht is not None:
             try:
                 self.dht.run(self._stop_serving(), 30)

@@ -8,6 +8,7 @@ from typing import ClassVar
 from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.local import check_announce_maddrs
+from dmoe.relay import RelayLimits
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -25,14 +26,22 @@ class CoordinatorConfig:
     http_port: int = option(0, "dashboard port (0: any free port, printed at start)")
     poll_interval: float = option(5.0, "seconds between two reads of the nodes' DHT records")
     history: int = option(360, "views kept for the throughput plots (360 x 5 s = 30 minutes)")
+    offer_relay: bool = option(True, "run a relay for nodes that cannot be dialled (behind a NAT), announced in the swarm")
+    relay_port: int = option(0, "port of the relay (0: any free port)")
+    relay_announce_host: str | None = option(None, "host nodes dial for the relay (default: --host)")
+    relay_max_nodes: int = option(256, "nodes the relay serves at once")
+    relay_rate_mbit: float = option(0.0, "Mbit/s the relay forwards per node, both directions together (0: no limit)")
     ready_file: str | None = option(None, "write a JSON file with the swarm address and dashboard URL once up")
 
     def __post_init__(self) -> None:
-        for name in ("dht_port", "http_port"):
+        for name in ("dht_port", "http_port", "relay_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name} must be in 0..65535, got {getattr(self, name)}")
         check_announce_maddrs("dht_announce", self.dht_announce)
         if self.poll_interval <= 0:
             raise ConfigError(f"poll_interval must be > 0, got {self.poll_interval}")
+        RelayLimits(max_nodes=self.relay_max_nodes, rate_mbit=self.relay_rate_mbit)  # rejects bad values
+        if self.offer_relay and self.host in ("0.0.0.0", "::") and not self.relay_announce_host:
+            raise ConfigError(f"a relay listening on {self.host} needs --relay-announce-host, the address nodes dial")
         if self.history < 2:
             raise ConfigError(f"history must be at least 2 views, got {self.history}")

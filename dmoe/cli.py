@@ -32,6 +32,10 @@ def _setup_logging() -> None:
 def main() -> None:
     """dmoe: a decentralized Mixture-of-Experts over volunteer machines."""
     _setup_logging()
+    # gRPC's fork support closes, after a fork, file descriptors it once had, even when they have
+    # been reused since: in a process that also relays (dmoe.relay), that cut relayed connections.
+    # Read by gRPC when it starts (the first channel or server), which is after this.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 
 @main.group()
@@ -55,6 +59,8 @@ def node_start(config_path: str | None, **values) -> None:
 
     def on_ready(n: Node) -> None:
         click.echo(f"node {n.node_id} serving {len(n.uids)} experts ({', '.join(config.experts)}) at {n.endpoint}")
+        if not n.reachable:
+            click.echo(f"not reachable from the swarm: clients call it through relay {n.relay_endpoint}")
         for address in n.swarm_addresses:
             click.echo(f"swarm address: {address}")
         if not config.swarm:
@@ -86,6 +92,8 @@ def coordinator_start(config_path: str | None, **values) -> None:
     for address in coord.swarm_addresses:
         click.echo(f"swarm address: {address}")
     click.echo(f"nodes join with: dmoe node start --swarm {coord.join_address} --experts 'ffn.[0:8]'")
+    if coord.relay is not None:
+        click.echo(f"relay for nodes behind a NAT: {coord.relay.address}")
     click.echo(f"dashboard: {coord.dashboard_url}  (JSON: {coord.dashboard_url}api/swarm, "
                f"Prometheus: {coord.dashboard_url}metrics)")
     coord.run()

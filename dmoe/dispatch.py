@@ -92,7 +92,7 @@ class ExpertCall:
 
     @classmethod
     def to(cls, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor) -> ExpertCall:
-        return cls(record.uid, record.endpoint, inputs, token_ids,
+        return cls(record.uid, record.dial_endpoint, inputs, token_ids,
                    max_tokens=record.max_batch_tokens or DEFAULT_MAX_TOKENS,
                    max_unary_bytes=record.max_message_bytes or DEFAULT_MAX_UNARY_BYTES, tls=record.tls)
 

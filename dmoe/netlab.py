@@ -72,6 +72,20 @@ class NetLab:
         connections stall until their deadlines) or bring it back up; addresses and routes come back."""
         _ip("netns", "exec", self.name, "ip", "link", "set", self.inner_if, "up" if up else "down")
 
+    def route_to_host(self) -> None:
+        """A default route through the link: every address of this host is reachable from inside."""
+        _ip("netns", "exec", self.name, "ip", "route", "replace", "default", "via", self.outer_ip)
+
+    def refuse_inbound(self, below: int = 32768) -> None:
+        """Connections from outside to ports below ``below`` are refused: the namespace can dial out
+        (its own connections use ports from 32768 up) but cannot be dialled, as behind a home router.
+        Policy routing (there is no iptables here): such packets match a 'prohibit' rule that is
+        looked up before the table of local addresses."""
+        run = ("netns", "exec", self.name, "ip", "rule")
+        _ip(*run, "add", "pref", "10", "iif", self.inner_if, "ipproto", "tcp", "dport", f"1-{below - 1}", "prohibit")
+        _ip(*run, "add", "pref", "100", "table", "local")
+        _ip(*run, "del", "pref", "0")
+
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         """Start ``argv`` inside the namespace, in a process group of its own; stopped by close()."""
         proc = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], start_new_session=True, **kwargs)

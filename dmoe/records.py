@@ -8,6 +8,7 @@ fields they do not know so that old and new versions read each other's records):
   ``ffn.3.`` / 5) -> :class:`ExpertRecord` of the uid: lets a client find live experts by a beam
   search over grid prefixes instead of listing the swarm.
 - ``_dmoe.nodes`` with subkey ``<node_id>`` -> :class:`NodeRecord`: hardware, experts and load.
+- ``_dmoe.relays`` with subkey ``<peer_id>`` -> :class:`RelayRecord`: relays for nodes behind a NAT.
 
 Records expire after a node-chosen TTL and are refreshed by its heartbeat; a killed node's records
 disappear when they expire. A node that stops gracefully overwrites its records, with a later
@@ -36,6 +37,7 @@ DHTLike = DHT | DHTPeer
 logger = logging.getLogger(__name__)
 
 NODES_KEY = "_dmoe.nodes"
+RELAYS_KEY = "_dmoe.relays"
 RECORD_VERSION = 1
 
 
@@ -54,7 +56,14 @@ class ExpertRecord(_Record):
     max_batch_tokens: int = 0  # most tokens per request (0: not said; the client uses its default)
     max_message_bytes: int = 0  # largest unary message; bigger requests go through the streams
     tls: bool = False  # the endpoint speaks TLS with a certificate of the private swarm's CA (dmoe.tls)
+    reachable: bool = True  # others can dial endpoint; False: the node is behind a NAT, dial relay instead
+    relay: str = ""  # host:port on a relay (dmoe.relay) that forwards to this node's gRPC server
     record_version: int = RECORD_VERSION
+
+    @property
+    def dial_endpoint(self) -> str:
+        """Where a client connects: the node itself, or the relay that serves it (same gRPC either way)."""
+        return self.endpoint if self.reachable or not self.relay else self.relay
 
 
 class Hardware(_Record):
@@ -87,6 +96,16 @@ class NodeRecord(_Record):
     hardware: Hardware | None = None
     experts: list[str] = []
     load: dict[str, ExpertLoad] = {}
+    reachable: bool = True
+    relay: str = ""
+    record_version: int = RECORD_VERSION
+
+
+class RelayRecord(_Record):
+    """A relay (dmoe.relay) that serves nodes nobody can dial; under ``_dmoe.relays`` / its peer id."""
+    address: str  # host:port nodes dial to probe and register
+    peer_id: str
+    updated_at: float = 0.0
     record_version: int = RECORD_VERSION
 
 
@@ -197,3 +216,29 @@ async def _find_nodes(_dht: object, node: DHTNode) -> dict[str, NodeRecord]:
 def find_nodes(dht: DHTLike) -> dict[str, NodeRecord]:
     """Every live node record in the swarm, by node id (blocking)."""
     return dht.run_coroutine(_find_nodes)
+
+
+async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time: float) -> bool:
+    return bool(await node.store(RELAYS_KEY, record.model_dump(), expiration_time, subkey=record.peer_id))
+
+
+async def find_relays_async(node: DHTNode) -> dict[str, RelayRecord]:
+    """Every live relay announced in the swarm, by peer id."""
+    entry = await node.get(RELAYS_KEY, latest=True)
+    if entry is None or not isinstance(entry.value, dict):
+        return {}
+    relays = {}
+    for peer_id, sub in entry.value.items():
+        record = _parse(RelayRecord, getattr(sub, "value", None))
+        if record is not None and record.peer_id == peer_id:
+            relays[peer_id] = record
+    return relays
+
+
+async def _find_relays(_dht: object, node: DHTNode) -> dict[str, RelayRecord]:
+    return await find_relays_async(node)
+
+
+def find_relays(dht: DHTLike) -> dict[str, RelayRecord]:
+    """Every live relay announced in the swarm, by peer id (blocking)."""
+    return dht.run_coroutine(_find_relays)

@@ -102,7 +102,8 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
         p50 = sum(c * lo.latency_p50_ms for c, lo in calls_by_expert) / num_calls if num_calls else 0.0
         hardware = record.hardware
         nodes.append(NodeSummary(
-            node_id=node_id, endpoint=record.endpoint, dmoe_version=record.dmoe_version,
+            node_id=node_id, endpoint=record.endpoint if record.reachable or not record.relay else f"{record.relay} (relay)",
+            dmoe_version=record.dmoe_version,
             started_at=record.started_at, updated_at=record.updated_at, uptime_s=max(0.0, now - record.started_at) if record.started_at else 0.0,
             device=hardware.device if hardware else "", device_name=hardware.device_name if hardware else "",
             num_cpus=hardware.num_cpus if hardware else 0, ram_bytes=hardware.ram_bytes if hardware else 0,

@@ -9,6 +9,7 @@ from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.experts import BUILTIN_EXPERTS
 from dmoe.local import check_announce_maddrs
+from dmoe.relay import split_address
 from dmoe.uids import expand_patterns
 
 MiB = 1 << 20
@@ -59,6 +60,13 @@ class NodeConfig:
     swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen): calls and "
                                          "DHT peers without it are refused")
     tls: bool = option(True, "in a private swarm, encrypt calls with TLS (certificates made from the swarm key)")
+    reachability: str = option("auto", "can others dial this node's gRPC port? auto: ask a relay to dial it back; "
+                                       "direct: yes (a public address, or a port forward); relay: no (behind a NAT "
+                                       "or firewall): serve through a relay")
+    relay: list[str] = option([], "relay to serve through when not reachable, host:port (repeat; tried in order); "
+                                  "default: the relays announced in the swarm (a coordinator offers one)")
+    offer_relay: bool = option(False, "also run a relay for nodes that cannot be dialled (this node must be reachable)")
+    relay_port: int = option(0, "port of the relay this node offers (0: any free port)")
     heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
     record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
@@ -75,7 +83,7 @@ class NodeConfig:
                      "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer", "peer_rate", "peer_burst", "receive_timeout",
                      "max_input_abs", "max_grad_abs"):
             positive(name)
-        for name in ("port", "dht_port", "max_grad_norm", "shutdown_grace"):
+        for name in ("port", "dht_port", "relay_port", "max_grad_norm", "shutdown_grace"):
             positive(name, allow_zero=True)
         if self.inner_dim is not None:
             positive("inner_dim")
@@ -83,7 +91,18 @@ class NodeConfig:
             positive("num_threads")
         if self.announce_port is not None and not 0 < self.announce_port <= 65535:
             raise ConfigError(f"announce_port must be in 1..65535, got {self.announce_port}")
-        if self.port > 65535 or self.dht_port > 65535:
+        if self.reachability not in ("auto", "direct", "relay"):
+            raise ConfigError(f"reachability must be auto, direct or relay, got {self.reachability!r}")
+        if self.reachability == "relay" and not self.swarm:
+            raise ConfigError("a node that cannot be dialled cannot start a swarm (nobody could join it): give --swarm")
+        if self.offer_relay and self.reachability == "relay":
+            raise ConfigError("a node that cannot be dialled cannot offer a relay: drop --offer-relay or --reachability relay")
+        for address in self.relay:
+            try:
+                split_address(address)
+            except ValueError as e:
+                raise ConfigError(f"relay: {e}") from None
+        if self.port > 65535 or self.dht_port > 65535 or self.relay_port > 65535:
             raise ConfigError("ports must be at most 65535")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")

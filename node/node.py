@@ -5,6 +5,10 @@ heartbeat of thousands of records never runs on the loop that serves gRPC calls.
 (SIGINT/SIGTERM or ``shutdown()``): withdraw the DHT records, stop taking calls and let in-flight
 ones finish (``server.stop(grace)``), drain the runtime, write a last checkpoint, stop the DHT peer.
 
+Reachability (``--reachability``): a node that others cannot dial (a relay's dial-back fails, or
+the user says so) joins the DHT as a client and serves its experts through a relay
+(:class:`~dmoe.node.relaylink.RelayLink`); its records name the relay's port for it.
+
 Use it from Python as a context manager (``with Node(config) as node: node.endpoint``), which runs
 it on a background thread with its own event loop, or from the CLI through :meth:`Node.run`.
 ``--num-threads`` sets torch's thread count for the whole process.
@@ -41,7 +45,9 @@ from dmoe.node.service import SERVICE_NAME, ExpertServicer
 from dmoe.node.stats import ExpertCounters
 from dmoe.peer import DHTPeer
 from dmoe.proto import expert_pb2 as pb
-from dmoe.records import ExpertRecord, Hardware, NodeRecord
+from dmoe.node.relaylink import RelayLink
+from dmoe.records import ExpertRecord, Hardware, NodeRecord, find_relays
+from dmoe.relay import Relay, probe
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,10 @@ class Node:
         self._announcer: Announcer | None = None
         self._health: HealthServicer | None = None
         self.tls = False  # whether the gRPC server speaks TLS (a private swarm's, unless --no-tls)
+        self.reachable = True  # whether others can dial self.endpoint (--reachability; probed by a relay)
+        self.relay_endpoint = ""  # when not reachable: this node's public host:port on a relay
+        self.relay: Relay | None = None  # the relay this node offers (--offer-relay)
+        self._relay_link: RelayLink | None = None
         self.swarm_key = load_key(config.swarm_key)  # None: an open swarm
         self.guard = CallGuard(verifier=CallVerifier(self.swarm_key) if self.swarm_key else None,
                                max_calls_per_peer=config.max_calls_per_peer, peer_rate=config.peer_rate,
@@ -121,11 +131,13 @@ class Node:
 
         uvloop.run(self.serve(handle_signals=True, on_ready=on_ready))
 
-    def _start_dht(self) -> None:
+    def _start_dht(self, client_mode: bool = False) -> None:
+        """A peer nobody can dial joins the DHT as a client: serving it, it would make others wait."""
         self._dht = DHTPeer(
             initial_peers=self.config.swarm, host=self.config.host, port=self.config.dht_port,
             identity_path=self.config.identity_path, announce_maddrs=self.config.dht_announce,
             authorizer=DHTAuthorizer(self.swarm_key) if self.swarm_key else None,
+            client_mode=client_mode or self.config.reachability == "relay",
         ).start()
 
     def _stop_dht(self) -> None:
@@ -227,6 +239,12 @@ class Node:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, device)
+        await self._settle_reachability()
+        if config.offer_relay:
+            self.relay = Relay(host=config.host, port=config.relay_port, announce_host=announce_host,
+                               key=self.swarm_key)
+            await asyncio.to_thread(self.relay.start)
+            await asyncio.to_thread(self.relay.announce, self._dht, self.node_id)
 
         self._announcer = Announcer(
             self._dht, self.records, heartbeat_interval=config.heartbeat_interval, record_ttl=config.record_ttl
@@ -254,6 +272,9 @@ class Node:
                 logger.warning("could not withdraw DHT records (they will expire): %s", e)
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
+        for relay_part in (self._relay_link, self.relay):  # after the server: relayed calls in flight finish
+            if relay_part is not None:
+                await asyncio.to_thread(relay_part.shutdown)
         if self._runtime is not None:
             await asyncio.to_thread(self._runtime.shutdown, 30)
         if self._checkpoints is not None and self.backends:
@@ -261,6 +282,65 @@ class Node:
         if self._dht is not None:
             await asyncio.to_thread(self._stop_dht)
         logger.info("node stopped")
+
+    # ---- reachability: direct, or through a relay -------------------------------------------------
+    def _relay_candidates(self) -> list[str]:
+        """The relays to use, in order: --relay, then those announced in the swarm (blocking)."""
+        found: list[str] = []
+        if self._dht is not None:
+            try:
+                found = [r.address for r in find_relays(self._dht).values()]
+            except Exception as e:
+                logger.debug("could not read the swarm's relays: %s", e)
+        own = self.relay.address if self.relay else None
+        return list(dict.fromkeys([*self.config.relay, *(a for a in found if a != own)]))
+
+    async def _probe(self) -> dict | None:
+        """A relay's dial-back of this node's gRPC port; None if no relay could be asked."""
+        assert self.endpoint is not None
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        for relay in await asyncio.to_thread(self._relay_candidates):
+            try:
+                return await probe(relay, port, key=self.swarm_key)
+            except Exception as e:
+                logger.debug("relay %s could not probe this node: %s", relay, e)
+        return None
+
+    async def _settle_reachability(self) -> None:
+        """Whether others can dial this node (--reachability, or a relay's dial-back); if not, serve
+        through a relay and join the DHT as a client."""
+        mode = self.config.reachability
+        if mode == "direct":
+            return
+        if mode == "auto":
+            verdict = await self._probe()
+            if verdict is None:
+                logger.info("no relay could check whether %s can be dialled; announcing it as reachable "
+                            "(--reachability relay if this node is behind a NAT)", self.endpoint)
+                return
+            if verdict["reachable"]:
+                logger.info("%s is reachable (a relay dialled %s back)", self.endpoint, verdict["address"])
+                return
+            logger.warning("%s cannot be dialled from the swarm (a relay's dial-back to %s failed: %s): serving "
+                           "through a relay", self.endpoint, verdict["address"], verdict["error"])
+            await asyncio.to_thread(self._stop_dht)
+            await asyncio.to_thread(self._start_dht, True)
+            assert self._dht is not None
+            self.node_id, self.swarm_addresses = self._dht.peer_id, list(self._dht.visible_maddrs)
+            self.join_address = self._dht.join_address
+        assert self.node_id is not None and self.port is not None
+        self.reachable = False
+        local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        self._relay_link = RelayLink(self._relay_candidates, node_id=self.node_id, key=self.swarm_key,
+                                     target=(local_host, self.port), on_change=self._relay_changed)
+        await asyncio.to_thread(self._relay_link.start)
+        self.relay_endpoint = self._relay_link.endpoint
+
+    def _relay_changed(self, endpoint: str) -> None:
+        """The link moved to another relay (or lost its relay): announce the new endpoint now."""
+        self.relay_endpoint = endpoint
+        if endpoint and self._announcer is not None and self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._announcer.beat(), self._loop)
 
     # ---- records, info, checkpoints -----------------------------------------------------------------
     def records(self) -> tuple[list[ExpertRecord], NodeRecord]:
@@ -271,7 +351,7 @@ class Node:
                 uid=uid, endpoint=self.endpoint, node_id=self.node_id, expert_cls=self.config.expert_cls,
                 version=backend.version, queued_tokens=queued[uid],
                 max_batch_tokens=self.config.max_batch_tokens, max_message_bytes=self.config.max_message_bytes,
-                tls=self.tls,
+                tls=self.tls, reachable=self.reachable, relay=self.relay_endpoint,
             )
             for uid, backend in self.backends.items()
         ]
@@ -282,6 +362,7 @@ class Node:
         node = NodeRecord(
             node_id=self.node_id, endpoint=self.endpoint, dmoe_version=dmoe.__version__,
             started_at=self.started_at, updated_at=time.time(), hardware=self._hardware, experts=list(self.backends), load=load,
+            reachable=self.reachable, relay=self.relay_endpoint,
         )
         return experts, node
 
@@ -359,4 +440,6 @@ class Node:
         write_json_atomic(path, {
             "endpoint": self.endpoint, "port": self.port, "swarm": self.swarm_addresses, "node_id": self.node_id,
             "pid": os.getpid(), "experts": self.uids, "restored": self.restored_versions, "tls": self.tls,
+            "reachable": self.reachable, "relay_endpoint": self.relay_endpoint,
+            "relay": self.relay.address if self.relay else "",
         })

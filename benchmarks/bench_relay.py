@@ -1,0 +1,119 @@
+"""Benchmark: what a relay costs. The same RemoteMoE steps to a node dialled directly and to a node
+served through a relay (``--reachability relay``), in one run.
+
+A coordinator (which offers the relay) and two nodes on 127.0.0.1, each a process of its own:
+``direct`` hosts ``ffn.[0:8]`` and ``relayed`` hosts ``rel.[0:8]`` (same class and size). One
+client, two RemoteMoE layers with the same gate; steps alternate (direct, relayed, direct, ...), so
+drift on this machine hits both alike. Two sizes: small experts, where per-call costs show, and large
+requests, where the relay's copying of bytes shows. Reported: median and p90 step time (forward +
+backward), and the ratio relayed / direct. On one machine the relay shares its two cores with
+everything else, and its hop adds no distance; across the internet, the relay's own distance
+from client and node adds to each call.
+
+Run::
+
+    python benchmarks/bench_relay.py [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import server_process
+from dmoe.moe import RemoteMoE
+from dmoe.records import find_experts
+from dmoe.swarm import Swarm, SwarmConfig
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NUM_EXPERTS = 8
+SIZES = {"small": (64, 64), "large": (512, 1024)}  # name: (tokens, hidden)
+
+
+def node_cmd(workdir: Path, name: str, prefix: str, hidden: int, swarm: str, mode: str) -> tuple[list[str], Path]:
+    ready = workdir / f"{name}.ready.json"
+    return [sys.executable, "-m", "dmoe", "node", "start", "--device", "cpu", "--experts", f"{prefix}.[0:{NUM_EXPERTS}]",
+            "--hidden-dim", str(hidden), "--inner-dim", str(hidden), "--num-threads", "1", "--lr", "1e-6",
+            "--swarm", swarm, "--reachability", mode, "--ready-file", str(ready)], ready
+
+
+def step(layer: RemoteMoE, x: torch.Tensor) -> float:
+    started = time.perf_counter()
+    y = layer(x.requires_grad_())
+    y.sum().backward()
+    assert layer.last_num_failed == 0
+    return time.perf_counter() - started
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(workdir: Path, swarm_address: str, size: str, steps: int) -> dict:
+    tokens, hidden = SIZES[size]
+    direct_cmd, direct_ready = node_cmd(workdir, f"direct-{size}", "ffn", hidden, swarm_address, "direct")
+    relayed_cmd, relayed_ready = node_cmd(workdir, f"relayed-{size}", "rel", hidden, swarm_address, "relay")
+    with server_process(direct_cmd, RESULTS_DIR / f"bench_relay.direct-{size}.log", direct_ready), \
+            server_process(relayed_cmd, RESULTS_DIR / f"bench_relay.relayed-{size}.log", relayed_ready) as relayed:
+        with Swarm(SwarmConfig(initial_peers=[swarm_address], cache_ttl=3600)) as swarm:
+            records = find_experts(swarm.peer, [f"rel.{i}" for i in range(NUM_EXPERTS)])
+            assert {r.dial_endpoint for r in records.values()} == {relayed["relay_endpoint"]}, records
+            torch.manual_seed(0)
+            layers = {name: RemoteMoE(swarm, prefix=prefix, grid=(NUM_EXPERTS,), in_features=hidden, k=2)
+                      for name, prefix in (("direct", "ffn"), ("relayed", "rel"))}
+            layers["relayed"].load_state_dict(layers["direct"].state_dict())  # the same gate: the same calls
+            try:
+                x = torch.randn(tokens, hidden)
+                for _ in range(10):
+                    for layer in layers.values():
+                        step(layer, x.clone())
+                times: dict[str, list[float]] = {name: [] for name in layers}
+                for _ in range(steps):
+                    for name, layer in layers.items():
+                        times[name].append(step(layer, x.clone()))
+            finally:
+                for layer in layers.values():
+                    layer.dispatcher.close()
+    result = {name: {"median": statistics.median(v), "p90": quantile(v, 0.9)} for name, v in times.items()}
+    result["ratio_relayed_over_direct"] = result["relayed"]["median"] / result["direct"]["median"]
+    result["tokens"], result["hidden"], result["steps"] = tokens, hidden, steps
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200, help="measured steps per path (small experts; large: a fifth)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_relay.json")
+    args = parser.parse_args()
+    RESULTS_DIR.mkdir(exist_ok=True)
+    torch.set_num_threads(1)
+    report: dict = {"config": {"steps": args.steps, "num_experts": NUM_EXPERTS, "calls_per_step": 2 * NUM_EXPERTS}}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        ready = workdir / "coordinator.ready.json"
+        cmd = [sys.executable, "-m", "dmoe", "coordinator", "start", "--ready-file", str(ready)]
+        with server_process(cmd, RESULTS_DIR / "bench_relay.coordinator.log", ready) as coordinator:
+            for size in SIZES:
+                report[size] = measure(workdir, coordinator["swarm"][0], size,
+                                       args.steps if size == "small" else max(10, args.steps // 5))
+    print(f"{'size':<7} {'tokens x hidden':>16} {'direct p50 ms':>14} {'relayed p50 ms':>15} {'direct p90':>11} "
+          f"{'relayed p90':>12} {'relayed/direct':>15}")
+    for size in SIZES:
+        r = report[size]
+        print(f"{size:<7} {r['tokens']:>7} x {r['hidden']:<6} {1e3 * r['direct']['median']:>14.2f} "
+              f"{1e3 * r['relayed']['median']:>15.2f} {1e3 * r['direct']['p90']:>11.2f} "
+              f"{1e3 * r['relayed']['p90']:>12.2f} {r['ratio_relayed_over_direct']:>14.3f}x")
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

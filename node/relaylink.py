@@ -1,0 +1,162 @@
+"""RelayLink: a node that nobody can dial keeps itself registered with a relay (:mod:`dmoe.relay`).
+
+It holds one control connection to a relay, answers its pings, and for every client the relay
+announces, dials the relay once more (``attach``) and splices that connection to the node's own
+gRPC server. The local connection comes from a loopback address that stands for the client's IP
+(:func:`dmoe.relay.loopback_source`), so the node's per-peer limits still tell clients apart.
+
+When the relay goes away, the link tries the relays it is given again, in order, with capped
+back-off, and reports each new public endpoint through ``on_change`` (the node then re-announces).
+It runs on a thread and event loop of its own, away from the loop that serves gRPC calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from dmoe.auth import SwarmKey
+from dmoe.errors import DmoeError
+from dmoe.relay import (MAX_LINE, PING_INTERVAL, ProtocolError, is_loopback, loopback_source, open_connection,
+                        read_message, register_message, send_message, splice)
+
+logger = logging.getLogger(__name__)
+
+RETRY_MAX = 30.0
+
+
+class RelayLink:
+    def __init__(self, relays: Callable[[], list[str]], *, node_id: str, key: SwarmKey | None,
+                 target: tuple[str, int], on_change: Callable[[str], None] | None = None, timeout: float = 10.0):
+        self.relays = relays  # the relays to try, in order (called again before every round)
+        self.node_id, self.key, self.target, self.on_change, self.timeout = node_id, key, target, on_change, timeout
+        self.endpoint = ""  # this node's public host:port on the relay; "" while not registered
+        self.relay = ""  # the relay it is registered with
+        self.num_attached = 0
+        self.failures: list[str] = []  # why the last round's relays failed
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._main: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self, timeout: float = 60.0) -> RelayLink:
+        """Register with the first relay that takes this node; DmoeError if none does in time."""
+        from dmoe.peer import new_event_loop
+
+        self.loop = new_event_loop("uvloop")
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dmoe-relay-link", daemon=True)
+        self._thread.start()
+        self._main = asyncio.run_coroutine_threadsafe(self._spawn_main(), self.loop).result()
+        if not self._ready.wait(timeout):
+            failures = "; ".join(self.failures) or "no relay known"
+            self.shutdown()
+            raise DmoeError(f"no relay took this node within {timeout:.0f}s ({failures}). Start a coordinator "
+                            "(it offers a relay) or a node with --offer-relay, or name one with --relay HOST:PORT")
+        return self
+
+    async def _spawn_main(self) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self._run(), name="dmoe-relay-link")
+
+    def shutdown(self) -> None:
+        if self.loop is None or self.loop.is_closed():
+            return
+
+        async def stop() -> None:
+            tasks = [t for t in (self._main, *self._tasks) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if self._thread is not None:
+                self._thread.join(10)
+            self.loop.close()
+
+    def _set(self, relay: str, endpoint: str) -> None:
+        changed = endpoint != self.endpoint
+        self.relay, self.endpoint = relay, endpoint
+        if changed and self.on_change is not None:
+            try:
+                self.on_change(endpoint)
+            except Exception:
+                logger.exception("relay endpoint change handler failed")
+
+    async def _run(self) -> None:
+        delay = 1.0
+        while True:
+            candidates = await asyncio.to_thread(self.relays)
+            failures = []
+            for relay in candidates:
+                try:
+                    await self._serve(relay)
+                    delay = 1.0  # it worked for a while: start the back-off over
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    failures.append(f"{relay}: {e or type(e).__name__}")
+                    logger.debug("relay %s: %s", relay, e)
+                if self.endpoint:
+                    logger.warning("lost relay %s; looking for one", relay)
+                    self._set("", "")
+            self.failures = failures or ["no relay known"]
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX, delay * 2)
+
+    async def _serve(self, relay: str) -> None:
+        reader, writer = await open_connection(relay, self.timeout)
+        try:
+            send_message(writer, register_message(self.node_id, self.key))
+            try:
+                reply = await read_message(reader, self.timeout)
+            except EOFError:
+                raise ProtocolError("closed the connection") from None
+            if not reply.get("ok") or not isinstance(reply.get("endpoint"), str):
+                raise ConnectionRefusedError(f"refused: {reply.get('error', 'no endpoint given')}")
+            logger.info("serving through relay %s at %s", relay, reply["endpoint"])
+            self._set(relay, reply["endpoint"])
+            self._ready.set()
+            while True:
+                try:
+                    message = await read_message(reader, 3 * PING_INTERVAL)
+                except EOFError:
+                    raise ConnectionResetError("the relay closed the control channel") from None
+                op = message.get("op")
+                if op == "ping":
+                    send_message(writer, {"op": "pong"})
+                elif op == "open" and isinstance(message.get("conn"), str):
+                    task = asyncio.get_running_loop().create_task(
+                        self._attach(relay, message["conn"], str(message.get("peer", ""))))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                else:
+                    raise ProtocolError(f"unexpected message {op!r} from the relay")
+        finally:
+            writer.close()
+
+    async def _attach(self, relay: str, conn: str, peer: str) -> None:
+        host, port = self.target
+        try:
+            relay_side = await open_connection(relay, self.timeout)
+        except (OSError, TimeoutError) as e:
+            logger.debug("could not attach a relayed connection: %s", e)
+            return
+        send_message(relay_side[1], {"op": "attach", "conn": conn})
+        source = loopback_source(peer) if peer and is_loopback(host) and ":" not in host else None
+        try:
+            local = await asyncio.open_connection(host, port, limit=MAX_LINE,
+                                                  local_addr=(source, 0) if source else None)
+        except OSError:
+            try:
+                local = await asyncio.open_connection(host, port, limit=MAX_LINE)
+            except OSError as e:
+                logger.warning("relayed client: cannot reach this node's own gRPC server at %s:%d: %s", host, port, e)
+                relay_side[1].close()
+                return
+        self.num_attached += 1
+        await splice(relay_side, local)

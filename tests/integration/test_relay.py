@@ -1,0 +1,175 @@
+"""Relays on 127.0.0.1: a node that says it cannot be dialled serves its experts through a relay.
+
+The relays here are real (in this process, or the coordinator's), the nodes are CLI processes,
+and the client is a RemoteMoE that finds the records in the DHT. The namespaces test, where the
+client really cannot reach the node, is tests/integration/test_nat.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+import torch
+
+from dmoe.auth import SwarmKey
+from dmoe.moe import RemoteMoE
+from dmoe.records import find_experts, find_relays
+from dmoe.relay import Relay, RelayLimits, probe
+from dmoe.swarm import Swarm, SwarmConfig
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+HIDDEN = 16
+
+
+def ask(coroutine):
+    return asyncio.run(coroutine)
+
+
+def line_exchange(address: str, message: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the relay's port; everything it answers until it closes."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+        conn.sendall(message)
+        received = b""
+        while data := conn.recv(4096):
+            received += data
+        return received
+
+
+def test_probe_tells_a_listening_port_from_a_closed_one():
+    with Relay() as relay, socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        reply = ask(probe(relay.address, port, key=None))
+        assert reply["reachable"] is True and reply["address"] == f"127.0.0.1:{port}"
+        listening.close()
+        reply = ask(probe(relay.address, port, key=None))
+        assert reply["reachable"] is False and reply["error"]
+
+
+def test_garbage_and_unknown_ops_are_dropped_and_the_relay_keeps_serving():
+    with Relay() as relay:
+        assert line_exchange(relay.address, b"\x00\xff garbage\n") == b""
+        assert line_exchange(relay.address, b'{"op": "launch"}\n') == b""
+        assert line_exchange(relay.address, b"x" * 10_000) == b""  # a line longer than the limit
+        assert line_exchange(relay.address, b'{"op": "attach", "conn": "nobody"}\n') == b""
+        assert line_exchange(relay.address, b'{"op": "probe", "port": "22; rm -rf /"}\n') == b""
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            assert ask(probe(relay.address, listening.getsockname()[1], key=None))["reachable"]
+
+
+def test_probes_are_limited_per_ip():
+    with Relay(limits=RelayLimits(probes_per_minute=6)) as relay:  # room for one at once
+        with socket.create_server(("127.0.0.1", 0)) as listening:
+            port = listening.getsockname()[1]
+            assert ask(probe(relay.address, port, key=None))["reachable"]
+            with pytest.raises(ConnectionRefusedError, match="too many probes"):
+                ask(probe(relay.address, port, key=None))
+
+
+def test_a_private_relay_refuses_peers_without_the_key(tmp_path):
+    key, other = SwarmKey.generate(tmp_path / "swarm.key"), SwarmKey.generate(tmp_path / "other.key")
+    with Relay(key=key) as relay, socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        for wrong in (None, other):
+            with pytest.raises(ConnectionRefusedError, match="key"):
+                ask(probe(relay.address, port, key=wrong))
+        reply = line_exchange(relay.address, b'{"op": "register", "node_id": "intruder"}\n')
+        assert json.loads(reply) == {"ok": False, "error": json.loads(reply)["error"]} and "key" in reply.decode()
+        assert relay.stats()["nodes"] == 0 and relay.stats()["refused"] == 3
+        assert ask(probe(relay.address, port, key=key))["reachable"]
+
+
+def remote_moe_step(swarm: Swarm, prefix: str, num_experts: int) -> RemoteMoE:
+    torch.manual_seed(0)
+    layer = RemoteMoE(swarm, prefix=prefix, grid=(num_experts,), in_features=HIDDEN, k=2)
+    x = torch.randn(32, HIDDEN, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    assert layer.last_num_failed == 0 and torch.isfinite(y).all() and x.grad is not None
+    assert x.grad.abs().sum() > 0
+    return layer
+
+
+def test_a_node_behind_a_relay_serves_a_remote_moe(coordinator_factory, node_factory):
+    """The coordinator offers a relay and announces it; a node started with --reachability relay
+    finds it in the DHT, registers, and its records send clients to the relay's port."""
+    coordinator = coordinator_factory()
+    relay_address = coordinator.ready["relay"]
+    assert relay_address.startswith("127.0.0.1:")
+    node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN),
+                        "--reachability", "relay")
+    assert node.ready["reachable"] is False
+    relayed = node.ready["relay_endpoint"]
+    assert relayed.rsplit(":", 1)[0] == "127.0.0.1" and relayed != node.endpoint and relayed != relay_address
+    with Swarm(SwarmConfig(initial_peers=coordinator.swarm, cache_ttl=60)) as swarm:
+        assert [r.address for r in find_relays(swarm.peer).values()] == [relay_address]
+        records = wait_for(lambda: find_experts(swarm.peer, [f"ffn.{i}" for i in range(4)]), 20, "records")
+        assert {r.dial_endpoint for r in records.values()} == {relayed}
+        assert all(not r.reachable and r.endpoint == node.endpoint for r in records.values())
+        layer = remote_moe_step(swarm, "ffn", 4)
+        try:
+            uids = layer.last_routing[0]
+            assert len(set(uids)) >= 2
+        finally:
+            layer.dispatcher.close()
+    assert "serving through relay" in node.log()
+
+
+def test_auto_reachability_announces_a_node_that_answers_the_probe_as_direct(coordinator_factory, node_factory):
+    coordinator = coordinator_factory()
+    node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN))
+    assert node.ready["reachable"] is True and node.ready["relay_endpoint"] == ""
+    with Swarm(SwarmConfig(initial_peers=coordinator.swarm)) as swarm:
+        record = wait_for(lambda: find_experts(swarm.peer, ["ffn.0"]).get("ffn.0"), 20, "the record")
+        assert record.reachable and record.dial_endpoint == record.endpoint == node.endpoint
+    assert "reachable" in node.log()
+
+
+def test_a_node_moves_to_another_relay_when_its_relay_dies(coordinator_factory, node_factory):
+    """The relayed node's relay (a second coordinator's) is killed mid-run: the node registers with the
+    relay that a reachable node offers (--offer-relay, found in the DHT) and re-announces, and the
+    client's next steps go there."""
+    bootstrap = coordinator_factory("--no-offer-relay", name="bootstrap")
+    doomed = coordinator_factory("--swarm", bootstrap.swarm[0], name="doomed")
+    helper = node_factory("--swarm", bootstrap.swarm[0], "--experts", "other.[0:1]", "--hidden-dim", str(HIDDEN),
+                          "--offer-relay", "--reachability", "direct", name="helper")
+    assert helper.ready["relay"].startswith("127.0.0.1:")
+    node = node_factory("--swarm", bootstrap.swarm[0], "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN),
+                        "--reachability", "relay", "--relay", doomed.ready["relay"], "--heartbeat-interval", "1",
+                        "--record-ttl", "4", name="relayed")
+    first_endpoint = node.ready["relay_endpoint"]
+    with Swarm(SwarmConfig(initial_peers=bootstrap.swarm, cache_ttl=0.5, ban_max=1.0)) as swarm:
+        records = wait_for(lambda: find_experts(swarm.peer, ["ffn.0", "ffn.1"]), 20, "records")
+        assert {r.dial_endpoint for r in records.values()} == {first_endpoint}
+        remote_moe_step(swarm, "ffn", 2).dispatcher.close()
+        doomed.kill()
+
+        def moved() -> set[str]:
+            found = find_experts(swarm.peer, ["ffn.0", "ffn.1"])
+            endpoints = {r.dial_endpoint for r in found.values()}
+            return endpoints if len(found) == 2 and first_endpoint not in endpoints else set()
+
+        (second_endpoint,) = wait_for(moved, 60, "records that name another relay", interval=0.5)
+        assert second_endpoint.rsplit(":", 1)[0] == "127.0.0.1"
+        remote_moe_step(swarm, "ffn", 2).dispatcher.close()
+    assert "lost relay" in node.log() and f"through relay {helper.ready['relay']}" in node.log()
+
+
+def test_a_relay_caps_client_connections_per_node(coordinator_factory, node_factory):
+    coordinator = coordinator_factory("--no-offer-relay")
+    with Relay(limits=RelayLimits(max_connections_per_node=1)) as relay:
+        node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), "--reachability", "relay",
+                            "--relay", relay.address)
+        host, port = node.ready["relay_endpoint"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as held:
+            held.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the first client: spliced to the node
+            wait_for(lambda: relay.stats()["connections"] == 1, 10, "the first connection")
+            with socket.create_connection((host, int(port)), timeout=5) as extra:
+                extra.settimeout(5)
+                assert extra.recv(1) == b""  # the second: closed at once
+            assert relay.stats()["refused"] >= 1

@@ -4,7 +4,8 @@
 - ``uids.py``     expert uids (``prefix.i.j``) and grid patterns (``ffn.[0:8]``)
 - ``experts.py``  expert modules (ffn, transformer, module:Class) and their schemas
 - ``peer.py``     DHTPeer: a hivemind DHTNode in this process, on an event loop of its own thread
-- ``records.py``  DHT records of experts and nodes; find_experts, find_nodes
+- ``records.py``  DHT records of experts, nodes and relays; find_experts, find_nodes, find_relays
+- ``relay.py``    Relay: serves nodes that nobody can dial over connections they dial (probe, register, attach)
 - ``swarmview.py`` SwarmView, ThroughputHistory: the swarm summarized from the nodes' records
 - ``status.py``   StatusConfig, read_view, render: ``dmoe swarm status``
 - ``swarm.py``    Swarm, SwarmConfig: a client's DHT peer, live-expert cache, back-off of failing endpoints
@@ -14,6 +15,8 @@
 - ``local_moe.py`` LocalMoE: the same layer with its experts in this process
 - ``netproxy.py`` TcpProxy: a userspace proxy that delays or cuts loopback links and counts bytes (tests, benchmarks)
 - ``netlab.py``   NetLab: a network namespace behind a veth link shaped by tc tbf (tests, benchmarks)
+- ``auth.py``     SwarmKey, CallVerifier, DHTAuthorizer: a private swarm's key, call tokens, signed DHT traffic
+- ``tls.py``      mutual TLS with a CA derived from the swarm key
 - ``config.py``   config dataclasses -> CLI options, TOML, DMOE_* environment
 - ``errors.py``   the errors dmoe raises for its users
 - ``cli.py``      the ``dmoe`` command

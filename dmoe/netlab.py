@@ -4,7 +4,8 @@ For tests and benchmarks of what crosses a network: ``NetLab()`` creates a names
 pair (``10.<a>.<b>.1`` here, ``.2`` in the namespace, a /30 of its own per lab), and ``shape(mbit)``
 limits both directions with ``tc ... tbf`` (netem is not available here, so latency, jitter and cuts
 come from :class:`dmoe.netproxy.TcpProxy`); ``set_link(False)`` cuts the namespace off the network
-until ``set_link(True)``. ``popen(argv)`` starts a process inside the namespace.
+until ``set_link(True)``; ``route_to_host()`` makes every address of this host reachable from inside,
+and ``refuse_inbound()`` lets the namespace dial out but not be dialled (a home router's NAT). ``popen(argv)`` starts a process inside the namespace.
 Everything it made is removed by ``close()`` (or the ``with`` block), processes first. It needs root
 (``ip netns``), and uses only addresses inside the namespaces it creates.
 """

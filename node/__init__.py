@@ -6,6 +6,7 @@
 - ``runtime.py``    Runtime, Task: per-expert forward/backward queues, admission control, the batching device thread
 - ``service.py``    ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info)
 - ``announcer.py``  Announcer: DHT heartbeat of the expert and node records, and their withdrawal
+- ``relaylink.py`` RelayLink: a node nobody can dial keeps itself registered with a relay and attaches its clients
 - ``checkpoint.py`` CheckpointStore: atomic safetensors checkpoints, the last few kept
 - ``stats.py``      ExpertCounters: calls, tokens, errors, latency per expert
 """

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import server_process
+from common import quantile, server_process, timed_step
 from dmoe.auth import SwarmKey
 from dmoe.moe import RemoteMoE
 from dmoe.swarm import Swarm, SwarmConfig
@@ -40,19 +40,6 @@ def node_cmd(workdir: Path, name: str, hidden: int, key: Path | None) -> tuple[l
     if key is not None:
         cmd += ["--swarm-key", str(key)]
     return cmd, ready
-
-
-def step(layer: RemoteMoE, x: torch.Tensor) -> float:
-    started = time.perf_counter()
-    y = layer(x.requires_grad_())
-    y.sum().backward()
-    assert layer.last_num_failed == 0
-    return time.perf_counter() - started
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -94,11 +81,11 @@ def main() -> None:
                 x = torch.randn(args.tokens, args.hidden)
                 for _ in range(20):  # warm-up: channels, shape caches
                     for layer in layers.values():
-                        step(layer, x.clone())
+                        timed_step(layer, x.clone())
                 times: dict[str, list[float]] = {name: [] for name in swarms}
                 for _ in range(args.steps):
                     for name, layer in layers.items():
-                        times[name].append(step(layer, x.clone()))
+                        times[name].append(timed_step(layer, x.clone()))
             finally:
                 for swarm in swarms.values():
                     swarm.shutdown()

@@ -22,12 +22,11 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from common import server_process
+from common import quantile, server_process, timed_step
 from dmoe.moe import RemoteMoE
 from dmoe.records import find_experts
 from dmoe.swarm import Swarm, SwarmConfig
@@ -42,19 +41,6 @@ def node_cmd(workdir: Path, name: str, prefix: str, hidden: int, swarm: str, mod
     return [sys.executable, "-m", "dmoe", "node", "start", "--device", "cpu", "--experts", f"{prefix}.[0:{NUM_EXPERTS}]",
             "--hidden-dim", str(hidden), "--inner-dim", str(hidden), "--num-threads", "1", "--lr", "1e-6",
             "--swarm", swarm, "--reachability", mode, "--ready-file", str(ready)], ready
-
-
-def step(layer: RemoteMoE, x: torch.Tensor) -> float:
-    started = time.perf_counter()
-    y = layer(x.requires_grad_())
-    y.sum().backward()
-    assert layer.last_num_failed == 0
-    return time.perf_counter() - started
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def measure(workdir: Path, swarm_address: str, size: str, steps: int) -> dict:
@@ -74,11 +60,11 @@ def measure(workdir: Path, swarm_address: str, size: str, steps: int) -> dict:
                 x = torch.randn(tokens, hidden)
                 for _ in range(10):
                     for layer in layers.values():
-                        step(layer, x.clone())
+                        timed_step(layer, x.clone())
                 times: dict[str, list[float]] = {name: [] for name in layers}
                 for _ in range(steps):
                     for name, layer in layers.items():
-                        times[name].append(step(layer, x.clone()))
+                        times[name].append(timed_step(layer, x.clone()))
             finally:
                 for layer in layers.values():
                     layer.dispatcher.close()

@@ -62,8 +62,9 @@ class ExpertRecord(_Record):
 
     @property
     def dial_endpoint(self) -> str:
-        """Where a client connects: the node itself, or the relay that serves it (same gRPC either way)."""
-        return self.endpoint if self.reachable or not self.relay else self.relay
+        """Where a client connects: the node itself, or the relay that serves it (same gRPC either way);
+        "" for a node that cannot be dialled and has lost its relay (for the moment, nowhere)."""
+        return self.endpoint if self.reachable else self.relay
 
 
 class Hardware(_Record):

@@ -7,35 +7,34 @@ connection; the node dials the relay once more for that client, and the relay sp
 connections. The client speaks the node's own gRPC through it, TLS included, so deadlines, quorum,
 compression, validation and the swarm key's checks are the direct path's, and in a private swarm
 the relay forwards ciphertext: it never sees tensors or tokens, and parses nothing but its own
-JSON lines. (Why a TCP relay and not libp2p's circuit relays in hivemind.P2P: see docs/nat.md;
-in short, the libp2p path costs every call a trip through the p2p daemon's socket and protobuf
-framing even when direct, and the gRPC data plane would be written twice.)
+JSON lines (:mod:`dmoe.relayproto`). Why a TCP relay and not libp2p's circuit relays
+(hivemind.P2P): docs/nat.md.
 
-Protocol, on one listening port. Every message is one JSON line of at most 4 KiB:
+Protocol, on one listening port:
 
 - ``{"op": "probe", "port": P}``: the relay dials *the asking connection's own IP* at port P
   (never another address) and answers ``{"reachable": bool, "address": "ip:P", "error": str}``.
   That is how a node learns whether others can dial its gRPC endpoint.
-- ``{"op": "register", "node_id": ID, "auth": TOKEN}``: answered ``{"ok": true, "endpoint":
-  "host:port"}``, the node's public address on this relay, or ``{"ok": false, "error": ...}``. The
-  connection stays open as the node's control channel: the relay sends ``{"op": "open", "conn":
-  C, "peer": "ip:port"}`` for every client connection and ``{"op": "ping"}``; the node answers pings.
+- ``{"op": "register", "node_id": ID, "auth": TOKEN, "secret": S}``: answered ``{"ok": true,
+  "endpoint": "host:port", "secret": S'}``, the node's public address on this relay, or ``{"ok":
+  false, "error": ...}``. A node id that is registered already can only be taken over with the
+  secret its registration was given (the same node on a new connection), which also gets its old
+  port back. The connection stays open as the node's control channel: the relay sends ``{"op":
+  "open", "conn": C, "peer": "ip:port"}`` for every client connection and ``{"op": "ping"}``.
 - ``{"op": "attach", "conn": C}`` on a new connection from the node: from then on raw bytes,
   spliced to the client connection C (a 128-bit random name, known only to the node).
 
 In a private swarm, probe and register carry a token of the swarm key (:mod:`dmoe.auth`);
-without it they are refused. Limits (:class:`RelayLimits`): registered nodes, connections per node
-and per client IP, bytes per second per node, probes per IP, and how long a client waits for its node.
+without it they are refused. Limits: :class:`RelayLimits`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
-import hashlib
-import ipaddress
-import json
 import logging
+import resource
 import secrets
 import threading
 import time
@@ -43,145 +42,61 @@ from typing import TYPE_CHECKING, Any
 
 from dmoe.auth import CallVerifier, SwarmKey
 from dmoe.errors import ConfigError
+from dmoe.relayproto import (MAX_LINE, PING_INTERVAL, PROBE_METHOD, REGISTER_METHOD, ProtocolError, TokenBucket,
+                             close_quietly, join_address, read_message, send_message, splice)
 
 if TYPE_CHECKING:
     from dmoe.peer import DHTPeer
 
 logger = logging.getLogger(__name__)
 
-MAX_LINE = 4096
-CHUNK = 256 << 10
-PING_INTERVAL = 10.0
-REGISTER_METHOD = "/dmoe.Relay/Register/"  # + node id: a token names the node it registers
-PROBE_METHOD = "/dmoe.Relay/Probe"
+MAX_REMEMBERED = 10_000  # probe buckets and past registrations kept (least recently used go first)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class RelayLimits:
     max_nodes: int = 256  # nodes registered at once
+    max_nodes_per_ip: int = 16  # nodes registered from one IP (a household behind one NAT)
     max_connections_per_node: int = 64  # client connections spliced to one node
     max_connections_per_client: int = 16  # client connections from one IP, all nodes together
+    max_control_connections_per_ip: int = 64  # connections from one IP on the relay's own port
     rate_mbit: float = 0.0  # bytes forwarded per node, both directions together (0: no limit)
+    first_line_timeout: float = 5.0  # seconds a new connection on the relay's port has to say what it wants
     attach_timeout: float = 10.0  # seconds a client connection waits for its node to attach
     probes_per_minute: float = 30.0  # probes one IP may ask for
     probe_timeout: float = 3.0  # seconds a probe's dial may take
     control_timeout: float = 3 * PING_INTERVAL  # a control channel silent this long is dropped
 
     def __post_init__(self) -> None:
-        for name in ("max_nodes", "max_connections_per_node", "max_connections_per_client", "attach_timeout",
+        for name in ("max_nodes", "max_nodes_per_ip", "max_connections_per_node", "max_connections_per_client",
+                     "max_control_connections_per_ip", "first_line_timeout", "attach_timeout",
                      "probes_per_minute", "probe_timeout", "control_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"relay {name} must be > 0, got {getattr(self, name)}")
         if self.rate_mbit < 0:
             raise ConfigError(f"relay rate_mbit must be >= 0, got {self.rate_mbit}")
+        if self.control_timeout <= PING_INTERVAL:
+            raise ConfigError(f"relay control_timeout must be longer than the ping interval ({PING_INTERVAL:g} s)")
 
 
-class ProtocolError(Exception):
-    """A peer of the relay sent something that is not its protocol."""
-
-
-async def read_message(reader: asyncio.StreamReader, timeout: float | None = None) -> dict[str, Any]:
-    """One JSON object from one line; ProtocolError for anything else, EOFError when the peer left."""
-    try:
-        line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
-    except asyncio.IncompleteReadError as e:
-        if e.partial:
-            raise ProtocolError("connection closed mid-message") from None
-        raise EOFError from None
-    except asyncio.LimitOverrunError:
-        raise ProtocolError(f"message longer than {MAX_LINE} bytes") from None
-    try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError("not a JSON line") from None
-    if not isinstance(message, dict) or not isinstance(message.get("op", ""), str):
-        raise ProtocolError("not a JSON object with a string 'op'")
-    return message
-
-
-def send_message(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-
-
-async def open_connection(address: str, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    host, port = split_address(address)
-    return await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE), timeout)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """('host', port) of 'host:port' or '[v6]:port'; ValueError if it is neither."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected host:port, got {address!r}")
-    return host.strip("[]"), int(port)
-
-
-def join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class TokenBucket:
-    """``rate`` units per second with room for ``burst``; ``take`` waits while in debt."""
-
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.updated = burst, time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-
-    def try_take(self, amount: float = 1.0) -> bool:
-        self._refill()
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
-
-    async def take(self, amount: float) -> None:
-        self._refill()
-        self.tokens -= amount
-        if self.tokens < 0:
-            await asyncio.sleep(-self.tokens / self.rate)
-
-
-async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 bucket: TokenBucket | None = None, counter: list[int] | None = None) -> None:
-    """Copy bytes both ways until either side ends; then close both."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(CHUNK):
-            if bucket is not None:
-                await bucket.take(len(data))
-            if counter is not None:
-                counter[0] += len(data)
-            writer.write(data)
-            await writer.drain()
-
-    tasks = [asyncio.ensure_future(pipe(a[0], b[1])), asyncio.ensure_future(pipe(b[0], a[1]))]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for _, writer in (a, b):
-            writer.close()
+@dataclasses.dataclass(slots=True)
+class _Usage:
+    """What one node id uses, across its registrations: connections, rate, bytes forwarded."""
+    bucket: TokenBucket | None
+    num_connections: int = 0
+    forwarded: list[int] = dataclasses.field(default_factory=lambda: [0])
 
 
 @dataclasses.dataclass(slots=True)
 class _Tunnel:
-    """One registered node: its control channel, public port and client connections."""
+    """One registration: the node's control channel, public port and waiting client connections."""
     node_id: str
+    ip: str
+    secret: str
     control: asyncio.StreamWriter
     server: asyncio.Server
     endpoint: str
-    bucket: TokenBucket | None
     pending: dict[str, asyncio.Future] = dataclasses.field(default_factory=dict)
-    num_connections: int = 0
-    forwarded: list[int] = dataclasses.field(default_factory=lambda: [0])
 
 
 class Relay:
@@ -197,9 +112,12 @@ class Relay:
         self.address = ""  # host:port nodes dial to probe and register, once started
         self.tunnels: dict[str, _Tunnel] = {}
         self.num_refused = 0  # registrations, probes and client connections refused by a limit or the key
-        self._clients: dict[str, int] = {}  # open client connections per IP
-        self._probe_buckets: dict[str, TokenBucket] = {}
-        self._last_port: dict[str, int] = {}  # node id -> its last public port, offered again on re-register
+        self._usage: dict[str, _Usage] = {}
+        self._clients: collections.Counter[str] = collections.Counter()  # open client connections per IP
+        self._control: collections.Counter[str] = collections.Counter()  # connections on the relay's port per IP
+        self._probe_buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+        self._resume: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()  # id -> (port, secret)
+        self._writers: set[asyncio.StreamWriter] = set()  # every open connection, closed by shutdown
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -209,6 +127,7 @@ class Relay:
     def start(self, timeout: float = 10.0) -> Relay:
         from dmoe.peer import new_event_loop
 
+        _raise_file_limit()
         self.loop = new_event_loop("uvloop")
         self._thread = threading.Thread(target=self.loop.run_forever, name="dmoe-relay", daemon=True)
         self._thread.start()
@@ -250,9 +169,12 @@ class Relay:
             self._server.close()
         for tunnel in list(self.tunnels.values()):
             self._drop(tunnel)
+        for writer in list(self._writers):  # spliced and waiting connections: their handlers then end
+            close_quietly(writer)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.sleep(0.05)  # let the connection handlers see their closed connections
 
     def __enter__(self) -> Relay:
         return self.start()
@@ -290,30 +212,42 @@ class Relay:
         return [t.server.sockets[0].getsockname()[1] for t in list(self.tunnels.values()) if t.server.sockets]
 
     def stats(self) -> dict[str, Any]:
+        usage = list(self._usage.values())
         return {"address": self.address, "nodes": len(self.tunnels), "refused": self.num_refused,
-                "connections": sum(t.num_connections for t in self.tunnels.values()),
-                "forwarded_bytes": sum(t.forwarded[0] for t in self.tunnels.values())}
+                "connections": sum(u.num_connections for u in usage),
+                "forwarded_bytes": sum(u.forwarded[0] for u in usage)}
 
-    # ---- the listening port -----------------------------------------------------------------------
+    # ---- the relay's own port ---------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer_ip = writer.get_extra_info("peername")[0]
+        peer = writer.get_extra_info("peername")
+        peer_ip = peer[0] if peer else "?"
+        if self._control[peer_ip] >= self.limits.max_control_connections_per_ip:
+            self.num_refused += 1
+            close_quietly(writer)
+            return
+        self._control[peer_ip] += 1
+        self._writers.add(writer)
         keep = False
         try:
-            message = await read_message(reader, timeout=self.limits.attach_timeout)
+            message = await read_message(reader, timeout=self.limits.first_line_timeout)
             op = message.get("op")
             if op == "probe":
                 await self._probe(peer_ip, message, writer)
             elif op == "register":  # returns when the node's control channel ends
-                await self._register(message, reader, writer)
+                await self._register(peer_ip, message, reader, writer)
             elif op == "attach":
                 keep = self._attach(message, reader, writer)
             else:
                 raise ProtocolError(f"unknown op {op!r}")
-        except (ProtocolError, TimeoutError, EOFError, OSError) as e:
+        except (ProtocolError, TimeoutError, EOFError, OSError, RuntimeError) as e:
             logger.debug("relay: dropped a connection from %s: %s", peer_ip, e or type(e).__name__)
         finally:
+            self._control[peer_ip] -= 1
+            if self._control[peer_ip] <= 0:
+                del self._control[peer_ip]
             if not keep:
-                writer.close()
+                self._writers.discard(writer)
+                close_quietly(writer)
 
     def _refuse(self, writer: asyncio.StreamWriter, error: str) -> None:
         self.num_refused += 1
@@ -329,14 +263,13 @@ class Relay:
         port = message.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ProtocolError("probe needs an integer port in 1..65535")
-        bucket = self._probe_buckets.get(peer_ip)
-        if bucket is None:
-            if len(self._probe_buckets) > 10_000:
-                self._probe_buckets.clear()
-            bucket = self._probe_buckets[peer_ip] = TokenBucket(self.limits.probes_per_minute / 60,
-                                                                max(1.0, self.limits.probes_per_minute / 6))
         if (error := self._auth_error(PROBE_METHOD, message)) is not None:
             return self._refuse(writer, error)
+        bucket = self._probe_buckets.pop(peer_ip, None) or TokenBucket(self.limits.probes_per_minute / 60,
+                                                                      max(1.0, self.limits.probes_per_minute / 6))
+        self._probe_buckets[peer_ip] = bucket  # most recently used last
+        if len(self._probe_buckets) > MAX_REMEMBERED:
+            self._probe_buckets.popitem(last=False)
         if not bucket.try_take():
             return self._refuse(writer, f"too many probes from {peer_ip} (probes_per_minute="
                                         f"{self.limits.probes_per_minute:g})")
@@ -344,105 +277,134 @@ class Relay:
         try:
             _, probe_writer = await asyncio.wait_for(asyncio.open_connection(peer_ip, port),
                                                      self.limits.probe_timeout)
-            probe_writer.close()
+            close_quietly(probe_writer)
             send_message(writer, {"ok": True, "reachable": True, "address": address, "error": ""})
         except (OSError, TimeoutError) as e:
             reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
             send_message(writer, {"ok": True, "reachable": False, "address": address, "error": reason})
         await writer.drain()
 
-    async def _register(self, message: dict[str, Any], reader: asyncio.StreamReader,
+    def _registration_error(self, peer_ip: str, node_id: str, secret: Any) -> str | None:
+        old = self.tunnels.get(node_id)
+        if old is not None and secret != old.secret:
+            return f"node {node_id} is registered here already (a node takes its place back with its secret)"
+        others = [t for t in self.tunnels.values() if t.node_id != node_id]
+        if len(others) >= self.limits.max_nodes:
+            return f"this relay serves {self.limits.max_nodes} nodes already (max_nodes)"
+        if sum(t.ip == peer_ip for t in others) >= self.limits.max_nodes_per_ip:
+            return f"{peer_ip} has {self.limits.max_nodes_per_ip} nodes registered here already (max_nodes_per_ip)"
+        return None
+
+    async def _register(self, peer_ip: str, message: dict[str, Any], reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
-        node_id = message.get("node_id")
+        node_id, secret = message.get("node_id"), message.get("secret")
         if not isinstance(node_id, str) or not 0 < len(node_id) <= 128:
             raise ProtocolError("register needs a node_id string")
         if (error := self._auth_error(REGISTER_METHOD + node_id, message)) is not None:
             return self._refuse(writer, error)
-        old = self.tunnels.get(node_id)
-        if old is not None:  # the node came back on a new connection: the old one is dead to it
+        if (error := self._registration_error(peer_ip, node_id, secret)) is not None:
+            return self._refuse(writer, error)
+        old = self.tunnels.pop(node_id, None)
+        if old is not None:  # the same node on a new connection: the old one is dead to it
             self._drop(old)
-        if len(self.tunnels) >= self.limits.max_nodes:
-            return self._refuse(writer, f"this relay serves {self.limits.max_nodes} nodes already (max_nodes)")
-        server = await self._listen_for(node_id)
-        rate = self.limits.rate_mbit * 1e6 / 8
-        tunnel = _Tunnel(node_id=node_id, control=writer, server=server,
-                         endpoint=join_address(self.announce_host, server.sockets[0].getsockname()[1]),
-                         bucket=TokenBucket(rate, max(rate / 10, 4 * CHUNK)) if rate else None)
+        resumed = self._resume.get(node_id)
+        server = await self._listen_for(node_id, resumed[0] if resumed and resumed[1] == secret else 0)
+        if (error := self._registration_error(peer_ip, node_id, secret)) is not None:  # others came meanwhile
+            server.close()
+            return self._refuse(writer, error)
+        port = server.sockets[0].getsockname()[1]
+        tunnel = _Tunnel(node_id=node_id, ip=peer_ip, secret=secrets.token_hex(16), control=writer, server=server,
+                         endpoint=join_address(self.announce_host, port))
         self.tunnels[node_id] = tunnel
-        self._last_port[node_id] = server.sockets[0].getsockname()[1]
-        send_message(writer, {"ok": True, "endpoint": tunnel.endpoint})
+        if node_id not in self._usage:
+            rate = self.limits.rate_mbit * 1e6 / 8
+            self._usage[node_id] = _Usage(bucket=TokenBucket(rate, max(rate / 10, 1 << 20)) if rate else None)
+        self._resume.pop(node_id, None)
+        self._resume[node_id] = (port, tunnel.secret)
+        if len(self._resume) > MAX_REMEMBERED:
+            self._resume.popitem(last=False)
+        send_message(writer, {"ok": True, "endpoint": tunnel.endpoint, "secret": tunnel.secret})
         logger.info("relay: node %s registered, public at %s", node_id, tunnel.endpoint)
+        pinger = self.spawn(self._ping(writer), "dmoe-relay-ping")
         try:
-            pinger = self.spawn(self._ping(writer), "dmoe-relay-ping")
-            try:
-                while True:
-                    reply = await read_message(reader, timeout=self.limits.control_timeout)
-                    if reply.get("op") != "pong":
-                        raise ProtocolError(f"unexpected {reply.get('op')!r} on a control channel")
-            finally:
-                pinger.cancel()
+            while True:
+                reply = await read_message(reader, timeout=self.limits.control_timeout)
+                if reply.get("op") != "pong":
+                    raise ProtocolError(f"unexpected {reply.get('op')!r} on a control channel")
         finally:
+            pinger.cancel()
             if self.tunnels.get(node_id) is tunnel:
                 self._drop(tunnel)
                 logger.info("relay: node %s left", node_id)
+            tunnel.server.close()
 
     async def _ping(self, writer: asyncio.StreamWriter) -> None:
         while True:
             await asyncio.sleep(PING_INTERVAL)
             send_message(writer, {"op": "ping"})
 
-    async def _listen_for(self, node_id: str) -> asyncio.Server:
+    async def _listen_for(self, node_id: str, port: int) -> asyncio.Server:
         def handler(reader, writer):
             return self._client(node_id, reader, writer)
 
-        last = self._last_port.get(node_id, 0)
-        if last:
+        if port:
             try:
-                return await asyncio.start_server(handler, self.host, last)
+                return await asyncio.start_server(handler, self.host, port)
             except OSError:
                 pass
         return await asyncio.start_server(handler, self.host, 0)
 
     def _drop(self, tunnel: _Tunnel) -> None:
-        self.tunnels.pop(tunnel.node_id, None)
+        if self.tunnels.get(tunnel.node_id) is tunnel:
+            del self.tunnels[tunnel.node_id]
         tunnel.server.close()
-        tunnel.control.close()
+        close_quietly(tunnel.control)
         for future in tunnel.pending.values():
             future.cancel()
+        usage = self._usage.get(tunnel.node_id)
+        if usage is not None and usage.num_connections == 0 and tunnel.node_id not in self.tunnels:
+            del self._usage[tunnel.node_id]
 
     # ---- client connections -----------------------------------------------------------------------
     async def _client(self, node_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        peer_ip = peer[0]
-        tunnel = self.tunnels.get(node_id)
-        if tunnel is None or tunnel.num_connections >= self.limits.max_connections_per_node \
-                or self._clients.get(peer_ip, 0) >= self.limits.max_connections_per_client:
+        peer_ip = peer[0] if peer else "?"
+        tunnel, usage = self.tunnels.get(node_id), self._usage.get(node_id)
+        if tunnel is None or usage is None or usage.num_connections >= self.limits.max_connections_per_node \
+                or self._clients[peer_ip] >= self.limits.max_connections_per_client:
             self.num_refused += 1
             logger.debug("relay: refused a client of %s from %s (limits or node gone)", node_id, peer_ip)
-            writer.close()
+            close_quietly(writer)
             return
         conn = secrets.token_hex(16)
         attached: asyncio.Future = asyncio.get_running_loop().create_future()
         tunnel.pending[conn] = attached
-        tunnel.num_connections += 1
-        self._clients[peer_ip] = self._clients.get(peer_ip, 0) + 1
+        usage.num_connections += 1
+        self._clients[peer_ip] += 1
+        self._writers.add(writer)
         try:
-            send_message(tunnel.control, {"op": "open", "conn": conn, "peer": join_address(peer_ip, peer[1])})
+            send_message(tunnel.control, {"op": "open", "conn": conn, "peer": join_address(peer_ip, peer[1] if peer else 0)})
             try:
                 node_side = await asyncio.wait_for(attached, self.limits.attach_timeout)
             except (TimeoutError, asyncio.CancelledError):
                 logger.debug("relay: node %s did not attach a connection for %s", node_id, peer_ip)
-                writer.close()
                 return
-            await splice((reader, writer), node_side, tunnel.bucket, tunnel.forwarded)
+            try:
+                await splice((reader, writer), node_side, usage.bucket, usage.forwarded)
+            finally:
+                self._writers.discard(node_side[1])
+        except (OSError, RuntimeError) as e:  # the control channel closed under us
+            logger.debug("relay: client of %s from %s: %s", node_id, peer_ip, e)
         finally:
             tunnel.pending.pop(conn, None)
-            tunnel.num_connections -= 1
-            left = self._clients.get(peer_ip, 1) - 1
-            if left > 0:
-                self._clients[peer_ip] = left
-            else:
-                self._clients.pop(peer_ip, None)
+            usage.num_connections -= 1
+            self._clients[peer_ip] -= 1
+            if self._clients[peer_ip] <= 0:
+                del self._clients[peer_ip]
+            self._writers.discard(writer)
+            close_quietly(writer)
+            if usage.num_connections == 0 and node_id not in self.tunnels:
+                self._usage.pop(node_id, None)
 
     def _attach(self, message: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         conn = message.get("conn")
@@ -454,43 +416,11 @@ class Relay:
         raise ProtocolError("attach for no waiting connection")
 
 
-# ---- the node's side: probe and register ------------------------------------------------------------
-async def probe(relay: str, port: int, *, key: SwarmKey | None, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask ``relay`` to dial this host back at ``port``: {"reachable": bool, "address", "error"}.
-    Raises OSError/ProtocolError when the relay cannot be asked, ConnectionRefusedError if it refuses."""
-    reader, writer = await open_connection(relay, timeout)
-    try:
-        message: dict[str, Any] = {"op": "probe", "port": port}
-        if key is not None:
-            message["auth"] = key.call_metadata(PROBE_METHOD)[0][1]
-        send_message(writer, message)
-        reply = await read_message(reader, timeout)
-    except EOFError:
-        raise ProtocolError(f"relay {relay} closed the connection") from None
-    finally:
-        writer.close()
-    if not reply.get("ok"):
-        raise ConnectionRefusedError(f"relay {relay} refused the probe: {reply.get('error')}")
-    return reply
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def register_message(node_id: str, key: SwarmKey | None) -> dict[str, Any]:
-    message: dict[str, Any] = {"op": "register", "node_id": node_id}
-    if key is not None:
-        message["auth"] = key.call_metadata(REGISTER_METHOD + node_id)[0][1]
-    return message
-
-
-def loopback_source(peer: str) -> str:
-    """A loopback address that stands for a relayed client (127.x.y.z from its IP), so that the
-    node's per-peer limits still tell relayed clients apart."""
-    ip = peer.rpartition(":")[0].strip("[]")
-    a, b, c = hashlib.blake2b(ip.encode(), digest_size=3).digest()
-    return f"127.{a}.{b}.{max(2, c)}"
+def _raise_file_limit() -> None:
+    """Every relayed client holds two sockets here: take the soft limit on open files up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass

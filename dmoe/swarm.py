@@ -137,7 +137,7 @@ class Swarm:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:
             return {key: {c: r for c, r in self._prefix_cache.get(key, (now, {}))[1].items()
-                          if not self._banned(r.dial_endpoint, r.uid, now)} for key in keys}
+                          if r.dial_endpoint and not self._banned(r.dial_endpoint, r.uid, now)} for key in keys}
 
     def _banned(self, endpoint: str, uid: str, now: float) -> bool:
         entry = self._failures.get(endpoint)

@@ -9,7 +9,7 @@ from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.experts import BUILTIN_EXPERTS
 from dmoe.local import check_announce_maddrs
-from dmoe.relay import split_address
+from dmoe.relayproto import split_address
 from dmoe.uids import expand_patterns
 
 MiB = 1 << 20

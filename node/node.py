@@ -47,9 +47,12 @@ from dmoe.peer import DHTPeer
 from dmoe.proto import expert_pb2 as pb
 from dmoe.node.relaylink import RelayLink
 from dmoe.records import ExpertRecord, Hardware, NodeRecord, find_relays
-from dmoe.relay import Relay, probe
+from dmoe.relay import Relay
+from dmoe.relayproto import probe
 
 logger = logging.getLogger(__name__)
+
+MAX_PROBED_RELAYS = 4  # relays asked in turn to dial a starting node back (each gets 5 s)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,7 +243,9 @@ class Node:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, device)
         await self._settle_reachability()
-        if config.offer_relay:
+        if config.offer_relay and not self.reachable:
+            logger.warning("not offering a relay (--offer-relay): others cannot dial this node")
+        elif config.offer_relay:
             self.relay = Relay(host=config.host, port=config.relay_port, announce_host=announce_host,
                                key=self.swarm_key)
             await asyncio.to_thread(self.relay.start)
@@ -299,7 +304,7 @@ class Node:
         """A relay's dial-back of this node's gRPC port; None if no relay could be asked."""
         assert self.endpoint is not None
         port = int(self.endpoint.rsplit(":", 1)[1])
-        for relay in await asyncio.to_thread(self._relay_candidates):
+        for relay in (await asyncio.to_thread(self._relay_candidates))[:MAX_PROBED_RELAYS]:
             try:
                 return await probe(relay, port, key=self.swarm_key)
             except Exception as e:

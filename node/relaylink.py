@@ -19,17 +19,18 @@ from collections.abc import Callable
 
 from dmoe.auth import SwarmKey
 from dmoe.errors import DmoeError
-from dmoe.relay import (MAX_LINE, PING_INTERVAL, ProtocolError, is_loopback, loopback_source, open_connection,
-                        read_message, register_message, send_message, splice)
+from dmoe.relayproto import (MAX_LINE, PING_INTERVAL, ProtocolError, close_quietly, loopback_source, open_connection,
+                             read_message, register_message, send_message, splice, split_address)
 
 logger = logging.getLogger(__name__)
 
 RETRY_MAX = 30.0
+MAX_ATTACHING = 256  # relayed client connections at once; more 'open's are ignored (the relay gives up on them)
 
 
 class RelayLink:
     def __init__(self, relays: Callable[[], list[str]], *, node_id: str, key: SwarmKey | None,
-                 target: tuple[str, int], on_change: Callable[[str], None] | None = None, timeout: float = 10.0):
+                 target: tuple[str, int], on_change: Callable[[str], None] | None = None, timeout: float = 5.0):
         self.relays = relays  # the relays to try, in order (called again before every round)
         self.node_id, self.key, self.target, self.on_change, self.timeout = node_id, key, target, on_change, timeout
         self.endpoint = ""  # this node's public host:port on the relay; "" while not registered
@@ -41,6 +42,7 @@ class RelayLink:
         self._ready = threading.Event()
         self._main: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._secrets: dict[str, str] = {}  # relay -> the secret of this node's registration there
 
     def start(self, timeout: float = 60.0) -> RelayLink:
         """Register with the first relay that takes this node; DmoeError if none does in time."""
@@ -95,7 +97,6 @@ class RelayLink:
             for relay in candidates:
                 try:
                     await self._serve(relay)
-                    delay = 1.0  # it worked for a while: start the back-off over
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
@@ -104,6 +105,7 @@ class RelayLink:
                 if self.endpoint:
                     logger.warning("lost relay %s; looking for one", relay)
                     self._set("", "")
+                    delay = 1.0  # it worked for a while: start the back-off over
             self.failures = failures or ["no relay known"]
             await asyncio.sleep(delay)
             delay = min(RETRY_MAX, delay * 2)
@@ -111,13 +113,16 @@ class RelayLink:
     async def _serve(self, relay: str) -> None:
         reader, writer = await open_connection(relay, self.timeout)
         try:
-            send_message(writer, register_message(self.node_id, self.key))
+            send_message(writer, register_message(self.node_id, self.key, self._secrets.get(relay)))
             try:
                 reply = await read_message(reader, self.timeout)
             except EOFError:
                 raise ProtocolError("closed the connection") from None
             if not reply.get("ok") or not isinstance(reply.get("endpoint"), str):
-                raise ConnectionRefusedError(f"refused: {reply.get('error', 'no endpoint given')}")
+                raise ConnectionRefusedError(f"refused: {str(reply.get('error', 'no endpoint given'))[:200]}")
+            split_address(reply["endpoint"])  # ValueError for anything that is not host:port
+            if isinstance(reply.get("secret"), str):
+                self._secrets[relay] = reply["secret"]
             logger.info("serving through relay %s at %s", relay, reply["endpoint"])
             self._set(relay, reply["endpoint"])
             self._ready.set()
@@ -130,6 +135,9 @@ class RelayLink:
                 if op == "ping":
                     send_message(writer, {"op": "pong"})
                 elif op == "open" and isinstance(message.get("conn"), str):
+                    if len(self._tasks) >= MAX_ATTACHING:
+                        logger.warning("%d relayed connections open already; ignoring one more", MAX_ATTACHING)
+                        continue
                     task = asyncio.get_running_loop().create_task(
                         self._attach(relay, message["conn"], str(message.get("peer", ""))))
                     self._tasks.add(task)
@@ -137,7 +145,7 @@ class RelayLink:
                 else:
                     raise ProtocolError(f"unexpected message {op!r} from the relay")
         finally:
-            writer.close()
+            close_quietly(writer)
 
     async def _attach(self, relay: str, conn: str, peer: str) -> None:
         host, port = self.target
@@ -147,7 +155,7 @@ class RelayLink:
             logger.debug("could not attach a relayed connection: %s", e)
             return
         send_message(relay_side[1], {"op": "attach", "conn": conn})
-        source = loopback_source(peer) if peer and is_loopback(host) and ":" not in host else None
+        source = loopback_source(peer) if peer and ":" not in host else None  # IPv4: 127/8 is all local
         try:
             local = await asyncio.open_connection(host, port, limit=MAX_LINE,
                                                   local_addr=(source, 0) if source else None)
@@ -156,7 +164,7 @@ class RelayLink:
                 local = await asyncio.open_connection(host, port, limit=MAX_LINE)
             except OSError as e:
                 logger.warning("relayed client: cannot reach this node's own gRPC server at %s:%d: %s", host, port, e)
-                relay_side[1].close()
+                close_quietly(relay_side[1])
                 return
         self.num_attached += 1
         await splice(relay_side, local)

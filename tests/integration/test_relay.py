@@ -17,7 +17,8 @@ import torch
 from dmoe.auth import SwarmKey
 from dmoe.moe import RemoteMoE
 from dmoe.records import find_experts, find_relays
-from dmoe.relay import Relay, RelayLimits, probe
+from dmoe.relay import Relay, RelayLimits
+from dmoe.relayproto import probe
 from dmoe.swarm import Swarm, SwarmConfig
 
 from conftest import wait_for
@@ -173,3 +174,61 @@ def test_a_relay_caps_client_connections_per_node(coordinator_factory, node_fact
                 extra.settimeout(5)
                 assert extra.recv(1) == b""  # the second: closed at once
             assert relay.stats()["refused"] >= 1
+
+
+class RawNode:
+    """A node's control connection made by hand: register, and read what the relay says."""
+
+    def __init__(self, relay: Relay, node_id: str, secret: str | None = None):
+        host, port = relay.address.rsplit(":", 1)
+        self.conn = socket.create_connection((host, int(port)), timeout=5)
+        message = {"op": "register", "node_id": node_id} | ({"secret": secret} if secret else {})
+        self.conn.sendall(json.dumps(message).encode() + b"\n")
+        self.file = self.conn.makefile("rb")
+        self.reply = json.loads(self.file.readline() or b"{}")
+
+    def close(self) -> None:
+        self.file.close()
+        self.conn.close()
+
+
+def test_a_registered_node_id_cannot_be_taken_over_without_its_secret():
+    with Relay() as relay:
+        owner = RawNode(relay, "node-a")
+        try:
+            assert owner.reply["ok"] and owner.reply["secret"]
+            thief = RawNode(relay, "node-a")
+            assert thief.reply == {"ok": False, "error": thief.reply["error"]}
+            assert "registered here already" in thief.reply["error"]
+            thief.close()
+            wrong = RawNode(relay, "node-a", secret="0" * 32)
+            assert not wrong.reply["ok"]
+            wrong.close()
+            back = RawNode(relay, "node-a", secret=owner.reply["secret"])  # the node itself, on a new connection
+            assert back.reply["ok"] and back.reply["endpoint"] == owner.reply["endpoint"]  # and its port back
+            assert owner.file.readline() == b""  # the old control channel is closed
+            assert relay.stats()["nodes"] == 1
+            back.close()
+            wait_for(lambda: relay.stats()["nodes"] == 0, 10, "the node to be dropped")
+        finally:
+            owner.close()
+
+
+def test_registrations_and_idle_connections_per_ip_are_capped():
+    limits = RelayLimits(max_nodes_per_ip=2, max_control_connections_per_ip=4, first_line_timeout=1.0)
+    with Relay(limits=limits) as relay:
+        nodes = [RawNode(relay, f"node-{i}") for i in range(3)]
+        try:
+            assert [n.reply["ok"] for n in nodes] == [True, True, False]
+            assert "max_nodes_per_ip" in nodes[2].reply["error"]
+            host, port = relay.address.rsplit(":", 1)
+            idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]  # 2 + 2 control
+            extra = socket.create_connection((host, int(port)), timeout=5)
+            assert extra.recv(1) == b""  # over max_control_connections_per_ip: closed at once
+            for conn in idle:  # silent past first_line_timeout: dropped
+                assert conn.recv(1) == b""
+            for conn in (*idle, extra):
+                conn.close()
+        finally:
+            for node in nodes:
+                node.close()

@@ -11,7 +11,8 @@ import pytest
 from dmoe.errors import ConfigError
 from dmoe.node.config import NodeConfig
 from dmoe.records import ExpertRecord, RelayRecord
-from dmoe.relay import RelayLimits, TokenBucket, join_address, loopback_source, split_address
+from dmoe.relay import RelayLimits
+from dmoe.relayproto import TokenBucket, join_address, loopback_source, split_address
 
 
 def test_addresses_split_and_join_both_ways():
@@ -50,20 +51,23 @@ def test_token_bucket_take_waits_off_its_debt():
     assert 0.15 < asyncio.run(spend()) < 0.6
 
 
-@pytest.mark.parametrize("field", ["max_nodes", "max_connections_per_node", "max_connections_per_client",
+@pytest.mark.parametrize("field", ["max_nodes", "max_nodes_per_ip", "max_connections_per_node",
+                                   "max_connections_per_client", "max_control_connections_per_ip", "first_line_timeout",
                                    "attach_timeout", "probes_per_minute", "probe_timeout", "control_timeout"])
 def test_relay_limits_must_be_positive(field):
     with pytest.raises(ConfigError, match=field):
         RelayLimits(**{field: 0})
     with pytest.raises(ConfigError, match="rate_mbit"):
         RelayLimits(rate_mbit=-1)
+    with pytest.raises(ConfigError, match="ping interval"):
+        RelayLimits(control_timeout=5)
 
 
 def test_the_dial_endpoint_is_the_relay_only_for_unreachable_nodes_with_one():
     base = dict(uid="ffn.0", endpoint="10.0.0.7:31001", node_id="n")
     assert ExpertRecord(**base).dial_endpoint == "10.0.0.7:31001"
     assert ExpertRecord(**base, reachable=False, relay="1.2.3.4:5").dial_endpoint == "1.2.3.4:5"
-    assert ExpertRecord(**base, reachable=False).dial_endpoint == "10.0.0.7:31001"  # lost its relay
+    assert ExpertRecord(**base, reachable=False).dial_endpoint == ""  # lost its relay: nowhere to dial
     assert ExpertRecord(**base, reachable=True, relay="1.2.3.4:5").dial_endpoint == "10.0.0.7:31001"
 
 

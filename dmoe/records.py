@@ -240,6 +240,6 @@ async def _find_relays(_dht: object, node: DHTNode) -> dict[str, RelayRecord]:
     return await find_relays_async(node)
 
 
-def find_relays(dht: DHTLike) -> dict[str, RelayRecord]:
-    """Every live relay announced in the swarm, by peer id (blocking)."""
-    return dht.run_coroutine(_find_relays)
+def find_relays(dht: DHTPeer, timeout: float | None = None) -> dict[str, RelayRecord]:
+    """Every live relay announced in the swarm, by peer id (blocking; TimeoutError after ``timeout``)."""
+    return dht.run_coroutine(_find_relays, timeout)

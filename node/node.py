@@ -294,7 +294,7 @@ class Node:
         found: list[str] = []
         if self._dht is not None:
             try:
-                found = [r.address for r in find_relays(self._dht).values()]
+                found = [r.address for r in find_relays(self._dht, timeout=5).values()]
             except Exception as e:
                 logger.debug("could not read the swarm's relays: %s", e)
         own = self.relay.address if self.relay else None

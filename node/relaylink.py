@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from dmoe.auth import SwarmKey
@@ -92,25 +93,50 @@ class RelayLink:
     async def _run(self) -> None:
         delay = 1.0
         while True:
-            candidates = await asyncio.to_thread(self.relays)
+            try:
+                candidates = await asyncio.to_thread(self.relays)
+            except Exception as e:  # a broken candidate source must not end the link
+                logger.warning("could not list relays: %s", e)
+                candidates = [self.relay] if self.relay else []
             failures = []
             for relay in candidates:
-                try:
-                    await self._serve(relay)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    failures.append(f"{relay}: {e or type(e).__name__}")
-                    logger.debug("relay %s: %s", relay, e)
+                quick_losses = 0
+                while quick_losses < 3:
+                    started = time.monotonic()
+                    if not await self._try(relay, failures):
+                        break
+                    # it took this node, then the channel broke: ask the same relay again at once (the
+                    # registration's secret gets the node its old port back, so clients see nothing);
+                    # a relay that keeps dropping it is left for the next one
+                    delay = 1.0
+                    quick_losses = quick_losses + 1 if time.monotonic() - started < 10 else 0
+                    logger.warning("lost the control channel to relay %s; registering again", relay)
+                    await asyncio.sleep(0.1 * quick_losses)
                 if self.endpoint:
                     logger.warning("lost relay %s; looking for one", relay)
                     self._set("", "")
-                    delay = 1.0  # it worked for a while: start the back-off over
             self.failures = failures or ["no relay known"]
             await asyncio.sleep(delay)
             delay = min(RETRY_MAX, delay * 2)
 
-    async def _serve(self, relay: str) -> None:
+    async def _try(self, relay: str, failures: list[str]) -> bool:
+        """Serve through ``relay`` until its channel ends; True if it registered this node first."""
+        registered = False
+
+        def on_registered() -> None:
+            nonlocal registered
+            registered = True
+
+        try:
+            await self._serve(relay, on_registered)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            failures.append(f"{relay}: {e or type(e).__name__}")
+            logger.debug("relay %s: %s", relay, e)
+        return registered
+
+    async def _serve(self, relay: str, on_registered: Callable[[], None]) -> None:
         reader, writer = await open_connection(relay, self.timeout)
         try:
             send_message(writer, register_message(self.node_id, self.key, self._secrets.get(relay)))
@@ -125,6 +151,7 @@ class RelayLink:
                 self._secrets[relay] = reply["secret"]
             logger.info("serving through relay %s at %s", relay, reply["endpoint"])
             self._set(relay, reply["endpoint"])
+            on_registered()
             self._ready.set()
             while True:
                 try:

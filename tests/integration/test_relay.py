@@ -96,15 +96,20 @@ def remote_moe_step(swarm: Swarm, prefix: str, num_experts: int) -> RemoteMoE:
     return layer
 
 
-def test_a_node_behind_a_relay_serves_a_remote_moe(coordinator_factory, node_factory):
-    """The coordinator offers a relay and announces it; a node started with --reachability relay
-    finds it in the DHT, registers, and its records send clients to the relay's port."""
+def test_nodes_behind_the_coordinators_relay_and_in_front_of_it(coordinator_factory, node_factory):
+    """The coordinator offers a relay and announces it. A node started with --reachability relay finds
+    it in the DHT, registers, and its records send clients to the relay's port, through which a
+    RemoteMoE trains; a node with the default --reachability auto answers the relay's dial-back and
+    is announced as direct."""
     coordinator = coordinator_factory()
     relay_address = coordinator.ready["relay"]
     assert relay_address.startswith("127.0.0.1:")
     node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN),
-                        "--reachability", "relay")
-    assert node.ready["reachable"] is False
+                        "--reachability", "relay", name="relayed")
+    direct = node_factory("--swarm", coordinator.swarm[0], "--experts", "dir.[0:2]", "--hidden-dim", str(HIDDEN),
+                          name="direct")
+    assert node.ready["reachable"] is False and direct.ready["reachable"] is True
+    assert direct.ready["relay_endpoint"] == "" and "is reachable (a relay dialled" in direct.log()
     relayed = node.ready["relay_endpoint"]
     assert relayed.rsplit(":", 1)[0] == "127.0.0.1" and relayed != node.endpoint and relayed != relay_address
     with Swarm(SwarmConfig(initial_peers=coordinator.swarm, cache_ttl=60)) as swarm:
@@ -112,23 +117,14 @@ def test_a_node_behind_a_relay_serves_a_remote_moe(coordinator_factory, node_fac
         records = wait_for(lambda: find_experts(swarm.peer, [f"ffn.{i}" for i in range(4)]), 20, "records")
         assert {r.dial_endpoint for r in records.values()} == {relayed}
         assert all(not r.reachable and r.endpoint == node.endpoint for r in records.values())
+        record = wait_for(lambda: find_experts(swarm.peer, ["dir.0"]).get("dir.0"), 20, "the direct record")
+        assert record.reachable and record.dial_endpoint == record.endpoint == direct.endpoint
         layer = remote_moe_step(swarm, "ffn", 4)
         try:
-            uids = layer.last_routing[0]
-            assert len(set(uids)) >= 2
+            assert len(set(layer.last_routing[0])) >= 2
         finally:
             layer.dispatcher.close()
     assert "serving through relay" in node.log()
-
-
-def test_auto_reachability_announces_a_node_that_answers_the_probe_as_direct(coordinator_factory, node_factory):
-    coordinator = coordinator_factory()
-    node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN))
-    assert node.ready["reachable"] is True and node.ready["relay_endpoint"] == ""
-    with Swarm(SwarmConfig(initial_peers=coordinator.swarm)) as swarm:
-        record = wait_for(lambda: find_experts(swarm.peer, ["ffn.0"]).get("ffn.0"), 20, "the record")
-        assert record.reachable and record.dial_endpoint == record.endpoint == node.endpoint
-    assert "reachable" in node.log()
 
 
 def test_a_node_moves_to_another_relay_when_its_relay_dies(coordinator_factory, node_factory):
@@ -150,8 +146,8 @@ def test_a_node_moves_to_another_relay_when_its_relay_dies(coordinator_factory, 
         remote_moe_step(swarm, "ffn", 2).dispatcher.close()
         doomed.kill()
 
-        def moved() -> set[str]:
-            found = find_experts(swarm.peer, ["ffn.0", "ffn.1"])
+        def moved() -> set[str]:  # as the layer sees them: its lookups are cached
+            found = swarm.live_under(["ffn."], refresh=True)["ffn."]
             endpoints = {r.dial_endpoint for r in found.values()}
             return endpoints if len(found) == 2 and first_endpoint not in endpoints else set()
 
@@ -174,6 +170,10 @@ def test_a_relay_caps_client_connections_per_node(coordinator_factory, node_fact
                 extra.settimeout(5)
                 assert extra.recv(1) == b""  # the second: closed at once
             assert relay.stats()["refused"] >= 1
+        wait_for(lambda: relay.stats()["connections"] == 0, 10, "the relay to notice the client left")
+        with socket.create_connection((host, int(port)), timeout=5) as again:  # room for one again
+            again.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            wait_for(lambda: relay.stats()["connections"] == 1, 10, "a new connection")
 
 
 class RawNode:

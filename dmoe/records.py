@@ -197,17 +197,24 @@ def _experts_from(found: dict[str, Any]) -> dict[str, ExpertRecord]:
     return result
 
 
-async def find_nodes_async(node: DHTNode) -> dict[str, NodeRecord]:
-    """Every live node record in the swarm, by node id."""
-    entry = await node.get(NODES_KEY, latest=True)
+async def _records_by_subkey(node: DHTNode, key: str, model: type[_Record], names_subkey: str) -> dict[str, Any]:
+    """The well-formed records stored under ``key``, by subkey, each naming its own subkey in its
+    field ``names_subkey`` (a record filed under another's name is ignored)."""
+    entry = await node.get(key, latest=True)
     if entry is None or not isinstance(entry.value, dict):
         return {}
-    nodes = {}
-    for node_id, sub in entry.value.items():
-        record = _parse(NodeRecord, getattr(sub, "value", None))
-        if record is not None and record.state == "online" and record.node_id == node_id:
-            nodes[node_id] = record
-    return nodes
+    found = {}
+    for subkey, sub in entry.value.items():
+        record = _parse(model, getattr(sub, "value", None))
+        if record is not None and getattr(record, names_subkey) == subkey:
+            found[subkey] = record
+    return found
+
+
+async def find_nodes_async(node: DHTNode) -> dict[str, NodeRecord]:
+    """Every live node record in the swarm, by node id."""
+    found = await _records_by_subkey(node, NODES_KEY, NodeRecord, "node_id")
+    return {node_id: record for node_id, record in found.items() if record.state == "online"}
 
 
 async def _find_nodes(_dht: object, node: DHTNode) -> dict[str, NodeRecord]:
@@ -225,15 +232,7 @@ async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time:
 
 async def find_relays_async(node: DHTNode) -> dict[str, RelayRecord]:
     """Every live relay announced in the swarm, by peer id."""
-    entry = await node.get(RELAYS_KEY, latest=True)
-    if entry is None or not isinstance(entry.value, dict):
-        return {}
-    relays = {}
-    for peer_id, sub in entry.value.items():
-        record = _parse(RelayRecord, getattr(sub, "value", None))
-        if record is not None and record.peer_id == peer_id:
-            relays[peer_id] = record
-    return relays
+    return await _records_by_subkey(node, RELAYS_KEY, RelayRecord, "peer_id")
 
 
 async def _find_relays(_dht: object, node: DHTNode) -> dict[str, RelayRecord]:

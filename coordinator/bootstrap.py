@@ -49,16 +49,17 @@ class Coordinator:
             self.swarm_addresses = list(self.dht.visible_maddrs)
             self.join_address, self.peer_id = self.dht.join_address, self.dht.peer_id
             logger.info("coordinator up as %s", self.dht.peer_id)
-            self.monitor = SwarmMonitor(self.dht, poll_interval=config.poll_interval, history=config.history)
-            info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses, "join": self.join_address}
-            self.dashboard = Dashboard(self.monitor, make_registry(self.monitor), info)
-            self.dashboard_url = self.dht.run(self._start_serving(), 60)
             if config.offer_relay:
                 self.relay = Relay(host=config.host, port=config.relay_port, announce_host=config.relay_announce_host,
                                    key=load_key(config.swarm_key),
                                    limits=RelayLimits(max_nodes=config.relay_max_nodes, rate_mbit=config.relay_rate_mbit))
                 self.relay.start()
                 self.relay.announce(self.dht, self.peer_id)
+            self.monitor = SwarmMonitor(self.dht, poll_interval=config.poll_interval, history=config.history)
+            info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses, "join": self.join_address}
+            relay_stats = self.relay.stats if self.relay is not None else None
+            self.dashboard = Dashboard(self.monitor, make_registry(self.monitor, relay_stats), info, relay_stats)
+            self.dashboard_url = self.dht.run(self._start_serving(), 60)
         except BaseException:
             self.shutdown()
             raise

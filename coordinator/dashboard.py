@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 from importlib import resources
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -28,8 +29,9 @@ _strict_dumps = functools.partial(json.dumps, allow_nan=False)  # browsers canno
 
 
 class Dashboard:
-    def __init__(self, monitor: SwarmMonitor, registry: CollectorRegistry, info: dict[str, Any]):
-        self.monitor, self.registry, self.info = monitor, registry, info
+    def __init__(self, monitor: SwarmMonitor, registry: CollectorRegistry, info: dict[str, Any],
+                 relay_stats: Callable[[], dict[str, Any]] | None = None):
+        self.monitor, self.registry, self.info, self.relay_stats = monitor, registry, info, relay_stats
         self.url: str = ""
         self._runner: web.AppRunner | None = None
         self._page = resources.files("dmoe.coordinator").joinpath("static/dashboard.html").read_bytes()
@@ -65,7 +67,8 @@ class Dashboard:
     async def _swarm(self, request: web.Request) -> web.Response:
         monitor = self.monitor
         body = {**monitor.view.model_dump(), "coordinator": self.info, "poll_interval": monitor.poll_interval,
-                "num_polls": monitor.num_polls, "last_error": monitor.last_error}
+                "num_polls": monitor.num_polls, "last_error": monitor.last_error,
+                "relay": self.relay_stats() if self.relay_stats is not None else None}
         return web.json_response(body, dumps=_strict_dumps)
 
     async def _history(self, request: web.Request) -> web.Response:

@@ -7,7 +7,8 @@ its counters again, which ``rate()`` treats as a counter reset.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -60,8 +61,27 @@ class SwarmCollector(Collector):
         yield from families.values()
 
 
-def make_registry(monitor: SwarmMonitor) -> CollectorRegistry:
+class RelayCollector(Collector):
+    """The coordinator's relay (dmoe.relay): nodes it serves, connections, bytes and refusals."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        yield GaugeMetricFamily("dmoe_relay_nodes", "nodes served through this relay", value=stats["nodes"])
+        yield GaugeMetricFamily("dmoe_relay_connections", "client connections spliced to them",
+                                value=stats["connections"])
+        yield CounterMetricFamily("dmoe_relay_forwarded_bytes", "bytes forwarded, both directions",
+                                  value=stats["forwarded_bytes"])
+        yield CounterMetricFamily("dmoe_relay_refused", "registrations, probes and connections refused",
+                                  value=stats["refused"])
+
+
+def make_registry(monitor: SwarmMonitor, relay_stats: Callable[[], dict[str, Any]] | None = None) -> CollectorRegistry:
     """A registry of its own per coordinator (several may run in one process, as in tests)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(SwarmCollector(monitor))
+    if relay_stats is not None:
+        registry.register(RelayCollector(relay_stats))
     return registry

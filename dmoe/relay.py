@@ -113,6 +113,7 @@ class Relay:
         self.tunnels: dict[str, _Tunnel] = {}
         self.num_refused = 0  # registrations, probes and client connections refused by a limit or the key
         self._usage: dict[str, _Usage] = {}
+        self._forwarded_before = 0  # bytes forwarded for nodes whose usage is forgotten (stats stay cumulative)
         self._clients: collections.Counter[str] = collections.Counter()  # open client connections per IP
         self._control: collections.Counter[str] = collections.Counter()  # connections on the relay's port per IP
         self._probe_buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
@@ -215,7 +216,7 @@ class Relay:
         usage = list(self._usage.values())
         return {"address": self.address, "nodes": len(self.tunnels), "refused": self.num_refused,
                 "connections": sum(u.num_connections for u in usage),
-                "forwarded_bytes": sum(u.forwarded[0] for u in usage)}
+                "forwarded_bytes": self._forwarded_before + sum(u.forwarded[0] for u in usage)}
 
     # ---- the relay's own port ---------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -361,9 +362,14 @@ class Relay:
         close_quietly(tunnel.control)
         for future in tunnel.pending.values():
             future.cancel()
-        usage = self._usage.get(tunnel.node_id)
-        if usage is not None and usage.num_connections == 0 and tunnel.node_id not in self.tunnels:
-            del self._usage[tunnel.node_id]
+        self._forget_usage(tunnel.node_id)
+
+    def _forget_usage(self, node_id: str) -> None:
+        """Forget what a node used once it is gone and its last connection closed."""
+        usage = self._usage.get(node_id)
+        if usage is not None and usage.num_connections == 0 and node_id not in self.tunnels:
+            self._forwarded_before += usage.forwarded[0]
+            del self._usage[node_id]
 
     # ---- client connections -----------------------------------------------------------------------
     async def _client(self, node_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -403,8 +409,7 @@ class Relay:
                 del self._clients[peer_ip]
             self._writers.discard(writer)
             close_quietly(writer)
-            if usage.num_connections == 0 and node_id not in self.tunnels:
-                self._usage.pop(node_id, None)
+            self._forget_usage(node_id)
 
     def _attach(self, message: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         conn = message.get("conn")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
+import urllib.request
 
 import pytest
 import torch
@@ -125,6 +127,14 @@ def test_nodes_behind_the_coordinators_relay_and_in_front_of_it(coordinator_fact
         finally:
             layer.dispatcher.close()
     assert "serving through relay" in node.log()
+    with urllib.request.urlopen(coordinator.dashboard + "api/swarm", timeout=10) as response:
+        relay = json.load(response)["relay"]
+    assert relay["address"] == relay_address and relay["nodes"] == 1 and relay["forwarded_bytes"] > 0
+    with urllib.request.urlopen(coordinator.dashboard + "metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    forwarded = re.search(r"^dmoe_relay_forwarded_bytes_total (\S+)$", metrics, re.M)
+    assert forwarded and float(forwarded.group(1)) >= relay["forwarded_bytes"]
+    assert re.search(r"^dmoe_relay_nodes 1\.0$", metrics, re.M)
 
 
 def test_a_node_moves_to_another_relay_when_its_relay_dies(coordinator_factory, node_factory):

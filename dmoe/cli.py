@@ -32,9 +32,9 @@ def _setup_logging() -> None:
 def main() -> None:
     """dmoe: a decentralized Mixture-of-Experts over volunteer machines."""
     _setup_logging()
-    # gRPC's fork support closes, after a fork, file descriptors it once had, even when they have
-    # been reused since: in a process that also relays (dmoe.relay), that cut relayed connections.
-    # Read by gRPC when it starts (the first channel or server), which is after this.
+    # With gRPC's fork support on, a process that also relays (dmoe.relay) lost relayed connections
+    # that nothing closed (gRPC has reports of it closing reused descriptors after forks). gRPC
+    # reads this when it starts (the first channel or server), which is after this.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 

@@ -2,6 +2,6 @@ import os
 
 # Keep torch to the cores CI has; nodes started by tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# As the dmoe CLI does: gRPC's fork support closes reused file descriptors after a fork (tests fork
-# nodes while relays and gRPC channels share this process).
+# As the dmoe CLI does: with gRPC's fork support on, relayed connections in a process that also runs
+# gRPC were cut (tests fork nodes while relays and gRPC channels share this process).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")

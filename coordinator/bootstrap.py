@@ -23,6 +23,7 @@ from dmoe.coordinator.monitor import SwarmMonitor
 from dmoe.local import write_json_atomic
 from dmoe.peer import DHTPeer
 from dmoe.relay import Relay, RelayLimits
+from dmoe.relayproto import parse_port_range
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class Coordinator:
             if config.offer_relay:
                 self.relay = Relay(host=config.host, port=config.relay_port, announce_host=config.relay_announce_host,
                                    key=load_key(config.swarm_key),
-                                   limits=RelayLimits(max_nodes=config.relay_max_nodes, rate_mbit=config.relay_rate_mbit))
+                                   limits=RelayLimits(max_nodes=config.relay_max_nodes, rate_mbit=config.relay_rate_mbit),
+                                   public_ports=parse_port_range(config.relay_public_ports)
+                                   if config.relay_public_ports else None)
                 self.relay.start()
                 self.relay.announce(self.dht, self.peer_id)
             self.monitor = SwarmMonitor(self.dht, poll_interval=config.poll_interval, history=config.history)

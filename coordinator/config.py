@@ -9,6 +9,7 @@ from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.local import check_announce_maddrs
 from dmoe.relay import RelayLimits
+from dmoe.relayproto import parse_port_range
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -29,6 +30,8 @@ class CoordinatorConfig:
     offer_relay: bool = option(True, "run a relay for nodes that cannot be dialled (behind a NAT), announced in the swarm")
     relay_port: int = option(0, "port of the relay (0: any free port)")
     relay_announce_host: str | None = option(None, "host nodes dial for the relay (default: --host)")
+    relay_public_ports: str | None = option(None, "ports the relay opens for the nodes it serves, e.g. 40000-40999, "
+                                                  "for a firewall (default: any free port)")
     relay_max_nodes: int = option(256, "nodes the relay serves at once")
     relay_rate_mbit: float = option(0.0, "Mbit/s the relay forwards per node, both directions together (0: no limit)")
     ready_file: str | None = option(None, "write a JSON file with the swarm address and dashboard URL once up")
@@ -41,6 +44,11 @@ class CoordinatorConfig:
         if self.poll_interval <= 0:
             raise ConfigError(f"poll_interval must be > 0, got {self.poll_interval}")
         RelayLimits(max_nodes=self.relay_max_nodes, rate_mbit=self.relay_rate_mbit)  # rejects bad values
+        if self.relay_public_ports is not None:
+            try:
+                parse_port_range(self.relay_public_ports)
+            except ValueError as e:
+                raise ConfigError(f"relay_public_ports: {e}") from None
         if self.offer_relay and self.host in ("0.0.0.0", "::") and not self.relay_announce_host:
             raise ConfigError(f"a relay listening on {self.host} needs --relay-announce-host, the address nodes dial")
         if self.history < 2:

@@ -34,6 +34,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import random
 import resource
 import secrets
 import threading
@@ -103,10 +104,12 @@ class Relay:
     """``with Relay(host=..., key=...) as relay: relay.address``; runs on a thread of its own."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, announce_host: str | None = None,
-                 key: SwarmKey | None = None, limits: RelayLimits | None = None):
+                 key: SwarmKey | None = None, limits: RelayLimits | None = None,
+                 public_ports: tuple[int, int] | None = None):
         if host in ("0.0.0.0", "::") and not announce_host:
             raise ConfigError(f"a relay listening on {host} needs an address to announce (announce host)")
         self.host, self.port, self.announce_host = host, port, announce_host or host
+        self.public_ports = public_ports  # (first, last): the ports opened for nodes (None: any free port)
         self.verifier = CallVerifier(key) if key is not None else None
         self.limits = limits or RelayLimits()
         self.address = ""  # host:port nodes dial to probe and register, once started
@@ -309,7 +312,10 @@ class Relay:
         if old is not None:  # the same node on a new connection: the old one is dead to it
             self._drop(old)
         resumed = self._resume.get(node_id)
-        server = await self._listen_for(node_id, resumed[0] if resumed and resumed[1] == secret else 0)
+        try:
+            server = await self._listen_for(node_id, resumed[0] if resumed and resumed[1] == secret else 0)
+        except OSError as e:
+            return self._refuse(writer, f"no public port for this node: {e}")
         if (error := self._registration_error(peer_ip, node_id, secret)) is not None:  # others came meanwhile
             server.close()
             return self._refuse(writer, error)
@@ -348,12 +354,19 @@ class Relay:
         def handler(reader, writer):
             return self._client(node_id, reader, writer)
 
-        if port:
+        if self.public_ports is None:
+            candidates = [port, 0] if port else [0]
+        else:
+            first, last = self.public_ports
+            start = random.randint(first, last)
+            candidates = ([port] if first <= port <= last else []) + [*range(start, last + 1), *range(first, start)]
+        for candidate in candidates:
             try:
-                return await asyncio.start_server(handler, self.host, port)
+                return await asyncio.start_server(handler, self.host, candidate)
             except OSError:
-                pass
-        return await asyncio.start_server(handler, self.host, 0)
+                continue
+        raise OSError(f"every port of {self.public_ports[0]}-{self.public_ports[1]} is taken"
+                      if self.public_ports else "cannot listen")
 
     def _drop(self, tunnel: _Tunnel) -> None:
         if self.tunnels.get(tunnel.node_id) is tunnel:

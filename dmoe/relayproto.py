@@ -64,6 +64,18 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_port_range(text: str) -> tuple[int, int]:
+    """(first, last) of 'FIRST-LAST' (or one port); ValueError otherwise."""
+    first, _, last = text.partition("-")
+    try:
+        low, high = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"expected a port range such as 40000-40999, got {text!r}") from None
+    if not 0 < low <= high < 65536:
+        raise ValueError(f"expected a port range within 1-65535, got {text!r}")
+    return low, high
+
+
 def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

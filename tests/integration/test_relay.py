@@ -103,11 +103,12 @@ def test_nodes_behind_the_coordinators_relay_and_in_front_of_it(coordinator_fact
     it in the DHT, registers, and its records send clients to the relay's port, through which a
     RemoteMoE trains; a node with the default --reachability auto answers the relay's dial-back and
     is announced as direct."""
-    coordinator = coordinator_factory()
+    coordinator = coordinator_factory("--relay-public-ports", "20000-20999")  # below the system's own ports
     relay_address = coordinator.ready["relay"]
     assert relay_address.startswith("127.0.0.1:")
     node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN),
                         "--reachability", "relay", name="relayed")
+    assert 20000 <= int(node.ready["relay_endpoint"].rsplit(":", 1)[1]) <= 20999
     direct = node_factory("--swarm", coordinator.swarm[0], "--experts", "dir.[0:2]", "--hidden-dim", str(HIDDEN),
                           name="direct")
     assert node.ready["reachable"] is False and direct.ready["reachable"] is True
@@ -242,3 +243,18 @@ def test_registrations_and_idle_connections_per_ip_are_capped():
         finally:
             for node in nodes:
                 node.close()
+
+
+def test_public_ports_come_from_the_range_given_and_run_out():
+    with socket.socket() as probe_socket:  # a port that is free now
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    with Relay(public_ports=(port, port)) as relay:
+        first = RawNode(relay, "node-a")
+        second = RawNode(relay, "node-b")
+        try:
+            assert first.reply["ok"] and first.reply["endpoint"] == f"127.0.0.1:{port}"
+            assert not second.reply["ok"] and f"every port of {port}-{port} is taken" in second.reply["error"]
+        finally:
+            first.close()
+            second.close()

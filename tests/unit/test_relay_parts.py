@@ -8,11 +8,12 @@ import time
 
 import pytest
 
+from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.errors import ConfigError
 from dmoe.node.config import NodeConfig
 from dmoe.records import ExpertRecord, RelayRecord
 from dmoe.relay import RelayLimits
-from dmoe.relayproto import TokenBucket, join_address, loopback_source, split_address
+from dmoe.relayproto import TokenBucket, join_address, loopback_source, parse_port_range, split_address
 
 
 def test_addresses_split_and_join_both_ways():
@@ -89,3 +90,13 @@ def test_node_reachability_options_are_checked():
     with pytest.raises(ConfigError, match="relay: expected host:port"):
         NodeConfig(relay=["relay.example.org"])
     assert NodeConfig(reachability="relay", swarm=swarm, relay=["[::1]:9"]).relay == ["[::1]:9"]
+
+
+def test_port_ranges_parse_and_bad_ones_are_refused_by_the_coordinators_config():
+    assert parse_port_range("40000-40999") == (40000, 40999) and parse_port_range("5000") == (5000, 5000)
+    for bad in ("40999-40000", "0-10", "1-70000", "a-b", ""):
+        with pytest.raises(ValueError, match="port range"):
+            parse_port_range(bad)
+    with pytest.raises(ConfigError, match="relay_public_ports"):
+        CoordinatorConfig(relay_public_ports="high-low")
+    assert CoordinatorConfig(relay_public_ports="40000-40100").relay_public_ports == "40000-40100"

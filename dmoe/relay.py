@@ -212,9 +212,6 @@ class Relay:
 
         self.run(begin(), 30)
 
-    def public_ports(self) -> list[int]:
-        return [t.server.sockets[0].getsockname()[1] for t in list(self.tunnels.values()) if t.server.sockets]
-
     def stats(self) -> dict[str, Any]:
         usage = list(self._usage.values())
         return {"address": self.address, "nodes": len(self.tunnels), "refused": self.num_refused,

@@ -36,7 +36,6 @@ class RelayLink:
         self.node_id, self.key, self.target, self.on_change, self.timeout = node_id, key, target, on_change, timeout
         self.endpoint = ""  # this node's public host:port on the relay; "" while not registered
         self.relay = ""  # the relay it is registered with
-        self.num_attached = 0
         self.failures: list[str] = []  # why the last round's relays failed
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -193,5 +192,4 @@ class RelayLink:
                 logger.warning("relayed client: cannot reach this node's own gRPC server at %s:%d: %s", host, port, e)
                 close_quietly(relay_side[1])
                 return
-        self.num_attached += 1
         await splice(relay_side, local)

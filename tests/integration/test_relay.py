@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -258,3 +259,21 @@ def test_public_ports_come_from_the_range_given_and_run_out():
         finally:
             first.close()
             second.close()
+
+
+def test_a_client_whose_node_never_attaches_is_closed_at_attach_timeout():
+    """The node is told of the client ('open') but never dials back (it hung, or died silently):
+    the relay closes the client's connection after attach_timeout and frees its slot."""
+    with Relay(limits=RelayLimits(attach_timeout=0.5)) as relay:
+        node = RawNode(relay, "silent-node")
+        try:
+            host, port = node.reply["endpoint"].rsplit(":", 1)
+            started = time.monotonic()
+            with socket.create_connection((host, int(port)), timeout=5) as client:
+                opened = json.loads(node.file.readline())
+                assert opened["op"] == "open" and len(opened["conn"]) == 32
+                assert client.recv(1) == b""  # closed by the relay
+            assert 0.5 <= time.monotonic() - started < 3
+            wait_for(lambda: relay.stats()["connections"] == 0, 5, "the slot to be freed")
+        finally:
+            node.close()

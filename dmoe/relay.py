@@ -12,9 +12,10 @@ JSON lines (:mod:`dmoe.relayproto`). Why a TCP relay and not libp2p's circuit re
 
 Protocol, on one listening port:
 
-- ``{"op": "probe", "port": P}``: the relay dials *the asking connection's own IP* at port P
-  (never another address) and answers ``{"reachable": bool, "address": "ip:P", "error": str}``.
-  That is how a node learns whether others can dial its gRPC endpoint.
+- ``{"op": "probe", "port": P, "node_id": ID, "tls": bool}``: the relay dials *the asking
+  connection's own IP* at port P (never another address), checks that node ID answers there
+  (:mod:`dmoe.dialback`), and answers ``{"reachable": bool, "address": "ip:P", "error": str,
+  "verified": bool}``. That is how a node learns whether others can dial its gRPC endpoint.
 - ``{"op": "register", "node_id": ID, "auth": TOKEN, "secret": S}``: answered ``{"ok": true,
   "endpoint": "host:port", "secret": S'}``, the node's public address on this relay, or ``{"ok":
   false, "error": ...}``. A node id that is registered already can only be taken over with the
@@ -42,9 +43,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dmoe.auth import CallVerifier, SwarmKey
+from dmoe.dialback import dial_back
 from dmoe.errors import ConfigError
-from dmoe.relayproto import (MAX_LINE, PING_INTERVAL, PROBE_METHOD, REGISTER_METHOD, ProtocolError, TokenBucket,
-                             close_quietly, join_address, read_message, send_message, splice)
+from dmoe.relayproto import (MAX_LINE, PING_INTERVAL, PROBE_METHOD, REGISTER_METHOD, ProtocolError, RelayLimits,
+                             TokenBucket, close_quietly, join_address, read_message, send_message, splice)
 
 if TYPE_CHECKING:
     from dmoe.peer import DHTPeer
@@ -52,32 +54,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_REMEMBERED = 10_000  # probe buckets and past registrations kept (least recently used go first)
-
-
-@dataclasses.dataclass(kw_only=True, slots=True)
-class RelayLimits:
-    max_nodes: int = 256  # nodes registered at once
-    max_nodes_per_ip: int = 16  # nodes registered from one IP (a household behind one NAT)
-    max_connections_per_node: int = 64  # client connections spliced to one node
-    max_connections_per_client: int = 16  # client connections from one IP, all nodes together
-    max_control_connections_per_ip: int = 64  # connections from one IP on the relay's own port
-    rate_mbit: float = 0.0  # bytes forwarded per node, both directions together (0: no limit)
-    first_line_timeout: float = 5.0  # seconds a new connection on the relay's port has to say what it wants
-    attach_timeout: float = 10.0  # seconds a client connection waits for its node to attach
-    probes_per_minute: float = 30.0  # probes one IP may ask for
-    probe_timeout: float = 3.0  # seconds a probe's dial may take
-    control_timeout: float = 3 * PING_INTERVAL  # a control channel silent this long is dropped
-
-    def __post_init__(self) -> None:
-        for name in ("max_nodes", "max_nodes_per_ip", "max_connections_per_node", "max_connections_per_client",
-                     "max_control_connections_per_ip", "first_line_timeout", "attach_timeout",
-                     "probes_per_minute", "probe_timeout", "control_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"relay {name} must be > 0, got {getattr(self, name)}")
-        if self.rate_mbit < 0:
-            raise ConfigError(f"relay rate_mbit must be >= 0, got {self.rate_mbit}")
-        if self.control_timeout <= PING_INTERVAL:
-            raise ConfigError(f"relay control_timeout must be longer than the ping interval ({PING_INTERVAL:g} s)")
 
 
 @dataclasses.dataclass(slots=True)
@@ -110,6 +86,7 @@ class Relay:
             raise ConfigError(f"a relay listening on {host} needs an address to announce (announce host)")
         self.host, self.port, self.announce_host = host, port, announce_host or host
         self.public_ports = public_ports  # (first, last): the ports opened for nodes (None: any free port)
+        self.key = key
         self.verifier = CallVerifier(key) if key is not None else None
         self.limits = limits or RelayLimits()
         self.address = ""  # host:port nodes dial to probe and register, once started
@@ -274,15 +251,10 @@ class Relay:
         if not bucket.try_take():
             return self._refuse(writer, f"too many probes from {peer_ip} (probes_per_minute="
                                         f"{self.limits.probes_per_minute:g})")
-        address = join_address(peer_ip, port)
-        try:
-            _, probe_writer = await asyncio.wait_for(asyncio.open_connection(peer_ip, port),
-                                                     self.limits.probe_timeout)
-            close_quietly(probe_writer)
-            send_message(writer, {"ok": True, "reachable": True, "address": address, "error": ""})
-        except (OSError, TimeoutError) as e:
-            reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-            send_message(writer, {"ok": True, "reachable": False, "address": address, "error": reason})
+        verdict = await dial_back(peer_ip, port, node_id=message.get("node_id"), tls=message.get("tls") is True,
+                                  key=self.key, timeout=self.limits.probe_timeout,
+                                  call_timeout=self.limits.probe_call_timeout)
+        send_message(writer, {"ok": True, **verdict})
         await writer.drain()
 
     def _registration_error(self, peer_ip: str, node_id: str, secret: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""The relay's wire protocol and the byte pipe that both of its sides use (:mod:`dmoe.relay`,
+"""The relay's wire protocol, its limits, and the byte pipe that both of its sides use (:mod:`dmoe.relay`,
 :mod:`dmoe.node.relaylink`).
 
 Every message is one JSON object on one line of at most ``MAX_LINE`` bytes, with a string ``op``;
@@ -9,18 +9,48 @@ anything else is a :class:`ProtocolError`. After ``attach``, a connection carrie
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
 from typing import Any
 
 from dmoe.auth import SwarmKey
+from dmoe.errors import ConfigError
 
 MAX_LINE = 4096
 CHUNK = 256 << 10
 PING_INTERVAL = 10.0
 REGISTER_METHOD = "/dmoe.Relay/Register/"  # + node id: a token names the node it registers
 PROBE_METHOD = "/dmoe.Relay/Probe"
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class RelayLimits:
+    max_nodes: int = 256  # nodes registered at once
+    max_nodes_per_ip: int = 16  # nodes registered from one IP (a household behind one NAT)
+    max_connections_per_node: int = 64  # client connections spliced to one node
+    max_connections_per_client: int = 16  # client connections from one IP, all nodes together
+    max_control_connections_per_ip: int = 64  # connections from one IP on the relay's own port
+    rate_mbit: float = 0.0  # bytes forwarded per node, both directions together (0: no limit)
+    first_line_timeout: float = 5.0  # seconds a new connection on the relay's port has to say what it wants
+    attach_timeout: float = 10.0  # seconds a client connection waits for its node to attach
+    probes_per_minute: float = 30.0  # probes one IP may ask for
+    probe_timeout: float = 3.0  # seconds a probe's dial may take
+    probe_call_timeout: float = 5.0  # seconds the Info call that checks who answers may take
+    control_timeout: float = 3 * PING_INTERVAL  # a control channel silent this long is dropped
+
+    def __post_init__(self) -> None:
+        for name in ("max_nodes", "max_nodes_per_ip", "max_connections_per_node", "max_connections_per_client",
+                     "max_control_connections_per_ip", "first_line_timeout", "attach_timeout",
+                     "probes_per_minute", "probe_timeout", "probe_call_timeout", "control_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"relay {name} must be > 0, got {getattr(self, name)}")
+        if self.rate_mbit < 0:
+            raise ConfigError(f"relay rate_mbit must be >= 0, got {self.rate_mbit}")
+        if self.control_timeout <= PING_INTERVAL:
+            raise ConfigError(f"relay control_timeout must be longer than the ping interval ({PING_INTERVAL:g} s)")
+
 
 
 class ProtocolError(Exception):
@@ -146,12 +176,14 @@ def close_quietly(writer: asyncio.StreamWriter) -> None:
 
 
 # ---- the node's side: probe and register ------------------------------------------------------------
-async def probe(relay: str, port: int, *, key: SwarmKey | None, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask ``relay`` to dial this host back at ``port``: {"reachable": bool, "address", "error"}.
+async def probe(relay: str, port: int, *, key: SwarmKey | None, node_id: str = "", tls: bool = False,
+                timeout: float = 10.0) -> dict[str, Any]:
+    """Ask ``relay`` to dial this host back at ``port`` and check that node ``node_id`` answers there
+    (over the swarm's TLS if ``tls``): {"reachable": bool, "address", "error", "verified"}.
     Raises OSError/ProtocolError when the relay cannot be asked, ConnectionRefusedError if it refuses."""
     reader, writer = await open_connection(relay, timeout)
     try:
-        message: dict[str, Any] = {"op": "probe", "port": port}
+        message: dict[str, Any] = {"op": "probe", "port": port, "node_id": node_id, "tls": tls}
         if key is not None:
             message["auth"] = key.call_metadata(PROBE_METHOD)[0][1]
         send_message(writer, message)

@@ -52,7 +52,7 @@ from dmoe.relayproto import probe
 
 logger = logging.getLogger(__name__)
 
-MAX_PROBED_RELAYS = 4  # relays asked in turn to dial a starting node back (each gets 5 s)
+MAX_PROBED_RELAYS = 4  # relays asked in turn to dial a starting node back (10 s each: a dial, an Info call)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -306,7 +306,7 @@ class Node:
         port = int(self.endpoint.rsplit(":", 1)[1])
         for relay in (await asyncio.to_thread(self._relay_candidates))[:MAX_PROBED_RELAYS]:
             try:
-                return await probe(relay, port, key=self.swarm_key)
+                return await probe(relay, port, key=self.swarm_key, node_id=self.node_id or "", tls=self.tls)
             except Exception as e:
                 logger.debug("relay %s could not probe this node: %s", relay, e)
         return None
@@ -324,7 +324,10 @@ class Node:
                             "(--reachability relay if this node is behind a NAT)", self.endpoint)
                 return
             if verdict["reachable"]:
-                logger.info("%s is reachable (a relay dialled %s back)", self.endpoint, verdict["address"])
+                how = ("and this node answered" if verdict.get("verified") else
+                       "; it could not check that this node answers there")
+                logger.info("%s is reachable (a relay dialled %s back %s)", self.endpoint, verdict["address"],
+                            how)
                 return
             logger.warning("%s cannot be dialled from the swarm (a relay's dial-back to %s failed: %s): serving "
                            "through a relay", self.endpoint, verdict["address"], verdict["error"])

@@ -3,6 +3,7 @@ on the gRPC data plane (UNAUTHENTICATED, nothing changes) and in the DHT (no ans
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -20,6 +21,8 @@ from dmoe.errors import DmoeError
 from dmoe.moe import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
+from dmoe.relay import Relay
+from dmoe.relayproto import probe
 from dmoe.swarm import Swarm, SwarmConfig
 from dmoe.tls import NODE_NAME, ca_pem, channel_credentials
 from dmoe.train import TrainConfig, Trainer
@@ -175,7 +178,7 @@ def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dh
     key_path, coordinator, _ = private
     config = TrainConfig(d_model=HIDDEN, num_heads=2, num_layers=2, num_experts=2, seq_len=16, swarm=coordinator.swarm,
                          swarm_key=str(key_path), run_id="private", steps=4, batch_size=2, eval_interval=0,
-                         save=str(tmp_path / "run"))
+                         timeout_after_k_min=30, save=str(tmp_path / "run"))
     with Trainer(config) as trainer:  # its averager's DHT (a forked hivemind.DHT) joins with the key too
         trainer.train()
         assert trainer.step == 4 and trainer.num_failed_calls == 0
@@ -191,3 +194,22 @@ def test_swarm_status_reads_a_private_swarm_with_the_key_only(private):
     assert node.ready["node_id"] in member.stdout
     outsider = subprocess.run(common, capture_output=True, text=True, timeout=60)
     assert outsider.returncode == 1 and "private swarm answers only peers holding its key" in outsider.stderr
+
+
+def test_a_relay_checks_a_private_node_through_its_tls(private):
+    """The coordinator's relay holds the key: its dial-back calls the node over the swarm's TLS and
+    checks who answers. A relay without the key can only see that the port accepts connections."""
+    key_path, _, node = private
+    assert node.ready["reachable"] is True and node.ready["tls"] is True
+    assert "back and this node answered)" in node.log()
+    node_id, port = node.ready["node_id"], node.ready["port"]
+    key = SwarmKey.load(key_path)
+    with Relay(key=key) as member:
+        reply = asyncio.run(probe(member.address, port, key=key, node_id=node_id, tls=True))
+        assert reply["reachable"] is True and reply["verified"] is True
+        reply = asyncio.run(probe(member.address, port, key=key, node_id="QmSomebodyElse", tls=True))
+        assert reply["reachable"] is False
+        assert reply["error"] == f"another dmoe node answered there ({node_id})"
+    with Relay() as keyless:
+        reply = asyncio.run(probe(keyless.address, port, key=None, node_id=node_id, tls=True))
+        assert reply["reachable"] is True and reply["verified"] is False

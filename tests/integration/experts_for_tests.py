@@ -17,8 +17,8 @@ class LinearExpert(nn.Module):
 
 
 class SlowExpert(nn.Module):
-    """Identity that takes a second per call and touches the file named by $DMOE_TEST_STARTED
-    when a call begins, so a test knows a call is in flight."""
+    """Identity that takes a second per call ($DMOE_TEST_SLEEP seconds, if set) and touches the file
+    named by $DMOE_TEST_STARTED when a call begins, so a test knows a call is in flight."""
 
     def __init__(self, hidden_dim: int):
         super().__init__()
@@ -31,7 +31,7 @@ class SlowExpert(nn.Module):
         marker = os.environ.get("DMOE_TEST_STARTED")
         if marker and x.shape[0] > 1:  # the node's one-row shape probe at start-up does not count
             open(marker, "a").close()
-            time.sleep(1.0)
+            time.sleep(float(os.environ.get("DMOE_TEST_SLEEP", "1.0")))
         return x * self.scale
 
 

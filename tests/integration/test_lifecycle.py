@@ -52,9 +52,9 @@ def test_records_appear_and_go_away_after_sigterm(node_factory, dht_factory, tmp
     trained = probe_output(service, "ffn.0.0")
 
     assert node.terminate() == 0
-    assert "checkpoint written" in node.log()
-    assert find_experts(dht, uids) == {}
-    assert find_nodes(dht) == {}
+    assert "checkpoint written" in node.log() and "could not withdraw" not in node.log()
+    # withdrawn, well before the records' 30 s TTL (a read may still meet a replica for a moment)
+    wait_for(lambda: find_experts(dht, uids) == {} and find_nodes(dht) == {}, 10, "the records withdrawn")
     saved = sorted((tmp_path / "ckpt" / "ffn.0.0").glob("*.safetensors"))
     assert [p.name for p in saved] == ["000000000002.safetensors"]
 
@@ -147,7 +147,7 @@ def test_sigterm_to_the_whole_process_group_still_stops_cleanly(node_factory, tm
     train_steps(service, "ffn.0", 1)
     started = time.monotonic()
     assert node.terminate_group(timeout=30) == 0
-    assert time.monotonic() - started < 10  # no wait on the dead daemon
+    assert time.monotonic() - started < 25  # no wait on the dead daemon (its DHT stop would take 30 s)
     assert (tmp_path / "c" / "ffn.0" / "000000000001.safetensors").exists()
 
 
@@ -171,4 +171,5 @@ def test_a_node_of_1024_experts_keeps_beating_and_withdraws(node_factory, dht_fa
     assert all(set(dht.get(f"ffn.{i}.", latest=True).value) == set(range(32)) for i in (0, 13, 31))
     assert set(find_experts(dht, sample)) == set(sample)
     assert node.terminate() == 0
-    assert find_experts(dht, sample) == {}
+    assert "could not withdraw" not in node.log()
+    wait_for(lambda: find_experts(dht, sample) == {}, 10, "the records withdrawn")  # before their 20 s TTL

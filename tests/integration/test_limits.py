@@ -5,7 +5,7 @@ tokens and bytes arriving are in test_bad_input.py.)"""
 
 from __future__ import annotations
 
-import concurrent.futures
+import math
 import threading
 import time
 
@@ -43,22 +43,29 @@ def info(service) -> grpc.StatusCode | str:
 def test_calls_in_flight_per_peer_are_capped(service):
     time.sleep(BURST / RATE)  # a full bucket
     request = pb.ForwardRequest(uid="ffn.0", inputs=[serialize(torch.ones(2, HIDDEN))])
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        first = [pool.submit(outcome, lambda: service.Forward(request, timeout=10)) for _ in range(2)]
-        # polled: once both are in the expert's half-second sleep, a third call is refused
-        third = wait_for(lambda: (r := info(service)) != grpc.StatusCode.OK and r, 5, "a refused third call",
-                         interval=0.01)
-        assert [f.result() for f in first] == [grpc.StatusCode.OK] * 2
+    # both sent before any poll, on one channel: the node admits them first, and a poll refused for
+    # the calls in flight costs no token of the peer's rate
+    first = [service.Forward.future(request, timeout=10) for _ in range(2)]
+    # polled: once both are in the expert's half-second sleep, a third call is refused
+    third = wait_for(lambda: (r := info(service)) != grpc.StatusCode.OK and r, 5, "a refused third call",
+                     interval=0.01)
+    assert [outcome(f.result) for f in first] == [grpc.StatusCode.OK] * 2
     assert third.startswith("RESOURCE_EXHAUSTED") and "max_calls_per_peer=2" in third, third
     assert info(service) == grpc.StatusCode.OK  # back within the limit
 
 
 def test_request_rate_per_peer_is_capped_and_recovers(service):
-    time.sleep(BURST / RATE)  # a full bucket: BURST calls at once, then RATE per second
-    results = [info(service) for _ in range(BURST + 4)]
+    for _ in range(3):  # a machine too busy to make 8 calls in 1.5 s leaves nothing to check: again
+        time.sleep(BURST / RATE)  # a full bucket: BURST calls at once, then RATE per second
+        started = time.monotonic()
+        results = [info(service) for _ in range(BURST + 4)]
+        elapsed = time.monotonic() - started
+        if elapsed < 1.5:
+            break
     assert results[:BURST] == [grpc.StatusCode.OK] * BURST, results
     refused = [r for r in results[BURST:] if r != grpc.StatusCode.OK]
-    assert len(refused) >= 3, results  # these calls take milliseconds: at most one token refills meanwhile
+    # of the 4 calls past the burst, all are refused but those that tokens refilled meanwhile paid for
+    assert elapsed < 1.5 and len(refused) >= 4 - math.floor(RATE * elapsed) >= 1, (results, elapsed)
     assert all(r.startswith("RESOURCE_EXHAUSTED") and f"peer_rate={RATE:g}" in r for r in refused), refused
     time.sleep(1.2 / RATE)
     assert info(service) == grpc.StatusCode.OK
@@ -79,5 +86,5 @@ def test_a_stream_that_never_finishes_arriving_is_dropped(service):
         release.set()
     assert result.startswith("DEADLINE_EXCEEDED") and "receive_timeout" in result, result
     # dropped at the node's receive_timeout, long before the call's own 30 s deadline
-    assert RECEIVE_TIMEOUT <= time.monotonic() - started < RECEIVE_TIMEOUT + 3
+    assert RECEIVE_TIMEOUT <= time.monotonic() - started < RECEIVE_TIMEOUT + 6
     assert info(service) == grpc.StatusCode.OK  # its slot was given back

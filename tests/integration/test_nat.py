@@ -43,7 +43,7 @@ CLIENT = textwrap.dedent("""
     with Swarm(SwarmConfig(initial_peers=[swarm_address], host=sys.argv[4], cache_ttl=60)) as swarm:
         records = find_experts(swarm.peer, [f"ffn.{i}" for i in range(4)])
         torch.manual_seed(0)
-        layer = RemoteMoE(swarm, prefix="ffn", grid=(4,), in_features=16, k=2)
+        layer = RemoteMoE(swarm, prefix="ffn", grid=(4,), in_features=16, k=2, k_min=2)
         opt = torch.optim.SGD(layer.parameters(), lr=0.1)
         losses, failed = [], 0
         x = torch.randn(64, 16)

@@ -43,8 +43,10 @@ def two_nodes(node_factory):
 
 def test_training_over_a_two_node_swarm_lowers_the_held_out_loss(two_nodes, tmp_path):
     a, b = two_nodes
+    # no call may fail: every answer is awaited up to the forward's deadline, not 1 s past the first
     config = TrainConfig(**MODEL, swarm=a.swarm, steps=25, batch_size=8, lr=3e-3, eval_interval=0,
-                         save=str(tmp_path / "run"), metrics_file=str(tmp_path / "metrics.jsonl"))
+                         timeout_after_k_min=30, save=str(tmp_path / "run"),
+                         metrics_file=str(tmp_path / "metrics.jsonl"))
     with Trainer(config) as trainer:
         before = trainer.evaluate()
         after = trainer.train()

@@ -46,12 +46,12 @@ def round_trip(port: int, payload: bytes = b"ping") -> tuple[bytes, float]:
 
 
 def test_delay_and_loss_stall_but_bytes_arrive_unchanged(echo):
-    with TcpProxy(echo, delay=0.05) as proxy:
+    with TcpProxy(echo, delay=0.5) as proxy:
         data, elapsed = round_trip(proxy.port)
-        assert data == b"ping" and 0.1 <= elapsed < 0.5
-        proxy.loss, proxy.rto = 1.0, 0.3  # every chunk lost once: one RTO per direction
+        assert data == b"ping" and 1.0 <= elapsed < 1.9  # once each way (twice would be 2 s)
+        proxy.delay, proxy.loss, proxy.rto = 0.0, 1.0, 1.0  # every chunk lost once: one RTO per direction
         data, elapsed = round_trip(proxy.port)
-        assert data == b"ping" and 0.1 + 2 * 0.3 <= elapsed < 1.5
+        assert data == b"ping" and 2 * 1.0 <= elapsed < 2.9  # (a third RTO would be 3 s)
         assert proxy.num_losses == 2 and proxy.num_bytes == {"up": 8, "down": 8}
 
 

@@ -34,10 +34,10 @@ def test_loopback_sources_are_loopback_stable_and_tell_clients_apart():
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():
-    bucket = TokenBucket(rate=1000.0, burst=5.0)
+    bucket = TokenBucket(rate=2.0, burst=5.0)  # slow enough that no token refills between two takes
     assert all(bucket.try_take() for _ in range(5)) and not bucket.try_take()
-    time.sleep(0.01)
-    assert bucket.try_take()  # about 10 tokens came back
+    time.sleep(0.6)
+    assert bucket.try_take() and not bucket.try_take()  # one token came back
 
 
 def test_token_bucket_take_waits_off_its_debt():
@@ -49,7 +49,7 @@ def test_token_bucket_take_waits_off_its_debt():
         await bucket.take(2000)  # 0.2 s of debt
         return time.monotonic() - started
 
-    assert 0.15 < asyncio.run(spend()) < 0.6
+    assert 0.15 < asyncio.run(spend()) < 1.5  # 0.2 s of debt, not none and not a wait per call
 
 
 @pytest.mark.parametrize("field", ["max_nodes", "max_nodes_per_ip", "max_connections_per_node",

@@ -6,7 +6,8 @@ A coordinator (which offers the relay) and two nodes on 127.0.0.1, each a proces
 client, two RemoteMoE layers with the same gate; steps alternate (direct, relayed, direct, ...), so
 drift on this machine hits both alike. Two sizes: small experts, where per-call costs show, and large
 requests, where the relay's copying of bytes shows. Reported: median and p90 step time (forward +
-backward), and the ratio relayed / direct. On one machine the relay shares its two cores with
+backward), and the ratio relayed / direct. Also what a node's start-up check costs: a relay's
+dial-back with the Info call that checks who answers, against the bare TCP dial, alternating. On one machine the relay shares its two cores with
 everything else, and its hop adds no distance; across the internet, the relay's own distance
 from client and node adds to each call.
 
@@ -18,18 +19,25 @@ Run::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")  # a Relay runs in this process next to gRPC (docs/nat.md)
 
-from common import quantile, server_process, timed_step
-from dmoe.moe import RemoteMoE
-from dmoe.records import find_experts
-from dmoe.swarm import Swarm, SwarmConfig
+import torch  # noqa: E402
+
+from common import quantile, server_process, timed_step  # noqa: E402
+from dmoe.moe import RemoteMoE  # noqa: E402
+from dmoe.records import find_experts  # noqa: E402
+from dmoe.relay import Relay, RelayLimits  # noqa: E402
+from dmoe.relayproto import probe  # noqa: E402
+from dmoe.swarm import Swarm, SwarmConfig  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NUM_EXPERTS = 8
@@ -47,8 +55,9 @@ def measure(workdir: Path, swarm_address: str, size: str, steps: int) -> dict:
     tokens, hidden = SIZES[size]
     direct_cmd, direct_ready = node_cmd(workdir, f"direct-{size}", "ffn", hidden, swarm_address, "direct")
     relayed_cmd, relayed_ready = node_cmd(workdir, f"relayed-{size}", "rel", hidden, swarm_address, "relay")
-    with server_process(direct_cmd, RESULTS_DIR / f"bench_relay.direct-{size}.log", direct_ready), \
+    with server_process(direct_cmd, RESULTS_DIR / f"bench_relay.direct-{size}.log", direct_ready) as direct, \
             server_process(relayed_cmd, RESULTS_DIR / f"bench_relay.relayed-{size}.log", relayed_ready) as relayed:
+        probes = probe_cost(direct["port"], direct["node_id"]) if size == "small" else None
         with Swarm(SwarmConfig(initial_peers=[swarm_address], cache_ttl=3600)) as swarm:
             records = find_experts(swarm.peer, [f"rel.{i}" for i in range(NUM_EXPERTS)])
             assert {r.dial_endpoint for r in records.values()} == {relayed["relay_endpoint"]}, records
@@ -71,7 +80,26 @@ def measure(workdir: Path, swarm_address: str, size: str, steps: int) -> dict:
     result = {name: {"median": statistics.median(v), "p90": quantile(v, 0.9)} for name, v in times.items()}
     result["ratio_relayed_over_direct"] = result["relayed"]["median"] / result["direct"]["median"]
     result["tokens"], result["hidden"], result["steps"] = tokens, hidden, steps
+    if probes is not None:
+        result["probe"] = probes
     return result
+
+
+def probe_cost(port: int, node_id: str, repeats: int = 30) -> dict:
+    """Median seconds of a probe (node to relay, dial-back, answer), verified and TCP only, alternating."""
+    times: dict[str, list[float]] = {"verified": [], "tcp_only": []}
+
+    async def run(relay: Relay) -> None:
+        for _ in range(repeats):
+            for kind, who in (("verified", node_id), ("tcp_only", "")):
+                started = time.perf_counter()
+                reply = await probe(relay.address, port, key=None, node_id=who)
+                times[kind].append(time.perf_counter() - started)
+                assert reply["reachable"] and reply["verified"] == bool(who), reply
+
+    with Relay(limits=RelayLimits(probes_per_minute=1e6)) as relay:
+        asyncio.run(run(relay))
+    return {kind: statistics.median(v) for kind, v in times.items()}
 
 
 def main() -> None:
@@ -97,6 +125,9 @@ def main() -> None:
         print(f"{size:<7} {r['tokens']:>7} x {r['hidden']:<6} {1e3 * r['direct']['median']:>14.2f} "
               f"{1e3 * r['relayed']['median']:>15.2f} {1e3 * r['direct']['p90']:>11.2f} "
               f"{1e3 * r['relayed']['p90']:>12.2f} {r['ratio_relayed_over_direct']:>14.3f}x")
+    p = report["small"]["probe"]
+    print(f"start-up dial-back: verified (TCP + Info) {1e3 * p['verified']:.2f} ms, "
+          f"TCP only {1e3 * p['tcp_only']:.2f} ms (medians)")
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 

@@ -5,6 +5,7 @@
 - ``backend.py``    ExpertBackend: one expert on its device: schema checks, forward, backward + optimizer step
 - ``runtime.py``    Runtime, Task: per-expert forward/backward queues, admission control, the batching device thread
 - ``service.py``    ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info)
+- ``guard.py``      CallGuard: the swarm key's token and the per-peer limits, checked before a request is read
 - ``announcer.py``  Announcer: DHT heartbeat of the expert and node records, and their withdrawal
 - ``relaylink.py`` RelayLink: a node nobody can dial keeps itself registered with a relay and attaches its clients
 - ``checkpoint.py`` CheckpointStore: atomic safetensors checkpoints, the last few kept

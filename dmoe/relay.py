@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_DIAL_BACKS = 32  # probes dialling back at once, from all IPs together
 MAX_REMEMBERED = 10_000  # probe buckets and past registrations kept (least recently used go first)
 
 
@@ -87,6 +88,8 @@ class Relay:
         self.host, self.port, self.announce_host = host, port, announce_host or host
         self.public_ports = public_ports  # (first, last): the ports opened for nodes (None: any free port)
         self.key = key
+        self._credentials: tuple | None = None  # channel credentials for dial-backs over TLS, once needed
+        self._dialling = asyncio.Semaphore(MAX_DIAL_BACKS)
         self.verifier = CallVerifier(key) if key is not None else None
         self.limits = limits or RelayLimits()
         self.address = ""  # host:port nodes dial to probe and register, once started
@@ -251,11 +254,24 @@ class Relay:
         if not bucket.try_take():
             return self._refuse(writer, f"too many probes from {peer_ip} (probes_per_minute="
                                         f"{self.limits.probes_per_minute:g})")
-        verdict = await dial_back(peer_ip, port, node_id=message.get("node_id"), tls=message.get("tls") is True,
-                                  key=self.key, timeout=self.limits.probe_timeout,
-                                  call_timeout=self.limits.probe_call_timeout)
+        if self._dialling.locked():
+            return self._refuse(writer, f"this relay is busy with {MAX_DIAL_BACKS} probes; try again later")
+        async with self._dialling:
+            # a task of the relay's, so that shutdown cancels it with its gRPC call
+            verdict = await self.spawn(dial_back(
+                peer_ip, port, node_id=message.get("node_id"), tls=message.get("tls") is True, key=self.key,
+                timeout=self.limits.probe_timeout, call_timeout=self.limits.probe_call_timeout,
+                credentials=self._tls_credentials()), "dial-back")
         send_message(writer, {"ok": True, **verdict})
         await writer.drain()
+
+    def _tls_credentials(self) -> tuple | None:
+        """How this relay calls a private swarm's nodes over TLS (made once: a key and a certificate)."""
+        if self.key is not None and self._credentials is None:
+            from dmoe.tls import channel_credentials
+
+            self._credentials = channel_credentials(self.key)
+        return self._credentials
 
     def _registration_error(self, peer_ip: str, node_id: str, secret: Any) -> str | None:
         old = self.tunnels.get(node_id)

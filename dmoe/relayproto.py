@@ -23,6 +23,7 @@ CHUNK = 256 << 10
 PING_INTERVAL = 10.0
 REGISTER_METHOD = "/dmoe.Relay/Register/"  # + node id: a token names the node it registers
 PROBE_METHOD = "/dmoe.Relay/Probe"
+PROBE_REPLY_TIMEOUT = 10.0  # seconds a node waits for a relay's verdict on its probe (dial + Info call)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -48,6 +49,9 @@ class RelayLimits:
                 raise ConfigError(f"relay {name} must be > 0, got {getattr(self, name)}")
         if self.rate_mbit < 0:
             raise ConfigError(f"relay rate_mbit must be >= 0, got {self.rate_mbit}")
+        if self.probe_timeout + self.probe_call_timeout >= PROBE_REPLY_TIMEOUT:
+            raise ConfigError(f"relay probe_timeout + probe_call_timeout must stay under the "
+                              f"{PROBE_REPLY_TIMEOUT:g} s a node waits for the verdict")
         if self.control_timeout <= PING_INTERVAL:
             raise ConfigError(f"relay control_timeout must be longer than the ping interval ({PING_INTERVAL:g} s)")
 
@@ -177,7 +181,7 @@ def close_quietly(writer: asyncio.StreamWriter) -> None:
 
 # ---- the node's side: probe and register ------------------------------------------------------------
 async def probe(relay: str, port: int, *, key: SwarmKey | None, node_id: str = "", tls: bool = False,
-                timeout: float = 10.0) -> dict[str, Any]:
+                timeout: float = PROBE_REPLY_TIMEOUT) -> dict[str, Any]:
     """Ask ``relay`` to dial this host back at ``port`` and check that node ``node_id`` answers there
     (over the swarm's TLS if ``tls``): {"reachable": bool, "address", "error", "verified"}.
     Raises OSError/ProtocolError when the relay cannot be asked, ConnectionRefusedError if it refuses."""

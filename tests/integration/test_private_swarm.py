@@ -213,3 +213,23 @@ def test_a_relay_checks_a_private_node_through_its_tls(private):
     with Relay() as keyless:
         reply = asyncio.run(probe(keyless.address, port, key=None, node_id=node_id, tls=True))
         assert reply["reachable"] is True and reply["verified"] is False
+
+
+def test_a_relay_checks_a_private_node_without_tls_by_its_token(private, node_factory):
+    """A private node with --no-tls: a relay without the key is refused by the node (UNAUTHENTICATED),
+    which shows that a server is there but not whose, so the node starting under --reachability auto
+    counts as reachable, unverified, and says so; a relay with the key calls it with a token and
+    checks who answers."""
+    key_path, _, _ = private
+    key = SwarmKey.load(key_path)
+    with Relay() as keyless:
+        node = node_factory("--swarm-key", str(key_path), "--no-tls", "--experts", "ffn.[0:1]", "--hidden-dim",
+                            str(HIDDEN), "--relay", keyless.address)  # its only relay: it starts a swarm of its own
+        node_id, port = node.ready["node_id"], node.ready["port"]
+        assert node.ready["tls"] is False and node.ready["reachable"] is True
+        assert "could not check that this node answers there" in node.log()
+        reply = asyncio.run(probe(keyless.address, port, key=key, node_id=node_id, tls=False))
+        assert reply["reachable"] is True and reply["verified"] is False and reply["error"] == ""
+    with Relay(key=key) as member:
+        reply = asyncio.run(probe(member.address, port, key=key, node_id=node_id, tls=False))
+        assert reply["reachable"] is True and reply["verified"] is True

@@ -8,6 +8,7 @@ client really cannot reach the node, is tests/integration/test_nat.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 import socket
@@ -15,14 +16,16 @@ import threading
 import time
 import urllib.request
 
+import grpc
 import pytest
 import torch
 
 from dmoe.auth import SwarmKey
 from dmoe.moe import RemoteMoE
+from dmoe.proto import expert_pb2 as pb
 from dmoe.records import find_experts, find_relays
 from dmoe.relay import Relay, RelayLimits
-from dmoe.relayproto import probe
+from dmoe.relayproto import MAX_LINE, probe
 from dmoe.swarm import Swarm, SwarmConfig
 
 from conftest import wait_for
@@ -93,6 +96,50 @@ def test_probe_checks_that_the_node_itself_answers_at_the_port(node_factory):
         # a probe that names no node (an older node) gets the TCP check alone
         assert ask(probe(relay.address, port, key=None))["verified"] is False
     assert "is reachable" not in node.log()  # --reachability direct: the node asked nobody
+
+
+class FakeInfoServer:
+    """A gRPC server on 127.0.0.1 whose Info answers what a test tells it: a NodeInfo, or a status."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+        info = grpc.unary_unary_rpc_method_handler(self.info, request_deserializer=None,
+                                                   response_serializer=pb.NodeInfo.SerializeToString)
+        handler = grpc.method_handlers_generic_handler("dmoe.ExpertService", {"Info": info})
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def info(self, request: bytes, context: grpc.ServicerContext) -> pb.NodeInfo:
+        if isinstance(self.answer, grpc.StatusCode):
+            context.abort(self.answer, "refused by this test")
+        return self.answer
+
+    def __enter__(self) -> FakeInfoServer:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop(0)
+
+
+def test_what_a_probed_server_answers_reaches_the_node_bounded():
+    """A server that answers Info with a huge node id gets a verdict of one short line (the node reads
+    at most MAX_LINE bytes); a gRPC server that refuses the call (its limits, its key) shows a server
+    is there but not whose it is: reachable, unverified."""
+    with Relay() as relay:
+        with FakeInfoServer(pb.NodeInfo(node_id="\x01" * 100_000)) as liar:  # each escaped to 6 bytes in JSON
+            reply = ask(probe(relay.address, liar.port, key=None, node_id="QmMe"))
+            assert reply["reachable"] is False and reply["verified"] is False
+            assert reply["error"] == "another dmoe node answered there (" + "\x01" * 120 + "...)"
+            assert len(json.dumps(reply)) < MAX_LINE
+        for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED):
+            with FakeInfoServer(code) as refusing:
+                reply = ask(probe(relay.address, refusing.port, key=None, node_id="QmMe"))
+                assert reply["reachable"] is True and reply["verified"] is False and reply["error"] == "", code
+        with FakeInfoServer(grpc.StatusCode.UNIMPLEMENTED) as other:  # some other gRPC service
+            reply = ask(probe(relay.address, other.port, key=None, node_id="QmMe"))
+            assert reply["reachable"] is False and reply["error"].startswith("no dmoe node answered there (UNIMPL")
 
 
 def test_garbage_and_unknown_ops_are_dropped_and_the_relay_keeps_serving():

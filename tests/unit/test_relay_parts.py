@@ -54,7 +54,8 @@ def test_token_bucket_take_waits_off_its_debt():
 
 @pytest.mark.parametrize("field", ["max_nodes", "max_nodes_per_ip", "max_connections_per_node",
                                    "max_connections_per_client", "max_control_connections_per_ip", "first_line_timeout",
-                                   "attach_timeout", "probes_per_minute", "probe_timeout", "control_timeout"])
+                                   "attach_timeout", "probes_per_minute", "probe_timeout", "probe_call_timeout",
+                                   "control_timeout"])
 def test_relay_limits_must_be_positive(field):
     with pytest.raises(ConfigError, match=field):
         RelayLimits(**{field: 0})
@@ -62,6 +63,8 @@ def test_relay_limits_must_be_positive(field):
         RelayLimits(rate_mbit=-1)
     with pytest.raises(ConfigError, match="ping interval"):
         RelayLimits(control_timeout=5)
+    with pytest.raises(ConfigError, match="10 s a node waits"):  # the node would give up first
+        RelayLimits(probe_timeout=4, probe_call_timeout=6)
 
 
 def test_the_dial_endpoint_is_the_relay_only_for_unreachable_nodes_with_one():

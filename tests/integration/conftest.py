@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import hivemind
 import pytest
 
+from dmoe.peer import DHTPeer
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
 
@@ -144,17 +144,25 @@ def node_factory(tmp_path) -> Iterator:
 
 @pytest.fixture
 def dht_factory() -> Iterator:
-    """dht_factory(initial_peers) -> a hivemind DHT peer on 127.0.0.1; shut down at teardown."""
-    peers: list[hivemind.DHT] = []
+    """dht_factory(initial_peers) -> a DHT peer on 127.0.0.1 in this process; shut down at teardown.
+    (Not a forked hivemind.DHT: a fork taken after this process's grpc threads started can hang the
+    child, as one did here, mid-test; see dmoe/peer.py.)"""
+    peers: list[DHTPeer] = []
 
-    def make(initial_peers: list[str]) -> hivemind.DHT:
-        dht = hivemind.DHT(initial_peers=initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        peers.append(dht)
-        return dht
+    def make(initial_peers: list[str]) -> DHTPeer:
+        peer = DHTPeer(initial_peers=initial_peers)
+        peers.append(peer)
+        return peer.start()
 
     yield make
-    for dht in peers:
-        dht.shutdown()
+    for peer in peers:
+        peer.shutdown()
+
+
+def dht_get(peer: DHTPeer, key: str, timeout: float = 30.0):
+    """The latest entry under ``key`` (a hivemind ValueWithExpiration, or None)."""
+    assert peer.node is not None
+    return peer.run(peer.node.get(key, latest=True), timeout)
 
 
 def stub(endpoint: str) -> tuple[grpc.Channel, pbg.ExpertServiceStub]:

@@ -13,7 +13,7 @@ from dmoe.proto import expert_pb2 as pb
 from dmoe.records import find_experts, find_nodes
 from dmoe.wire import deserialize, serialize
 
-from conftest import expert_version, stub, wait_for
+from conftest import dht_get, expert_version, stub, wait_for
 
 HIDDEN = 16
 pytestmark = pytest.mark.timeout(180)
@@ -39,7 +39,7 @@ def test_records_appear_and_go_away_after_sigterm(node_factory, dht_factory, tmp
     records = wait_for(lambda: len(r := find_experts(dht, uids)) == 4 and r, 30, "expert records")
     assert {r.endpoint for r in records.values()} == {node.endpoint}
     assert {r.node_id for r in records.values()} == {node.ready["node_id"]}
-    prefix = dht.get("ffn.1.", latest=True)
+    prefix = dht_get(dht, "ffn.1.")
     assert prefix is not None and set(prefix.value) == {0, 1}
     nodes = find_nodes(dht)
     assert set(nodes) == {node.ready["node_id"]}
@@ -58,7 +58,7 @@ def test_records_appear_and_go_away_after_sigterm(node_factory, dht_factory, tmp
     saved = sorted((tmp_path / "ckpt" / "ffn.0.0").glob("*.safetensors"))
     assert [p.name for p in saved] == ["000000000002.safetensors"]
 
-    swarm = [str(a) for a in dht.get_visible_maddrs()]
+    swarm = dht.visible_maddrs
     restarted = node_factory("--experts", "ffn.[0:2].[0:2]", "--hidden-dim", str(HIDDEN),
                              "--checkpoint-dir", str(tmp_path / "ckpt"), "--swarm", swarm[0], name="restarted")
     _, service = stub(restarted.endpoint)
@@ -160,15 +160,15 @@ def test_a_node_of_1024_experts_keeps_beating_and_withdraws(node_factory, dht_fa
     sample = ["ffn.0.0", "ffn.17.5", "ffn.31.31"]
 
     def expiration() -> float | None:
-        entry = dht.get("ffn.17.5", latest=True)
+        entry = dht_get(dht, "ffn.17.5")
         return None if entry is None else entry.expiration_time
 
     first = wait_for(expiration, 30, "the first beat")
     second = wait_for(lambda: (e := expiration()) is not None and e > first and e, 30, "a second beat")
     wait_for(lambda: (e := expiration()) is not None and e > second, 30, "a third beat")
     assert node.proc.poll() is None
-    assert set(dht.get("ffn.", latest=True).value) == set(range(32))
-    assert all(set(dht.get(f"ffn.{i}.", latest=True).value) == set(range(32)) for i in (0, 13, 31))
+    assert set(dht_get(dht, "ffn.").value) == set(range(32))
+    assert all(set(dht_get(dht, f"ffn.{i}.").value) == set(range(32)) for i in (0, 13, 31))
     assert set(find_experts(dht, sample)) == set(sample)
     assert node.terminate() == 0
     assert "could not withdraw" not in node.log()

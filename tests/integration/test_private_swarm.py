@@ -4,6 +4,7 @@ on the gRPC data plane (UNAUTHENTICATED, nothing changes) and in the DHT (no ans
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -25,7 +26,6 @@ from dmoe.relay import Relay
 from dmoe.relayproto import probe
 from dmoe.swarm import Swarm, SwarmConfig
 from dmoe.tls import NODE_NAME, ca_pem, channel_credentials
-from dmoe.train import TrainConfig, Trainer
 from dmoe.wire import serialize
 
 from conftest import CoordinatorProcess, NodeProcess, wait_for
@@ -175,14 +175,20 @@ def test_a_node_without_the_key_cannot_join_and_says_why(private, tmp_path):
 
 
 def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dht(private, tmp_path):
+    """``dmoe train --run-id`` in a process of its own: its averager forks a hivemind.DHT, which must
+    happen before grpc starts threads (this test process has them), and joins with the key too."""
     key_path, coordinator, _ = private
-    config = TrainConfig(d_model=HIDDEN, num_heads=2, num_layers=2, num_experts=2, seq_len=16, swarm=coordinator.swarm,
-                         swarm_key=str(key_path), run_id="private", steps=4, batch_size=2, eval_interval=0,
-                         timeout_after_k_min=30, save=str(tmp_path / "run"))
-    with Trainer(config) as trainer:  # its averager's DHT (a forked hivemind.DHT) joins with the key too
-        trainer.train()
-        assert trainer.step == 4 and trainer.num_failed_calls == 0
-        assert trainer.averager is not None and trainer.averager.dht.is_alive()
+    metrics = tmp_path / "metrics.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dmoe", "train", "--swarm", coordinator.swarm[0], "--swarm-key", str(key_path),
+         "--run-id", "private", "--d-model", str(HIDDEN), "--num-heads", "2", "--num-layers", "2", "--num-experts",
+         "2", "--seq-len", "16", "--steps", "4", "--batch-size", "2", "--eval-interval", "0",
+         "--timeout-after-k-min", "30", "--save", str(tmp_path / "run"), "--metrics-file", str(metrics)],
+        capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["failed_calls"] == 0 for r in steps)
+    assert "Traceback" not in proc.stderr
 
 
 def test_swarm_status_reads_a_private_swarm_with_the_key_only(private):

@@ -56,7 +56,6 @@ class RelayLimits:
             raise ConfigError(f"relay control_timeout must be longer than the ping interval ({PING_INTERVAL:g} s)")
 
 
-
 class ProtocolError(Exception):
     """A peer sent something that is not the relay's protocol."""
 

@@ -142,6 +142,22 @@ def test_what_a_probed_server_answers_reaches_the_node_bounded():
             assert reply["reachable"] is False and reply["error"].startswith("no dmoe node answered there (UNIMPL")
 
 
+def test_dial_backs_at_once_are_capped_across_ips(monkeypatch):
+    """A relay dials back a bounded number of probes at once, whoever asks: past it, probes are refused
+    at once with the reason, and served again once a dial-back ends."""
+    monkeypatch.setattr("dmoe.relay.MAX_DIAL_BACKS", 1)
+    with Relay(limits=RelayLimits(probe_call_timeout=2.0)) as relay, \
+            socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers Info: 2 s each
+        port = silent.getsockname()[1]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(ask, probe(relay.address, port, key=None, node_id="QmSlow"))
+            wait_for(lambda: relay._dialling.locked(), 10, "the first dial-back to start")
+            with pytest.raises(ConnectionRefusedError, match="busy with 1 probes"):
+                ask(probe(relay.address, port, key=None, node_id="QmNext"))
+            assert first.result(30)["verified"] is False
+        assert ask(probe(relay.address, port, key=None))["reachable"]  # served again
+
+
 def test_garbage_and_unknown_ops_are_dropped_and_the_relay_keeps_serving():
     with Relay() as relay:
         assert line_exchange(relay.address, b"\x00\xff garbage\n") == b""

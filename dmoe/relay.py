@@ -314,7 +314,7 @@ class Relay:
         self._resume.pop(node_id, None)
         self._resume[node_id] = (port, tunnel.secret)
         if len(self._resume) > MAX_REMEMBERED:
-            self._resume.popitem(last=False)
+            self._forget_usage(self._resume.popitem(last=False)[0])
         send_message(writer, {"ok": True, "endpoint": tunnel.endpoint, "secret": tunnel.secret})
         logger.info("relay: node %s registered, public at %s", node_id, tunnel.endpoint)
         pinger = self.spawn(self._ping(writer), "dmoe-relay-ping")
@@ -363,9 +363,12 @@ class Relay:
         self._forget_usage(tunnel.node_id)
 
     def _forget_usage(self, node_id: str) -> None:
-        """Forget what a node used once it is gone and its last connection closed."""
+        """Forget what a node used once it is gone, its last connection closed, and its registration
+        no longer remembered: a node that registers again (it may, while remembered) goes on with its
+        allowance, not a fresh one."""
         usage = self._usage.get(node_id)
-        if usage is not None and usage.num_connections == 0 and node_id not in self.tunnels:
+        if (usage is not None and usage.num_connections == 0 and node_id not in self.tunnels
+                and node_id not in self._resume):
             self._forwarded_before += usage.forwarded[0]
             del self._usage[node_id]
 

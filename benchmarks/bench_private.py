@@ -15,8 +15,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import quantile, server_process, timed_step
+from common import server_process, summary, timed_step, write_report
 from dmoe.auth import SwarmKey
 from dmoe.moe import RemoteMoE
 from dmoe.swarm import Swarm, SwarmConfig
@@ -91,8 +89,8 @@ def main() -> None:
                     swarm.shutdown()
     report = {
         "config": vars(args) | {"out": str(args.out), "num_experts": NUM_EXPERTS, "calls_per_step": 2 * NUM_EXPERTS},
-        "step_s": {name: {"median": statistics.median(v), "p90": quantile(v, 0.9)} for name, v in times.items()},
-        "lookup_s": {name: {"median": statistics.median(v), "p90": quantile(v, 0.9)} for name, v in lookups.items()},
+        "step_s": {name: summary(v) for name, v in times.items()},
+        "lookup_s": {name: summary(v) for name, v in lookups.items()},
     }
     report["ratio_private_over_open"] = {
         "step_median": report["step_s"]["private"]["median"] / report["step_s"]["open"]["median"],
@@ -106,8 +104,7 @@ def main() -> None:
     ratio = report["ratio_private_over_open"]
     print(f"private / open: step {ratio['step_median']:.3f}x, lookup {ratio['lookup_median']:.3f}x "
           f"({args.steps} steps of {args.tokens} tokens, {2 * NUM_EXPERTS} calls each, hidden {args.hidden})")
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

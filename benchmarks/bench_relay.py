@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")  # a Relay runs in this p
 
 import torch  # noqa: E402
 
-from common import quantile, server_process, timed_step  # noqa: E402
+from common import server_process, summary, timed_step, write_report  # noqa: E402
 from dmoe.moe import RemoteMoE  # noqa: E402
 from dmoe.records import find_experts  # noqa: E402
 from dmoe.relay import Relay, RelayLimits  # noqa: E402
@@ -77,7 +76,7 @@ def measure(workdir: Path, swarm_address: str, size: str, steps: int) -> dict:
             finally:
                 for layer in layers.values():
                     layer.dispatcher.close()
-    result = {name: {"median": statistics.median(v), "p90": quantile(v, 0.9)} for name, v in times.items()}
+    result = {name: summary(v) for name, v in times.items()}
     result["ratio_relayed_over_direct"] = result["relayed"]["median"] / result["direct"]["median"]
     result["tokens"], result["hidden"], result["steps"] = tokens, hidden, steps
     if probes is not None:
@@ -128,8 +127,7 @@ def main() -> None:
     p = report["small"]["probe"]
     print(f"start-up dial-back: verified (TCP + Info) {1e3 * p['verified']:.2f} ms, "
           f"TCP only {1e3 * p['tcp_only']:.2f} ms (medians)")
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

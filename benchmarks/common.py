@@ -1,8 +1,10 @@
 """What the benchmark scripts share: a server process started, awaited and stopped; a timed
-RemoteMoE training step; quantiles."""
+RemoteMoE training step; quantiles and their summary; the JSON report written."""
 
 from __future__ import annotations
 
+import json
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -51,3 +53,13 @@ def timed_step(layer, x) -> float:
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """The median and p90 of some timings, as the reports give them."""
+    return {"median": statistics.median(values), "p90": quantile(values, 0.9)}
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")

@@ -8,8 +8,9 @@ from typing import ClassVar
 from dmoe.config import option
 from dmoe.errors import ConfigError
 from dmoe.local import check_announce_maddrs
-from dmoe.relay import RelayLimits
-from dmoe.relayproto import parse_port_range
+from dmoe.relayproto import RelayLimits, parse_port_range
+
+_RELAY = RelayLimits()  # the relay's defaults, declared once there
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -32,8 +33,8 @@ class CoordinatorConfig:
     relay_announce_host: str | None = option(None, "host nodes dial for the relay (default: --host)")
     relay_public_ports: str | None = option(None, "ports the relay opens for the nodes it serves, e.g. 40000-40999, "
                                                   "for a firewall (default: any free port)")
-    relay_max_nodes: int = option(256, "nodes the relay serves at once")
-    relay_rate_mbit: float = option(0.0, "Mbit/s the relay forwards per node, both directions together (0: no limit)")
+    relay_max_nodes: int = option(_RELAY.max_nodes, "nodes the relay serves at once")
+    relay_rate_mbit: float = option(_RELAY.rate_mbit, "Mbit/s the relay forwards per node, both directions together (0: no limit)")
     ready_file: str | None = option(None, "write a JSON file with the swarm address and dashboard URL once up")
 
     def __post_init__(self) -> None:

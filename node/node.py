@@ -48,7 +48,7 @@ from dmoe.proto import expert_pb2 as pb
 from dmoe.node.relaylink import RelayLink
 from dmoe.records import ExpertRecord, Hardware, NodeRecord, find_relays
 from dmoe.relay import Relay
-from dmoe.relayproto import probe
+from dmoe.relayproto import join_address, probe
 
 logger = logging.getLogger(__name__)
 
@@ -223,22 +223,21 @@ class Node:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        host = f"[{config.host}]" if ":" in config.host else config.host
         self.tls = self.swarm_key is not None and config.tls
         if self.tls:
             from dmoe.tls import server_credentials
 
-            port = self._server.add_secure_port(f"{host}:{config.port}", server_credentials(self.swarm_key))
+            port = self._server.add_secure_port(join_address(config.host, config.port),
+                                                server_credentials(self.swarm_key))
         else:
-            port = self._server.add_insecure_port(f"{host}:{config.port}")
+            port = self._server.add_insecure_port(join_address(config.host, config.port))
         if port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self._server.start()
         announce_host = config.announce_host or config.host
         self.port = port
         announce_port = config.announce_port or port
-        self.endpoint = (f"[{announce_host}]:{announce_port}" if ":" in announce_host
-                         else f"{announce_host}:{announce_port}")
+        self.endpoint = join_address(announce_host, announce_port)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, device)
@@ -302,8 +301,8 @@ class Node:
 
     async def _probe(self) -> dict | None:
         """A relay's dial-back of this node's gRPC port; None if no relay could be asked."""
-        assert self.endpoint is not None
-        port = int(self.endpoint.rsplit(":", 1)[1])
+        assert self.port is not None
+        port = self.config.announce_port or self.port
         for relay in (await asyncio.to_thread(self._relay_candidates))[:MAX_PROBED_RELAYS]:
             try:
                 return await probe(relay, port, key=self.swarm_key, node_id=self.node_id or "", tls=self.tls)

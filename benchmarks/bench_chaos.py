@@ -1,6 +1,6 @@
 """Benchmark: a long chaos run. Training goes on while nodes are killed, frozen, restarted and cut off.
 
-:class:`dmoe.chaos.ChaosRun` runs a coordinator, four nodes (one in a network namespace) and two
+:class:`dmoe.testing.chaos.ChaosRun` runs a coordinator, four nodes (one in a network namespace) and two
 trainers that average their client-side parameters, for ``--minutes`` of training. Every
 ``--fault-interval`` seconds on average a node is killed with SIGKILL (restarted a few seconds
 later, from its checkpoints) or frozen with SIGSTOP, in turns; the namespace's link is cut
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import pyplot
 
-from dmoe.chaos import ChaosConfig, ChaosRun
+from dmoe.testing.chaos import ChaosConfig, ChaosRun
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

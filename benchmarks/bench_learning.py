@@ -2,9 +2,9 @@
 
 Trains, for the same number of tokens and the same seed (same initial client-side weights, same
 data order, same held-out windows), three byte-level language models on the Python standard
-library's sources (``dmoe.data``, the fixed train / held-out split):
+library's sources (``dmoe.lm.data``, the fixed train / held-out split):
 
-* **moe-local** — ``dmoe.lm.MoELM`` with LocalMoE layers: the experts in this process, trained by
+* **moe-local** — ``dmoe.lm.model.MoELM`` with LocalMoE layers: the experts in this process, trained by
   the same Adam as everything else.
 * **moe-swarm** — the same model with RemoteMoE layers over a swarm of two nodes on 127.0.0.1
   (``dmoe node start``; each hosts half the experts of every layer and updates them itself with
@@ -33,8 +33,9 @@ from pathlib import Path
 
 from common import pyplot, server_process
 
-from dmoe.lm import LMConfig, num_active_params
-from dmoe.train import TrainConfig, Trainer
+from dmoe.lm.config import LMConfig, TrainConfig
+from dmoe.lm.model import num_active_params
+from dmoe.lm.train import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -59,10 +59,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import server_process
 
 import dmoe
-import dmoe.swarm
-from common import server_process
+import dmoe.client.swarm
 
 # Legend: T tokens, C candidate experts, K experts per token, L grid dimensions, E all grid experts.
 PREFIX, GRID, HIDDEN, INNER, K = "ffn", (64, 64), 16, 16, 2
@@ -125,7 +125,7 @@ class Counters:
 
     def __init__(self) -> None:
         self.reset()
-        self._original = dmoe.swarm.find_under_prefixes_async
+        self._original = dmoe.client.swarm.find_under_prefixes_async
 
     def reset(self) -> None:
         self.levels: list[int] = []  # keys asked per live_under call, in order
@@ -150,11 +150,11 @@ class Counters:
             self.dht_keys += len(keys)
             return await original(node, keys)
 
-        dmoe.swarm.find_under_prefixes_async = counted
+        dmoe.client.swarm.find_under_prefixes_async = counted
         try:
             yield
         finally:
-            dmoe.swarm.find_under_prefixes_async = original
+            dmoe.client.swarm.find_under_prefixes_async = original
 
 
 # ---- measurements -----------------------------------------------------------------------------

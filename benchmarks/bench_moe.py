@@ -50,7 +50,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-
 from common import server_process
 
 HIDDEN, NUM_EXPERTS, K, BATCH, WARMUP = 1024, 8, 2, 256, 2  # defaults of --hidden and --experts
@@ -75,7 +74,7 @@ def time_steps(step: Callable[[], None], steps: int) -> list[float]:
 
 
 def bench_local(steps: int, optimize: bool, hidden: int, num_experts: int) -> list[float]:
-    from dmoe.experts import create_expert
+    from dmoe.core.experts import create_expert
 
     experts = [create_expert("ffn", uid=f"ffn.{i}", hidden_dim=hidden)[0] for i in range(num_experts)]
     optimizers = [torch.optim.Adam(e.parameters(), lr=1e-3) for e in experts]

@@ -1,8 +1,8 @@
 """Benchmark: RemoteMoE throughput over a shaped link, against the bound that bandwidth alone sets.
 
-The node runs in a network namespace of its own (:class:`dmoe.netlab.NetLab`), behind a veth link
+The node runs in a network namespace of its own (:class:`dmoe.testing.netlab.NetLab`), behind a veth link
 limited to ``--bandwidth`` Mbit/s each way by ``tc tbf``; the client reaches its gRPC endpoint
-through :class:`dmoe.netproxy.TcpProxy` (the node announces the proxy's port), which adds half of
+through :class:`dmoe.testing.netproxy.TcpProxy` (the node announces the proxy's port), which adds half of
 ``--rtt`` to each direction and counts the bytes. For each bandwidth and round-trip time it trains
 (forward + backward, Adam on the node; ``--tokens`` tokens of width ``--hidden`` per step):
 
@@ -45,9 +45,9 @@ import torch
 from common import pyplot
 
 import dmoe
-from dmoe.local import wait_ready_file
-from dmoe.netlab import NetLab
-from dmoe.netproxy import TcpProxy
+from dmoe.testing.netlab import NetLab
+from dmoe.testing.netproxy import TcpProxy
+from dmoe.testing.process import wait_ready_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_EXPERTS, K = 8, 2

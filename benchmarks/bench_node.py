@@ -43,12 +43,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-
 from common import server_process
-from dmoe.experts import create_expert
+
+from dmoe.core.experts import create_expert
+from dmoe.core.wire import deserialize, serialize
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
-from dmoe.wire import deserialize, serialize
 
 HIDDEN, BATCH, UID = 1024, 64, "ffn.0"
 CLIENT_COUNTS = (1, 4, 16)

@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import server_process, summary, timed_step, write_report
-from dmoe.auth import SwarmKey
-from dmoe.moe import RemoteMoE
-from dmoe.swarm import Swarm, SwarmConfig
+
+from dmoe.client.config import SwarmConfig
+from dmoe.client.swarm import Swarm
+from dmoe.core.auth import SwarmKey
+from dmoe.moe.remote import RemoteMoE
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NUM_EXPERTS = 8

@@ -30,13 +30,15 @@ from pathlib import Path
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")  # a Relay runs in this process next to gRPC (docs/nat.md)
 
 import torch  # noqa: E402
-
 from common import server_process, summary, timed_step, write_report  # noqa: E402
-from dmoe.moe import RemoteMoE  # noqa: E402
-from dmoe.records import find_experts  # noqa: E402
-from dmoe.relay import Relay, RelayLimits  # noqa: E402
-from dmoe.relayproto import probe  # noqa: E402
-from dmoe.swarm import Swarm, SwarmConfig  # noqa: E402
+
+from dmoe.client.config import SwarmConfig
+from dmoe.client.swarm import Swarm  # noqa: E402
+from dmoe.core.records import find_experts  # noqa: E402
+from dmoe.moe.remote import RemoteMoE  # noqa: E402
+from dmoe.relay.limits import RelayLimits
+from dmoe.relay.protocol import probe  # noqa: E402
+from dmoe.relay.server import Relay  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NUM_EXPERTS = 8

@@ -1,7 +1,7 @@
 """Benchmark: tail latency of RemoteMoE steps with one slow node out of four, with and without hedging.
 
 Four nodes on this machine host 8 FFN experts (two each; hidden ``--hidden``, inner 4x). The last
-node is reached through ``dmoe.netproxy.TcpProxy`` (it announces the proxy's port), which delays
+node is reached through ``dmoe.testing.netproxy.TcpProxy`` (it announces the proxy's port), which delays
 each direction by ``--delay`` seconds +- ``--jitter`` (uniform), so a call to it takes about twice
 the delay more than one to the others. The client trains a RemoteMoE layer (k=2, 256 tokens,
 forward + backward, Adam on the nodes) in these configurations, each on its own layer with the
@@ -41,10 +41,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from common import server_process
 
 import dmoe
-from common import server_process
-from dmoe.netproxy import TcpProxy
+from dmoe.testing.netproxy import TcpProxy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_NODES, EXPERTS_PER_NODE, K, TOKENS = 4, 2, 2, 256

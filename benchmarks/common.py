@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dmoe.local import stop_process_group, wait_ready_file
+from dmoe.testing.process import stop_process_group, wait_ready_file
 
 START_TIMEOUT_S = 120.0
 

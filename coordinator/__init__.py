@@ -9,7 +9,22 @@
 - ``static/``       the dashboard page (HTML + JavaScript, no external assets)
 """
 
-from dmoe.coordinator.bootstrap import Coordinator
-from dmoe.coordinator.config import CoordinatorConfig
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# imported on first use, so that the CLI can read a config without starting torch or hivemind
+_LAZY = {
+    "Coordinator": "dmoe.coordinator.bootstrap",
+    "CoordinatorConfig": "dmoe.coordinator.config",
+}
 
 __all__ = ["Coordinator", "CoordinatorConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

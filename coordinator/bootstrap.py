@@ -4,7 +4,7 @@ depends on it after joining: nodes and clients may join through any peer and kee
 It runs a DHT peer (a stable address with ``--identity`` and ``--dht-port``), a
 :class:`~dmoe.coordinator.monitor.SwarmMonitor` that reads the nodes' records, and the
 :class:`~dmoe.coordinator.dashboard.Dashboard` HTTP server, all on the DHT peer's event loop; and,
-unless ``--no-offer-relay``, a :class:`~dmoe.relay.Relay` (on a thread of its own) for nodes that
+unless ``--no-offer-relay``, a :class:`~dmoe.relay.server.Relay` (on a thread of its own) for nodes that
 cannot be dialled, announced in the DHT.
 """
 
@@ -15,15 +15,17 @@ import os
 import signal
 import threading
 
-from dmoe.auth import dht_authorizer, load_key
 from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.coordinator.dashboard import Dashboard
 from dmoe.coordinator.metrics import make_registry
 from dmoe.coordinator.monitor import SwarmMonitor
-from dmoe.local import write_json_atomic
-from dmoe.peer import DHTPeer
-from dmoe.relay import Relay, RelayLimits
-from dmoe.relayproto import parse_port_range
+from dmoe.core.addresses import parse_port_range
+from dmoe.core.auth import load_key
+from dmoe.core.dht import DHTPeer
+from dmoe.core.dhtauth import dht_authorizer
+from dmoe.core.files import write_json_atomic
+from dmoe.relay.limits import RelayLimits
+from dmoe.relay.server import Relay
 
 logger = logging.getLogger(__name__)
 

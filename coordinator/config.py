@@ -6,9 +6,9 @@ import dataclasses
 from typing import ClassVar
 
 from dmoe.config import option
+from dmoe.core.addresses import check_announce_maddrs, parse_port_range
 from dmoe.errors import ConfigError
-from dmoe.local import check_announce_maddrs
-from dmoe.relayproto import RelayLimits, parse_port_range
+from dmoe.relay.limits import RelayLimits
 
 _RELAY = RelayLimits()  # the relay's defaults, declared once there
 

@@ -1,7 +1,7 @@
 """Dashboard: the coordinator's HTTP server (aiohttp): the live page, its JSON API and /metrics.
 
 - ``GET /``             the dashboard page (``static/dashboard.html``), which polls the API below
-- ``GET /api/swarm``    the latest :class:`dmoe.swarmview.SwarmView` plus the monitor's status
+- ``GET /api/swarm``    the latest :class:`dmoe.view.swarmview.SwarmView` plus the monitor's status
 - ``GET /api/history``  throughput over time, per node and for the swarm
 - ``GET /metrics``      Prometheus text format
 - ``GET /healthz``      ``ok`` while the server runs
@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from importlib import resources
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web

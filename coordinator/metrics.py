@@ -62,7 +62,7 @@ class SwarmCollector(Collector):
 
 
 class RelayCollector(Collector):
-    """The coordinator's relay (dmoe.relay): nodes it serves, connections, bytes and refusals."""
+    """The coordinator's relay (dmoe.relay.server): nodes it serves, connections, bytes and refusals."""
 
     def __init__(self, stats: Callable[[], dict[str, Any]]):
         self.stats = stats

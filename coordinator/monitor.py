@@ -7,9 +7,9 @@ import asyncio
 import logging
 import time
 
-from dmoe.peer import DHTPeer
-from dmoe.records import find_nodes_async
-from dmoe.swarmview import SwarmView, ThroughputHistory, summarize
+from dmoe.core.dht import DHTPeer
+from dmoe.core.records import find_nodes_async
+from dmoe.view.swarmview import SwarmView, ThroughputHistory, summarize
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,9 @@ import click
 from dmoe.config import click_options, load_config
 from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.errors import ConfigError, DmoeError
-from dmoe.infer import InferConfig
+from dmoe.lm.config import InferConfig, TrainConfig
 from dmoe.node.config import NodeConfig
-from dmoe.status import StatusConfig
-from dmoe.train import TrainConfig
+from dmoe.view.config import StatusConfig
 
 
 def _setup_logging() -> None:
@@ -32,7 +31,7 @@ def _setup_logging() -> None:
 def main() -> None:
     """dmoe: a decentralized Mixture-of-Experts over volunteer machines."""
     _setup_logging()
-    # With gRPC's fork support on, a process that also relays (dmoe.relay) lost relayed connections
+    # With gRPC's fork support on, a process that also relays (dmoe.relay.server) lost relayed connections
     # that nothing closed (gRPC has reports of it closing reused descriptors after forks). gRPC
     # reads this when it starts (the first channel or server), which is after this.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
@@ -109,7 +108,7 @@ def swarm() -> None:
 def swarm_keygen(path: str) -> None:
     """Write a new private swarm key to PATH (mode 600). Hand it, by a safe channel, to every member:
     nodes, trainers and the coordinator then take --swarm-key PATH, and refuse whoever lacks it."""
-    from dmoe.auth import SwarmKey
+    from dmoe.core.auth import SwarmKey
 
     try:
         key = SwarmKey.generate(path)
@@ -124,11 +123,10 @@ def swarm_keygen(path: str) -> None:
 def swarm_status(config_path: str | None, **values) -> None:
     """Nodes and experts of a swarm, from the nodes' own DHT records: tables, or --json for scripts."""
     config = _config(StatusConfig, config_path, values)
+    from hivemind.p2p import P2PDaemonError
     from rich.console import Console
 
-    from hivemind.p2p import P2PDaemonError
-
-    from dmoe.status import read_view, render
+    from dmoe.view.status import read_view, render
 
     try:
         view = read_view(config)
@@ -152,7 +150,7 @@ def train(config_path: str | None, **values) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dmoe.train import Trainer
+    from dmoe.lm.train import Trainer
 
     console = Console(stderr=True)
 
@@ -203,8 +201,9 @@ def train(config_path: str | None, **values) -> None:
 def infer(config_path: str | None, **values) -> None:
     """Generate text from a checkpoint of dmoe train, with its experts on the swarm."""
     config = _config(InferConfig, config_path, values)
-    from dmoe.infer import generate, load_model, needs_swarm
-    from dmoe.swarm import Swarm, SwarmConfig
+    from dmoe.client.config import SwarmConfig
+    from dmoe.client.swarm import Swarm
+    from dmoe.lm.infer import generate, load_model, needs_swarm
 
     swarm = None
     try:

@@ -21,9 +21,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dmoe.local import wait_ready_file
-
-from dmoe.lm import LMConfig
+from dmoe.lm.config import LMConfig
+from dmoe.testing.process import wait_ready_file
 
 MODEL = LMConfig()  # the defaults of dmoe train: 2 layers of 8 experts, d_model 128, experts 128 -> 256 -> 128
 console = Console()

@@ -53,11 +53,11 @@ import numpy as np
 import torch
 
 with atheris.instrument_imports(include=["dmoe"]):
+    from dmoe.core.wire import DTYPES, dtype_name, serialize
     from dmoe.node.backend import ExpertBackend
     from dmoe.node.config import NodeConfig
     from dmoe.node.service import RequestError, _parse, check_request, decode_request
     from dmoe.proto import expert_pb2 as pb
-    from dmoe.wire import DTYPES, dtype_name, serialize
 
 ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.OUT_OF_RANGE)

@@ -12,7 +12,22 @@
 - ``stats.py``      ExpertCounters: calls, tokens, errors, latency per expert
 """
 
-from dmoe.node.config import NodeConfig
-from dmoe.node.node import Node
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# imported on first use, so that the CLI can read a config without starting torch or hivemind
+_LAZY = {
+    "Node": "dmoe.node.node",
+    "NodeConfig": "dmoe.node.config",
+}
 
 __all__ = ["Node", "NodeConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from hivemind.utils import get_dht_time
 
-from dmoe.peer import DHTPeer
-from dmoe.records import ExpertRecord, NodeRecord, store_announcement_async
+from dmoe.core.dht import DHTPeer
+from dmoe.core.records import ExpertRecord, NodeRecord, store_announcement_async
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dmoe.core.experts import FREE, TensorSpec, create_expert, sample_inputs
+from dmoe.core.wire import DTYPES, dtype_name
 from dmoe.errors import CheckpointError
-from dmoe.experts import FREE, TensorSpec, create_expert, sample_inputs
 from dmoe.node.config import NodeConfig
-from dmoe.wire import DTYPES, dtype_name
 
 logger = logging.getLogger(__name__)
 

@@ -6,11 +6,9 @@ import dataclasses
 from typing import ClassVar
 
 from dmoe.config import option
+from dmoe.core.addresses import check_announce_maddrs, split_address
+from dmoe.core.uids import expand_patterns
 from dmoe.errors import ConfigError
-from dmoe.experts import BUILTIN_EXPERTS
-from dmoe.local import check_announce_maddrs
-from dmoe.relayproto import split_address
-from dmoe.uids import expand_patterns
 
 MiB = 1 << 20
 
@@ -21,7 +19,7 @@ class NodeConfig:
 
     swarm: list[str] = option([], "multiaddr of a swarm peer to join (repeat for several); none: start a new swarm")
     experts: list[str] = option(["ffn.[0:4]"], "expert uid patterns to host, e.g. 'ffn.[0:8]' or 'ffn.[0:4].[0:16]'")
-    expert_cls: str = option("ffn", f"expert class: {', '.join(BUILTIN_EXPERTS)} or 'module:Class'")
+    expert_cls: str = option("ffn", "expert class: ffn, transformer or 'module:Class'")
     hidden_dim: int = option(1024, "model dimension of the experts' inputs and outputs")
     inner_dim: int | None = option(None, "inner dimension of built-in experts (default 4 x hidden-dim)")
     seed: int = option(0, "initialisation seed, mixed with each uid")

@@ -2,7 +2,7 @@
 
 Checked at the start of every ExpertService call, before the request is read:
 
-- the swarm key (:class:`dmoe.auth.CallVerifier`), when the node serves a private swarm:
+- the swarm key (:class:`dmoe.core.auth.CallVerifier`), when the node serves a private swarm:
   UNAUTHENTICATED otherwise;
 - calls in flight per peer (``max_calls_per_peer``) and requests per second per peer, a token
   bucket of ``peer_rate`` per second with room for ``peer_burst``: RESOURCE_EXHAUSTED otherwise,
@@ -22,7 +22,7 @@ import time
 
 import grpc
 
-from dmoe.auth import CallVerifier
+from dmoe.core.auth import CallVerifier
 
 MAX_PEERS = 10_000
 

@@ -1,6 +1,6 @@
 """Node: the daemon a volunteer runs. Lifecycle of the DHT peer, experts, runtime and gRPC server.
 
-The DHT peer is an in-process :class:`dmoe.peer.DHTPeer` on a thread of its own, so that a
+The DHT peer is an in-process :class:`dmoe.core.dht.DHTPeer` on a thread of its own, so that a
 heartbeat of thousands of records never runs on the loop that serves gRPC calls. Shutdown
 (SIGINT/SIGTERM or ``shutdown()``): withdraw the DHT records, stop taking calls and let in-flight
 ones finish (``server.stop(grace)``), drain the runtime, write a last checkpoint, stop the DHT peer.
@@ -33,22 +33,24 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import dmoe
-from dmoe.auth import CallVerifier, DHTAuthorizer, load_key
-from dmoe.local import write_json_atomic
+from dmoe.core.addresses import join_address
+from dmoe.core.auth import CallVerifier, load_key
+from dmoe.core.checkpoint import CheckpointStore
+from dmoe.core.dht import DHTPeer
+from dmoe.core.dhtauth import DHTAuthorizer
+from dmoe.core.files import write_json_atomic
+from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_relays
 from dmoe.node.announcer import Announcer
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.checkpoint import CheckpointStore
 from dmoe.node.config import NodeConfig
 from dmoe.node.guard import CallGuard
+from dmoe.node.relaylink import RelayLink
 from dmoe.node.runtime import Runtime
 from dmoe.node.service import SERVICE_NAME, ExpertServicer
 from dmoe.node.stats import ExpertCounters
-from dmoe.peer import DHTPeer
 from dmoe.proto import expert_pb2 as pb
-from dmoe.node.relaylink import RelayLink
-from dmoe.records import ExpertRecord, Hardware, NodeRecord, find_relays
-from dmoe.relay import Relay
-from dmoe.relayproto import join_address, probe
+from dmoe.relay.protocol import probe
+from dmoe.relay.server import Relay
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ class Node:
         )
         self.tls = self.swarm_key is not None and config.tls
         if self.tls:
-            from dmoe.tls import server_credentials
+            from dmoe.core.tls import server_credentials
 
             port = self._server.add_secure_port(join_address(config.host, config.port),
                                                 server_credentials(self.swarm_key))

@@ -1,9 +1,9 @@
-"""RelayLink: a node that nobody can dial keeps itself registered with a relay (:mod:`dmoe.relay`).
+"""RelayLink: a node that nobody can dial keeps itself registered with a relay (:mod:`dmoe.relay.server`).
 
 It holds one control connection to a relay, answers its pings, and for every client the relay
 announces, dials the relay once more (``attach``) and splices that connection to the node's own
 gRPC server. The local connection comes from a loopback address that stands for the client's IP
-(:func:`dmoe.relay.loopback_source`), so the node's per-peer limits still tell clients apart.
+(:func:`dmoe.relay.server.loopback_source`), so the node's per-peer limits still tell clients apart.
 
 When the relay goes away, the link tries the relays it is given again, in order, with capped
 back-off, and reports each new public endpoint through ``on_change`` (the node then re-announces).
@@ -18,10 +18,21 @@ import threading
 import time
 from collections.abc import Callable
 
-from dmoe.auth import SwarmKey
+from dmoe.core.addresses import split_address
+from dmoe.core.auth import SwarmKey
 from dmoe.errors import DmoeError
-from dmoe.relayproto import (MAX_LINE, PING_INTERVAL, ProtocolError, close_quietly, loopback_source, open_connection,
-                             read_message, register_message, send_message, splice, split_address)
+from dmoe.relay.limits import PING_INTERVAL
+from dmoe.relay.protocol import (
+    MAX_LINE,
+    ProtocolError,
+    close_quietly,
+    loopback_source,
+    open_connection,
+    read_message,
+    register_message,
+    send_message,
+    splice,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +57,7 @@ class RelayLink:
 
     def start(self, timeout: float = 60.0) -> RelayLink:
         """Register with the first relay that takes this node; DmoeError if none does in time."""
-        from dmoe.peer import new_event_loop
+        from dmoe.core.dht import new_event_loop
 
         self.loop = new_event_loop("uvloop")
         self._thread = threading.Thread(target=self.loop.run_forever, name="dmoe-relay-link", daemon=True)

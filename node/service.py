@@ -22,14 +22,14 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError, Message
 
-from dmoe.auth import fullmethod
+from dmoe.core.auth import fullmethod
+from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
+from dmoe.errors import MessageTooLarge
 from dmoe.node.backend import ExpertBackend, OutOfBounds
 from dmoe.node.guard import CallGuard, Refused
 from dmoe.node.runtime import Overloaded, Runtime, Task
 from dmoe.node.stats import ExpertCounters
 from dmoe.proto import expert_pb2 as pb
-from dmoe.errors import MessageTooLarge
-from dmoe.wire import deserialize, join_chunks, serialize, split_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from dmoe.core.records import ExpertLoad
 from dmoe.proto import expert_pb2 as pb
-from dmoe.records import ExpertLoad
 
 LATENCY_WINDOW = 1024
 

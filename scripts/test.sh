@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (unit + integration with real nodes and DHT peers on 127.0.0.1), in two workers.
+# Runs the whole test suite: ruff, the import contracts (pyproject.toml), then pytest (unit, integration with
+# real nodes and DHT peers on 127.0.0.1, lab with network namespaces) in two workers.
 # The dashboard test drives Debian's headless Chromium: installed here if it is missing.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -12,6 +13,10 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; }
 fi
 cd "$root"
+echo "ruff check..."
+.venv/bin/ruff check .
+echo "import contracts..."
+.venv/bin/python scripts/check_imports.py
 # Two workers, each taking whole test files (their module-scoped nodes stay in one process): most of
 # a test's time is nodes starting up and records expiring, so two run side by side on two cores.
 exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -9,11 +9,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from swarm_fixtures import expert_version, module_node, stub, wait_for
 
+from dmoe.core.wire import deserialize, serialize, split_chunks
 from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import deserialize, serialize, split_chunks
-
-from conftest import expert_version, module_node, stub, wait_for
 
 HIDDEN = 32
 UID = "ffn.0"

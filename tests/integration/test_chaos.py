@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from dmoe.chaos import ChaosConfig, ChaosRun
+from dmoe.testing.chaos import ChaosConfig, ChaosRun
 
 pytestmark = [
     pytest.mark.timeout(300),

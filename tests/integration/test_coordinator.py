@@ -12,14 +12,13 @@ import urllib.request
 
 import pytest
 import torch
+from swarm_fixtures import stub, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import dmoe
+from dmoe.core.records import find_experts
+from dmoe.core.wire import serialize
 from dmoe.proto import expert_pb2 as pb
-from dmoe.records import find_experts
-from dmoe.wire import serialize
-
-from conftest import stub, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 HIDDEN = 8

@@ -8,13 +8,13 @@ import time
 
 import pytest
 import torch
-
-from dmoe.moe import RemoteMoE
-from dmoe.proto import expert_pb2 as pb
-from dmoe.swarm import Swarm, SwarmConfig
-
-from conftest import stub, wait_for
+from swarm_fixtures import stub, wait_for
 from hostile import HostileServer, plant_records
+
+from dmoe.client.config import SwarmConfig
+from dmoe.client.swarm import Swarm
+from dmoe.moe.remote import RemoteMoE
+from dmoe.proto import expert_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)
 HIDDEN, NUM_EXPERTS = 16, 11

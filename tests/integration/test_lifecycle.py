@@ -7,13 +7,12 @@ import time
 
 import pytest
 import torch
+from swarm_fixtures import dht_get, expert_version, stub, wait_for
 
-from dmoe.experts import create_expert
+from dmoe.core.experts import create_expert
+from dmoe.core.records import find_experts, find_nodes
+from dmoe.core.wire import deserialize, serialize
 from dmoe.proto import expert_pb2 as pb
-from dmoe.records import find_experts, find_nodes
-from dmoe.wire import deserialize, serialize
-
-from conftest import dht_get, expert_version, stub, wait_for
 
 HIDDEN = 16
 pytestmark = pytest.mark.timeout(180)

@@ -12,11 +12,10 @@ import time
 import grpc
 import pytest
 import torch
+from swarm_fixtures import module_node, wait_for
 
+from dmoe.core.wire import serialize
 from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import serialize
-
-from conftest import module_node, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN = 8

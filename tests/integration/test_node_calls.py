@@ -5,15 +5,14 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from swarm_fixtures import expert_version, module_node
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from dmoe.experts import create_expert
+from dmoe.core.experts import create_expert
+from dmoe.core.wire import deserialize, serialize, split_chunks
 from dmoe.proto import expert_pb2 as pb
-from dmoe.wire import deserialize, serialize, split_chunks
-
-from conftest import expert_version, module_node
 
 HIDDEN = 32
 MAX_NUMEL = 1 << 26

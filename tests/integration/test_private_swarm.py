@@ -14,21 +14,21 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
+from swarm_fixtures import CoordinatorProcess, NodeProcess, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dmoe.auth import SwarmKey
 from dmoe.cli import main
+from dmoe.client.config import SwarmConfig
+from dmoe.client.swarm import Swarm
+from dmoe.core.auth import SwarmKey
+from dmoe.core.tls import NODE_NAME, ca_pem, channel_credentials
+from dmoe.core.wire import serialize
 from dmoe.errors import DmoeError
-from dmoe.moe import RemoteMoE
+from dmoe.moe.remote import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
-from dmoe.relay import Relay
-from dmoe.relayproto import probe
-from dmoe.swarm import Swarm, SwarmConfig
-from dmoe.tls import NODE_NAME, ca_pem, channel_credentials
-from dmoe.wire import serialize
-
-from conftest import CoordinatorProcess, NodeProcess, wait_for
+from dmoe.relay.protocol import probe
+from dmoe.relay.server import Relay
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN = 16

@@ -2,7 +2,7 @@
 
 The relays here are real (in this process, or the coordinator's), the nodes are CLI processes,
 and the client is a RemoteMoE that finds the records in the DHT. The namespaces test, where the
-client really cannot reach the node, is tests/integration/test_nat.py.
+client really cannot reach the node, is tests/lab/test_nat.py.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ import urllib.request
 import grpc
 import pytest
 import torch
+from swarm_fixtures import wait_for
 
-from dmoe.auth import SwarmKey
-from dmoe.moe import RemoteMoE
+from dmoe.client.config import SwarmConfig
+from dmoe.client.swarm import Swarm
+from dmoe.core.auth import SwarmKey
+from dmoe.core.records import find_experts, find_relays
+from dmoe.moe.remote import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
-from dmoe.records import find_experts, find_relays
-from dmoe.relay import Relay, RelayLimits
-from dmoe.relayproto import MAX_LINE, probe
-from dmoe.swarm import Swarm, SwarmConfig
-
-from conftest import wait_for
+from dmoe.relay.limits import RelayLimits
+from dmoe.relay.protocol import MAX_LINE, probe
+from dmoe.relay.server import Relay
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN = 16
@@ -145,7 +146,7 @@ def test_what_a_probed_server_answers_reaches_the_node_bounded():
 def test_dial_backs_at_once_are_capped_across_ips(monkeypatch):
     """A relay dials back a bounded number of probes at once, whoever asks: past it, probes are refused
     at once with the reason, and served again once a dial-back ends."""
-    monkeypatch.setattr("dmoe.relay.MAX_DIAL_BACKS", 1)
+    monkeypatch.setattr("dmoe.relay.server.MAX_DIAL_BACKS", 1)
     with Relay(limits=RelayLimits(probe_call_timeout=2.0)) as relay, \
             socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers Info: 2 s each
         port = silent.getsockname()[1]

@@ -8,14 +8,14 @@ import time
 
 import pytest
 import torch
+from swarm_fixtures import NodeProcess, expert_version, stub, wait_for
 
-from dmoe.experts import create_expert
-from dmoe.moe import RemoteMoE
-from dmoe.netproxy import TcpProxy
+from dmoe.client.config import SwarmConfig
+from dmoe.client.swarm import Swarm
+from dmoe.core.experts import create_expert
+from dmoe.moe.remote import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
-from dmoe.swarm import Swarm, SwarmConfig
-
-from conftest import NodeProcess, expert_version, stub, wait_for
+from dmoe.testing.netproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(180)
 HIDDEN, NUM_EXPERTS = 16, 8
@@ -127,7 +127,7 @@ def test_a_lookup_that_hangs_leaves_the_last_known_experts_in_use(live_pair, mon
         async def stuck(node, keys):
             await asyncio.sleep(60)
 
-        monkeypatch.setattr("dmoe.swarm.find_under_prefixes_async", stuck)
+        monkeypatch.setattr("dmoe.client.swarm.find_under_prefixes_async", stuck)
         swarm.config.lookup_timeout, swarm.config.cache_ttl = 0.5, 0.0
         started = time.monotonic()
         assert len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == NUM_EXPERTS

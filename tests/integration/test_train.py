@@ -13,15 +13,16 @@ import time
 
 import pytest
 import torch
+from swarm_fixtures import HERE, wait_for
 
+from dmoe.client.config import SwarmConfig
+from dmoe.client.swarm import Swarm
 from dmoe.errors import CheckpointError
-from dmoe.gating import MoEGate
-from dmoe.infer import InferConfig, generate, load_model
-from dmoe.lm import MoELM
-from dmoe.swarm import Swarm, SwarmConfig
-from dmoe.train import TrainConfig, Trainer, load_checkpoint
-
-from conftest import HERE, wait_for
+from dmoe.lm.config import InferConfig, TrainConfig
+from dmoe.lm.infer import generate, load_model
+from dmoe.lm.model import MoELM
+from dmoe.lm.train import Trainer, load_checkpoint
+from dmoe.moe.gating import MoELayer
 
 pytestmark = pytest.mark.timeout(240)
 MODEL = dict(d_model=32, num_heads=2, num_layers=2, num_experts=4, expert_inner=64, seq_len=32)
@@ -86,11 +87,11 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
 
 def client_params(seed: int) -> dict[str, torch.Tensor]:
     """The client-side parameters a trainer with this seed starts from (its gates are a RemoteMoE's)."""
-    from dmoe.lm import LMConfig
+    from dmoe.lm.config import LMConfig
 
     torch.manual_seed(seed)
     config = LMConfig(**MODEL)
-    model = MoELM(config, lambda c, i: MoEGate(prefix=c.layer_prefix(i), grid=(c.num_experts,),
+    model = MoELM(config, lambda c, i: MoELayer(prefix=c.layer_prefix(i), grid=(c.num_experts,),
                                                in_features=c.d_model, k=c.k))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

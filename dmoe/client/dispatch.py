@@ -1,0 +1,337 @@
+"""Dispatcher: expert calls from a client, all in flight at once, with deadlines and a quorum.
+
+Calls run on the Swarm's background event loop (uvloop) over one long-lived grpc.aio channel per
+endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answers
+(or every call has ended, or ``forward_timeout`` passed), then at most ``timeout_after_k_min``
+more for the rest. A reply that is malformed, of the wrong shape or dtype, or not finite counts as
+a failure of that expert, exactly like an error status or a missed deadline; so does any other
+exception of one call (a connection torn down mid-stream): one peer never fails a step.
+
+A call carries the limits its node announced (:class:`dmoe.core.records.ExpertRecord`): a sub-batch of
+more tokens than ``max_batch_tokens`` is cut into parts sent concurrently (the call fails if any
+part fails), and a request larger than ``max_message_bytes`` goes through the node's
+ForwardStream/BackwardStream in chunks instead of one unary message.
+
+Each call's fate goes to ``on_result(call, error)``: None for an answer used, else the error.
+:func:`is_misbehaviour` tells the errors only a broken or hostile peer causes from those of a slow,
+busy or vanished one; the Swarm quarantines the first kind and backs off from the second. A call
+whose own inputs (or gradients) are not finite is not sent: the node would refuse it, and that is
+this client's fault, not the node's. In a private swarm every call carries the swarm key's token
+(:mod:`dmoe.core.auth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from dmoe.core.auth import SwarmKey, fullmethod
+from dmoe.core.records import ExpertRecord
+from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
+from dmoe.errors import WireError
+from dmoe.proto import expert_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 << 20  # largest unary reply this client accepts
+DEFAULT_MAX_TOKENS = 4096  # a node's default max_batch_tokens, for records that do not announce theirs
+DEFAULT_MAX_UNARY_BYTES = 4 << 20  # gRPC's default message limit, for records that do not announce theirs
+STREAM_CHUNK_BYTES = 1 << 20
+ENVELOPE_BYTES = 64 << 10  # room for the fields around the tensor buffers in a reply
+SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
+# statuses a node that works as it says never answers to a request for a uid it announced
+_MISBEHAVIOUR_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS})
+
+
+class Late(Exception):
+    """The call was still running at the forward's deadline."""
+
+
+class LocalInputError(ValueError):
+    """This client's own inputs or gradients are not finite: nothing was sent."""
+
+
+class Disagreement(Exception):
+    """A node refused as malformed (INVALID_ARGUMENT) a request that other nodes accepted in the
+    same step: it does not take the schema its record claims."""
+
+
+def is_misbehaviour(error: BaseException) -> bool:
+    """True for what only a broken or hostile peer does: a malformed, mis-shaped, non-finite or
+    absurd reply (ValueError, WireError); NOT_FOUND for a uid it announced; or a Disagreement.
+    Deadlines, lost connections, load shedding, OUT_OF_RANGE (this client's values above the node's
+    bounds) and an INVALID_ARGUMENT that every node gave (this client's request, then) are ordinary."""
+    if isinstance(error, LocalInputError):
+        return False
+    if isinstance(error, Disagreement):
+        return True
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return error.code() in _MISBEHAVIOUR_CODES
+    return isinstance(error, ValueError)
+
+
+@dataclasses.dataclass(slots=True)
+class ExpertCall:
+    uid: str
+    endpoint: str
+    inputs: torch.Tensor  # [n, D], the rows of the tokens sent to this expert
+    token_ids: torch.Tensor  # [n], which tokens of the batch they are
+    grad_outputs: torch.Tensor | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS  # rows per request; more are cut into concurrent parts
+    max_unary_bytes: int = DEFAULT_MAX_UNARY_BYTES  # larger requests use the streams
+    tls: bool = False  # the node speaks TLS (a private swarm's)
+
+    @classmethod
+    def to(cls, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor) -> ExpertCall:
+        return cls(record.uid, record.dial_endpoint, inputs, token_ids,
+                   max_tokens=record.max_batch_tokens or DEFAULT_MAX_TOKENS,
+                   max_unary_bytes=record.max_message_bytes or DEFAULT_MAX_UNARY_BYTES, tls=record.tls)
+
+
+class Dispatcher:
+    """Expert calls on an event loop that runs in another thread (the Swarm's)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *, key: SwarmKey | None = None,
+                 max_reply_abs: float = float("inf")):
+        self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
+        self._channels: dict[tuple[str, bool], tuple[grpc.aio.Channel, dict[str, Any]]] = {}
+        self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def close(self) -> None:
+        """Close the channels (the loop belongs to the caller)."""
+        if self._loop.is_closed():
+            return
+
+        async def close() -> None:
+            for channel, _ in self._channels.values():
+                await channel.close()
+            self._channels.clear()
+
+        self.run(close())
+
+    def _stub(self, endpoint: str, tls: bool) -> dict[str, Any]:
+        """The endpoint's call objects by method name. Replies arrive as raw bytes and are parsed here:
+        grpc's own deserialiser hands None to the caller when a reply does not parse."""
+        if (endpoint, tls) not in self._channels:
+            options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+            if tls:
+                if self.key is None:
+                    raise LocalInputError(f"{endpoint} speaks a private swarm's TLS: this client needs its --swarm-key")
+                if self._tls is None:
+                    from dmoe.core.tls import channel_credentials
+
+                    self._tls = channel_credentials(self.key)
+                channel = grpc.aio.secure_channel(endpoint, self._tls[0], options=options + self._tls[1])
+            else:
+                channel = grpc.aio.insecure_channel(endpoint, options=options)
+            methods = {
+                name: channel.unary_unary(fullmethod(SERVICE, name), request_serializer=_serialize,
+                                          response_deserializer=None)
+                for name in ("Forward", "Backward")
+            } | {
+                name: channel.stream_stream(fullmethod(SERVICE, name), request_serializer=_serialize,
+                                            response_deserializer=None)
+                for name in ("ForwardStream", "BackwardStream")
+            }
+            self._channels[(endpoint, tls)] = (channel, methods)
+        return self._channels[(endpoint, tls)][1]
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(
+        self, calls: list[ExpertCall], *, num_tokens: int, k_min: int, forward_timeout: float,
+        timeout_after_k_min: float, on_result: Callable[[ExpertCall, BaseException | None], None], enough: int = 0,
+    ) -> tuple[dict[int, torch.Tensor], int]:
+        """Outputs of the calls that answered in time and well, by index in ``calls``, and how many
+        calls were cancelled as not needed. With ``enough`` > 0 (hedged calls), the forward ends once
+        every token has that many answers (or all it can get), and the calls still running are
+        cancelled without counting as failures."""
+        return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
+                                      enough))
+
+    async def _forward(self, calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result, enough):
+        started = time.monotonic()
+        tasks = {asyncio.create_task(self._call(c, forward_timeout, backward=False)): i for i, c in enumerate(calls)}
+        candidates_T = torch.zeros(num_tokens, dtype=torch.long)
+        for call in calls:
+            candidates_T[call.token_ids] += 1
+        need_T = candidates_T.clamp(max=k_min)
+        enough_T = candidates_T.clamp(max=enough) if enough > 0 else None
+        answered_T = torch.zeros(num_tokens, dtype=torch.long)
+        results: dict[int, torch.Tensor] = {}
+        pending, quorum_at, satisfied = set(tasks), None, False
+        refused: list[tuple[ExpertCall, BaseException]] = []  # INVALID_ARGUMENT: judged once all are in
+        while pending:
+            now = time.monotonic()
+            deadline = started + forward_timeout
+            if quorum_at is not None:
+                deadline = min(deadline, quorum_at + timeout_after_k_min)
+            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - now),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            for task in done:
+                index = tasks[task]
+                call = calls[index]
+                try:
+                    results[index] = task.result()
+                except Exception as e:  # whatever went wrong, it is that expert's failure, not the step's
+                    _log_failure("forward", call, e)
+                    if _is_refusal(e):
+                        refused.append((call, e))
+                    else:
+                        on_result(call, e)
+                    continue
+                on_result(call, None)
+                answered_T[call.token_ids] += 1
+            if enough_T is not None and bool((answered_T >= enough_T).all()):
+                satisfied = True  # every token has its k answers: the spares still running are not needed
+                break
+            if quorum_at is None and bool((answered_T >= need_T).all()):
+                quorum_at = time.monotonic()
+        for task in pending:  # late: dropped, and counted as a failure of its endpoint (unless hedged away)
+            task.cancel()
+            if not satisfied:
+                on_result(calls[tasks[task]], Late("no answer within the forward's deadline"))
+        _judge(refused, bool(results), on_result)
+        return results, (len(pending) if satisfied else 0)
+
+    # ---- backward -----------------------------------------------------------------------------
+    def backward(
+        self, calls: list[ExpertCall], *, backward_timeout: float,
+        on_result: Callable[[ExpertCall, BaseException | None], None]
+    ) -> dict[int, torch.Tensor]:
+        """Input gradients of the calls that answered in time and well, by index in ``calls``."""
+        return self.run(self._backward(calls, backward_timeout, on_result))
+
+    async def _call(self, call: ExpertCall, timeout: float, *, backward: bool) -> torch.Tensor:
+        """Outputs (or input gradients) of one expert call, cut into parts of at most max_tokens rows."""
+        step = max(1, call.max_tokens)
+        if call.inputs.shape[0] <= step:
+            return await self._call_part(call, call.inputs, call.grad_outputs, timeout, backward)
+        tasks = [
+            asyncio.ensure_future(self._call_part(
+                call, call.inputs[start:start + step],
+                None if call.grad_outputs is None else call.grad_outputs[start:start + step], timeout, backward,
+            ))
+            for start in range(0, call.inputs.shape[0], step)
+        ]
+        try:
+            return torch.cat(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one part failed: the others are of no use
+                task.cancel()
+
+    async def _call_part(self, call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None,
+                         timeout: float, backward: bool) -> torch.Tensor:
+        stub = self._stub(call.endpoint, call.tls)
+        if not bool(torch.isfinite(inputs).all()) or (grad_outputs is not None
+                                                       and not bool(torch.isfinite(grad_outputs).all())):
+            raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} are not "
+                                  "finite (has the model diverged?); not sent")
+        encoded = [serialize(inputs, self.compression)]
+        if backward:
+            assert grad_outputs is not None
+            request = pb.BackwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression,
+                                         grad_outputs=[serialize(grad_outputs, self.compression)])
+        else:
+            request = pb.ForwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression)
+        unary = request.ByteSize() <= call.max_unary_bytes
+        name = ("Backward" if backward else "Forward") + ("" if unary else "Stream")
+        metadata = self.key.call_metadata(fullmethod(SERVICE, name)) if self.key is not None else None
+        if unary:
+            data = await stub[name](request, timeout=timeout, metadata=metadata)
+        else:
+            chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, call.max_unary_bytes // 2))  # a chunk is a message too
+            replies = stub[name](split_chunks(request.SerializeToString(), chunk_bytes), timeout=timeout,
+                                 metadata=metadata)
+            data = await join_chunks(_parsed_chunks(replies), max_bytes=inputs.numel() * 8 + ENVELOPE_BYTES)
+        reply_cls = pb.BackwardResponse if backward else pb.ForwardResponse
+        try:
+            reply = reply_cls.FromString(data)
+        except DecodeError as e:
+            raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
+        return _checked(reply.grad_inputs if backward else reply.outputs, inputs, self.max_reply_abs)
+
+    async def _backward(self, calls, backward_timeout, on_result):
+        replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True) for c in calls),
+                                       return_exceptions=True)
+        results = {}
+        refused: list[tuple[ExpertCall, BaseException]] = []
+        for index, (call, reply) in enumerate(zip(calls, replies)):
+            if isinstance(reply, Exception):
+                _log_failure("backward", call, reply)
+                if _is_refusal(reply):
+                    refused.append((call, reply))
+                else:
+                    on_result(call, reply)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                on_result(call, None)
+                results[index] = reply
+        _judge(refused, bool(results), on_result)
+        return results
+
+
+def _is_refusal(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and hasattr(error, "code") and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _judge(refused: list[tuple[ExpertCall, BaseException]], others_accepted: bool,
+           on_result: Callable[[ExpertCall, BaseException | None], None]) -> None:
+    """Report the INVALID_ARGUMENT refusals of one step: a disagreement with the nodes that accepted
+    the same inputs, or, if none did, an ordinary failure (the request may be this client's fault)."""
+    for call, error in refused:
+        on_result(call, Disagreement(f"refused what other nodes accepted: {error}") if others_accepted else error)
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()
+
+
+async def _parsed_chunks(replies: AsyncIterator[bytes]) -> AsyncIterator[pb.Chunk]:
+    async for data in replies:
+        try:
+            yield pb.Chunk.FromString(data)
+        except DecodeError as e:
+            raise WireError(f"undecodable Chunk: {e}") from None
+
+
+def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
+    """An error status, a deadline or a bad reply is a peer's expected failure (debug); anything else
+    (a broken connection's OSError, a bug) is logged louder, and is still only that expert's failure.
+    UNAUTHENTICATED is loud too: it is almost always this client's key or clock."""
+    code = error.code() if isinstance(error, grpc.RpcError) and hasattr(error, "code") else None
+    expected = isinstance(error, (grpc.RpcError, ValueError)) and code != grpc.StatusCode.UNAUTHENTICATED
+    hint = " (is this client's --swarm-key the swarm's, and its clock right?)" if code == grpc.StatusCode.UNAUTHENTICATED else ""
+    logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s%s", what, call.uid,
+               call.endpoint, type(error).__name__, error, hint)
+
+
+def _checked(tensors, like: torch.Tensor, max_abs: float = float("inf")) -> torch.Tensor:
+    """The one reply tensor, if it has the shape and dtype of ``like`` and finite values no larger
+    than ``max_abs`` in magnitude (else ValueError)."""
+    if len(tensors) != 1:
+        raise ValueError(f"expected 1 tensor in the reply, got {len(tensors)}")
+    tensor = deserialize(tensors[0], max_numel=like.numel())
+    if tensor.shape != like.shape or tensor.dtype != like.dtype:
+        raise ValueError(f"reply of shape {list(tensor.shape)} {tensor.dtype}, expected {list(like.shape)} {like.dtype}")
+    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if not math.isfinite(largest):
+        raise ValueError("reply holds NaN or Inf")
+    if largest > max_abs:
+        raise ValueError(f"reply holds {largest:.3g}, above max_reply_abs={max_abs:g}")
+    return tensor

@@ -1,0 +1,15 @@
+"""dmoe.core: what the client, the node, the relay and the coordinator share. Imports no other dmoe
+package (checked by the import contract in pyproject.toml).
+
+- ``wire.py``        tensors on the wire: serialize/deserialize with compression (none, fp16, 8-bit), chunking
+- ``uids.py``        expert uids (``prefix.i.j``) and grid patterns (``ffn.[0:8]``)
+- ``experts.py``     expert modules (ffn, transformer, module:Class), TensorSpec schemas, seeds from uids
+- ``dht.py``         DHTPeer: a hivemind DHTNode in this process, on an event loop of its own thread
+- ``records.py``     DHT records of experts, nodes and relays; find_experts, find_nodes, find_relays
+- ``auth.py``        SwarmKey, CallVerifier, DHTAuthorizer: a private swarm's key, call tokens, signed DHT traffic
+- ``tls.py``         mutual TLS with a CA derived from the swarm key
+- ``addresses.py``   ``host:port`` and libp2p multiaddrs: split, join, check
+- ``checkpoint.py``  CheckpointStore: atomic safetensors checkpoints, the last few kept
+- ``ratelimit.py``   TokenBucket: the rate limiter of the node's per-peer limits and of the relay
+- ``files.py``       write_json_atomic: files that readers see whole or not at all
+"""

@@ -1,0 +1,135 @@
+"""The language model's configs: LMConfig (the model), TrainConfig (``dmoe train``), InferConfig
+(``dmoe infer``). Torch-free, so the CLI can build its options without importing torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from dmoe.config import option
+from dmoe.core.compression import COMPRESSION_NAMES
+from dmoe.errors import ConfigError
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class LMConfig:
+    ENV_PREFIX: ClassVar[str] = "DMOE_LM_"
+
+    d_model: int = option(128, "model width (the experts' hidden dim: nodes need --hidden-dim equal to it)")
+    num_layers: int = option(2, "transformer blocks, one MoE layer each")
+    num_heads: int = option(4, "attention heads")
+    seq_len: int = option(128, "context length in bytes")
+    prefix: str = option("lm", "expert uids of layer i are <prefix><i>.<j>")
+    num_experts: int = option(8, "experts per layer (a 1-D grid)")
+    k: int = option(2, "experts per token")
+    expert_inner: int = option(256, "inner width of each expert (nodes need --inner-dim equal to it)")
+    ffn: str = option("moe", "feed-forward sublayers: moe or dense (k x expert_inner wide)")
+    aux_loss_weight: float = option(0.01, "weight of the load-balancing loss")
+    z_loss_weight: float = option(0.001, "weight of the router z-loss")
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "num_layers", "num_heads", "seq_len", "num_experts", "k", "expert_inner"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
+        if self.k > self.num_experts:
+            raise ConfigError(f"k ({self.k}) must be at most num_experts ({self.num_experts})")
+        if self.ffn not in ("moe", "dense"):
+            raise ConfigError(f"ffn must be moe or dense, got {self.ffn!r}")
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.prefix}{layer}"
+
+    def expert_patterns(self) -> list[str]:
+        """What a node hosting every expert of this model passes to --experts."""
+        return [f"{self.layer_prefix(i)}.[0:{self.num_experts}]" for i in range(self.num_layers)]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class TrainConfig(LMConfig):
+    """The model's options (LMConfig) and the training run's."""
+
+    ENV_PREFIX: ClassVar[str] = "DMOE_TRAIN_"
+
+    swarm: list[str] = option([], "multiaddr of a swarm peer (repeat for several)")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
+    local: bool = option(False, "run the experts in this process instead of on a swarm")
+    data: str = option("stdlib", "text: 'stdlib' (Python's standard library sources), a file or a folder")
+    steps: int = option(1000, "training steps to run (counted from the start, so resume continues to it)")
+    max_time: float = option(0.0, "stop after this many seconds of training, evaluate and save, as at --steps "
+                                  "(0: no time limit)")
+    batch_size: int = option(16, "sequences per step")
+    lr: float = option(1e-3, "learning rate of the client-side parameters (Adam)")
+    max_grad_norm: float = option(1.0, "gradient clipping of the client-side parameters (0: none)")
+    seed: int = option(0, "seed of the model's initialisation and of the data order")
+    save: str | None = option(None, "directory for checkpoints of the client-side parameters and optimizer")
+    save_interval: int = option(100, "steps between checkpoints")
+    resume: bool = option(False, "continue from the newest checkpoint in --save")
+    eval_interval: int = option(50, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = option(4, "held-out batches per evaluation")
+    run_id: str | None = option(None, "average client-side parameters with the other trainers of this run")
+    average_interval: float = option(10.0, "seconds between averaging rounds (with --run-id)")
+    k_min: int = option(1, "experts that must answer for a token")
+    forward_timeout: float = option(10.0, "deadline of an expert forward call (s)")
+    timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
+    backward_timeout: float = option(10.0, "deadline of an expert backward call (s)")
+    lookup_timeout: float = option(5.0, "deadline of a DHT lookup of live experts; past it the last known are used (s)")
+    compression: str = option("none", "activations and gradients on the wire: none, fp16, 8bit")
+    host: str = option("127.0.0.1", "address this trainer's DHT peers listen on")
+    metrics_file: str | None = option(None, "append one JSON line per step and per evaluation to this file")
+
+    def __post_init__(self) -> None:
+        LMConfig.__post_init__(self)
+        for name in ("steps", "batch_size", "save_interval", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_interval < 0 or self.lr <= 0 or self.average_interval <= 0 or self.max_time < 0:
+            raise ConfigError("need eval_interval >= 0, lr > 0, average_interval > 0 and max_time >= 0")
+        if self.compression not in COMPRESSION_NAMES:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}, got {self.compression!r}")
+        if self.ffn == "moe" and not self.local and not self.swarm:
+            raise ConfigError("no swarm address: give --swarm ADDR (printed by a coordinator or node), or --local")
+        if self.run_id is not None and not self.swarm:
+            raise ConfigError("--run-id averages with other trainers over a swarm: give --swarm too")
+        if self.resume and not self.save:
+            raise ConfigError("--resume needs --save DIR, where the checkpoints are")
+
+    @property
+    def model_config(self) -> LMConfig:
+        return LMConfig.from_dict({f.name: getattr(self, f.name) for f in dataclasses.fields(LMConfig)})
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class InferConfig:
+    ENV_PREFIX: ClassVar[str] = "DMOE_INFER_"
+
+    swarm: list[str] = option([], "multiaddr of a swarm peer (repeat for several); not needed for --local models")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
+    checkpoint: str = option("", "directory that dmoe train --save wrote")
+    prompt: str = option("def ", "text to continue")
+    max_new_tokens: int = option(200, "bytes to generate")
+    temperature: float = option(0.8, "sampling temperature (0: greedy)")
+    top_k: int | None = option(40, "sample among the k likeliest bytes (none: all)")
+    seed: int = option(0, "sampling seed")
+    k_min: int = option(1, "experts that must answer for a token")
+    forward_timeout: float = option(10.0, "deadline of an expert call (s)")
+    timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
+    compression: str = option("none", "activations on the wire: none, fp16, 8bit")
+    host: str = option("127.0.0.1", "address this client's DHT peer listens on")
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("give --checkpoint DIR, the directory dmoe train --save wrote")
+        if self.max_new_tokens < 0 or self.temperature < 0 or (self.top_k is not None and self.top_k < 1):
+            raise ConfigError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1")
+        if self.compression not in COMPRESSION_NAMES:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}")

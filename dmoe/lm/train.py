@@ -1,0 +1,236 @@
+"""Training the MoE language model through the client: TrainConfig and Trainer (``dmoe train``).
+
+The Trainer owns the corpus, the model (:class:`dmoe.lm.model.MoELM` with RemoteMoE layers on a swarm,
+or LocalMoE layers with ``local``), an Adam optimizer over the client-side parameters (the experts'
+optimizers run on their nodes), periodic held-out evaluation, atomic checkpoints of the
+client-side parameters and optimizer (safetensors, with ``resume``), and, with ``run_id``, the
+asynchronous averaging of the client-side parameters with the other trainers of that run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dmoe.errors import CheckpointError
+from dmoe.lm.config import LMConfig, TrainConfig
+from dmoe.lm.data import ByteCorpus
+from dmoe.lm.model import MoELM, local_moe_factory, remote_moe_factory
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "client"  # <save>/client/<step>.safetensors
+
+
+class Trainer:
+    """``with Trainer(config) as trainer: trainer.train()``."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.step = 0
+        self.swarm = None
+        self.averager = None
+        self.num_failed_calls = 0
+        self.history: list[dict] = []
+        self._store = None
+        self._saved_step = -1
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Trainer:
+        config = self.config
+        self.corpus = ByteCorpus.load(config.data)
+        self.heldout = self.corpus.heldout_batches(config.batch_size, config.seq_len, config.eval_batches)
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        try:
+            self.model = self._build_model()
+            self.client_params = [p for name, p in self.model.named_parameters() if ".experts." not in name]
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+            if config.save:
+                from dmoe.core.checkpoint import CheckpointStore
+
+                self._store = CheckpointStore(config.save, keep=2)
+            if config.resume and self._store is not None:
+                self._load()
+            if self.averager is not None:
+                if not config.resume or self.step == 0:
+                    self.averager.catch_up(timeout=10.0)
+                self.averager.start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _build_model(self) -> MoELM:
+        config = self.config
+        if config.ffn == "dense":
+            return MoELM(config.model_config)
+        if config.local:
+            return MoELM(config.model_config, local_moe_factory())
+        from dmoe.client.config import SwarmConfig
+        from dmoe.client.swarm import Swarm
+        from dmoe.core.dhtauth import dht_authorizer
+
+        model_config = config.model_config
+        if config.run_id is not None:  # forked DHT and averager processes: before any gRPC thread
+            from dmoe.lm.averaging import ParameterAverager
+            from dmoe.moe.gating import MoELayer
+
+            # the client-side parameters' shapes: a RemoteMoE's are its gates, as a bare MoELayer's
+            probe = MoELM(model_config, lambda c, i: MoELayer(prefix=c.layer_prefix(i), grid=(c.num_experts,),
+                                                             in_features=c.d_model, k=c.k))
+            shapes = list(probe.parameters())
+            self.averager = ParameterAverager(shapes, initial_peers=config.swarm, run_id=config.run_id,
+                                              host=config.host, interval=config.average_interval,
+                                              authorizer=dht_authorizer(config.swarm_key))
+        self.swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host, swarm_key=config.swarm_key,
+                                       lookup_timeout=config.lookup_timeout)).start()
+        torch.manual_seed(config.seed)
+        model = MoELM(model_config, remote_moe_factory(
+            self.swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
+            timeout_after_k_min=config.timeout_after_k_min, backward_timeout=config.backward_timeout,
+            compression=config.compression))
+        if self.averager is not None:
+            self.averager.params = [p for name, p in model.named_parameters() if ".experts." not in name]
+        return model
+
+    def shutdown(self) -> None:
+        if self.averager is not None:
+            self.averager.shutdown()
+            self.averager = None
+        if self.swarm is not None:
+            self.swarm.shutdown()
+            self.swarm = None
+
+    def __enter__(self) -> Trainer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- training --------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        config = self.config
+        if self.averager is not None and self.averager.apply_pending():
+            self._log({"step": self.step, "averaged_with": self.averager.last_group_size, "time": time.time()})
+        started = time.perf_counter()
+        self.model.train()
+        x, y = self.corpus.batch(config.batch_size, config.seq_len, self.generator)
+        loss, ce = self.model.loss(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        layers = self.model.moe_layers()
+        failed = sum(layer.last_num_failed for layer in layers)
+        self.num_failed_calls += failed
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": self.step, "loss": float(ce), "tokens_per_s": x.numel() / elapsed, "seconds": elapsed,
+            "live_experts": sum(len(l.last_routing[0]) if l.last_routing else 0 for l in layers),
+            "failed_calls": failed, "time": time.time(),
+        }
+        self._log(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy (nats per byte) on the fixed held-out batches."""
+        self.model.eval()
+        losses = [float(self.model.loss(x, y)[1]) for x, y in self.heldout]
+        loss = sum(losses) / len(losses)
+        self._log({"step": self.step, "heldout_loss": loss, "time": time.time()})
+        return loss
+
+    def train(self, on_step: Callable[[dict], None] | None = None,
+              on_eval: Callable[[int, float], None] | None = None) -> float:
+        """Run up to config.steps (or config.max_time seconds); returns the final held-out loss. A run
+        that starts at step 0 is evaluated first, so that its log shows where it began."""
+        config = self.config
+        if self.step == 0 and self.step < config.steps:
+            loss = self.evaluate()
+            if on_eval is not None:
+                on_eval(self.step, loss)
+        started = time.monotonic()
+        while self.step < config.steps and not (config.max_time and time.monotonic() - started >= config.max_time):
+            record = self.train_step()
+            if on_step is not None:
+                on_step(record)
+            if (config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.steps
+                    and not (config.max_time and time.monotonic() - started >= config.max_time)):
+                loss = self.evaluate()
+                if on_eval is not None:
+                    on_eval(self.step, loss)
+            if self._store is not None and self.step % config.save_interval == 0:
+                self.save()
+        loss = self.evaluate()
+        if on_eval is not None:
+            on_eval(self.step, loss)
+        if self._store is not None and self._saved_step != self.step:
+            self.save()
+        return loss
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.config.metrics_file:
+            with open(self.config.metrics_file, "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Client-side parameters (and local experts), optimizer state and data-order RNG, atomically."""
+        assert self._store is not None
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        state = self.optimizer.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous()
+        tensors["rng.data"] = self.generator.get_state()
+        metadata = {"step": str(self.step), "model_config": json.dumps(self.config.model_config.to_dict()),
+                    "param_groups": json.dumps(state["param_groups"])}
+        path = self._store.save(CHECKPOINT_NAME, self.step, tensors, metadata)
+        self._saved_step = self.step
+        logger.info("checkpoint of step %d written to %s", self.step, path)
+        return path
+
+    def _load(self) -> None:
+        assert self._store is not None
+        loaded = self._store.load_latest(CHECKPOINT_NAME)
+        if loaded is None:
+            logger.info("no checkpoint in %s: starting from step 0", self.config.save)
+            return
+        tensors, metadata, path = loaded
+        saved = json.loads(metadata["model_config"])
+        if saved != self.config.model_config.to_dict():
+            raise CheckpointError(f"{path} holds a model of another shape: {saved}")
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(state)
+        self.generator.set_state(tensors["rng.data"])
+        self.step = int(metadata["step"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+
+def load_checkpoint(checkpoint_dir: str) -> tuple[LMConfig, dict[str, torch.Tensor], int]:
+    """(model config, client-side parameters, step) of the newest checkpoint in a --save directory."""
+    from dmoe.core.checkpoint import CheckpointStore
+
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"no checkpoint directory {checkpoint_dir}")
+    loaded = CheckpointStore(checkpoint_dir, keep=2, writer=False).load_latest(CHECKPOINT_NAME)
+    if loaded is None:
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir} (was it written by dmoe train --save?)")
+    tensors, metadata, _ = loaded
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return LMConfig.from_dict(json.loads(metadata["model_config"])), state, int(metadata["step"])

@@ -1,0 +1,139 @@
+"""MoELayer: what every dmoe MoE layer does on the client, wherever its experts run.
+
+Legend for tensor names: T tokens, D model dim (in_features), C candidate (live) experts, K experts
+per token, L grid dimensions.
+One gate per grid dimension scores the tokens (expert ``prefix.i.j`` scores ``g0(x)[i] + g1(x)[j]``);
+each token goes to its top-k candidates (or, with Switch routing, its top-1 within a capacity);
+the outputs of the experts that answered are combined with the gate weights renormalised over them.
+With ``hedge=h``, each token is also sent to its next h candidates, and of those that answer, its
+best k by gate score are kept: a slow or dead expert costs the token nothing when a spare answers.
+A subclass says which experts are candidates (:meth:`MoELayer.candidates`) and runs them
+(:meth:`MoELayer.run_experts`): :class:`dmoe.moe.remote.RemoteMoE` on other machines,
+:class:`dmoe.moe.local.LocalMoE` in this process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MoELayer(nn.Module):
+    def __init__(self, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2,
+                 routing: str = "topk", capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0):
+        super().__init__()
+        if not grid or any(size < 1 for size in grid):
+            raise ValueError(f"grid must be a tuple of positive sizes, e.g. (8,) or (4, 16); got {grid!r}")
+        if not 1 <= k <= math.prod(grid):
+            raise ValueError(f"need 1 <= k <= number of experts ({math.prod(grid)}), got k={k}")
+        if routing not in ("topk", "switch"):
+            raise ValueError(f"routing must be 'topk' or 'switch', got {routing!r}")
+        if routing == "switch" and k != 1:
+            raise ValueError("switch routing sends each token to one expert: use k=1")
+        if capacity_factor <= 0 or noise_std < 0:
+            raise ValueError("need capacity_factor > 0 and noise_std >= 0")
+        if hedge < 0 or (hedge and routing != "topk"):
+            raise ValueError(f"hedge must be >= 0, and is for topk routing only; got hedge={hedge}, routing={routing!r}")
+        self.prefix, self.grid, self.in_features, self.k = prefix, tuple(grid), in_features, k
+        self.routing, self.capacity_factor, self.noise_std = routing, capacity_factor, noise_std
+        self.hedge = hedge  # spare experts asked per token; the best k that answer are kept
+        self.gates = nn.ModuleList(nn.Linear(in_features, size) for size in grid)
+        self.aux_loss = torch.zeros(())  # load balancing (Switch), set by each forward
+        self.z_loss = torch.zeros(())  # router z-loss, set by each forward
+        self.last_num_failed = 0  # expert calls dropped in the last forward
+        self.num_failed_calls = 0  # expert calls dropped by forwards since this layer was made
+        self.last_routing: tuple[list[str], torch.Tensor] | None = None  # (candidate uids, experts_TK)
+        self.last_answered_TK: torch.Tensor | None = None  # which slots of last_routing gave an output
+
+    # ---- what a subclass provides ----------------------------------------------------------------
+    def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], Any]]:
+        """Experts worth scoring for these tokens: (grid coordinates, handle) for each."""
+        raise NotImplementedError
+
+    def run_experts(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, handles: list[Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out_TKD, answered_TK) for tokens routed to candidates (index -1: routed nowhere)."""
+        raise NotImplementedError
+
+    def no_candidates(self) -> None:
+        """Called when no expert is available at all (the output is then zero)."""
+
+    def uid(self, coords: tuple[int, ...]) -> str:
+        return ".".join([self.prefix, *map(str, coords)])
+
+    # ---- the gate --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input [..., {self.in_features}], got {list(x.shape)}")
+        x_TD = x.reshape(-1, self.in_features)
+        scores = [gate(x_TD) for gate in self.gates]  # one [T, grid[d]] per grid dimension
+        found = self.candidates(scores)
+        if not found:
+            self.no_candidates()
+            self.last_num_failed, self.last_routing = 0, None
+            # no routing, no routing losses: those of the last step belong to a graph already freed
+            self.aux_loss = self.z_loss = x.new_zeros(())
+            return x * 0  # zero, and still a function of x for autograd
+        coords_CL = torch.tensor([coords for coords, _ in found])
+        handles = [handle for _, handle in found]
+        logits_TC = sum(score[:, coords_CL[:, d]] for d, score in enumerate(scores))
+        if self.training and self.noise_std > 0:
+            logits_TC = logits_TC + self.noise_std * torch.randn_like(logits_TC)
+        if self.routing == "switch":
+            experts_TK, gate_TK = self._switch_route(logits_TC)
+        else:
+            # K = k + hedge slots, best first; with hedging, the spares are the last slots
+            top_logits_TK, experts_TK = logits_TC.topk(min(self.k + self.hedge, len(found)), dim=-1)
+        self.last_routing = ([self.uid(coords) for coords, _ in found], experts_TK)
+        out_TKD, answered_TK = self.run_experts(x_TD, experts_TK, handles)
+        self.num_failed_calls += self.last_num_failed
+        if self.hedge:  # keep each token's best k answers (slots are sorted by gate score)
+            answered_TK = answered_TK & (answered_TK.cumsum(-1) <= self.k)
+        self.last_answered_TK = answered_TK
+        if self.routing == "switch":  # p(expert) x its output, as Switch Transformers do; 0 if dropped
+            weights_TK = gate_TK * answered_TK
+        else:  # softmax over the top-k that answered
+            scores_TK = torch.exp(top_logits_TK - top_logits_TK.max(-1, keepdim=True).values.detach()) * answered_TK
+            weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
+        y_TD = (weights_TK.unsqueeze(-1) * out_TKD).sum(1)
+        self._set_losses(logits_TC, experts_TK[:, : self.k])  # balance the primary routing, not the spares
+        return y_TD.reshape(x.shape)
+
+    def _switch_route(self, logits_TC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 with a capacity: each expert takes at most ceil(capacity_factor x T / C) tokens, in
+        token order; the rest are dropped (expert index -1) and carried by the residual path."""
+        num_tokens, num_candidates = logits_TC.shape
+        probs_TC = logits_TC.softmax(-1)
+        gate_T1, experts_T1 = probs_TC.max(-1, keepdim=True)
+        capacity = math.ceil(self.capacity_factor * num_tokens / num_candidates)
+        onehot_TC = torch.nn.functional.one_hot(experts_T1[:, 0], num_candidates)
+        position_T = (onehot_TC.cumsum(0) * onehot_TC).sum(-1) - 1
+        return experts_T1.masked_fill((position_T >= capacity)[:, None], -1), gate_T1
+
+    def _set_losses(self, logits_TC: torch.Tensor, experts_TK: torch.Tensor) -> None:
+        num_candidates = logits_TC.shape[-1]
+        routed = experts_TK.flatten()
+        routed_C = torch.bincount(routed[routed >= 0], minlength=num_candidates).float()
+        fraction_C = routed_C / routed_C.sum().clamp_min(1)
+        self.aux_loss = num_candidates * (fraction_C * logits_TC.softmax(-1).mean(0)).sum()
+        self.z_loss = torch.logsumexp(logits_TC, dim=-1).square().mean()
+
+    def extra_repr(self) -> str:
+        return (f"prefix={self.prefix!r}, grid={self.grid}, in_features={self.in_features}, k={self.k}"
+                + (f", hedge={self.hedge}" if self.hedge else ""))
+
+
+def group_by_expert(experts_TK: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert index, token ids, slot ids) for each expert that got tokens, with one stable sort
+    instead of one scan per expert; index -1 (routed nowhere) is left out."""
+    flat = experts_TK.flatten()
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    groups = []
+    for e, pairs in zip(experts.tolist(), order.split(counts.tolist())):
+        if e >= 0:
+            groups.append((e, pairs // experts_TK.shape[1], pairs % experts_TK.shape[1]))
+    return groups

@@ -1,0 +1,138 @@
+"""RemoteMoE: a drop-in nn.Module whose experts live on other machines.
+
+The gate (:class:`dmoe.moe.gating.MoELayer`) runs here; the live experts are found by a beam search over
+grid prefixes in the DHT (cached); each chosen expert gets its whole sub-batch in one call, all
+calls in flight at once (see :mod:`dmoe.client.dispatch`). Experts that fail or miss the deadline are
+dropped and the gate weights renormalised over those that answered; a token with no answer
+contributes zero (its residual path carries it). Backward goes only to the experts that answered,
+and a failed backward drops that expert's gradient, never the step.
+
+Hedging (``hedge=h``): each token also asks its next h experts; the forward ends as soon as every
+token has k answers (or, failing that, by the usual k_min rule), the calls still running are
+cancelled without blame, and each token keeps its best k answers. The tail of a step is then the
+k-th fastest of k + h experts, not the slowest of k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from dmoe.client.dispatch import ExpertCall, LocalInputError
+from dmoe.client.swarm import Swarm
+from dmoe.core.records import ExpertRecord
+from dmoe.core.wire import compression_from_name
+from dmoe.moe.gating import MoELayer, group_by_expert
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteMoE(MoELayer):
+    def __init__(
+        self, swarm: Swarm, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2, k_min: int = 1,
+        forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0, backward_timeout: float = 10.0,
+        compression: str = "none", beam_size: int | None = None, routing: str = "topk",
+        capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0,
+    ):
+        super().__init__(prefix=prefix, grid=grid, in_features=in_features, k=k, routing=routing,
+                         capacity_factor=capacity_factor, noise_std=noise_std, hedge=hedge)
+        if not 1 <= k_min <= k:
+            raise ValueError(f"need 1 <= k_min <= k, got k_min={k_min}, k={k}")
+        if min(forward_timeout, backward_timeout) <= 0 or timeout_after_k_min < 0:
+            raise ValueError("timeouts must be positive")
+        self.swarm, self.k_min = swarm, k_min
+        self.forward_timeout, self.timeout_after_k_min = forward_timeout, timeout_after_k_min
+        self.backward_timeout = backward_timeout
+        self.beam_size = beam_size if beam_size is not None else 2 * k
+        if self.beam_size < k:
+            raise ValueError(f"beam_size ({self.beam_size}) must be at least k ({k})")
+        self.dispatcher = swarm.dispatcher(compression_from_name(compression))
+
+    def no_candidates(self) -> None:
+        logger.warning("no live expert under prefix %r: is a node running with --experts '%s.[...]'?",
+                       self.prefix, self.prefix)
+
+    def run_experts(self, x_TD, experts_TK, handles):
+        return _Dispatch.apply(x_TD, experts_TK, handles, self, _LEARN)
+
+    def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], ExpertRecord]]:
+        """Live experts worth scoring, found by a beam search over grid prefixes for the whole batch:
+        at each level, the union of every token's best ``beam_size`` live prefixes is expanded, all
+        of them in one (cached) DHT read. For a 1-D grid this is one read of every live expert."""
+        root = f"{self.prefix}."
+        level = self.swarm.live_under([root])[root]
+        prefixes: list[tuple[int, ...]] = [(c,) for c in sorted(level) if c < self.grid[0]]
+        records = {(c,): level[c] for c, in prefixes}
+        for depth in range(1, len(self.grid)):
+            if not prefixes:
+                return []
+            with torch.no_grad():
+                partial_TP = sum(scores[d][:, [p[d] for p in prefixes]] for d in range(depth))
+                beam = partial_TP.topk(min(self.beam_size, len(prefixes)), dim=-1).indices.unique().tolist()
+            chosen = [prefixes[i] for i in beam]
+            keys = {p: self.uid(p) + "." for p in chosen}
+            found = self.swarm.live_under(list(keys.values()))
+            prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < self.grid[depth]]
+            records = {p + (c,): found[keys[p]][c] for p in chosen for c in found[keys[p]] if c < self.grid[depth]}
+        return [(p, records[p]) for p in prefixes if records[p].uid == self.uid(p)]
+
+
+# An input that always needs a gradient: autograd then calls _Dispatch.backward (the experts' Backward,
+# which is how they learn) even when x_TD needs none, e.g. a RemoteMoE applied to raw features.
+_LEARN = torch.empty(0, requires_grad=True)
+
+
+class _Dispatch(torch.autograd.Function):
+    """(x_TD, experts_TK into records) -> (outputs out_TKD, answered_TK mask), differentiable in x_TD."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, records: list[ExpertRecord],
+                layer: RemoteMoE, _learn: torch.Tensor):
+        x_TD = x_TD.detach()
+        calls, slots = [], []
+        for e, token_ids, slot_ids in group_by_expert(experts_TK):
+            calls.append(ExpertCall.to(records[e], x_TD[token_ids], token_ids))
+            slots.append(slot_ids)
+        results, num_unneeded = layer.dispatcher.forward(
+            calls, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
+            timeout_after_k_min=layer.timeout_after_k_min, on_result=_reporter(layer.swarm),
+            enough=layer.k if layer.hedge else 0,
+        )
+        out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
+        answered_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
+        for index, output in results.items():
+            out_TKD[calls[index].token_ids, slots[index]] = output
+            answered_TK[calls[index].token_ids, slots[index]] = True
+        layer.last_num_failed = len(calls) - len(results) - num_unneeded
+        ctx.layer = layer
+        ctx.answered = [(calls[i], slots[i]) for i in results]
+        ctx.num_tokens = x_TD.shape[0]
+        ctx.mark_non_differentiable(answered_TK)
+        return out_TKD, answered_TK
+
+    @staticmethod
+    def backward(ctx: Any, grad_out_TKD: torch.Tensor, _grad_answered: Any):
+        calls = []
+        for call, slot_ids in ctx.answered:
+            grad = grad_out_TKD[call.token_ids, slot_ids]
+            if bool(grad.any()):
+                calls.append(dataclasses.replace(call, grad_outputs=grad.contiguous()))
+        grad_x_TD = grad_out_TKD.new_zeros(ctx.num_tokens, grad_out_TKD.shape[-1])
+        if calls:
+            results = ctx.layer.dispatcher.backward(
+                calls, backward_timeout=ctx.layer.backward_timeout, on_result=_reporter(ctx.layer.swarm)
+            )
+            for index, grad_in in results.items():
+                grad_x_TD.index_add_(0, calls[index].token_ids, grad_in)
+        return grad_x_TD, None, None, None, None
+
+
+def _reporter(swarm: Swarm):
+    def report(call: ExpertCall, error: BaseException | None) -> None:
+        if not isinstance(error, LocalInputError):  # this client's own fault is no peer's failure
+            swarm.report(call.endpoint, call.uid, error)
+
+    return report

@@ -1,0 +1,5 @@
+"""dmoe.view: the swarm as people see it, computed from the nodes' own records.
+
+- ``swarmview.py``  SwarmView, ThroughputHistory: the swarm summarized from node records
+- ``status.py``     StatusConfig, read_view, render: ``dmoe swarm status``
+"""

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from dmoe.core.checkpoint import CheckpointStore, scan_checkpoints
+from dmoe.errors import CheckpointError
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.config import NodeConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def backend(uid: str = "ffn.0", hidden: int = 8) -> ExpertBackend:
+    return ExpertBackend(uid, NodeConfig(expert_cls="ffn", hidden_dim=hidden, lr=1e-2), torch.device("cpu"))
+
+
+def test_roundtrip_restores_parameters_optimizer_and_version(tmp_path):
+    trained = backend()
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        trained.backward([x], [torch.ones(4, 8)])
+    store = CheckpointStore(tmp_path, keep=2)
+    tensors, metadata = trained.state_tensors()
+    store.save("ffn.0", trained.version, tensors, metadata)
+
+    restored = backend()
+    found = store.load_latest("ffn.0")
+    assert found is not None
+    restored.load_state_tensors(found[0], found[1])
+    assert restored.version == 3
+    x, g = torch.randn(4, 8), torch.randn(4, 8)
+    # same parameters and the same Adam moments: the next step matches exactly
+    torch.testing.assert_close(restored.backward([x], [g]), trained.backward([x], [g]), rtol=0, atol=0)
+    torch.testing.assert_close(restored.forward([x]), trained.forward([x]), rtol=0, atol=0)
+
+
+def test_keeps_the_last_few_and_skips_a_torn_file(tmp_path):
+    b = backend()
+    store = CheckpointStore(tmp_path, keep=2)
+    for version in (1, 2, 3):
+        b.version = version
+        store.save("ffn.0", version, *b.state_tensors())
+    assert [p.name for p in store.checkpoints("ffn.0")] == ["000000000002.safetensors", "000000000003.safetensors"]
+    (tmp_path / "ffn.0" / "000000000004.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    (tmp_path / "ffn.0" / ".000000000005.safetensors.123.tmp").write_bytes(b"half")
+    found = store.load_latest("ffn.0")
+    assert found is not None and found[2].name == "000000000003.safetensors"
+    assert store.load_latest("ffn.9") is None
+
+
+def test_a_checkpoint_of_another_expert_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save("ffn.0", 0, *backend("ffn.0").state_tensors())
+    tensors, metadata, _ = store.load_latest("ffn.0")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        backend("ffn.1").load_state_tensors(tensors, metadata)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        backend("ffn.0", hidden=16).load_state_tensors(tensors, metadata)
+
+
+def test_config_hyperparameters_win_over_the_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save("ffn.0", 0, *backend("ffn.0").state_tensors())
+    tensors, metadata, _ = store.load_latest("ffn.0")
+    faster = ExpertBackend("ffn.0", NodeConfig(hidden_dim=8, lr=0.5), torch.device("cpu"))
+    faster.load_state_tensors(tensors, metadata)
+    assert faster.optimizer.param_groups[0]["lr"] == 0.5
+    sgd = ExpertBackend("ffn.0", NodeConfig(hidden_dim=8, optimizer="sgd"), torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="adam cannot load into ffn.0/ffn/sgd"):
+        sgd.load_state_tensors(tensors, metadata)
+
+
+def test_only_the_writer_removes_temporary_files(tmp_path):
+    """A reader (dmoe infer, a test) opening the directory of a running trainer or node must not
+    delete the file the writer is writing; the writer, at its start, removes what a kill left."""
+    (tmp_path / "ffn.0").mkdir()
+    in_progress = tmp_path / "ffn.0" / ".000000000007.safetensors.abc.tmp"
+    in_progress.write_bytes(b"being written")
+    assert CheckpointStore(tmp_path, keep=1, writer=False).load_latest("ffn.0") is None
+    assert in_progress.exists()
+    CheckpointStore(tmp_path, keep=1)
+    assert not in_progress.exists()
+
+
+def test_scan_reads_every_file_and_names_the_torn_ones(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    for uid in ("ffn.0", "ffn.1"):
+        for version in (1, 2):
+            store.save(uid, version, {"w": torch.full((64,), float(version))}, {"version": str(version)})
+    (tmp_path / "ffn.1" / ".000000000003.safetensors.x.tmp").write_bytes(b"half a write")  # ignored
+    assert scan_checkpoints(tmp_path) == ({"ffn.0": 2, "ffn.1": 2}, [])
+    newest = tmp_path / "ffn.1" / "000000000002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])  # torn: what an atomic write never leaves
+    versions, corrupt = scan_checkpoints(tmp_path)
+    assert versions == {"ffn.0": 2, "ffn.1": 1} and len(corrupt) == 1 and str(newest) in corrupt[0]
+    assert scan_checkpoints(tmp_path / "missing") == ({}, [])

@@ -1,0 +1,107 @@
+"""The relay's pieces that need no sockets: addresses, token bucket, limits, records, node options."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+import pytest
+
+from dmoe.coordinator.config import CoordinatorConfig
+from dmoe.core.addresses import join_address, parse_port_range, split_address
+from dmoe.core.ratelimit import TokenBucket
+from dmoe.core.records import ExpertRecord, RelayRecord
+from dmoe.errors import ConfigError
+from dmoe.node.config import NodeConfig
+from dmoe.relay.limits import RelayLimits
+from dmoe.relay.protocol import loopback_source
+
+
+def test_addresses_split_and_join_both_ways():
+    assert split_address("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert split_address("[::1]:31337") == ("::1", 31337)
+    assert join_address("::1", 31337) == "[::1]:31337" and join_address("10.0.0.2", 5) == "10.0.0.2:5"
+    for bad in ("127.0.0.1", ":80", "host:0", "host:65536", "host:http", ""):
+        with pytest.raises(ValueError, match="host:port"):
+            split_address(bad)
+
+
+def test_loopback_sources_are_loopback_stable_and_tell_clients_apart():
+    sources = {loopback_source(f"10.0.{i // 256}.{i % 256}:{40000 + i}") for i in range(500)}
+    assert all(ipaddress.ip_address(s).is_loopback for s in sources)
+    assert len(sources) > 490  # hash collisions are possible, but rare
+    assert loopback_source("10.1.2.3:1000") == loopback_source("10.1.2.3:2000")  # the IP, not the port
+    assert loopback_source("[2001:db8::1]:443") != loopback_source("[2001:db8::2]:443")
+
+
+def test_token_bucket_allows_a_burst_then_the_rate():
+    bucket = TokenBucket(rate=2.0, burst=5.0)  # slow enough that no token refills between two takes
+    assert all(bucket.try_take() for _ in range(5)) and not bucket.try_take()
+    time.sleep(0.6)
+    assert bucket.try_take() and not bucket.try_take()  # one token came back
+
+
+def test_token_bucket_take_waits_off_its_debt():
+    bucket = TokenBucket(rate=10_000.0, burst=1000.0)
+
+    async def spend() -> float:
+        started = time.monotonic()
+        await bucket.take(1000)  # the burst: no wait
+        await bucket.take(2000)  # 0.2 s of debt
+        return time.monotonic() - started
+
+    assert 0.15 < asyncio.run(spend()) < 1.5  # 0.2 s of debt, not none and not a wait per call
+
+
+@pytest.mark.parametrize("field", ["max_nodes", "max_nodes_per_ip", "max_connections_per_node",
+                                   "max_connections_per_client", "max_control_connections_per_ip", "first_line_timeout",
+                                   "attach_timeout", "probes_per_minute", "probe_timeout", "probe_call_timeout",
+                                   "control_timeout"])
+def test_relay_limits_must_be_positive(field):
+    with pytest.raises(ConfigError, match=field):
+        RelayLimits(**{field: 0})
+    with pytest.raises(ConfigError, match="rate_mbit"):
+        RelayLimits(rate_mbit=-1)
+    with pytest.raises(ConfigError, match="ping interval"):
+        RelayLimits(control_timeout=5)
+    with pytest.raises(ConfigError, match="10 s a node waits"):  # the node would give up first
+        RelayLimits(probe_timeout=4, probe_call_timeout=6)
+
+
+def test_the_dial_endpoint_is_the_relay_only_for_unreachable_nodes_with_one():
+    base = dict(uid="ffn.0", endpoint="10.0.0.7:31001", node_id="n")
+    assert ExpertRecord(**base).dial_endpoint == "10.0.0.7:31001"
+    assert ExpertRecord(**base, reachable=False, relay="1.2.3.4:5").dial_endpoint == "1.2.3.4:5"
+    assert ExpertRecord(**base, reachable=False).dial_endpoint == ""  # lost its relay: nowhere to dial
+    assert ExpertRecord(**base, reachable=True, relay="1.2.3.4:5").dial_endpoint == "10.0.0.7:31001"
+
+
+def test_records_of_older_nodes_read_as_reachable_and_relay_records_ignore_extra_fields():
+    old = ExpertRecord.model_validate({"uid": "ffn.0", "endpoint": "h:1", "node_id": "n", "record_version": 1})
+    assert old.reachable and old.relay == "" and old.dial_endpoint == "h:1"
+    relay = RelayRecord.model_validate({"address": "h:2", "peer_id": "p", "future_field": [1, 2]})
+    assert relay.address == "h:2"
+
+
+def test_node_reachability_options_are_checked():
+    swarm = ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLcX8FcvRwBEFegig9pKb2X4vBFScPWeoWeFhNLJMmHK3"]
+    with pytest.raises(ConfigError, match="auto, direct or relay"):
+        NodeConfig(reachability="maybe")
+    with pytest.raises(ConfigError, match="cannot start a swarm"):
+        NodeConfig(reachability="relay")
+    with pytest.raises(ConfigError, match="cannot offer a relay"):
+        NodeConfig(reachability="relay", offer_relay=True, swarm=swarm)
+    with pytest.raises(ConfigError, match="relay: expected host:port"):
+        NodeConfig(relay=["relay.example.org"])
+    assert NodeConfig(reachability="relay", swarm=swarm, relay=["[::1]:9"]).relay == ["[::1]:9"]
+
+
+def test_port_ranges_parse_and_bad_ones_are_refused_by_the_coordinators_config():
+    assert parse_port_range("40000-40999") == (40000, 40999) and parse_port_range("5000") == (5000, 5000)
+    for bad in ("40999-40000", "0-10", "1-70000", "a-b", ""):
+        with pytest.raises(ValueError, match="port range"):
+            parse_port_range(bad)
+    with pytest.raises(ConfigError, match="relay_public_ports"):
+        CoordinatorConfig(relay_public_ports="high-low")
+    assert CoordinatorConfig(relay_public_ports="40000-40100").relay_public_ports == "40000-40100"

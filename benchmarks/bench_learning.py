@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import pyplot, server_process
+from common import pyplot, server_process, show_progress
 
 from dmoe.lm.config import LMConfig, TrainConfig
 from dmoe.lm.model import num_active_params
@@ -44,11 +44,10 @@ def train(name: str, config: TrainConfig) -> dict:
     curve: list[tuple[int, float]] = []
     with Trainer(config) as trainer:  # train() evaluates at step 0 first
         trainer.train(on_eval=lambda step, loss: curve.append((step, loss)),
-                      on_step=lambda r: print(f"\r{name}: step {r['step']}/{config.steps} loss {r['loss']:.3f}",
-                                              end="", file=sys.stderr, flush=True))
+                      on_step=lambda r: show_progress(f"{name}: step {r['step']}/{config.steps} loss {r['loss']:.3f}",
+                                                      r["step"], config.steps))
         seconds = [r["seconds"] for r in trainer.history if "seconds" in r]
         failed = trainer.num_failed_calls
-    print(file=sys.stderr)
     return {"curve": curve, "final_heldout": curve[-1][1], "median_step_s": statistics.median(seconds),
             "total_s": sum(seconds), "failed_calls": failed}
 

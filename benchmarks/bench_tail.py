@@ -41,7 +41,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from common import server_process
+from common import server_process, show_progress
 
 import dmoe
 from dmoe.testing.netproxy import TcpProxy
@@ -139,8 +139,7 @@ def main() -> None:
                     hits = (own_TK.unsqueeze(-1) == given_TK.unsqueeze(1)).any(-1)
                 own[name].append(float(hits.float().mean()))
                 missing[name].append(float(1 - layer.last_answered_TK.sum(-1).clamp(max=K).float().mean() / K))
-            print(f"\rstep {step + 1}/{args.warmup + args.steps}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+            show_progress(f"step {step + 1}/{args.warmup + args.steps}", step + 1, args.warmup + args.steps)
 
     rows = {}
     for name, _, delay in runs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,15 @@ def timed_step(layer, x) -> float:
     y.sum().backward()
     assert layer.last_num_failed == 0
     return time.perf_counter() - started
+
+
+def show_progress(text: str, step: int, total: int, every: int = 25) -> None:
+    """A progress line on stderr: rewritten in place on a terminal; in a file or a pipe, one whole line
+    every ``every`` steps and at the last, so a log gets no carriage-return updates."""
+    if sys.stderr.isatty():
+        print(f"\r{text}", end="\n" if step == total else "", file=sys.stderr, flush=True)
+    elif step % every == 0 or step == total:
+        print(text, file=sys.stderr, flush=True)
 
 
 def quantile(values: list[float], q: float) -> float:

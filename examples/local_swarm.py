@@ -25,7 +25,9 @@ from dmoe.lm.config import LMConfig
 from dmoe.testing.process import wait_ready_file
 
 MODEL = LMConfig()  # the defaults of dmoe train: 2 layers of 8 experts, d_model 128, experts 128 -> 256 -> 128
-console = Console()
+# soft_wrap: lines are never cut at the console's width (80 columns when the output is a file or a pipe),
+# so an address or a command copied from a log is whole
+console = Console(soft_wrap=True)
 
 
 def spawn(workdir: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:

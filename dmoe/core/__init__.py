@@ -2,11 +2,13 @@
 package (checked by the import contract in pyproject.toml).
 
 - ``wire.py``        tensors on the wire: serialize/deserialize with compression (none, fp16, 8-bit), chunking
+- ``compression.py`` COMPRESSION_NAMES: the compressions by their user names and wire codes (no torch)
 - ``uids.py``        expert uids (``prefix.i.j``) and grid patterns (``ffn.[0:8]``)
 - ``experts.py``     expert modules (ffn, transformer, module:Class), TensorSpec schemas, seeds from uids
 - ``dht.py``         DHTPeer: a hivemind DHTNode in this process, on an event loop of its own thread
 - ``records.py``     DHT records of experts, nodes and relays; find_experts, find_nodes, find_relays
-- ``auth.py``        SwarmKey, CallVerifier, DHTAuthorizer: a private swarm's key, call tokens, signed DHT traffic
+- ``auth.py``        SwarmKey, CallVerifier: a private swarm's key and call tokens
+- ``dhtauth.py``     DHTAuthorizer: signed DHT traffic (needs hivemind, which auth.py does not)
 - ``tls.py``         mutual TLS with a CA derived from the swarm key
 - ``addresses.py``   ``host:port`` and libp2p multiaddrs: split, join, check
 - ``checkpoint.py``  CheckpointStore: atomic safetensors checkpoints, the last few kept

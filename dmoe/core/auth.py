@@ -61,7 +61,8 @@ class SwarmKey:
         try:
             secret = bytes.fromhex(text)
         except ValueError:
-            raise ConfigError(f"{path} is not a swarm key (expected hex, as 'dmoe swarm keygen' writes)") from None
+            raise ConfigError(f"{path} is not a swarm key "
+                              f"(expected hex, as 'dmoe swarm keygen' writes)") from None
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             logger.warning("swarm key %s is readable by other users of this machine: chmod 600 it", path)
         return cls(secret)
@@ -145,7 +146,8 @@ class CallVerifier:
             return "wrong swarm key (the token does not match this node's key)"
         now = time.time()
         if abs(now - sent) > self.max_skew:
-            return f"token time is {now - sent:+.0f}s off this node's clock (more than {self.max_skew:.0f}s): sync clocks"
+            return (f"token time is {now - sent:+.0f}s off this node's clock "
+                    f"(more than {self.max_skew:.0f}s): sync clocks")
         # a token passes the time check until sent + max_skew; its nonce is kept a little longer
         if not self._seen.add(nonce, max(sent, now) + self.max_skew + 1, now):
             return "token already used (a replayed call)"

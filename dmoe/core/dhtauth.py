@@ -49,7 +49,8 @@ class DHTAuthorizer(AuthorizerBase):
         auth.signature = b""
         auth.signature = self.key.tag(b"dht-response", response.SerializeToString(deterministic=True))
 
-    async def validate_response(self, response: AuthorizedResponseBase, request: AuthorizedRequestBase) -> bool:
+    async def validate_response(self, response: AuthorizedResponseBase,
+                                request: AuthorizedRequestBase) -> bool:
         auth = response.auth
         signature, auth.signature = auth.signature, b""
         expected = self.key.tag(b"dht-response", response.SerializeToString(deterministic=True))

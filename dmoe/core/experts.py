@@ -69,7 +69,8 @@ class TransformerBlockExpert(nn.Module):
         return [TensorSpec((FREE, FREE, hidden_dim))]
 
 
-BUILTIN_EXPERTS: dict[str, type[nn.Module]] = {"ffn": FeedForwardExpert, "transformer": TransformerBlockExpert}
+BUILTIN_EXPERTS: dict[str, type[nn.Module]] = {"ffn": FeedForwardExpert,
+                                                "transformer": TransformerBlockExpert}
 
 
 def _resolve(expert_cls: str) -> type[nn.Module]:

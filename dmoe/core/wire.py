@@ -47,7 +47,8 @@ def compression_from_name(name: str) -> int:
     try:
         return COMPRESSION_NAMES[name]
     except KeyError:
-        raise ValueError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSION_NAMES)}") from None
+        raise ValueError(f"unknown compression {name!r}; "
+                         f"choose one of {', '.join(COMPRESSION_NAMES)}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -64,7 +65,8 @@ def serialize(tensor: torch.Tensor, compression: int = pb.NONE) -> pb.Tensor:
         raise WireError(f"dtype {name} cannot be sent; supported: {', '.join(DTYPES)}")
     if name not in FLOAT_DTYPES or tensor.numel() < 2 or (compression == pb.FLOAT16 and name == "bfloat16"):
         compression = pb.NONE
-    if name == "bfloat16" and compression == pb.NONE:  # hivemind widens these to fp32 by default; send 2 bytes
+    if name == "bfloat16" and compression == pb.NONE:  # hivemind widens these to fp32 by default;
+                                                      # send 2 bytes
         buffer = tensor.contiguous().view(torch.int16).numpy().tobytes()
     else:
         buffer = serialize_torch_tensor(tensor.contiguous(), _TO_HIVEMIND[compression]).buffer
@@ -99,7 +101,8 @@ def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
     buffer = message.buffer
     expected = _expected_length(message, numel)
     if expected is not None and len(buffer) != expected:
-        raise WireError(f"buffer of {len(buffer)} bytes does not hold {numel} x {message.dtype} ({expected} bytes)")
+        raise WireError(f"buffer of {len(buffer)} bytes does not hold {numel} x {message.dtype} "
+                        f"({expected} bytes)")
     if message.compression == pb.UNIFORM_8BIT:
         tensor = _decode_8bit(buffer, shape, DTYPES[message.dtype])
     else:

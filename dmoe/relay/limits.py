@@ -28,8 +28,9 @@ class RelayLimits:
     control_timeout: float = 3 * PING_INTERVAL  # a control channel silent this long is dropped
 
     def __post_init__(self) -> None:
-        for name in ("max_nodes", "max_nodes_per_ip", "max_connections_per_node", "max_connections_per_client",
-                     "max_control_connections_per_ip", "first_line_timeout", "attach_timeout",
+        for name in ("max_nodes", "max_nodes_per_ip", "max_connections_per_node",
+                     "max_connections_per_client", "max_control_connections_per_ip", "first_line_timeout",
+                     "attach_timeout",
                      "probes_per_minute", "probe_timeout", "probe_call_timeout", "control_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"relay {name} must be > 0, got {getattr(self, name)}")
@@ -39,4 +40,5 @@ class RelayLimits:
             raise ConfigError(f"relay probe_timeout + probe_call_timeout must stay under the "
                               f"{PROBE_REPLY_TIMEOUT:g} s a node waits for the verdict")
         if self.control_timeout <= PING_INTERVAL:
-            raise ConfigError(f"relay control_timeout must be longer than the ping interval ({PING_INTERVAL:g} s)")
+            raise ConfigError(f"relay control_timeout must be longer than the ping interval "
+                              f"({PING_INTERVAL:g} s)")

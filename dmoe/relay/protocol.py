@@ -1,5 +1,5 @@
-"""The relay's wire protocol, its limits, and the byte pipe that both of its sides use (:mod:`dmoe.relay.server`,
-:mod:`dmoe.node.relaylink`).
+"""The relay's wire protocol, its limits, and the byte pipe that both of its sides use
+(:mod:`dmoe.relay.server`, :mod:`dmoe.node.relaylink`).
 
 Every message is one JSON object on one line of at most ``MAX_LINE`` bytes, with a string ``op``;
 anything else is a :class:`ProtocolError`. After ``attach``, a connection carries raw bytes that

@@ -107,11 +107,14 @@ class Relay:
         self.tunnels: dict[str, _Tunnel] = {}
         self.num_refused = 0  # registrations, probes and client connections refused by a limit or the key
         self._usage: dict[str, _Usage] = {}
-        self._forwarded_before = 0  # bytes forwarded for nodes whose usage is forgotten (stats stay cumulative)
+        self._forwarded_before = 0  # bytes forwarded for nodes whose usage is forgotten
+                                    # (stats stay cumulative)
         self._clients: collections.Counter[str] = collections.Counter()  # open client connections per IP
-        self._control: collections.Counter[str] = collections.Counter()  # connections on the relay's port per IP
+        self._control: collections.Counter[str] = collections.Counter()  # connections on the relay's
+                                                                         # port per IP
         self._probe_buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
-        self._resume: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()  # id -> (port, secret)
+        # node id -> (port, secret)
+        self._resume: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
         self._writers: set[asyncio.StreamWriter] = set()  # every open connection, closed by shutdown
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -257,8 +260,8 @@ class Relay:
             raise ProtocolError("probe needs an integer port in 1..65535")
         if (error := self._auth_error(PROBE_METHOD, message)) is not None:
             return self._refuse(writer, error)
-        bucket = self._probe_buckets.pop(peer_ip, None) or TokenBucket(self.limits.probes_per_minute / 60,
-                                                                      max(1.0, self.limits.probes_per_minute / 6))
+        bucket = self._probe_buckets.pop(peer_ip, None) or TokenBucket(
+            self.limits.probes_per_minute / 60, max(1.0, self.limits.probes_per_minute / 6))
         self._probe_buckets[peer_ip] = bucket  # most recently used last
         if len(self._probe_buckets) > MAX_REMEMBERED:
             self._probe_buckets.popitem(last=False)
@@ -292,7 +295,8 @@ class Relay:
         if len(others) >= self.limits.max_nodes:
             return f"this relay serves {self.limits.max_nodes} nodes already (max_nodes)"
         if sum(t.ip == peer_ip for t in others) >= self.limits.max_nodes_per_ip:
-            return f"{peer_ip} has {self.limits.max_nodes_per_ip} nodes registered here already (max_nodes_per_ip)"
+            return (f"{peer_ip} has {self.limits.max_nodes_per_ip} nodes registered here already "
+                    f"(max_nodes_per_ip)")
         return None
 
     async def _register(self, peer_ip: str, message: dict[str, Any], reader: asyncio.StreamReader,
@@ -316,8 +320,8 @@ class Relay:
             server.close()
             return self._refuse(writer, error)
         port = server.sockets[0].getsockname()[1]
-        tunnel = _Tunnel(node_id=node_id, ip=peer_ip, secret=secrets.token_hex(16), control=writer, server=server,
-                         endpoint=join_address(self.announce_host, port))
+        tunnel = _Tunnel(node_id=node_id, ip=peer_ip, secret=secrets.token_hex(16), control=writer,
+                         server=server, endpoint=join_address(self.announce_host, port))
         self.tunnels[node_id] = tunnel
         if node_id not in self._usage:
             rate = self.limits.rate_mbit * 1e6 / 8
@@ -355,7 +359,8 @@ class Relay:
         else:
             first, last = self.public_ports
             start = random.randint(first, last)
-            candidates = ([port] if first <= port <= last else []) + [*range(start, last + 1), *range(first, start)]
+            candidates = (([port] if first <= port <= last else [])
+                          + [*range(start, last + 1), *range(first, start)])
         for candidate in candidates:
             try:
                 return await asyncio.start_server(handler, self.host, candidate)
@@ -401,7 +406,8 @@ class Relay:
         self._clients[peer_ip] += 1
         self._writers.add(writer)
         try:
-            send_message(tunnel.control, {"op": "open", "conn": conn, "peer": join_address(peer_ip, peer[1] if peer else 0)})
+            send_message(tunnel.control, {"op": "open", "conn": conn,
+                                          "peer": join_address(peer_ip, peer[1] if peer else 0)})
             try:
                 node_side = await asyncio.wait_for(attached, self.limits.attach_timeout)
             except (TimeoutError, asyncio.CancelledError):
@@ -423,7 +429,8 @@ class Relay:
             close_quietly(writer)
             self._forget_usage(node_id)
 
-    def _attach(self, message: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    def _attach(self, message: dict[str, Any], reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> bool:
         conn = message.get("conn")
         for tunnel in self.tunnels.values():
             future = tunnel.pending.get(conn) if isinstance(conn, str) else None

@@ -93,8 +93,8 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
                 continue
             experts.append(ExpertSummary(
                 uid=uid, node_id=node_id, endpoint=record.endpoint, forward_calls=load.forward_calls,
-                backward_calls=load.backward_calls, tokens=load.tokens, errors=load.errors, rejected=load.rejected,
-                queued_tokens=load.queued_tokens, latency_p50_ms=load.latency_p50_ms,
+                backward_calls=load.backward_calls, tokens=load.tokens, errors=load.errors,
+                rejected=load.rejected, queued_tokens=load.queued_tokens, latency_p50_ms=load.latency_p50_ms,
                 latency_p99_ms=load.latency_p99_ms, version=load.version,
             ))
         calls_by_expert = [(lo.forward_calls + lo.backward_calls, lo) for lo in loads.values()]
@@ -102,30 +102,35 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
         p50 = sum(c * lo.latency_p50_ms for c, lo in calls_by_expert) / num_calls if num_calls else 0.0
         hardware = record.hardware
         nodes.append(NodeSummary(
-            node_id=node_id, endpoint=record.endpoint if record.reachable or not record.relay else f"{record.relay} (relay)",
+            node_id=node_id,
+            endpoint=record.endpoint if record.reachable or not record.relay else f"{record.relay} (relay)",
             dmoe_version=record.dmoe_version,
-            started_at=record.started_at, updated_at=record.updated_at, uptime_s=max(0.0, now - record.started_at) if record.started_at else 0.0,
+            started_at=record.started_at, updated_at=record.updated_at,
+            uptime_s=max(0.0, now - record.started_at) if record.started_at else 0.0,
             device=hardware.device if hardware else "", device_name=hardware.device_name if hardware else "",
             num_cpus=hardware.num_cpus if hardware else 0, ram_bytes=hardware.ram_bytes if hardware else 0,
             device_memory_bytes=hardware.device_memory_bytes if hardware else 0,
-            num_experts=len(set(record.experts)), expert_prefixes=sorted({uid.split(".")[0] for uid in record.experts}),
+            num_experts=len(set(record.experts)),
+            expert_prefixes=sorted({uid.split(".")[0] for uid in record.experts}),
             forward_calls=sum(lo.forward_calls for lo in loads.values()),
             backward_calls=sum(lo.backward_calls for lo in loads.values()),
             calls=num_calls, tokens=sum(lo.tokens for lo in loads.values()),
-            errors=sum(lo.errors for lo in loads.values()), rejected=sum(lo.rejected for lo in loads.values()),
+            errors=sum(lo.errors for lo in loads.values()),
+            rejected=sum(lo.rejected for lo in loads.values()),
             queued_tokens=sum(lo.queued_tokens for lo in loads.values()), latency_p50_ms=round(p50, 3),
             latency_p99_ms=max((lo.latency_p99_ms for lo in loads.values()), default=0.0),
             optimizer_steps=sum(lo.version for lo in loads.values()),
         ))
     return SwarmView(
-        at=now, num_nodes=len(nodes), num_experts=len(owners), num_replicated=sum(n > 1 for n in owners.values()),
+        at=now, num_nodes=len(nodes), num_experts=len(owners),
+        num_replicated=sum(n > 1 for n in owners.values()),
         calls=sum(n.calls for n in nodes), tokens=sum(n.tokens for n in nodes),
         errors=sum(n.errors for n in nodes), rejected=sum(n.rejected for n in nodes),
         nodes=nodes, experts=sorted(experts, key=lambda e: (e.uid, e.node_id)),
     )
 
 
-MAX_CLOCK_SKEW_S = 3600.0  # a record's own time further than this from the view's is not used
+MAX_RECORD_TIME_OFFSET_S = 3600.0  # a record's own time further than this from the view's is not used
 MIN_INTERVAL_S = 0.1  # shortest time a rate is taken over (no division by ~0)
 
 
@@ -155,7 +160,7 @@ class ThroughputHistory:
         for node in view.nodes:
             previous = self._last.get(node.node_id)
             stamp = node.updated_at or view.at  # records of old nodes have no updated_at
-            if abs(stamp - view.at) > MAX_CLOCK_SKEW_S:
+            if abs(stamp - view.at) > MAX_RECORD_TIME_OFFSET_S:
                 stamp = view.at  # a clock far off (or a made-up record): use the time of the view
             if previous is not None and stamp <= previous[0]:
                 continue  # the same record as last time
@@ -185,4 +190,5 @@ class ThroughputHistory:
 
     def to_json(self) -> dict:
         return {"swarm": [p.model_dump() for p in self.swarm],
-                "nodes": {node_id: [p.model_dump() for p in points] for node_id, points in self.nodes.items()}}
+                "nodes": {node_id: [p.model_dump() for p in points]
+                          for node_id, points in self.nodes.items()}}

@@ -7,15 +7,17 @@ Each fuzz input is one selector byte followed by a serialized request:
 - bits 2-3: which hosted expert, when bit 1 is set.
 
 The rest takes the path ``ExpertService`` takes before it queues a request: ``_parse``, then
-``check_request`` and ``decode_request`` (``dmoe.node.service``); an accepted request then runs one
-forward on its expert. Backward is never run: it changes parameters. The experts are real
-``ExpertBackend`` objects on the CPU, with the limits of a default ``NodeConfig``: ``ffn.0`` and
-``ffn.1`` (feed-forward, inputs ``[tokens, 8]``) and ``attn.0`` (transformer block, ``[batch, seq, 8]``).
+``check_declared_request`` and ``decode_request`` (``dmoe.node.service``); an accepted request then
+runs one forward on its expert. Backward is never run: it changes parameters. The experts are real
+``ExpertBackend`` objects on the CPU, built by ``dmoe.node.experts.build_backend`` with the limits
+of a default ``NodeConfig``: ``ffn.0`` and ``ffn.1`` (feed-forward, inputs ``[tokens, 8]``) and
+``attn.0`` (transformer block, ``[batch, seq, 8]``).
 
 An input may end in two ways only: accepted, or refused with ``RequestError`` and one of
-INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, OUT_OF_RANGE and a message. Anything else is a crash that libFuzzer
-reports with the input saved as ``crash-<sha1>``: another exception or status code, decoded tensors
-that are not what the request declared, or forward outputs that differ from ``output_shapes``.
+INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, OUT_OF_RANGE and a message. Anything else is a crash
+that libFuzzer reports with the input saved as ``crash-<sha1>``: another exception or status code,
+decoded tensors that are not what the request declared, or forward outputs that differ from
+``output_shapes``.
 At the end the script prints a table and writes a JSON report (inputs tried, accepted, refused per
 code, seconds, whether every expert parameter equals a copy taken before fuzzing); it exits with 3
 when a parameter changed. The report is written from a C ``on_exit`` handler, because libFuzzer ends
@@ -56,7 +58,8 @@ with atheris.instrument_imports(include=["dmoe"]):
     from dmoe.core.wire import DTYPES, dtype_name, serialize
     from dmoe.node.backend import ExpertBackend
     from dmoe.node.config import NodeConfig
-    from dmoe.node.service import RequestError, _parse, check_request, decode_request
+    from dmoe.node.experts import build_backend
+    from dmoe.node.service import RequestError, _parse, check_declared_request, decode_request
     from dmoe.proto import expert_pb2 as pb
 
 ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -85,7 +88,7 @@ class Report:
 
 def make_backends() -> dict[str, ExpertBackend]:
     cpu = torch.device("cpu")
-    return {uid: ExpertBackend(uid, config, cpu) for config in (FFN, ATTN) for uid in config.uids}
+    return {uid: build_backend(uid, config, cpu) for config in (FFN, ATTN) for uid in config.uids}
 
 
 def snapshot(backends: dict[str, ExpertBackend]) -> Snapshot:
@@ -129,14 +132,15 @@ class Target:
         request = _parse(pb.BackwardRequest if backward else pb.ForwardRequest, payload)
         if selector & 2:
             request.uid = self.uids[(selector >> 2) % len(self.uids)]
-        backend, rows, num_tokens = check_request(self.backends, request, backward=backward,
-                                                  max_batch_tokens=FFN.max_batch_tokens)
+        backend, rows, num_tokens = check_declared_request(self.backends, request,
+                                                           max_batch_tokens=FFN.max_batch_tokens)
         inputs, grads = decode_request(backend, request, backward=backward,
                                        max_input_abs=FFN.max_input_abs, max_grad_abs=FFN.max_grad_abs)
-        # accepted: what was decoded must be what was declared, and what check_request promised
+        # accepted: what was decoded must be what was declared, and what check_declared_request promised
         shapes = [tuple(t.shape) for t in request.inputs]
-        expect(0 < num_tokens <= FFN.max_batch_tokens, f"{num_tokens} tokens passed check_request")
-        expect(len(inputs) == len(backend.input_schema), f"{len(inputs)} inputs passed check_request")
+        expect(0 < num_tokens <= FFN.max_batch_tokens, f"{num_tokens} tokens passed check_declared_request")
+        expect(len(inputs) == len(backend.input_schema),
+               f"{len(inputs)} inputs passed check_declared_request")
         expect_decoded(inputs, request.inputs, backend.max_numel)
         expect(all(t.shape[0] == rows for t in inputs), f"inputs of {shapes} do not all have {rows} rows")
         expect((grads is not None) == backward, "grad_outputs decoded for Forward, or missing for Backward")

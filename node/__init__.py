@@ -1,15 +1,24 @@
 """dmoe.node: the node daemon that hosts experts and serves them over gRPC.
 
-- ``config.py``     NodeConfig: every option of a node (CLI, TOML, DMOE_NODE_* environment)
-- ``node.py``       Node: lifecycle of the DHT peer, experts, runtime and gRPC server; signals
-- ``backend.py``    ExpertBackend: one expert on its device: schema checks, forward, backward + optimizer step
-- ``runtime.py``    Runtime, Task: per-expert forward/backward queues, admission control, the batching device thread
-- ``service.py``    ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info)
-- ``guard.py``      CallGuard: the swarm key's token and the per-peer limits, checked before a request is read
-- ``announcer.py``  Announcer: DHT heartbeat of the expert and node records, and their withdrawal
-- ``relaylink.py`` RelayLink: a node nobody can dial keeps itself registered with a relay and attaches its clients
-- ``checkpoint.py`` CheckpointStore: atomic safetensors checkpoints, the last few kept
-- ``stats.py``      ExpertCounters: calls, tokens, errors, latency per expert
+- ``config.py``       NodeConfig: every option of a node (CLI, TOML, DMOE_NODE_* environment)
+- ``node.py``         Node: lifecycle of the DHT peer, experts, runtime and gRPC server, start-up in
+                      named steps; signals
+- ``experts.py``      build_backend, resolve_device, read_hardware: the experts a config asks for, on
+                      the node's device
+- ``backend.py``      ExpertBackend: one expert on its device: schema checks, forward, backward +
+                      optimizer step
+- ``checkpoints.py``  ExpertCheckpoints: the experts restored at start, saved when they changed
+- ``runtime.py``      Runtime, Task: per-expert forward/backward queues, admission control, the
+                      batching device thread
+- ``service.py``      ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info)
+- ``server.py``       NodeServer: the gRPC server: ExpertService, health, reflection, TLS or not
+- ``guard.py``        CallGuard: the swarm key's token and the per-peer limits, checked before a
+                      request is read
+- ``announcer.py``    Announcer: DHT heartbeat of the expert and node records, and their withdrawal
+- ``reachability.py`` relay_candidates, dial_back, dialable: can others dial this node? a relay says
+- ``relaylink.py``    RelayLink: a node nobody can dial keeps itself registered with a relay and
+                      attaches its clients
+- ``stats.py``        ExpertCounters: calls, tokens, errors, latency per expert
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ class Announcer:
         self.last_expiration = max(self.last_expiration, expiration)
         self.num_beats += 1
         if stored == 0:
-            logger.warning("no DHT peer accepted this node's records; will retry in %.0fs", self.heartbeat_interval)
+            logger.warning("no DHT peer accepted this node's records; will retry in %.0fs",
+                           self.heartbeat_interval)
         return stored
 
     async def _store(self, experts: list[ExpertRecord], node: NodeRecord, expiration: float) -> int:

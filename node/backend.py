@@ -1,8 +1,12 @@
 """ExpertBackend: one hosted expert: its module on the device, its optimizer, schema checks.
 
-Requests are checked in two steps so that a hostile one costs little: :meth:`check_request`
-looks only at the declared shapes and dtypes (before any buffer is decoded, which also bounds the
-memory decoding may take), then :meth:`check_values` at the decoded values.
+Requests are checked in two steps so that a hostile one costs little: :meth:`check_input_shapes`
+and :meth:`check_grad_output_shapes` look only at the declared shapes and dtypes (before any
+buffer is decoded, which also bounds the memory decoding may take), then :meth:`check_values` at
+the decoded values.
+
+The backend takes what it runs (module, input schema, an optimizer factory, a few limits) and
+knows nothing of the node's config: :func:`dmoe.node.experts.build_backend` builds one from it.
 
 Backward recomputes the forward on purpose instead of keeping activations between calls: a node
 then holds no per-client state, so a client that never sends Backward costs nothing, a restarted
@@ -16,15 +20,14 @@ import collections
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from dmoe.core.experts import FREE, TensorSpec, create_expert, sample_inputs
+from dmoe.core.experts import FREE, TensorSpec, sample_inputs
 from dmoe.core.wire import DTYPES, dtype_name
 from dmoe.errors import CheckpointError
-from dmoe.node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +39,36 @@ Shape = tuple[int, ...]
 class ExpertBackend:
     """An expert as the node runs it. forward/backward are called by the runtime thread only."""
 
-    def __init__(self, uid: str, config: NodeConfig, device: torch.device):
-        self.uid, self.expert_cls, self.device = uid, config.expert_cls, device
-        self.optimizer_name = config.optimizer
-        module, self.input_schema = create_expert(
-            config.expert_cls, uid=uid, hidden_dim=config.hidden_dim, inner_dim=config.inner_dim, seed=config.seed
-        )
+    def __init__(
+        self,
+        uid: str,
+        *,
+        module: nn.Module,
+        input_schema: Sequence[TensorSpec],
+        make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        device: torch.device,
+        expert_cls: str,
+        optimizer_name: str,
+        max_grad_norm: float,
+        max_batch_tokens: int,
+    ):
+        """``module`` (moved to ``device`` here) with inputs of ``input_schema``; ``make_optimizer``
+        builds its optimizer from its trainable parameters once they are on the device.
+        ``expert_cls`` and ``optimizer_name`` label its checkpoints (a checkpoint loads only into
+        the same expert, class and optimizer). ``max_grad_norm`` clips each step (0: no clipping);
+        ``max_batch_tokens`` bounds the tokens of any one tensor a request may decode."""
+        self.uid, self.expert_cls, self.device = uid, expert_cls, device
+        self.optimizer_name = optimizer_name
+        self.input_schema = list(input_schema)
         self.module: nn.Module = module.to(device)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.num_parameters = sum(p.numel() for p in params)
-        if config.optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=config.lr)
-        self.max_grad_norm = config.max_grad_norm
+        self.optimizer: torch.optim.Optimizer = make_optimizer(params)
+        self.max_grad_norm = max_grad_norm
         self.version = 0  # optimizer steps applied
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
-        self.lock = threading.Lock()  # held while parameters change or the module runs off the runtime thread
+        # held while parameters change or the module runs off the runtime thread
+        self.lock = threading.Lock()
         self._output_shapes: collections.OrderedDict[tuple, list[Shape]] = collections.OrderedDict()
         # probes with free dimensions of several sizes: an output dimension that varies with them is free too
         probes = [self._probe([tuple(t.shape[1:]) for t in sample_inputs(self.input_schema, free_size=size)])
@@ -68,16 +84,16 @@ class ExpertBackend:
         self._shape_preserving = self._preserves_free_dims()
         # elements one request may decode: every tensor has at most max_batch_tokens tokens
         token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
-        self.max_numel = config.max_batch_tokens * token_width
+        self.max_numel = max_batch_tokens * token_width
 
     # ---- schema (any thread) --------------------------------------------------------------------
-    def check_request(
-        self, shapes: Sequence[Shape], dtypes: Sequence[str], specs: Sequence[TensorSpec], what: str
-    ) -> tuple[int, int]:
-        """Raise ValueError unless the declared tensors fit specs; return (rows, tokens).
+    def check_input_shapes(self, shapes: Sequence[Shape], dtypes: Sequence[str]) -> tuple[int, int]:
+        """Raise ValueError unless the shapes and dtypes a request declares for its inputs fit the
+        input schema; return (rows, tokens).
 
         rows is the shared first dimension; tokens counts every position but the feature dim
         (rows x seq for a transformer), which is what limits and batching count."""
+        specs, what = self.input_schema, "inputs"
         if len(shapes) != len(specs):
             raise ValueError(f"{self.uid} takes {len(specs)} {what}, got {len(shapes)}")
         rows = tokens = None
@@ -85,12 +101,14 @@ class ExpertBackend:
             if dtype != spec.dtype:
                 raise ValueError(f"{what}[{i}] of {self.uid} must be {spec.dtype}, got {dtype}")
             if len(shape) != len(spec.shape):
-                raise ValueError(f"{what}[{i}] of {self.uid} must have rank {len(spec.shape)}, got {len(shape)}")
+                raise ValueError(f"{what}[{i}] of {self.uid} must have rank {len(spec.shape)}, "
+                                 f"got {len(shape)}")
             for axis, (size, want) in enumerate(zip(shape, spec.shape)):
                 if want != FREE and size != want:
                     raise ValueError(f"{what}[{i}] of {self.uid}: dim {axis} must be {want}, got {size}")
             if any(size <= 0 for size in shape):
-                raise ValueError(f"{what}[{i}] of {self.uid} has an empty or negative dimension: {list(shape)}")
+                raise ValueError(f"{what}[{i}] of {self.uid} has an empty or negative dimension: "
+                                 f"{list(shape)}")
             if rows is None:
                 rows, tokens = shape[0], math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
             elif shape[0] != rows:
@@ -98,13 +116,17 @@ class ExpertBackend:
         assert rows is not None and tokens is not None
         return rows, tokens
 
-    def check_grad_request(self, input_shapes: Sequence[Shape], shapes: Sequence[Shape], dtypes: Sequence[str]) -> None:
+    def check_grad_output_shapes(self, input_shapes: Sequence[Shape], shapes: Sequence[Shape],
+                                 dtypes: Sequence[str]) -> None:
+        """Raise ValueError unless the shapes and dtypes a Backward request declares for its
+        grad_outputs are those of the outputs for its inputs."""
         expected = self.output_shapes(input_shapes)
         if len(shapes) != len(expected):
             raise ValueError(f"{self.uid} has {len(expected)} outputs, got {len(shapes)} grad_outputs")
         for i, (shape, dtype, (want_shape, want_dtype)) in enumerate(zip(shapes, dtypes, expected)):
             if tuple(shape) != want_shape:
-                raise ValueError(f"grad_outputs[{i}] of {self.uid} must have shape {list(want_shape)}, got {list(shape)}")
+                raise ValueError(f"grad_outputs[{i}] of {self.uid} must have shape {list(want_shape)}, "
+                                 f"got {list(shape)}")
             if dtype != want_dtype:
                 raise ValueError(f"grad_outputs[{i}] of {self.uid} must be {want_dtype}, got {dtype}")
 
@@ -118,8 +140,9 @@ class ExpertBackend:
             if not math.isfinite(largest):
                 raise ValueError(f"{what}[{i}] of {self.uid} holds NaN or Inf")
             if largest > max_abs:
-                raise OutOfBounds(f"{what}[{i}] of {self.uid} holds {largest:.3g}, above this node's bound of "
-                                 f"{max_abs:g} (max_{'grad' if what == 'grad_outputs' else 'input'}_abs)")
+                limit = f"max_{'grad' if what == 'grad_outputs' else 'input'}_abs"
+                raise OutOfBounds(f"{what}[{i}] of {self.uid} holds {largest:.3g}, above this node's bound "
+                                  f"of {max_abs:g} ({limit})")
 
     def _preserves_free_dims(self) -> bool:
         """True if the expert has one input and one output of the same rank whose free dimensions
@@ -129,7 +152,9 @@ class ExpertBackend:
         if len(self.input_schema) != 1 or len(self.output_schema) != 1:
             return False
         spec_in, spec_out = self.input_schema[0].shape, self.output_schema[0].shape
-        if len(spec_in) != len(spec_out) or any((a == FREE) != (b == FREE) for a, b in zip(spec_in, spec_out)):
+        if len(spec_in) != len(spec_out):
+            return False
+        if any((a == FREE) != (b == FREE) for a, b in zip(spec_in, spec_out)):
             return False
         for size in _PROBE_SIZES:
             trailing = tuple(size if d == FREE else d for d in spec_in[1:])

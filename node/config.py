@@ -17,8 +17,10 @@ MiB = 1 << 20
 class NodeConfig:
     ENV_PREFIX: ClassVar[str] = "DMOE_NODE_"
 
-    swarm: list[str] = option([], "multiaddr of a swarm peer to join (repeat for several); none: start a new swarm")
-    experts: list[str] = option(["ffn.[0:4]"], "expert uid patterns to host, e.g. 'ffn.[0:8]' or 'ffn.[0:4].[0:16]'")
+    swarm: list[str] = option([], "multiaddr of a swarm peer to join (repeat "
+                                  "for several); none: start a new swarm")
+    experts: list[str] = option(["ffn.[0:4]"], "expert uid patterns to host, e.g. "
+                                               "'ffn.[0:8]' or 'ffn.[0:4].[0:16]'")
     expert_cls: str = option("ffn", "expert class: ffn, transformer or 'module:Class'")
     hidden_dim: int = option(1024, "model dimension of the experts' inputs and outputs")
     inner_dim: int | None = option(None, "inner dimension of built-in experts (default 4 x hidden-dim)")
@@ -31,9 +33,10 @@ class NodeConfig:
     announce_host: str | None = option(None, "host others should dial for gRPC (default: --host)")
     announce_port: int | None = option(None, "port others should dial for gRPC, when a port forward or proxy "
                                              "sits in front of the node (default: the port it listens on)")
-    identity_path: str | None = option(None, "file holding the DHT private key, so the peer id survives restarts")
-    dht_announce: list[str] = option([], "multiaddr others dial for this DHT peer, behind a NAT or in a container "
-                                         "(repeat), e.g. /dns4/node1/tcp/31341")
+    identity_path: str | None = option(None, "file holding the DHT private key, "
+                                             "so the peer id survives restarts")
+    dht_announce: list[str] = option([], "multiaddr others dial for this DHT peer, behind a NAT "
+                                         "or in a container (repeat), e.g. /dns4/node1/tcp/31341")
     checkpoint_dir: str | None = option(None, "directory for expert checkpoints (none: no checkpoints)")
     checkpoint_interval: float = option(60.0, "seconds between periodic checkpoints of experts that changed")
     keep_checkpoints: int = option(3, "checkpoints kept per expert; older ones are deleted")
@@ -42,33 +45,41 @@ class NodeConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm per expert step (0: no clipping)")
     batching: bool = option(True, "merge concurrent requests for one expert into one device call")
     max_batch_tokens: int = option(4096, "largest batch (tokens) run in one device call, and per request")
-    max_queued_tokens: int = option(32768, "tokens that may wait per expert and direction before new ones are shed")
+    max_queued_tokens: int = option(32768, "tokens that may wait per expert and "
+                                           "direction before new ones are shed")
     max_message_bytes: int = option(32 * MiB, "largest unary gRPC message; bigger requests use the streams")
     max_request_bytes: int = option(512 * MiB, "largest request accepted at all, streamed or not")
     max_concurrent_calls: int = option(512, "calls served at once; more get RESOURCE_EXHAUSTED")
     max_inflight_bytes: int = option(1024 * MiB, "bytes all request streams together may hold while arriving")
-    max_calls_per_peer: int = option(128, "calls one peer (IP address) may have in flight; more get RESOURCE_EXHAUSTED")
+    max_calls_per_peer: int = option(128, "calls one peer (IP address) may have "
+                                          "in flight; more get RESOURCE_EXHAUSTED")
     peer_rate: float = option(2000.0, "requests per second one peer (IP address) may send on average")
-    peer_burst: float = option(4000.0, "requests one peer may send at once above peer_rate (token bucket size)")
-    receive_timeout: float = option(60.0, "seconds a streamed request may take to arrive; slower ones are dropped "
-                                          "(DEADLINE_EXCEEDED), so slow senders cannot hold calls forever")
+    peer_burst: float = option(4000.0, "requests one peer may send at once "
+                                       "above peer_rate (token bucket size)")
+    receive_timeout: float = option(60.0, "seconds a streamed request may take to arrive; "
+                                          "slower ones are dropped (DEADLINE_EXCEEDED), "
+                                          "so slow senders cannot hold calls forever")
     max_input_abs: float = option(1e4, "largest magnitude accepted in an expert's inputs; larger is refused")
-    max_grad_abs: float = option(1e3, "largest magnitude accepted in grad_outputs of a Backward call; larger is "
-                                      "refused before it reaches the optimizer")
-    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen): calls and "
-                                         "DHT peers without it are refused")
-    tls: bool = option(True, "in a private swarm, encrypt calls with TLS (certificates made from the swarm key)")
-    reachability: str = option("auto", "can others dial this node's gRPC port? auto: ask a relay to dial it back; "
-                                       "direct: yes (a public address, or a port forward); relay: no (behind a NAT "
-                                       "or firewall): serve through a relay")
-    relay: list[str] = option([], "relay to serve through when not reachable, host:port (repeat; tried in order); "
-                                  "default: the relays announced in the swarm (a coordinator offers one)")
-    offer_relay: bool = option(False, "also run a relay for nodes that cannot be dialled (this node must be reachable)")
+    max_grad_abs: float = option(1e3, "largest magnitude accepted in grad_outputs of a Backward "
+                                      "call; larger is refused before it reaches the optimizer")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm "
+                                         "keygen): calls and DHT peers without it are refused")
+    tls: bool = option(True, "in a private swarm, encrypt calls with "
+                             "TLS (certificates made from the swarm key)")
+    reachability: str = option("auto", "can others dial this node's gRPC port? auto: ask a relay to dial "
+                                       "it back; direct: yes (a public address, or a port forward); "
+                                       "relay: no (behind a NAT or firewall): serve through a relay")
+    relay: list[str] = option([], "relay to serve through when not reachable, host:port "
+                                  "(repeat; tried in order); default: the relays "
+                                  "announced in the swarm (a coordinator offers one)")
+    offer_relay: bool = option(False, "also run a relay for nodes that cannot "
+                                      "be dialled (this node must be reachable)")
     relay_port: int = option(0, "port of the relay this node offers (0: any free port)")
     heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
     record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
-    ready_file: str | None = option(None, "write a JSON file with the endpoint and swarm address once serving")
+    ready_file: str | None = option(None, "write a JSON file with the endpoint "
+                                          "and swarm address once serving")
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -77,9 +88,9 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
         for name in ("hidden_dim", "max_batch_tokens", "max_queued_tokens", "max_message_bytes",
-                     "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval", "record_ttl",
-                     "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer", "peer_rate", "peer_burst", "receive_timeout",
-                     "max_input_abs", "max_grad_abs"):
+                     "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval",
+                     "record_ttl", "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer",
+                     "peer_rate", "peer_burst", "receive_timeout", "max_input_abs", "max_grad_abs"):
             positive(name)
         for name in ("port", "dht_port", "relay_port", "max_grad_norm", "shutdown_grace"):
             positive(name, allow_zero=True)
@@ -92,9 +103,11 @@ class NodeConfig:
         if self.reachability not in ("auto", "direct", "relay"):
             raise ConfigError(f"reachability must be auto, direct or relay, got {self.reachability!r}")
         if self.reachability == "relay" and not self.swarm:
-            raise ConfigError("a node that cannot be dialled cannot start a swarm (nobody could join it): give --swarm")
+            raise ConfigError("a node that cannot be dialled cannot start a swarm (nobody could join it): "
+                              "give --swarm")
         if self.offer_relay and self.reachability == "relay":
-            raise ConfigError("a node that cannot be dialled cannot offer a relay: drop --offer-relay or --reachability relay")
+            raise ConfigError("a node that cannot be dialled cannot offer a relay: drop --offer-relay or "
+                              "--reachability relay")
         for address in self.relay:
             try:
                 split_address(address)
@@ -105,7 +118,8 @@ class NodeConfig:
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.record_ttl <= self.heartbeat_interval:
-            raise ConfigError("record_ttl must be longer than heartbeat_interval, or records lapse between beats")
+            raise ConfigError("record_ttl must be longer than heartbeat_interval, or records lapse "
+                              "between beats")
         if self.peer_burst < 1:
             raise ConfigError(f"peer_burst must be at least 1, got {self.peer_burst}")
         if self.max_queued_tokens < self.max_batch_tokens:

@@ -4,11 +4,11 @@ Checked at the start of every ExpertService call, before the request is read:
 
 - the swarm key (:class:`dmoe.core.auth.CallVerifier`), when the node serves a private swarm:
   UNAUTHENTICATED otherwise;
-- calls in flight per peer (``max_calls_per_peer``) and requests per second per peer, a token
-  bucket of ``peer_rate`` per second with room for ``peer_burst``: RESOURCE_EXHAUSTED otherwise,
-  with a message that names the limit. A peer is its IP address (the port changes with every
-  connection); the node-wide limits (``max_concurrent_calls``, queued tokens, bytes arriving)
-  stay in force beside these.
+- calls in flight per peer (``max_calls_per_peer``) and requests per second per peer, a
+  :class:`~dmoe.core.ratelimit.TokenBucket` of ``peer_rate`` per second with room for
+  ``peer_burst``: RESOURCE_EXHAUSTED otherwise, with a message that names the limit. A peer is
+  its IP address (the port changes with every connection); the node-wide limits
+  (``max_concurrent_calls``, queued tokens, bytes arriving) stay in force beside these.
 
 The table of peers is bounded (least recently seen peers are forgotten first), so a flood of
 addresses costs a fixed amount of memory.
@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import time
 
 import grpc
 
 from dmoe.core.auth import CallVerifier
+from dmoe.core.ratelimit import TokenBucket
 
 MAX_PEERS = 10_000
 
 
 @dataclasses.dataclass(slots=True)
 class _Peer:
-    tokens: float
-    updated: float
+    requests: TokenBucket  # peer_rate per second, room for peer_burst
     in_flight: int = 0
 
 
@@ -57,27 +56,23 @@ class CallGuard:
                 self.num_unauthenticated += 1
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, why)
         key = peer_address(peer)
-        now = time.monotonic()
         state = self._peers.get(key)
-        if state is None:
-            state = self._peers[key] = _Peer(tokens=self.peer_burst, updated=now)
+        if state is None:  # a new peer starts with a full burst
+            state = self._peers[key] = _Peer(TokenBucket(self.peer_rate, self.peer_burst))
             if len(self._peers) > MAX_PEERS:
                 self._forget_one()
         else:
             self._peers.move_to_end(key)
-            state.tokens = min(self.peer_burst, state.tokens + (now - state.updated) * self.peer_rate)
-            state.updated = now
         if state.in_flight >= self.max_calls_per_peer:
             self.num_rate_limited += 1
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{state.in_flight} calls of yours are in flight already, this node's limit per peer "
-                          f"(max_calls_per_peer={self.max_calls_per_peer}); wait for them")
-        if state.tokens < 1:
+                          f"{state.in_flight} calls of yours are in flight already, this node's limit per "
+                          f"peer (max_calls_per_peer={self.max_calls_per_peer}); wait for them")
+        if not state.requests.try_take():
             self.num_rate_limited += 1
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"more than {self.peer_rate:g} requests per second from {key} "
                           f"(peer_rate={self.peer_rate:g}, peer_burst={self.peer_burst:g}); slow down")
-        state.tokens -= 1
         state.in_flight += 1
         return key
 
@@ -94,7 +89,8 @@ class CallGuard:
 
 
 def peer_address(peer: str) -> str:
-    """The address part of grpc's peer string: 'ipv4:1.2.3.4:5678' -> '1.2.3.4', 'ipv6:[::1]:5' -> '::1'."""
+    """The address part of grpc's peer string: 'ipv4:1.2.3.4:5678' -> '1.2.3.4',
+    'ipv6:[::1]:5' -> '::1'."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]

@@ -9,6 +9,9 @@ Reachability (``--reachability``): a node that others cannot dial (a relay's dia
 the user says so) joins the DHT as a client and serves its experts through a relay
 (:class:`~dmoe.node.relaylink.RelayLink`); its records name the relay's port for it.
 
+Start-up is a list of named steps (:meth:`Node._start_up`); the gRPC server, the dial-back check
+and the checkpoints have modules of their own (``server.py``, ``reachability.py``, ``checkpoints.py``).
+
 Use it from Python as a context manager (``with Node(config) as node: node.endpoint``), which runs
 it on a background thread with its own event loop, or from the CLI through :meth:`Node.run`.
 ``--num-threads`` sets torch's thread count for the whole process.
@@ -26,44 +29,31 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 import dmoe
 from dmoe.core.addresses import join_address
 from dmoe.core.auth import CallVerifier, load_key
-from dmoe.core.checkpoint import CheckpointStore
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.files import write_json_atomic
-from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_relays
+from dmoe.core.records import ExpertRecord, Hardware, NodeRecord
 from dmoe.node.announcer import Announcer
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.checkpoints import ExpertCheckpoints
 from dmoe.node.config import NodeConfig
+from dmoe.node.experts import build_backend, read_hardware, resolve_device
 from dmoe.node.guard import CallGuard
+from dmoe.node.reachability import dial_back, dialable, relay_candidates
 from dmoe.node.relaylink import RelayLink
 from dmoe.node.runtime import Runtime
-from dmoe.node.service import SERVICE_NAME, ExpertServicer
+from dmoe.node.server import NodeServer
+from dmoe.node.service import ExpertServicer
 from dmoe.node.stats import ExpertCounters
 from dmoe.proto import expert_pb2 as pb
-from dmoe.relay.protocol import probe
 from dmoe.relay.server import Relay
 
 logger = logging.getLogger(__name__)
-
-MAX_PROBED_RELAYS = 4  # relays asked in turn to dial a starting node back (10 s each: a dial, an Info call)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
-    return device
 
 
 class Node:
@@ -71,7 +61,8 @@ class Node:
         self.config = config
         self.uids = config.uids
         self.endpoint: str | None = None  # host:port others dial for the gRPC server, once started
-        self.port: int | None = None  # the port the gRPC server listens on (endpoint may differ: --announce-port)
+        # the port the gRPC server listens on (the endpoint's may differ: --announce-port)
+        self.port: int | None = None
         self.swarm_addresses: list[str] = []  # multiaddrs others join with
         self.join_address: str = ""  # the one of them to hand out (not loopback, if there is one)
         self.node_id: str | None = None
@@ -79,10 +70,11 @@ class Node:
         self.counters = {uid: ExpertCounters() for uid in self.uids}
         self.started_at = time.time()
         self._dht: DHTPeer | None = None
-        self._server: grpc.aio.Server | None = None
+        self.device: torch.device | None = None  # where the experts run, once built
+        self._hardware: Hardware | None = None
+        self._server: NodeServer | None = None
         self._runtime: Runtime | None = None
         self._announcer: Announcer | None = None
-        self._health: HealthServicer | None = None
         self.tls = False  # whether the gRPC server speaks TLS (a private swarm's, unless --no-tls)
         self.reachable = True  # whether others can dial self.endpoint (--reachability; probed by a relay)
         self.relay_endpoint = ""  # when not reachable: this node's public host:port on a relay
@@ -92,10 +84,8 @@ class Node:
         self.guard = CallGuard(verifier=CallVerifier(self.swarm_key) if self.swarm_key else None,
                                max_calls_per_peer=config.max_calls_per_peer, peer_rate=config.peer_rate,
                                peer_burst=config.peer_burst)
-        self._checkpoints = CheckpointStore(config.checkpoint_dir, config.keep_checkpoints) if config.checkpoint_dir else None
-        self._saved_versions: dict[str, int] = {}
-        self.restored_versions: dict[str, int] = {}  # uid -> version loaded from a checkpoint at start
-        self._checkpoint_lock = threading.Lock()  # one checkpoint writer at a time
+        self._checkpoints = (ExpertCheckpoints(config.checkpoint_dir, keep=config.keep_checkpoints,
+                                               backends=self.backends) if config.checkpoint_dir else None)
         self._tasks: list[asyncio.Task] = []
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,7 +96,8 @@ class Node:
     # ---- Python API: run on a background thread -------------------------------------------------
     def start(self, timeout: float = 120.0) -> Node:
         """Start on a background thread; returns once serving and announced, or raises why not."""
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="dmoe-node", daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="dmoe-node",
+                                        daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
             self.shutdown()
@@ -150,7 +141,8 @@ class Node:
         self._dht.shutdown()
         self._dht = None
 
-    async def serve(self, handle_signals: bool = False, on_ready: Callable[[Node], None] | None = None) -> None:
+    async def serve(self, handle_signals: bool = False,
+                    on_ready: Callable[[Node], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         if handle_signals:
@@ -174,7 +166,20 @@ class Node:
 
     # ---- start-up and shutdown --------------------------------------------------------------------
     async def _start_up(self) -> None:
-        config = self.config
+        """The steps of start-up, in order. _shut_down undoes those that ran: all of them, or those
+        before the one that failed."""
+        await self._join_swarm()
+        self._host_experts()
+        self._start_runtime()
+        await self._start_server()
+        await self._settle_reachability()
+        await self._offer_relay()
+        await self._start_announcer()
+        self._start_checkpoint_loop()
+        self._write_ready_file()
+
+    async def _join_swarm(self) -> None:
+        """Start the DHT peer (unless one runs already) and take this node's id and addresses from it."""
         # torch.optim imports torch._dynamo on first use (seconds of CPU): do it while the DHT peer
         # starts (mostly waiting on its daemon and the network), not after; a restart is that much shorter
         warm = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
@@ -182,95 +187,93 @@ class Node:
         if self._dht is None:
             await asyncio.to_thread(self._start_dht)
         await asyncio.to_thread(warm.join)
-        assert self._dht is not None
-        self.node_id = self._dht.peer_id
-        self.swarm_addresses = list(self._dht.visible_maddrs)
-        self.join_address = self._dht.join_address
+        self._take_dht_identity()
         logger.info("joined the swarm as %s", self.node_id)
         if self.swarm_key is not None:
             logger.info("private swarm (key fingerprint %s): calls and DHT peers without the key are refused",
                         self.swarm_key.fingerprint)
 
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
-        device = resolve_device(config.device)
-        for uid in self.uids:
-            self.backends[uid] = ExpertBackend(uid, config, device)
-        self._hardware = self._read_hardware(device)
-        self._restore_checkpoints()
+    def _take_dht_identity(self) -> None:
+        """This node's peer id and multiaddrs, from the DHT peer (they change when it restarts)."""
+        assert self._dht is not None
+        self.node_id = self._dht.peer_id
+        self.swarm_addresses = list(self._dht.visible_maddrs)
+        self.join_address = self._dht.join_address
 
-        self._runtime = Runtime(
-            self.backends, max_batch_tokens=config.max_batch_tokens,
-            max_queued_tokens=config.max_queued_tokens, batching=config.batching,
-        )
+    def _host_experts(self) -> None:
+        """Build the experts on the device (torch's thread count first), then restore their checkpoints."""
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+        self.device = resolve_device(self.config.device)
+        for uid in self.uids:
+            self.backends[uid] = build_backend(uid, self.config, self.device)
+        self._hardware = read_hardware(self.device)
+        if self._checkpoints is not None:
+            self._checkpoints.restore()
+
+    def _start_runtime(self) -> None:
+        """The per-expert queues and the thread that runs their batches on the device."""
+        config = self.config
+        self._runtime = Runtime(self.backends, max_batch_tokens=config.max_batch_tokens,
+                                max_queued_tokens=config.max_queued_tokens, batching=config.batching)
         self._runtime.start()
 
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        self._server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_calls)
+    async def _start_server(self) -> None:
+        """Serve the experts over gRPC (TLS in a private swarm, unless --no-tls); sets port and endpoint."""
+        config = self.config
+        assert self._runtime is not None
         servicer = ExpertServicer(
             self.backends, self._runtime, self.counters, max_batch_tokens=config.max_batch_tokens,
             max_request_bytes=config.max_request_bytes, node_info=self.info,
-            chunk_bytes=min(1 << 20, config.max_message_bytes // 2), max_inflight_bytes=config.max_inflight_bytes,
+            chunk_bytes=min(1 << 20, config.max_message_bytes // 2),
+            max_inflight_bytes=config.max_inflight_bytes,
             guard=self.guard, max_input_abs=config.max_input_abs, max_grad_abs=config.max_grad_abs,
             receive_timeout=config.receive_timeout,
         )
-        self._server.add_generic_rpc_handlers((servicer.generic_handler(),))
-        self._health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server,
-        )
+        self._server = NodeServer(servicer.generic_handler(), max_message_bytes=config.max_message_bytes,
+                                  max_concurrent_calls=config.max_concurrent_calls)
         self.tls = self.swarm_key is not None and config.tls
-        if self.tls:
-            from dmoe.core.tls import server_credentials
+        self.port = await self._server.start(config.host, config.port, self.swarm_key if self.tls else None)
+        self.endpoint = join_address(config.announce_host or config.host, config.announce_port or self.port)
+        logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, self.device)
 
-            port = self._server.add_secure_port(join_address(config.host, config.port),
-                                                server_credentials(self.swarm_key))
-        else:
-            port = self._server.add_insecure_port(join_address(config.host, config.port))
-        if port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
-        await self._server.start()
-        announce_host = config.announce_host or config.host
-        self.port = port
-        announce_port = config.announce_port or port
-        self.endpoint = join_address(announce_host, announce_port)
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, device)
-        await self._settle_reachability()
-        if config.offer_relay and not self.reachable:
+    async def _offer_relay(self) -> None:
+        """Run a relay for nodes nobody can dial (--offer-relay), if others can dial this one."""
+        config = self.config
+        if not config.offer_relay:
+            return
+        if not self.reachable:
             logger.warning("not offering a relay (--offer-relay): others cannot dial this node")
-        elif config.offer_relay:
-            self.relay = Relay(host=config.host, port=config.relay_port, announce_host=announce_host,
-                               key=self.swarm_key)
-            await asyncio.to_thread(self.relay.start)
-            await asyncio.to_thread(self.relay.announce, self._dht, self.node_id)
+            return
+        self.relay = Relay(host=config.host, port=config.relay_port,
+                           announce_host=config.announce_host or config.host, key=self.swarm_key)
+        await asyncio.to_thread(self.relay.start)
+        await asyncio.to_thread(self.relay.announce, self._dht, self.node_id)
 
-        self._announcer = Announcer(
-            self._dht, self.records, heartbeat_interval=config.heartbeat_interval, record_ttl=config.record_ttl
-        )
+    async def _start_announcer(self) -> None:
+        """Announce the experts and the node in the DHT now, then on every heartbeat."""
+        assert self._dht is not None
+        self._announcer = Announcer(self._dht, self.records,
+                                    heartbeat_interval=self.config.heartbeat_interval,
+                                    record_ttl=self.config.record_ttl)
         await self._announcer.start()
         logger.info("announced %d experts in the DHT", len(self.uids))
+
+    def _start_checkpoint_loop(self) -> None:
+        """With --checkpoint-dir: save the experts that changed every --checkpoint-interval seconds."""
         if self._checkpoints is not None:
-            self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="dmoe-checkpoints"))
-        if config.ready_file:
-            self._write_ready_file(Path(config.ready_file))
+            self._tasks.append(asyncio.create_task(self._checkpoints.run(self.config.checkpoint_interval),
+                                                   name="dmoe-checkpoints"))
 
     async def _shut_down(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.enter_graceful_shutdown()
         if self._announcer is not None and self._dht is not None and not self._dht.daemon_alive:
-            logger.warning("the DHT daemon is gone (was the whole process group signalled?): records will expire "
-                           "in %.0fs instead of being withdrawn", self.config.record_ttl)
+            logger.warning("the DHT daemon is gone (was the whole process group signalled?): records will "
+                           "expire in %.0fs instead of being withdrawn", self.config.record_ttl)
         elif self._announcer is not None:
             try:
                 await asyncio.wait_for(self._announcer.withdraw(), timeout=5 + 0.01 * len(self.uids))
@@ -284,7 +287,7 @@ class Node:
         if self._runtime is not None:
             await asyncio.to_thread(self._runtime.shutdown, 30)
         if self._checkpoints is not None and self.backends:
-            await asyncio.to_thread(self.save_checkpoints, True)
+            await asyncio.to_thread(self._checkpoints.save, True)
         if self._dht is not None:
             await asyncio.to_thread(self._stop_dht)
         logger.info("node stopped")
@@ -292,25 +295,7 @@ class Node:
     # ---- reachability: direct, or through a relay -------------------------------------------------
     def _relay_candidates(self) -> list[str]:
         """The relays to use, in order: --relay, then those announced in the swarm (blocking)."""
-        found: list[str] = []
-        if self._dht is not None:
-            try:
-                found = [r.address for r in find_relays(self._dht, timeout=5).values()]
-            except Exception as e:
-                logger.debug("could not read the swarm's relays: %s", e)
-        own = self.relay.address if self.relay else None
-        return list(dict.fromkeys([*self.config.relay, *(a for a in found if a != own)]))
-
-    async def _probe(self) -> dict | None:
-        """A relay's dial-back of this node's gRPC port; None if no relay could be asked."""
-        assert self.port is not None
-        port = self.config.announce_port or self.port
-        for relay in (await asyncio.to_thread(self._relay_candidates))[:MAX_PROBED_RELAYS]:
-            try:
-                return await probe(relay, port, key=self.swarm_key, node_id=self.node_id or "", tls=self.tls)
-            except Exception as e:
-                logger.debug("relay %s could not probe this node: %s", relay, e)
-        return None
+        return relay_candidates(self._dht, self.config.relay, self.relay.address if self.relay else None)
 
     async def _settle_reachability(self) -> None:
         """Whether others can dial this node (--reachability, or a relay's dial-back); if not, serve
@@ -318,26 +303,17 @@ class Node:
         mode = self.config.reachability
         if mode == "direct":
             return
+        assert self.port is not None
         if mode == "auto":
-            verdict = await self._probe()
-            if verdict is None:
-                logger.info("no relay could check whether %s can be dialled; announcing it as reachable "
-                            "(--reachability relay if this node is behind a NAT)", self.endpoint)
+            relays = await asyncio.to_thread(self._relay_candidates)
+            verdict = await dial_back(relays, self.config.announce_port or self.port, key=self.swarm_key,
+                                      node_id=self.node_id or "", tls=self.tls)
+            if dialable(verdict, self.endpoint):
                 return
-            if verdict["reachable"]:
-                how = ("and this node answered" if verdict.get("verified") else
-                       "; it could not check that this node answers there")
-                logger.info("%s is reachable (a relay dialled %s back %s)", self.endpoint, verdict["address"],
-                            how)
-                return
-            logger.warning("%s cannot be dialled from the swarm (a relay's dial-back to %s failed: %s): serving "
-                           "through a relay", self.endpoint, verdict["address"], verdict["error"])
             await asyncio.to_thread(self._stop_dht)
             await asyncio.to_thread(self._start_dht, True)
-            assert self._dht is not None
-            self.node_id, self.swarm_addresses = self._dht.peer_id, list(self._dht.visible_maddrs)
-            self.join_address = self._dht.join_address
-        assert self.node_id is not None and self.port is not None
+            self._take_dht_identity()
+        assert self.node_id is not None
         self.reachable = False
         local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
         self._relay_link = RelayLink(self._relay_candidates, node_id=self.node_id, key=self.swarm_key,
@@ -354,12 +330,14 @@ class Node:
     # ---- records, info, checkpoints -----------------------------------------------------------------
     def records(self) -> tuple[list[ExpertRecord], NodeRecord]:
         assert self.endpoint is not None and self.node_id is not None and self._runtime is not None
+        assert self._hardware is not None
         queued = {uid: self._runtime.queued_tokens(uid) for uid in self.backends}
         experts = [
             ExpertRecord(
                 uid=uid, endpoint=self.endpoint, node_id=self.node_id, expert_cls=self.config.expert_cls,
                 version=backend.version, queued_tokens=queued[uid],
-                max_batch_tokens=self.config.max_batch_tokens, max_message_bytes=self.config.max_message_bytes,
+                max_batch_tokens=self.config.max_batch_tokens,
+                max_message_bytes=self.config.max_message_bytes,
                 tls=self.tls, reachable=self.reachable, relay=self.relay_endpoint,
             )
             for uid, backend in self.backends.items()
@@ -370,21 +348,11 @@ class Node:
         }
         node = NodeRecord(
             node_id=self.node_id, endpoint=self.endpoint, dmoe_version=dmoe.__version__,
-            started_at=self.started_at, updated_at=time.time(), hardware=self._hardware, experts=list(self.backends), load=load,
+            started_at=self.started_at, updated_at=time.time(), hardware=self._hardware,
+            experts=list(self.backends), load=load,
             reachable=self.reachable, relay=self.relay_endpoint,
         )
         return experts, node
-
-    @staticmethod
-    def _read_hardware(device: torch.device) -> Hardware:
-        name, memory = "", 0
-        if device.type == "cuda":
-            props = torch.cuda.get_device_properties(device)
-            name, memory = props.name, props.total_memory
-        return Hardware(
-            device=str(device), device_name=name, num_cpus=os.cpu_count() or 0,
-            ram_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), device_memory_bytes=memory,
-        )
 
     def info(self, uids: list[str]) -> pb.NodeInfo:
         assert self._runtime is not None
@@ -396,7 +364,8 @@ class Node:
                 inputs=[pb.TensorSchema(shape=s.shape, dtype=s.dtype) for s in backend.input_schema],
                 outputs=[pb.TensorSchema(shape=s.shape, dtype=s.dtype) for s in backend.output_schema],
                 version=backend.version, num_parameters=backend.num_parameters,
-                stats=self.counters[uid].to_proto(queued_tokens=self._runtime.queued_tokens(uid), version=backend.version),
+                stats=self.counters[uid].to_proto(queued_tokens=self._runtime.queued_tokens(uid),
+                                                  version=backend.version),
             ))
         return pb.NodeInfo(
             node_id=self.node_id or "", dmoe_version=dmoe.__version__,
@@ -405,50 +374,24 @@ class Node:
             max_request_bytes=self.config.max_request_bytes,
         )
 
-    def _restore_checkpoints(self) -> None:
-        if self._checkpoints is None:
-            return
-        for uid, backend in self.backends.items():
-            found = self._checkpoints.load_latest(uid)
-            if found is None:
-                continue
-            tensors, metadata, path = found
-            backend.load_state_tensors(tensors, metadata)
-            self._saved_versions[uid] = self.restored_versions[uid] = backend.version
-            logger.info("restored %s from %s (version %d)", uid, path, backend.version)
-
     def save_checkpoints(self, force: bool = False) -> int:
         """Checkpoint every expert that changed since its last checkpoint (all of them if force)."""
-        with self._checkpoint_lock:
-            return self._save_checkpoints(force)
-
-    def _save_checkpoints(self, force: bool) -> int:
         assert self._checkpoints is not None
-        saved = 0
-        for uid, backend in self.backends.items():
-            if not force and self._saved_versions.get(uid) == backend.version:
-                continue
-            tensors, metadata = backend.state_tensors()
-            version = int(metadata["version"])
-            self._checkpoints.save(uid, version, tensors, metadata)
-            self._saved_versions[uid] = version
-            saved += 1
-        if saved:
-            logger.info("checkpoint written for %d experts in %s", saved, self.config.checkpoint_dir)
-        return saved
+        return self._checkpoints.save(force)
 
-    async def _checkpoint_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.checkpoint_interval)
-            try:
-                await asyncio.to_thread(self.save_checkpoints)
-            except Exception:
-                logger.exception("periodic checkpoint failed")
+    @property
+    def restored_versions(self) -> dict[str, int]:
+        """uid -> version loaded from a checkpoint at start."""
+        return self._checkpoints.restored_versions if self._checkpoints is not None else {}
 
-    def _write_ready_file(self, path: Path) -> None:
-        write_json_atomic(path, {
-            "endpoint": self.endpoint, "port": self.port, "swarm": self.swarm_addresses, "node_id": self.node_id,
-            "pid": os.getpid(), "experts": self.uids, "restored": self.restored_versions, "tls": self.tls,
+    def _write_ready_file(self) -> None:
+        """--ready-file: where this node serves and how to join its swarm, once it does."""
+        if not self.config.ready_file:
+            return
+        write_json_atomic(Path(self.config.ready_file), {
+            "endpoint": self.endpoint, "port": self.port, "swarm": self.swarm_addresses,
+            "node_id": self.node_id, "pid": os.getpid(), "experts": self.uids,
+            "restored": self.restored_versions, "tls": self.tls,
             "reachable": self.reachable, "relay_endpoint": self.relay_endpoint,
             "relay": self.relay.address if self.relay else "",
         })

@@ -1,9 +1,11 @@
-"""RelayLink: a node that nobody can dial keeps itself registered with a relay (:mod:`dmoe.relay.server`).
+"""RelayLink: a node that nobody can dial keeps itself registered with a relay (:mod:`dmoe.relay.server`;
+the messages of :mod:`dmoe.relay.protocol`).
 
 It holds one control connection to a relay, answers its pings, and for every client the relay
 announces, dials the relay once more (``attach``) and splices that connection to the node's own
 gRPC server. The local connection comes from a loopback address that stands for the client's IP
-(:func:`dmoe.relay.server.loopback_source`), so the node's per-peer limits still tell clients apart.
+(:func:`dmoe.relay.protocol.loopback_source`), so the node's per-peer limits still tell clients
+apart.
 
 When the relay goes away, the link tries the relays it is given again, in order, with capped
 back-off, and reports each new public endpoint through ``on_change`` (the node then re-announces).
@@ -37,14 +39,17 @@ from dmoe.relay.protocol import (
 logger = logging.getLogger(__name__)
 
 RETRY_MAX = 30.0
-MAX_ATTACHING = 256  # relayed client connections at once; more 'open's are ignored (the relay gives up on them)
+# relayed client connections at once; more 'open's are ignored (the relay gives up on them)
+MAX_ATTACHING = 256
 
 
 class RelayLink:
     def __init__(self, relays: Callable[[], list[str]], *, node_id: str, key: SwarmKey | None,
-                 target: tuple[str, int], on_change: Callable[[str], None] | None = None, timeout: float = 5.0):
+                 target: tuple[str, int], on_change: Callable[[str], None] | None = None,
+                 timeout: float = 5.0):
         self.relays = relays  # the relays to try, in order (called again before every round)
-        self.node_id, self.key, self.target, self.on_change, self.timeout = node_id, key, target, on_change, timeout
+        self.node_id, self.key, self.target = node_id, key, target
+        self.on_change, self.timeout = on_change, timeout
         self.endpoint = ""  # this node's public host:port on the relay; "" while not registered
         self.relay = ""  # the relay it is registered with
         self.failures: list[str] = []  # why the last round's relays failed
@@ -66,8 +71,9 @@ class RelayLink:
         if not self._ready.wait(timeout):
             failures = "; ".join(self.failures) or "no relay known"
             self.shutdown()
-            raise DmoeError(f"no relay took this node within {timeout:.0f}s ({failures}). Start a coordinator "
-                            "(it offers a relay) or a node with --offer-relay, or name one with --relay HOST:PORT")
+            raise DmoeError(f"no relay took this node within {timeout:.0f}s ({failures}). Start a "
+                            "coordinator (it offers a relay) or a node with --offer-relay, or name one with "
+                            "--relay HOST:PORT")
         return self
 
     async def _spawn_main(self) -> asyncio.Task:
@@ -173,7 +179,8 @@ class RelayLink:
                     send_message(writer, {"op": "pong"})
                 elif op == "open" and isinstance(message.get("conn"), str):
                     if len(self._tasks) >= MAX_ATTACHING:
-                        logger.warning("%d relayed connections open already; ignoring one more", MAX_ATTACHING)
+                        logger.warning("%d relayed connections open already; ignoring one more",
+                                       MAX_ATTACHING)
                         continue
                     task = asyncio.get_running_loop().create_task(
                         self._attach(relay, message["conn"], str(message.get("peer", ""))))
@@ -200,7 +207,8 @@ class RelayLink:
             try:
                 local = await asyncio.open_connection(host, port, limit=MAX_LINE)
             except OSError as e:
-                logger.warning("relayed client: cannot reach this node's own gRPC server at %s:%d: %s", host, port, e)
+                logger.warning("relayed client: cannot reach this node's own gRPC server at %s:%d: %s",
+                               host, port, e)
                 close_quietly(relay_side[1])
                 return
         await splice(relay_side, local)

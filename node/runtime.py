@@ -55,12 +55,13 @@ class _Queue:
 class Runtime:
     """Owns the queues and the device thread. start() / shutdown(); submit() is thread-safe."""
 
-    def __init__(
-        self, backends: Mapping[str, ExpertBackend], *, max_batch_tokens: int, max_queued_tokens: int, batching: bool
-    ):
-        self.max_batch_tokens, self.max_queued_tokens, self.batching = max_batch_tokens, max_queued_tokens, batching
+    def __init__(self, backends: Mapping[str, ExpertBackend], *, max_batch_tokens: int,
+                 max_queued_tokens: int, batching: bool):
+        self.max_batch_tokens, self.max_queued_tokens = max_batch_tokens, max_queued_tokens
+        self.batching = batching
         self._queues = {
-            (uid, backward): _Queue(backend, backward) for uid, backend in backends.items() for backward in (False, True)
+            (uid, backward): _Queue(backend, backward)
+            for uid, backend in backends.items() for backward in (False, True)
         }
         self._cond = threading.Condition()
         self._stopping = False
@@ -139,7 +140,8 @@ class Runtime:
             per_task = list(zip(*(o.split(sizes) for o in outputs)))
         except BaseException as e:  # a bug, a device error, a user module that exits: fail these calls only
             logger.exception("%s: batch of %d tasks failed", queue.backend.uid, len(batch))
-            error = e if isinstance(e, Exception) else RuntimeError(f"expert raised {e!r}")  # not into the loop
+            # an exception that is not an Exception (SystemExit, ...) must not reach the caller's loop
+            error = e if isinstance(e, Exception) else RuntimeError(f"expert raised {e!r}")
             for task in batch:
                 task.future.set_exception(error)
             return

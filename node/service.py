@@ -6,8 +6,9 @@ INVALID_ARGUMENT with a message, where grpc's own deserialiser would answer an o
 Every call first passes the node's :class:`~dmoe.node.guard.CallGuard` (swarm key, limits per
 peer), then its request is decoded and checked against the expert's schema (dtype, rank, sizes,
 finite values no larger than the node's bounds) before it is queued, so a bad request never
-reaches a batch that good requests share. :func:`check_request` and :func:`decode_request` are that
-path as plain functions, which the fuzzer (``fuzz/fuzz_request.py``) drives in-process.
+reaches a batch that good requests share. :func:`check_declared_request` (uid, declared shapes and
+dtypes, size) and :func:`decode_request` (the values) are that path as plain functions, which the
+fuzzer (``fuzz/fuzz_request.py``) drives in-process.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class ExpertServicer:
                 fn, request_deserializer=None, response_serializer=response_cls.SerializeToString
             )
 
-        def stream(fn):  # chunks arrive as bytes too, parsed by _join: garbage gets INVALID_ARGUMENT, not UNKNOWN
+        # chunks arrive as bytes too, parsed by _join: garbage gets INVALID_ARGUMENT, not UNKNOWN
+        def stream(fn):
             return grpc.stream_stream_rpc_method_handler(
                 fn, request_deserializer=None, response_serializer=pb.Chunk.SerializeToString
             )
@@ -105,13 +107,15 @@ class ExpertServicer:
     async def forward_stream(
         self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Chunk]:
-        async for chunk in self._stream(chunks, context, backward=False):  # grpc wants an async generator here
+        # grpc wants an async generator here
+        async for chunk in self._stream(chunks, context, backward=False):
             yield chunk
 
     async def backward_stream(
         self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Chunk]:
-        async for chunk in self._stream(chunks, context, backward=True):  # grpc wants an async generator here
+        # grpc wants an async generator here
+        async for chunk in self._stream(chunks, context, backward=True):
             yield chunk
 
     async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
@@ -130,7 +134,8 @@ class ExpertServicer:
     async def _answer(self, context: grpc.aio.ServicerContext, method: str,
                       handle: Callable[[], Awaitable[Message]]) -> Message:
         try:
-            peer = self.guard.admit(fullmethod(SERVICE_NAME, method), context.peer(), context.invocation_metadata())
+            peer = self.guard.admit(fullmethod(SERVICE_NAME, method), context.peer(),
+                                    context.invocation_metadata())
         except Refused as e:
             await context.abort(e.code, e.message)
             raise AssertionError("abort returns only by raising") from None
@@ -172,11 +177,12 @@ class ExpertServicer:
                 yield _parse(pb.Chunk, data)
 
         try:
-            async with asyncio.timeout(None if self.receive_timeout == float("inf") else self.receive_timeout):
+            timeout = None if self.receive_timeout == float("inf") else self.receive_timeout
+            async with asyncio.timeout(timeout):
                 return await join_chunks(chunks(), max_bytes=self.max_request_bytes, on_chunk=hold)
         except TimeoutError:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"the request took more than {self.receive_timeout:g}s to arrive (receive_timeout)") from None
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the request took more than "
+                               f"{self.receive_timeout:g}s to arrive (receive_timeout)") from None
         except MessageTooLarge:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"streamed request exceeds {self.max_request_bytes} bytes") from None
@@ -187,10 +193,12 @@ class ExpertServicer:
         counters = self.counters.get(request.uid)
         started = time.perf_counter()
         try:
-            backend, rows, num_tokens = check_request(self.backends, request, backward=backward,
-                                                      max_batch_tokens=self.max_batch_tokens)
-            inputs, grads = await asyncio.to_thread(decode_request, backend, request, backward=backward,
-                                                    max_input_abs=self.max_input_abs, max_grad_abs=self.max_grad_abs)
+            backend, rows, num_tokens = check_declared_request(self.backends, request,
+                                                               max_batch_tokens=self.max_batch_tokens)
+            inputs, grads = await asyncio.to_thread(
+                decode_request, backend, request, backward=backward, max_input_abs=self.max_input_abs,
+                max_grad_abs=self.max_grad_abs,
+            )
         except RequestError as e:
             if counters is not None:
                 if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -209,7 +217,8 @@ class ExpertServicer:
             outputs = await asyncio.wrap_future(future)
         except Exception as e:
             counters.errors += 1
-            raise RequestError(grpc.StatusCode.INTERNAL, f"{request.uid} failed: {type(e).__name__}: {e}") from None
+            raise RequestError(grpc.StatusCode.INTERNAL,
+                               f"{request.uid} failed: {type(e).__name__}: {e}") from None
         encoded = await asyncio.to_thread(lambda: [serialize(o, request.reply_compression) for o in outputs])
         counters.record_call(backward, num_tokens, time.perf_counter() - started)
         if backward:
@@ -217,10 +226,13 @@ class ExpertServicer:
         return pb.ForwardResponse(outputs=encoded)
 
 
-def check_request(backends: Mapping[str, ExpertBackend], request: pb.ForwardRequest | pb.BackwardRequest, *,
-                  backward: bool, max_batch_tokens: int) -> tuple[ExpertBackend, int, int]:
-    """(backend, rows, tokens) of a request whose declared uid, shapes and dtypes fit, else RequestError.
-    Looks at no buffer: cheap, and it bounds what decoding may allocate."""
+def check_declared_request(
+    backends: Mapping[str, ExpertBackend], request: pb.ForwardRequest | pb.BackwardRequest, *,
+    max_batch_tokens: int,
+) -> tuple[ExpertBackend, int, int]:
+    """(backend, rows, tokens) of a request whose declared uid, reply compression, input shapes and
+    dtypes fit, and whose tokens are within max_batch_tokens, else RequestError. Looks at no
+    buffer: cheap, and it bounds what decoding may allocate."""
     backend = backends.get(request.uid)
     if backend is None:
         raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {request.uid!r} on this node")
@@ -228,27 +240,28 @@ def check_request(backends: Mapping[str, ExpertBackend], request: pb.ForwardRequ
         if request.reply_compression not in pb.Compression.values():
             raise ValueError(f"unknown reply compression {request.reply_compression}")
         shapes = [tuple(t.shape) for t in request.inputs]
-        rows, num_tokens = backend.check_request(shapes, [t.dtype for t in request.inputs],
-                                                 backend.input_schema, "inputs")
+        rows, num_tokens = backend.check_input_shapes(shapes, [t.dtype for t in request.inputs])
         if num_tokens > max_batch_tokens:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"request of {num_tokens} tokens exceeds this node's limit of {max_batch_tokens}; split it")
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {num_tokens} tokens exceeds "
+                               f"this node's limit of {max_batch_tokens}; split it")
     except ValueError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
     return backend, rows, num_tokens
 
 
-def decode_request(backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool,
-                   max_input_abs: float, max_grad_abs: float) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+def decode_request(
+    backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool,
+    max_input_abs: float, max_grad_abs: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Decoded inputs (and grad_outputs), finite and within the node's bounds, else RequestError
-    (INVALID_ARGUMENT). Runs off the event loop; check_request has passed already. The shapes of
-    grad_outputs are checked here, since for an expert whose output shapes do not follow from its
-    schema that takes a probe (a forward pass of one row)."""
+    (INVALID_ARGUMENT). Runs off the event loop; check_declared_request has passed already. The
+    shapes of grad_outputs are checked here, since for an expert whose output shapes do not follow
+    from its schema that takes a probe (a forward pass of one row)."""
     try:
         if backward:
-            backend.check_grad_request([tuple(t.shape) for t in request.inputs],
-                                       [tuple(t.shape) for t in request.grad_outputs],
-                                       [t.dtype for t in request.grad_outputs])
+            backend.check_grad_output_shapes([tuple(t.shape) for t in request.inputs],
+                                             [tuple(t.shape) for t in request.grad_outputs],
+                                             [t.dtype for t in request.grad_outputs])
         inputs = [deserialize(t, max_numel=backend.max_numel) for t in request.inputs]
         backend.check_values(inputs, "inputs", max_input_abs)
         if not backward:
@@ -266,4 +279,5 @@ def _parse(message_cls: type[Message], data: bytes) -> Message:
     try:
         return message_cls.FromString(data)
     except DecodeError as e:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable {message_cls.__name__}: {e}") from None
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"undecodable {message_cls.__name__}: {e}") from None

@@ -27,7 +27,8 @@ def probe_output(service, uid: str) -> torch.Tensor:
 def train_steps(service, uid: str, steps: int) -> None:
     for step in range(steps):
         x = torch.randn(8, HIDDEN, generator=torch.Generator().manual_seed(step))
-        service.Backward(pb.BackwardRequest(uid=uid, inputs=[serialize(x)], grad_outputs=[serialize(x)]), timeout=30)
+        service.Backward(pb.BackwardRequest(uid=uid, inputs=[serialize(x)], grad_outputs=[serialize(x)]),
+                         timeout=30)
 
 
 def test_records_appear_and_go_away_after_sigterm(node_factory, dht_factory, tmp_path):
@@ -59,7 +60,8 @@ def test_records_appear_and_go_away_after_sigterm(node_factory, dht_factory, tmp
 
     swarm = dht.visible_maddrs
     restarted = node_factory("--experts", "ffn.[0:2].[0:2]", "--hidden-dim", str(HIDDEN),
-                             "--checkpoint-dir", str(tmp_path / "ckpt"), "--swarm", swarm[0], name="restarted")
+                             "--checkpoint-dir", str(tmp_path / "ckpt"), "--swarm", swarm[0],
+                             name="restarted")
     _, service = stub(restarted.endpoint)
     assert expert_version(service, "ffn.0.0") == 2
     torch.testing.assert_close(probe_output(service, "ffn.0.0"), trained, rtol=0, atol=0)
@@ -98,7 +100,8 @@ def test_concurrent_backward_calls_all_count(node_factory):
     16 gradients, however the node batched them."""
     lr = 0.01
     node = node_factory("--experts", "lin.[0:1]", "--expert-cls", "experts_for_tests:LinearExpert",
-                        "--hidden-dim", str(HIDDEN), "--optimizer", "sgd", "--lr", str(lr), "--max-grad-norm", "0")
+                        "--hidden-dim", str(HIDDEN), "--optimizer", "sgd", "--lr", str(lr),
+                        "--max-grad-norm", "0")
     _, service = stub(node.endpoint)
     from experts_for_tests import LinearExpert
 
@@ -141,7 +144,8 @@ def test_sigterm_finishes_in_flight_calls(node_factory, tmp_path, monkeypatch):
 def test_sigterm_to_the_whole_process_group_still_stops_cleanly(node_factory, tmp_path):
     """systemd (KillMode=control-group) signals every process of the service, the libp2p daemon
     included: the node cannot withdraw its records then, but still exits 0 with its checkpoint written."""
-    node = node_factory("--experts", "ffn.[0:1]", "--hidden-dim", str(HIDDEN), "--checkpoint-dir", str(tmp_path / "c"))
+    node = node_factory("--experts", "ffn.[0:1]", "--hidden-dim", str(HIDDEN),
+                        "--checkpoint-dir", str(tmp_path / "c"))
     _, service = stub(node.endpoint)
     train_steps(service, "ffn.0", 1)
     started = time.monotonic()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from swarm_fixtures import expert_version, module_node
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from swarm_fixtures import expert_version, module_node
 
 from dmoe.core.experts import create_expert
 from dmoe.core.wire import deserialize, serialize, split_chunks
@@ -30,7 +30,8 @@ def local_expert(uid: str) -> torch.nn.Module:
 
 
 def forward(service, uid: str, x: torch.Tensor, compression: int = pb.NONE) -> torch.Tensor:
-    reply = service.Forward(pb.ForwardRequest(uid=uid, inputs=[serialize(x)], reply_compression=compression), timeout=30)
+    request = pb.ForwardRequest(uid=uid, inputs=[serialize(x)], reply_compression=compression)
+    reply = service.Forward(request, timeout=30)
     return deserialize(reply.outputs[0], max_numel=MAX_NUMEL)
 
 
@@ -98,7 +99,8 @@ def test_streamed_forward_above_the_unary_limit(service):
     reply = pb.ForwardResponse.FromString(b"".join(c.data for c in chunks))
     with torch.no_grad():
         expected = local_expert("ffn.2")(x)
-    torch.testing.assert_close(deserialize(reply.outputs[0], max_numel=MAX_NUMEL), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(deserialize(reply.outputs[0], max_numel=MAX_NUMEL), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_streamed_backward(service):

@@ -95,7 +95,7 @@ def test_keys_are_long_enough_and_files_are_checked(tmp_path):
 
 def test_the_guard_limits_each_peer_on_its_own(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr("dmoe.node.guard.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("dmoe.core.ratelimit.time.monotonic", lambda: now[0])
     guard = CallGuard(verifier=None, max_calls_per_peer=2, peer_rate=1.0, peer_burst=3.0)
     a, b = "ipv4:10.0.0.1:5000", "ipv6:[::1]:6000"
     held = [guard.admit(FORWARD, a, None), guard.admit(FORWARD, a, None)]

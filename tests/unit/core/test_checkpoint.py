@@ -5,12 +5,13 @@ from dmoe.core.checkpoint import CheckpointStore, scan_checkpoints
 from dmoe.errors import CheckpointError
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.config import NodeConfig
+from dmoe.node.experts import build_backend
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def backend(uid: str = "ffn.0", hidden: int = 8) -> ExpertBackend:
-    return ExpertBackend(uid, NodeConfig(expert_cls="ffn", hidden_dim=hidden, lr=1e-2), torch.device("cpu"))
+    return build_backend(uid, NodeConfig(expert_cls="ffn", hidden_dim=hidden, lr=1e-2), torch.device("cpu"))
 
 
 def test_roundtrip_restores_parameters_optimizer_and_version(tmp_path):
@@ -61,10 +62,10 @@ def test_config_hyperparameters_win_over_the_checkpoint(tmp_path):
     store = CheckpointStore(tmp_path, keep=1)
     store.save("ffn.0", 0, *backend("ffn.0").state_tensors())
     tensors, metadata, _ = store.load_latest("ffn.0")
-    faster = ExpertBackend("ffn.0", NodeConfig(hidden_dim=8, lr=0.5), torch.device("cpu"))
+    faster = build_backend("ffn.0", NodeConfig(hidden_dim=8, lr=0.5), torch.device("cpu"))
     faster.load_state_tensors(tensors, metadata)
     assert faster.optimizer.param_groups[0]["lr"] == 0.5
-    sgd = ExpertBackend("ffn.0", NodeConfig(hidden_dim=8, optimizer="sgd"), torch.device("cpu"))
+    sgd = build_backend("ffn.0", NodeConfig(hidden_dim=8, optimizer="sgd"), torch.device("cpu"))
     with pytest.raises(CheckpointError, match="adam cannot load into ffn.0/ffn/sgd"):
         sgd.load_state_tensors(tensors, metadata)
 

@@ -5,14 +5,14 @@ import torch
 
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.config import NodeConfig
-from dmoe.node.node import resolve_device
+from dmoe.node.experts import build_backend, resolve_device
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.gpu]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
 def make(device: str) -> ExpertBackend:
-    return ExpertBackend("ffn.0", NodeConfig(expert_cls="ffn", hidden_dim=64, lr=1e-3), torch.device(device))
+    return build_backend("ffn.0", NodeConfig(expert_cls="ffn", hidden_dim=64, lr=1e-3), torch.device(device))
 
 
 def test_auto_device_matches_what_torch_sees():

@@ -9,24 +9,31 @@ import torch
 
 from dmoe.core.experts import create_expert
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.config import NodeConfig
 from dmoe.node.runtime import Overloaded, Runtime, Task
 
 pytestmark = pytest.mark.timeout(60)
 HIDDEN = 16
+MAX_BATCH_TOKENS = 4096
 
 
 def backend(uid: str, expert_cls: str = "ffn") -> ExpertBackend:
-    return ExpertBackend(uid, NodeConfig(expert_cls=expert_cls, hidden_dim=HIDDEN, lr=1e-3), torch.device("cpu"))
+    module, input_schema = create_expert(expert_cls, uid=uid, hidden_dim=HIDDEN)
+    return ExpertBackend(
+        uid, module=module, input_schema=input_schema, device=torch.device("cpu"),
+        make_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), expert_cls=expert_cls,
+        optimizer_name="adam", max_grad_norm=1.0, max_batch_tokens=MAX_BATCH_TOKENS,
+    )
 
 
 def task(x: torch.Tensor, grad: torch.Tensor | None = None) -> Task:
-    return Task([x], None if grad is None else [grad], x.shape[0], x.shape[:-1].numel(), concurrent.futures.Future())
+    return Task([x], None if grad is None else [grad], x.shape[0], x.shape[:-1].numel(),
+                concurrent.futures.Future())
 
 
 @pytest.mark.parametrize("batching,expected_batches", [(True, 1), (False, 6)])
 def test_queued_requests_merge_into_one_device_call(batching, expected_batches):
-    runtime = Runtime({"ffn.0": backend("ffn.0")}, max_batch_tokens=1024, max_queued_tokens=4096, batching=batching)
+    runtime = Runtime({"ffn.0": backend("ffn.0")}, max_batch_tokens=1024, max_queued_tokens=4096,
+                      batching=batching)
     inputs = [torch.randn(n, HIDDEN) for n in (1, 5, 3, 8, 2, 7)]
     tasks = [task(x) for x in inputs]
     for t in tasks:  # all queued before the device thread starts: it finds them waiting together
@@ -80,7 +87,7 @@ def test_admission_control_and_cancelled_callers():
 def test_a_cancelled_head_task_does_not_set_the_shape_of_the_batch():
     runtime = Runtime({"tf.0": backend("tf.0", "transformer")}, max_batch_tokens=64, max_queued_tokens=64,
                       batching=True)
-    gone, b, c = task(torch.randn(1, 5, HIDDEN)), task(torch.randn(1, 7, HIDDEN)), task(torch.randn(1, 5, HIDDEN))
+    gone, b, c = (task(torch.randn(1, seq, HIDDEN)) for seq in (5, 7, 5))
     for t in (gone, b, c):
         runtime.submit("tf.0", t)
     gone.future.cancel()
@@ -92,12 +99,13 @@ def test_a_cancelled_head_task_does_not_set_the_shape_of_the_batch():
 
 def test_tokens_count_every_position():
     tf = backend("tf.0", "transformer")
-    assert tf.check_request([(2, 3, HIDDEN)], ["float32"], tf.input_schema, "inputs") == (2, 6)
+    assert tf.check_input_shapes([(2, 3, HIDDEN)], ["float32"]) == (2, 6)
     with pytest.raises(ValueError, match="negative"):
-        tf.check_request([(2, -3, HIDDEN)], ["float32"], tf.input_schema, "inputs")
+        tf.check_input_shapes([(2, -3, HIDDEN)], ["float32"])
     ffn = backend("ffn.0")
-    assert ffn.check_request([(5, HIDDEN)], ["float32"], ffn.input_schema, "inputs") == (5, 5)
-    assert ffn.max_numel == 4096 * HIDDEN  # max_batch_tokens x the widest input or output per token
+    assert ffn.check_input_shapes([(5, HIDDEN)], ["float32"]) == (5, 5)
+    # max_batch_tokens x the widest input or output per token
+    assert ffn.max_numel == MAX_BATCH_TOKENS * HIDDEN
 
 
 @pytest.mark.parametrize("expert_cls", ["ffn", "transformer"])
@@ -108,9 +116,9 @@ def test_checking_a_gradient_request_runs_no_forward_pass_for_shape_preserving_e
     calls = []
     b.module.register_forward_hook(lambda *args: calls.append(1))
     shape = (1, 4096, HIDDEN) if expert_cls == "transformer" else (4096, HIDDEN)
-    b.check_grad_request([shape], [shape], ["float32"])
+    b.check_grad_output_shapes([shape], [shape], ["float32"])
     with pytest.raises(ValueError, match="must have shape"):
-        b.check_grad_request([shape], [(1,)], ["float32"])
+        b.check_grad_output_shapes([shape], [(1,)], ["float32"])
     assert calls == [] and b.output_shapes([shape]) == [(shape, "float32")]
 
 

@@ -1,0 +1,64 @@
+"""ExpertCheckpoints: a node's experts in a :class:`~dmoe.core.checkpoint.CheckpointStore`.
+
+Restored at start-up from the newest readable checkpoint of each expert; saved when they changed
+since their last checkpoint, periodically (``--checkpoint-interval``) and once more at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
+
+from dmoe.core.checkpoint import CheckpointStore
+from dmoe.node.backend import ExpertBackend
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertCheckpoints:
+    def __init__(self, directory: str, *, keep: int, backends: Mapping[str, ExpertBackend]):
+        self.directory = directory
+        self.store = CheckpointStore(directory, keep)
+        self.backends = backends  # the node's experts (a mapping it fills once they are built)
+        self.restored_versions: dict[str, int] = {}  # uid -> version loaded from a checkpoint at start
+        self._saved_versions: dict[str, int] = {}
+        self._lock = threading.Lock()  # one checkpoint writer at a time
+
+    def restore(self) -> None:
+        """Load each expert's newest checkpoint, where it has one."""
+        for uid, backend in self.backends.items():
+            found = self.store.load_latest(uid)
+            if found is None:
+                continue
+            tensors, metadata, path = found
+            backend.load_state_tensors(tensors, metadata)
+            self._saved_versions[uid] = self.restored_versions[uid] = backend.version
+            logger.info("restored %s from %s (version %d)", uid, path, backend.version)
+
+    def save(self, force: bool = False) -> int:
+        """Checkpoint every expert that changed since its last checkpoint (all of them if force);
+        return how many were written."""
+        with self._lock:
+            saved = 0
+            for uid, backend in self.backends.items():
+                if not force and self._saved_versions.get(uid) == backend.version:
+                    continue
+                tensors, metadata = backend.state_tensors()
+                version = int(metadata["version"])
+                self.store.save(uid, version, tensors, metadata)
+                self._saved_versions[uid] = version
+                saved += 1
+            if saved:
+                logger.info("checkpoint written for %d experts in %s", saved, self.directory)
+            return saved
+
+    async def run(self, interval: float) -> None:
+        """Save what changed every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.save)
+            except Exception:
+                logger.exception("periodic checkpoint failed")

@@ -1,5 +1,8 @@
 """dmoe.client: how a client reaches experts in the swarm.
 
-- ``swarm.py``     Swarm, SwarmConfig: the client's DHT peer, live-expert cache, endpoint health
+- ``config.py``    SwarmConfig: how a client joins a swarm and treats its peers (torch-free)
+- ``swarm.py``     Swarm: the client's DHT peer, live-expert cache, and its endpoint health
 - ``dispatch.py``  Dispatcher, ExpertCall: calls in flight at once, deadlines, per-token quorum, reply checks
+- ``health.py``    EndpointHealth: back-off of failing endpoints, quarantine of misbehaving experts;
+                   is_misbehaviour and the errors it judges (Late, LocalInputError, Disagreement)
 """

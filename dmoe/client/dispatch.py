@@ -12,12 +12,13 @@ more tokens than ``max_batch_tokens`` is cut into parts sent concurrently (the c
 part fails), and a request larger than ``max_message_bytes`` goes through the node's
 ForwardStream/BackwardStream in chunks instead of one unary message.
 
-Each call's fate goes to ``on_result(call, error)``: None for an answer used, else the error.
-:func:`is_misbehaviour` tells the errors only a broken or hostile peer causes from those of a slow,
-busy or vanished one; the Swarm quarantines the first kind and backs off from the second. A call
-whose own inputs (or gradients) are not finite is not sent: the node would refuse it, and that is
-this client's fault, not the node's. In a private swarm every call carries the swarm key's token
-(:mod:`dmoe.core.auth`).
+Each call's fate goes to ``on_result(call, error)``: None for an answer used, else the error; what
+an error means for the endpoint (back-off, quarantine, nothing) is decided in :mod:`dmoe.client.health`.
+INVALID_ARGUMENT refusals are reported only once all of a step's calls are in, judged against the
+calls that were accepted (:func:`dmoe.client.health.judge_refusals`). A call whose own inputs (or
+gradients) are not finite is not sent (:class:`dmoe.client.health.LocalInputError`): the node would
+refuse it, and that is this client's fault, not the node's. In a private swarm every call carries the
+swarm key's token (:mod:`dmoe.core.auth`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from dmoe.client.health import Late, LocalInputError, is_refusal, judge_refusals
 from dmoe.core.auth import SwarmKey, fullmethod
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
@@ -48,35 +50,6 @@ DEFAULT_MAX_UNARY_BYTES = 4 << 20  # gRPC's default message limit, for records t
 STREAM_CHUNK_BYTES = 1 << 20
 ENVELOPE_BYTES = 64 << 10  # room for the fields around the tensor buffers in a reply
 SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
-# statuses a node that works as it says never answers to a request for a uid it announced
-_MISBEHAVIOUR_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS})
-
-
-class Late(Exception):
-    """The call was still running at the forward's deadline."""
-
-
-class LocalInputError(ValueError):
-    """This client's own inputs or gradients are not finite: nothing was sent."""
-
-
-class Disagreement(Exception):
-    """A node refused as malformed (INVALID_ARGUMENT) a request that other nodes accepted in the
-    same step: it does not take the schema its record claims."""
-
-
-def is_misbehaviour(error: BaseException) -> bool:
-    """True for what only a broken or hostile peer does: a malformed, mis-shaped, non-finite or
-    absurd reply (ValueError, WireError); NOT_FOUND for a uid it announced; or a Disagreement.
-    Deadlines, lost connections, load shedding, OUT_OF_RANGE (this client's values above the node's
-    bounds) and an INVALID_ARGUMENT that every node gave (this client's request, then) are ordinary."""
-    if isinstance(error, LocalInputError):
-        return False
-    if isinstance(error, Disagreement):
-        return True
-    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-        return error.code() in _MISBEHAVIOUR_CODES
-    return isinstance(error, ValueError)
 
 
 @dataclasses.dataclass(slots=True)
@@ -100,8 +73,8 @@ class ExpertCall:
 class Dispatcher:
     """Expert calls on an event loop that runs in another thread (the Swarm's)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *, key: SwarmKey | None = None,
-                 max_reply_abs: float = float("inf")):
+    def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *,
+                 key: SwarmKey | None = None, max_reply_abs: float = float("inf")):
         self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
         self._channels: dict[tuple[str, bool], tuple[grpc.aio.Channel, dict[str, Any]]] = {}
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
@@ -129,7 +102,8 @@ class Dispatcher:
                        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
             if tls:
                 if self.key is None:
-                    raise LocalInputError(f"{endpoint} speaks a private swarm's TLS: this client needs its --swarm-key")
+                    raise LocalInputError(f"{endpoint} speaks a private swarm's TLS: "
+                                          "this client needs its --swarm-key")
                 if self._tls is None:
                     from dmoe.core.tls import channel_credentials
 
@@ -152,18 +126,21 @@ class Dispatcher:
     # ---- forward ------------------------------------------------------------------------------
     def forward(
         self, calls: list[ExpertCall], *, num_tokens: int, k_min: int, forward_timeout: float,
-        timeout_after_k_min: float, on_result: Callable[[ExpertCall, BaseException | None], None], enough: int = 0,
+        timeout_after_k_min: float, on_result: Callable[[ExpertCall, BaseException | None], None],
+        enough: int = 0,
     ) -> tuple[dict[int, torch.Tensor], int]:
         """Outputs of the calls that answered in time and well, by index in ``calls``, and how many
         calls were cancelled as not needed. With ``enough`` > 0 (hedged calls), the forward ends once
         every token has that many answers (or all it can get), and the calls still running are
         cancelled without counting as failures."""
-        return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
-                                      enough))
+        return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min,
+                                      on_result, enough))
 
-    async def _forward(self, calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result, enough):
+    async def _forward(self, calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
+                       enough):
         started = time.monotonic()
-        tasks = {asyncio.create_task(self._call(c, forward_timeout, backward=False)): i for i, c in enumerate(calls)}
+        tasks = {asyncio.create_task(self._call(c, forward_timeout, backward=False)): i
+                 for i, c in enumerate(calls)}
         candidates_T = torch.zeros(num_tokens, dtype=torch.long)
         for call in calls:
             candidates_T[call.token_ids] += 1
@@ -189,7 +166,7 @@ class Dispatcher:
                     results[index] = task.result()
                 except Exception as e:  # whatever went wrong, it is that expert's failure, not the step's
                     _log_failure("forward", call, e)
-                    if _is_refusal(e):
+                    if is_refusal(e):
                         refused.append((call, e))
                     else:
                         on_result(call, e)
@@ -205,7 +182,7 @@ class Dispatcher:
             task.cancel()
             if not satisfied:
                 on_result(calls[tasks[task]], Late("no answer within the forward's deadline"))
-        _judge(refused, bool(results), on_result)
+        judge_refusals(refused, bool(results), on_result)
         return results, (len(pending) if satisfied else 0)
 
     # ---- backward -----------------------------------------------------------------------------
@@ -224,7 +201,8 @@ class Dispatcher:
         tasks = [
             asyncio.ensure_future(self._call_part(
                 call, call.inputs[start:start + step],
-                None if call.grad_outputs is None else call.grad_outputs[start:start + step], timeout, backward,
+                None if call.grad_outputs is None else call.grad_outputs[start:start + step],
+                timeout, backward,
             ))
             for start in range(0, call.inputs.shape[0], step)
         ]
@@ -239,8 +217,8 @@ class Dispatcher:
         stub = self._stub(call.endpoint, call.tls)
         if not bool(torch.isfinite(inputs).all()) or (grad_outputs is not None
                                                        and not bool(torch.isfinite(grad_outputs).all())):
-            raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} are not "
-                                  "finite (has the model diverged?); not sent")
+            raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} "
+                                  "are not finite (has the model diverged?); not sent")
         encoded = [serialize(inputs, self.compression)]
         if backward:
             assert grad_outputs is not None
@@ -254,7 +232,8 @@ class Dispatcher:
         if unary:
             data = await stub[name](request, timeout=timeout, metadata=metadata)
         else:
-            chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, call.max_unary_bytes // 2))  # a chunk is a message too
+            # a chunk is a message too: it must fit the node's message limit
+            chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, call.max_unary_bytes // 2))
             replies = stub[name](split_chunks(request.SerializeToString(), chunk_bytes), timeout=timeout,
                                  metadata=metadata)
             data = await join_chunks(_parsed_chunks(replies), max_bytes=inputs.numel() * 8 + ENVELOPE_BYTES)
@@ -273,7 +252,7 @@ class Dispatcher:
         for index, (call, reply) in enumerate(zip(calls, replies)):
             if isinstance(reply, Exception):
                 _log_failure("backward", call, reply)
-                if _is_refusal(reply):
+                if is_refusal(reply):
                     refused.append((call, reply))
                 else:
                     on_result(call, reply)
@@ -282,20 +261,8 @@ class Dispatcher:
             else:
                 on_result(call, None)
                 results[index] = reply
-        _judge(refused, bool(results), on_result)
+        judge_refusals(refused, bool(results), on_result)
         return results
-
-
-def _is_refusal(error: BaseException) -> bool:
-    return isinstance(error, grpc.RpcError) and hasattr(error, "code") and error.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def _judge(refused: list[tuple[ExpertCall, BaseException]], others_accepted: bool,
-           on_result: Callable[[ExpertCall, BaseException | None], None]) -> None:
-    """Report the INVALID_ARGUMENT refusals of one step: a disagreement with the nodes that accepted
-    the same inputs, or, if none did, an ordinary failure (the request may be this client's fault)."""
-    for call, error in refused:
-        on_result(call, Disagreement(f"refused what other nodes accepted: {error}") if others_accepted else error)
 
 
 def _serialize(message: Any) -> bytes:
@@ -316,9 +283,10 @@ def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
     UNAUTHENTICATED is loud too: it is almost always this client's key or clock."""
     code = error.code() if isinstance(error, grpc.RpcError) and hasattr(error, "code") else None
     expected = isinstance(error, (grpc.RpcError, ValueError)) and code != grpc.StatusCode.UNAUTHENTICATED
-    hint = " (is this client's --swarm-key the swarm's, and its clock right?)" if code == grpc.StatusCode.UNAUTHENTICATED else ""
-    logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s%s", what, call.uid,
-               call.endpoint, type(error).__name__, error, hint)
+    hint = (" (is this client's --swarm-key the swarm's, and its clock right?)"
+            if code == grpc.StatusCode.UNAUTHENTICATED else "")
+    logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s%s", what,
+               call.uid, call.endpoint, type(error).__name__, error, hint)
 
 
 def _checked(tensors, like: torch.Tensor, max_abs: float = float("inf")) -> torch.Tensor:
@@ -328,7 +296,8 @@ def _checked(tensors, like: torch.Tensor, max_abs: float = float("inf")) -> torc
         raise ValueError(f"expected 1 tensor in the reply, got {len(tensors)}")
     tensor = deserialize(tensors[0], max_numel=like.numel())
     if tensor.shape != like.shape or tensor.dtype != like.dtype:
-        raise ValueError(f"reply of shape {list(tensor.shape)} {tensor.dtype}, expected {list(like.shape)} {like.dtype}")
+        raise ValueError(f"reply of shape {list(tensor.shape)} {tensor.dtype}, "
+                         f"expected {list(like.shape)} {like.dtype}")
     largest = float(tensor.abs().max()) if tensor.numel() else 0.0
     if not math.isfinite(largest):
         raise ValueError("reply holds NaN or Inf")

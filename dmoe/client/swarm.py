@@ -1,65 +1,69 @@
-"""Swarm: a client's view of the swarm: a DHT peer, a cache of live experts, and endpoint back-off.
+"""Swarm: a client's view of the swarm: a DHT peer, a cache of live experts, and endpoint health.
 
 Lookups of live experts are cached for ``cache_ttl`` seconds, so a training step does not wait on
 the DHT when nothing changed; a lookup that fails or takes longer than ``lookup_timeout`` (a peer
 on the lookup's path frozen, the DHT cut off) leaves the last known experts in use, so a step's
-time stays bounded by its deadlines. An endpoint that fails is banned for a capped, exponentially growing
-time (``ban_base`` x 2^(failures-1), at most ``ban_max``), then tried again; one success clears it.
-Failures reported while the endpoint is banned (the other calls of one step, in flight when it
-failed) do not lengthen the ban: a node that fails once per try is avoided 1, 2, 4 ... seconds.
-
-A failure that only a broken or hostile peer causes (see :func:`dmoe.client.dispatch.is_misbehaviour`: a
-reply of the wrong shape, NaN or absurd values, an undecodable reply; or the node refusing as
-malformed inputs that other nodes accepted) puts that expert at that endpoint in quarantine for
-``quarantine_time``, at once: a peer that lies is not retried in seconds. A node that says it does
-not host the uid its record names is avoided for ``ban_max`` only: its record may merely be stale
-(a node restarted with other experts on the same address).
+time stays bounded by its deadlines. Endpoints that fail are backed off and experts that misbehave
+are quarantined by the Swarm's :class:`dmoe.client.health.EndpointHealth` (that module states the
+policy); lookups leave them out until their time is up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-import grpc
-
 from dmoe.client.config import SwarmConfig
-from dmoe.client.dispatch import Dispatcher, is_misbehaviour
+from dmoe.client.dispatch import Dispatcher
+from dmoe.client.health import EndpointHealth
 from dmoe.core.auth import load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.records import ExpertRecord, find_under_prefixes_async
+from dmoe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
 class Swarm:
-    """Join with ``Swarm(SwarmConfig(initial_peers=[...]))``; use as a context manager or start()/shutdown().
+    """Join with ``Swarm(initial_peers=[...])`` or ``Swarm(SwarmConfig(initial_peers=[...]))``; use as a
+    context manager or start()/shutdown().
+
+    Keyword fields are a shortcut for a :class:`dmoe.client.config.SwarmConfig` of those fields (as
+    hivemind's ``DHT(initial_peers=...)``): give either a config or fields, not both; a field that
+    SwarmConfig does not have is a TypeError. Nothing starts before start().
 
     The client's DHT peer is an in-process :class:`dmoe.core.dht.DHTPeer` (why not a forked
-    ``hivemind.DHT``: see that module). Expert calls (:class:`dmoe.client.dispatch.Dispatcher`) run on the
-    peer's background event loop too.
+    ``hivemind.DHT``: see that module). Expert calls (:class:`dmoe.client.dispatch.Dispatcher`) run on
+    the peer's background event loop too. ``health`` (:class:`dmoe.client.health.EndpointHealth`)
+    holds the back-off and quarantine of endpoints; ``report``, ``report_failure``, ``report_success``,
+    ``quarantine`` and ``quarantined`` pass on to it.
     """
 
-    def __init__(self, config: SwarmConfig):
-        self.config = config
+    def __init__(self, config: SwarmConfig | None = None, **fields: Any):
+        self.config = config = _config_of(config, fields)
+        if not config.initial_peers:  # a client joins a swarm: it never starts one of its own
+            raise ConfigError("no swarm address: give the address a coordinator or node printed")
         self.key = load_key(config.swarm_key)
-        self.peer = DHTPeer(initial_peers=config.initial_peers, host=config.host, event_loop=config.event_loop,
-                            authorizer=DHTAuthorizer(self.key) if self.key else None)
+        authorizer = DHTAuthorizer(self.key) if self.key else None
+        self.peer = DHTPeer(initial_peers=config.initial_peers, host=config.host,
+                            event_loop=config.event_loop, authorizer=authorizer)
         self.loop = self.peer.loop
+        self.health = EndpointHealth(ban_base=config.ban_base, ban_max=config.ban_max,
+                                     quarantine_time=config.quarantine_time)
         self._started = False
         self._lock = threading.Lock()
         self._prefix_cache: dict[str, tuple[float, dict[int, ExpertRecord]]] = {}  # "ffn.3." -> (at, records)
-        self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
-        self._quarantine: dict[tuple[str, str], float] = {}  # (endpoint, uid) -> avoided until
         self._dispatchers: list[Dispatcher] = []
 
     def dispatcher(self, compression: int) -> Dispatcher:
         """A Dispatcher on this swarm's loop; its channels are closed by shutdown()."""
-        dispatcher = Dispatcher(self.loop, compression, key=self.key, max_reply_abs=self.config.max_reply_abs)
+        dispatcher = Dispatcher(self.loop, compression, key=self.key,
+                                max_reply_abs=self.config.max_reply_abs)
         self._dispatchers.append(dispatcher)
         return dispatcher
 
@@ -88,7 +92,8 @@ class Swarm:
 
     def live_under(self, keys: Sequence[str], *, refresh: bool = False) -> dict[str, dict[int, ExpertRecord]]:
         """For each grid prefix key (``ffn.``, ``ffn.3.``): records by next coordinate, cached like
-        ``cache_ttl``, all stale keys read in one DHT traversal. Banned endpoints are left out."""
+        ``cache_ttl``, all stale keys read in one DHT traversal. Avoided endpoints and experts
+        (:meth:`EndpointHealth.is_avoided`) are left out."""
         assert self.peer.node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:
@@ -105,61 +110,43 @@ class Swarm:
             with self._lock:
                 for key in stale:
                     self._prefix_cache[key] = (now, found.get(key, {}))
-        with self._lock:
-            return {key: {c: r for c, r in self._prefix_cache.get(key, (now, {}))[1].items()
-                          if r.dial_endpoint and not self._banned(r.dial_endpoint, r.uid, now)} for key in keys}
+        with self._lock:  # the cached dicts are replaced, never changed: they can be read outside the lock
+            cached = {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}
+        return {key: {c: r for c, r in records.items()
+                      if r.dial_endpoint and not self.health.is_avoided(r.dial_endpoint, r.uid, now)}
+                for key, records in cached.items()}
 
-    def _banned(self, endpoint: str, uid: str, now: float) -> bool:
-        entry = self._failures.get(endpoint)
-        if entry is not None and now < entry[1]:
-            return True
-        return now < self._quarantine.get((endpoint, uid), 0.0)
-
+    # ---- endpoint health (see dmoe.client.health) --------------------------------------------------
     def report(self, endpoint: str, uid: str, error: BaseException | None) -> None:
-        """What became of one call: None for success, else the error (see dmoe.client.dispatch)."""
-        if error is None:
-            self.report_success(endpoint)
-        elif is_misbehaviour(error):
-            not_found = getattr(error, "code", None) is not None and callable(error.code) and \
-                error.code() == grpc.StatusCode.NOT_FOUND
-            self.quarantine(endpoint, uid, error, self.config.ban_max if not_found else None)
-        else:
-            self.report_failure(endpoint)
-
-    def quarantine(self, endpoint: str, uid: str, why: BaseException | str, seconds: float | None = None) -> None:
-        seconds = self.config.quarantine_time if seconds is None else seconds
-        with self._lock:
-            self._quarantine[(endpoint, uid)] = time.monotonic() + seconds
-            if len(self._quarantine) > 100_000:  # forget the ones that ended
-                now = time.monotonic()
-                self._quarantine = {k: t for k, t in self._quarantine.items() if t > now}
-        logger.warning("%s at %s misbehaved (%s); avoiding it for %.0fs", uid, endpoint, _describe(why), seconds)
-
-    def quarantined(self, endpoint: str, uid: str) -> bool:
-        with self._lock:
-            return time.monotonic() < self._quarantine.get((endpoint, uid), 0.0)
+        """What became of one call: None for success, else the error (see dmoe.client.health)."""
+        self.health.report(endpoint, uid, error)
 
     def report_failure(self, endpoint: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            failures, until = self._failures.get(endpoint, (0, 0.0))
-            if now < until:  # the other calls of the same outage (in flight when it began) do not add to the ban
-                return
-            failures += 1
-            ban = min(self.config.ban_max, self.config.ban_base * 2 ** (failures - 1))
-            self._failures[endpoint] = (failures, now + ban)
-        logger.info("avoiding %s for %.1fs after %d failure(s)", endpoint, ban, failures)
+        self.health.report_failure(endpoint)
 
     def report_success(self, endpoint: str) -> None:
-        with self._lock:
-            self._failures.pop(endpoint, None)
+        self.health.report_success(endpoint)
+
+    def quarantine(self, endpoint: str, uid: str, why: BaseException | str,
+                   seconds: float | None = None) -> None:
+        self.health.quarantine(endpoint, uid, why, seconds)
+
+    def quarantined(self, endpoint: str, uid: str) -> bool:
+        return self.health.quarantined(endpoint, uid)
 
 
-
-def _describe(error: BaseException | str) -> str:
-    if isinstance(error, str):
-        return error
-    details = getattr(error, "details", None)
-    if callable(details):  # a grpc.RpcError
-        return f"{error.code().name}: {details()}"
-    return f"{type(error).__name__}: {error}"
+def _config_of(config: SwarmConfig | None, fields: dict[str, Any]) -> SwarmConfig:
+    """The config itself, or one made of the fields (exactly one of the two)."""
+    if config is not None:
+        if fields:
+            raise TypeError(f"Swarm takes a SwarmConfig or its fields, not both (got the config and "
+                            f"{', '.join(sorted(fields))})")
+        if not isinstance(config, SwarmConfig):
+            raise TypeError(f"Swarm's config must be a SwarmConfig, got {type(config).__name__}")
+        return config
+    known = {field.name for field in dataclasses.fields(SwarmConfig) if field.init}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"SwarmConfig has no field {', '.join(map(repr, unknown))}; its fields: "
+                        f"{', '.join(sorted(known))}")
+    return SwarmConfig(**fields)

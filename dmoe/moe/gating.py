@@ -22,8 +22,22 @@ from torch import nn
 
 
 class MoELayer(nn.Module):
+    """The gate and the combine of an MoE layer; a subclass finds and runs the experts.
+
+    Statistics of the last forward, set by :meth:`forward` (read them after a call; they are not
+    parameters and not saved in the state dict):
+
+    - ``aux_loss``: the load-balancing loss (Switch) of the primary routing, to add to the loss;
+    - ``z_loss``: the router z-loss (mean squared logsumexp of the logits);
+    - ``last_num_failed``: expert calls that failed or missed the deadline (hedged calls cancelled
+      because they were not needed do not count); ``num_failed_calls`` sums it over every forward;
+    - ``last_routing``: (candidate uids, experts_TK), and ``last_answered_TK``: which of those slots
+      gave an output that was used.
+    """
+
     def __init__(self, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2,
-                 routing: str = "topk", capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0):
+                 routing: str = "topk", capacity_factor: float = 1.25, noise_std: float = 0.0,
+                 hedge: int = 0):
         super().__init__()
         if not grid or any(size < 1 for size in grid):
             raise ValueError(f"grid must be a tuple of positive sizes, e.g. (8,) or (4, 16); got {grid!r}")
@@ -36,7 +50,8 @@ class MoELayer(nn.Module):
         if capacity_factor <= 0 or noise_std < 0:
             raise ValueError("need capacity_factor > 0 and noise_std >= 0")
         if hedge < 0 or (hedge and routing != "topk"):
-            raise ValueError(f"hedge must be >= 0, and is for topk routing only; got hedge={hedge}, routing={routing!r}")
+            raise ValueError(f"hedge must be >= 0, and is for topk routing only; got hedge={hedge}, "
+                             f"routing={routing!r}")
         self.prefix, self.grid, self.in_features, self.k = prefix, tuple(grid), in_features, k
         self.routing, self.capacity_factor, self.noise_std = routing, capacity_factor, noise_std
         self.hedge = hedge  # spare experts asked per token; the best k that answer are kept
@@ -54,8 +69,9 @@ class MoELayer(nn.Module):
         raise NotImplementedError
 
     def run_experts(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, handles: list[Any]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out_TKD, answered_TK) for tokens routed to candidates (index -1: routed nowhere)."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(out_TKD, answered_TK, num_failed) for tokens routed to candidates (index -1: routed
+        nowhere): the outputs, which slots gave one, and how many expert calls failed."""
         raise NotImplementedError
 
     def no_candidates(self) -> None:
@@ -88,7 +104,7 @@ class MoELayer(nn.Module):
             # K = k + hedge slots, best first; with hedging, the spares are the last slots
             top_logits_TK, experts_TK = logits_TC.topk(min(self.k + self.hedge, len(found)), dim=-1)
         self.last_routing = ([self.uid(coords) for coords, _ in found], experts_TK)
-        out_TKD, answered_TK = self.run_experts(x_TD, experts_TK, handles)
+        out_TKD, answered_TK, self.last_num_failed = self.run_experts(x_TD, experts_TK, handles)
         self.num_failed_calls += self.last_num_failed
         if self.hedge:  # keep each token's best k answers (slots are sorted by gate score)
             answered_TK = answered_TK & (answered_TK.cumsum(-1) <= self.k)
@@ -96,8 +112,10 @@ class MoELayer(nn.Module):
         if self.routing == "switch":  # p(expert) x its output, as Switch Transformers do; 0 if dropped
             weights_TK = gate_TK * answered_TK
         else:  # softmax over the top-k that answered
-            scores_TK = torch.exp(top_logits_TK - top_logits_TK.max(-1, keepdim=True).values.detach()) * answered_TK
-            weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
+            max_T1 = top_logits_TK.max(-1, keepdim=True).values.detach()
+            scores_TK = torch.exp(top_logits_TK - max_T1) * answered_TK
+            tiny = torch.finfo(scores_TK.dtype).tiny
+            weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(tiny)
         y_TD = (weights_TK.unsqueeze(-1) * out_TKD).sum(1)
         self._set_losses(logits_TC, experts_TK[:, : self.k])  # balance the primary routing, not the spares
         return y_TD.reshape(x.shape)

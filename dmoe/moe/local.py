@@ -29,7 +29,8 @@ class LocalMoE(MoELayer):
         self.coords = list(itertools.product(*(range(size) for size in grid)))
         # ModuleDict keys may not contain '.', so experts are stored by position in the grid
         self.experts = nn.ModuleList(
-            create_expert(expert_cls, uid=self.uid(c), hidden_dim=in_features, inner_dim=inner_dim, seed=seed)[0]
+            create_expert(expert_cls, uid=self.uid(c), hidden_dim=in_features, inner_dim=inner_dim,
+                          seed=seed)[0]
             for c in self.coords
         )
 
@@ -40,4 +41,4 @@ class LocalMoE(MoELayer):
         out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
         for e, token_ids, slot_ids in group_by_expert(experts_TK):
             out_TKD = out_TKD.index_put((token_ids, slot_ids), handles[e](x_TD[token_ids]))
-        return out_TKD, experts_TK >= 0
+        return out_TKD, experts_TK >= 0, 0  # every expert answers

@@ -11,6 +11,9 @@ Hedging (``hedge=h``): each token also asks its next h experts; the forward ends
 token has k answers (or, failing that, by the usual k_min rule), the calls still running are
 cancelled without blame, and each token keeps its best k answers. The tail of a step is then the
 k-th fastest of k + h experts, not the slowest of k.
+
+Each call's fate is reported to the Swarm's endpoint health (:mod:`dmoe.client.health`): back-off
+of endpoints that fail, quarantine of experts that misbehave.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dmoe.client.dispatch import ExpertCall, LocalInputError
+from dmoe.client.dispatch import ExpertCall
 from dmoe.client.swarm import Swarm
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import compression_from_name
@@ -31,11 +34,19 @@ logger = logging.getLogger(__name__)
 
 
 class RemoteMoE(MoELayer):
+    """An MoE layer whose experts are called on the nodes of ``swarm``.
+
+    After each forward, besides the statistics of :class:`dmoe.moe.gating.MoELayer` (``aux_loss``,
+    ``z_loss``, ``last_routing``), ``last_num_failed`` is the number of expert calls of that forward
+    that failed or missed the deadline (hedged calls cancelled as not needed are not counted), and
+    ``num_failed_calls`` their total since the layer was made.
+    """
+
     def __init__(
-        self, swarm: Swarm, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2, k_min: int = 1,
-        forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0, backward_timeout: float = 10.0,
-        compression: str = "none", beam_size: int | None = None, routing: str = "topk",
-        capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0,
+        self, swarm: Swarm, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2,
+        k_min: int = 1, forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0,
+        backward_timeout: float = 10.0, compression: str = "none", beam_size: int | None = None,
+        routing: str = "topk", capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0,
     ):
         super().__init__(prefix=prefix, grid=grid, in_features=in_features, k=k, routing=routing,
                          capacity_factor=capacity_factor, noise_std=noise_std, hedge=hedge)
@@ -76,7 +87,8 @@ class RemoteMoE(MoELayer):
             keys = {p: self.uid(p) + "." for p in chosen}
             found = self.swarm.live_under(list(keys.values()))
             prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < self.grid[depth]]
-            records = {p + (c,): found[keys[p]][c] for p in chosen for c in found[keys[p]] if c < self.grid[depth]}
+            records = {p + (c,): found[keys[p]][c]
+                       for p in chosen for c in found[keys[p]] if c < self.grid[depth]}
         return [(p, records[p]) for p in prefixes if records[p].uid == self.uid(p)]
 
 
@@ -86,7 +98,9 @@ _LEARN = torch.empty(0, requires_grad=True)
 
 
 class _Dispatch(torch.autograd.Function):
-    """(x_TD, experts_TK into records) -> (outputs out_TKD, answered_TK mask), differentiable in x_TD."""
+    """(x_TD, experts_TK into records) -> (outputs out_TKD, answered_TK mask, num_failed calls),
+    differentiable in x_TD only. It changes nothing on the layer: the layer's forward keeps what it
+    returns."""
 
     @staticmethod
     def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, records: list[ExpertRecord],
@@ -106,15 +120,15 @@ class _Dispatch(torch.autograd.Function):
         for index, output in results.items():
             out_TKD[calls[index].token_ids, slots[index]] = output
             answered_TK[calls[index].token_ids, slots[index]] = True
-        layer.last_num_failed = len(calls) - len(results) - num_unneeded
+        num_failed = len(calls) - len(results) - num_unneeded
         ctx.layer = layer
         ctx.answered = [(calls[i], slots[i]) for i in results]
         ctx.num_tokens = x_TD.shape[0]
         ctx.mark_non_differentiable(answered_TK)
-        return out_TKD, answered_TK
+        return out_TKD, answered_TK, num_failed  # an int output: autograd passes it through as it is
 
     @staticmethod
-    def backward(ctx: Any, grad_out_TKD: torch.Tensor, _grad_answered: Any):
+    def backward(ctx: Any, grad_out_TKD: torch.Tensor, _grad_answered: Any, _grad_num_failed: None):
         calls = []
         for call, slot_ids in ctx.answered:
             grad = grad_out_TKD[call.token_ids, slot_ids]
@@ -131,8 +145,9 @@ class _Dispatch(torch.autograd.Function):
 
 
 def _reporter(swarm: Swarm):
+    """The Dispatcher's on_result: each call's fate to the swarm's endpoint health, which also knows
+    that this client's own fault (LocalInputError) is no peer's failure."""
     def report(call: ExpertCall, error: BaseException | None) -> None:
-        if not isinstance(error, LocalInputError):  # this client's own fault is no peer's failure
-            swarm.report(call.endpoint, call.uid, error)
+        swarm.report(call.endpoint, call.uid, error)
 
     return report

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from swarm_fixtures import stub, wait_for
 from hostile import HostileServer, plant_records
+from swarm_fixtures import stub, wait_for
 
 from dmoe.client.config import SwarmConfig
 from dmoe.client.swarm import Swarm
@@ -21,9 +21,11 @@ HIDDEN, NUM_EXPERTS = 16, 11
 
 
 def test_hostile_experts_are_detected_avoided_and_training_is_unharmed(node_factory):
-    honest = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), "--lr", "0.01", name="honest")
+    honest = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), "--lr", "0.01",
+                          name="honest")
     # a node of another schema (width 8) announcing under the same prefix, and one whose expert answers NaN
-    narrow = node_factory("--experts", "ffn.[4:5]", "--hidden-dim", "8", "--swarm", honest.swarm[0], name="narrow")
+    narrow = node_factory("--experts", "ffn.[4:5]", "--hidden-dim", "8", "--swarm", honest.swarm[0],
+                          name="narrow")
     nan = node_factory("--experts", "ffn.[5:6]", "--hidden-dim", str(HIDDEN), "--expert-cls",
                        "experts_for_tests:NaNExpert", "--swarm", honest.swarm[0], name="nan")
     liar = HostileServer({"ffn.6": "huge", "ffn.7": "wrong_shape", "ffn.8": "garbage"}).start()
@@ -31,7 +33,7 @@ def test_hostile_experts_are_detected_avoided_and_training_is_unharmed(node_fact
     try:
         config = SwarmConfig(initial_peers=honest.swarm, cache_ttl=0.5, ban_base=1.0, lookup_timeout=1.0)
         with Swarm(config) as swarm:
-            plant_records(swarm.peer, {"ffn.6": liar.endpoint, "ffn.7": liar.endpoint, "ffn.8": liar.endpoint})
+            plant_records(swarm.peer, {uid: liar.endpoint for uid in ("ffn.6", "ffn.7", "ffn.8")})
             plant_records(swarm.peer, {"ffn.9": slow.endpoint}, node_id="slow")
             # a record that names a uid the endpoint does not host (the honest node has no ffn.10)
             plant_records(swarm.peer, {"ffn.10": honest.endpoint}, node_id="impostor")
@@ -73,7 +75,7 @@ def test_hostile_experts_are_detected_avoided_and_training_is_unharmed(node_fact
             assert liar.calls == liar_calls_after_warmup, "a quarantined expert was called again"
             # the slow one is an ordinary failure: backed off, not quarantined, retried ever more rarely
             assert not swarm.quarantined(slow.endpoint, "ffn.9")
-            assert swarm._failures[slow.endpoint][0] >= 2
+            assert swarm.health.failures(slow.endpoint) >= 2
             assert slow.calls["ffn.9"] <= 6
             # honest experts never quarantined, and they learned
             assert not any(swarm.quarantined(honest.endpoint, f"ffn.{i}") for i in range(4))

@@ -26,7 +26,8 @@ UIDS = [f"ffn.{i}" for i in range(NUM_EXPERTS)]
 def swarm_of_two(node_factory):
     """Two nodes of this test's own (it may kill them), and a client."""
     first = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN), name="a")
-    second = node_factory("--experts", "ffn.[4:8]", "--hidden-dim", str(HIDDEN), "--swarm", first.swarm[0], name="b")
+    second = node_factory("--experts", "ffn.[4:8]", "--hidden-dim", str(HIDDEN), "--swarm", first.swarm[0],
+                          name="b")
     with Swarm(SwarmConfig(initial_peers=first.swarm, cache_ttl=60)) as swarm:
         yield swarm, first, second
 
@@ -41,7 +42,8 @@ def shared_pair(tmp_path_factory):
     second = None
     try:
         first.start()
-        second = NodeProcess(workdir, ["--experts", "ffn.[4:8]", *common, "--swarm", first.swarm[0]], "b").start()
+        argv = ["--experts", "ffn.[4:8]", *common, "--swarm", first.swarm[0]]
+        second = NodeProcess(workdir, argv, "b").start()
         yield first, second
     finally:
         for node in (first, second):
@@ -53,7 +55,8 @@ def shared_pair(tmp_path_factory):
 def live_pair(shared_pair):
     first, second = shared_pair
     with Swarm(SwarmConfig(initial_peers=first.swarm, cache_ttl=60)) as swarm:
-        wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == NUM_EXPERTS, 30, "all experts")
+        wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == NUM_EXPERTS, 30,
+                 "all experts")
         yield swarm, first, second
 
 
@@ -66,7 +69,8 @@ def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Te
     weights_TK = top_TK.softmax(-1)
     rows = []
     for t in range(x_TD.shape[0]):
-        rows.append(sum(weights_TK[t, j] * experts[int(experts_TK[t, j])](x_TD[t : t + 1])[0] for j in range(layer.k)))
+        rows.append(sum(weights_TK[t, j] * experts[int(experts_TK[t, j])](x_TD[t : t + 1])[0]
+                        for j in range(layer.k)))
     return torch.stack(rows)
 
 
@@ -144,7 +148,8 @@ def test_a_dead_node_is_dropped_and_weights_renormalised(swarm_of_two):
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                       forward_timeout=5, backward_timeout=5)
     try:
-        assert len(swarm.live_under(["ffn."])["ffn."]) == NUM_EXPERTS  # cached: the client still believes in b
+        # cached: the client still believes in b
+        assert len(swarm.live_under(["ffn."])["ffn."]) == NUM_EXPERTS
         second.kill()
         x = torch.randn(32, HIDDEN, requires_grad=True)
         started = time.monotonic()
@@ -217,7 +222,8 @@ def test_hostile_and_slow_experts_are_dropped(node_factory, tmp_path, monkeypatc
             y = layer(x)
             with torch.no_grad():
                 chosen = layer.gates[0](x).topk(2, dim=-1).indices
-                expected = local_moe_renormalised(layer, x, chosen, chosen < 4, {f"ffn.{i}" for i in range(4)})
+                expected = local_moe_renormalised(layer, x, chosen, chosen < 4,
+                                                  {f"ffn.{i}" for i in range(4)})
             assert torch.isfinite(y).all()
             torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
             assert set(swarm.live_under(["ffn."])["ffn."]) == set(range(4))
@@ -234,8 +240,8 @@ def test_compressed_activations_and_gradients_stay_close(live_pair):
         layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2, k_min=2,
                           compression=compression)
         try:
-            layer.gates[0].load_state_dict(torch.nn.Linear(HIDDEN, NUM_EXPERTS).requires_grad_(False).state_dict()
-                                       if compression == "none" else results["none"][2])
+            fresh = torch.nn.Linear(HIDDEN, NUM_EXPERTS).requires_grad_(False).state_dict()
+            layer.gates[0].load_state_dict(fresh if compression == "none" else results["none"][2])
             with torch.no_grad():
                 results[compression] = (layer(x), layer.last_num_failed, layer.gates[0].state_dict())
         finally:
@@ -297,15 +303,16 @@ def test_a_node_killed_mid_forward_and_mid_backward(node_factory, tmp_path, monk
             assert time.monotonic() - started < 10 and layer.last_num_failed > 0
             with torch.no_grad():
                 chosen = layer.gates[0](x).topk(2, dim=-1).indices
-                expected = local_moe_renormalised(layer, x, chosen, chosen < 4, {f"ffn.{i}" for i in range(4)})
+                expected = local_moe_renormalised(layer, x, chosen, chosen < 4,
+                                                  {f"ffn.{i}" for i in range(4)})
             torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
             # mid-backward: forward with b alive (restarted), then kill it while backward runs there
             marker.unlink()
             b = node_factory(*b_args, name="b2")
             # the killed b's records have not expired yet: wait until the DHT hands out b2's
-            wait_for(lambda: {r.endpoint for c, r in swarm.live_under(["ffn."], refresh=True)["ffn."].items() if c >= 4}
-                     == {b.endpoint}, 30, "b2's records")
+            wait_for(lambda: {r.endpoint for c, r in swarm.live_under(["ffn."], refresh=True)["ffn."].items()
+                              if c >= 4} == {b.endpoint}, 30, "b2's records")
             x.grad = None
             y = layer(x)
             assert layer.last_num_failed == 0
@@ -401,7 +408,8 @@ def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
             layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                               forward_timeout=4.0, timeout_after_k_min=4.0, backward_timeout=4.0)
             try:
-                wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30, "all experts")
+                wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30,
+                         "all experts")
                 x = torch.randn(64, HIDDEN)
                 with torch.no_grad():
                     chosen = layer.gates[0](x).topk(2, dim=-1).indices
@@ -415,7 +423,8 @@ def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
                     elapsed = time.monotonic() - started
                     assert elapsed < 4.0 + 2.0, elapsed  # the deadline, not c's 16 s round trip
                     assert layer.last_num_failed == int((chosen >= 6).any(0).sum()) == 2
-                    expected = local_moe_renormalised(layer, x, chosen, chosen < 6, {f"ffn.{i}" for i in range(6)})
+                    expected = local_moe_renormalised(layer, x, chosen, chosen < 6,
+                                                      {f"ffn.{i}" for i in range(6)})
                     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
                     proxy.delay = 0.0
@@ -427,7 +436,8 @@ def test_a_node_behind_a_slow_link_is_dropped_then_used_again(node_factory):
                 # a flaky link: lost segments (0.2 s stalls) and connection resets; no step raises,
                 # each ends within its deadlines, and c still answers some of the time
                 proxy.loss, proxy.reset = 0.2, 0.1
-                swarm.config.ban_base = swarm.config.ban_max = 0.01  # retry c at once, to meet the faults often
+                # retry c at once, to meet the faults often
+                swarm.health.ban_base = swarm.health.ban_max = 0.01
                 failed = 0
                 for _ in range(12):
                     x = torch.randn(64, HIDDEN, requires_grad=True)
@@ -460,7 +470,8 @@ def test_hedging_ends_the_step_without_waiting_for_a_slow_node(node_factory):
             hedged = RemoteMoE(swarm, **common, hedge=1)
             hedged.load_state_dict(plain.state_dict())
             try:
-                wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30, "all experts")
+                wait_for(lambda: len(swarm.live_under(["ffn."], refresh=True)["ffn."]) == 8, 30,
+                         "all experts")
                 x = torch.randn(64, HIDDEN)
                 with torch.no_grad():
                     assert bool((plain.gates[0](x).topk(2, dim=-1).indices == 7).any()), "needs tokens for c"
@@ -476,7 +487,8 @@ def test_hedging_ends_the_step_without_waiting_for_a_slow_node(node_factory):
                 torch.testing.assert_close(y_plain, local_moe(plain, x, set(UIDS)), rtol=1e-4, atol=1e-5)
                 assert hedged_s < 3.0, hedged_s  # a's answers only: c's request is still on its way
                 assert hedged.last_num_failed == 0
-                torch.testing.assert_close(y_hedged, local_moe(plain, x, set(UIDS) - {"ffn.7"}), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(y_hedged, local_moe(plain, x, set(UIDS) - {"ffn.7"}),
+                                           rtol=1e-4, atol=1e-5)
                 assert len(swarm.live_under(["ffn."])["ffn."]) == 8  # c was not banned for being unneeded
             finally:
                 plain.dispatcher.close()

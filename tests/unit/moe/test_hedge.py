@@ -16,10 +16,11 @@ class Flaky(LocalMoE):
     dead: set[int] = set()
 
     def run_experts(self, x_TD, experts_TK, handles):
-        out_TKD, answered_TK = super().run_experts(x_TD, experts_TK, handles)
+        out_TKD, answered_TK, _ = super().run_experts(x_TD, experts_TK, handles)
         for e in self.dead:
             answered_TK = answered_TK & (experts_TK != e)
-        return out_TKD * answered_TK.unsqueeze(-1), answered_TK
+        num_failed = sum(bool((experts_TK == e).any()) for e in self.dead)  # one call per expert asked
+        return out_TKD * answered_TK.unsqueeze(-1), answered_TK, num_failed
 
 
 def layers(hedge: int, seed: int = 0) -> tuple[Flaky, Flaky]:
@@ -36,6 +37,7 @@ def test_with_every_expert_answering_hedging_changes_nothing():
     torch.testing.assert_close(hedged(x), plain(x))
     torch.testing.assert_close(hedged.aux_loss, plain.aux_loss)
     assert hedged.last_routing[1].shape == (32, 4) and plain.last_routing[1].shape == (32, 2)
+    assert hedged.last_num_failed == plain.last_num_failed == 0
 
 
 def test_a_dead_expert_is_replaced_by_the_tokens_next_best():
@@ -44,6 +46,7 @@ def test_a_dead_expert_is_replaced_by_the_tokens_next_best():
     dead = int(plain.gates[0](x).argmax(-1).mode().values)  # the expert most tokens pick first
     hedged.dead = {dead}
     y = hedged(x)
+    assert hedged.last_num_failed == 1 and hedged.num_failed_calls == 1  # what run_experts measured
     # the same tokens through a layer where the dead expert does not exist: each token's best two of the rest
     with torch.no_grad():
         logits = plain.gates[0](x)
@@ -56,6 +59,7 @@ def test_a_dead_expert_is_replaced_by_the_tokens_next_best():
     torch.testing.assert_close(y, expected)
     plain.dead = {dead}  # without hedging, those tokens get only one expert
     assert not torch.allclose(plain(x), expected)
+    assert plain.last_num_failed == 1 and plain.num_failed_calls == 1
 
 
 def test_hedging_is_for_topk_routing_only():

@@ -39,8 +39,9 @@ class Dashboard:
     def app(self) -> web.Application:
         app = web.Application()
         app.add_routes([
-            web.get("/", self._index), web.get("/api/swarm", self._swarm), web.get("/api/history", self._history),
-            web.get("/metrics", self._metrics), web.get("/healthz", self._healthz),
+            web.get("/", self._index), web.get("/api/swarm", self._swarm),
+            web.get("/api/history", self._history), web.get("/metrics", self._metrics),
+            web.get("/healthz", self._healthz),
         ])
         return app
 
@@ -53,7 +54,8 @@ class Dashboard:
         bound = self._runner.addresses[0][1]  # the port really bound, also for port 0
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}/"
-        logger.info("dashboard at %s (JSON at %sapi/swarm, Prometheus metrics at %smetrics)", self.url, self.url, self.url)
+        logger.info("dashboard at %s (JSON at %sapi/swarm, Prometheus metrics at %smetrics)",
+                    self.url, self.url, self.url)
         return self.url
 
     async def stop(self) -> None:
@@ -75,7 +77,8 @@ class Dashboard:
         return web.json_response(self.monitor.history.to_json(), dumps=_strict_dumps)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(self.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -23,7 +23,8 @@ class SwarmCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         view = self.monitor.view
-        yield GaugeMetricFamily("dmoe_swarm_nodes", "live nodes (unexpired online records)", value=view.num_nodes)
+        yield GaugeMetricFamily("dmoe_swarm_nodes", "live nodes (unexpired online records)",
+                                value=view.num_nodes)
         yield GaugeMetricFamily("dmoe_swarm_experts", "distinct live expert uids", value=view.num_experts)
         yield GaugeMetricFamily("dmoe_swarm_replicated_experts", "uids served by more than one node",
                                 value=view.num_replicated)
@@ -31,19 +32,24 @@ class SwarmCollector(Collector):
                                   value=self.monitor.num_polls)
         labels = ["node", "endpoint", "device"]
         families = {
-            "calls": CounterMetricFamily("dmoe_node_calls", "calls served by the node", labels=[*labels, "kind"]),
-            "tokens": CounterMetricFamily("dmoe_node_tokens", "tokens processed (forward + backward)", labels=labels),
+            "calls": CounterMetricFamily("dmoe_node_calls", "calls served by the node",
+                                         labels=[*labels, "kind"]),
+            "tokens": CounterMetricFamily("dmoe_node_tokens", "tokens processed (forward + backward)",
+                                          labels=labels),
             "errors": CounterMetricFamily("dmoe_node_errors", "calls that failed on the node", labels=labels),
             "rejected": CounterMetricFamily("dmoe_node_rejected", "calls shed for overload", labels=labels),
-            "steps": CounterMetricFamily("dmoe_node_optimizer_steps", "optimizer steps over the node's experts",
-                                         labels=labels),
+            "steps": CounterMetricFamily("dmoe_node_optimizer_steps",
+                                         "optimizer steps over the node's experts", labels=labels),
             "experts": GaugeMetricFamily("dmoe_node_experts", "experts hosted", labels=labels),
-            "queued": GaugeMetricFamily("dmoe_node_queued_tokens", "tokens waiting on the node", labels=labels),
-            "p50": GaugeMetricFamily("dmoe_node_latency_p50_seconds", "call-weighted mean of the experts' median time "
-                                     "to serve a call", labels=labels),
-            "p99": GaugeMetricFamily("dmoe_node_latency_p99_seconds", "worst 99th percentile over the node's experts",
+            "queued": GaugeMetricFamily("dmoe_node_queued_tokens", "tokens waiting on the node",
+                                        labels=labels),
+            "p50": GaugeMetricFamily("dmoe_node_latency_p50_seconds",
+                                     "call-weighted mean of the experts' median time to serve a call",
                                      labels=labels),
-            "uptime": GaugeMetricFamily("dmoe_node_uptime_seconds", "seconds since the node started", labels=labels),
+            "p99": GaugeMetricFamily("dmoe_node_latency_p99_seconds",
+                                     "worst 99th percentile over the node's experts", labels=labels),
+            "uptime": GaugeMetricFamily("dmoe_node_uptime_seconds", "seconds since the node started",
+                                        labels=labels),
         }
         for n in view.nodes:
             values = [n.node_id, n.endpoint, n.device]
@@ -78,7 +84,8 @@ class RelayCollector(Collector):
                                   value=stats["refused"])
 
 
-def make_registry(monitor: SwarmMonitor, relay_stats: Callable[[], dict[str, Any]] | None = None) -> CollectorRegistry:
+def make_registry(monitor: SwarmMonitor,
+                  relay_stats: Callable[[], dict[str, Any]] | None = None) -> CollectorRegistry:
     """A registry of its own per coordinator (several may run in one process, as in tests)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(SwarmCollector(monitor))

@@ -42,7 +42,8 @@ class SwarmMonitor:
             logger.info("node joined: %s at %s, %d experts (%s) on %s", node_id, n.endpoint, n.num_experts,
                         ", ".join(n.expert_prefixes), n.device)
         for node_id in before.keys() - after.keys():
-            logger.info("node gone: %s at %s (its records were withdrawn or expired)", node_id, before[node_id].endpoint)
+            logger.info("node gone: %s at %s (its records were withdrawn or expired)", node_id,
+                        before[node_id].endpoint)
         for node_id in after.keys() & before.keys():
             if after[node_id].started_at != before[node_id].started_at:
                 logger.info("node restarted: %s at %s", node_id, after[node_id].endpoint)

@@ -91,7 +91,8 @@ class ChaosConfig:
             raise ValueError("cuts must be >= 0")
         if not 1 <= self.max_faulty < self.nodes:
             raise ValueError("max_faulty must be in 1 .. nodes - 1")
-        if min(self.duration, self.fault_interval, self.cut_for) <= 0 or min(self.calm, self.no_kills_for) < 0:
+        if (min(self.duration, self.fault_interval, self.cut_for) <= 0
+                or min(self.calm, self.no_kills_for) < 0):
             raise ValueError("need duration, fault_interval, cut_for > 0 and calm, no_kills_for >= 0")
         if not 0 <= self.cut_at < 1:
             raise ValueError("cut_at is a fraction of duration, in [0, 1)")
@@ -104,7 +105,8 @@ class ChaosConfig:
         """The longest a training step may take by the client's deadlines: per MoE layer, one expert
         lookup, one forward and one backward, each cut at its timeout (the compute on top is not
         in it: callers add an allowance for their machine)."""
-        per_layer = self.lookup_timeout + self.forward_timeout + self.timeout_after_k_min + self.backward_timeout
+        per_layer = (self.lookup_timeout + self.forward_timeout + self.timeout_after_k_min
+                     + self.backward_timeout)
         return self.num_layers * per_layer
 
 
@@ -122,7 +124,8 @@ class _Member:
     state: str = "down"  # starting, up, killed, stopped, cut
     until: float = 0.0  # when the current fault ends
     incarnations: int = 0
-    on_disk: dict[str, int] = dataclasses.field(default_factory=dict)  # newest checkpoint versions at the kill
+    on_disk: dict[str, int] = dataclasses.field(default_factory=dict)  # newest checkpoint versions
+                                                                       # at the kill
 
 
 class ChaosRun:
@@ -169,9 +172,9 @@ class ChaosRun:
         c = self.config
         self.lab = NetLab().start()
         host = self.lab.outer_ip
-        self.coordinator = _Member("coordinator", [sys.executable, "-m", "dmoe", "coordinator", "start", "--host", host,
-                                                   "--http-port", "0"], self.workdir / "coordinator.log",
-                                   self.workdir / "coordinator.json")
+        self.coordinator = _Member("coordinator", [sys.executable, "-m", "dmoe", "coordinator", "start",
+                                                   "--host", host, "--http-port", "0"],
+                                   self.workdir / "coordinator.log", self.workdir / "coordinator.json")
         self.coordinator.argv += ["--ready-file", str(self.coordinator.ready_path)]
         self._spawn(self.coordinator)
         self._wait_ready([self.coordinator])
@@ -180,7 +183,8 @@ class ChaosRun:
         for i in range(c.nodes):
             in_lab = i == c.nodes - 1
             name = f"node{i}"
-            argv = [sys.executable, "-m", "dmoe", "node", "start", "--host", self.lab.inner_ip if in_lab else host,
+            argv = [sys.executable, "-m", "dmoe", "node", "start",
+                    "--host", self.lab.inner_ip if in_lab else host,
                     "--port", "0", "--device", "cpu", "--swarm", swarm, "--num-threads", "1",
                     "--hidden-dim", str(c.d_model), "--inner-dim", str(c.expert_inner), "--lr", str(c.lr),
                     "--checkpoint-dir", str(self.workdir / name / "checkpoints"),
@@ -191,22 +195,25 @@ class ChaosRun:
             for layer in range(c.num_layers):
                 argv += ["--experts", f"lm{layer}.[{i * per_node}:{(i + 1) * per_node}]"]
             (self.workdir / name).mkdir(exist_ok=True)
-            self.nodes.append(_Member(name, argv, self.workdir / name / "node.log", self.workdir / name / "ready.json",
-                                      in_lab=in_lab))
+            self.nodes.append(_Member(name, argv, self.workdir / name / "node.log",
+                                      self.workdir / name / "ready.json", in_lab=in_lab))
         for node in self.nodes:
             self._spawn(node)
         for t in range(c.trainers):
             name = f"trainer{t}"
             (self.workdir / name).mkdir(exist_ok=True)
-            argv = [sys.executable, "-m", "dmoe", "train", "--swarm", swarm, "--host", host, "--run-id", "chaos",
-                    "--seed", str(t), "--save", str(self.workdir / name / "checkpoints"), "--save-interval", "50",
+            argv = [sys.executable, "-m", "dmoe", "train", "--swarm", swarm, "--host", host,
+                    "--run-id", "chaos", "--seed", str(t), "--save", str(self.workdir / name / "checkpoints"),
+                    "--save-interval", "50",
                     "--metrics-file", str(self.workdir / name / "metrics.jsonl"), "--steps", "1000000",
                     "--max-time", str(c.duration + c.calm), "--average-interval", "5",
-                    "--batch-size", str(c.batch_size), "--lr", str(c.lr), "--eval-interval", str(c.eval_interval),
-                    "--eval-batches", "2", "--num-layers", str(c.num_layers), "--num-experts", str(c.num_experts),
+                    "--batch-size", str(c.batch_size), "--lr", str(c.lr),
+                    "--eval-interval", str(c.eval_interval), "--eval-batches", "2",
+                    "--num-layers", str(c.num_layers), "--num-experts", str(c.num_experts),
                     "--d-model", str(c.d_model), "--num-heads", "2", "--expert-inner", str(c.expert_inner),
                     "--seq-len", str(c.seq_len), "--forward-timeout", str(c.forward_timeout),
-                    "--timeout-after-k-min", str(c.timeout_after_k_min), "--backward-timeout", str(c.backward_timeout),
+                    "--timeout-after-k-min", str(c.timeout_after_k_min),
+                    "--backward-timeout", str(c.backward_timeout),
                     "--lookup-timeout", str(c.lookup_timeout)]
             self.trainers.append(_Member(name, argv, self.workdir / name / "train.log"))
         for trainer in self.trainers:  # they start (import, join, averager) while the nodes do
@@ -218,8 +225,8 @@ class ChaosRun:
         while not all(self._metrics(t) for t in self.trainers):
             for trainer in self.trainers:
                 if trainer.proc.poll() is not None:
-                    raise RuntimeError(f"{trainer.name} exited with {trainer.proc.returncode} before its first step "
-                                       f"(log: {trainer.log_path})")
+                    raise RuntimeError(f"{trainer.name} exited with {trainer.proc.returncode} "
+                                       f"before its first step (log: {trainer.log_path})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the trainers made no step in {START_TIMEOUT:.0f}s")
             time.sleep(0.2)
@@ -268,7 +275,8 @@ class ChaosRun:
             now = time.monotonic()
             self._heal(now)
             self._check_used()
-            if cuts and now >= cuts[0] and lab_node.state == "up":  # a cut is due: not held back by max_faulty
+            if cuts and now >= cuts[0] and lab_node.state == "up":  # a cut is due: not held back
+                                                                    # by max_faulty
                 self._cut(lab_node, now + c.cut_for)
                 cuts.pop(0)
             elif now >= next_fault:
@@ -407,11 +415,14 @@ class ChaosRun:
             self.corrupt += corrupt
             nodes.append({"name": node.name, "in_namespace": node.in_lab, "incarnations": node.incarnations,
                           "forward_calls_since_start": stats, "checkpointed_experts": len(on_disk)})
-        counts = {kind: sum(1 for e in self.events if e["kind"] == kind) for kind in ("kill -9", "SIGSTOP", "cut off")}
+        counts = {kind: sum(1 for e in self.events if e["kind"] == kind)
+                  for kind in ("kill -9", "SIGSTOP", "cut off")}
         return {
-            "config": dataclasses.asdict(c), "step_bound_s": c.step_bound_s, "faults": counts, "events": self.events,
-            "restarts": self.restarts, "corrupt_checkpoints": sorted(set(self.corrupt)), "trainers": trainers,
-            "nodes": nodes, "started_at": self.wall_started, "trainers_done_at": self.trainers_done, "seconds": round(time.monotonic() - self.started, 1),
+            "config": dataclasses.asdict(c), "step_bound_s": c.step_bound_s, "faults": counts,
+            "events": self.events, "restarts": self.restarts,
+            "corrupt_checkpoints": sorted(set(self.corrupt)), "trainers": trainers,
+            "nodes": nodes, "started_at": self.wall_started, "trainers_done_at": self.trainers_done,
+            "seconds": round(time.monotonic() - self.started, 1),
         }
 
     def _stop_all(self) -> None:
@@ -438,7 +449,8 @@ class ChaosRun:
 
 
 def node_forward_calls(endpoint: str | None, timeout: float = 10.0) -> int | None:
-    """Forward calls the node at endpoint served since it started (its Info), or None if it does not answer."""
+    """Forward calls the node at endpoint served since it started (its Info), or None if it does not
+    answer."""
     if not endpoint:
         return None
     with grpc.insecure_channel(endpoint) as channel:

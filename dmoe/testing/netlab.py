@@ -3,9 +3,10 @@
 For tests and benchmarks of what crosses a network: ``NetLab()`` creates a namespace and a veth
 pair (``10.<a>.<b>.1`` here, ``.2`` in the namespace, a /30 of its own per lab), and ``shape(mbit)``
 limits both directions with ``tc ... tbf`` (netem is not available here, so latency, jitter and cuts
-come from :class:`dmoe.testing.netproxy.TcpProxy`); ``set_link(False)`` cuts the namespace off the network
-until ``set_link(True)``; ``route_to_host()`` makes every address of this host reachable from inside,
-and ``refuse_inbound()`` lets the namespace dial out but not be dialled (a home router's NAT). ``popen(argv)`` starts a process inside the namespace.
+come from :class:`dmoe.testing.netproxy.TcpProxy`); ``set_link(False)`` cuts the namespace off the
+network until ``set_link(True)``; ``route_to_host()`` makes every address of this host reachable from
+inside, and ``refuse_inbound()`` lets the namespace dial out but not be dialled (a home router's NAT).
+``popen(argv)`` starts a process inside the namespace.
 Everything it made is removed by ``close()`` (or the ``with`` block), processes first. It needs root
 (``ip netns``), and uses only addresses inside the namespaces it creates.
 """
@@ -56,7 +57,8 @@ class NetLab:
         except (subprocess.CalledProcessError, FileNotFoundError) as e:
             self.close()
             detail = getattr(e, "stderr", "") or str(e)
-            raise RuntimeError(f"cannot make network namespace {self.name} (root and iproute2 needed): {detail}")
+            raise RuntimeError(f"cannot make network namespace {self.name} "
+                               f"(root and iproute2 needed): {detail}")
         return self
 
     def shape(self, mbit: float | None) -> None:
@@ -83,7 +85,8 @@ class NetLab:
         Policy routing (there is no iptables here): such packets match a 'prohibit' rule that is
         looked up before the table of local addresses."""
         run = ("netns", "exec", self.name, "ip", "rule")
-        _ip(*run, "add", "pref", "10", "iif", self.inner_if, "ipproto", "tcp", "dport", f"1-{below - 1}", "prohibit")
+        _ip(*run, "add", "pref", "10", "iif", self.inner_if, "ipproto", "tcp", "dport", f"1-{below - 1}",
+            "prohibit")
         _ip(*run, "add", "pref", "100", "table", "local")
         _ip(*run, "del", "pref", "0")
 

@@ -26,8 +26,8 @@ class TcpProxy:
     """``with TcpProxy(delay=0.05) as proxy: proxy.target = ("127.0.0.1", port); dial proxy.port``."""
 
     def __init__(self, target: tuple[str, int] | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0, rto: float = 0.2, reset: float = 0.0,
-                 seed: int = 0):
+                 delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0, rto: float = 0.2,
+                 reset: float = 0.0, seed: int = 0):
         if delay < 0 or jitter < 0 or rto < 0 or not (0 <= loss <= 1 and 0 <= reset <= 1):
             raise ValueError("delay, jitter and rto must be >= 0; loss and reset are chances in [0, 1]")
         self.target, self.host = target, host
@@ -105,9 +105,11 @@ class TcpProxy:
         try:
             both = (client_writer, server_writer)
             await asyncio.gather(self._pipe(client_reader, server_writer, "up", both),
-                                 self._pipe(server_reader, client_writer, "down", both), return_exceptions=True)
+                                 self._pipe(server_reader, client_writer, "down", both),
+                                 return_exceptions=True)
         except asyncio.CancelledError:
-            pass  # shutdown; asyncio's stream server reads this task's outcome, which must not be a cancellation
+            pass  # shutdown; asyncio's stream server reads this task's outcome, which must not be
+                  # a cancellation
         finally:
             for writer in (client_writer, server_writer):
                 self._writers.discard(writer)
@@ -141,7 +143,8 @@ class TcpProxy:
                         end.transport.abort()
                     return
                 self.num_bytes[direction] += len(data)
-                due = loop.time() + self.delay + (self._random.uniform(0, self.jitter) if self.jitter else 0.0)
+                due = (loop.time() + self.delay
+                       + (self._random.uniform(0, self.jitter) if self.jitter else 0.0))
                 if data and self.loss and self._random.random() < self.loss:
                     self.num_losses += 1
                     due += self.rto  # TCP resends the lost segment after its retransmission timeout

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from common import pyplot, server_process, show_progress
 
+from dmoe.client.config import SwarmConfig
 from dmoe.lm.config import LMConfig, TrainConfig
 from dmoe.lm.model import num_active_params
 from dmoe.lm.train import Trainer
@@ -82,7 +83,8 @@ def main() -> None:
                   for a in ("--experts", f"{model.layer_prefix(layer)}.[{i * half}:{(i + 1) * half}]")]]
             with server_process(node_cmd(0), RESULTS / "bench_learning_node0.log", workdir / "node0.json"), \
                     server_process(node_cmd(1), RESULTS / "bench_learning_node1.log", workdir / "node1.json"):
-                results["moe-swarm"] = train("moe-swarm", TrainConfig(**common, swarm=swarm))
+                config = TrainConfig(**common, swarm=SwarmConfig(initial_peers=swarm))
+                results["moe-swarm"] = train("moe-swarm", config)
 
     local, swarm_loss, dense = (results[n]["final_heldout"] for n in ("moe-local", "moe-swarm", "dense"))
     summary = {

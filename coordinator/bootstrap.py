@@ -43,27 +43,29 @@ class Coordinator:
         self.relay: Relay | None = None  # serves nodes that cannot be dialled (--offer-relay, on by default)
 
     def start(self) -> Coordinator:
-        config = self.config
+        config, swarm = self.config, self.config.swarm
         try:
             self.dht = DHTPeer(
-                initial_peers=config.swarm, host=config.host, port=config.dht_port, identity_path=config.identity,
-                announce_maddrs=config.dht_announce, authorizer=dht_authorizer(config.swarm_key),
+                initial_peers=swarm.initial_peers, host=swarm.host, port=config.dht_port,
+                identity_path=config.identity, announce_maddrs=config.dht_announce,
+                authorizer=dht_authorizer(swarm.swarm_key),
             ).start()
             self.swarm_addresses = list(self.dht.visible_maddrs)
             self.join_address, self.peer_id = self.dht.join_address, self.dht.peer_id
             logger.info("coordinator up as %s", self.dht.peer_id)
             if config.offer_relay:
-                self.relay = Relay(host=config.host, port=config.relay_port, announce_host=config.relay_announce_host,
-                                   key=load_key(config.swarm_key),
-                                   limits=RelayLimits(max_nodes=config.relay_max_nodes, rate_mbit=config.relay_rate_mbit),
-                                   public_ports=parse_port_range(config.relay_public_ports)
+                limits = RelayLimits(max_nodes=config.relay_max_nodes, rate_mbit=config.relay_rate_mbit)
+                self.relay = Relay(host=swarm.host, port=config.relay_port,
+                                   announce_host=config.relay_announce_host, key=load_key(swarm.swarm_key),
+                                   limits=limits, public_ports=parse_port_range(config.relay_public_ports)
                                    if config.relay_public_ports else None)
                 self.relay.start()
                 self.relay.announce(self.dht, self.peer_id)
             self.monitor = SwarmMonitor(self.dht, poll_interval=config.poll_interval, history=config.history)
             info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses, "join": self.join_address}
             relay_stats = self.relay.stats if self.relay is not None else None
-            self.dashboard = Dashboard(self.monitor, make_registry(self.monitor, relay_stats), info, relay_stats)
+            registry = make_registry(self.monitor, relay_stats)
+            self.dashboard = Dashboard(self.monitor, registry, info, relay_stats)
             self.dashboard_url = self.dht.run(self._start_serving(), 60)
         except BaseException:
             self.shutdown()

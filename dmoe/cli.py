@@ -1,4 +1,11 @@
-"""The ``dmoe`` command. Entry point: logging set-up and event loops start here, not in the library."""
+"""The ``dmoe`` command: one click command per component, its options made from that component's config
+dataclass (:mod:`dmoe.config`), so a bad option fails before anything starts.
+
+Logging is set up here; the library only logs. Torch and hivemind are imported inside the commands
+that need them, so ``dmoe --help`` starts without either. Event loops belong to the objects that run
+them: ``Node.run`` serves on uvloop in the calling thread, and a DHT peer (a ``Swarm``'s, a
+``Coordinator``'s) runs its loop on a thread of its own; the commands start and stop those objects.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +64,8 @@ def node_start(config_path: str | None, **values) -> None:
     from dmoe.node.node import Node
 
     def on_ready(n: Node) -> None:
-        click.echo(f"node {n.node_id} serving {len(n.uids)} experts ({', '.join(config.experts)}) at {n.endpoint}")
+        click.echo(f"node {n.node_id} serving {len(n.uids)} experts ({', '.join(config.experts)}) "
+                   f"at {n.endpoint}")
         if not n.reachable:
             click.echo(f"not reachable from the swarm: clients call it through relay {n.relay_endpoint}")
         for address in n.swarm_addresses:
@@ -79,7 +87,8 @@ def coordinator() -> None:
 @coordinator.command("start")
 @click_options(CoordinatorConfig)
 def coordinator_start(config_path: str | None, **values) -> None:
-    """Start a bootstrap DHT peer and print the swarm address to hand out; runs until SIGINT/SIGTERM."""
+    """Start a bootstrap DHT peer and print the swarm address to hand out; runs until SIGINT/SIGTERM.
+    Without --swarm it starts a new swarm; with it, it joins that one."""
     config = _config(CoordinatorConfig, config_path, values)
     from dmoe.coordinator.bootstrap import Coordinator
 
@@ -131,8 +140,9 @@ def swarm_status(config_path: str | None, **values) -> None:
     try:
         view = read_view(config)
     except (DmoeError, ValueError, OSError, TimeoutError, RuntimeError, P2PDaemonError) as e:
-        raise click.ClickException(f"cannot read the swarm through {' '.join(config.swarm)}: {e} "
-                                   "(is that the address a coordinator or node printed, and is it up?)") from None
+        raise click.ClickException(f"cannot read the swarm through {' '.join(config.swarm.initial_peers)}: "
+                                   f"{e} (is that the address a coordinator or node printed, and is it "
+                                   "up?)") from None
     if config.json:
         click.echo(view.model_dump_json(indent=2))
     else:
@@ -162,14 +172,16 @@ def train(config_path: str | None, **values) -> None:
     except (DmoeError, ValueError, OSError) as e:
         raise click.ClickException(f"cannot start training: {e}") from None
     signal.signal(signal.SIGTERM, stop)  # after start: the averager's forked processes keep the default
-    where = "local experts" if config.local else f"swarm {config.swarm[0]}" if config.swarm else "dense model"
+    peers = config.swarm.initial_peers
+    where = "local experts" if config.local else f"swarm {peers[0]}" if peers else "dense model"
     console.print(f"training on {trainer.corpus.name} ({len(trainer.corpus.train):,} train bytes, "
                   f"{len(trainer.corpus.heldout):,} held out) with {where}; starting at step {trainer.step}")
     columns = [TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[status]}")]
     try:
         # on a terminal a live bar; in a log (CI, a pipe) a line every 10 steps
-        with Progress(*columns, console=console, refresh_per_second=4, disable=not console.is_terminal) as progress:
+        with Progress(*columns, console=console, refresh_per_second=4,
+                      disable=not console.is_terminal) as progress:
             task = progress.add_task("train", total=config.steps, completed=trainer.step, status="")
 
             def on_step(r: dict) -> None:
@@ -199,19 +211,18 @@ def train(config_path: str | None, **values) -> None:
 @main.command("infer")
 @click_options(InferConfig)
 def infer(config_path: str | None, **values) -> None:
-    """Generate text from a checkpoint of dmoe train, with its experts on the swarm."""
+    """Generate text from a checkpoint of dmoe train, with its experts on the swarm (--swarm is not
+    needed for a model trained --local or dense)."""
     config = _config(InferConfig, config_path, values)
-    from dmoe.client.config import SwarmConfig
     from dmoe.client.swarm import Swarm
     from dmoe.lm.infer import generate, load_model, needs_swarm
 
     swarm = None
     try:
         if needs_swarm(config.checkpoint):
-            if not config.swarm:
+            if not config.swarm.initial_peers:
                 raise click.UsageError("this model's experts live on a swarm: give --swarm ADDR")
-            swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host,
-                                      swarm_key=config.swarm_key)).start()
+            swarm = Swarm(config.swarm).start()
         model = load_model(config, swarm)
         text = generate(model, config.prompt, config.max_new_tokens, temperature=config.temperature,
                         top_k=config.top_k, seed=config.seed)

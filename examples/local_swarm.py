@@ -24,7 +24,8 @@ from rich.console import Console
 from dmoe.lm.config import LMConfig
 from dmoe.testing.process import wait_ready_file
 
-MODEL = LMConfig()  # the defaults of dmoe train: 2 layers of 8 experts, d_model 128, experts 128 -> 256 -> 128
+# the defaults of dmoe train: 2 layers of 8 experts, d_model 128, experts 128 -> 256 -> 128
+MODEL = LMConfig()
 # soft_wrap: lines are never cut at the console's width (80 columns when the output is a file or a pipe),
 # so an address or a command copied from a log is whole
 console = Console(soft_wrap=True)
@@ -75,7 +76,8 @@ def main() -> None:
             procs.append(proc)
             coordinator = ready(proc, path, "coordinator")
             swarm = coordinator["swarm"][0]
-            console.print(f"[green]coordinator[/] up; swarm address {swarm}; dashboard {coordinator['dashboard']}")
+            console.print(f"[green]coordinator[/] up; swarm address {swarm}; "
+                          f"dashboard {coordinator['dashboard']}")
             nodes = []
             for half, name in enumerate(("node-a", "node-b")):  # both start at once
                 argv, experts = node_args(workdir, name, half, swarm)
@@ -86,8 +88,9 @@ def main() -> None:
                 info = ready(proc, path, name)
                 console.print(f"[green]{name}[/] serves {' '.join(experts)} at {info['endpoint']}")
             save = str(workdir / "model")
-            run("training through the swarm", ["train", "--swarm", swarm, "--steps", str(args.steps), "--save", save,
-                                               "--eval-interval", str(max(10, args.steps // 5))])
+            eval_interval = str(max(10, args.steps // 5))
+            run("training through the swarm", ["train", "--swarm", swarm, "--steps", str(args.steps),
+                                               "--save", save, "--eval-interval", eval_interval])
             run("generating through the swarm", ["infer", "--swarm", swarm, "--checkpoint", save, "--prompt",
                                                  "def ", "--max-new-tokens", str(args.max_new_tokens)])
             time.sleep(2.5)  # one heartbeat, so the node records carry the calls just made
@@ -96,7 +99,8 @@ def main() -> None:
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 proc.wait(60)
-            console.print(f"nodes stopped; checkpoints: {sorted(p.parent.name for p in workdir.rglob('*.safetensors'))}")
+            checkpoints = sorted(p.parent.name for p in workdir.rglob("*.safetensors"))
+            console.print(f"nodes stopped; checkpoints: {checkpoints}")
         finally:
             for proc in procs:
                 if proc.poll() is None:

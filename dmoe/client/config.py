@@ -1,4 +1,7 @@
-"""SwarmConfig: how a client joins a swarm and treats its peers (peers, key, deadlines, back-off).
+"""SwarmConfig: how a process joins a swarm and treats its peers (peers, key, host, lookups, back-off,
+quarantine). Declared once here and nested in the configs of ``dmoe train``, ``dmoe infer``,
+``dmoe swarm status`` and ``dmoe coordinator start`` (:func:`dmoe.config.nested`), which take their
+swarm options, help texts and defaults from it.
 
 Torch-free and hivemind-free, so the CLI can build its options without importing either.
 """
@@ -14,10 +17,16 @@ from dmoe.errors import ConfigError
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class SwarmConfig:
+    """No peers is a valid config (a coordinator starts a swarm, a ``--local`` run needs none); what
+    joins a swarm calls :meth:`require_peers`."""
+
     ENV_PREFIX: ClassVar[str] = "DMOE_SWARM_"
 
-    initial_peers: list[str] = option([], "multiaddrs of swarm peers to join (any live peer will do)")
-    host: str = option("127.0.0.1", "address this client's DHT peer listens on")
+    initial_peers: list[str] = option([], "multiaddr of a swarm peer to join, as a coordinator or node "
+                                          "printed it (repeat for several; any live peer will do)")
+    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); "
+                                         "none: an open swarm")
+    host: str = option("127.0.0.1", "address this process's DHT peers listen on")
     cache_ttl: float = option(5.0, "seconds a lookup of live experts is reused")
     lookup_timeout: float = option(5.0, "seconds a lookup of live experts may take; past it the last "
                                         "known experts are used")
@@ -28,14 +37,17 @@ class SwarmConfig:
     max_reply_abs: float = option(1e6, "largest magnitude accepted in an expert's reply (outputs or input "
                                        "gradients); larger counts as that expert's failure")
     event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
-    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
 
     def __post_init__(self) -> None:
-        if not self.initial_peers:
-            raise ConfigError("no swarm address: give the address a coordinator or node printed")
-        if self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base or self.lookup_timeout <= 0:
+        if (self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base
+                or self.lookup_timeout <= 0):
             raise ConfigError("need cache_ttl >= 0, lookup_timeout > 0 and 0 < ban_base <= ban_max")
         if self.quarantine_time < 0 or self.max_reply_abs <= 0:
             raise ConfigError("need quarantine_time >= 0 and max_reply_abs > 0")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
+
+    def require_peers(self, how: str = "give the address a coordinator or node printed") -> None:
+        """Raise ConfigError unless there is a peer to join; ``how`` tells the user what to give."""
+        if not self.initial_peers:
+            raise ConfigError(f"no swarm address: {how}")

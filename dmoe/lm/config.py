@@ -1,12 +1,14 @@
 """The language model's configs: LMConfig (the model), TrainConfig (``dmoe train``), InferConfig
-(``dmoe infer``). Torch-free, so the CLI can build its options without importing torch."""
+(``dmoe infer``); the last two nest a SwarmConfig for joining the swarm. Torch-free, so the CLI can
+build its options without importing torch."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar
 
-from dmoe.config import option
+from dmoe.client.config import SwarmConfig
+from dmoe.config import check_nested, nested, option
 from dmoe.core.compression import COMPRESSION_NAMES
 from dmoe.errors import ConfigError
 
@@ -15,7 +17,8 @@ from dmoe.errors import ConfigError
 class LMConfig:
     ENV_PREFIX: ClassVar[str] = "DMOE_LM_"
 
-    d_model: int = option(128, "model width (the experts' hidden dim: nodes need --hidden-dim equal to it)")
+    d_model: int = option(128, "model width (the experts' hidden dim: nodes need --hidden-dim equal "
+                               "to it)")
     num_layers: int = option(2, "transformer blocks, one MoE layer each")
     num_heads: int = option(4, "attention heads")
     seq_len: int = option(128, "context length in bytes")
@@ -28,7 +31,8 @@ class LMConfig:
     z_loss_weight: float = option(0.001, "weight of the router z-loss")
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_layers", "num_heads", "seq_len", "num_experts", "k", "expert_inner"):
+        for name in ("d_model", "num_layers", "num_heads", "seq_len", "num_experts", "k",
+                     "expert_inner"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.num_heads:
@@ -60,18 +64,21 @@ class TrainConfig(LMConfig):
 
     ENV_PREFIX: ClassVar[str] = "DMOE_TRAIN_"
 
-    swarm: list[str] = option([], "multiaddr of a swarm peer (repeat for several)")
-    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
+    # joining the swarm: option name -> SwarmConfig field (options, TOML keys, DMOE_TRAIN_* variables);
+    # a [swarm] table in the TOML file sets any SwarmConfig field (cache_ttl, ban_max, ...)
+    swarm: SwarmConfig = nested(SwarmConfig, {"swarm": "initial_peers", "swarm_key": "swarm_key",
+                                              "host": "host", "lookup_timeout": "lookup_timeout"}, table=True)
     local: bool = option(False, "run the experts in this process instead of on a swarm")
     data: str = option("stdlib", "text: 'stdlib' (Python's standard library sources), a file or a folder")
     steps: int = option(1000, "training steps to run (counted from the start, so resume continues to it)")
-    max_time: float = option(0.0, "stop after this many seconds of training, evaluate and save, as at --steps "
-                                  "(0: no time limit)")
+    max_time: float = option(0.0, "stop after this many seconds of training, evaluate and save, as at "
+                                  "--steps (0: no time limit)")
     batch_size: int = option(16, "sequences per step")
     lr: float = option(1e-3, "learning rate of the client-side parameters (Adam)")
     max_grad_norm: float = option(1.0, "gradient clipping of the client-side parameters (0: none)")
     seed: int = option(0, "seed of the model's initialisation and of the data order")
-    save: str | None = option(None, "directory for checkpoints of the client-side parameters and optimizer")
+    save: str | None = option(None, "directory for checkpoints of the client-side parameters and "
+                                    "optimizer")
     save_interval: int = option(100, "steps between checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in --save")
     eval_interval: int = option(50, "steps between held-out evaluations (0: only at the end)")
@@ -82,23 +89,23 @@ class TrainConfig(LMConfig):
     forward_timeout: float = option(10.0, "deadline of an expert forward call (s)")
     timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
     backward_timeout: float = option(10.0, "deadline of an expert backward call (s)")
-    lookup_timeout: float = option(5.0, "deadline of a DHT lookup of live experts; past it the last known are used (s)")
     compression: str = option("none", "activations and gradients on the wire: none, fp16, 8bit")
-    host: str = option("127.0.0.1", "address this trainer's DHT peers listen on")
     metrics_file: str | None = option(None, "append one JSON line per step and per evaluation to this file")
 
     def __post_init__(self) -> None:
         LMConfig.__post_init__(self)
+        check_nested(self)
         for name in ("steps", "batch_size", "save_interval", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eval_interval < 0 or self.lr <= 0 or self.average_interval <= 0 or self.max_time < 0:
             raise ConfigError("need eval_interval >= 0, lr > 0, average_interval > 0 and max_time >= 0")
         if self.compression not in COMPRESSION_NAMES:
-            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}, got {self.compression!r}")
-        if self.ffn == "moe" and not self.local and not self.swarm:
-            raise ConfigError("no swarm address: give --swarm ADDR (printed by a coordinator or node), or --local")
-        if self.run_id is not None and not self.swarm:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}, "
+                              f"got {self.compression!r}")
+        if self.ffn == "moe" and not self.local:
+            self.swarm.require_peers("give --swarm ADDR (printed by a coordinator or node), or --local")
+        if self.run_id is not None and not self.swarm.initial_peers:
             raise ConfigError("--run-id averages with other trainers over a swarm: give --swarm too")
         if self.resume and not self.save:
             raise ConfigError("--resume needs --save DIR, where the checkpoints are")
@@ -112,8 +119,10 @@ class TrainConfig(LMConfig):
 class InferConfig:
     ENV_PREFIX: ClassVar[str] = "DMOE_INFER_"
 
-    swarm: list[str] = option([], "multiaddr of a swarm peer (repeat for several); not needed for --local models")
-    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
+    # joining the swarm (not needed for a model trained --local or dense): option name -> SwarmConfig
+    # field; a [swarm] table in the TOML file sets any SwarmConfig field
+    swarm: SwarmConfig = nested(SwarmConfig, {"swarm": "initial_peers", "swarm_key": "swarm_key",
+                                              "host": "host"}, table=True)
     checkpoint: str = option("", "directory that dmoe train --save wrote")
     prompt: str = option("def ", "text to continue")
     max_new_tokens: int = option(200, "bytes to generate")
@@ -124,9 +133,9 @@ class InferConfig:
     forward_timeout: float = option(10.0, "deadline of an expert call (s)")
     timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
     compression: str = option("none", "activations on the wire: none, fp16, 8bit")
-    host: str = option("127.0.0.1", "address this client's DHT peer listens on")
 
     def __post_init__(self) -> None:
+        check_nested(self)
         if not self.checkpoint:
             raise ConfigError("give --checkpoint DIR, the directory dmoe train --save wrote")
         if self.max_new_tokens < 0 or self.temperature < 0 or (self.top_k is not None and self.top_k < 1):

@@ -45,8 +45,8 @@ def needs_swarm(checkpoint: str) -> bool:
     return model_config.ffn == "moe" and not any(".experts." in name for name in state)
 
 
-def generate(model: MoELM, prompt: str, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 40,
-             seed: int = 0) -> str:
+def generate(model: MoELM, prompt: str, max_new_tokens: int, *, temperature: float = 0.8,
+             top_k: int | None = 40, seed: int = 0) -> str:
     """The text the model writes after ``prompt`` (bytes decoded as UTF-8, bad sequences replaced)."""
     generator = torch.Generator().manual_seed(seed)
     new = model.generate(list(prompt.encode("utf-8")), max_new_tokens, temperature=temperature, top_k=top_k,

@@ -72,7 +72,6 @@ class Trainer:
             return MoELM(config.model_config)
         if config.local:
             return MoELM(config.model_config, local_moe_factory())
-        from dmoe.client.config import SwarmConfig
         from dmoe.client.swarm import Swarm
         from dmoe.core.dhtauth import dht_authorizer
 
@@ -85,11 +84,11 @@ class Trainer:
             probe = MoELM(model_config, lambda c, i: MoELayer(prefix=c.layer_prefix(i), grid=(c.num_experts,),
                                                              in_features=c.d_model, k=c.k))
             shapes = list(probe.parameters())
-            self.averager = ParameterAverager(shapes, initial_peers=config.swarm, run_id=config.run_id,
-                                              host=config.host, interval=config.average_interval,
-                                              authorizer=dht_authorizer(config.swarm_key))
-        self.swarm = Swarm(SwarmConfig(initial_peers=config.swarm, host=config.host, swarm_key=config.swarm_key,
-                                       lookup_timeout=config.lookup_timeout)).start()
+            self.averager = ParameterAverager(shapes, initial_peers=config.swarm.initial_peers,
+                                              run_id=config.run_id, host=config.swarm.host,
+                                              interval=config.average_interval,
+                                              authorizer=dht_authorizer(config.swarm.swarm_key))
+        self.swarm = Swarm(config.swarm).start()
         torch.manual_seed(config.seed)
         model = MoELM(model_config, remote_moe_factory(
             self.swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,

@@ -1,12 +1,13 @@
-"""StatusConfig: the options of ``dmoe swarm status``. Apart from :mod:`dmoe.view.status` so the CLI
-builds its options without importing hivemind."""
+"""StatusConfig: the options of ``dmoe swarm status`` (the swarm to read, a nested SwarmConfig).
+Apart from :mod:`dmoe.view.status` so the CLI builds its options without importing hivemind."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar
 
-from dmoe.config import option
+from dmoe.client.config import SwarmConfig
+from dmoe.config import check_nested, nested, option
 from dmoe.errors import ConfigError
 
 
@@ -14,16 +15,16 @@ from dmoe.errors import ConfigError
 class StatusConfig:
     ENV_PREFIX: ClassVar[str] = "DMOE_STATUS_"
 
-    swarm: list[str] = option([], "multiaddr of any swarm peer (repeat for several)")
-    swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm keygen); none: an open swarm")
-    host: str = option("127.0.0.1", "address this command's short-lived DHT peer listens on")
+    # the swarm to read (this command's short-lived DHT peer): option name -> SwarmConfig field
+    swarm: SwarmConfig = nested(SwarmConfig, {"swarm": "initial_peers", "swarm_key": "swarm_key",
+                                              "host": "host"})
     json: bool = option(False, "print the view as JSON (for scripts) instead of tables")
     experts: bool = option(False, "also list every expert (one row per expert and node)")
     wait_nodes: int = option(0, "wait until at least this many nodes are seen (up to --timeout)")
     timeout: float = option(30.0, "seconds to join the swarm and to wait for --wait-nodes")
 
     def __post_init__(self) -> None:
-        if not self.swarm:
-            raise ConfigError("no swarm address: give --swarm with the address a coordinator or node printed")
+        check_nested(self)
+        self.swarm.require_peers("give --swarm with the address a coordinator or node printed")
         if self.timeout <= 0 or self.wait_nodes < 0:
             raise ConfigError("need --timeout > 0 and --wait-nodes >= 0")

@@ -21,8 +21,9 @@ from dmoe.view.swarmview import SwarmView, summarize
 def read_view(config: StatusConfig) -> SwarmView:
     """Join the swarm, read the node records (until ``wait_nodes`` are seen or the timeout), leave."""
     deadline = time.monotonic() + config.timeout
-    peer = DHTPeer(initial_peers=config.swarm, host=config.host, client_mode=True,
-                   authorizer=dht_authorizer(config.swarm_key)).start(config.timeout)
+    swarm = config.swarm  # StatusConfig made sure it has peers
+    peer = DHTPeer(initial_peers=swarm.initial_peers, host=swarm.host, client_mode=True,
+                   authorizer=dht_authorizer(swarm.swarm_key)).start(config.timeout)
     try:
         while True:
             view = summarize(find_nodes(peer))
@@ -62,8 +63,9 @@ def render(view: SwarmView, console: Console, experts: bool = False) -> None:
         table.add_column(name, justify="right")
     for n in view.nodes:
         table.add_row(*map(_cell, (
-            _short(n.node_id), n.endpoint, n.device_name or n.device, n.num_experts, " ".join(n.expert_prefixes),
-            _duration(n.uptime_s), f"{n.calls:,}", f"{n.errors:,}", f"{n.rejected:,}", f"{n.tokens:,}",
+            _short(n.node_id), n.endpoint, n.device_name or n.device, n.num_experts,
+            " ".join(n.expert_prefixes), _duration(n.uptime_s), f"{n.calls:,}", f"{n.errors:,}",
+            f"{n.rejected:,}", f"{n.tokens:,}",
             f"{n.latency_p50_ms:.1f}", f"{n.latency_p99_ms:.1f}", f"{n.queued_tokens:,}")))
     console.print(table)
     if experts:

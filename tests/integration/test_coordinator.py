@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 import torch
-from swarm_fixtures import stub, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from swarm_fixtures import stub, wait_for
 
 import dmoe
 from dmoe.core.records import find_experts
@@ -53,7 +53,8 @@ def node_ids(view: dict) -> set[str]:
     return {n["node_id"] for n in view["nodes"]}
 
 
-def test_address_is_stable_and_nodes_join_through_it(tmp_path, coordinator_factory, node_factory, dht_factory):
+def test_address_is_stable_and_nodes_join_through_it(tmp_path, coordinator_factory, node_factory,
+                                                     dht_factory):
     identity = tmp_path / "coordinator.key"
     first = coordinator_factory("--identity", str(identity))
     address = first.ready["swarm"][0]
@@ -73,7 +74,8 @@ def test_dashboard_api_metrics_and_status_follow_the_swarm(coordinator_factory, 
     coordinator = coordinator_factory("--poll-interval", "0.5")
     address, url = coordinator.ready["swarm"][0], coordinator.dashboard
     beats = ("--heartbeat-interval", "1", "--record-ttl", "10")  # a beat may be late on a busy machine
-    busy = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), *beats, name="busy")
+    busy = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), *beats,
+                        name="busy")
     doomed = node_factory("--swarm", address, "--experts", "ffn.[2:4]", "--hidden-dim", str(HIDDEN), *beats,
                           name="doomed")
     busy_id, doomed_id = busy.ready["node_id"], doomed.ready["node_id"]
@@ -81,7 +83,8 @@ def test_dashboard_api_metrics_and_status_follow_the_swarm(coordinator_factory, 
     _, service = stub(busy.endpoint)
     x = torch.randn(8, HIDDEN)
     for _ in range(3):
-        service.Backward(pb.BackwardRequest(uid="ffn.1", inputs=[serialize(x)], grad_outputs=[serialize(x)]), timeout=30)
+        service.Backward(pb.BackwardRequest(uid="ffn.1", inputs=[serialize(x)], grad_outputs=[serialize(x)]),
+                         timeout=30)
 
     def busy_seen():
         view = get_json(url + "api/swarm")
@@ -113,7 +116,8 @@ def test_dashboard_api_metrics_and_status_follow_the_swarm(coordinator_factory, 
         return max(rates) > 0 and history
 
     history = wait_for(busy_rate, 20, "the busy node's tokens/s above zero", interval=0.3)
-    assert all(set(p) == {"at", "tokens_per_s", "calls_per_s", "errors_per_s"} for p in history["nodes"][busy_id])
+    assert all(set(p) == {"at", "tokens_per_s", "calls_per_s", "errors_per_s"}
+               for p in history["nodes"][busy_id])
     assert max(p["tokens_per_s"] for p in history["nodes"][busy_id]) <= 5 * 8 / 0.1
     assert max(p["tokens_per_s"] for p in history["swarm"]) > 0
     assert all(p["tokens_per_s"] == 0 for p in history["nodes"].get(doomed_id, []))
@@ -125,8 +129,8 @@ def test_dashboard_api_metrics_and_status_follow_the_swarm(coordinator_factory, 
     from_status = json.loads(status.stdout)
     assert node_ids(from_status) == {busy_id, doomed_id}
     assert {n["node_id"]: n["calls"] for n in from_status["nodes"]}[busy_id] >= 3
-    table = subprocess.run([sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", busy.swarm[0], "--experts",
-                            "--wait-nodes", "2"], capture_output=True, text=True, timeout=90)
+    table = subprocess.run([sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", busy.swarm[0],
+                            "--experts", "--wait-nodes", "2"], capture_output=True, text=True, timeout=90)
     assert table.returncode == 0, table.stderr
     assert "2 nodes, 4 experts" in table.stdout and busy.endpoint in table.stdout and "ffn.3" in table.stdout
 
@@ -135,7 +139,8 @@ def test_dashboard_api_metrics_and_status_follow_the_swarm(coordinator_factory, 
     assert 'data-uid="ffn.3"' in page and 'data-series="swarm"' in page
 
     doomed.kill()  # kill -9: no withdrawal, its records expire
-    wait_for(lambda: node_ids(get_json(url + "api/swarm")) == {busy_id}, 60, "the killed node to vanish", interval=0.5)
+    wait_for(lambda: node_ids(get_json(url + "api/swarm")) == {busy_id}, 60, "the killed node to vanish",
+             interval=0.5)
     page = rendered_page(url)
     assert f'data-node-id="{busy_id}"' in page and f'data-node-id="{doomed_id}"' not in page
     assert 'data-uid="ffn.3"' not in page
@@ -146,7 +151,8 @@ def test_dashboard_api_metrics_and_status_follow_the_swarm(coordinator_factory, 
 def test_the_swarm_keeps_working_without_the_coordinator(coordinator_factory, node_factory):
     coordinator = coordinator_factory()
     address = coordinator.ready["swarm"][0]
-    first = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), name="first")
+    first = node_factory("--swarm", address, "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN),
+                         name="first")
     coordinator.kill()
     # several addresses, the coordinator's dead: a node and a client join through the live one
     second = node_factory("--swarm", address, "--swarm", first.swarm[0], "--experts", "ffn.[2:4]",
@@ -157,14 +163,15 @@ def test_the_swarm_keeps_working_without_the_coordinator(coordinator_factory, no
             return set(live) == {0, 1, 2, 3} and live
         live = wait_for(both, 30, "experts of both nodes")
         assert {live[0].endpoint, live[2].endpoint} == {first.endpoint, second.endpoint}
-        moe = dmoe.RemoteMoE(swarm, prefix="ffn", grid=(4,), in_features=HIDDEN, k=4, k_min=4, forward_timeout=30)
+        moe = dmoe.RemoteMoE(swarm, prefix="ffn", grid=(4,), in_features=HIDDEN, k=4, k_min=4,
+                             forward_timeout=30)
         y = moe(torch.randn(5, HIDDEN))
         assert y.shape == (5, HIDDEN) and bool(y.abs().sum() > 0)
 
 
 def test_swarm_status_through_a_dead_address_says_what_to_check():
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEFCvBWyYb99onwTpANNAsLYQE2dxu5a5Vpy2wq1SaFc2"  # nobody listens
-    result = subprocess.run([sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", dead, "--timeout", "20"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", dead,
+                             "--timeout", "20"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
     assert f"cannot read the swarm through {dead}" in result.stderr and "Traceback" not in result.stderr

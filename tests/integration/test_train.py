@@ -45,8 +45,8 @@ def two_nodes(node_factory):
 def test_training_over_a_two_node_swarm_lowers_the_held_out_loss(two_nodes, tmp_path):
     a, b = two_nodes
     # no call may fail: every answer is awaited up to the forward's deadline, not 1 s past the first
-    config = TrainConfig(**MODEL, swarm=a.swarm, steps=25, batch_size=8, lr=3e-3, eval_interval=0,
-                         timeout_after_k_min=30, save=str(tmp_path / "run"),
+    config = TrainConfig(**MODEL, swarm=SwarmConfig(initial_peers=a.swarm), steps=25, batch_size=8, lr=3e-3,
+                         eval_interval=0, timeout_after_k_min=30, save=str(tmp_path / "run"),
                          metrics_file=str(tmp_path / "metrics.jsonl"))
     with Trainer(config) as trainer:
         before = trainer.evaluate()
@@ -170,7 +170,8 @@ def test_two_trainers_average_and_one_survives_the_other_being_killed(two_nodes,
 
 def test_inference_goes_on_when_a_node_is_killed_mid_generation(two_nodes, tmp_path):
     a, b = two_nodes
-    config = TrainConfig(**MODEL, swarm=a.swarm, steps=3, batch_size=4, eval_interval=0, save=str(tmp_path / "run"))
+    config = TrainConfig(**MODEL, swarm=SwarmConfig(initial_peers=a.swarm), steps=3, batch_size=4,
+                         eval_interval=0, save=str(tmp_path / "run"))
     with Trainer(config) as trainer:
         trainer.train()
     with Swarm(SwarmConfig(initial_peers=a.swarm, cache_ttl=60)) as swarm:

@@ -39,9 +39,10 @@ def main() -> None:
     parser.add_argument("--cut-for", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    config = ChaosConfig(duration=args.minutes * 60 - args.calm, calm=args.calm, fault_interval=args.fault_interval,
-                         cuts=args.cuts, cut_for=args.cut_for, cut_at=0.5, no_kills_for=30.0, seed=args.seed,
-                         eval_interval=250, down_time=(2.0, 10.0), stop_time=(1.0, 8.0))
+    config = ChaosConfig(duration=args.minutes * 60 - args.calm, calm=args.calm,
+                         fault_interval=args.fault_interval, cuts=args.cuts, cut_for=args.cut_for, cut_at=0.5,
+                         no_kills_for=30.0, seed=args.seed, eval_interval=250, down_time=(2.0, 10.0),
+                         stop_time=(1.0, 8.0))
     workdir = RESULTS / "bench_chaos_run"
     shutil.rmtree(workdir, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,8 @@ def print_table(report: dict) -> None:
     print(f"\nfaults: {faults['kill -9']} kill -9, {faults['SIGSTOP']} SIGSTOP, {faults['cut off']} cut off; "
           f"{len(restarts)} restarts, {sum(r['ok'] for r in restarts)} resumed from the newest checkpoint, "
           f"{sum(bool(r['served']) for r in restarts)} seen serving again "
-          f"(median {statistics.median([r.get('served_after_s', 0) for r in restarts if r['served']] or [0]):.1f} s "
+          f"(median "
+          f"{statistics.median([r.get('served_after_s', 0) for r in restarts if r['served']] or [0]):.1f} s "
           f"after ready); corrupt checkpoints: {len(report['corrupt_checkpoints'])}")
     print(f"step bound by the deadlines: {report['step_bound_s']:.1f} s (+ compute)\n")
     header = ("trainer", "exit", "steps", "calls lost", "median s", "p99 s", "max s", "held-out start", "end",
@@ -81,13 +83,15 @@ def plot(report: dict) -> None:
     for t in report["trainers"]:
         times = [(r[2] - start) / 60 for r in t["loss"]]
         window = 50
-        smooth = [statistics.fmean(r[1] for r in t["loss"][max(0, i - window):i + 1]) for i in range(len(t["loss"]))]
+        smooth = [statistics.fmean(r[1] for r in t["loss"][max(0, i - window):i + 1])
+                  for i in range(len(t["loss"]))]
         ax.plot(times, smooth, label=f"{t['name']} train loss (mean of {window} steps)", linewidth=1)
     colors = {"kill -9": "red", "SIGSTOP": "orange", "cut off": "purple"}
     for kind, color in colors.items():
         times = [report["started_at"] + e["t"] for e in report["events"] if e["kind"] == kind]
         for i, t in enumerate(times):
-            ax.axvline((t - start) / 60, color=color, alpha=0.25, linewidth=0.8, label=kind if i == 0 else None)
+            ax.axvline((t - start) / 60, color=color, alpha=0.25, linewidth=0.8,
+                       label=kind if i == 0 else None)
     ax.set_xlabel("minutes of training")
     ax.set_ylabel("loss (nats/byte)")
     ax.legend(fontsize=8)

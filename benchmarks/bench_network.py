@@ -64,7 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bandwidth", type=float, nargs="+", default=[10, 50, 100], help="Mbit/s each way")
     parser.add_argument("--rtt", type=float, nargs="+", default=[0, 25, 50, 100, 200], help="milliseconds")
-    parser.add_argument("--steps", type=int, default=4, help="measured steps per thread, after one warm-up step")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="measured steps per thread, after one warm-up step")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=512)
     args = parser.parse_args()
@@ -73,16 +74,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, NetLab() as lab, TcpProxy() as proxy, \
             open(RESULTS / "bench_network_node.log", "wb") as log:
         ready = Path(tmp) / "node.json"
-        node = lab.popen([sys.executable, "-m", "dmoe", "node", "start", "--host", lab.inner_ip, "--port", "0",
-                          "--announce-host", "127.0.0.1", "--announce-port", str(proxy.port), "--device", "cpu",
-                          "--experts", f"ffn.[0:{NUM_EXPERTS}]", "--experts", "stage0.[0:1]",
-                          "--experts", "stage1.[0:1]", "--hidden-dim", str(args.hidden),
+        node = lab.popen([sys.executable, "-m", "dmoe", "node", "start", "--host", lab.inner_ip,
+                          "--port", "0", "--announce-host", "127.0.0.1", "--announce-port", str(proxy.port),
+                          "--device", "cpu", "--experts", f"ffn.[0:{NUM_EXPERTS}]",
+                          "--experts", "stage0.[0:1]", "--experts", "stage1.[0:1]",
+                          "--hidden-dim", str(args.hidden),
                           "--max-message-bytes", str(256 << 20), "--max-request-bytes", str(256 << 20),
                           "--max-inflight-bytes", str(1 << 30), "--ready-file", str(ready)],
                          stdout=log, stderr=subprocess.STDOUT)
         info = wait_ready_file(ready, node, 120, f"the node (log: {RESULTS / 'bench_network_node.log'})")
         proxy.target = (lab.inner_ip, info["port"])
-        with dmoe.Swarm(dmoe.SwarmConfig(initial_peers=info["swarm"], host=lab.outer_ip, cache_ttl=1e9)) as swarm:
+        with dmoe.Swarm(dmoe.SwarmConfig(initial_peers=info["swarm"], host=lab.outer_ip,
+                                         cache_ttl=1e9)) as swarm:
             deadline = time.monotonic() + 60
             while len(swarm.live_under(["ffn."], refresh=True)["ffn."]) < NUM_EXPERTS or not all(
                     swarm.live_under([f"stage{i}."], refresh=True)[f"stage{i}."] for i in range(2)):
@@ -91,11 +94,13 @@ def main() -> None:
                 time.sleep(0.5)
             torch.manual_seed(0)
             deadlines = dict(forward_timeout=120, timeout_after_k_min=120, backward_timeout=120)
-            layers = {c: dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=args.hidden, k=K,
-                                        k_min=K, compression=c, **deadlines) for c in ("none", "fp16", "8bit")}
+            layers = {c: dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=args.hidden,
+                                        k=K, k_min=K, compression=c, **deadlines)
+                      for c in ("none", "fp16", "8bit")}
             for layer in layers.values():
                 layer.load_state_dict(layers["none"].state_dict())
-            stages = [dmoe.RemoteMoE(swarm, prefix=f"stage{i}", grid=(1,), in_features=args.hidden, k=1, **deadlines)
+            stages = [dmoe.RemoteMoE(swarm, prefix=f"stage{i}", grid=(1,), in_features=args.hidden, k=1,
+                                     **deadlines)
                       for i in range(2)]
             # inputs that need a gradient, as a layer's inside a model: backward then reaches the experts
             inputs = [torch.randn(args.tokens, args.hidden, requires_grad=True) for _ in range(2)]
@@ -112,15 +117,17 @@ def main() -> None:
                     for name, compression, inflight in VARIANTS:
                         row = measure(step_fn(name, compression), inputs[:inflight], args.steps, proxy)
                         bound = row["busier_direction_bytes_per_step"] * 8 / (mbit * 1e6)
-                        row.update(variant=label(name, compression, inflight), name=name, compression=compression,
-                                   inflight=inflight, bandwidth_mbit=mbit, rtt_ms=rtt, bound_s=bound,
+                        row.update(variant=label(name, compression, inflight), name=name,
+                                   compression=compression, inflight=inflight, bandwidth_mbit=mbit,
+                                   rtt_ms=rtt, bound_s=bound,
                                    sequential_bound_s=row["bytes_per_step"] * 8 / (mbit * 1e6),
                                    efficiency=bound / row["s_per_step"],
                                    tokens_per_s=args.tokens / row["s_per_step"])
                         rows.append(row)
-                        print(f"{mbit:>5.0f} Mbit/s {rtt:>4.0f} ms {row['variant']:>24}: {row['s_per_step']:7.3f} "
-                              f"s/step, {row['bytes_per_step'] / 1e6:6.2f} MB/step, bound {bound:6.3f} s, "
-                              f"efficiency {100 * row['efficiency']:5.1f}%, {row['tokens_per_s']:8,.0f} tok/s",
+                        print(f"{mbit:>5.0f} Mbit/s {rtt:>4.0f} ms {row['variant']:>24}: "
+                              f"{row['s_per_step']:7.3f} s/step, {row['bytes_per_step'] / 1e6:6.2f} MB/step, "
+                              f"bound {bound:6.3f} s, efficiency {100 * row['efficiency']:5.1f}%, "
+                              f"{row['tokens_per_s']:8,.0f} tok/s",
                               flush=True)
             failed = sum(layer.num_failed_calls for layer in [*layers.values(), *stages])
     out = {"config": {**vars(args), "experts": NUM_EXPERTS, "k": K}, "failed_calls": failed, "results": rows}
@@ -129,7 +136,8 @@ def main() -> None:
     plot(rows, args)
 
 
-def measure(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], steps: int, proxy: TcpProxy) -> dict:
+def measure(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], steps: int,
+            proxy: TcpProxy) -> dict:
     """One warm-up step per thread, then ``steps`` per thread, all threads at once: s/step is the
     wall time over all their steps; bytes are the proxy's counts over the same span."""
     for x in inputs:
@@ -164,7 +172,8 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     if plt is None:
         return
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    figure, axes = plt.subplots(2, len(args.bandwidth), figsize=(4.8 * len(args.bandwidth), 7.2), squeeze=False)
+    figure, axes = plt.subplots(2, len(args.bandwidth), figsize=(4.8 * len(args.bandwidth), 7.2),
+                                squeeze=False)
     for column, mbit in enumerate(args.bandwidth):
         for variant in variants:
             cells = [r for r in rows if r["bandwidth_mbit"] == mbit and r["variant"] == variant]

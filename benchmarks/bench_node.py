@@ -210,7 +210,8 @@ def main() -> None:
     print_table(cells)
     for m in modes:
         rates = [c.samples_per_s for c in local_runs[m]]
-        print(f"local {m} runs (samples/s): {', '.join(f'{r:,.0f}' for r in rates)}; the median is the reference")
+        print(f"local {m} runs (samples/s): {', '.join(f'{r:,.0f}' for r in rates)}; "
+              f"the median is the reference")
         if max(rates) > 1.25 * min(rates):
             print(f"  warning: the local {m} baseline varied {max(rates) / min(rates):.1f}x during the run;"
                   " other load on this machine makes the % column unreliable (rerun on an idle machine)")

@@ -34,8 +34,9 @@ NUM_EXPERTS = 8
 
 def node_cmd(workdir: Path, name: str, hidden: int, key: Path | None) -> tuple[list[str], Path]:
     ready = workdir / f"{name}.ready.json"
-    cmd = [sys.executable, "-m", "dmoe", "node", "start", "--device", "cpu", "--experts", f"ffn.[0:{NUM_EXPERTS}]",
-           "--hidden-dim", str(hidden), "--num-threads", "1", "--ready-file", str(ready), "--lr", "1e-6"]
+    cmd = [sys.executable, "-m", "dmoe", "node", "start", "--device", "cpu",
+           "--experts", f"ffn.[0:{NUM_EXPERTS}]", "--hidden-dim", str(hidden), "--num-threads", "1",
+           "--ready-file", str(ready), "--lr", "1e-6"]
     if key is not None:
         cmd += ["--swarm-key", str(key)]
     return cmd, ready
@@ -58,7 +59,8 @@ def main() -> None:
         open_cmd, open_ready = node_cmd(workdir, "open", args.hidden, None)
         private_cmd, private_ready = node_cmd(workdir, "private", args.hidden, key_path)
         with server_process(open_cmd, RESULTS_DIR / "bench_private.open.log", open_ready) as open_node, \
-                server_process(private_cmd, RESULTS_DIR / "bench_private.private.log", private_ready) as private_node:
+                server_process(private_cmd, RESULTS_DIR / "bench_private.private.log",
+                               private_ready) as private_node:
             swarms = {
                 "open": Swarm(SwarmConfig(initial_peers=open_node["swarm"], cache_ttl=3600)).start(),
                 "private": Swarm(SwarmConfig(initial_peers=private_node["swarm"], cache_ttl=3600,
@@ -66,7 +68,8 @@ def main() -> None:
             }
             try:
                 torch.manual_seed(0)
-                layers = {name: RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=args.hidden, k=2)
+                layers = {name: RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=args.hidden,
+                                          k=2)
                           for name, swarm in swarms.items()}
                 for layer in layers.values():  # the same gate, so both send the same calls
                     layer.load_state_dict(layers["open"].state_dict())
@@ -89,7 +92,8 @@ def main() -> None:
                 for swarm in swarms.values():
                     swarm.shutdown()
     report = {
-        "config": vars(args) | {"out": str(args.out), "num_experts": NUM_EXPERTS, "calls_per_step": 2 * NUM_EXPERTS},
+        "config": vars(args) | {"out": str(args.out), "num_experts": NUM_EXPERTS,
+                                "calls_per_step": 2 * NUM_EXPERTS},
         "step_s": {name: summary(v) for name, v in times.items()},
         "lookup_s": {name: summary(v) for name, v in lookups.items()},
     }

@@ -7,9 +7,9 @@ client, two RemoteMoE layers with the same gate; steps alternate (direct, relaye
 drift on this machine hits both alike. Two sizes: small experts, where per-call costs show, and large
 requests, where the relay's copying of bytes shows. Reported: median and p90 step time (forward +
 backward), and the ratio relayed / direct. Also what a node's start-up check costs: a relay's
-dial-back with the Info call that checks who answers, against the bare TCP dial, alternating. On one machine the relay shares its two cores with
-everything else, and its hop adds no distance; across the internet, the relay's own distance
-from client and node adds to each call.
+dial-back with the Info call that checks who answers, against the bare TCP dial, alternating. On
+one machine the relay shares its two cores with everything else, and its hop adds no distance;
+across the internet, the relay's own distance from client and node adds to each call.
 
 Run::
 
@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")  # a Relay runs in this process next to gRPC (docs/nat.md)
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")  # a Relay runs in this process next to gRPC
+                                                        # (docs/nat.md)
 
 import torch  # noqa: E402
 from common import server_process, summary, timed_step, write_report  # noqa: E402
@@ -45,9 +46,11 @@ NUM_EXPERTS = 8
 SIZES = {"small": (64, 64), "large": (512, 1024)}  # name: (tokens, hidden)
 
 
-def node_cmd(workdir: Path, name: str, prefix: str, hidden: int, swarm: str, mode: str) -> tuple[list[str], Path]:
+def node_cmd(workdir: Path, name: str, prefix: str, hidden: int, swarm: str,
+             mode: str) -> tuple[list[str], Path]:
     ready = workdir / f"{name}.ready.json"
-    return [sys.executable, "-m", "dmoe", "node", "start", "--device", "cpu", "--experts", f"{prefix}.[0:{NUM_EXPERTS}]",
+    return [sys.executable, "-m", "dmoe", "node", "start", "--device", "cpu",
+            "--experts", f"{prefix}.[0:{NUM_EXPERTS}]",
             "--hidden-dim", str(hidden), "--inner-dim", str(hidden), "--num-threads", "1", "--lr", "1e-6",
             "--swarm", swarm, "--reachability", mode, "--ready-file", str(ready)], ready
 
@@ -57,7 +60,8 @@ def measure(workdir: Path, swarm_address: str, size: str, steps: int) -> dict:
     direct_cmd, direct_ready = node_cmd(workdir, f"direct-{size}", "ffn", hidden, swarm_address, "direct")
     relayed_cmd, relayed_ready = node_cmd(workdir, f"relayed-{size}", "rel", hidden, swarm_address, "relay")
     with server_process(direct_cmd, RESULTS_DIR / f"bench_relay.direct-{size}.log", direct_ready) as direct, \
-            server_process(relayed_cmd, RESULTS_DIR / f"bench_relay.relayed-{size}.log", relayed_ready) as relayed:
+            server_process(relayed_cmd, RESULTS_DIR / f"bench_relay.relayed-{size}.log",
+                           relayed_ready) as relayed:
         probes = probe_cost(direct["port"], direct["node_id"]) if size == "small" else None
         with Swarm(SwarmConfig(initial_peers=[swarm_address], cache_ttl=3600)) as swarm:
             records = find_experts(swarm.peer, [f"rel.{i}" for i in range(NUM_EXPERTS)])
@@ -105,12 +109,14 @@ def probe_cost(port: int, node_id: str, repeats: int = 30) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200, help="measured steps per path (small experts; large: a fifth)")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="measured steps per path (small experts; large: a fifth)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_relay.json")
     args = parser.parse_args()
     RESULTS_DIR.mkdir(exist_ok=True)
     torch.set_num_threads(1)
-    report: dict = {"config": {"steps": args.steps, "num_experts": NUM_EXPERTS, "calls_per_step": 2 * NUM_EXPERTS}}
+    report: dict = {"config": {"steps": args.steps, "num_experts": NUM_EXPERTS,
+                               "calls_per_step": 2 * NUM_EXPERTS}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         ready = workdir / "coordinator.ready.json"
@@ -119,8 +125,8 @@ def main() -> None:
             for size in SIZES:
                 report[size] = measure(workdir, coordinator["swarm"][0], size,
                                        args.steps if size == "small" else max(10, args.steps // 5))
-    print(f"{'size':<7} {'tokens x hidden':>16} {'direct p50 ms':>14} {'relayed p50 ms':>15} {'direct p90':>11} "
-          f"{'relayed p90':>12} {'relayed/direct':>15}")
+    print(f"{'size':<7} {'tokens x hidden':>16} {'direct p50 ms':>14} {'relayed p50 ms':>15} "
+          f"{'direct p90':>11} {'relayed p90':>12} {'relayed/direct':>15}")
     for size in SIZES:
         r = report[size]
         print(f"{size:<7} {r['tokens']:>7} x {r['hidden']:<6} {1e3 * r['direct']['median']:>14.2f} "

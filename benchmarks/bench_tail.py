@@ -15,14 +15,14 @@ same gate weights, steps interleaved so that the machine's noise hits them alike
 * **hedge2**   — the same with its third- and fourth-best experts (hedge = 2). With two experts per
   node, a token whose top-3 holds both of the slow node's experts needs that node under hedge = 1.
 
-plus **wait, no slow node** and **hedge2, no slow node** (the proxy's delay and jitter set to 0) for reference. Each configuration has a
-client Swarm of its own, so that the back-off of failing endpoints (a late call counts as a failure,
-a hedged call cancelled because it was not needed does not) is its own too. Reports p50 / p90 / p99 /
-max of the step time over ``--steps`` steps after ``--warmup``, the expert calls per step, and the
-share of steps that routed tokens to the slow node (``slow used``; a banned node gets none), and the
-share of (token, slot) outputs that came from the token's own top-2 among all 8 experts (``own
-top-2``) or that were missing (``missing``): the price each configuration pays in quality. Writes
-``benchmarks/results/bench_tail.json``.
+plus **wait, no slow node** and **hedge2, no slow node** (the proxy's delay and jitter set to 0) for
+reference. Each configuration has a client Swarm of its own, so that the back-off of failing
+endpoints (a late call counts as a failure, a hedged call cancelled because it was not needed does
+not) is its own too. Reports p50 / p90 / p99 / max of the step time over ``--steps`` steps after
+``--warmup``, the expert calls per step, and the share of steps that routed tokens to the slow node
+(``slow used``; a banned node gets none), and the share of (token, slot) outputs that came from the
+token's own top-2 among all 8 experts (``own top-2``) or that were missing (``missing``): the price
+each configuration pays in quality. Writes ``benchmarks/results/bench_tail.json``.
 
 Run::
 
@@ -83,10 +83,11 @@ def main() -> None:
             swarm_addr = swarm_addr or info["swarm"]
             if n == NUM_NODES - 1:
                 proxy.target = ("127.0.0.1", info["port"])
-        runs = [("wait, no slow node", "wait", 0.0), ("wait", "wait", args.delay), ("quorum", "quorum", args.delay),
-                ("hedge", "hedge", args.delay), ("hedge2", "hedge2", args.delay),
-                ("hedge2, no slow node", "hedge2", 0.0)]
-        swarms = {name: stack.enter_context(dmoe.Swarm(dmoe.SwarmConfig(initial_peers=swarm_addr, cache_ttl=2.0)))
+        runs = [("wait, no slow node", "wait", 0.0), ("wait", "wait", args.delay),
+                ("quorum", "quorum", args.delay), ("hedge", "hedge", args.delay),
+                ("hedge2", "hedge2", args.delay), ("hedge2, no slow node", "hedge2", 0.0)]
+        swarms = {name: stack.enter_context(dmoe.Swarm(dmoe.SwarmConfig(initial_peers=swarm_addr,
+                                                                        cache_ttl=2.0)))
                   for name, _, _ in runs}
         deadline = time.monotonic() + 60
         for swarm in swarms.values():
@@ -116,7 +117,8 @@ def main() -> None:
         missing: dict[str, list[float]] = {name: [] for name, _, _ in runs}
         for step in range(args.warmup + args.steps):
             # an input that needs a gradient, as a layer's inside a model: backward then reaches the experts
-            x = torch.randn(TOKENS, args.hidden, generator=torch.Generator().manual_seed(step)).requires_grad_(True)
+            x = torch.randn(TOKENS, args.hidden,
+                            generator=torch.Generator().manual_seed(step)).requires_grad_(True)
             for name, _, delay in runs:
                 layer = layers[name]
                 proxy.delay, proxy.jitter = delay, (args.jitter if delay else 0.0)
@@ -138,7 +140,8 @@ def main() -> None:
                     given_TK = given_TK.masked_fill(~layer.last_answered_TK, -1)
                     hits = (own_TK.unsqueeze(-1) == given_TK.unsqueeze(1)).any(-1)
                 own[name].append(float(hits.float().mean()))
-                missing[name].append(float(1 - layer.last_answered_TK.sum(-1).clamp(max=K).float().mean() / K))
+                missing[name].append(
+                    float(1 - layer.last_answered_TK.sum(-1).clamp(max=K).float().mean() / K))
             show_progress(f"step {step + 1}/{args.warmup + args.steps}", step + 1, args.warmup + args.steps)
 
     rows = {}
@@ -146,16 +149,18 @@ def main() -> None:
         t = times[name]
         rows[name] = {"slow_node_delay_s": delay, "p50_s": percentile(t, 50), "p90_s": percentile(t, 90),
                       "p99_s": percentile(t, 99), "max_s": max(t), "mean_s": statistics.fmean(t),
-                      "experts_called": statistics.fmean(calls[name]), "own_top2": statistics.fmean(own[name]),
-                      "slow_used": statistics.fmean(slow_used[name]),
+                      "experts_called": statistics.fmean(calls[name]),
+                      "own_top2": statistics.fmean(own[name]), "slow_used": statistics.fmean(slow_used[name]),
                       "missing": statistics.fmean(missing[name]), "seconds": t}
-    print(f"\nRemoteMoE, {num_experts} experts on {NUM_NODES} nodes, the last behind +{args.delay * 1e3:.0f} ms "
-          f"+- {args.jitter * 1e3:.0f} ms each way; k=2, {TOKENS} tokens, forward + backward; {args.steps} steps")
-    print(f"{'config':<20} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'max s':>7} {'experts':>8} {'slow used':>10} "
-          f"{'own top-2':>10} {'missing':>8}")
+    print(f"\nRemoteMoE, {num_experts} experts on {NUM_NODES} nodes, the last behind "
+          f"+{args.delay * 1e3:.0f} ms +- {args.jitter * 1e3:.0f} ms each way; k=2, {TOKENS} tokens, "
+          f"forward + backward; {args.steps} steps")
+    print(f"{'config':<20} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'max s':>7} {'experts':>8} "
+          f"{'slow used':>10} {'own top-2':>10} {'missing':>8}")
     for name, r in rows.items():
         print(f"{name:<20} {r['p50_s']:>7.3f} {r['p90_s']:>7.3f} {r['p99_s']:>7.3f} {r['max_s']:>7.3f} "
-              f"{r['experts_called']:>8.1f} {r['slow_used']:>10.2f} {r['own_top2']:>10.3f} {r['missing']:>8.3f}")
+              f"{r['experts_called']:>8.1f} {r['slow_used']:>10.2f} {r['own_top2']:>10.3f} "
+              f"{r['missing']:>8.3f}")
     out = {"config": {**vars(args), "nodes": NUM_NODES, "experts": num_experts, "k": K, "tokens": TOKENS},
            "results": rows}
     (RESULTS / "bench_tail.json").write_text(json.dumps(out, indent=2))

@@ -57,8 +57,10 @@ BAD_FORWARDS = {
     "empty uid": (pb.ForwardRequest(inputs=[serialize(torch.zeros(2, HIDDEN))]), NOT_FOUND),
     "wrong width": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(2, HIDDEN + 1))]), INVALID),
     "wrong rank": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(2, 2, HIDDEN))]), INVALID),
-    "wrong dtype": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(2, HIDDEN, dtype=torch.float64))]), INVALID),
-    "integer dtype": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(2, HIDDEN, dtype=torch.int64))]), INVALID),
+    "wrong dtype": (pb.ForwardRequest(uid=UID, inputs=[serialize(
+        torch.zeros(2, HIDDEN, dtype=torch.float64))]), INVALID),
+    "integer dtype": (pb.ForwardRequest(uid=UID, inputs=[serialize(
+        torch.zeros(2, HIDDEN, dtype=torch.int64))]), INVALID),
     "no inputs": (pb.ForwardRequest(uid=UID), INVALID),
     "two inputs": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(2, HIDDEN))] * 2), INVALID),
     "zero tokens": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(0, HIDDEN))]), INVALID),
@@ -66,17 +68,21 @@ BAD_FORWARDS = {
     "inf": (pb.ForwardRequest(uid=UID, inputs=[serialize(inf_input())]), INVALID),
     "absurdly large": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.full((2, HIDDEN), -1e6))]),
                        grpc.StatusCode.OUT_OF_RANGE),
-    "short buffer": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], buffer=b"\0" * 10)]), INVALID),
+    "short buffer": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], buffer=b"\0" * 10)]),
+                     INVALID),
     "unknown dtype": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], dtype="object")]), INVALID),
     "negative dim": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([-2, HIDDEN], buffer=b"")]), INVALID),
-    "huge claimed shape": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([1 << 40, 1 << 20], buffer=b"")]), INVALID),
-    "unknown compression": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], compression=7)]), INVALID),
+    "huge claimed shape": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([1 << 40, 1 << 20], buffer=b"")]),
+                           INVALID),
+    "unknown compression": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor([2, HIDDEN], compression=7)]),
+                            INVALID),
     "8bit codebook overflow": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor(
         [2, HIDDEN], compression=pb.UNIFORM_8BIT,
         buffer=np.int64(1 << 30).tobytes() + b"\0" * 64)]), INVALID),
     "8bit index past codebook": (pb.ForwardRequest(uid=UID, inputs=[raw_tensor(
         [2, HIDDEN], compression=pb.UNIFORM_8BIT,
-        buffer=np.int64(4).tobytes() + np.zeros(4, np.float32).tobytes() + b"\x09" * (2 * HIDDEN))]), INVALID),
+        buffer=np.int64(4).tobytes() + np.zeros(4, np.float32).tobytes() + b"\x09" * (2 * HIDDEN))]),
+                                 INVALID),
     "unknown reply compression": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(2, HIDDEN))],
                                                     reply_compression=9), INVALID),
     "too many tokens": (pb.ForwardRequest(uid=UID, inputs=[serialize(torch.zeros(1025, HIDDEN))]), EXHAUSTED),
@@ -96,7 +102,8 @@ def test_bad_forward_gets_status_and_changes_nothing(service, case):
 
 
 def bad_backward(grad_outputs: list[pb.Tensor], inputs: list[pb.Tensor] | None = None) -> pb.BackwardRequest:
-    return pb.BackwardRequest(uid=UID, inputs=inputs or [serialize(torch.ones(3, HIDDEN))], grad_outputs=grad_outputs)
+    return pb.BackwardRequest(uid=UID, inputs=inputs or [serialize(torch.ones(3, HIDDEN))],
+                              grad_outputs=grad_outputs)
 
 
 BAD_BACKWARDS = {
@@ -108,7 +115,8 @@ BAD_BACKWARDS = {
     "float64 gradient": bad_backward([serialize(torch.ones(3, HIDDEN, dtype=torch.float64))]),
     "nan input": bad_backward([serialize(torch.ones(3, HIDDEN))], [serialize(nan_input())]),
     "absurdly large gradient": bad_backward([serialize(torch.full((3, HIDDEN), 1e6))]),
-    "absurdly large input": bad_backward([serialize(torch.ones(3, HIDDEN))], [serialize(torch.full((3, HIDDEN), 1e6))]),
+    "absurdly large input": bad_backward([serialize(torch.ones(3, HIDDEN))],
+                                         [serialize(torch.full((3, HIDDEN), 1e6))]),
 }
 
 

@@ -29,4 +29,5 @@ def test_demo_trains_the_lm_through_the_swarm_and_generates():
     # what a user copies from the log is on one line, whole, though the output is a pipe (80 columns)
     address = r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/12D3KooW\w{44}"
     assert re.search(rf"^coordinator up; swarm address {address}; dashboard http://\S+$", out, re.M)
-    assert re.search(rf"^\$ dmoe train --swarm {address} --steps 40 --save \S+ --eval-interval 10$", out, re.M)
+    assert re.search(rf"^\$ dmoe train --swarm {address} --steps 40 --save \S+ --eval-interval 10$", out,
+                     re.M)

@@ -28,9 +28,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from swarm_fixtures import expert_version, module_node
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from swarm_fixtures import expert_version, module_node
 
 from dmoe.core.wire import DTYPES, deserialize, serialize, split_chunks
 from dmoe.proto import expert_pb2 as pb

@@ -137,10 +137,12 @@ def test_what_a_probed_server_answers_reaches_the_node_bounded():
         for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED):
             with FakeInfoServer(code) as refusing:
                 reply = ask(probe(relay.address, refusing.port, key=None, node_id="QmMe"))
-                assert reply["reachable"] is True and reply["verified"] is False and reply["error"] == "", code
+                assert (reply["reachable"] is True and reply["verified"] is False
+                        and reply["error"] == ""), code
         with FakeInfoServer(grpc.StatusCode.UNIMPLEMENTED) as other:  # some other gRPC service
             reply = ask(probe(relay.address, other.port, key=None, node_id="QmMe"))
-            assert reply["reachable"] is False and reply["error"].startswith("no dmoe node answered there (UNIMPL")
+            assert reply["reachable"] is False and reply["error"].startswith(
+                "no dmoe node answered there (UNIMPL")
 
 
 def test_dial_backs_at_once_are_capped_across_ips(monkeypatch):
@@ -187,7 +189,8 @@ def test_a_private_relay_refuses_peers_without_the_key(tmp_path):
             with pytest.raises(ConnectionRefusedError, match="key"):
                 ask(probe(relay.address, port, key=wrong))
         reply = line_exchange(relay.address, b'{"op": "register", "node_id": "intruder"}\n')
-        assert json.loads(reply) == {"ok": False, "error": json.loads(reply)["error"]} and "key" in reply.decode()
+        assert (json.loads(reply) == {"ok": False, "error": json.loads(reply)["error"]}
+                and "key" in reply.decode())
         assert relay.stats()["nodes"] == 0 and relay.stats()["refused"] == 3
         assert ask(probe(relay.address, port, key=key))["reachable"]
 
@@ -211,11 +214,11 @@ def test_nodes_behind_the_coordinators_relay_and_in_front_of_it(coordinator_fact
     coordinator = coordinator_factory("--relay-public-ports", "20000-20999")  # below the system's own ports
     relay_address = coordinator.ready["relay"]
     assert relay_address.startswith("127.0.0.1:")
-    node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN),
-                        "--reachability", "relay", name="relayed")
+    node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:4]",
+                        "--hidden-dim", str(HIDDEN), "--reachability", "relay", name="relayed")
     assert 20000 <= int(node.ready["relay_endpoint"].rsplit(":", 1)[1]) <= 20999
-    direct = node_factory("--swarm", coordinator.swarm[0], "--experts", "dir.[0:2]", "--hidden-dim", str(HIDDEN),
-                          name="direct")
+    direct = node_factory("--swarm", coordinator.swarm[0], "--experts", "dir.[0:2]",
+                          "--hidden-dim", str(HIDDEN), name="direct")
     assert node.ready["reachable"] is False and direct.ready["reachable"] is True
     assert direct.ready["relay_endpoint"] == ""
     assert re.search(r"is reachable \(a relay dialled \S+ back and this node answered\)", direct.log())
@@ -250,12 +253,13 @@ def test_a_node_moves_to_another_relay_when_its_relay_dies(coordinator_factory, 
     client's next steps go there."""
     bootstrap = coordinator_factory("--no-offer-relay", name="bootstrap")
     doomed = coordinator_factory("--swarm", bootstrap.swarm[0], name="doomed")
-    helper = node_factory("--swarm", bootstrap.swarm[0], "--experts", "other.[0:1]", "--hidden-dim", str(HIDDEN),
-                          "--offer-relay", "--reachability", "direct", name="helper")
+    helper = node_factory("--swarm", bootstrap.swarm[0], "--experts", "other.[0:1]",
+                          "--hidden-dim", str(HIDDEN), "--offer-relay", "--reachability", "direct",
+                          name="helper")
     assert helper.ready["relay"].startswith("127.0.0.1:")
     node = node_factory("--swarm", bootstrap.swarm[0], "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN),
-                        "--reachability", "relay", "--relay", doomed.ready["relay"], "--heartbeat-interval", "1",
-                        "--record-ttl", "4", name="relayed")
+                        "--reachability", "relay", "--relay", doomed.ready["relay"],
+                        "--heartbeat-interval", "1", "--record-ttl", "4", name="relayed")
     first_endpoint = node.ready["relay_endpoint"]
     with Swarm(SwarmConfig(initial_peers=bootstrap.swarm, cache_ttl=0.5, ban_max=1.0)) as swarm:
         records = wait_for(lambda: find_experts(swarm.peer, ["ffn.0", "ffn.1"]), 20, "records")
@@ -277,8 +281,8 @@ def test_a_node_moves_to_another_relay_when_its_relay_dies(coordinator_factory, 
 def test_a_relay_caps_client_connections_per_node(coordinator_factory, node_factory):
     coordinator = coordinator_factory("--no-offer-relay")
     with Relay(limits=RelayLimits(max_connections_per_node=1)) as relay:
-        node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), "--reachability", "relay",
-                            "--relay", relay.address)
+        node = node_factory("--swarm", coordinator.swarm[0], "--experts", "ffn.[0:2]",
+                            "--hidden-dim", str(HIDDEN), "--reachability", "relay", "--relay", relay.address)
         host, port = node.ready["relay_endpoint"].rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as held:
             held.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the first client: spliced to the node
@@ -340,7 +344,8 @@ def test_a_registered_node_id_cannot_be_taken_over_without_its_secret():
             wrong = RawNode(relay, "node-a", secret="0" * 32)
             assert not wrong.reply["ok"]
             wrong.close()
-            back = RawNode(relay, "node-a", secret=owner.reply["secret"])  # the node itself, on a new connection
+            back = RawNode(relay, "node-a", secret=owner.reply["secret"])  # the node itself, on a new
+                                                                           # connection
             assert back.reply["ok"] and back.reply["endpoint"] == owner.reply["endpoint"]  # and its port back
             assert owner.file.readline() == b""  # the old control channel is closed
             assert relay.stats()["nodes"] == 1

@@ -71,8 +71,8 @@ def test_a_client_that_cannot_reach_the_node_trains_on_its_experts_through_the_r
             ready = tmp_path / "node.ready.json"
             with open(tmp_path / "node.log", "wb") as log:
                 node = node_lab.popen(
-                    [sys.executable, "-m", "dmoe", "node", "start", "--host", node_lab.inner_ip, "--port", str(NODE_PORT),
-                     "--swarm", coordinator.swarm[0], "--experts", "ffn.[0:4]",
+                    [sys.executable, "-m", "dmoe", "node", "start", "--host", node_lab.inner_ip,
+                     "--port", str(NODE_PORT), "--swarm", coordinator.swarm[0], "--experts", "ffn.[0:4]",
                      "--hidden-dim", "16", "--device", "cpu", "--ready-file", str(ready)],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 try:

@@ -53,10 +53,12 @@ def test_a_shaped_link_to_a_namespace_and_nothing_left_after():
 def test_a_cut_off_namespace_is_unreachable_until_its_link_is_back():
     with NetLab() as lab, socket.create_server((lab.outer_ip, 0)) as server:
         port = server.getsockname()[1]
-        dial = [sys.executable, "-c", f"import socket; socket.create_connection(('{lab.outer_ip}', {port}), timeout=3)"]
+        dial = [sys.executable, "-c",
+                f"import socket; socket.create_connection(('{lab.outer_ip}', {port}), timeout=3)"]
 
         def reachable() -> bool:
-            return subprocess.run(["ip", "netns", "exec", lab.name, *dial], capture_output=True).returncode == 0
+            return subprocess.run(["ip", "netns", "exec", lab.name, *dial],
+                                  capture_output=True).returncode == 0
 
         assert reachable()
         lab.set_link(False)

@@ -39,7 +39,8 @@ class HostileServer:
     async def _start(self) -> str:
         self._server = grpc.aio.server()
         handlers = {name: grpc.unary_unary_rpc_method_handler(self._answer(backward=name == "Backward"),
-                                                             request_deserializer=None, response_serializer=None)
+                                                             request_deserializer=None,
+                                                             response_serializer=None)
                     for name in ("Forward", "Backward")}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         port = self._server.add_insecure_port("127.0.0.1:0")
@@ -76,7 +77,8 @@ class HostileServer:
         self._thread.join(10)
 
 
-def plant_records(peer: DHTPeer, records: dict[str, str], node_id: str = "hostile", ttl: float = 600.0) -> None:
+def plant_records(peer: DHTPeer, records: dict[str, str], node_id: str = "hostile",
+                  ttl: float = 600.0) -> None:
     """Announce uid -> endpoint records in the DHT, as a node with this id would."""
     from hivemind.utils import get_dht_time
 

@@ -24,7 +24,8 @@ def test_a_call_token_is_for_one_key_one_method_one_use_and_now(monkeypatch):
     verifier = CallVerifier(key, max_skew=60)
     assert verifier.check(FORWARD, None).startswith("this node serves a private swarm")
     assert verifier.check(FORWARD, other.call_metadata(FORWARD)).startswith("wrong swarm key")
-    assert verifier.check(FORWARD, key.call_metadata("/dmoe.ExpertService/Backward")).startswith("wrong swarm key")
+    assert verifier.check(FORWARD,
+                          key.call_metadata("/dmoe.ExpertService/Backward")).startswith("wrong swarm key")
     assert verifier.check(FORWARD, (("dmoe-auth", "1.2.3"),)) == "malformed dmoe-auth token"
     token = key.call_metadata(FORWARD)
     assert verifier.check(FORWARD, token) is None

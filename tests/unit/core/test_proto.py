@@ -18,4 +18,5 @@ def test_generated_code_matches_proto(tmp_path):
     for path in generated:
         checked_in = ROOT / path
         assert checked_in.exists(), f"{path} is generated but not checked in"
-        assert checked_in.read_bytes() == (tmp_path / path).read_bytes(), f"{path} differs: run scripts/gen_proto.sh"
+        assert checked_in.read_bytes() == (tmp_path / path).read_bytes(), \
+            f"{path} differs: run scripts/gen_proto.sh"

@@ -14,7 +14,8 @@ def test_patterns_expand_to_grids():
     assert expand_patterns(["a.[0:2]", "b.7"]) == ["a.0", "a.1", "b.7"]
 
 
-@pytest.mark.parametrize("bad", ["ffn", "ffn.[3:3]", "ffn.[a:2]", "3ffn.[0:2]", "ffn.01", "ffn.[0:2", "ffn..1"])
+@pytest.mark.parametrize("bad", ["ffn", "ffn.[3:3]", "ffn.[a:2]", "3ffn.[0:2]", "ffn.01", "ffn.[0:2",
+                                 "ffn..1"])
 def test_bad_patterns_say_why(bad):
     with pytest.raises(ValueError, match="pattern"):
         expand_pattern(bad)

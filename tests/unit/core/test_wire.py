@@ -41,10 +41,12 @@ def test_numel_limit_and_length_checks():
     with pytest.raises(WireError, match="does not hold"):
         deserialize(bad, max_numel=100)
     with pytest.raises(WireError, match="float dtype"):
-        deserialize(pb.Tensor(buffer=b"\0" * 8, shape=[8], dtype="uint8", compression=pb.FLOAT16), max_numel=100)
+        deserialize(pb.Tensor(buffer=b"\0" * 8, shape=[8], dtype="uint8", compression=pb.FLOAT16),
+                    max_numel=100)
     header = np.int64(0).tobytes()
     with pytest.raises(WireError, match="codebook"):
-        deserialize(pb.Tensor(buffer=header, shape=[0], dtype="float32", compression=pb.UNIFORM_8BIT), max_numel=9)
+        deserialize(pb.Tensor(buffer=header, shape=[0], dtype="float32", compression=pb.UNIFORM_8BIT),
+                    max_numel=9)
 
 
 def test_unknown_compression_name():

@@ -55,9 +55,9 @@ def test_token_bucket_take_waits_off_its_debt():
 
 
 @pytest.mark.parametrize("field", ["max_nodes", "max_nodes_per_ip", "max_connections_per_node",
-                                   "max_connections_per_client", "max_control_connections_per_ip", "first_line_timeout",
-                                   "attach_timeout", "probes_per_minute", "probe_timeout", "probe_call_timeout",
-                                   "control_timeout"])
+                                   "max_connections_per_client", "max_control_connections_per_ip",
+                                   "first_line_timeout", "attach_timeout", "probes_per_minute",
+                                   "probe_timeout", "probe_call_timeout", "control_timeout"])
 def test_relay_limits_must_be_positive(field):
     with pytest.raises(ConfigError, match=field):
         RelayLimits(**{field: 0})
@@ -78,7 +78,8 @@ def test_the_dial_endpoint_is_the_relay_only_for_unreachable_nodes_with_one():
 
 
 def test_records_of_older_nodes_read_as_reachable_and_relay_records_ignore_extra_fields():
-    old = ExpertRecord.model_validate({"uid": "ffn.0", "endpoint": "h:1", "node_id": "n", "record_version": 1})
+    old = ExpertRecord.model_validate({"uid": "ffn.0", "endpoint": "h:1", "node_id": "n",
+                                       "record_version": 1})
     assert old.reachable and old.relay == "" and old.dial_endpoint == "h:1"
     relay = RelayRecord.model_validate({"address": "h:2", "peer_id": "p", "future_field": [1, 2]})
     assert relay.address == "h:2"

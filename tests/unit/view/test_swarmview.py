@@ -11,20 +11,25 @@ from dmoe.view.swarmview import ThroughputHistory, summarize
 pytestmark = pytest.mark.timeout(30)
 
 
-def node(node_id: str, experts: dict[str, ExpertLoad], started_at: float = 100.0, at: float = 0.0) -> NodeRecord:
-    return NodeRecord(node_id=node_id, endpoint=f"127.0.0.1:{len(node_id)}", started_at=started_at, updated_at=at,
-                      hardware=Hardware(device="cuda:0", device_name="RTX 4090", num_cpus=8, ram_bytes=1 << 34),
+def node(node_id: str, experts: dict[str, ExpertLoad], started_at: float = 100.0,
+         at: float = 0.0) -> NodeRecord:
+    return NodeRecord(node_id=node_id, endpoint=f"127.0.0.1:{len(node_id)}", started_at=started_at,
+                      updated_at=at,
+                      hardware=Hardware(device="cuda:0", device_name="RTX 4090", num_cpus=8,
+                                        ram_bytes=1 << 34),
                       experts=list(experts), load=experts)
 
 
-def load(calls: int, tokens: int, p50: float = 1.0, p99: float = 2.0, errors: int = 0, version: int = 0) -> ExpertLoad:
+def load(calls: int, tokens: int, p50: float = 1.0, p99: float = 2.0, errors: int = 0,
+         version: int = 0) -> ExpertLoad:
     return ExpertLoad(forward_calls=calls, backward_calls=calls, tokens=tokens, errors=errors,
                       latency_p50_ms=p50, latency_p99_ms=p99, version=version, queued_tokens=3)
 
 
 def test_summary_sums_per_node_and_counts_replicas():
     records = {
-        "b": node("b", {"lm1.0": load(1, 10, p50=10.0, p99=50.0), "lm0.1": load(3, 30, p50=2.0, p99=5.0, errors=1)}),
+        "b": node("b", {"lm1.0": load(1, 10, p50=10.0, p99=50.0),
+                        "lm0.1": load(3, 30, p50=2.0, p99=5.0, errors=1)}),
         "a": node("a", {"lm0.0": load(0, 0), "lm0.1": load(2, 20, version=7)}),
     }
     view = summarize(records, now=160.0)
@@ -37,7 +42,8 @@ def test_summary_sums_per_node_and_counts_replicas():
     assert view.nodes[0].latency_p50_ms == 1.0 and view.nodes[0].optimizer_steps == 7
     assert (view.num_nodes, view.num_experts, view.num_replicated) == (2, 3, 1)
     assert (view.calls, view.tokens, view.errors) == (12, 60, 1)
-    assert [(e.uid, e.node_id) for e in view.experts] == [("lm0.0", "a"), ("lm0.1", "a"), ("lm0.1", "b"), ("lm1.0", "b")]
+    assert [(e.uid, e.node_id) for e in view.experts] == [("lm0.0", "a"), ("lm0.1", "a"), ("lm0.1", "b"),
+                                                         ("lm1.0", "b")]
 
 
 def test_an_empty_swarm():
@@ -76,7 +82,8 @@ def test_records_with_nan_or_a_wild_clock_cannot_break_the_view():
         ExpertLoad.model_validate({"latency_p50_ms": float("inf")})
     twice = NodeRecord(node_id="a", endpoint="x:1", experts=["x.0", "x.0"], load={"x.0": load(1, 10)})
     view = summarize({"a": twice}, now=5.0)
-    assert (view.num_experts, view.num_replicated, view.nodes[0].num_experts, len(view.experts)) == (1, 0, 1, 1)
+    assert (view.num_experts, view.num_replicated, view.nodes[0].num_experts,
+            len(view.experts)) == (1, 0, 1, 1)
     history = ThroughputHistory()
     history.add(summarize({"a": node("a", {"x.0": load(1, 100)}, at=1e-300)}, now=10.0))  # clock far off
     history.add(summarize({"a": node("a", {"x.0": load(2, 1e6)}, at=2e-300)}, now=10.05))

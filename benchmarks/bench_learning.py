@@ -45,8 +45,8 @@ def train(name: str, config: TrainConfig) -> dict:
     curve: list[tuple[int, float]] = []
     with Trainer(config) as trainer:  # train() evaluates at step 0 first
         trainer.train(on_eval=lambda step, loss: curve.append((step, loss)),
-                      on_step=lambda r: show_progress(f"{name}: step {r['step']}/{config.steps} loss {r['loss']:.3f}",
-                                                      r["step"], config.steps))
+                      on_step=lambda r: show_progress(f"{name}: step {r['step']}/{config.steps} "
+                                                      f"loss {r['loss']:.3f}", r["step"], config.steps))
         seconds = [r["seconds"] for r in trainer.history if "seconds" in r]
         failed = trainer.num_failed_calls
     return {"curve": curve, "final_heldout": curve[-1][1], "median_step_s": statistics.median(seconds),

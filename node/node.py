@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import dmoe
-from dmoe.core.addresses import join_address
+from dmoe.core.addresses import host_port
 from dmoe.core.auth import CallVerifier, load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
@@ -234,7 +234,7 @@ class Node:
                                   max_concurrent_calls=config.max_concurrent_calls)
         self.tls = self.swarm_key is not None and config.tls
         self.port = await self._server.start(config.host, config.port, self.swarm_key if self.tls else None)
-        self.endpoint = join_address(config.announce_host or config.host, config.announce_port or self.port)
+        self.endpoint = host_port(config.announce_host or config.host, config.announce_port or self.port)
         logger.info("serving %d experts on %s (%s)", len(self.uids), self.endpoint, self.device)
 
     async def _offer_relay(self) -> None:

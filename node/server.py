@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from dmoe.core.addresses import join_address
+from dmoe.core.addresses import host_port
 from dmoe.core.auth import SwarmKey
 from dmoe.node.service import SERVICE_NAME
 
@@ -39,7 +39,7 @@ class NodeServer:
     async def start(self, host: str, port: int, tls_key: SwarmKey | None) -> int:
         """Listen on host:port (0: any free port), over TLS made from ``tls_key`` if given, and
         serve; return the port taken. OSError if it cannot listen there."""
-        address = join_address(host, port)
+        address = host_port(host, port)
         if tls_key is not None:
             from dmoe.core.tls import server_credentials
 

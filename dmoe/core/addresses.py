@@ -14,7 +14,9 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def join_address(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """'host:port' ('[v6]:port' for IPv6), the form gRPC and the relay dial. (A peer's ``join_address``
+    is something else: the multiaddr others join its swarm with.)"""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -21,7 +21,7 @@ import asyncio
 import grpc
 from google.protobuf.message import DecodeError
 
-from dmoe.core.addresses import join_address
+from dmoe.core.addresses import host_port
 from dmoe.core.auth import SwarmKey, fullmethod
 from dmoe.proto import expert_pb2 as pb
 from dmoe.relay.protocol import close_quietly
@@ -44,7 +44,7 @@ async def dial_back(ip: str, port: int, *, node_id: object, tls: bool, key: Swar
     is what the asking node sent: a probe without one (an older node) gets the TCP check alone.
     ``timeout`` bounds the dial, ``call_timeout`` the Info call; ``credentials`` are
     :func:`dmoe.core.tls.channel_credentials` of ``key``, made once by the caller."""
-    address = join_address(ip, port)
+    address = host_port(ip, port)
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
         close_quietly(writer)

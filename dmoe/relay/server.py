@@ -42,7 +42,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from dmoe.core.addresses import join_address
+from dmoe.core.addresses import host_port
 from dmoe.core.auth import CallVerifier, SwarmKey
 from dmoe.core.ratelimit import TokenBucket
 from dmoe.errors import ConfigError
@@ -143,7 +143,7 @@ class Relay:
 
     async def _start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE)
-        self.address = join_address(self.announce_host, self._server.sockets[0].getsockname()[1])
+        self.address = host_port(self.announce_host, self._server.sockets[0].getsockname()[1])
 
     def spawn(self, coroutine, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
@@ -321,7 +321,7 @@ class Relay:
             return self._refuse(writer, error)
         port = server.sockets[0].getsockname()[1]
         tunnel = _Tunnel(node_id=node_id, ip=peer_ip, secret=secrets.token_hex(16), control=writer,
-                         server=server, endpoint=join_address(self.announce_host, port))
+                         server=server, endpoint=host_port(self.announce_host, port))
         self.tunnels[node_id] = tunnel
         if node_id not in self._usage:
             rate = self.limits.rate_mbit * 1e6 / 8
@@ -407,7 +407,7 @@ class Relay:
         self._writers.add(writer)
         try:
             send_message(tunnel.control, {"op": "open", "conn": conn,
-                                          "peer": join_address(peer_ip, peer[1] if peer else 0)})
+                                          "peer": host_port(peer_ip, peer[1] if peer else 0)})
             try:
                 node_side = await asyncio.wait_for(attached, self.limits.attach_timeout)
             except (TimeoutError, asyncio.CancelledError):

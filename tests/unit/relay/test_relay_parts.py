@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dmoe.coordinator.config import CoordinatorConfig
-from dmoe.core.addresses import join_address, parse_port_range, split_address
+from dmoe.core.addresses import host_port, parse_port_range, split_address
 from dmoe.core.ratelimit import TokenBucket
 from dmoe.core.records import ExpertRecord, RelayRecord
 from dmoe.errors import ConfigError
@@ -21,7 +21,7 @@ from dmoe.relay.protocol import loopback_source
 def test_addresses_split_and_join_both_ways():
     assert split_address("127.0.0.1:8080") == ("127.0.0.1", 8080)
     assert split_address("[::1]:31337") == ("::1", 31337)
-    assert join_address("::1", 31337) == "[::1]:31337" and join_address("10.0.0.2", 5) == "10.0.0.2:5"
+    assert host_port("::1", 31337) == "[::1]:31337" and host_port("10.0.0.2", 5) == "10.0.0.2:5"
     for bad in ("127.0.0.1", ":80", "host:0", "host:65536", "host:http", ""):
         with pytest.raises(ValueError, match="host:port"):
             split_address(bad)

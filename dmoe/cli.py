@@ -162,7 +162,7 @@ def train(config_path: str | None, **values) -> None:
 
     from dmoe.lm.train import Trainer
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # lines whole in a log: no cut at 80 columns
 
     def stop(signum, frame):  # SIGTERM as SIGINT: checkpoint, then shut the DHT and averager down
         raise KeyboardInterrupt

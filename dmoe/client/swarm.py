@@ -24,7 +24,6 @@ from dmoe.core.auth import load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.records import ExpertRecord, find_under_prefixes_async
-from dmoe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ class Swarm:
 
     def __init__(self, config: SwarmConfig | None = None, **fields: Any):
         self.config = config = _config_of(config, fields)
-        if not config.initial_peers:  # a client joins a swarm: it never starts one of its own
-            raise ConfigError("no swarm address: give the address a coordinator or node printed")
+        config.require_peers()  # a client joins a swarm: it never starts one of its own
         self.key = load_key(config.swarm_key)
         authorizer = DHTAuthorizer(self.key) if self.key else None
         self.peer = DHTPeer(initial_peers=config.initial_peers, host=config.host,

@@ -9,31 +9,195 @@ round; the training loop never waits for it. When a round ends, the trainer appl
 kept (as in local SGD with delayed averaging). A round whose peers vanish times out and is skipped.
 A trainer that joins late first loads the averaged parameters from a peer (``catch_up``).
 
-hivemind's DHT and averager run in forked processes: create this object before anything starts
-gRPC threads in the process (the Trainer does).
+One DHT stack per trainer: the averager uses the trainer's own DHT peer (the Swarm's
+:class:`dmoe.core.dht.DHTPeer`) and its libp2p daemon; no ``hivemind.DHT`` process, no second
+daemon. What hivemind 1.1.12 requires, and how this meets it:
+
+- ``DecentralizedAverager`` is an ``mp.Process``: ``run_in_background`` forks, and the averager
+  serves matchmaking and all-reduce from that child. Of its ``dht`` argument it reads
+  ``client_mode`` in the parent (at construction) and, in the child, ``await replicate_p2p()``
+  (a client of the same libp2p daemon), ``peer_id``, ``store``/``get`` awaited with
+  ``return_future=True`` (group keys) and a blocking ``get`` (the peers that share their state).
+- A DHTPeer cannot answer these in the child itself: its event loop runs in a thread of the
+  parent, and a fork copies only the forking thread, so a coroutine the child schedules on that
+  loop never runs; its DHT node's connections to the daemon are the parent's.
+- Nor can the averager run in a thread of the trainer instead: its control calls (``step``,
+  ``load_state_from_peers``) pass a hivemind ``MPFuture`` through its own pipe, and an MPFuture
+  completed in the process that made it completes the unpickled copy only: the caller sees its
+  future done with the result None.
+
+So :class:`PeerDHT` stands in for ``hivemind.DHT``: made before the fork, it carries the child's
+DHT calls through a pipe to a thread of the trainer, which runs them on the DHTPeer's loop and
+sends the results back. The fork must still come before any thread that may hold a lock at that
+moment (the DHT peer's loop, gRPC's; see the design's lessons on fork): the Trainer builds its
+Swarm without starting it, builds the model on it, creates this averager (the fork), then starts
+the Swarm and calls :meth:`ParameterAverager.connect`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import itertools
 import logging
+import multiprocessing as mp
+import os
 import threading
+from typing import Any
 
 import torch
-from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
-from hivemind.utils.auth import AuthorizerBase
+from hivemind.p2p import P2P, PeerID
 
-from dmoe.core.addresses import listen_maddr
+from dmoe.core.dht import DHTPeer
 
 logger = logging.getLogger(__name__)
 
 
+class PeerDHT:
+    """The part of ``hivemind.DHT`` that a forked ``DecentralizedAverager`` calls, answered by a
+    DHTPeer of the process that forked it. Create it before the fork and before ``peer`` starts;
+    call :meth:`serve` once the peer has started, :meth:`close` after the averager has stopped."""
+
+    def __init__(self, peer: DHTPeer):
+        self.client_mode = peer.client_mode
+        self._peer = peer
+        self._parent_pid = os.getpid()
+        self._parent_end, self._child_end = mp.Pipe(duplex=True)
+        self._server: threading.Thread | None = None
+        self._send_lock = threading.Lock()  # replies are sent from the peer's loop and from the server
+        # the child's side, set up at its first request
+        self._child_pid: int | None = None
+        self._ids = itertools.count()
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._peer_id: PeerID | None = None
+        self._p2p: P2P | None = None
+
+    # ---- the averager's calls, in the forked child ---------------------------------------------------
+    @property
+    def peer_id(self) -> PeerID:
+        if self._peer_id is None:
+            self._peer_id = self._request("peer_id").result()
+        return self._peer_id
+
+    async def replicate_p2p(self) -> P2P:
+        """A client of the DHT peer's libp2p daemon, made in this process."""
+        if self._p2p is None:
+            maddr = await asyncio.wrap_future(self._request("daemon_maddr"))
+            self._p2p = await P2P.replicate(maddr)
+        return self._p2p
+
+    def get(self, key: Any, latest: bool = False, return_future: bool = False, **kwargs: Any) -> Any:
+        future = self._request("get", key, latest=latest, **kwargs)
+        return asyncio.wrap_future(future) if return_future else future.result()
+
+    def store(self, key: Any, value: Any, expiration_time: float, subkey: Any = None,
+              return_future: bool = False, **kwargs: Any) -> Any:
+        future = self._request("store", key, value, expiration_time, subkey=subkey, **kwargs)
+        return asyncio.wrap_future(future) if return_future else future.result()
+
+    def _request(self, method: str, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        assert os.getpid() != self._parent_pid, "the averager calls its DHT from its own process"
+        if self._child_pid != os.getpid():  # first request in this process: read the replies
+            self._child_pid = os.getpid()
+            self._parent_end.close()  # the parent's end: so that the parent's exit reads as EOF here
+            threading.Thread(target=self._read_replies, name="dmoe-averager-dht", daemon=True).start()
+        request_id = next(self._ids)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._pending[request_id] = future
+        with self._send_lock:
+            self._child_end.send((request_id, method, args, kwargs))
+        return future
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                request_id, ok, value = self._child_end.recv()
+            except (EOFError, OSError):
+                break
+            future = self._pending.pop(request_id, None)
+            if future is None or future.done():  # a request the averager gave up on
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the trainer's DHT peer is gone"))
+
+    # ---- the trainer's side ------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Answer the child's calls from now on (the peer has started)."""
+        assert self._peer.node is not None, "start the DHT peer first"
+        self._server = threading.Thread(target=self._serve, name="dmoe-averager-dht", daemon=True)
+        self._server.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                request_id, method, args, kwargs = self._parent_end.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                node = self._peer.node
+                if node is None:
+                    raise ConnectionError("the DHT peer has stopped")
+                if method == "peer_id":
+                    self._reply(request_id, True, node.peer_id)
+                elif method == "daemon_maddr":
+                    self._reply(request_id, True, node.p2p.daemon_listen_maddr)
+                elif method in ("get", "store"):
+                    call = node.get if method == "get" else node.store
+                    running = asyncio.run_coroutine_threadsafe(call(*args, **kwargs), self._peer.loop)
+                    running.add_done_callback(lambda done, rid=request_id: self._reply_with(rid, done))
+                else:
+                    raise ValueError(f"no DHT method {method!r} for the averager")
+            except Exception as e:
+                self._reply(request_id, False, e)
+
+    def _reply_with(self, request_id: int, done: concurrent.futures.Future) -> None:
+        if done.cancelled():
+            self._reply(request_id, False, ConnectionError("the DHT peer has stopped"))
+        elif done.exception() is not None:
+            self._reply(request_id, False, done.exception())
+        else:
+            self._reply(request_id, True, done.result())
+
+    def _reply(self, request_id: int, ok: bool, value: Any) -> None:
+        try:
+            with self._send_lock:
+                try:
+                    self._parent_end.send((request_id, ok, value))
+                except Exception as e:  # an unpicklable exception (pickling fails before a byte is sent)
+                    if ok or isinstance(e, OSError):
+                        raise
+                    value = RuntimeError(f"{type(value).__name__}: {value}")
+                    self._parent_end.send((request_id, False, value))
+        except OSError:  # the averager's process is gone, or close() ran
+            pass
+
+    def close(self) -> None:
+        """After the averager's process has exited: stop serving."""
+        self._child_end.close()  # with the child's copy gone too, the server reads EOF
+        if self._server is not None:
+            self._server.join(5)
+            if self._server.is_alive():
+                logger.warning("the averager's process still holds its DHT pipe; leaving its server thread")
+                return
+            self._server = None
+        self._parent_end.close()
+
+
 class ParameterAverager:
-    def __init__(self, params: list[torch.nn.Parameter], *, initial_peers: list[str], run_id: str,
-                 host: str = "127.0.0.1", interval: float = 10.0, matchmaking_time: float = 3.0,
-                 round_timeout: float = 30.0, authorizer: AuthorizerBase | None = None):
+    """``ParameterAverager(params, peer=...)`` before ``peer`` starts (it forks), ``connect()`` after,
+    then ``catch_up()``, ``start()``, ``apply_pending()`` at each step boundary, ``shutdown()``."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, peer: DHTPeer, run_id: str,
+                 interval: float = 10.0, matchmaking_time: float = 3.0, round_timeout: float = 30.0):
         if interval <= 0 or matchmaking_time <= 0 or round_timeout <= 0:
             raise ValueError("interval, matchmaking_time and round_timeout must be positive")
+        assert peer.node is None, "create the averager before its DHT peer starts: it forks"
         self.params, self.interval, self.round_timeout = params, interval, round_timeout
         self.num_rounds = self.num_failed_rounds = 0
         self.last_group_size = 0
@@ -41,17 +205,18 @@ class ParameterAverager:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        extra = {"authorizer": authorizer} if authorizer is not None else {}  # a private swarm's DHT
-        self.dht = DHT(initial_peers=initial_peers, host_maddrs=[listen_maddr(host, 0)], start=True, **extra)
-        try:
-            self.averager = DecentralizedAverager(
-                [p.detach().clone() for p in params], self.dht, prefix=f"dmoe_run_{run_id}", start=True,
-                min_matchmaking_time=matchmaking_time, request_timeout=min(3.0, matchmaking_time),
-                allreduce_timeout=round_timeout, target_group_size=None,
-            )
-        except BaseException:
-            self.dht.shutdown()
-            raise
+        self.dht = PeerDHT(peer)
+        self.averager = DecentralizedAverager(
+            [p.detach().clone() for p in params], self.dht, prefix=f"dmoe_run_{run_id}", start=False,
+            min_matchmaking_time=matchmaking_time, request_timeout=min(3.0, matchmaking_time),
+            allreduce_timeout=round_timeout, target_group_size=None,
+        )
+        self.averager.run_in_background(await_ready=False)  # the fork
+
+    def connect(self, timeout: float = 60.0) -> None:
+        """Once the DHT peer has started: serve the averager's DHT calls; wait until it is ready."""
+        self.dht.serve()
+        self.averager.wait_until_ready(timeout)
 
     def catch_up(self, timeout: float = 30.0) -> bool:
         """Load the run's averaged parameters from a peer, if there is one. True if loaded."""
@@ -75,13 +240,12 @@ class ParameterAverager:
 
     def apply_pending(self) -> bool:
         """At a step boundary: add the result of the last finished round. True if one was applied."""
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return False
-        with torch.no_grad():
-            for param, delta in zip(self.params, pending):
+        with self._lock, torch.no_grad():  # under the lock: a round's snapshot sees both or neither
+            if self._pending is None:
+                return False
+            for param, delta in zip(self.params, self._pending):
                 param.add_(delta)
+            self._pending = None
         return True
 
     def _loop(self) -> None:
@@ -93,8 +257,11 @@ class ParameterAverager:
                 logger.info("averaging round failed (%s); training goes on", e)
 
     def _round(self) -> None:
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             snapshot = [p.detach().clone() for p in self.params]
+            if self._pending is not None:  # a finished round not yet applied: average what the
+                for value, delta in zip(snapshot, self._pending):  # parameters are once it is
+                    value.add_(delta)
         with self.averager.get_tensors() as tensors:
             for tensor, value in zip(tensors, snapshot):
                 tensor.copy_(value)
@@ -111,9 +278,10 @@ class ParameterAverager:
         logger.info("averaged parameters with %d trainer(s)", len(result))
 
     def shutdown(self) -> None:
+        """Before the DHT peer shuts down: the averager says goodbye through it."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.round_timeout + 10)
             self._thread = None
         self.averager.shutdown()
-        self.dht.shutdown()
+        self.dht.close()

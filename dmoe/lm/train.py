@@ -49,7 +49,6 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         try:
             self.model = self._build_model()
-            self.client_params = [p for name, p in self.model.named_parameters() if ".experts." not in name]
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
             if config.save:
                 from dmoe.core.checkpoint import CheckpointStore
@@ -73,29 +72,28 @@ class Trainer:
         if config.local:
             return MoELM(config.model_config, local_moe_factory())
         from dmoe.client.swarm import Swarm
-        from dmoe.core.dhtauth import dht_authorizer
 
-        model_config = config.model_config
-        if config.run_id is not None:  # forked DHT and averager processes: before any gRPC thread
-            from dmoe.lm.averaging import ParameterAverager
-            from dmoe.moe.gating import MoELayer
+        # The averager forks (see dmoe.lm.averaging): it is created after the model, whose RemoteMoE
+        # layers only need the Swarm object, and before the Swarm starts its DHT peer's thread.
+        swarm = Swarm(config.swarm)
+        try:
+            torch.manual_seed(config.seed)
+            model = MoELM(config.model_config, remote_moe_factory(
+                swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
+                timeout_after_k_min=config.timeout_after_k_min, backward_timeout=config.backward_timeout,
+                compression=config.compression))
+            if config.run_id is not None:
+                from dmoe.lm.averaging import ParameterAverager
 
-            # the client-side parameters' shapes: a RemoteMoE's are its gates, as a bare MoELayer's
-            probe = MoELM(model_config, lambda c, i: MoELayer(prefix=c.layer_prefix(i), grid=(c.num_experts,),
-                                                             in_features=c.d_model, k=c.k))
-            shapes = list(probe.parameters())
-            self.averager = ParameterAverager(shapes, initial_peers=config.swarm.initial_peers,
-                                              run_id=config.run_id, host=config.swarm.host,
-                                              interval=config.average_interval,
-                                              authorizer=dht_authorizer(config.swarm.swarm_key))
-        self.swarm = Swarm(config.swarm).start()
-        torch.manual_seed(config.seed)
-        model = MoELM(model_config, remote_moe_factory(
-            self.swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
-            timeout_after_k_min=config.timeout_after_k_min, backward_timeout=config.backward_timeout,
-            compression=config.compression))
+                client_side = [p for name, p in model.named_parameters() if ".experts." not in name]
+                self.averager = ParameterAverager(client_side, peer=swarm.peer, run_id=config.run_id,
+                                                  interval=config.average_interval)
+            self.swarm = swarm.start()
+        except BaseException:
+            swarm.peer.shutdown()  # a peer that never started only closes its event loop
+            raise
         if self.averager is not None:
-            self.averager.params = [p for name, p in model.named_parameters() if ".experts." not in name]
+            self.averager.connect()
         return model
 
     def shutdown(self) -> None:

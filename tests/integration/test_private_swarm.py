@@ -175,8 +175,9 @@ def test_a_node_without_the_key_cannot_join_and_says_why(private, tmp_path):
 
 
 def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dht(private, tmp_path):
-    """``dmoe train --run-id`` in a process of its own: its averager forks a hivemind.DHT, which must
-    happen before grpc starts threads (this test process has them), and joins with the key too."""
+    """``dmoe train --run-id`` in a process of its own (its averager forks, which must happen before
+    grpc starts threads, and this test process has them): the averager runs on the trainer's own DHT
+    peer, which joins with the key."""
     key_path, coordinator, _ = private
     metrics = tmp_path / "metrics.jsonl"
     proc = subprocess.run(

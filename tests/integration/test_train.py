@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,20 @@ def start_trainer(tmp_path, name: str, swarm: list[str], seed: int, steps: int) 
                             start_new_session=True, cwd=HERE)
 
 
+def process_group(pgid: int) -> list[str]:
+    """The command names of the processes in a process group (read from /proc)."""
+    names = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid:
+            names.append(text[text.index("(") + 1:text.rindex(")")])
+    return names
+
+
 def events(tmp_path, name: str) -> list[dict]:
     path = tmp_path / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -142,8 +157,12 @@ def test_two_trainers_average_and_one_survives_the_other_being_killed(two_nodes,
         near = distance(t0_state, t1_state)
         print(f"parameter distance: {far:.3f} at the start, {near:.4f} after averaging")
         assert near < 0.2 * far, (near, far)
+        # one DHT stack per trainer: the averager uses the trainer's DHT peer and its libp2p daemon
+        for proc in trainers.values():
+            names = process_group(proc.pid)
+            assert names.count("p2pd") == 1 and len(names) == 3, names  # trainer, averager, daemon
 
-        os.killpg(trainers["t1"].pid, signal.SIGKILL)  # the trainer and its DHT and averager processes
+        os.killpg(trainers["t1"].pid, signal.SIGKILL)  # the trainer, its averager and its libp2p daemon
         trainers["t1"].wait(10)
         killed_at = max(e["step"] for e in events(tmp_path, "t0") if "loss" in e)
         wait_for(lambda: max(e["step"] for e in events(tmp_path, "t0") if "loss" in e) > killed_at + 30, 90,
@@ -155,7 +174,7 @@ def test_two_trainers_average_and_one_survives_the_other_being_killed(two_nodes,
     finally:
         for proc in trainers.values():
             if proc.poll() is None:
-                proc.terminate()  # a graceful stop shuts its DHT and averager down
+                proc.terminate()  # a graceful stop shuts its averager and DHT peer down
         for proc in trainers.values():
             try:
                 proc.wait(60)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dmoe.core.checkpoint import CheckpointStore, TrainingState
 from dmoe.errors import CheckpointError
 from dmoe.lm.config import LMConfig, TrainConfig
 from dmoe.lm.data import ByteCorpus
@@ -24,7 +25,8 @@ from dmoe.lm.model import MoELM, local_moe_factory, remote_moe_factory
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "client"  # <save>/client/<step>.safetensors
+CHECKPOINT_NAME = "client"  # <save>/client/<step>.safetensors (layout: dmoe.core.checkpoint.TrainingState)
+RNG_TENSOR = "rng.data"  # the data order's generator state, saved with the model
 
 
 class Trainer:
@@ -51,8 +53,6 @@ class Trainer:
             self.model = self._build_model()
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
             if config.save:
-                from dmoe.core.checkpoint import CheckpointStore
-
                 self._store = CheckpointStore(config.save, keep=2)
             if config.resume and self._store is not None:
                 self._load()
@@ -114,7 +114,8 @@ class Trainer:
     def train_step(self) -> dict:
         config = self.config
         if self.averager is not None and self.averager.apply_pending():
-            self._log({"step": self.step, "averaged_with": self.averager.last_group_size, "time": time.time()})
+            self._log({"step": self.step, "averaged_with": self.averager.last_group_size,
+                       "time": time.time()})
         started = time.perf_counter()
         self.model.train()
         x, y = self.corpus.batch(config.batch_size, config.seq_len, self.generator)
@@ -131,7 +132,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         record = {
             "step": self.step, "loss": float(ce), "tokens_per_s": x.numel() / elapsed, "seconds": elapsed,
-            "live_experts": sum(len(l.last_routing[0]) if l.last_routing else 0 for l in layers),
+            "live_experts": sum(len(layer.last_routing[0]) if layer.last_routing else 0 for layer in layers),
             "failed_calls": failed, "time": time.time(),
         }
         self._log(record)
@@ -156,12 +157,16 @@ class Trainer:
             if on_eval is not None:
                 on_eval(self.step, loss)
         started = time.monotonic()
-        while self.step < config.steps and not (config.max_time and time.monotonic() - started >= config.max_time):
+
+        def out_of_time() -> bool:
+            return bool(config.max_time) and time.monotonic() - started >= config.max_time
+
+        while self.step < config.steps and not out_of_time():
             record = self.train_step()
             if on_step is not None:
                 on_step(record)
             if (config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.steps
-                    and not (config.max_time and time.monotonic() - started >= config.max_time)):
+                    and not out_of_time()):
                 loss = self.evaluate()
                 if on_eval is not None:
                     on_eval(self.step, loss)
@@ -184,50 +189,36 @@ class Trainer:
     def save(self) -> Path:
         """Client-side parameters (and local experts), optimizer state and data-order RNG, atomically."""
         assert self._store is not None
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        state = self.optimizer.state_dict()
-        for index, values in state["state"].items():
-            for key, value in values.items():
-                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous()
-        tensors["rng.data"] = self.generator.get_state()
-        metadata = {"step": str(self.step), "model_config": json.dumps(self.config.model_config.to_dict()),
-                    "param_groups": json.dumps(state["param_groups"])}
-        path = self._store.save(CHECKPOINT_NAME, self.step, tensors, metadata)
+        state = TrainingState(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                              step=self.step, config=self.config.model_config.to_dict(),
+                              tensors={RNG_TENSOR: self.generator.get_state()})
+        path = self._store.save_state(CHECKPOINT_NAME, state)
         self._saved_step = self.step
         logger.info("checkpoint of step %d written to %s", self.step, path)
         return path
 
     def _load(self) -> None:
         assert self._store is not None
-        loaded = self._store.load_latest(CHECKPOINT_NAME)
+        loaded = self._store.load_state(CHECKPOINT_NAME)
         if loaded is None:
             logger.info("no checkpoint in %s: starting from step 0", self.config.save)
             return
-        tensors, metadata, path = loaded
-        saved = json.loads(metadata["model_config"])
-        if saved != self.config.model_config.to_dict():
-            raise CheckpointError(f"{path} holds a model of another shape: {saved}")
-        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state["state"].setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict(state)
-        self.generator.set_state(tensors["rng.data"])
-        self.step = int(metadata["step"])
+        state, path = loaded
+        if state.config != self.config.model_config.to_dict():
+            raise CheckpointError(f"{path} holds a model of another shape: {state.config}")
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.generator.set_state(state.tensors[RNG_TENSOR])
+        self.step = state.step
         logger.info("resumed from %s at step %d", path, self.step)
 
 
 def load_checkpoint(checkpoint_dir: str) -> tuple[LMConfig, dict[str, torch.Tensor], int]:
     """(model config, client-side parameters, step) of the newest checkpoint in a --save directory."""
-    from dmoe.core.checkpoint import CheckpointStore
-
     if not Path(checkpoint_dir).is_dir():
         raise CheckpointError(f"no checkpoint directory {checkpoint_dir}")
-    loaded = CheckpointStore(checkpoint_dir, keep=2, writer=False).load_latest(CHECKPOINT_NAME)
+    loaded = CheckpointStore(checkpoint_dir, keep=2, writer=False).load_state(CHECKPOINT_NAME)
     if loaded is None:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir} (was it written by dmoe train --save?)")
-    tensors, metadata, _ = loaded
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return LMConfig.from_dict(json.loads(metadata["model_config"])), state, int(metadata["step"])
+    state, _ = loaded
+    return LMConfig.from_dict(state.config), state.model, state.step

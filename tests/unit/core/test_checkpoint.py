@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from dmoe.core.checkpoint import CheckpointStore, scan_checkpoints
+from dmoe.core.checkpoint import CheckpointStore, TrainingState, scan_checkpoints
 from dmoe.errors import CheckpointError
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.config import NodeConfig
@@ -40,7 +42,8 @@ def test_keeps_the_last_few_and_skips_a_torn_file(tmp_path):
     for version in (1, 2, 3):
         b.version = version
         store.save("ffn.0", version, *b.state_tensors())
-    assert [p.name for p in store.checkpoints("ffn.0")] == ["000000000002.safetensors", "000000000003.safetensors"]
+    names = [p.name for p in store.checkpoints("ffn.0")]
+    assert names == ["000000000002.safetensors", "000000000003.safetensors"]
     (tmp_path / "ffn.0" / "000000000004.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     (tmp_path / "ffn.0" / ".000000000005.safetensors.123.tmp").write_bytes(b"half")
     found = store.load_latest("ffn.0")
@@ -94,3 +97,67 @@ def test_scan_reads_every_file_and_names_the_torn_ones(tmp_path):
     versions, corrupt = scan_checkpoints(tmp_path)
     assert versions == {"ffn.0": 2, "ffn.1": 1} and len(corrupt) == 1 and str(newest) in corrupt[0]
     assert scan_checkpoints(tmp_path / "missing") == ({}, [])
+
+
+def trained_model(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).square().sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_a_training_state_round_trips_and_the_next_step_matches(tmp_path):
+    model, optimizer = trained_model(3)
+    rng = torch.Generator().manual_seed(5)
+    store = CheckpointStore(tmp_path, keep=2)
+    path = store.save_state("client", TrainingState(
+        model=model.state_dict(), optimizer=optimizer.state_dict(), step=3,
+        config={"width": 8, "act": "gelu"}, tensors={"rng.data": rng.get_state()}))
+    assert path.name == "000000000003.safetensors"
+
+    loaded, found = store.load_state("client")
+    assert found == path and loaded.step == 3 and loaded.config == {"width": 8, "act": "gelu"}
+    restored, restored_optimizer = trained_model(0)
+    restored.load_state_dict(loaded.model)
+    restored_optimizer.load_state_dict(loaded.optimizer)
+    restored_rng = torch.Generator()
+    restored_rng.set_state(loaded.tensors["rng.data"])
+    for m, opt, gen in ((model, optimizer, rng), (restored, restored_optimizer, restored_rng)):
+        opt.zero_grad()
+        m(torch.randn(3, 4, generator=gen)).square().sum().backward()
+        opt.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert store.load_state("other") is None
+
+
+def test_a_training_state_reads_the_layout_trainers_have_written(tmp_path):
+    """Checkpoints of dmoe train --save (read by --resume and dmoe infer) keep their layout."""
+    store = CheckpointStore(tmp_path, keep=2)
+    groups = [{"lr": 0.01, "betas": [0.9, 0.999], "params": [0]}]
+    tensors = {"model.w": torch.ones(2), "optimizer.0.exp_avg": torch.zeros(2),
+               "optimizer.0.step": torch.tensor(7.0), "rng.data": torch.arange(4, dtype=torch.uint8)}
+    metadata = {"step": "7", "model_config": json.dumps({"d_model": 2}), "param_groups": json.dumps(groups)}
+    store.save("client", 7, tensors, metadata)
+    state, _ = store.load_state("client")
+    assert state.step == 7 and state.config == {"d_model": 2} and list(state.model) == ["w"]
+    assert state.optimizer["param_groups"] == groups
+    assert set(state.optimizer["state"][0]) == {"exp_avg", "step"}
+    assert list(state.tensors) == ["rng.data"]
+    again, again_metadata = state.to_file()
+    assert set(again) == set(tensors) and again_metadata == metadata
+
+
+def test_a_checkpoint_of_another_kind_is_not_taken_for_a_training_state(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save("client", 0, *backend("ffn.0").state_tensors())  # an expert's: no step, no param groups
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        store.load_state("client")
+    model, optimizer = trained_model(1)
+    with pytest.raises(ValueError, match="may not be named"):
+        store.save_state("client", TrainingState(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                                 step=1, config={}, tensors={"model.extra": torch.ones(1)}))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from hivemind.dht import DHTNode
@@ -73,12 +73,6 @@ class DHTPeer:
         """Await a coroutine run on the peer's loop, from another event loop."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
 
-    def run_coroutine(self, fn: Callable[[Any, DHTNode], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
-        """``fn(self, node)`` on the peer's loop: the calling convention of ``hivemind.DHT.run_coroutine``,
-        so that helpers in :mod:`dmoe.core.records` take either."""
-        assert self.node is not None, "call start() first"
-        return self.run(fn(self, self.node), timeout)
-
     def start(self, timeout: float = 60.0) -> DHTPeer:
         self._thread = threading.Thread(target=self.loop.run_forever, name="dmoe-dht", daemon=True)
         self._thread.start()
@@ -103,8 +97,8 @@ class DHTPeer:
         except RuntimeError as e:
             if "bootstrap failed" not in str(e):
                 raise
-            raise DmoeError(f"none of the swarm peers {', '.join(self.initial_peers)} answered: are they up? A "
-                            "private swarm answers only peers holding its key (--swarm-key)" +
+            raise DmoeError(f"none of the swarm peers {', '.join(self.initial_peers)} answered: are they up? "
+                            "A private swarm answers only peers holding its key (--swarm-key)" +
                             (", and this one's key is not theirs" if self.authorizer else "")) from None
         self.peer_id = node.peer_id.to_base58()
         self.visible_maddrs = [str(a) for a in await node.get_visible_maddrs()]

@@ -15,24 +15,20 @@ disappear when they expire. A node that stops gracefully overwrites its records,
 expiration (the DHT keeps the record that expires last), by tombstones (``state='stopped'``) that
 readers treat as absent.
 
-The blocking readers take a ``hivemind.DHT`` or a :class:`dmoe.core.dht.DHTPeer` (anything with
-``run_coroutine(fn)`` that calls ``fn(dht, node)``).
+The blocking readers take a started :class:`dmoe.core.dht.DHTPeer` and run on its event loop.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, Literal
 
 import pydantic
-from hivemind.dht import DHT, DHTNode
+from hivemind.dht import DHTNode
 
 from dmoe.core.dht import DHTPeer
 from dmoe.core.uids import UID_DELIMITER, split_uid
-
-DHTLike = DHT | DHTPeer
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +38,8 @@ RECORD_VERSION = 1
 
 
 class _Record(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)  # NaN from a peer: malformed
+    # extra fields: a newer version's; NaN from a peer: malformed
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
 class ExpertRecord(_Record):
@@ -111,7 +108,8 @@ class RelayRecord(_Record):
 
 
 def prefix_entries(uid: str) -> list[tuple[str, int]]:
-    """(key, subkey) of every grid prefix under which ``uid`` is announced: ffn.3.5 -> [(ffn., 3), (ffn.3., 5)]."""
+    """(key, subkey) of every grid prefix under which ``uid`` is announced:
+    ffn.3.5 -> [(ffn., 3), (ffn.3., 5)]."""
     prefix, coords = split_uid(uid)
     entries = []
     for i, coord in enumerate(coords):
@@ -159,20 +157,26 @@ def _parse(model: type[_Record], raw: Any) -> Any:
         return None
 
 
-async def _get_many(_dht: object, node: DHTNode, keys: list[str]) -> dict[str, Any]:
+def _node(peer: DHTPeer) -> DHTNode:
+    assert peer.node is not None, "start the DHT peer first"
+    return peer.node
+
+
+async def _get_many(node: DHTNode, keys: list[str]) -> dict[str, Any]:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest value
     return {key: (None if entry is None else entry.value) for key, entry in found.items()}
 
 
-def find_experts(dht: DHTLike, uids: Sequence[str]) -> dict[str, ExpertRecord]:
+def find_experts(peer: DHTPeer, uids: Sequence[str]) -> dict[str, ExpertRecord]:
     """Live (online, unexpired, well-formed) records of the given uids; absent uids are left out."""
-    return _experts_from(dht.run_coroutine(partial(_get_many, keys=list(uids))))
+    return _experts_from(peer.run(_get_many(_node(peer), list(uids))))
 
 
-async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str]) -> dict[str, dict[int, ExpertRecord]]:
+async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str]
+                                    ) -> dict[str, dict[int, ExpertRecord]]:
     """For each grid prefix key (``ffn.``, ``ffn.3.``): live records by next coordinate. A record
     under ``ffn.3.`` / 5 names ``ffn.3.5`` or an expert deeper in the grid (``ffn.3.5.1``)."""
-    found = await _get_many(None, node, list(keys))
+    found = await _get_many(node, list(keys))
     result: dict[str, dict[int, ExpertRecord]] = {}
     for key, value in found.items():
         entries: dict[int, ExpertRecord] = {}
@@ -197,7 +201,8 @@ def _experts_from(found: dict[str, Any]) -> dict[str, ExpertRecord]:
     return result
 
 
-async def _records_by_subkey(node: DHTNode, key: str, model: type[_Record], names_subkey: str) -> dict[str, Any]:
+async def _records_by_subkey(node: DHTNode, key: str, model: type[_Record], names_subkey: str
+                             ) -> dict[str, Any]:
     """The well-formed records stored under ``key``, by subkey, each naming its own subkey in its
     field ``names_subkey`` (a record filed under another's name is ignored)."""
     entry = await node.get(key, latest=True)
@@ -217,13 +222,9 @@ async def find_nodes_async(node: DHTNode) -> dict[str, NodeRecord]:
     return {node_id: record for node_id, record in found.items() if record.state == "online"}
 
 
-async def _find_nodes(_dht: object, node: DHTNode) -> dict[str, NodeRecord]:
-    return await find_nodes_async(node)
-
-
-def find_nodes(dht: DHTLike) -> dict[str, NodeRecord]:
+def find_nodes(peer: DHTPeer) -> dict[str, NodeRecord]:
     """Every live node record in the swarm, by node id (blocking)."""
-    return dht.run_coroutine(_find_nodes)
+    return peer.run(find_nodes_async(_node(peer)))
 
 
 async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time: float) -> bool:
@@ -235,10 +236,6 @@ async def find_relays_async(node: DHTNode) -> dict[str, RelayRecord]:
     return await _records_by_subkey(node, RELAYS_KEY, RelayRecord, "peer_id")
 
 
-async def _find_relays(_dht: object, node: DHTNode) -> dict[str, RelayRecord]:
-    return await find_relays_async(node)
-
-
-def find_relays(dht: DHTPeer, timeout: float | None = None) -> dict[str, RelayRecord]:
+def find_relays(peer: DHTPeer, timeout: float | None = None) -> dict[str, RelayRecord]:
     """Every live relay announced in the swarm, by peer id (blocking; TimeoutError after ``timeout``)."""
-    return dht.run_coroutine(_find_relays, timeout)
+    return peer.run(find_relays_async(_node(peer)), timeout)

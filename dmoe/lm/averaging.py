@@ -6,8 +6,9 @@ is averaged with the other trainers of the same run (``--run-id``) by hivemind's
 A background thread snapshots the parameters every ``interval`` seconds and runs one averaging
 round; the training loop never waits for it. When a round ends, the trainer applies
 ``average - snapshot`` to its parameters at the next step boundary, so what it learned meanwhile is
-kept (as in local SGD with delayed averaging). A round whose peers vanish times out and is skipped.
-A trainer that joins late first loads the averaged parameters from a peer (``catch_up``).
+kept (as in local SGD with delayed averaging); a round that starts while the last one's result still
+waits averages the parameters as they will be with it. A round whose peers vanish times out and is
+skipped. A trainer that joins late first loads the averaged parameters from a peer (``catch_up``).
 
 One DHT stack per trainer: the averager uses the trainer's own DHT peer (the Swarm's
 :class:`dmoe.core.dht.DHTPeer`) and its libp2p daemon; no ``hivemind.DHT`` process, no second

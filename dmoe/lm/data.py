@@ -19,8 +19,8 @@ import torch
 
 VOCAB_SIZE = 256
 HELDOUT_EVERY = 20  # one file in about this many is held out
-TEXT_SUFFIXES = frozenset({".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini", ".html",
-                           ".js", ".css", ".sh", ".yaml", ".yml", ".csv", ".tex"})
+TEXT_SUFFIXES = frozenset({".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini",
+                           ".html", ".js", ".css", ".sh", ".yaml", ".yml", ".csv", ".tex"})
 
 
 def is_heldout(relative_path: str) -> bool:
@@ -72,7 +72,8 @@ class ByteCorpus:
         """Random windows: inputs [B, T] and next-byte targets [B, T], int64."""
         data = self.train if split == "train" else self.heldout
         if len(data) <= seq_len + 1:
-            raise ValueError(f"{self.name}: the {split} part is shorter than seq_len + 1 = {seq_len + 1} bytes")
+            raise ValueError(f"{self.name}: the {split} part is shorter than seq_len + 1 = {seq_len + 1} "
+                             "bytes")
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator).tolist()
         return self._windows(data, starts, seq_len)
 

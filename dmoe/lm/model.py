@@ -76,7 +76,8 @@ class MoELM(nn.Module):
         )
         self.ln_f = nn.LayerNorm(config.d_model)
         # local experts keep the uid-seeded weights that a node would give them
-        experts = {id(m) for layer in self.moe_layers() for m in getattr(layer, "experts", nn.Module()).modules()}
+        experts = {id(m) for layer in self.moe_layers()
+                   for m in getattr(layer, "experts", nn.Module()).modules()}
         for module in self.modules():
             if id(module) not in experts:
                 _init_weights(module)
@@ -100,12 +101,13 @@ class MoELM(nn.Module):
         ce = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets_BT.reshape(-1))
         total = ce
         for layer in self.moe_layers():
-            total = total + self.config.aux_loss_weight * layer.aux_loss + self.config.z_loss_weight * layer.z_loss
+            total = (total + self.config.aux_loss_weight * layer.aux_loss
+                     + self.config.z_loss_weight * layer.z_loss)
         return total, ce.detach()
 
     @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> list[int]:
+    def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> list[int]:
         """Sample bytes after the prompt (temperature 0: greedy). Returns only the new bytes."""
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("need temperature >= 0 and top_k >= 1")

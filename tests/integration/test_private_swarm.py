@@ -14,8 +14,8 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
-from swarm_fixtures import CoordinatorProcess, NodeProcess, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from swarm_fixtures import CoordinatorProcess, NodeProcess, wait_for
 
 from dmoe.cli import main
 from dmoe.client.config import SwarmConfig
@@ -82,15 +82,19 @@ def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, t
     channel, service = stub(node.endpoint, key)
     x = torch.randn(4, HIDDEN)
     forward = pb.ForwardRequest(uid="ffn.0", inputs=[serialize(x)])
-    backward = pb.BackwardRequest(uid="ffn.0", inputs=[serialize(x)], grad_outputs=[serialize(torch.ones(4, HIDDEN))])
+    backward = pb.BackwardRequest(uid="ffn.0", inputs=[serialize(x)],
+                                  grad_outputs=[serialize(torch.ones(4, HIDDEN))])
     try:
         version = expert_version_with(service, key)
         attempts = [
             (lambda md: service.Forward(forward, timeout=10, metadata=md), "call it with the swarm's key"),
-            (lambda md: service.Backward(backward, timeout=10, metadata=md), "call it with the swarm's key"),
-            (lambda md: service.Info(pb.InfoRequest(), timeout=10, metadata=md), "call it with the swarm's key"),
+            (lambda md: service.Backward(backward, timeout=10, metadata=md),
+             "call it with the swarm's key"),
+            (lambda md: service.Info(pb.InfoRequest(), timeout=10, metadata=md),
+             "call it with the swarm's key"),
             (lambda md: list(service.BackwardStream(iter([pb.Chunk(data=backward.SerializeToString())]),
-                                                    timeout=10, metadata=md)), "call it with the swarm's key"),
+                                                    timeout=10, metadata=md)),
+             "call it with the swarm's key"),
         ]
         for call, message in attempts:
             for metadata, why in ((None, message), (other.call_metadata(FORWARD), "wrong swarm key"),
@@ -108,7 +112,8 @@ def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, t
         assert len(service.Forward(forward, timeout=10, metadata=token).outputs) == 1
         with pytest.raises(grpc.RpcError) as replayed:
             service.Forward(forward, timeout=10, metadata=token)
-        assert replayed.value.code() == grpc.StatusCode.UNAUTHENTICATED and "already used" in replayed.value.details()
+        assert replayed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "already used" in replayed.value.details()
         assert expert_version_with(service, key) == version  # no outsider's Backward reached the optimizer
         # a member's Backward does
         service.Backward(backward, timeout=10, metadata=key.call_metadata("/dmoe.ExpertService/Backward"))
@@ -121,7 +126,8 @@ def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, t
     # without the key, not even a connection: plain text; TLS trusting another swarm's CA; or TLS that
     # trusts this swarm's CA (public knowledge to whoever saw a node's certificate) but has no client
     # certificate of it, so that an outsider cannot even hold a call slot open
-    no_client_cert = grpc.secure_channel(node.endpoint, grpc.ssl_channel_credentials(root_certificates=ca_pem(key)),
+    no_client_cert = grpc.secure_channel(node.endpoint,
+                                         grpc.ssl_channel_credentials(root_certificates=ca_pem(key)),
                                          options=[("grpc.ssl_target_name_override", NODE_NAME)])
     for outsider, _ in (
         (grpc.insecure_channel(node.endpoint), None), stub(node.endpoint, other), (no_client_cert, None),
@@ -136,7 +142,8 @@ def test_calls_without_the_key_are_unauthenticated_and_change_nothing(private, t
 
 
 def expert_version_with(service, key: SwarmKey) -> int:
-    info = service.Info(pb.InfoRequest(uids=["ffn.0"]), timeout=10, metadata=key.call_metadata("/dmoe.ExpertService/Info"))
+    info = service.Info(pb.InfoRequest(uids=["ffn.0"]), timeout=10,
+                        metadata=key.call_metadata("/dmoe.ExpertService/Info"))
     return info.experts[0].version
 
 
@@ -182,8 +189,8 @@ def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dh
     metrics = tmp_path / "metrics.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "dmoe", "train", "--swarm", coordinator.swarm[0], "--swarm-key", str(key_path),
-         "--run-id", "private", "--d-model", str(HIDDEN), "--num-heads", "2", "--num-layers", "2", "--num-experts",
-         "2", "--seq-len", "16", "--steps", "4", "--batch-size", "2", "--eval-interval", "0",
+         "--run-id", "private", "--d-model", str(HIDDEN), "--num-heads", "2", "--num-layers", "2",
+         "--num-experts", "2", "--seq-len", "16", "--steps", "4", "--batch-size", "2", "--eval-interval", "0",
          "--timeout-after-k-min", "30", "--save", str(tmp_path / "run"), "--metrics-file", str(metrics)],
         capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -194,9 +201,10 @@ def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dh
 
 def test_swarm_status_reads_a_private_swarm_with_the_key_only(private):
     key_path, coordinator, node = private
-    common = [sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", coordinator.swarm[0], "--json", "--timeout", "20"]
-    member = subprocess.run([*common, "--swarm-key", str(key_path), "--wait-nodes", "1"], capture_output=True, text=True,
-                            timeout=60)
+    common = [sys.executable, "-m", "dmoe", "swarm", "status", "--swarm", coordinator.swarm[0], "--json",
+              "--timeout", "20"]
+    member = subprocess.run([*common, "--swarm-key", str(key_path), "--wait-nodes", "1"], capture_output=True,
+                            text=True, timeout=60)
     assert member.returncode == 0, member.stderr
     assert node.ready["node_id"] in member.stdout
     outsider = subprocess.run(common, capture_output=True, text=True, timeout=60)
@@ -230,8 +238,9 @@ def test_a_relay_checks_a_private_node_without_tls_by_its_token(private, node_fa
     key_path, _, _ = private
     key = SwarmKey.load(key_path)
     with Relay() as keyless:
-        node = node_factory("--swarm-key", str(key_path), "--no-tls", "--experts", "ffn.[0:1]", "--hidden-dim",
-                            str(HIDDEN), "--relay", keyless.address)  # its only relay: it starts a swarm of its own
+        # its only relay: it starts a swarm of its own
+        node = node_factory("--swarm-key", str(key_path), "--no-tls", "--experts", "ffn.[0:1]",
+                            "--hidden-dim", str(HIDDEN), "--relay", keyless.address)
         node_id, port = node.ready["node_id"], node.ready["port"]
         assert node.ready["tls"] is False and node.ready["reachable"] is True
         assert "could not check that this node answers there" in node.log()

@@ -102,9 +102,10 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def start_trainer(tmp_path, name: str, swarm: list[str], seed: int, steps: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "dmoe", "train", "--run-id", "pair", "--average-interval", "2", "--seed", str(seed),
-            "--steps", str(steps), "--batch-size", "4", "--lr", "1e-5", "--eval-interval", "0", "--save-interval", "1",
-            "--save", str(tmp_path / name), "--metrics-file", str(tmp_path / f"{name}.jsonl")]
+    args = [sys.executable, "-m", "dmoe", "train", "--run-id", "pair", "--average-interval", "2",
+            "--seed", str(seed), "--steps", str(steps), "--batch-size", "4", "--lr", "1e-5",
+            "--eval-interval", "0", "--save-interval", "1", "--save", str(tmp_path / name),
+            "--metrics-file", str(tmp_path / f"{name}.jsonl")]
     for key, value in MODEL.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     for address in swarm:

@@ -18,7 +18,8 @@ def test_local_moe_is_the_top_k_mixture_of_its_seeded_experts():
     experts = [create_expert("ffn", uid=f"ffn.{i}", hidden_dim=8, inner_dim=16)[0] for i in range(4)]
     top, chosen = layer.gates[0](x).topk(2, dim=-1)
     weights = top.softmax(-1)
-    expected = torch.stack([sum(weights[t, j] * experts[int(chosen[t, j])](x[t]) for j in range(2)) for t in range(10)])
+    expected = torch.stack([sum(weights[t, j] * experts[int(chosen[t, j])](x[t]) for j in range(2))
+                            for t in range(10)])
     torch.testing.assert_close(y, expected)
     y.sum().backward()
     assert all(p.grad is not None for p in layer.gates.parameters())
@@ -38,7 +39,8 @@ def test_dense_and_moe_models_have_the_same_active_ffn_parameters():
 
 def test_generation_is_seeded_and_greedy_is_deterministic():
     torch.manual_seed(0)
-    model = MoELM(LMConfig(d_model=16, num_heads=2, num_experts=4, expert_inner=32, seq_len=8), local_moe_factory())
+    config = LMConfig(d_model=16, num_heads=2, num_experts=4, expert_inner=32, seq_len=8)
+    model = MoELM(config, local_moe_factory())
     a = model.generate([1, 2, 3], 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
     b = model.generate([1, 2, 3], 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
     assert a == b and len(a) == 20 and all(0 <= t < 256 for t in a)
@@ -47,7 +49,8 @@ def test_generation_is_seeded_and_greedy_is_deterministic():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("bad", [dict(d_model=30, num_heads=4), dict(k=9), dict(ffn="sparse"), dict(num_layers=0)])
+@pytest.mark.parametrize("bad", [dict(d_model=30, num_heads=4), dict(k=9), dict(ffn="sparse"),
+                                 dict(num_layers=0)])
 def test_bad_model_configs_are_refused(bad):
     with pytest.raises(ConfigError):
         LMConfig(**bad)

@@ -82,6 +82,10 @@ class ExpertLoad(_Record):
     latency_p50_ms: float = 0.0
     latency_p99_ms: float = 0.0
     version: int = 0
+    # replicas: how far this replica was from the last replica it averaged with, before averaging
+    # (|theirs - ours| / |ours| over the parameters; 0: not measured yet), and when (the node's clock)
+    spread: float = 0.0
+    averaged_at: float = 0.0
 
 
 class NodeRecord(_Record):

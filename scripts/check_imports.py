@@ -24,7 +24,7 @@ def main() -> int:
         for name in ("node", "coordinator"):
             shutil.copytree(ROOT / name, Path(tmp, "dmoe", name), ignore=IGNORE)
         lint = Path(sys.executable).with_name("lint-imports")
-        cmd = [str(lint), str(ROOT / "pyproject.toml"), "--no-cache"]
+        cmd = [str(lint), "--config", str(ROOT / "pyproject.toml"), "--no-cache", "--no-logo"]
         return subprocess.run(cmd, cwd=tmp).returncode
 
 

@@ -143,3 +143,47 @@ class NodeInfo(_message.Message):
     max_request_bytes: int
     receiving_bytes: int
     def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., receiving_bytes: _Optional[int] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("uid", "skip_optimizer")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    skip_optimizer: bool
+    def __init__(self, uid: _Optional[str] = ..., skip_optimizer: _Optional[bool] = ...) -> None: ...
+
+class StateTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StateHeader(_message.Message):
+    __slots__ = ("uid", "expert_cls", "optimizer", "version", "tensors", "total_bytes", "sha256")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CLS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    expert_cls: str
+    optimizer: str
+    version: int
+    tensors: _containers.RepeatedCompositeFieldContainer[StateTensor]
+    total_bytes: int
+    sha256: bytes
+    def __init__(self, uid: _Optional[str] = ..., expert_cls: _Optional[str] = ..., optimizer: _Optional[str] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[StateTensor, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: StateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

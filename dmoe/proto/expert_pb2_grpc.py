@@ -59,6 +59,11 @@ class ExpertServiceStub:
                 request_serializer=dmoe_dot_proto_dot_expert__pb2.InfoRequest.SerializeToString,
                 response_deserializer=dmoe_dot_proto_dot_expert__pb2.NodeInfo.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_stream(
+                '/dmoe.ExpertService/GetState',
+                request_serializer=dmoe_dot_proto_dot_expert__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=dmoe_dot_proto_dot_expert__pb2.StateChunk.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -96,6 +101,13 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetState(self, request, context):
+        """An expert's parameters, optimizer state and version, streamed (see StateChunk).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +135,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=dmoe_dot_proto_dot_expert__pb2.InfoRequest.FromString,
                     response_serializer=dmoe_dot_proto_dot_expert__pb2.NodeInfo.SerializeToString,
+            ),
+            'GetState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=dmoe_dot_proto_dot_expert__pb2.GetStateRequest.FromString,
+                    response_serializer=dmoe_dot_proto_dot_expert__pb2.StateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +277,33 @@ class ExpertService:
             '/dmoe.ExpertService/Info',
             dmoe_dot_proto_dot_expert__pb2.InfoRequest.SerializeToString,
             dmoe_dot_proto_dot_expert__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dmoe.ExpertService/GetState',
+            dmoe_dot_proto_dot_expert__pb2.GetStateRequest.SerializeToString,
+            dmoe_dot_proto_dot_expert__pb2.StateChunk.FromString,
             options,
             channel_credentials,
             insecure,

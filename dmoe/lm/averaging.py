@@ -33,17 +33,45 @@ sends the results back. The fork must still come before any thread that may hold
 moment (the DHT peer's loop, gRPC's; see the design's lessons on fork): the Trainer builds its
 Swarm without starting it, builds the model on it, creates this averager (the fork), then starts
 the Swarm and calls :meth:`ParameterAverager.connect`.
+
+The guard (:func:`check_contribution`, also used by the node's replica averaging): nothing a peer
+sends is added unchecked. A round's result, or the parameters ``catch_up`` loads, is refused
+whole (:class:`Refused`, nothing changes) unless every tensor has the local tensor's shape and
+dtype, is finite, and lies within ``max_distance`` (default :data:`MAX_RELATIVE_DISTANCE`, 4) of
+the local tensor in relative L2 distance: ``|theirs - ours| <= max_distance * max(|ours|, s *
+sqrt(numel))``, where ``s`` is the root mean square of all the local tensors together, so that a
+tensor that is zero here (a bias at its init) is measured on the parameters' common scale instead
+of refusing any change at all. Why 4: an honest group average is within about 1 of each member
+even for trainers that started from different seeds (sqrt(2)/2 for two, towards 1 for many), and a
+peer's trained parameters within about 1.5 of a fresh init's; a hostile peer's NaN, Inf or 1e30 is
+refused, and what it can still do unseen is bounded (a round moves each tensor by at most 4 times
+its norm). That bound is not Byzantine robustness (hivemind's CenteredClip is): a peer that sends
+plausible but wrong values within the bound is averaged in like any other.
+
+Who sent a refused contribution? With ``DecentralizedAverager`` it cannot be told: its butterfly
+all-reduce has every sender's part summed into every reducer's part, so a NaN in the result
+names no sender, and a reducer that returns a wrong part is not told apart from a sender either;
+``step`` returns the peer ids of the round's group, nothing per peer. Its matchmaking takes no list
+of peers to leave out, and ``load_state_from_peers`` does not say whose state it loaded. So a
+trainer refuses the round (and puts its own snapshot back into the averager, so that a peer
+catching up from it never downloads the refused result), counts each member of a refused group
+as a suspect (:attr:`ParameterAverager.suspects`; a hostile peer is in every refused group, honest
+ones only by chance), and logs them; it cannot keep a suspect out of its next group. The node's
+replica averaging, which fetches each replica's state itself, does tell the peer and avoids it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import logging
+import math
 import multiprocessing as mp
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,6 +81,69 @@ from hivemind.p2p import P2P, PeerID
 from dmoe.core.dht import DHTPeer
 
 logger = logging.getLogger(__name__)
+
+MAX_RELATIVE_DISTANCE = 4.0  # the guard's default bound (see the module docstring)
+MIN_SCALE = 1e-3  # the smallest root-mean-square scale a tensor's distance is measured on
+
+
+class Refused(ValueError):
+    """A peer's contribution that the guard refuses: not finite, of the wrong shape or dtype, or
+    absurdly far from the local state. Nothing of it was applied."""
+
+
+Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+def check_contribution(ours: Tensors, theirs: Tensors, *, max_distance: float = MAX_RELATIVE_DISTANCE
+                       ) -> float:
+    """Raise :class:`Refused` unless ``theirs`` (a peer's tensors, or a result computed with them)
+    may replace or be averaged into ``ours``: the same names (mappings) or count (sequences), and
+    for each tensor the same shape and dtype, finite values, and for floating-point tensors a
+    relative L2 distance of at most ``max_distance`` (see the module docstring). Returns the
+    spread: ``|theirs - ours| / |ours|`` over all the floating-point tensors together."""
+    if not max_distance > 0:
+        raise ValueError(f"max_distance must be positive, got {max_distance}")
+    pairs = _pairs(ours, theirs)
+    floating = [(name, a, b) for name, a, b in pairs if a.is_floating_point()]
+    total_sq = sum(float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2 for _, a, _ in floating)
+    total_numel = sum(a.numel() for _, a, _ in floating)
+    scale = max(math.sqrt(total_sq / total_numel) if total_numel else 0.0, MIN_SCALE)
+    distance_sq = 0.0
+    for name, a, b in floating:
+        if not bool(torch.isfinite(b).all()):
+            raise Refused(f"{name} holds NaN or Inf")
+        distance = float(torch.linalg.vector_norm(b.to(a.device) - a, dtype=torch.float64))
+        norm = float(torch.linalg.vector_norm(a, dtype=torch.float64))
+        reference = max(norm, scale * math.sqrt(a.numel()))
+        if not distance <= max_distance * reference:
+            raise Refused(f"{name} is {distance / reference:.3g} times its norm away from ours "
+                          f"(the bound is {max_distance:g})")
+        distance_sq += distance * distance
+    return math.sqrt(distance_sq) / max(math.sqrt(total_sq), MIN_SCALE)
+
+
+def _pairs(ours: Tensors, theirs: Tensors) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, ours, theirs) for each tensor, once their names or count, shapes and dtypes agree."""
+    if isinstance(ours, Mapping):
+        if not isinstance(theirs, Mapping):
+            raise Refused("expected named tensors")
+        if set(ours) != set(theirs):
+            missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            raise Refused(f"other tensors: missing {missing[:3]}, unexpected {extra[:3]}")
+        pairs = [(name, ours[name], theirs[name]) for name in ours]
+    else:
+        if isinstance(theirs, Mapping):
+            raise Refused("expected a sequence of tensors")
+        theirs = list(theirs)
+        if len(theirs) != len(ours):
+            raise Refused(f"{len(theirs)} tensors instead of {len(ours)}")
+        pairs = [(f"tensor {i}", a, b) for i, (a, b) in enumerate(zip(ours, theirs))]
+    for name, a, b in pairs:
+        if not isinstance(b, torch.Tensor):
+            raise Refused(f"{name} is not a tensor")
+        if b.shape != a.shape or b.dtype != a.dtype:
+            raise Refused(f"{name} is {b.dtype} {list(b.shape)}, ours {a.dtype} {list(a.shape)}")
+    return pairs
 
 
 class PeerDHT:
@@ -192,16 +283,22 @@ class PeerDHT:
 
 class ParameterAverager:
     """``ParameterAverager(params, peer=...)`` before ``peer`` starts (it forks), ``connect()`` after,
-    then ``catch_up()``, ``start()``, ``apply_pending()`` at each step boundary, ``shutdown()``."""
+    then ``catch_up()``, ``start()``, ``apply_pending()`` at each step boundary, ``shutdown()``.
+    A round's result or a catch-up that :func:`check_contribution` refuses (``max_distance``) is
+    not applied; the members of a refused round's group are counted in ``suspects``."""
 
     def __init__(self, params: list[torch.nn.Parameter], *, peer: DHTPeer, run_id: str,
-                 interval: float = 10.0, matchmaking_time: float = 3.0, round_timeout: float = 30.0):
-        if interval <= 0 or matchmaking_time <= 0 or round_timeout <= 0:
-            raise ValueError("interval, matchmaking_time and round_timeout must be positive")
+                 interval: float = 10.0, matchmaking_time: float = 3.0, round_timeout: float = 30.0,
+                 max_distance: float = MAX_RELATIVE_DISTANCE):
+        if interval <= 0 or matchmaking_time <= 0 or round_timeout <= 0 or max_distance <= 0:
+            raise ValueError("interval, matchmaking_time, round_timeout and max_distance must be positive")
         assert peer.node is None, "create the averager before its DHT peer starts: it forks"
         self.params, self.interval, self.round_timeout = params, interval, round_timeout
-        self.num_rounds = self.num_failed_rounds = 0
+        self.max_distance = max_distance
+        self._peer = peer
+        self.num_rounds = self.num_failed_rounds = self.num_refused_rounds = 0
         self.last_group_size = 0
+        self.suspects: collections.Counter[str] = collections.Counter()  # peer id -> refused rounds it was in
         self._pending: list[torch.Tensor] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -225,8 +322,12 @@ class ParameterAverager:
         if loaded is None:
             return False
         _, tensors = loaded
-        if len(tensors) != len(self.params) or any(t.shape != p.shape for t, p in zip(tensors, self.params)):
-            logger.warning("a peer of this run sent parameters of another shape; not loading them")
+        try:
+            with torch.no_grad():
+                check_contribution([p.detach() for p in self.params], tensors, max_distance=self.max_distance)
+        except Refused as e:
+            logger.warning("refused the parameters a peer of this run sent to catch up with (%s); "
+                           "starting from this trainer's own", e)
             return False
         with torch.no_grad():
             for param, tensor in zip(self.params, tensors):
@@ -271,12 +372,26 @@ class ParameterAverager:
             self.num_failed_rounds += 1
             return
         with self.averager.get_tensors() as tensors:
+            try:
+                check_contribution(snapshot, tensors, max_distance=self.max_distance)
+            except Refused as e:
+                for tensor, value in zip(tensors, snapshot):  # a peer catching up from us gets ours
+                    tensor.copy_(value)
+                self._refuse(e, result)
+                return
             delta = [t - s for t, s in zip(tensors, snapshot)]
         with self._lock:  # a round not yet applied is kept: both deltas count
             self._pending = delta if self._pending is None else [a + b for a, b in zip(self._pending, delta)]
         self.num_rounds += 1
         self.last_group_size = len(result)
         logger.info("averaged parameters with %d trainer(s)", len(result))
+
+    def _refuse(self, reason: Refused, group: Mapping[PeerID, Any]) -> None:
+        """A round's result failed the guard: count its group's other members as suspects."""
+        self.num_refused_rounds += 1
+        others = sorted(str(peer_id) for peer_id in group if str(peer_id) != self._peer.peer_id)
+        self.suspects.update(others)
+        logger.warning("refused an averaging round's result (%s); its group: %s", reason, ", ".join(others))
 
     def shutdown(self) -> None:
         """Before the DHT peer shuts down: the averager says goodbye through it."""

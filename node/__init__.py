@@ -8,9 +8,14 @@
 - ``backend.py``      ExpertBackend: one expert on its device: schema checks, forward, backward +
                       optimizer step
 - ``checkpoints.py``  ExpertCheckpoints: the experts restored at start, saved when they changed
+- ``transfer.py``     GetState's wire: export_state, receive_state (every check), fetch_expert_state
+                      (the client call), ExpertState
+- ``joining.py``      take_live_states, TransferPolicy: at start, experts alive elsewhere take a
+                      live replica's state before they are announced
 - ``runtime.py``      Runtime, Task: per-expert forward/backward queues, admission control, the
                       batching device thread
-- ``service.py``      ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info)
+- ``service.py``      ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info,
+                      GetState)
 - ``server.py``       NodeServer: the gRPC server: ExpertService, health, reflection, TLS or not
 - ``guard.py``        CallGuard: the swarm key's token and the per-peer limits, checked before a
                       request is read

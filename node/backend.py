@@ -64,6 +64,8 @@ class ExpertBackend:
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.num_parameters = sum(p.numel() for p in params)
         self.optimizer: torch.optim.Optimizer = make_optimizer(params)
+        self._make_optimizer = make_optimizer
+        self._optimizer_slots: dict[torch.dtype, dict[str, tuple[Shape | None, str]]] = {}
         self.max_grad_norm = max_grad_norm
         self.version = 0  # optimizer steps applied
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
@@ -222,12 +224,13 @@ class ExpertBackend:
             self.skipped_steps += 1
             logger.warning("%s: non-finite parameter gradients; optimizer step skipped", self.uid)
 
-    # ---- checkpoints -----------------------------------------------------------------------------
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Copies of parameters and optimizer state (safetensors layout) and metadata, taken atomically."""
+    # ---- checkpoints and state transfer ----------------------------------------------------------
+    def state_tensors(self, optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Copies of parameters and optimizer state (safetensors layout) and metadata, taken atomically;
+        without ``optimizer``, of the module's state alone."""
         with self.lock:
             tensors = {f"module.{k}": v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-            for index, slots in self.optimizer.state_dict()["state"].items():
+            for index, slots in (self.optimizer.state_dict()["state"] if optimizer else {}).items():
                 for name, value in slots.items():
                     value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
                     tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().clone()
@@ -262,6 +265,44 @@ class ExpertBackend:
                 self.module.load_state_dict(backup)
                 raise CheckpointError(f"checkpoint does not fit {self.uid}: {e}") from None
             self.version = version
+
+
+    def state_schema(self, optimizer: bool = True) -> dict[str, tuple[Shape, str]]:
+        """Name -> (shape, dtype) of every tensor :meth:`state_tensors` can hold: the module's state
+        and, with ``optimizer``, each parameter's optimizer slots (a parameter has either all of them
+        or, before its first step, none). What another replica's state must match to be taken.
+        Raises ValueError for an optimizer whose state is neither parameter-shaped nor scalar."""
+        schema = {f"module.{k}": (tuple(v.shape), dtype_name(v.dtype))
+                  for k, v in self.module.state_dict().items()}
+        if optimizer:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for index, param in enumerate(params):
+                for slot, (shape, dtype) in self._slots(param.dtype).items():
+                    shape = tuple(param.shape) if shape is None else shape
+                    schema[f"optimizer.{index}.{slot}"] = (shape, dtype)
+        return schema
+
+    def _slots(self, dtype: torch.dtype) -> dict[str, tuple[Shape | None, str]]:
+        """The optimizer's state of one parameter of ``dtype`` after a step: slot -> (shape, dtype),
+        shape None for a slot shaped like its parameter. Found once per dtype by a step of a fresh
+        optimizer of the same kind over a small stand-in parameter (the real one is not touched)."""
+        if dtype not in self._optimizer_slots:
+            probe = torch.zeros(2, 3, dtype=dtype, requires_grad=True)
+            probe.grad = torch.zeros_like(probe)
+            optimizer = self._make_optimizer([probe])
+            optimizer.step()
+            slots: dict[str, tuple[Shape | None, str]] = {}
+            for slot, value in optimizer.state_dict()["state"].get(0, {}).items():
+                value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                if tuple(value.shape) == tuple(probe.shape):
+                    slots[slot] = (None, dtype_name(value.dtype))
+                elif value.dim() == 0:
+                    slots[slot] = ((), dtype_name(value.dtype))
+                else:
+                    raise ValueError(f"{self.optimizer_name}: optimizer slot {slot!r} of shape "
+                                     f"{list(value.shape)} is neither a parameter's shape nor a scalar")
+            self._optimizer_slots[dtype] = slots
+        return self._optimizer_slots[dtype]
 
 
 class OutOfBounds(ValueError):

@@ -9,8 +9,10 @@ Reachability (``--reachability``): a node that others cannot dial (a relay's dia
 the user says so) joins the DHT as a client and serves its experts through a relay
 (:class:`~dmoe.node.relaylink.RelayLink`); its records name the relay's port for it.
 
-Start-up is a list of named steps (:meth:`Node._start_up`); the gRPC server, the dial-back check
-and the checkpoints have modules of their own (``server.py``, ``reachability.py``, ``checkpoints.py``).
+Start-up is a list of named steps (:meth:`Node._start_up`); the gRPC server, the dial-back check,
+the checkpoints and the state transfer from live replicas have modules of their own (``server.py``,
+``reachability.py``, ``checkpoints.py``, ``joining.py``). An expert alive on other nodes takes a
+replica's state (or a newer one than its checkpoint's) before the node serves or announces it.
 
 Use it from Python as a context manager (``with Node(config) as node: node.endpoint``), which runs
 it on a background thread with its own event loop, or from the CLI through :meth:`Node.run`.
@@ -37,13 +39,14 @@ from dmoe.core.auth import CallVerifier, load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.files import write_json_atomic
-from dmoe.core.records import ExpertRecord, Hardware, NodeRecord
+from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts
 from dmoe.node.announcer import Announcer
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.checkpoints import ExpertCheckpoints
 from dmoe.node.config import NodeConfig
 from dmoe.node.experts import build_backend, read_hardware, resolve_device
 from dmoe.node.guard import CallGuard
+from dmoe.node.joining import TransferPolicy, Transferred, take_live_states
 from dmoe.node.reachability import dial_back, dialable, relay_candidates
 from dmoe.node.relaylink import RelayLink
 from dmoe.node.runtime import Runtime
@@ -86,6 +89,8 @@ class Node:
                                peer_burst=config.peer_burst)
         self._checkpoints = (ExpertCheckpoints(config.checkpoint_dir, keep=config.keep_checkpoints,
                                                backends=self.backends) if config.checkpoint_dir else None)
+        self.transfer_policy = TransferPolicy()
+        self.transferred: dict[str, Transferred] = {}  # uid -> the state it took from a replica at start
         self._tasks: list[asyncio.Task] = []
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,6 +175,7 @@ class Node:
         before the one that failed."""
         await self._join_swarm()
         self._host_experts()
+        await self._take_live_state()
         self._start_runtime()
         await self._start_server()
         await self._settle_reachability()
@@ -210,6 +216,24 @@ class Node:
         self._hardware = read_hardware(self.device)
         if self._checkpoints is not None:
             self._checkpoints.restore()
+
+    async def _take_live_state(self) -> None:
+        """Experts alive on other nodes take a live replica's state (a newer one than their checkpoint's,
+        if restored from one); the others keep theirs. Not in a new swarm: nobody else is in it."""
+        if not self.config.swarm:
+            return
+        assert self._dht is not None and self.node_id is not None
+        dht = self._dht
+
+        async def find_replicas(uids: list[str]):
+            return await asyncio.to_thread(find_experts, dht, uids)
+
+        self.transferred = await take_live_states(
+            self.backends, find_replicas, node_id=self.node_id, key=self.swarm_key,
+            local_versions=self.restored_versions, policy=self.transfer_policy)
+        if self.transferred:
+            logger.info("%d of %d experts took the state of a live replica (%.1f MB)", len(self.transferred),
+                        len(self.backends), sum(t.num_bytes for t in self.transferred.values()) / 1e6)
 
     def _start_runtime(self) -> None:
         """The per-expert queues and the thread that runs their batches on the device."""
@@ -392,6 +416,8 @@ class Node:
             "endpoint": self.endpoint, "port": self.port, "swarm": self.swarm_addresses,
             "node_id": self.node_id, "pid": os.getpid(), "experts": self.uids,
             "restored": self.restored_versions, "tls": self.tls,
+            "transferred": {uid: {"endpoint": t.endpoint, "version": t.version, "bytes": t.num_bytes,
+                                  "seconds": round(t.seconds, 3)} for uid, t in self.transferred.items()},
             "reachable": self.reachable, "relay_endpoint": self.relay_endpoint,
             "relay": self.relay.address if self.relay else "",
         })

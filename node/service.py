@@ -1,4 +1,4 @@
-"""ExpertService: the gRPC servicer of a node (Forward, Backward, their streams, Info).
+"""ExpertService: the gRPC servicer of a node (Forward, Backward, their streams, Info, GetState).
 
 The handlers are registered with raw-bytes request deserialisers instead of the generated
 ``add_ExpertServiceServicer_to_server``: parsing the request ourselves lets garbage on the wire get
@@ -9,6 +9,10 @@ finite values no larger than the node's bounds) before it is queued, so a bad re
 reaches a batch that good requests share. :func:`check_declared_request` (uid, declared shapes and
 dtypes, size) and :func:`decode_request` (the values) are that path as plain functions, which the
 fuzzer (``fuzz/fuzz_request.py``) drives in-process.
+
+GetState streams an expert's parameters, optimizer state and version to another node (the layout
+and its checks are in :mod:`dmoe.node.transfer`). It passes the same guard; a node runs at most
+``max_state_exports`` of them at once, since each holds a copy of an expert's state until sent.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from dmoe.node.backend import ExpertBackend, OutOfBounds
 from dmoe.node.guard import CallGuard, Refused
 from dmoe.node.runtime import Overloaded, Runtime, Task
 from dmoe.node.stats import ExpertCounters
+from dmoe.node.transfer import export_state, state_chunks
 from dmoe.proto import expert_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
+MiB = 1 << 20
 
 
 class RequestError(Exception):
@@ -59,6 +65,7 @@ class ExpertServicer:
         max_input_abs: float = float("inf"),
         max_grad_abs: float = float("inf"),
         receive_timeout: float = float("inf"),
+        max_state_exports: int = 2,
     ):
         self.backends, self.runtime, self.counters = backends, runtime, counters
         self.guard, self.max_input_abs, self.max_grad_abs = guard, max_input_abs, max_grad_abs
@@ -68,6 +75,8 @@ class ExpertServicer:
         self.chunk_bytes = chunk_bytes  # response chunk size of the streams, within the message limit
         self.max_inflight_bytes = max_inflight_bytes
         self._inflight_bytes = 0  # bytes held by request streams being received (event loop only)
+        self.max_state_exports = max_state_exports  # GetState calls served at once
+        self._state_exports = 0  # GetState calls being served (event loop only)
 
     # ---- registration -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -91,6 +100,10 @@ class ExpertServicer:
                 "BackwardStream": stream(self.backward_stream),
                 "Info": grpc.unary_unary_rpc_method_handler(
                     self.info, request_deserializer=None, response_serializer=pb.NodeInfo.SerializeToString
+                ),
+                "GetState": grpc.unary_stream_rpc_method_handler(
+                    self.get_state, request_deserializer=None,
+                    response_serializer=pb.StateChunk.SerializeToString,
                 ),
             },
         )
@@ -130,9 +143,45 @@ class ExpertServicer:
 
         return await self._answer(context, "Info", handle)
 
+    async def get_state(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
+        """The expert's state as a stream of StateChunk (written here, not yielded, so that the
+        time a reader may take is bounded: receive_timeout plus a second per MiB of state)."""
+        async def handle() -> None:
+            request = _parse(pb.GetStateRequest, data)
+            backend = self.backends.get(request.uid)
+            if backend is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {request.uid!r} on this node")
+            if self._state_exports >= self.max_state_exports:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"{self._state_exports} state transfers in progress already; retry later")
+            self._state_exports += 1
+            try:
+                await self._send_state(backend, context, optimizer=not request.skip_optimizer)
+            finally:
+                self._state_exports -= 1
+
+        await self._answer(context, "GetState", handle)
+
+    async def _send_state(self, backend: ExpertBackend, context: grpc.aio.ServicerContext, *,
+                          optimizer: bool) -> None:
+        try:
+            header, views = await asyncio.to_thread(export_state, backend, optimizer=optimizer)
+        except ValueError as e:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        limit = self.receive_timeout + header.total_bytes / MiB
+        try:
+            async with asyncio.timeout(None if limit == float("inf") else limit):
+                for chunk in state_chunks(header, views, self.chunk_bytes):
+                    await context.write(chunk)
+        except TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the state of {backend.uid} was not taken within {limit:.0f}s") from None
+        logger.debug("sent the state of %s (version %d, %d bytes) to %s", backend.uid, header.version,
+                     header.total_bytes, context.peer())
+
     # ---- the work ------------------------------------------------------------------------------
     async def _answer(self, context: grpc.aio.ServicerContext, method: str,
-                      handle: Callable[[], Awaitable[Message]]) -> Message:
+                      handle: Callable[[], Awaitable[Message | None]]) -> Message | None:
         try:
             peer = self.guard.admit(fullmethod(SERVICE_NAME, method), context.peer(),
                                     context.invocation_metadata())

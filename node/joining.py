@@ -114,7 +114,7 @@ async def take_live_states(
                     taken[uid] = result
                     return
 
-    tasks = []
+    tasks, alive_elsewhere = [], []
     for uid, backend in backends.items():
         replicas = sorted(
             (r for r in replicas_of(found.get(uid)) if r.node_id != node_id and r.dial_endpoint
@@ -122,7 +122,12 @@ async def take_live_states(
             key=lambda r: (-r.version, r.queued_tokens))
         if replicas:
             tasks.append(take(uid, backend, replicas))
+            alive_elsewhere.append(uid)
     await asyncio.gather(*tasks)
+    for uid in alive_elsewhere:
+        if uid not in taken and local_versions.get(uid) is None:
+            logger.warning("%s is alive on other nodes but took no replica's state: it starts from its seed "
+                           "(version 0)", uid)
     return taken
 
 

@@ -1,7 +1,8 @@
 """Dashboard: the coordinator's HTTP server (aiohttp): the live page, its JSON API and /metrics.
 
 - ``GET /``             the dashboard page (``static/dashboard.html``), which polls the API below
-- ``GET /api/swarm``    the latest :class:`dmoe.view.swarmview.SwarmView` plus the monitor's status
+- ``GET /api/swarm``    the latest :class:`dmoe.view.swarmview.SwarmView` (nodes, experts, the replicas of
+  each expert: versions, spread, experts held by a single node) plus the monitor's status
 - ``GET /api/history``  throughput over time, per node and for the swarm
 - ``GET /metrics``      Prometheus text format
 - ``GET /healthz``      ``ok`` while the server runs

@@ -3,6 +3,15 @@
 The numbers are the nodes' own cumulative counters (from their DHT records), exported with a
 ``node`` label, so Prometheus' ``rate()`` gives throughput per node; a node that restarts starts
 its counters again, which ``rate()`` treats as a counter reset.
+
+Replicas: swarm-wide gauges always (``dmoe_experts_single_replica``, ``dmoe_experts_by_replicas``
+with a ``replicas`` label of 1, 2, 3 or 4+, the largest spread and version lag over all experts);
+per-expert gauges with a ``uid`` label (``dmoe_expert_replicas``, ``dmoe_expert_spread``,
+``dmoe_expert_version_lag``) only while the swarm has at most ``MAX_EXPERT_SERIES`` experts. A
+swarm of thousands of experts would otherwise make thousands of series per metric, a load on
+Prometheus that grows with the swarm (and that any peer could inflate by announcing made-up uids);
+the swarm-wide gauges say whether something is wrong, and ``/api/swarm`` or ``dmoe swarm status
+--experts`` say which expert.
 """
 
 from __future__ import annotations
@@ -15,11 +24,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dmoe.coordinator.monitor import SwarmMonitor
+from dmoe.view.swarmview import SwarmView
+
+MAX_EXPERT_SERIES = 256  # per-expert series (uid label) only for swarms of at most this many experts
+REPLICA_BUCKETS = ("1", "2", "3", "4+")  # the replicas label of dmoe_experts_by_replicas
 
 
 class SwarmCollector(Collector):
-    def __init__(self, monitor: SwarmMonitor):
-        self.monitor = monitor
+    def __init__(self, monitor: SwarmMonitor, max_expert_series: int = MAX_EXPERT_SERIES):
+        self.monitor, self.max_expert_series = monitor, max_expert_series
 
     def collect(self) -> Iterator[Metric]:
         view = self.monitor.view
@@ -65,6 +78,44 @@ class SwarmCollector(Collector):
             families["p99"].add_metric(values, n.latency_p99_ms / 1e3)
             families["uptime"].add_metric(values, n.uptime_s)
         yield from families.values()
+        yield from replica_metrics(view, self.max_expert_series)
+
+
+def replica_metrics(view: SwarmView, max_expert_series: int = MAX_EXPERT_SERIES) -> Iterator[Metric]:
+    """The replica gauges of a view: swarm-wide ones, and per-expert ones (``uid`` label) while the
+    swarm has at most ``max_expert_series`` experts (see the module docstring)."""
+    groups = view.expert_replicas
+    yield GaugeMetricFamily("dmoe_experts_single_replica",
+                            "experts held by a single node (lost if it leaves for good)",
+                            value=view.num_single_replica)
+    by_replicas = GaugeMetricFamily("dmoe_experts_by_replicas", "experts by their number of replicas",
+                                    labels=["replicas"])
+    counts = dict.fromkeys(REPLICA_BUCKETS, 0)
+    for g in groups:
+        counts[REPLICA_BUCKETS[min(g.num_replicas, len(REPLICA_BUCKETS)) - 1]] += 1
+    for bucket, count in counts.items():
+        by_replicas.add_metric([bucket], count)
+    yield by_replicas
+    yield GaugeMetricFamily("dmoe_experts_max_spread",
+                            "largest |theirs - ours| / |ours| a replica measured before averaging",
+                            value=view.max_spread)
+    yield GaugeMetricFamily("dmoe_experts_max_version_lag",
+                            "largest difference of optimizer steps between replicas of an expert",
+                            value=max((g.max_version - g.min_version for g in groups), default=0))
+    only_small = f" (only while the swarm has at most {max_expert_series} experts)"
+    replicas = GaugeMetricFamily("dmoe_expert_replicas", "nodes hosting the expert" + only_small,
+                                 labels=["uid"])
+    spread = GaugeMetricFamily("dmoe_expert_spread", "largest spread its replicas measured" + only_small,
+                               labels=["uid"])
+    lag = GaugeMetricFamily("dmoe_expert_version_lag",
+                            "optimizer steps between its newest and oldest replica" + only_small,
+                            labels=["uid"])
+    if len(groups) <= max_expert_series:
+        for g in groups:
+            replicas.add_metric([g.uid], g.num_replicas)
+            spread.add_metric([g.uid], g.max_spread)
+            lag.add_metric([g.uid], g.max_version - g.min_version)
+    yield from (replicas, spread, lag)
 
 
 class RelayCollector(Collector):

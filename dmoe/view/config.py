@@ -19,7 +19,7 @@ class StatusConfig:
     swarm: SwarmConfig = nested(SwarmConfig, {"swarm": "initial_peers", "swarm_key": "swarm_key",
                                               "host": "host"})
     json: bool = option(False, "print the view as JSON (for scripts) instead of tables")
-    experts: bool = option(False, "also list every expert (one row per expert and node)")
+    experts: bool = option(False, "also list every expert (one row per uid: replicas, versions, spread)")
     wait_nodes: int = option(0, "wait until at least this many nodes are seen (up to --timeout)")
     timeout: float = option(30.0, "seconds to join the swarm and to wait for --wait-nodes")
 

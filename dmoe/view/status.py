@@ -1,5 +1,9 @@
 """``dmoe swarm status``: join a swarm, read the nodes' records, print a table (rich) or JSON.
 
+The summary line counts experts held by a single node; ``--experts`` adds one row per expert uid:
+its replicas (nodes and their versions), version range, largest spread and when a replica last
+averaged, with single-replica experts marked ``SINGLE`` (and red on a terminal).
+
 Nothing here asks the coordinator: any peer's records give the same view (:mod:`dmoe.view.swarmview`).
 """
 
@@ -15,7 +19,7 @@ from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import dht_authorizer
 from dmoe.core.records import find_nodes
 from dmoe.view.config import StatusConfig
-from dmoe.view.swarmview import SwarmView, summarize
+from dmoe.view.swarmview import ExpertReplicas, SwarmView, summarize
 
 
 def read_view(config: StatusConfig) -> SwarmView:
@@ -49,10 +53,35 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def _spread(e: ExpertReplicas) -> str:
+    """The largest spread as a percentage; ``-`` where no replica measured one yet."""
+    return f"{e.max_spread:.2%}" if e.max_spread or e.last_averaged_at else "-"
+
+
+def _experts_held_by_one(view: SwarmView) -> str:
+    n = view.num_single_replica
+    return f"{n} expert is held" if n == 1 else f"{n} experts are held"
+
+
+def _versions(e: ExpertReplicas) -> str:
+    return str(e.min_version) if e.min_version == e.max_version else f"{e.min_version}..{e.max_version}"
+
+
+MAX_NODES_SHOWN = 4  # replicas named per row of the experts table; more are counted
+
+
+def _holders(e: ExpertReplicas) -> str:
+    """The nodes holding an expert, each with its replica's version: ``a1b2c3…d4e5f6 v12``."""
+    named = [f"{_short(r.node_id)} v{r.version}" for r in e.replicas[:MAX_NODES_SHOWN]]
+    more = len(e.replicas) - len(named)
+    return ", ".join(named) + (f", +{more} more" if more > 0 else "")
+
+
 def render(view: SwarmView, console: Console, experts: bool = False) -> None:
     console.print(f"[bold]{view.num_nodes}[/] nodes, [bold]{view.num_experts}[/] experts"
-                  f" ({view.num_replicated} on more than one node), {view.calls:,} calls served,"
-                  f" {view.tokens:,} tokens, {view.errors:,} failed, {view.rejected:,} shed")
+                  f" ({view.num_replicated} on more than one node, {view.num_single_replica} on a single"
+                  f" node), {view.calls:,} calls served, {view.tokens:,} tokens, {view.errors:,} failed,"
+                  f" {view.rejected:,} shed")
     if not view.nodes:
         console.print("no live node: is a node running with --swarm pointing at this swarm?")
         return
@@ -69,13 +98,31 @@ def render(view: SwarmView, console: Console, experts: bool = False) -> None:
             f"{n.latency_p50_ms:.1f}", f"{n.latency_p99_ms:.1f}", f"{n.queued_tokens:,}")))
     console.print(table)
     if experts:
-        table = Table(title="experts", title_justify="left")
-        table.add_column("uid")
-        table.add_column("node")
-        for name in ("calls", "tokens", "failed", "p50 ms", "version"):
-            table.add_column(name, justify="right")
-        for e in view.experts:
-            table.add_row(*map(_cell, (
-                e.uid, _short(e.node_id), f"{e.forward_calls + e.backward_calls:,}", f"{e.tokens:,}",
-                f"{e.errors + e.rejected:,}", f"{e.latency_p50_ms:.1f}", e.version)))
-        console.print(table)
+        _render_experts(view, console)
+    elif view.num_single_replica:
+        console.print(f"[bold red]{_experts_held_by_one(view)} by a single node[/] (lost if it leaves for"
+                      " good): --experts lists them")
+
+
+def _render_experts(view: SwarmView, console: Console) -> None:
+    """One row per expert uid: its replicas (nodes and versions), version range, largest spread and
+    when a replica last averaged; experts held by a single node are marked and shown in red."""
+    table = Table(title="experts", title_justify="left")
+    table.add_column("uid")
+    table.add_column("replicas", justify="right")
+    table.add_column("nodes (version)")
+    for name in ("versions", "spread", "averaged", "calls", "tokens", "failed", "queued"):
+        table.add_column(name, justify="right")
+    for e in view.expert_replicas:
+        age = max(0.0, view.at - e.last_averaged_at)  # the node's clock against ours: never below 0
+        averaged = f"{_duration(age)} ago" if e.last_averaged_at else "never"
+        table.add_row(*map(_cell, (
+            e.uid, f"{e.num_replicas} SINGLE" if e.single else e.num_replicas, _holders(e), _versions(e),
+            _spread(e), averaged, f"{sum(r.calls for r in e.replicas):,}",
+            f"{sum(r.tokens for r in e.replicas):,}", f"{sum(r.errors for r in e.replicas):,}",
+            f"{sum(r.queued_tokens for r in e.replicas):,}",
+        )), style="bold red" if e.single else None)
+    console.print(table)
+    if view.num_single_replica:
+        console.print(f"[bold red]{_experts_held_by_one(view)} by a single node[/] (SINGLE above): a node"
+                      " started elsewhere with the same --experts replicates them")

@@ -8,6 +8,13 @@ and metrics serve one, refreshed every few seconds, with throughput over time
 Per node, the latency is the node's own time to serve a call (queueing + compute), as its
 counters measured over the last calls of each expert: p50 is the call-weighted mean of the
 experts' p50, p99 the worst expert's p99.
+
+Replicas: several nodes may host the same uid. Per uid the view lists every replica
+(:class:`ReplicaSummary`, from the hosting node's own ``load[uid]``) and sums them up
+(:class:`ExpertReplicas`): how many, the range of their versions (optimizer steps applied) and the
+largest spread (how far a replica was from the last replica it averaged with, before averaging, as
+that replica measured it). An expert held by a single node is lost if that node leaves for good:
+``single_replica`` lists those uids.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Mapping
 
 import pydantic
 
-from dmoe.core.records import NodeRecord
+from dmoe.core.records import ExpertLoad, NodeRecord
 
 
 class _Model(pydantic.BaseModel):
@@ -38,6 +45,35 @@ class ExpertSummary(_Model):
     latency_p50_ms: float
     latency_p99_ms: float
     version: int  # optimizer steps applied
+    # |theirs - ours| / |ours| to the last replica this one averaged with, before averaging (0: none yet)
+    spread: float = 0.0
+    averaged_at: float = 0.0  # when it last averaged, by the node's clock (0: never)
+
+
+class ReplicaSummary(_Model):
+    """One node's replica of an expert, as that node's record describes it."""
+    node_id: str
+    endpoint: str
+    version: int  # optimizer steps applied on this replica
+    spread: float  # see ExpertSummary.spread
+    averaged_at: float  # see ExpertSummary.averaged_at
+    calls: int  # forward + backward
+    tokens: int
+    errors: int  # failed + shed
+    queued_tokens: int
+    latency_p50_ms: float
+
+
+class ExpertReplicas(_Model):
+    """Every replica of one expert uid, and how far apart they are."""
+    uid: str
+    num_replicas: int  # nodes hosting the uid
+    replicas: list[ReplicaSummary]  # by node id
+    min_version: int
+    max_version: int
+    max_spread: float  # largest spread a replica reported (0: none measured)
+    last_averaged_at: float  # latest time a replica averaged (0: never)
+    single: bool  # held by a single node: lost if it leaves
 
 
 class NodeSummary(_Model):
@@ -76,26 +112,47 @@ class SwarmView(_Model):
     errors: int
     rejected: int
     nodes: list[NodeSummary]
-    experts: list[ExpertSummary]
+    experts: list[ExpertSummary]  # one per (uid, node), by uid then node
+    # replicas (added with replica averaging; the defaults read views made before it)
+    num_single_replica: int = 0  # uids held by a single node
+    single_replica: list[str] = []  # those uids, sorted
+    max_spread: float = 0.0  # largest spread over all experts
+    expert_replicas: list[ExpertReplicas] = []  # one per uid, sorted by uid
+
+
+def _replicas_of(uid: str, replicas: list[ReplicaSummary]) -> ExpertReplicas:
+    versions = [r.version for r in replicas]
+    return ExpertReplicas(
+        uid=uid, num_replicas=len(replicas), replicas=replicas, min_version=min(versions),
+        max_version=max(versions), max_spread=max(r.spread for r in replicas),
+        last_averaged_at=max(r.averaged_at for r in replicas), single=len(replicas) == 1,
+    )
 
 
 def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> SwarmView:
     """The view of a swarm from its live node records (by node id)."""
     now = time.time() if now is None else now
     nodes, experts = [], []
-    owners: collections.Counter[str] = collections.Counter()
+    owners: dict[str, list[ReplicaSummary]] = {}
     for node_id, record in sorted(records.items()):
         loads = record.load
         for uid in dict.fromkeys(record.experts):  # a uid listed twice by one node is one expert
-            owners[uid] += 1
             load = loads.get(uid)
-            if load is None:
-                continue
-            experts.append(ExpertSummary(
-                uid=uid, node_id=node_id, endpoint=record.endpoint, forward_calls=load.forward_calls,
-                backward_calls=load.backward_calls, tokens=load.tokens, errors=load.errors,
-                rejected=load.rejected, queued_tokens=load.queued_tokens, latency_p50_ms=load.latency_p50_ms,
-                latency_p99_ms=load.latency_p99_ms, version=load.version,
+            if load is None:  # hosted, numbers not published: a replica all the same
+                load = ExpertLoad()
+            else:
+                experts.append(ExpertSummary(
+                    uid=uid, node_id=node_id, endpoint=record.endpoint, forward_calls=load.forward_calls,
+                    backward_calls=load.backward_calls, tokens=load.tokens, errors=load.errors,
+                    rejected=load.rejected, queued_tokens=load.queued_tokens,
+                    latency_p50_ms=load.latency_p50_ms, latency_p99_ms=load.latency_p99_ms,
+                    version=load.version, spread=load.spread, averaged_at=load.averaged_at,
+                ))
+            owners.setdefault(uid, []).append(ReplicaSummary(
+                node_id=node_id, endpoint=record.endpoint, version=load.version, spread=load.spread,
+                averaged_at=load.averaged_at, calls=load.forward_calls + load.backward_calls,
+                tokens=load.tokens, errors=load.errors + load.rejected, queued_tokens=load.queued_tokens,
+                latency_p50_ms=load.latency_p50_ms,
             ))
         calls_by_expert = [(lo.forward_calls + lo.backward_calls, lo) for lo in loads.values()]
         num_calls = sum(c for c, _ in calls_by_expert)
@@ -121,12 +178,16 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
             latency_p99_ms=max((lo.latency_p99_ms for lo in loads.values()), default=0.0),
             optimizer_steps=sum(lo.version for lo in loads.values()),
         ))
+    replicas = [_replicas_of(uid, owners[uid]) for uid in sorted(owners)]  # nodes were visited sorted
+    single = [r.uid for r in replicas if r.single]
     return SwarmView(
         at=now, num_nodes=len(nodes), num_experts=len(owners),
-        num_replicated=sum(n > 1 for n in owners.values()),
+        num_replicated=len(replicas) - len(single),
         calls=sum(n.calls for n in nodes), tokens=sum(n.tokens for n in nodes),
         errors=sum(n.errors for n in nodes), rejected=sum(n.rejected for n in nodes),
         nodes=nodes, experts=sorted(experts, key=lambda e: (e.uid, e.node_id)),
+        num_single_replica=len(single), single_replica=single,
+        max_spread=max((r.max_spread for r in replicas), default=0.0), expert_replicas=replicas,
     )
 
 

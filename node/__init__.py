@@ -12,6 +12,8 @@
                       (the client call), ExpertState
 - ``joining.py``      take_live_states, TransferPolicy: at start, experts alive elsewhere take a
                       live replica's state before they are announced
+- ``averaging.py``    ReplicaAverager: replicas of an expert blend their parameters (GetState) in
+                      the background, every --average-interval; bad ones refused and avoided
 - ``runtime.py``      Runtime, Task: per-expert forward/backward queues, admission control, the
                       batching device thread
 - ``service.py``      ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info,

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from dmoe.config import option
 from dmoe.core.addresses import check_announce_maddrs, split_address
+from dmoe.core.owner import MAX_RECORD_TTL
 from dmoe.core.uids import expand_patterns
 from dmoe.errors import ConfigError
 
@@ -75,6 +76,12 @@ class NodeConfig:
     offer_relay: bool = option(False, "also run a relay for nodes that cannot "
                                       "be dialled (this node must be reachable)")
     relay_port: int = option(0, "port of the relay this node offers (0: any free port)")
+    average_interval: float = option(30.0, "seconds between replica averaging rounds (randomised by "
+                                           "+-20%): each expert also hosted by other nodes blends its "
+                                           "parameters with one of them (0: never)")
+    average_max_distance: float = option(4.0, "a replica's parameters more than this many times a "
+                                              "tensor's norm away from ours are refused, and that "
+                                              "replica avoided for a while")
     heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
     record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
@@ -90,9 +97,10 @@ class NodeConfig:
         for name in ("hidden_dim", "max_batch_tokens", "max_queued_tokens", "max_message_bytes",
                      "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval",
                      "record_ttl", "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer",
-                     "peer_rate", "peer_burst", "receive_timeout", "max_input_abs", "max_grad_abs"):
+                     "peer_rate", "peer_burst", "receive_timeout", "max_input_abs", "max_grad_abs",
+                     "average_max_distance"):
             positive(name)
-        for name in ("port", "dht_port", "relay_port", "max_grad_norm", "shutdown_grace"):
+        for name in ("port", "dht_port", "relay_port", "max_grad_norm", "shutdown_grace", "average_interval"):
             positive(name, allow_zero=True)
         if self.inner_dim is not None:
             positive("inner_dim")
@@ -120,6 +128,9 @@ class NodeConfig:
         if self.record_ttl <= self.heartbeat_interval:
             raise ConfigError("record_ttl must be longer than heartbeat_interval, or records lapse "
                               "between beats")
+        if self.record_ttl >= MAX_RECORD_TTL:
+            raise ConfigError(f"record_ttl must be below {MAX_RECORD_TTL:.0f}s: DHT peers refuse records "
+                              "that live longer")
         if self.peer_burst < 1:
             raise ConfigError(f"peer_burst must be at least 1, got {self.peer_burst}")
         if self.max_queued_tokens < self.max_batch_tokens:

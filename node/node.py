@@ -41,6 +41,7 @@ from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.files import write_json_atomic
 from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts
 from dmoe.node.announcer import Announcer
+from dmoe.node.averaging import ReplicaAverager
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.checkpoints import ExpertCheckpoints
 from dmoe.node.config import NodeConfig
@@ -92,6 +93,7 @@ class Node:
         self.transfer_policy = TransferPolicy()
         self.transferred: dict[str, Transferred] = {}  # uid -> the state it took from a replica at start
         self._tasks: list[asyncio.Task] = []
+        self.averager: ReplicaAverager | None = None  # replica averaging, once started
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -181,6 +183,7 @@ class Node:
         await self._settle_reachability()
         await self._offer_relay()
         await self._start_announcer()
+        self._start_replica_averaging()
         self._start_checkpoint_loop()
         self._write_ready_file()
 
@@ -282,6 +285,16 @@ class Node:
                                     record_ttl=self.config.record_ttl)
         await self._announcer.start()
         logger.info("announced %d experts in the DHT", len(self.uids))
+
+    def _start_replica_averaging(self) -> None:
+        """--average-interval: each expert blends its parameters with its replicas on other nodes, in the
+        background (dmoe.node.averaging); stopped with the other tasks at shutdown."""
+        if self.config.average_interval > 0:
+            assert self._dht is not None and self.node_id is not None
+            self.averager = ReplicaAverager.for_node(
+                self.backends, self.counters, self._dht, node_id=self.node_id, key=self.swarm_key,
+                interval=self.config.average_interval, max_distance=self.config.average_max_distance)
+            self._tasks.append(asyncio.create_task(self.averager.run(), name="dmoe-replica-averaging"))
 
     def _start_checkpoint_loop(self) -> None:
         """With --checkpoint-dir: save the experts that changed every --checkpoint-interval seconds."""

@@ -27,6 +27,8 @@ class ExpertCounters:
     latencies_s: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW)
     )
+    spread: float = 0.0  # replica averaging (dmoe.node.averaging): the last blend's spread, and when
+    averaged_at: float = 0.0
 
     def record_call(self, backward: bool, num_tokens: int, latency_s: float) -> None:
         if backward:
@@ -58,5 +60,5 @@ class ExpertCounters:
             forward_calls=self.forward_calls, backward_calls=self.backward_calls,
             tokens=self.forward_tokens + self.backward_tokens, errors=self.errors, rejected=self.rejected,
             queued_tokens=queued_tokens, latency_p50_ms=round(p50, 3), latency_p99_ms=round(p99, 3),
-            version=version,
+            version=version, spread=round(self.spread, 6), averaged_at=self.averaged_at,
         )

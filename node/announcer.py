@@ -1,8 +1,10 @@
 """Announcer: keeps a node's expert and node records alive in the DHT (heartbeat), and withdraws them.
 
 Each beat stores every expert record, its grid-prefix entries and the node record with an
-expiration ``record_ttl`` seconds ahead. ``withdraw()`` replaces them by tombstones that expire a
-little after any record a beat may have stored, since the DHT keeps the value that expires last.
+expiration ``record_ttl`` seconds ahead (below ``MAX_RECORD_TTL``, the most the DHT accepts), each
+under a subkey of the DHT peer's owner key and signed by it (:mod:`dmoe.core.records`). ``withdraw()``
+replaces them by tombstones, the owner's own signed records, that expire a little after any record a
+beat may have stored, since the DHT keeps the value that expires last.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from hivemind.utils import get_dht_time
 
 from dmoe.core.dht import DHTPeer
+from dmoe.core.owner import MAX_RECORD_TTL
 from dmoe.core.records import ExpertRecord, NodeRecord, store_announcement_async
 
 logger = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ class Announcer:
         heartbeat_interval: float,
         record_ttl: float,
     ):
+        if not 0 < record_ttl < MAX_RECORD_TTL:
+            raise ValueError(f"record_ttl must be positive and below {MAX_RECORD_TTL:.0f}s, got {record_ttl}")
         self.dht, self.make_records = dht, make_records
         self.heartbeat_interval, self.record_ttl = heartbeat_interval, record_ttl
         self.last_expiration = 0.0

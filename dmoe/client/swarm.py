@@ -55,7 +55,8 @@ class Swarm:
                                      quarantine_time=config.quarantine_time)
         self._started = False
         self._lock = threading.Lock()
-        self._prefix_cache: dict[str, tuple[float, dict[int, ExpertRecord]]] = {}  # "ffn.3." -> (at, records)
+        # "ffn.3." -> (at, replicas by coordinate)
+        self._prefix_cache: dict[str, tuple[float, dict[int, list[ExpertRecord]]]] = {}
         self._dispatchers: list[Dispatcher] = []
 
     def dispatcher(self, compression: int) -> Dispatcher:
@@ -91,7 +92,8 @@ class Swarm:
     def live_under(self, keys: Sequence[str], *, refresh: bool = False) -> dict[str, dict[int, ExpertRecord]]:
         """For each grid prefix key (``ffn.``, ``ffn.3.``): records by next coordinate, cached like
         ``cache_ttl``, all stale keys read in one DHT traversal. Avoided endpoints and experts
-        (:meth:`EndpointHealth.is_avoided`) are left out."""
+        (:meth:`EndpointHealth.is_avoided`) are left out; of a coordinate's replicas, the first that is
+        not avoided (the latest refreshed) is taken."""
         assert self.peer.node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:
@@ -110,9 +112,14 @@ class Swarm:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:  # the cached dicts are replaced, never changed: they can be read outside the lock
             cached = {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}
-        return {key: {c: r for c, r in records.items()
-                      if r.dial_endpoint and not self.health.is_avoided(r.dial_endpoint, r.uid, now)}
-                for key, records in cached.items()}
+        chosen = {key: {c: self._first_usable(replicas, now) for c, replicas in records.items()}
+                  for key, records in cached.items()}
+        return {key: {c: r for c, r in records.items() if r is not None} for key, records in chosen.items()}
+
+    def _first_usable(self, replicas: list[ExpertRecord], now: float) -> ExpertRecord | None:
+        avoided = self.health.is_avoided
+        usable = (r for r in replicas if r.dial_endpoint and not avoided(r.dial_endpoint, r.uid, now))
+        return next(usable, None)
 
     # ---- endpoint health (see dmoe.client.health) --------------------------------------------------
     def report(self, endpoint: str, uid: str, error: BaseException | None) -> None:

@@ -6,7 +6,9 @@ package (checked by the import contract in pyproject.toml).
 - ``uids.py``        expert uids (``prefix.i.j``) and grid patterns (``ffn.[0:8]``)
 - ``experts.py``     expert modules (ffn, transformer, module:Class), TensorSpec schemas, seeds from uids
 - ``dht.py``         DHTPeer: a hivemind DHTNode in this process, on an event loop of its own thread
-- ``records.py``     DHT records of experts, nodes and relays; find_experts, find_nodes, find_relays
+- ``records.py``     DHT records of experts, nodes and relays (owned; replicas); find_experts, find_nodes, ...
+- ``owner.py``       OwnerKey: the Ed25519 key that owns a peer's records; owned subkeys; MAX_RECORD_TTL
+- ``recordguard.py`` OwnedRecordValidator (signatures, lifetimes) and guard_node (storage without early loss)
 - ``auth.py``        SwarmKey, CallVerifier: a private swarm's key and call tokens
 - ``dhtauth.py``     DHTAuthorizer: signed DHT traffic (needs hivemind, which auth.py does not)
 - ``tls.py``         mutual TLS with a CA derived from the swarm key

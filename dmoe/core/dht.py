@@ -11,6 +11,10 @@ daemon is still a child process, started by fork + exec, which is safe after thr
 The thread also keeps DHT work (a heartbeat of thousands of records) off the loop that serves
 gRPC calls. Other code may schedule its own coroutines on :attr:`DHTPeer.loop` (the client's
 dispatcher does).
+
+Every peer owns its records (:mod:`dmoe.core.owner`): it signs them with its :attr:`DHTPeer.owner`
+key and checks everyone's with :class:`dmoe.core.recordguard.OwnedRecordValidator`, and its storage
+is guarded (:func:`dmoe.core.recordguard.guard_node`: no cache, no early loss of live records).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from hivemind.dht import DHTNode
 from hivemind.utils.auth import AuthorizerBase
 
 from dmoe.core.addresses import listen_maddr
+from dmoe.core.owner import OwnerKey
+from dmoe.core.recordguard import OwnedRecordValidator, guard_node
 from dmoe.errors import DmoeError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,7 @@ class DHTPeer:
         event_loop: str = "uvloop",
         client_mode: bool = False,
         authorizer: AuthorizerBase | None = None,
+        owner: OwnerKey | None = None,
     ):
         if event_loop not in ("uvloop", "asyncio"):
             raise ValueError(f"event_loop must be uvloop or asyncio, got {event_loop!r}")
@@ -53,6 +60,10 @@ class DHTPeer:
         self.host, self.port, self.identity_path, self.client_mode = host, port, identity_path, client_mode
         self.announce_maddrs = list(announce_maddrs)
         self.authorizer = authorizer  # signs and checks every DHT request (a private swarm's key)
+        # owner: the key that signs this peer's records; default: derived from identity_path's file
+        # once the peer has started (the file may not exist before), else a fresh key
+        self._owner_given = owner is not None
+        self.validator = OwnedRecordValidator(owner if owner is not None else OwnerKey.generate())
         self.loop = new_event_loop(event_loop)
         self.node: DHTNode | None = None
         self.peer_id: str = ""  # base58 libp2p peer id, once started
@@ -92,7 +103,8 @@ class DHTPeer:
         try:
             node = await DHTNode.create(
                 initial_peers=self.initial_peers or None, host_maddrs=[listen_maddr(self.host, self.port)],
-                client_mode=self.client_mode, **extra,
+                client_mode=self.client_mode, record_validator=self.validator,
+                cache_locally=False, cache_nearest=0, cache_on_store=False, **extra,
             )
         except RuntimeError as e:
             if "bootstrap failed" not in str(e):
@@ -100,6 +112,9 @@ class DHTPeer:
             raise DmoeError(f"none of the swarm peers {', '.join(self.initial_peers)} answered: are they up? "
                             "A private swarm answers only peers holding its key (--swarm-key)" +
                             (", and this one's key is not theirs" if self.authorizer else "")) from None
+        guard_node(node)
+        if self.identity_path and not self._owner_given:
+            self.validator.owner = OwnerKey.from_identity_file(self.identity_path)
         self.peer_id = node.peer_id.to_base58()
         self.visible_maddrs = [str(a) for a in await node.get_visible_maddrs()]
         return node
@@ -124,6 +139,11 @@ class DHTPeer:
         else:
             self.loop.close()
         self._thread = None
+
+    @property
+    def owner(self) -> OwnerKey:
+        """The key that signs this peer's records (final once the peer has started)."""
+        return self.validator.owner
 
     @property
     def daemon_alive(self) -> bool:

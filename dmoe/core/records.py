@@ -1,40 +1,59 @@
 """What nodes announce in the DHT, and reading it back.
 
-Keys (all values are msgpack dicts, validated on read by the pydantic models below, which ignore
-fields they do not know so that old and new versions read each other's records):
+Every record is owned (:mod:`dmoe.core.owner`): it sits under a subkey ``<name>@ed25519:<owner>``
+that names its owner's public key, its value is signed by that key (the DHT peers' validator,
+:mod:`dmoe.core.recordguard`, refuses it otherwise, and checks it again when a peer answers a read),
+and its ``owner`` field repeats the subkey's owner. So each key holds one entry per owner, and no
+peer can overwrite, tombstone or outlast another's. Keys (all values are msgpack dicts, validated
+on read by the pydantic models below, which ignore fields they do not know so that old and new
+versions read each other's records):
 
-- ``<uid>`` (e.g. ``ffn.3.5``) -> :class:`ExpertRecord`: where to call the expert.
-- ``<prefix>.`` with subkey ``<next coordinate>`` for each proper prefix of the uid (``ffn.`` / 3,
-  ``ffn.3.`` / 5) -> :class:`ExpertRecord` of the uid: lets a client find live experts by a beam
-  search over grid prefixes instead of listing the swarm.
-- ``_dmoe.nodes`` with subkey ``<node_id>`` -> :class:`NodeRecord`: hardware, experts and load.
-- ``_dmoe.relays`` with subkey ``<peer_id>`` -> :class:`RelayRecord`: relays for nodes behind a NAT.
+- ``<uid>`` (e.g. ``ffn.3.5``), subkey ``@ed25519:<owner>`` -> :class:`ExpertRecord`: where to call
+  one replica of the expert; every node that hosts the uid has its own entry.
+- ``<prefix>.``, subkey ``<next coordinate>@ed25519:<owner>``, for each proper prefix of the uid
+  (``ffn.`` / 3, ``ffn.3.`` / 5) -> :class:`ExpertRecord` of the uid: lets a client find live
+  experts by a beam search over grid prefixes instead of listing the swarm.
+- ``_dmoe.nodes``, subkey ``<node_id>@ed25519:<owner>`` -> :class:`NodeRecord`: hardware, experts, load.
+- ``_dmoe.relays``, subkey ``<peer_id>@ed25519:<owner>`` -> :class:`RelayRecord`: relays for nodes
+  behind a NAT.
 
-Records expire after a node-chosen TTL and are refreshed by its heartbeat; a killed node's records
-disappear when they expire. A node that stops gracefully overwrites its records, with a later
-expiration (the DHT keeps the record that expires last), by tombstones (``state='stopped'``) that
-readers treat as absent.
+Records expire after a node-chosen TTL (at most ``MAX_RECORD_TTL``) and are refreshed by its
+heartbeat; a killed node's records disappear when they expire. A node that stops gracefully
+overwrites its records, with a later expiration (the DHT keeps the record that expires last), by
+tombstones (``state='stopped'``) that readers treat as absent: its own signed records, under its
+own subkeys.
 
-The blocking readers take a started :class:`dmoe.core.dht.DHTPeer` and run on its event loop.
+Readers keep a record only if its subkey names an owner, its value is well formed and names the
+same owner, and it expires within ``MAX_RECORD_TTL`` (+ ``CLOCK_MARGIN``) from now; the signature
+was checked by the validator of the reading peer (a node without it cannot even open a signed
+value). Records from before owned records (``record_version`` 1: a plain value under ``<uid>``,
+integer coordinates, bare node ids as subkeys) have no owner: readers skip them, and peers of this
+version refuse to store plain values.
+
+The blocking readers take a started :class:`dmoe.core.dht.DHTPeer` and run on its event loop; the
+``*_async`` ones take its ``DHTNode`` and run on that loop.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pydantic
 from hivemind.dht import DHTNode
+from hivemind.utils import get_dht_time
 
 from dmoe.core.dht import DHTPeer
+from dmoe.core.owner import CLOCK_MARGIN, MAX_RECORD_TTL, owned_subkey, parse_owned_subkey
+from dmoe.core.recordguard import owner_of
 from dmoe.core.uids import UID_DELIMITER, split_uid
 
 logger = logging.getLogger(__name__)
 
 NODES_KEY = "_dmoe.nodes"
 RELAYS_KEY = "_dmoe.relays"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: owned records (see the module docstring)
 
 
 class _Record(pydantic.BaseModel):
@@ -55,6 +74,7 @@ class ExpertRecord(_Record):
     tls: bool = False  # the endpoint speaks TLS with a certificate of the private swarm's CA (dmoe.core.tls)
     reachable: bool = True  # others can dial endpoint; False: the node is behind a NAT, dial relay instead
     relay: str = ""  # host:port on a relay (dmoe.relay.server) that forwards to this node's gRPC server
+    owner: str = ""  # owner id of the node that hosts this replica (the owner its subkey names)
     record_version: int = RECORD_VERSION
 
     @property
@@ -100,6 +120,7 @@ class NodeRecord(_Record):
     load: dict[str, ExpertLoad] = {}
     reachable: bool = True
     relay: str = ""
+    owner: str = ""  # owner id whose key signs this node's records
     record_version: int = RECORD_VERSION
 
 
@@ -108,11 +129,12 @@ class RelayRecord(_Record):
     address: str  # host:port nodes dial to probe and register
     peer_id: str
     updated_at: float = 0.0
+    owner: str = ""
     record_version: int = RECORD_VERSION
 
 
 def prefix_entries(uid: str) -> list[tuple[str, int]]:
-    """(key, subkey) of every grid prefix under which ``uid`` is announced:
+    """(key, coordinate) of every grid prefix under which ``uid`` is announced:
     ffn.3.5 -> [(ffn., 3), (ffn.3., 5)]."""
     prefix, coords = split_uid(uid)
     entries = []
@@ -123,36 +145,47 @@ def prefix_entries(uid: str) -> list[tuple[str, int]]:
 
 
 def announcement(
-    experts: Sequence[ExpertRecord], node: NodeRecord
-) -> tuple[list[str], list[int | str | None], list[dict[str, Any]]]:
-    """Keys, subkeys and values that announce ``experts`` and ``node`` (or their tombstones)."""
-    keys: list[str] = []
-    subkeys: list[int | str | None] = []
-    values: list[dict[str, Any]] = []
+    experts: Sequence[ExpertRecord], node: NodeRecord, owner: str
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """Keys, subkeys and values with which ``owner`` announces ``experts`` and ``node`` (or their
+    tombstones); each value names ``owner``. A grid prefix entry is announced once, with the first
+    of the experts under it (ffn.3.5 and ffn.3.6 share ``ffn.`` / 3)."""
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
     for record in experts:
-        value = record.model_dump()
-        keys.append(record.uid)
-        subkeys.append(None)
-        values.append(value)
-        for key, subkey in prefix_entries(record.uid):
-            keys.append(key)
-            subkeys.append(subkey)
-            values.append(value)
-    keys.append(NODES_KEY)
-    subkeys.append(node.node_id)
-    values.append(node.model_dump())
-    return keys, subkeys, values
+        value = _owned_value(record, owner)
+        entries.setdefault((record.uid, owned_subkey("", owner)), value)
+        for key, coord in prefix_entries(record.uid):
+            entries.setdefault((key, owned_subkey(coord, owner)), value)
+    entries[NODES_KEY, owned_subkey(node.node_id, owner)] = _owned_value(node, owner)
+    return [key for key, _ in entries], [subkey for _, subkey in entries], list(entries.values())
+
+
+def _owned_value(record: _Record, owner: str) -> dict[str, Any]:
+    value = record.model_dump()
+    if value.get("owner") not in ("", owner):
+        raise ValueError(f"a record of owner {value['owner']} cannot be announced by {owner}")
+    value["owner"] = owner
+    return value
 
 
 async def store_announcement_async(
     node: DHTNode, experts: Sequence[ExpertRecord], record: NodeRecord, expiration_time: float
 ) -> int:
-    """Store the records in the DHT; returns how many keys were accepted."""
-    keys, subkeys, values = announcement(experts, record)
+    """Store the records in the DHT, owned (and signed) by ``node``'s owner key; returns how many
+    keys were accepted."""
+    keys, subkeys, values = announcement(experts, record, owner_of(node).owner_id)
     ok = await node.store_many(keys, values, expiration_time, subkeys=subkeys)
     return sum(bool(v) for v in ok.values())
 
 
+async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time: float) -> bool:
+    """Store a relay's record, owned by ``node``'s owner key."""
+    owner = owner_of(node).owner_id
+    return bool(await node.store(RELAYS_KEY, _owned_value(record, owner), expiration_time,
+                                 subkey=owned_subkey(record.peer_id, owner)))
+
+
+# ---- reading -------------------------------------------------------------------------------------
 def _parse(model: type[_Record], raw: Any) -> Any:
     try:
         return model.model_validate(raw)
@@ -171,59 +204,101 @@ async def _get_many(node: DHTNode, keys: list[str]) -> dict[str, Any]:
     return {key: (None if entry is None else entry.value) for key, entry in found.items()}
 
 
-def find_experts(peer: DHTPeer, uids: Sequence[str]) -> dict[str, ExpertRecord]:
-    """Live (online, unexpired, well-formed) records of the given uids; absent uids are left out."""
-    return _experts_from(peer.run(_get_many(_node(peer), list(uids))))
+def _owned_records(value: Any, model: type[_Record], now: float) -> list[tuple[str, Any, float]]:
+    """(name, record, expiration) of each well-formed owned record in a key's dictionary, latest
+    expiration first (then by owner); see the module docstring for what is skipped."""
+    if not isinstance(value, dict):  # a plain value: from before owned records
+        return []
+    latest = now + MAX_RECORD_TTL + CLOCK_MARGIN
+    found = []
+    for subkey, entry in value.items():
+        claim = parse_owned_subkey(subkey)
+        expiration = getattr(entry, "expiration_time", None)
+        if claim is None or not isinstance(expiration, (int, float)) or not expiration <= latest:
+            continue
+        record = _parse(model, getattr(entry, "value", None))
+        if record is not None and record.owner == claim[1]:
+            found.append((claim[0], record, float(expiration)))
+    found.sort(key=lambda item: (-item[2], item[1].owner))
+    return found
+
+
+def _experts_from(found: dict[str, Any], now: float) -> dict[str, list[ExpertRecord]]:
+    result = {}
+    for uid, value in found.items():
+        replicas = [record for name, record, _ in _owned_records(value, ExpertRecord, now)
+                    if name == "" and record.uid == uid and record.state == "online"]
+        if replicas:
+            result[uid] = replicas
+    return result
+
+
+async def find_experts_async(node: DHTNode, uids: Sequence[str]) -> dict[str, list[ExpertRecord]]:
+    """Every live replica (online, unexpired, well-formed and owned; one per hosting node, the latest
+    refreshed first) of the given uids; uids without one are left out."""
+    return _experts_from(await _get_many(node, list(uids)), get_dht_time())
+
+
+def find_experts(peer: DHTPeer, uids: Sequence[str]) -> dict[str, list[ExpertRecord]]:
+    """Every live replica of the given uids (blocking; see :func:`find_experts_async`)."""
+    return peer.run(find_experts_async(_node(peer), uids))
 
 
 async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str]
-                                    ) -> dict[str, dict[int, ExpertRecord]]:
-    """For each grid prefix key (``ffn.``, ``ffn.3.``): live records by next coordinate. A record
-    under ``ffn.3.`` / 5 names ``ffn.3.5`` or an expert deeper in the grid (``ffn.3.5.1``)."""
+                                    ) -> dict[str, dict[int, list[ExpertRecord]]]:
+    """For each grid prefix key (``ffn.``, ``ffn.3.``): by next coordinate, the live records of every
+    node that announced one there (one per node, the latest refreshed first). A record under
+    ``ffn.3.`` / 5 names ``ffn.3.5`` or an expert deeper in the grid (``ffn.3.5.1``)."""
     found = await _get_many(node, list(keys))
-    result: dict[str, dict[int, ExpertRecord]] = {}
+    now = get_dht_time()
+    result: dict[str, dict[int, list[ExpertRecord]]] = {}
     for key, value in found.items():
-        entries: dict[int, ExpertRecord] = {}
-        for coord, sub in (value.items() if hasattr(value, "items") else []):
-            record = _parse(ExpertRecord, getattr(sub, "value", None))
-            if (record is None or record.state != "online" or not isinstance(coord, int)
+        entries: dict[int, list[ExpertRecord]] = {}
+        for name, record, _ in _owned_records(value, ExpertRecord, now):
+            coord = _coordinate(name)
+            if (coord is None or record.state != "online"
                     or not (record.uid == f"{key}{coord}" or record.uid.startswith(f"{key}{coord}."))):
                 continue
-            entries[coord] = record
+            entries.setdefault(coord, []).append(record)
         result[key] = entries
     return result
 
 
-def _experts_from(found: dict[str, Any]) -> dict[str, ExpertRecord]:
-    result = {}
-    for uid, value in found.items():
-        if value is None:
-            continue
-        record = _parse(ExpertRecord, value)
-        if record is not None and record.state == "online" and record.uid == uid:
-            result[uid] = record
-    return result
+def find_under_prefixes(peer: DHTPeer, keys: Sequence[str]) -> dict[str, dict[int, list[ExpertRecord]]]:
+    """:func:`find_under_prefixes_async`, blocking."""
+    return peer.run(find_under_prefixes_async(_node(peer), keys))
 
 
-async def _records_by_subkey(node: DHTNode, key: str, model: type[_Record], names_subkey: str
-                             ) -> dict[str, Any]:
-    """The well-formed records stored under ``key``, by subkey, each naming its own subkey in its
-    field ``names_subkey`` (a record filed under another's name is ignored)."""
+def _coordinate(name: str) -> int | None:
+    """The grid coordinate a prefix entry's name spells (a non-negative integer, as uids write it)."""
+    return int(name) if name.isdecimal() and name.isascii() and str(int(name)) == name else None
+
+
+async def _records_by_name(node: DHTNode, key: str, model: type[_Record], names: str,
+                           keep: Callable[[Any], bool]) -> dict[str, Any]:
+    """The well-formed owned records under ``key`` that ``keep`` accepts, each naming its subkey's
+    name in its field ``names`` (a record filed under another name is ignored), by name. A name
+    claimed by several owners (a node restarted without its identity file, before its old records
+    expire; or a peer claiming another's name) is no one's: each claim is listed as
+    ``<name>@<first 8 characters of its owner>``, so none hides another."""
     entry = await node.get(key, latest=True)
-    if entry is None or not isinstance(entry.value, dict):
-        return {}
+    claims: dict[str, list[Any]] = {}
+    for name, record, _ in _owned_records(None if entry is None else entry.value, model, get_dht_time()):
+        if getattr(record, names) == name and keep(record):
+            claims.setdefault(name, []).append(record)
     found = {}
-    for subkey, sub in entry.value.items():
-        record = _parse(model, getattr(sub, "value", None))
-        if record is not None and getattr(record, names_subkey) == subkey:
-            found[subkey] = record
+    for name, records in claims.items():
+        if len(records) == 1:
+            found[name] = records[0]
+        else:
+            found.update({f"{name}@{record.owner[:8]}": record for record in records})
     return found
 
 
 async def find_nodes_async(node: DHTNode) -> dict[str, NodeRecord]:
-    """Every live node record in the swarm, by node id."""
-    found = await _records_by_subkey(node, NODES_KEY, NodeRecord, "node_id")
-    return {node_id: record for node_id, record in found.items() if record.state == "online"}
+    """Every live node record in the swarm, by node id (see :func:`_records_by_name` for a node id
+    that several owners claim)."""
+    return await _records_by_name(node, NODES_KEY, NodeRecord, "node_id", lambda r: r.state == "online")
 
 
 def find_nodes(peer: DHTPeer) -> dict[str, NodeRecord]:
@@ -231,13 +306,9 @@ def find_nodes(peer: DHTPeer) -> dict[str, NodeRecord]:
     return peer.run(find_nodes_async(_node(peer)))
 
 
-async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time: float) -> bool:
-    return bool(await node.store(RELAYS_KEY, record.model_dump(), expiration_time, subkey=record.peer_id))
-
-
 async def find_relays_async(node: DHTNode) -> dict[str, RelayRecord]:
     """Every live relay announced in the swarm, by peer id."""
-    return await _records_by_subkey(node, RELAYS_KEY, RelayRecord, "peer_id")
+    return await _records_by_name(node, RELAYS_KEY, RelayRecord, "peer_id", lambda r: True)
 
 
 def find_relays(peer: DHTPeer, timeout: float | None = None) -> dict[str, RelayRecord]:

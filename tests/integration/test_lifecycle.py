@@ -10,7 +10,7 @@ import torch
 from swarm_fixtures import dht_get, expert_version, stub, wait_for
 
 from dmoe.core.experts import create_expert
-from dmoe.core.records import find_experts, find_nodes
+from dmoe.core.records import find_experts, find_nodes, find_under_prefixes
 from dmoe.core.wire import deserialize, serialize
 from dmoe.proto import expert_pb2 as pb
 
@@ -37,10 +37,9 @@ def test_records_appear_and_go_away_after_sigterm(node_factory, dht_factory, tmp
     dht = dht_factory(node.swarm)
     uids = ["ffn.0.0", "ffn.0.1", "ffn.1.0", "ffn.1.1"]
     records = wait_for(lambda: len(r := find_experts(dht, uids)) == 4 and r, 30, "expert records")
-    assert {r.endpoint for r in records.values()} == {node.endpoint}
-    assert {r.node_id for r in records.values()} == {node.ready["node_id"]}
-    prefix = dht_get(dht, "ffn.1.")
-    assert prefix is not None and set(prefix.value) == {0, 1}
+    assert {r.endpoint for replicas in records.values() for r in replicas} == {node.endpoint}
+    assert {r.node_id for replicas in records.values() for r in replicas} == {node.ready["node_id"]}
+    assert set(find_under_prefixes(dht, ["ffn.1."])["ffn.1."]) == {0, 1}
     nodes = find_nodes(dht)
     assert set(nodes) == {node.ready["node_id"]}
     record = nodes[node.ready["node_id"]]
@@ -170,8 +169,8 @@ def test_a_node_of_1024_experts_keeps_beating_and_withdraws(node_factory, dht_fa
     second = wait_for(lambda: (e := expiration()) is not None and e > first and e, 30, "a second beat")
     wait_for(lambda: (e := expiration()) is not None and e > second, 30, "a third beat")
     assert node.proc.poll() is None
-    assert set(dht_get(dht, "ffn.").value) == set(range(32))
-    assert all(set(dht_get(dht, f"ffn.{i}.").value) == set(range(32)) for i in (0, 13, 31))
+    found = find_under_prefixes(dht, ["ffn.", "ffn.0.", "ffn.13.", "ffn.31."])
+    assert all(set(by_coordinate) == set(range(32)) for by_coordinate in found.values())
     assert set(find_experts(dht, sample)) == set(sample)
     assert node.terminate() == 0
     assert "could not withdraw" not in node.log()

@@ -53,8 +53,8 @@ CLIENT = textwrap.dedent("""
             losses.append(loss.item()); failed += layer.last_num_failed
         layer.dispatcher.close()
     print(json.dumps({"direct": direct, "losses": losses, "failed": failed,
-                      "dial": sorted({r.dial_endpoint for r in records.values()}),
-                      "reachable": sorted({r.reachable for r in records.values()})}))
+                      "dial": sorted({r.dial_endpoint for rs in records.values() for r in rs}),
+                      "reachable": sorted({r.reachable for rs in records.values() for r in rs})}))
 """)
 
 

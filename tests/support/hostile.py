@@ -78,8 +78,9 @@ class HostileServer:
 
 
 def plant_records(peer: DHTPeer, records: dict[str, str], node_id: str = "hostile",
-                  ttl: float = 600.0) -> None:
-    """Announce uid -> endpoint records in the DHT, as a node with this id would."""
+                  ttl: float = 300.0) -> None:
+    """Announce uid -> endpoint records in the DHT, as a node with this id would: owned by the peer's
+    own key, so each is one more replica of its uid, beside those of honest nodes."""
     from hivemind.utils import get_dht_time
 
     experts = [ExpertRecord(uid=uid, endpoint=endpoint, node_id=node_id, expert_cls="ffn")

@@ -1,0 +1,183 @@
+"""Owned records without a network: the owner key and subkeys, the validator that every DHT peer runs,
+the readers' rules, and the fix of hivemind's expiry heap."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hivemind.utils.timed_storage as timed_storage
+import pytest
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
+
+from dmoe.core.owner import (
+    CLOCK_MARGIN,
+    MAX_RECORD_TTL,
+    OwnerKey,
+    owned_subkey,
+    parse_owned_subkey,
+    unseal,
+)
+from dmoe.core.recordguard import OwnedRecordValidator, _hivemind_store, _store_refusing_first
+from dmoe.core.records import (
+    NODES_KEY,
+    ExpertRecord,
+    NodeRecord,
+    _experts_from,
+    _owned_records,
+    announcement,
+)
+
+ALICE, MALLORY = OwnerKey.from_secret(b"alice's identity file" * 2), OwnerKey.generate()
+
+
+def test_owner_keys_subkeys_and_their_parsing():
+    assert OwnerKey.from_secret(b"alice's identity file" * 2).owner_id == ALICE.owner_id  # same secret
+    assert ALICE.owner_id != MALLORY.owner_id and len(ALICE.owner_id) == 43
+    with pytest.raises(ValueError):
+        OwnerKey.from_secret(b"short")
+    subkey = owned_subkey(3, ALICE.owner_id)
+    assert subkey == f"3@ed25519:{ALICE.owner_id}" and parse_owned_subkey(subkey) == ("3", ALICE.owner_id)
+    assert parse_owned_subkey(owned_subkey("", ALICE.owner_id)) == ("", ALICE.owner_id)
+    assert parse_owned_subkey(owned_subkey("12D3Koo", ALICE.owner_id)) == ("12D3Koo", ALICE.owner_id)
+    for unowned in (3, b"peer", "node", None, "3@ed25519:short", f"3@rsa:{ALICE.owner_id}"):
+        assert parse_owned_subkey(unowned) is None
+    with pytest.raises(ValueError):
+        owned_subkey("a@ed25519:b", ALICE.owner_id)
+    with pytest.raises(ValueError):
+        owned_subkey("a", "not an owner")
+
+
+def record(subkey: object, value: object, expiration: float, key: str = "ffn.0") -> DHTRecord:
+    """A record as hivemind hands it to a validator: the key's DHT id, subkey and value serialized."""
+    return DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey),
+                     MSGPackSerializer.dumps(value), expiration)
+
+
+def signed(validator: OwnedRecordValidator, rec: DHTRecord) -> DHTRecord:
+    return dataclasses.replace(rec, value=validator.sign_value(rec))
+
+
+def test_an_owner_signs_its_records_and_any_peer_checks_them():
+    alice, reader = OwnedRecordValidator(ALICE), OwnedRecordValidator(MALLORY)
+    expiration = get_dht_time() + 30
+    mine = signed(alice, record(owned_subkey("", ALICE.owner_id), {"uid": "ffn.0"}, expiration))
+    assert reader.validate(mine) and alice.validate(mine)
+    assert MSGPackSerializer.loads(reader.strip_value(mine)) == {"uid": "ffn.0"}
+    assert unseal(mine.value) is not None and len(mine.value) < 200  # value, 64-byte signature, framing
+
+
+@pytest.mark.parametrize("attack", ["tampered value", "new expiration", "other key", "other subkey",
+                                    "no signature", "signature of another owner", "garbage seal"])
+def test_a_record_whose_signature_does_not_check_is_refused(attack):
+    alice, mallory = OwnedRecordValidator(ALICE), OwnedRecordValidator(MALLORY)
+    reader = OwnedRecordValidator(OwnerKey.generate())
+    expiration = get_dht_time() + 30
+    value = {"uid": "ffn.0", "endpoint": "a:1"}
+    mine = signed(alice, record(owned_subkey("", ALICE.owner_id), value, expiration))
+    forged = {
+        "tampered value": lambda: dataclasses.replace(
+            mine, value=mine.value.replace(b"a:1", b"b:2")),
+        "new expiration": lambda: dataclasses.replace(mine, expiration_time=expiration + 60),
+        "other key": lambda: dataclasses.replace(mine, key=DHTID.generate(source="ffn.1").to_bytes()),
+        "other subkey": lambda: dataclasses.replace(
+            mine, subkey=MSGPackSerializer.dumps(owned_subkey("3", ALICE.owner_id))),
+        "no signature": lambda: record(owned_subkey("", ALICE.owner_id), {"uid": "ffn.0"}, expiration),
+        # Mallory signs a record under Alice's subkey with its own key: its validator leaves it unsigned
+        "signature of another owner": lambda: signed(
+            mallory, record(owned_subkey("", ALICE.owner_id), {"uid": "ffn.0"}, expiration)),
+        "garbage seal": lambda: dataclasses.replace(mine, value=MSGPackSerializer.dumps([b"x", b"y" * 64])),
+    }[attack]()
+    assert not reader.validate(forged)
+
+
+def test_plain_values_and_records_past_the_longest_lifetime_are_refused():
+    alice, reader = OwnedRecordValidator(ALICE), OwnedRecordValidator(MALLORY)
+    now = get_dht_time()
+    plain = DHTRecord(DHTID.generate(source="ffn.0").to_bytes(), DHTProtocol.IS_REGULAR_VALUE,
+                      MSGPackSerializer.dumps({"uid": "ffn.0"}), now + 30)
+    assert not reader.validate(plain)
+    year = now + 365 * 86400
+    assert not reader.validate(signed(alice, record(owned_subkey("", ALICE.owner_id), {}, year)))
+    assert not reader.validate(record(b"averager peer id", True, year))
+    # subkeys without an owner (hivemind's averager keeps peer ids there) pass within the lifetime
+    assert reader.validate(record(b"averager peer id", True, now + MAX_RECORD_TTL))
+    assert reader.validate(signed(alice, record(owned_subkey("", ALICE.owner_id), {}, now + MAX_RECORD_TTL)))
+    assert not reader.validate(record("x@ed25519:not-a-key", {}, now + 30))  # claims an owner, malformed
+
+
+def entries(*items: tuple[object, dict, float]) -> dict:
+    """A key's dictionary as a DHT get returns it: subkey -> ValueWithExpiration."""
+    return {subkey: ValueWithExpiration(value, expiration) for subkey, value, expiration in items}
+
+
+def expert(owner: OwnerKey, endpoint: str, uid: str = "ffn.0", **fields) -> dict:
+    made = ExpertRecord(uid=uid, endpoint=endpoint, node_id=endpoint, owner=owner.owner_id, **fields)
+    return made.model_dump()
+
+
+def test_readers_list_every_replica_latest_first_and_skip_records_without_a_good_owner():
+    now = get_dht_time()
+    stranger = OwnerKey.generate()
+    found = {"ffn.0": entries(
+        (owned_subkey("", ALICE.owner_id), expert(ALICE, "a:1"), now + 10),
+        (owned_subkey("", MALLORY.owner_id), expert(MALLORY, "m:1"), now + 20),
+        (owned_subkey("", stranger.owner_id), expert(ALICE, "x:1"), now + 20),  # names another owner
+        (owned_subkey("", OwnerKey.generate().owner_id), {**expert(stranger, "y:1"), "owner": ""}, now + 20),
+        (owned_subkey("", OwnerKey.generate().owner_id), expert(stranger, "p:1"), now + 365 * 86400),
+        (owned_subkey("", OwnerKey.generate().owner_id),
+         {**expert(stranger, "s:1"), "state": "stopped", "owner": None}, now + 20),
+        (None, expert(stranger, "old:1"), now + 20),  # record_version 1 shapes: no owner
+        (0, expert(stranger, "old:2"), now + 20),
+    ), "ffn.1": expert(stranger, "plain:1", uid="ffn.1"), "ffn.2": None,
+        "ffn.3": entries((owned_subkey("", ALICE.owner_id), expert(ALICE, "a:1", state="stopped"), now + 10))}
+    replicas = _experts_from(found, now)
+    assert list(replicas) == ["ffn.0"]
+    assert [r.endpoint for r in replicas["ffn.0"]] == ["m:1", "a:1"]  # the latest refreshed first
+    assert [r.owner for r in replicas["ffn.0"]] == [MALLORY.owner_id, ALICE.owner_id]
+    limit = now + MAX_RECORD_TTL + CLOCK_MARGIN
+    kept = _owned_records(entries((owned_subkey("", ALICE.owner_id), expert(ALICE, "a:1"), limit)),
+                          ExpertRecord, now)
+    assert [r.endpoint for _, r, _ in kept] == ["a:1"]
+
+
+def test_an_announcement_puts_every_record_under_the_owners_subkeys_once():
+    records = [ExpertRecord(uid=uid, endpoint="a:1", node_id="n") for uid in ("ffn.3.5", "ffn.3.6")]
+    keys, subkeys, values = announcement(records, NodeRecord(node_id="n", endpoint="a:1"), ALICE.owner_id)
+    assert list(zip(keys, subkeys)) == [
+        ("ffn.3.5", owned_subkey("", ALICE.owner_id)), ("ffn.", owned_subkey(3, ALICE.owner_id)),
+        ("ffn.3.", owned_subkey(5, ALICE.owner_id)), ("ffn.3.6", owned_subkey("", ALICE.owner_id)),
+        ("ffn.3.", owned_subkey(6, ALICE.owner_id)), (NODES_KEY, owned_subkey("n", ALICE.owner_id))]
+    assert all(v["owner"] == ALICE.owner_id for v in values) and values[1]["uid"] == "ffn.3.5"
+    with pytest.raises(ValueError):
+        announcement([records[0].model_copy(update={"owner": MALLORY.owner_id})],
+                     NodeRecord(node_id="n", endpoint="a:1"), ALICE.owner_id)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """hivemind's storage reads the time through timed_storage.get_dht_time: set it by hand."""
+    now = [1000.0]
+    monkeypatch.setattr(timed_storage, "get_dht_time", lambda: now[0])
+    return now
+
+
+@pytest.mark.parametrize("store", [_hivemind_store, _store_refusing_first], ids=["hivemind", "fixed"])
+def test_a_refused_earlier_value_removes_the_live_one_unless_fixed(store, clock, monkeypatch):
+    """hivemind 1.1.12 pushes a value's expiration onto the heap before refusing it for expiring
+    earlier than the value it keeps; at that earlier time the live value goes. (If hivemind fixes
+    this, the 'hivemind' case fails, and dmoe.core.recordguard.fix_timed_storage can go.)"""
+    monkeypatch.setattr(timed_storage.TimedStorage, "store", store)
+    owned = DictionaryDHTValue()  # a key's dictionary: one entry per owner
+    assert owned.store("alice", b"live", 1030.0)
+    assert not owned.store("alice", b"replayed older record", 1005.0)  # refused: expires earlier
+    storage = DHTLocalStorage()  # a peer's storage: a plain value, refused, over a key's dictionary
+    key = DHTID.generate(source="ffn.0")
+    assert storage.store(key, b"x", 1030.0, subkey="alice")
+    assert not storage.store(key, b"plain", 1005.0)
+    clock[0] = 1010.0
+    survived = owned.get("alice") is not None, storage.get(key) is not None
+    assert survived == ((False, False) if store is _hivemind_store else (True, True))

@@ -135,4 +135,4 @@ def test_health_and_reflection_answer(node):
         assert "dmoe.ExpertService" in database.get_services()
         pool = DescriptorPool(database)
         methods = {m.name for m in pool.FindServiceByName("dmoe.ExpertService").methods}
-        assert methods == {"Forward", "Backward", "ForwardStream", "BackwardStream", "Info"}
+        assert methods == {"Forward", "Backward", "ForwardStream", "BackwardStream", "Info", "GetState"}

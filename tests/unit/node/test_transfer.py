@@ -257,3 +257,36 @@ def test_transfer_policy_rejects_bad_values():
         TransferPolicy(deadline=0)
     with pytest.raises(ConfigError, match="max_concurrent"):
         TransferPolicy(max_concurrent=-1)
+
+
+def test_random_corruption_is_refused_or_changes_no_tensor():
+    """Bytes flipped, cut or inserted anywhere in a reply's messages: the receiver refuses it with
+    StateRefused, never another error; whatever it accepts (a flip in the version, say) has exactly
+    the donor's tensors, since the header must fit the schema and the bytes their hash."""
+    donor, local = backend(), backend()
+    train(donor, 1)
+    original = [m.SerializeToString() for m in reply(donor, chunk_bytes=512)]
+    want, _ = donor.state_tensors()
+    rng = torch.Generator().manual_seed(0)
+    refused = 0
+    for _ in range(300):
+        messages = list(original)
+        which = int(torch.randint(len(messages), (1,), generator=rng))
+        data = bytearray(messages[which])
+        at = int(torch.randint(len(data), (1,), generator=rng))
+        kind = int(torch.randint(3, (1,), generator=rng))
+        if kind == 0:
+            data[at] ^= 1 << int(torch.randint(8, (1,), generator=rng))
+        elif kind == 1:
+            del data[at:]
+        else:
+            data[at:at] = b"\x00"
+        messages[which] = bytes(data)
+        try:
+            state = receive(messages, local)
+        except StateRefused:
+            refused += 1
+            continue
+        for name, tensor in want.items():
+            assert torch.equal(state.tensors[name], tensor), name
+    assert refused > 250

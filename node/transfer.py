@@ -160,7 +160,7 @@ class _Slice:
 
 
 def check_header(header: pb.StateHeader, *, uid: str, expect: ExpertBackend, schema: Mapping[str, tuple],
-                 optimizer: bool, newer_than: int | None) -> list[_Slice]:
+                 newer_than: int | None) -> list[_Slice]:
     """Where each tensor lies in the bytes that follow ``header``, if the header fits the local
     expert (``schema`` is its :meth:`~dmoe.node.backend.ExpertBackend.state_schema`); else
     StateRefused (NotNewer if its version is not above ``newer_than``)."""
@@ -219,8 +219,7 @@ async def receive_state(messages: AsyncIterator[bytes], *, uid: str, expect: Exp
     if header_message is None or header_message.WhichOneof("part") != "header":
         raise StateRefused("the reply does not start with a header")
     header = header_message.header
-    slices = check_header(header, uid=uid, expect=expect, schema=schema, optimizer=optimizer,
-                          newer_than=newer_than)
+    slices = check_header(header, uid=uid, expect=expect, schema=schema, newer_than=newer_than)
     buffer = bytearray(header.total_bytes)  # == the local schema's size of the tensors announced
     view, received, hasher = memoryview(buffer), 0, hashlib.sha256()
     async for data in messages:
@@ -277,8 +276,8 @@ async def fetch_expert_state(endpoint: str, uid: str, *, key: SwarmKey | None, t
 
     ``key``: the swarm key of a private swarm (None: an open swarm); ``tls``: the node speaks the
     swarm's TLS (its record's ``tls``). ``timeout`` bounds the whole call, ``stall_timeout`` the
-    wait for each message. ``optimizer=False`` asks for the parameters alone (half or a third of
-    the bytes with Adam: what replica averaging needs). ``newer_than``: stop after the header unless
+    wait for each message. ``optimizer=False`` asks for the parameters alone (a third of the bytes
+    with Adam: what replica averaging needs). ``newer_than``: stop after the header unless
     the replica's version is above it (NotNewer). Raises TransferError (StateRefused for a state that
     fails a check) and never loads anything: :meth:`ExpertState.load_into` does that."""
     started = time.perf_counter()

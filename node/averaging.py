@@ -20,17 +20,25 @@ Blending: the fetch runs on the event loop without holding anything; then, off t
 the module: the lock is what its Backward holds), ``theirs`` is checked against it by
 :func:`dmoe.lm.averaging.check_contribution` (finite, same shapes, within
 ``--average-max-distance`` times each tensor's norm), and ``(theirs - ours) / 2`` is added to the
-module's floating-point state under the lock again, a few milliseconds: so a replica's steps taken
-meanwhile are kept, and nothing waits for the network. Two replicas pulling each other at the same
-moment both land on their mean; one after the other, the second lands a quarter of the way from
-it: the gap shrinks by half or more per round either way (gossip averaging; the replicas' mean
-may drift, it is not conserved exactly). A Forward runs without the lock: one that overlaps the
-few milliseconds of the blend may see some values blended and others not yet, each a value of
-this replica within the bound, never a partial write of a value. What is kept local: the
-optimizer's state (each replica's Adam moments follow its own gradients, as in local SGD; fetching
-them would double or triple the bytes), the version (optimizer steps applied here: state transfer
-and the replica order of a joining node read it), and non-floating-point buffers. An expert
-that averages but takes no step is not checkpointed again (checkpoints follow versions).
+module's floating-point state under the lock again: so a replica's steps taken meanwhile are kept,
+and nothing waits for the network. The lock is held for the copy and for the addition alone (for an
+ffn expert of hidden 1024, inner 4096, 8.4M parameters on a loaded 2-core CPU: 40-60 ms each); a
+Backward waits at most that long, a Forward not at all. A Forward runs without the lock: one that
+overlaps the addition may see some values blended and others not yet, each a value of this
+replica within the bound, never a partial write of a value.
+
+Two replicas that pull each other at the same moment both land on their mean; one after the other,
+they end a quarter of their gap apart: the gap shrinks by half or more per round either way
+(gossip averaging; the replicas' mean may drift, it is not conserved exactly). What is kept local:
+the optimizer's state (each replica's Adam moments follow its own gradients, as in local SGD;
+fetching them would double or triple the bytes), the version (optimizer steps applied here: state
+transfer and the replica order of a joining node read it), and non-floating-point buffers. An
+expert that averages but takes no step is not checkpointed again (checkpoints follow versions).
+
+Cost, measured on 127.0.0.1 on that machine for that expert: one blend fetches 33.6 MB (its
+parameters in float32) and takes 0.5-0.7 s (fetch 0.24 s; check and blend 0.25-0.4 s off the
+event loop). Per node and round: that times the experts that have a replica elsewhere, at most
+``max_concurrent`` at once; ``--average-interval`` trades bandwidth against spread.
 
 Refusal: a replica whose state fails the transfer's checks or the distance bound is refused,
 nothing of it is applied, and that replica (endpoint, uid) is avoided for ``avoid_rounds``

@@ -78,9 +78,9 @@ def test_a_joining_node_takes_the_donors_trained_state_before_it_serves(node_fac
     assert taken["ffn.1"]["bytes"] > 3 * parameter_bytes  # with Adam's two moments and steps
     _, service = stub(joiner.endpoint)
     # it serves the donor's expert: the version of its first record and of Info, and the same outputs
-    joiner_records = [r for r in replicas_of(find_experts(dht, ["ffn.0"]).get("ffn.0"))
-                      if r.node_id == joiner.ready["node_id"]]
-    assert [r.version for r in joiner_records] in ([3], [])  # [] once its announce lost to the donor's
+    joiner_records = wait_for(lambda: [r for r in replicas_of(find_experts(dht, ["ffn.0"]).get("ffn.0"))
+                                       if r.node_id == joiner.ready["node_id"]], 30, "the joiner's record")
+    assert [r.version for r in joiner_records] == [3]
     assert expert_version(service, "ffn.0") == 3 and expert_version(service, "ffn.1") == 1
     torch.testing.assert_close(probe_output(service, "ffn.0"), trained, rtol=0, atol=0)
     torch.testing.assert_close(probe_output(service, "ffn.1"), probe_output(donor_service, "ffn.1"),

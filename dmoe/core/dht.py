@@ -30,7 +30,7 @@ from hivemind.utils.auth import AuthorizerBase
 
 from dmoe.core.addresses import listen_maddr
 from dmoe.core.owner import OwnerKey
-from dmoe.core.recordguard import OwnedRecordValidator, guard_node
+from dmoe.core.recordguard import OwnedRecordValidator, fix_timed_storage, guard_node
 from dmoe.errors import DmoeError
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class DHTPeer:
         return self
 
     async def _create(self) -> DHTNode:
+        fix_timed_storage()  # before the node exists: peers may store with it while it bootstraps
         extra: dict[str, Any] = {"identity_path": self.identity_path} if self.identity_path else {}
         if self.announce_maddrs:
             extra["announce_maddrs"] = self.announce_maddrs

@@ -51,6 +51,13 @@ def test_owner_keys_subkeys_and_their_parsing():
         owned_subkey("a", "not an owner")
 
 
+def test_a_peer_with_an_identity_file_keeps_its_owner_key(tmp_path):
+    (tmp_path / "id").write_bytes(b"a libp2p private key, as hivemind writes it" * 8)
+    (tmp_path / "other").write_bytes(b"another libp2p private key" * 8)
+    owners = [OwnerKey.from_identity_file(tmp_path / name).owner_id for name in ("id", "id", "other")]
+    assert owners[0] == owners[1] != owners[2]
+
+
 def record(subkey: object, value: object, expiration: float, key: str = "ffn.0") -> DHTRecord:
     """A record as hivemind hands it to a validator: the key's DHT id, subkey and value serialized."""
     return DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey),

@@ -6,8 +6,8 @@ The validator (installed by :class:`dmoe.core.dht.DHTPeer` with ``DHTNode.create
 hivemind runs it on every record a peer asks to store, on every record a peer answers to a read,
 and before a peer keeps its own record) refuses:
 
-- a plain value (no subkey): it can have no owner, and it would replace the key's whole dictionary
-  of owned records (and a refused one still could: below);
+- a plain value (no subkey): it can have no owner, and one that expires later would replace the
+  key's whole dictionary of owned records (one that expires earlier removed it too: see below);
 - a record that expires past now + ``MAX_RECORD_TTL`` + ``CLOCK_MARGIN``;
 - a record whose subkey names an owner (``...@ed25519:<key>``) but whose value is not sealed with
   that owner's signature of its key, subkey, value and expiration, or whose subkey is malformed.

@@ -2,7 +2,10 @@
 
 - ``config.py``    SwarmConfig: how a client joins a swarm and treats its peers (torch-free)
 - ``swarm.py``     Swarm: the client's DHT peer, live-expert cache, and its endpoint health
-- ``dispatch.py``  Dispatcher, ExpertCall: calls in flight at once, deadlines, per-token quorum, reply checks
+- ``dispatch.py``  Dispatcher, ExpertJob, ExpertCall: calls in flight at once, deadlines, per-token quorum,
+                   failover between an expert's replicas, reply checks
+- ``balance.py``   ReplicaBalancer: which replica a call goes to (expected finish time), how a big
+                   sub-batch is spread over replicas
 - ``health.py``    EndpointHealth: back-off of failing endpoints, quarantine of misbehaving experts;
                    is_misbehaviour and the errors it judges (Late, LocalInputError, Disagreement)
 """

@@ -3,7 +3,20 @@
 Calls run on the Swarm's background event loop (uvloop) over one long-lived grpc.aio channel per
 endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answers
 (or every call has ended, or ``forward_timeout`` passed), then at most ``timeout_after_k_min``
-more for the rest. A reply that is malformed, of the wrong shape or dtype, or not finite counts as
+more for the rest.
+
+Replicas: a forward gets one :class:`ExpertJob` per chosen expert, with the expert's replicas. The
+:class:`dmoe.client.balance.ReplicaBalancer` picks the replica expected to finish first (or, for a
+big sub-batch, shares it out over several). When a replica fails (error status, broken connection,
+bad reply), its rows go at once to another replica of the same expert not yet tried in this step
+and not backed off or quarantined (failover); when a measured replica has not answered within
+``PATIENCE_FACTOR`` x its expected time (at least ``MIN_PATIENCE``), another replica is asked for
+the same rows too, the first answer is used and the other call cancelled (the overtaken replica's
+lateness counts as its failure). All of it within the step's deadline: a token loses an expert only
+when every replica of it failed or time ran out. Backward takes the calls that answered, so each
+part goes to the replica that ran its forward, and nowhere else.
+
+A reply that is malformed, of the wrong shape or dtype, or not finite counts as
 a failure of that expert, exactly like an error status or a missed deadline; so does any other
 exception of one call (a connection torn down mid-stream): one peer never fails a step.
 
@@ -35,6 +48,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from dmoe.client.balance import DEFAULT_MAX_TOKENS, ReplicaBalancer
 from dmoe.client.health import Late, LocalInputError, is_refusal, judge_refusals
 from dmoe.core.auth import SwarmKey, fullmethod
 from dmoe.core.records import ExpertRecord
@@ -45,10 +59,11 @@ from dmoe.proto import expert_pb2 as pb
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 << 20  # largest unary reply this client accepts
-DEFAULT_MAX_TOKENS = 4096  # a node's default max_batch_tokens, for records that do not announce theirs
 DEFAULT_MAX_UNARY_BYTES = 4 << 20  # gRPC's default message limit, for records that do not announce theirs
 STREAM_CHUNK_BYTES = 1 << 20
 ENVELOPE_BYTES = 64 << 10  # room for the fields around the tensor buffers in a reply
+PATIENCE_FACTOR = 4.0  # a replica not answered by this many times its expected time: ask another too
+MIN_PATIENCE = 1.0  # seconds; never sooner
 SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
 
@@ -70,12 +85,56 @@ class ExpertCall:
                    max_unary_bytes=record.max_message_bytes or DEFAULT_MAX_UNARY_BYTES, tls=record.tls)
 
 
+@dataclasses.dataclass(slots=True)
+class ExpertJob:
+    """One chosen expert's sub-batch in a forward, and the replicas of the expert that may run it."""
+    uid: str
+    replicas: list[ExpertRecord]  # those this client may call now (none backed off or quarantined)
+    inputs: torch.Tensor  # [n, D]
+    token_ids: torch.Tensor  # [n]
+
+
+@dataclasses.dataclass(slots=True)
+class ForwardAnswers:
+    """What a forward got: for each answer (job index, rows of the job's sub-batch, the call that
+    answered them, its outputs); and counts of jobs (experts) that lost tokens (no replica answered
+    for them in time), of jobs cancelled as not needed (hedging), and of calls re-sent to another
+    replica (failover after a failure, or a spare after a replica's patience ran out)."""
+    parts: list[tuple[int, torch.Tensor, ExpertCall, torch.Tensor]] = dataclasses.field(default_factory=list)
+    num_failed: int = 0
+    num_unneeded: int = 0
+    num_retried: int = 0
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Part:
+    """Rows of a job sent together, to one replica (or, after a failure or a missed patience, to another)."""
+    job: int
+    rows: torch.Tensor
+    running: set[asyncio.Task] = dataclasses.field(default_factory=set)
+    tried: set[str] = dataclasses.field(default_factory=set)
+    done: bool = False
+    spared: bool = False  # a spare replica was asked after the first one's patience ran out
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Attempt:
+    part: _Part
+    call: ExpertCall
+    started: float
+    patience_at: float  # past it, another replica is asked for the same rows (inf: never)
+
+
 class Dispatcher:
-    """Expert calls on an event loop that runs in another thread (the Swarm's)."""
+    """Expert calls on an event loop that runs in another thread (the Swarm's). ``balancer`` picks
+    replicas (:class:`dmoe.client.balance.ReplicaBalancer`; the Swarm shares one between its
+    dispatchers, so each knows the others' calls in flight)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *,
-                 key: SwarmKey | None = None, max_reply_abs: float = float("inf")):
+                 key: SwarmKey | None = None, max_reply_abs: float = float("inf"),
+                 balancer: ReplicaBalancer | None = None):
         self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
+        self.balancer = balancer if balancer is not None else ReplicaBalancer()
         self._channels: dict[tuple[str, bool], tuple[grpc.aio.Channel, dict[str, Any]]] = {}
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
 
@@ -125,65 +184,150 @@ class Dispatcher:
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(
-        self, calls: list[ExpertCall], *, num_tokens: int, k_min: int, forward_timeout: float,
+        self, jobs: list[ExpertJob], *, num_tokens: int, k_min: int, forward_timeout: float,
         timeout_after_k_min: float, on_result: Callable[[ExpertCall, BaseException | None], None],
-        enough: int = 0,
-    ) -> tuple[dict[int, torch.Tensor], int]:
-        """Outputs of the calls that answered in time and well, by index in ``calls``, and how many
-        calls were cancelled as not needed. With ``enough`` > 0 (hedged calls), the forward ends once
+        enough: int = 0, avoided: Callable[[str, str], bool] | None = None,
+    ) -> ForwardAnswers:
+        """Run each job (one expert's sub-batch) on its replicas: the balancer's plan first, then
+        failover (see the module docstring). ``avoided(endpoint, uid)``: replicas not to fail over
+        to (backed off or quarantined now). With ``enough`` > 0 (hedged calls), the forward ends once
         every token has that many answers (or all it can get), and the calls still running are
         cancelled without counting as failures."""
-        return self.run(self._forward(calls, num_tokens, k_min, forward_timeout, timeout_after_k_min,
-                                      on_result, enough))
+        return self.run(self._forward(jobs, num_tokens, k_min, forward_timeout, timeout_after_k_min,
+                                      on_result, enough, avoided))
 
-    async def _forward(self, calls, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
-                       enough):
+    async def _timed(self, call: ExpertCall, timeout: float) -> torch.Tensor:
+        """One forward call, its time observed by the balancer when it answers."""
+        tokens = int(call.inputs.shape[0])
+        self.balancer.begin(call.endpoint, tokens)
+        begun = time.monotonic()
+        try:
+            output = await self._call(call, timeout, backward=False)
+            self.balancer.observe(call.endpoint, call.uid, tokens, time.monotonic() - begun)
+            return output
+        finally:
+            self.balancer.end(call.endpoint, tokens)
+
+    async def _forward(self, jobs, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
+                       enough, avoided):
         started = time.monotonic()
-        tasks = {asyncio.create_task(self._call(c, forward_timeout, backward=False)): i
-                 for i, c in enumerate(calls)}
+        step_end = started + forward_timeout
+        answers = ForwardAnswers()
+        failed_at: list[set[str]] = [set() for _ in jobs]  # endpoints that failed a job: not asked again
+        running: dict[asyncio.Task, _Attempt] = {}
+        parts: list[_Part] = []
+        refused: list[tuple[ExpertCall, BaseException]] = []  # INVALID_ARGUMENT: judged once all are in
+
+        def usable(part: _Part) -> list[ExpertRecord]:
+            uid = jobs[part.job].uid
+            return [r for r in jobs[part.job].replicas
+                    if r.dial_endpoint and r.dial_endpoint not in failed_at[part.job]
+                    and r.dial_endpoint not in part.tried and not (avoided and avoided(r.dial_endpoint, uid))]
+
+        def launch(part: _Part, record: ExpertRecord, now: float) -> None:
+            job = jobs[part.job]
+            call = ExpertCall.to(record, job.inputs[part.rows], job.token_ids[part.rows])
+            tokens = int(part.rows.shape[0])
+            patience = math.inf
+            if self.balancer.measured(record.dial_endpoint, job.uid) is not None:
+                expected = self.balancer.expected_seconds([record], tokens)[0]
+                patience = max(MIN_PATIENCE, PATIENCE_FACTOR * expected)
+            task = asyncio.create_task(self._timed(call, max(0.001, step_end - now)))
+            running[task] = _Attempt(part, call, now, now + patience)
+            part.running.add(task)
+            part.tried.add(record.dial_endpoint)
+
+        def fail_over(part: _Part, now: float, deadline: float) -> None:
+            candidates = usable(part) if now < deadline else []
+            if candidates:
+                launch(part, self.balancer.rank(candidates, int(part.rows.shape[0]))[0], now)
+                answers.num_retried += 1
+
+        now = time.monotonic()
+        for index, job in enumerate(jobs):
+            whole = _Part(index, torch.arange(job.inputs.shape[0]))
+            plan = self.balancer.plan(usable(whole), int(job.inputs.shape[0]))
+            if not plan:
+                parts.append(whole)  # no replica to ask: lost
+            offset = 0
+            for record, count in plan:
+                part = _Part(index, torch.arange(offset, offset + count))
+                offset += count
+                parts.append(part)
+                launch(part, record, now)
+
         candidates_T = torch.zeros(num_tokens, dtype=torch.long)
-        for call in calls:
-            candidates_T[call.token_ids] += 1
+        for job in jobs:
+            candidates_T[job.token_ids] += 1
         need_T = candidates_T.clamp(max=k_min)
         enough_T = candidates_T.clamp(max=enough) if enough > 0 else None
         answered_T = torch.zeros(num_tokens, dtype=torch.long)
-        results: dict[int, torch.Tensor] = {}
-        pending, quorum_at, satisfied = set(tasks), None, False
-        refused: list[tuple[ExpertCall, BaseException]] = []  # INVALID_ARGUMENT: judged once all are in
-        while pending:
+        quorum_at, satisfied = None, False
+        while running:
             now = time.monotonic()
-            deadline = started + forward_timeout
-            if quorum_at is not None:
-                deadline = min(deadline, quorum_at + timeout_after_k_min)
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - now),
-                                               return_when=asyncio.FIRST_COMPLETED)
-            if not done:
+            deadline = step_end if quorum_at is None else min(step_end, quorum_at + timeout_after_k_min)
+            if now >= deadline:
                 break
+            wake = min([deadline] + [a.patience_at for a in running.values() if not a.part.spared])
+            done, _ = await asyncio.wait(set(running), timeout=max(0.0, wake - now),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            now = time.monotonic()
             for task in done:
-                index = tasks[task]
-                call = calls[index]
+                attempt = running.pop(task)
+                part, call = attempt.part, attempt.call
+                part.running.discard(task)
                 try:
-                    results[index] = task.result()
-                except Exception as e:  # whatever went wrong, it is that expert's failure, not the step's
+                    output = task.result()
+                except Exception as e:  # whatever went wrong, it is that replica's failure, not the step's
                     _log_failure("forward", call, e)
+                    failed_at[part.job].add(call.endpoint)
                     if is_refusal(e):
                         refused.append((call, e))
                     else:
                         on_result(call, e)
+                    if not part.done and not part.running and not isinstance(e, LocalInputError):
+                        fail_over(part, now, deadline)
                     continue
                 on_result(call, None)
+                part.done = True
+                answers.parts.append((part.job, part.rows, call, output))
                 answered_T[call.token_ids] += 1
+                for other in list(part.running):  # a spare asked for the same tokens: not needed now
+                    other.cancel()
+                    spare = running.pop(other)
+                    if now >= spare.patience_at:  # it missed its own deadline: a failure of that replica
+                        self.balancer.observe(spare.call.endpoint, call.uid, int(part.rows.shape[0]),
+                                              now - spare.started)
+                        on_result(spare.call, Late("overtaken by another replica past its patience"))
+                part.running.clear()
+            for attempt in list(running.values()):  # past its patience: ask another replica too
+                part = attempt.part
+                if not part.done and not part.spared and now >= attempt.patience_at:
+                    part.spared = True
+                    fail_over(part, now, deadline)
             if enough_T is not None and bool((answered_T >= enough_T).all()):
                 satisfied = True  # every token has its k answers: the spares still running are not needed
                 break
             if quorum_at is None and bool((answered_T >= need_T).all()):
                 quorum_at = time.monotonic()
-        for task in pending:  # late: dropped, and counted as a failure of its endpoint (unless hedged away)
+        now = time.monotonic()
+        cut = {id(a.part) for a in running.values()}
+        for task, attempt in running.items():  # late: dropped, a failure of its replica (unless hedged away)
             task.cancel()
             if not satisfied:
-                on_result(calls[tasks[task]], Late("no answer within the forward's deadline"))
-        judge_refusals(refused, bool(results), on_result)
-        return results, (len(pending) if satisfied else 0)
+                self.balancer.observe(attempt.call.endpoint, attempt.call.uid,
+                                      int(attempt.part.rows.shape[0]), now - attempt.started)
+                on_result(attempt.call, Late("no answer within the forward's deadline"))
+        judge_refusals(refused, bool(answers.parts), on_result)
+        for index in range(len(jobs)):
+            undone = [p for p in parts if p.job == index and not p.done]
+            if not undone:
+                continue
+            if satisfied and all(id(p) in cut for p in undone):
+                answers.num_unneeded += 1
+            else:
+                answers.num_failed += 1
+        return answers
 
     # ---- backward -----------------------------------------------------------------------------
     def backward(

@@ -5,7 +5,9 @@ the DHT when nothing changed; a lookup that fails or takes longer than ``lookup_
 on the lookup's path frozen, the DHT cut off) leaves the last known experts in use, so a step's
 time stays bounded by its deadlines. Endpoints that fail are backed off and experts that misbehave
 are quarantined by the Swarm's :class:`dmoe.client.health.EndpointHealth` (that module states the
-policy); lookups leave them out until their time is up.
+policy); lookups leave them out until their time is up. A uid may have several replicas (one per
+hosting node): :meth:`Swarm.live_replicas_under` lists them all, and the Swarm's
+:class:`dmoe.client.balance.ReplicaBalancer` (shared by its dispatchers) chooses between them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from dmoe.client.balance import ReplicaBalancer
 from dmoe.client.config import SwarmConfig
 from dmoe.client.dispatch import Dispatcher
 from dmoe.client.health import EndpointHealth
@@ -53,6 +56,7 @@ class Swarm:
         self.loop = self.peer.loop
         self.health = EndpointHealth(ban_base=config.ban_base, ban_max=config.ban_max,
                                      quarantine_time=config.quarantine_time)
+        self.balancer = ReplicaBalancer()  # shared by this swarm's dispatchers (dmoe.client.balance)
         self._started = False
         self._lock = threading.Lock()
         # "ffn.3." -> (at, replicas by coordinate)
@@ -62,7 +66,7 @@ class Swarm:
     def dispatcher(self, compression: int) -> Dispatcher:
         """A Dispatcher on this swarm's loop; its channels are closed by shutdown()."""
         dispatcher = Dispatcher(self.loop, compression, key=self.key,
-                                max_reply_abs=self.config.max_reply_abs)
+                                max_reply_abs=self.config.max_reply_abs, balancer=self.balancer)
         self._dispatchers.append(dispatcher)
         return dispatcher
 
@@ -90,10 +94,17 @@ class Swarm:
         self.shutdown()
 
     def live_under(self, keys: Sequence[str], *, refresh: bool = False) -> dict[str, dict[int, ExpertRecord]]:
-        """For each grid prefix key (``ffn.``, ``ffn.3.``): records by next coordinate, cached like
-        ``cache_ttl``, all stale keys read in one DHT traversal. Avoided endpoints and experts
-        (:meth:`EndpointHealth.is_avoided`) are left out; of a coordinate's replicas, the first that is
-        not avoided (the latest refreshed) is taken."""
+        """For each grid prefix key (``ffn.``, ``ffn.3.``): one record by next coordinate, the first of
+        :meth:`live_replicas_under` (the latest refreshed replica that is not avoided)."""
+        found = self.live_replicas_under(keys, refresh=refresh)
+        return {key: {c: replicas[0] for c, replicas in records.items()} for key, records in found.items()}
+
+    def live_replicas_under(self, keys: Sequence[str], *, refresh: bool = False
+                            ) -> dict[str, dict[int, list[ExpertRecord]]]:
+        """For each grid prefix key (``ffn.``, ``ffn.3.``): the replicas by next coordinate (one
+        record per hosting node, the latest refreshed first), cached like ``cache_ttl``, all stale keys
+        read in one DHT traversal. Avoided endpoints and experts (:meth:`EndpointHealth.is_avoided`)
+        are left out, and so are coordinates left with no replica."""
         assert self.peer.node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:
@@ -112,14 +123,13 @@ class Swarm:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:  # the cached dicts are replaced, never changed: they can be read outside the lock
             cached = {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}
-        chosen = {key: {c: self._first_usable(replicas, now) for c, replicas in records.items()}
+        chosen = {key: {c: self._usable(replicas, now) for c, replicas in records.items()}
                   for key, records in cached.items()}
-        return {key: {c: r for c, r in records.items() if r is not None} for key, records in chosen.items()}
+        return {key: {c: r for c, r in records.items() if r} for key, records in chosen.items()}
 
-    def _first_usable(self, replicas: list[ExpertRecord], now: float) -> ExpertRecord | None:
+    def _usable(self, replicas: list[ExpertRecord], now: float) -> list[ExpertRecord]:
         avoided = self.health.is_avoided
-        usable = (r for r in replicas if r.dial_endpoint and not avoided(r.dial_endpoint, r.uid, now))
-        return next(usable, None)
+        return [r for r in replicas if r.dial_endpoint and not avoided(r.dial_endpoint, r.uid, now)]
 
     # ---- endpoint health (see dmoe.client.health) --------------------------------------------------
     def report(self, endpoint: str, uid: str, error: BaseException | None) -> None:

@@ -29,8 +29,10 @@ class MoELayer(nn.Module):
 
     - ``aux_loss``: the load-balancing loss (Switch) of the primary routing, to add to the loss;
     - ``z_loss``: the router z-loss (mean squared logsumexp of the logits);
-    - ``last_num_failed``: expert calls that failed or missed the deadline (hedged calls cancelled
-      because they were not needed do not count); ``num_failed_calls`` sums it over every forward;
+    - ``last_num_failed``: expert calls that failed or missed the deadline, i.e. chosen experts that
+      lost tokens (for a remote expert with replicas: no replica answered for some of its tokens; a
+      failover that answered does not count, nor do hedged calls cancelled because they were not
+      needed); ``num_failed_calls`` sums it over every forward;
     - ``last_routing``: (candidate uids, experts_TK), and ``last_answered_TK``: which of those slots
       gave an output that was used.
     """

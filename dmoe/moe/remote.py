@@ -1,11 +1,14 @@
 """RemoteMoE: a drop-in nn.Module whose experts live on other machines.
 
-The gate (:class:`dmoe.moe.gating.MoELayer`) runs here; the live experts are found by a beam search over
-grid prefixes in the DHT (cached); each chosen expert gets its whole sub-batch in one call, all
-calls in flight at once (see :mod:`dmoe.client.dispatch`). Experts that fail or miss the deadline are
-dropped and the gate weights renormalised over those that answered; a token with no answer
-contributes zero (its residual path carries it). Backward goes only to the experts that answered,
-and a failed backward drops that expert's gradient, never the step.
+The gate (:class:`dmoe.moe.gating.MoELayer`) runs here; the live experts, each with its replicas,
+are found by a beam search over grid prefixes in the DHT (cached); each chosen expert gets its
+sub-batch in one call to the replica expected to finish first (a big one is spread over several),
+all calls in flight at once, and a replica that fails or misses its patience is replaced by another
+within the deadline (see :mod:`dmoe.client.dispatch` and :mod:`dmoe.client.balance`). Experts none
+of whose replicas answer in time are dropped and the gate weights renormalised over those that
+answered; a token with no answer contributes zero (its residual path carries it). Backward goes
+only to the replicas that answered the forward, for the tokens each answered, and a failed backward
+drops that expert's gradient for those tokens, never the step.
 
 Hedging (``hedge=h``): each token also asks its next h experts; the forward ends as soon as every
 token has k answers (or, failing that, by the usual k_min rule), the calls still running are
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dmoe.client.dispatch import ExpertCall
+from dmoe.client.dispatch import ExpertCall, ExpertJob
 from dmoe.client.swarm import Swarm
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import compression_from_name
@@ -37,9 +40,18 @@ class RemoteMoE(MoELayer):
     """An MoE layer whose experts are called on the nodes of ``swarm``.
 
     After each forward, besides the statistics of :class:`dmoe.moe.gating.MoELayer` (``aux_loss``,
-    ``z_loss``, ``last_routing``), ``last_num_failed`` is the number of expert calls of that forward
-    that failed or missed the deadline (hedged calls cancelled as not needed are not counted), and
-    ``num_failed_calls`` their total since the layer was made.
+    ``z_loss``, ``last_routing``), ``last_num_failed`` is the number of chosen experts of that
+    forward that lost tokens: some of their tokens got no answer because every replica asked failed
+    or the deadline passed (a call answered by another replica after a failover is not counted, nor
+    are hedged calls cancelled as not needed); ``num_failed_calls`` is their total since the layer
+    was made. ``last_num_retried`` counts the calls of that forward re-sent to another replica (after
+    a replica failed, or as a spare after a replica's patience ran out), ``num_retried_calls`` their
+    total.
+
+    Each expert may have several replicas (nodes that host its uid); the swarm's
+    :class:`dmoe.client.balance.ReplicaBalancer` picks one per call, or spreads a big sub-batch over
+    several, and the dispatcher fails over between them within the forward's deadline
+    (:mod:`dmoe.client.dispatch`).
     """
 
     def __init__(
@@ -61,6 +73,8 @@ class RemoteMoE(MoELayer):
         if self.beam_size < k:
             raise ValueError(f"beam_size ({self.beam_size}) must be at least k ({k})")
         self.dispatcher = swarm.dispatcher(compression_from_name(compression))
+        self.last_num_retried = 0  # calls of the last forward re-sent to another replica
+        self.num_retried_calls = 0  # their total since this layer was made
 
     def no_candidates(self) -> None:
         logger.warning("no live expert under prefix %r: is a node running with --experts '%s.[...]'?",
@@ -69,12 +83,13 @@ class RemoteMoE(MoELayer):
     def run_experts(self, x_TD, experts_TK, handles):
         return _Dispatch.apply(x_TD, experts_TK, handles, self, _LEARN)
 
-    def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], ExpertRecord]]:
-        """Live experts worth scoring, found by a beam search over grid prefixes for the whole batch:
-        at each level, the union of every token's best ``beam_size`` live prefixes is expanded, all
-        of them in one (cached) DHT read. For a 1-D grid this is one read of every live expert."""
+    def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], list[ExpertRecord]]]:
+        """Live experts worth scoring, each with its replicas (one per endpoint, none avoided), found
+        by a beam search over grid prefixes for the whole batch: at each level, the union of every
+        token's best ``beam_size`` live prefixes is expanded, all of them in one (cached) DHT read.
+        For a 1-D grid this is one read of every live expert."""
         root = f"{self.prefix}."
-        level = self.swarm.live_under([root])[root]
+        level = self.swarm.live_replicas_under([root])[root]
         prefixes: list[tuple[int, ...]] = [(c,) for c in sorted(level) if c < self.grid[0]]
         records = {(c,): level[c] for c, in prefixes}
         for depth in range(1, len(self.grid)):
@@ -85,11 +100,16 @@ class RemoteMoE(MoELayer):
                 beam = partial_TP.topk(min(self.beam_size, len(prefixes)), dim=-1).indices.unique().tolist()
             chosen = [prefixes[i] for i in beam]
             keys = {p: self.uid(p) + "." for p in chosen}
-            found = self.swarm.live_under(list(keys.values()))
+            found = self.swarm.live_replicas_under(list(keys.values()))
             prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < self.grid[depth]]
             records = {p + (c,): found[keys[p]][c]
                        for p in chosen for c in found[keys[p]] if c < self.grid[depth]}
-        return [(p, records[p]) for p in prefixes if records[p].uid == self.uid(p)]
+        chosen = []
+        for p in prefixes:
+            replicas = _one_per_endpoint(r for r in records[p] if r.uid == self.uid(p))
+            if replicas:
+                chosen.append((p, replicas))
+        return chosen
 
 
 # An input that always needs a gradient: autograd then calls _Dispatch.backward (the experts' Backward,
@@ -103,29 +123,31 @@ class _Dispatch(torch.autograd.Function):
     returns."""
 
     @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, records: list[ExpertRecord],
+    def forward(ctx: Any, x_TD: torch.Tensor, experts_TK: torch.Tensor, replicas: list[list[ExpertRecord]],
                 layer: RemoteMoE, _learn: torch.Tensor):
         x_TD = x_TD.detach()
-        calls, slots = [], []
+        jobs, slots = [], []
         for e, token_ids, slot_ids in group_by_expert(experts_TK):
-            calls.append(ExpertCall.to(records[e], x_TD[token_ids], token_ids))
+            jobs.append(ExpertJob(replicas[e][0].uid, replicas[e], x_TD[token_ids], token_ids))
             slots.append(slot_ids)
-        results, num_unneeded = layer.dispatcher.forward(
-            calls, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
+        answers = layer.dispatcher.forward(
+            jobs, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
             timeout_after_k_min=layer.timeout_after_k_min, on_result=_reporter(layer.swarm),
-            enough=layer.k if layer.hedge else 0,
+            enough=layer.k if layer.hedge else 0, avoided=layer.swarm.health.is_avoided,
         )
         out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
         answered_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
-        for index, output in results.items():
-            out_TKD[calls[index].token_ids, slots[index]] = output
-            answered_TK[calls[index].token_ids, slots[index]] = True
-        num_failed = len(calls) - len(results) - num_unneeded
+        ctx.answered = []  # (the call that answered, its slots): backward goes to that replica only
+        for job, rows, call, output in answers.parts:
+            out_TKD[call.token_ids, slots[job][rows]] = output
+            answered_TK[call.token_ids, slots[job][rows]] = True
+            ctx.answered.append((call, slots[job][rows]))
+        layer.last_num_retried = answers.num_retried
+        layer.num_retried_calls += answers.num_retried
         ctx.layer = layer
-        ctx.answered = [(calls[i], slots[i]) for i in results]
         ctx.num_tokens = x_TD.shape[0]
         ctx.mark_non_differentiable(answered_TK)
-        return out_TKD, answered_TK, num_failed  # an int output: autograd passes it through as it is
+        return out_TKD, answered_TK, answers.num_failed  # an int output: autograd passes it through as it is
 
     @staticmethod
     def backward(ctx: Any, grad_out_TKD: torch.Tensor, _grad_answered: Any, _grad_num_failed: None):
@@ -142,6 +164,17 @@ class _Dispatch(torch.autograd.Function):
             for index, grad_in in results.items():
                 grad_x_TD.index_add_(0, calls[index].token_ids, grad_in)
         return grad_x_TD, None, None, None, None
+
+
+def _one_per_endpoint(records) -> list[ExpertRecord]:
+    """The replicas in order, the first of each dial endpoint only (two records of one node are one
+    replica)."""
+    seen, replicas = set(), []
+    for record in records:
+        if record.dial_endpoint not in seen:
+            seen.add(record.dial_endpoint)
+            replicas.append(record)
+    return replicas
 
 
 def _reporter(swarm: Swarm):

@@ -189,3 +189,21 @@ def test_readers_drop_a_record_whose_signature_does_not_check(dht_factory):
         assert endpoints(found) == {"ffn.0": {"10.0.0.1:1"}}, what
     assert liar.run(keep(forged["forged signature"], other), 10)
     assert endpoints(find_experts(reader, ["ffn.0"])) == {"ffn.0": {"10.0.0.1:1"}}
+
+
+
+def test_a_peer_restarted_with_its_identity_file_replaces_its_own_records(dht_factory, tmp_path):
+    """The owner key comes from the identity file: after a restart (killed: no tombstones), the new
+    records replace the old ones instead of standing beside them as a stale replica."""
+    reader = dht_factory([])
+    owners = []
+    for endpoint in ("10.0.0.1:1", "10.0.0.1:2"):
+        peer = DHTPeer(initial_peers=reader.visible_maddrs, identity_path=str(tmp_path / "id")).start()
+        try:
+            announce(peer, endpoint, get_dht_time() + 60)
+            owners.append(peer.owner.owner_id)
+        finally:
+            peer.shutdown()
+    assert owners[0] == owners[1]
+    [replica] = find_experts(reader, ["ffn.0"])["ffn.0"]
+    assert replica.endpoint == "10.0.0.1:2" and replica.owner == owners[0]

@@ -197,16 +197,15 @@ class Dispatcher:
                                       on_result, enough, avoided))
 
     async def _timed(self, call: ExpertCall, timeout: float) -> torch.Tensor:
-        """One forward call, its time observed by the balancer when it answers."""
+        """One forward call (in flight for the balancer from its launch to its end), its time observed
+        by the balancer when it answers; not the first call on a new channel, which pays for connecting."""
         tokens = int(call.inputs.shape[0])
-        self.balancer.begin(call.endpoint, tokens)
+        fresh = (call.endpoint, call.tls) not in self._channels
         begun = time.monotonic()
-        try:
-            output = await self._call(call, timeout, backward=False)
+        output = await self._call(call, timeout, backward=False)
+        if not fresh:
             self.balancer.observe(call.endpoint, call.uid, tokens, time.monotonic() - begun)
-            return output
-        finally:
-            self.balancer.end(call.endpoint, tokens)
+        return output
 
     async def _forward(self, jobs, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
                        enough, avoided):
@@ -232,7 +231,10 @@ class Dispatcher:
             if self.balancer.measured(record.dial_endpoint, job.uid) is not None:
                 expected = self.balancer.expected_seconds([record], tokens)[0]
                 patience = max(MIN_PATIENCE, PATIENCE_FACTOR * expected)
+            self.balancer.begin(call.endpoint, tokens)  # now: the next choices of this step see it
             task = asyncio.create_task(self._timed(call, max(0.001, step_end - now)))
+            # ended however it ends (even cancelled before it ran): no longer in flight
+            task.add_done_callback(lambda _, endpoint=call.endpoint: self.balancer.end(endpoint, tokens))
             running[task] = _Attempt(part, call, now, now + patience)
             part.running.add(task)
             part.tried.add(record.dial_endpoint)

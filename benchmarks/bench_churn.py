@@ -309,7 +309,9 @@ def run_config(name: str, args: argparse.Namespace, model: LMConfig, replicas: i
             while trainer.poll() is None:
                 if time.time() > limit:
                     raise TimeoutError(f"the configuration ran past --timeout {args.timeout:.0f}s")
-                if churn and time.time() >= next_churn:
+                # with --minutes, no leave once the trainer's time is up (it is only evaluating then)
+                in_time = args.steps or time.time() < t0 + args.minutes * 60
+                if churn and in_time and time.time() >= next_churn:
                     slot = order[turn % len(order)]
                     turn += 1
                     held_before = swarm.held()

@@ -340,10 +340,12 @@ def run_config(name: str, args: argparse.Namespace, model: LMConfig, replicas: i
             result["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         finally:
-            if monitor is not None:
-                monitor.stop()
-                monitor.sample()  # might fail if the coordinator is gone: counted in errors
-            procs.stop_all()
+            try:
+                if monitor is not None:
+                    monitor.stop()
+                    monitor.sample()  # might fail if the coordinator is gone: counted in errors
+            finally:
+                procs.stop_all()  # also when the monitor's end raised
     steps, evals = read_metrics(metrics)
     if monitor is not None:
         result["samples"], result["monitor_errors"] = monitor.samples, monitor.errors

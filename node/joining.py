@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import DTYPES
 from dmoe.errors import CheckpointError, ConfigError
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.transfer import DEFAULT_STALL_TIMEOUT, NotNewer, TransferError, fetch_expert_state
+from dmoe.node.transfer import DEFAULT_STALL_TIMEOUT, NotNewer, ReplicaBusy, TransferError, fetch_expert_state
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,18 @@ class TransferPolicy:
     min_bytes_per_second: float = 1 * MiB  # slowest replica waited for: its call gets stall_timeout
     # plus the state's bytes at this rate
     max_replicas_tried: int = 3  # per expert
+    # a replica busy with other joiners' transfers (RESOURCE_EXHAUSTED) is asked again this many times,
+    # after pauses of busy_pause x (1..2) x attempt seconds, before the next replica is tried
+    busy_retries: int = 6
+    busy_pause: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent", "deadline", "lookup_timeout", "stall_timeout", "min_bytes_per_second",
-                     "max_replicas_tried"):
+                     "max_replicas_tried", "busy_pause"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.busy_retries < 0:
+            raise ConfigError(f"busy_retries must be >= 0, got {self.busy_retries}")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -108,11 +115,23 @@ async def take_live_states(
                     logger.warning("%s: no time left to take its state (deadline %gs); it keeps its own",
                                    uid, policy.deadline)
                     return
-                result = await _take_from(uid, backend, record, key=key, newer_than=local_versions.get(uid),
-                                          timeout=remaining, policy=policy)
-                if result is not None:
-                    taken[uid] = result
-                    return
+                for attempt in range(policy.busy_retries + 1):
+                    try:
+                        result = await _take_from(uid, backend, record, key=key,
+                                                  newer_than=local_versions.get(uid),
+                                                  timeout=deadline - time.monotonic(), policy=policy)
+                    except ReplicaBusy as e:  # serving other joiners: ask it again after a pause
+                        pause = policy.busy_pause * (1 + random.random()) * (attempt + 1)
+                        if attempt == policy.busy_retries or time.monotonic() + pause >= deadline:
+                            logger.warning("%s: the replica at %s stayed busy: %s", uid,
+                                           record.dial_endpoint, e)
+                            break
+                        await asyncio.sleep(pause)
+                        continue
+                    if result is not None:
+                        taken[uid] = result
+                        return
+                    break
 
     tasks, alive_elsewhere = [], []
     for uid, backend in backends.items():
@@ -142,6 +161,8 @@ async def _take_from(uid: str, backend: ExpertBackend, record: ExpertRecord, *, 
                                          expect=backend, newer_than=newer_than,
                                          stall_timeout=policy.stall_timeout)
         await asyncio.to_thread(state.load_into, backend)
+    except ReplicaBusy:
+        raise
     except NotNewer as e:
         logger.info("%s: the replica at %s is at version %d, not newer than this node's checkpoint (%d)",
                     uid, endpoint, e.version, newer_than)

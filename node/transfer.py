@@ -61,6 +61,11 @@ class StateRefused(TransferError):
     or is not the state it announced."""
 
 
+class ReplicaBusy(TransferError):
+    """The replica serves as many state transfers as it allows at once (RESOURCE_EXHAUSTED): the same
+    replica is worth asking again shortly, unlike one that failed."""
+
+
 class NotNewer(TransferError):
     """The replica's state is not newer than the version the caller asked to exceed."""
 
@@ -300,7 +305,8 @@ async def fetch_expert_state(endpoint: str, uid: str, *, key: SwarmKey | None, t
             state = await receive_state(_read(stream, stall_timeout), uid=uid, expect=expect,
                                         optimizer=optimizer, newer_than=newer_than)
         except grpc.aio.AioRpcError as e:
-            raise TransferError(f"{e.code().name}: {e.details()}") from None
+            error = ReplicaBusy if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else TransferError
+            raise error(f"{e.code().name}: {e.details()}") from None
         finally:
             stream.cancel()
     state.endpoint, state.seconds = endpoint, time.perf_counter() - started

@@ -4,9 +4,11 @@ checks of every part of a reply (header, sizes, bytes, hash, values) before it k
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 from collections.abc import Callable
 
+import grpc
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from dmoe.node.config import NodeConfig
 from dmoe.node.experts import build_backend
 from dmoe.node.joining import TransferPolicy, replicas_of, take_live_states
 from dmoe.node.transfer import (
+    SERVICE,
     ExpertState,
     NotNewer,
     StateRefused,
@@ -290,3 +293,51 @@ def test_random_corruption_is_refused_or_changes_no_tensor():
         for name, tensor in want.items():
             assert torch.equal(state.tensors[name], tensor), name
     assert refused > 250
+
+
+class BusyDonor:
+    """A replica that answers GetState with RESOURCE_EXHAUSTED (busy with other joiners) ``busy`` times,
+    then with ``expert``'s state."""
+
+    def __init__(self, expert: ExpertBackend, busy: int):
+        self.expert, self.busy, self.calls = expert, busy, 0
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+        handler = grpc.unary_stream_rpc_method_handler(self.get_state,
+                                                       request_deserializer=pb.GetStateRequest.FromString,
+                                                       response_serializer=None)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE,
+                                                                                   {"GetState": handler}),))
+        self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def get_state(self, request: pb.GetStateRequest, context):
+        self.calls += 1
+        if self.calls <= self.busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "2 state transfers in progress already")
+        for message in reply(self.expert, chunk_bytes=4096):
+            yield message.SerializeToString()
+
+
+@pytest.mark.parametrize("busy, taken", [(2, True), (8, False)])
+def test_a_busy_replica_is_asked_again_before_the_expert_starts_from_its_seed(busy, taken):
+    """A replica serving other joiners refuses with RESOURCE_EXHAUSTED; the joiner asks it again after
+    a pause (it once took the next, dead, record and started from the seed), up to busy_retries times."""
+    trained = backend()
+    train(trained, 3)
+    donor = BusyDonor(trained, busy)
+    local = backend()
+    record = ExpertRecord(uid="ffn.0", endpoint=donor.endpoint, node_id="donor", version=3)
+
+    async def find(uids):
+        return {"ffn.0": [record]}
+
+    try:
+        policy = TransferPolicy(deadline=30, busy_retries=3, busy_pause=0.05)
+        got = asyncio.run(take_live_states({"ffn.0": local}, find, node_id="me", key=None, local_versions={},
+                                           policy=policy))
+    finally:
+        donor.server.stop(0)
+    assert donor.calls == (busy + 1 if taken else 4)
+    assert ("ffn.0" in got) == taken and local.version == (3 if taken else 0)
+    if taken:
+        assert all(torch.equal(a, b) for a, b in zip(local.module.parameters(), trained.module.parameters()))

@@ -1,5 +1,6 @@
 """dmoe.lm: the application: a byte-level MoE language model trained and run through the swarm.
 
+- ``config.py``     LMConfig, TrainConfig, InferConfig (torch-free: the CLI reads them without torch)
 - ``model.py``      MoELM, LMConfig: a transformer whose feed-forward sublayers are MoE layers
 - ``data.py``       ByteCorpus: byte-level text (a file, a folder, or Python's standard library)
 - ``train.py``      Trainer, TrainConfig: ``dmoe train`` (checkpoints, evaluation, metrics)

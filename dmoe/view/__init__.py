@@ -2,5 +2,5 @@
 
 - ``config.py``     StatusConfig: the options of ``dmoe swarm status``
 - ``swarmview.py``  SwarmView, ThroughputHistory: the swarm summarized from node records
-- ``status.py``     StatusConfig, read_view, render: ``dmoe swarm status``
+- ``status.py``     read_view, render: ``dmoe swarm status``
 """

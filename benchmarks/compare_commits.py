@@ -1,9 +1,10 @@
 """Two checkouts of dmoe, one benchmark, runs alternated: what a change did to its figures.
 
 Each checkout is a folder with its own ``.venv`` (``bash scripts/setup.sh`` there). The benchmark runs
-``--runs`` times in each, alternating (base, head, base, head, ...) so that whatever else the machine is
-doing weighs on both alike; each run's JSON report is read back, and for every number the report holds
-under the chosen keys the median over the runs is printed per checkout with the ratio head/base.
+``--runs`` times in each, alternating, so that whatever else the machine is doing weighs on both alike;
+the order flips each run (base first, then head first), so neither always follows the other. Each run's
+JSON report is read back, and for every number under the chosen keys the median over the runs is
+printed per checkout with the ratio head/base.
 Writes ``results/compare_<bench>.json``.
 
     git worktree add /tmp/base <commit> && (cd /tmp/base && bash scripts/setup.sh)
@@ -74,7 +75,7 @@ def main() -> None:
     seen: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
     for i in range(args.runs):
         print(f"run {i + 1}/{args.runs}", file=sys.stderr, flush=True)
-        for side in ("base", "head"):
+        for side in ("base", "head") if i % 2 == 0 else ("head", "base"):  # neither always runs second
             checkout = getattr(args, side).resolve()
             log = RESULTS / f"compare_{args.bench}.{side}{i}.log"
             report = run_once(checkout, args.bench, args.extra, log)

@@ -60,10 +60,10 @@ from collections.abc import Callable, Mapping
 import torch
 
 from dmoe.core.auth import SwarmKey
+from dmoe.core.contribution import Refused, check_contribution
 from dmoe.core.dht import DHTPeer
 from dmoe.core.records import ExpertRecord, find_experts
 from dmoe.core.wire import DTYPES
-from dmoe.lm.averaging import Refused, check_contribution
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.joining import replicas_of
 from dmoe.node.stats import ExpertCounters

@@ -34,19 +34,9 @@ moment (the DHT peer's loop, gRPC's; see the design's lessons on fork): the Trai
 Swarm without starting it, builds the model on it, creates this averager (the fork), then starts
 the Swarm and calls :meth:`ParameterAverager.connect`.
 
-The guard (:func:`check_contribution`, also used by the node's replica averaging): nothing a peer
-sends is added unchecked. A round's result, or the parameters ``catch_up`` loads, is refused
-whole (:class:`Refused`, nothing changes) unless every tensor has the local tensor's shape and
-dtype, is finite, and lies within ``max_distance`` (default :data:`MAX_RELATIVE_DISTANCE`, 4) of
-the local tensor in relative L2 distance: ``|theirs - ours| <= max_distance * max(|ours|, s *
-sqrt(numel))``, where ``s`` is the root mean square of all the local tensors together, so that a
-tensor that is zero here (a bias at its init) is measured on the parameters' common scale instead
-of refusing any change at all. Why 4: an honest group average is within about 1 of each member
-even for trainers that started from different seeds (sqrt(2)/2 for two, towards 1 for many), and a
-peer's trained parameters within about 1.5 of a fresh init's; a hostile peer's NaN, Inf or 1e30 is
-refused, and what it can still do unseen is bounded (a round moves each tensor by at most 4 times
-its norm). That bound is not Byzantine robustness (hivemind's CenteredClip is): a peer that sends
-plausible but wrong values within the bound is averaged in like any other.
+The guard (:func:`dmoe.core.contribution.check_contribution`, shared with the node's replica
+averaging; its rules and bound are in that module): nothing a peer sends is added unchecked. A round's
+result, or the parameters ``catch_up`` loads, that it refuses changes nothing.
 
 Who sent a refused contribution? With ``DecentralizedAverager`` it cannot be told: its butterfly
 all-reduce has every sender's part summed into every reducer's part, so a NaN in the result
@@ -67,84 +57,20 @@ import collections
 import concurrent.futures
 import itertools
 import logging
-import math
 import multiprocessing as mp
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p import P2P, PeerID
 
+from dmoe.core.contribution import MAX_RELATIVE_DISTANCE, Refused, check_contribution
 from dmoe.core.dht import DHTPeer
 
 logger = logging.getLogger(__name__)
-
-MAX_RELATIVE_DISTANCE = 4.0  # the guard's default bound (see the module docstring)
-MIN_SCALE = 1e-3  # the smallest root-mean-square scale a tensor's distance is measured on
-
-
-class Refused(ValueError):
-    """A peer's contribution that the guard refuses: not finite, of the wrong shape or dtype, or
-    absurdly far from the local state. Nothing of it was applied."""
-
-
-Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
-
-
-def check_contribution(ours: Tensors, theirs: Tensors, *, max_distance: float = MAX_RELATIVE_DISTANCE
-                       ) -> float:
-    """Raise :class:`Refused` unless ``theirs`` (a peer's tensors, or a result computed with them)
-    may replace or be averaged into ``ours``: the same names (mappings) or count (sequences), and
-    for each tensor the same shape and dtype, finite values, and for floating-point tensors a
-    relative L2 distance of at most ``max_distance`` (see the module docstring). Returns the
-    spread: ``|theirs - ours| / |ours|`` over all the floating-point tensors together."""
-    if not max_distance > 0:
-        raise ValueError(f"max_distance must be positive, got {max_distance}")
-    pairs = _pairs(ours, theirs)
-    floating = [(name, a, b) for name, a, b in pairs if a.is_floating_point()]
-    total_sq = sum(float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2 for _, a, _ in floating)
-    total_numel = sum(a.numel() for _, a, _ in floating)
-    scale = max(math.sqrt(total_sq / total_numel) if total_numel else 0.0, MIN_SCALE)
-    distance_sq = 0.0
-    for name, a, b in floating:
-        if not bool(torch.isfinite(b).all()):
-            raise Refused(f"{name} holds NaN or Inf")
-        distance = float(torch.linalg.vector_norm(b.to(a.device) - a, dtype=torch.float64))
-        norm = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-        reference = max(norm, scale * math.sqrt(a.numel()))
-        if not distance <= max_distance * reference:
-            raise Refused(f"{name} is {distance / reference:.3g} times its norm away from ours "
-                          f"(the bound is {max_distance:g})")
-        distance_sq += distance * distance
-    return math.sqrt(distance_sq) / max(math.sqrt(total_sq), MIN_SCALE)
-
-
-def _pairs(ours: Tensors, theirs: Tensors) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, ours, theirs) for each tensor, once their names or count, shapes and dtypes agree."""
-    if isinstance(ours, Mapping):
-        if not isinstance(theirs, Mapping):
-            raise Refused("expected named tensors")
-        if set(ours) != set(theirs):
-            missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-            raise Refused(f"other tensors: missing {missing[:3]}, unexpected {extra[:3]}")
-        pairs = [(name, ours[name], theirs[name]) for name in ours]
-    else:
-        if isinstance(theirs, Mapping):
-            raise Refused("expected a sequence of tensors")
-        theirs = list(theirs)
-        if len(theirs) != len(ours):
-            raise Refused(f"{len(theirs)} tensors instead of {len(ours)}")
-        pairs = [(f"tensor {i}", a, b) for i, (a, b) in enumerate(zip(ours, theirs))]
-    for name, a, b in pairs:
-        if not isinstance(b, torch.Tensor):
-            raise Refused(f"{name} is not a tensor")
-        if b.shape != a.shape or b.dtype != a.dtype:
-            raise Refused(f"{name} is {b.dtype} {list(b.shape)}, ours {a.dtype} {list(a.shape)}")
-    return pairs
-
 
 class PeerDHT:
     """The part of ``hivemind.DHT`` that a forked ``DecentralizedAverager`` calls, answered by a

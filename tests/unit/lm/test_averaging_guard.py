@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dmoe.lm.averaging import MAX_RELATIVE_DISTANCE, Refused, check_contribution
+from dmoe.core.contribution import MAX_RELATIVE_DISTANCE, Refused, check_contribution
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmoe.lm.averaging import Refused
+from dmoe.core.contribution import Refused
 from dmoe.node.averaging import blend
 from dmoe.node.config import NodeConfig
 from dmoe.node.experts import build_backend

@@ -49,7 +49,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from dmoe.client.balance import DEFAULT_MAX_TOKENS, ReplicaBalancer
-from dmoe.client.health import Late, LocalInputError, is_refusal, judge_refusals
+from dmoe.client.health import Late, LocalInputError, is_refusal, judge_refusals, status_code
 from dmoe.core.auth import SwarmKey, fullmethod
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
@@ -427,7 +427,7 @@ def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
     """An error status, a deadline or a bad reply is a peer's expected failure (debug); anything else
     (a broken connection's OSError, a bug) is logged louder, and is still only that expert's failure.
     UNAUTHENTICATED is loud too: it is almost always this client's key or clock."""
-    code = error.code() if isinstance(error, grpc.RpcError) and hasattr(error, "code") else None
+    code = status_code(error)
     expected = isinstance(error, (grpc.RpcError, ValueError)) and code != grpc.StatusCode.UNAUTHENTICATED
     hint = (" (is this client's --swarm-key the swarm's, and its clock right?)"
             if code == grpc.StatusCode.UNAUTHENTICATED else "")

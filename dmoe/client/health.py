@@ -67,14 +67,15 @@ def is_misbehaviour(error: BaseException) -> bool:
         return False
     if isinstance(error, Disagreement):
         return True
-    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-        return error.code() in _MISBEHAVIOUR_CODES
+    code = status_code(error)
+    if code is not None:
+        return code in _MISBEHAVIOUR_CODES
     return isinstance(error, ValueError)
 
 
 def is_refusal(error: BaseException) -> bool:
     """An INVALID_ARGUMENT status: judged only once the step's other calls are in (judge_refusals)."""
-    return _status_code(error) == grpc.StatusCode.INVALID_ARGUMENT
+    return status_code(error) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def judge_refusals(refused: list[tuple[Any, BaseException]], others_accepted: bool,
@@ -97,7 +98,7 @@ def describe(error: BaseException | str) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _status_code(error: BaseException) -> grpc.StatusCode | None:
+def status_code(error: BaseException) -> grpc.StatusCode | None:
     code = getattr(error, "code", None)
     return code() if isinstance(error, grpc.RpcError) and callable(code) else None
 
@@ -125,7 +126,7 @@ class EndpointHealth:
         elif isinstance(error, LocalInputError):  # this client's own fault is no peer's failure
             return
         elif is_misbehaviour(error):
-            not_found = _status_code(error) == grpc.StatusCode.NOT_FOUND
+            not_found = status_code(error) == grpc.StatusCode.NOT_FOUND
             self.quarantine(endpoint, uid, error, self.ban_max if not_found else None)
         else:
             self.report_failure(endpoint)

@@ -175,7 +175,7 @@ def fix_timed_storage() -> None:
 
 
 def guard_node(node: DHTNode) -> None:
-    """Keep ``node``'s storage from losing or hiding live records (see the module docstring)."""
-    fix_timed_storage()
+    """Keep ``node``'s cache from hiding live records (see the module docstring). Its storage is kept
+    from losing them by :func:`fix_timed_storage`, which the caller runs before it creates the node."""
     node.protocol.cache = _NoCache()
 

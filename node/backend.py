@@ -194,20 +194,48 @@ class ExpertBackend:
             outputs = _as_tuple(self.module(*[x.to(self.device, non_blocking=True) for x in inputs]))
         return [o.cpu() for o in outputs]
 
-    def backward(self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def backward(self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
+                 update: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Input gradients for grad_outputs; applies one optimizer step with the parameter gradients.
-        Parameter gradients never outlive the call, even when it fails half-way."""
+        Parameter gradients never outlive the call, even when it fails half-way.
+
+        ``update``, a bool per row: only the rows marked True reach the parameter gradients (the
+        others' callers are over their share of this expert's steps, see :mod:`dmoe.node.influence`);
+        every row gets its input gradients all the same. None: every row updates."""
+        if update is not None and bool(update.all()):
+            update = None
         with self.lock:
             try:
                 leaves = [x.to(self.device).requires_grad_(x.is_floating_point()) for x in inputs]
+                grad_outputs = [g.to(self.device) for g in grad_outputs]
                 with torch.enable_grad():
                     outputs = _as_tuple(self.module(*leaves))
-                    torch.autograd.backward(outputs, [g.to(self.device) for g in grad_outputs])
+                    if update is None:
+                        torch.autograd.backward(outputs, grad_outputs)
+                    else:
+                        self._backward_some_rows(outputs, leaves, grad_outputs, update.to(self.device))
                 grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
-                self._step()
+                if update is None or bool(update.any()):
+                    self._step()
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
         return [g.detach().cpu() for g in grads]
+
+    def _backward_some_rows(self, outputs: tuple[torch.Tensor, ...], leaves: list[torch.Tensor],
+                            grad_outputs: list[torch.Tensor], update: torch.Tensor) -> None:
+        """Input gradients of every row into the leaves' .grad, parameter gradients of the rows
+        marked in ``update`` alone. A vector-Jacobian product is linear in the output gradients, so
+        zeroing a row's output gradient takes exactly that row's terms out of the parameter gradients."""
+        wanted = [x for x in leaves if x.requires_grad]
+        if wanted:  # input gradients of all rows, parameter gradients of none
+            grads = torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True,
+                                        retain_graph=bool(update.any()))
+            for leaf, grad in zip(wanted, grads):
+                leaf.grad = grad
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if params and bool(update.any()):
+            kept = [g * update.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for g in grad_outputs]
+            torch.autograd.backward(outputs, kept, inputs=params)
 
     def _step(self) -> None:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]

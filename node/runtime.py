@@ -7,6 +7,11 @@ each task its slice of the result. The device is therefore busy whenever any tas
 concurrent clients of one expert share one device call. A queue never holds more than
 ``max_queued_tokens``: past that, :meth:`Runtime.submit` raises :class:`Overloaded` at once.
 Tasks whose caller has gone (deadline passed, call cancelled) are dropped before they run.
+
+Each task carries its caller's peer key. Before a backward batch runs, the node's
+:class:`~dmoe.node.influence.InfluenceLimits` says which of its callers may still update the expert
+(their step budget and share): the others' rows get their input gradients but stay out of the step,
+and each caller whose rows went into a step is charged its share of the batch's tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.influence import InfluenceLimits
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ class Task:
     num_tokens: int  # positions, rows x seq for sequence experts: what limits count
     future: concurrent.futures.Future
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    peer: str = ""  # the caller as CallGuard.admit keys it; the influence limits count per peer
 
     @property
     def shape_key(self) -> tuple:
@@ -56,9 +63,11 @@ class Runtime:
     """Owns the queues and the device thread. start() / shutdown(); submit() is thread-safe."""
 
     def __init__(self, backends: Mapping[str, ExpertBackend], *, max_batch_tokens: int,
-                 max_queued_tokens: int, batching: bool):
+                 max_queued_tokens: int, batching: bool, influence: InfluenceLimits | None = None):
+        """``influence``: the step budgets and shares per peer (None: every Backward updates)."""
         self.max_batch_tokens, self.max_queued_tokens = max_batch_tokens, max_queued_tokens
         self.batching = batching
+        self.influence = influence
         self._queues = {
             (uid, backward): _Queue(backend, backward)
             for uid, backend in backends.items() for backward in (False, True)
@@ -130,12 +139,19 @@ class Runtime:
                 self._run_batch(queue, batch)
 
     def _run_batch(self, queue: _Queue, batch: list[Task]) -> None:
+        backend, allowed, version = queue.backend, None, 0
         try:
             inputs = _concat([t.inputs for t in batch])
             if queue.backward:
-                outputs = queue.backend.backward(inputs, _concat([t.grad_outputs for t in batch]))
+                update = None
+                if self.influence is not None:
+                    allowed = self.influence.allowed(backend.uid, [t.peer for t in batch])
+                    if not all(allowed):
+                        update = torch.cat([torch.full((t.rows,), ok) for t, ok in zip(batch, allowed)])
+                version = backend.version
+                outputs = backend.backward(inputs, _concat([t.grad_outputs for t in batch]), update)
             else:
-                outputs = queue.backend.forward(inputs)
+                outputs = backend.forward(inputs)
             sizes = [t.rows for t in batch]
             per_task = list(zip(*(o.split(sizes) for o in outputs)))
         except BaseException as e:  # a bug, a device error, a user module that exits: fail these calls only
@@ -146,8 +162,22 @@ class Runtime:
                 task.future.set_exception(error)
             return
         self.num_batches += 1
+        if allowed is not None:
+            self._account(backend, batch, allowed, stepped=backend.version > version)
         for task, result in zip(batch, per_task):
             task.future.set_result(list(result))
+
+    def _account(self, backend: ExpertBackend, batch: list[Task], allowed: list[bool], stepped: bool) -> None:
+        """Charge the callers whose rows went into a step (by tokens), count those left out."""
+        assert self.influence is not None
+        tokens_by_peer: dict[str, int] = collections.defaultdict(int)
+        for task, ok in zip(batch, allowed):
+            if not ok:
+                self.influence.skip(backend.uid, task.peer)
+            elif stepped:
+                tokens_by_peer[task.peer] += task.num_tokens
+        if tokens_by_peer:
+            self.influence.charge(backend.uid, tokens_by_peer)
 
 
 def _concat(per_task: list[list[torch.Tensor]]) -> list[torch.Tensor]:

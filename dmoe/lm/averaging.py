@@ -48,6 +48,19 @@ catching up from it never downloads the refused result), counts each member of a
 as a suspect (:attr:`ParameterAverager.suspects`; a hostile peer is in every refused group, honest
 ones only by chance), and logs them; it cannot keep a suspect out of its next group. The node's
 replica averaging, which fetches each replica's state itself, does tell the peer and avoids it.
+
+The aggregate (``aggregate``, ``dmoe train --average-aggregate``): hivemind's all-reduce has every
+member reduce its own part of the vector (a ``TensorPartReducer``), by default the weighted mean of
+the members' values of that part. :class:`RobustAverager` is hivemind's averager with its own part
+reducer (:class:`PartReducer`, through :class:`RobustAllReduceRunner`): ``"mean"``, the plain
+mean, or ``"centered-clip"``, :func:`dmoe.core.robust.centered_clip` over the members' parts (a
+coordinate-partitioned CenteredClip, as in BTARD, with tau measured per part). Either way every
+member weighs the same: the weight a peer declares with its parts is its own word, and hivemind's
+mean would let one peer that declares a huge weight set the whole average (dmoe's trainers all
+declare 1, so their honest average does not change). The RPC names stay those of hivemind's class,
+so trainers of either aggregate (and older ones) average together; each member reduces its part
+with its own. What a robust part reducer does not cover: a hostile member reduces its own part as it
+likes (the guard bounds it, nothing else does); BTARD's verification of reducers is not here.
 """
 
 from __future__ import annotations
@@ -60,17 +73,109 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import TensorPartReducer
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.timed_storage import get_dht_time
 
 from dmoe.core.contribution import MAX_RELATIVE_DISTANCE, Refused, check_contribution
 from dmoe.core.dht import DHTPeer
+from dmoe.core.robust import DEFAULT_ITERATIONS, DEFAULT_RELATIVE_TAU, centered_clip
+from dmoe.lm.config import AGGREGATES
 
 logger = logging.getLogger(__name__)
+
+class _Parts:
+    """What :class:`PartReducer` puts where hivemind's reducer keeps its running sum: each sender's part."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def add_(self, part: torch.Tensor, alpha: float = 1.0) -> _Parts:  # alpha: the weight, not used
+        self.parts.append(part)
+        return self
+
+
+class PartReducer(TensorPartReducer):
+    """hivemind's part reducer, reducing each part with ``aggregate`` ("mean" or "centered-clip") over the
+    senders' parts, every sender weighing the same whatever weight it declares."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, aggregate: str,
+                 relative_tau: float = DEFAULT_RELATIVE_TAU, iterations: int = DEFAULT_ITERATIONS):
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        self.aggregate, self.relative_tau, self.iterations = aggregate, relative_tau, iterations
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        if not self.finished.is_set():
+            self.accumulator = _Parts()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=1.0)
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            self.current_part_future.set_result(self.reduce(self.accumulator.parts))
+            self.reset_accumulators()
+
+    def reduce(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if not parts:  # every sender failed: as hivemind's 0 / 0, which the guard refuses
+            return torch.full(self.part_shapes[self.current_part_index], float("nan"))
+        if self.aggregate == "mean":
+            return torch.stack(parts).mean(0)
+        return centered_clip(parts, relative_tau=self.relative_tau, iterations=self.iterations)
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    """hivemind's all-reduce of one group, reducing this member's parts with a :class:`PartReducer`."""
+
+    def __init__(self, *, aggregate: str, relative_tau: float, iterations: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        unused = self.tensor_part_reducer
+        self.tensor_part_reducer = PartReducer(unused.part_shapes, unused.num_senders, aggregate=aggregate,
+                                               relative_tau=relative_tau, iterations=iterations)
+        unused.finished.set()  # the base class's reducer, never used: nothing for it to report
+
+
+class RobustAverager(DecentralizedAverager):
+    """hivemind's ``DecentralizedAverager`` whose all-reduce reduces this member's parts with a
+    :class:`PartReducer`; its RPCs keep the names of hivemind's class (see the module docstring)."""
+
+    def __init__(self, *args: Any, aggregate: str, relative_tau: float, iterations: int, **kwargs: Any):
+        if kwargs.get("auxiliary"):
+            raise ValueError("an auxiliary averager reduces nothing of its own")
+        self.reduce_with = dict(aggregate=aggregate, relative_tau=relative_tau, iterations=iterations)
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        return DecentralizedAverager._get_handle_name(namespace, method_name)
+
+    async def _run_allreduce_inplace_(self, tensors: Sequence[torch.Tensor], group_info: GroupInfo,
+                                      group_id: bytes | None = None, **kwargs: Any) -> None:
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = RobustAllReduceRunner(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, **self.reduce_with, **kwargs)
+        assert group_id in self._running_groups, "the group is registered before its all-reduce"
+        self._running_groups[group_id].set_result(runner)
+        index = 0
+        async for delta in runner:  # the average minus our values, tensor by tensor
+            tensors[index].add_(delta, alpha=self._averaging_alpha)
+            index += 1
+            self.last_updated = get_dht_time()  # what the state sharing reads
+            self._state_updated.set()
+
 
 class PeerDHT:
     """The part of ``hivemind.DHT`` that a forked ``DecentralizedAverager`` calls, answered by a
@@ -211,27 +316,33 @@ class ParameterAverager:
     """``ParameterAverager(params, peer=...)`` before ``peer`` starts (it forks), ``connect()`` after,
     then ``catch_up()``, ``start()``, ``apply_pending()`` at each step boundary, ``shutdown()``.
     A round's result or a catch-up that :func:`check_contribution` refuses (``max_distance``) is
-    not applied; the members of a refused round's group are counted in ``suspects``."""
+    not applied; the members of a refused round's group are counted in ``suspects``. ``aggregate``:
+    how this trainer reduces its part of each round, "mean" or "centered-clip" (with ``clip_tau``,
+    relative to the median distance, and ``clip_iterations``: :func:`dmoe.core.robust.centered_clip`)."""
 
     def __init__(self, params: list[torch.nn.Parameter], *, peer: DHTPeer, run_id: str,
                  interval: float = 10.0, matchmaking_time: float = 3.0, round_timeout: float = 30.0,
-                 max_distance: float = MAX_RELATIVE_DISTANCE):
+                 max_distance: float = MAX_RELATIVE_DISTANCE, aggregate: str = "mean",
+                 clip_tau: float = DEFAULT_RELATIVE_TAU, clip_iterations: int = DEFAULT_ITERATIONS):
         if interval <= 0 or matchmaking_time <= 0 or round_timeout <= 0 or max_distance <= 0:
             raise ValueError("interval, matchmaking_time, round_timeout and max_distance must be positive")
+        if aggregate not in AGGREGATES or clip_tau <= 0 or clip_iterations < 1:
+            raise ValueError(f"need aggregate in {AGGREGATES}, clip_tau > 0 and clip_iterations >= 1")
         assert peer.node is None, "create the averager before its DHT peer starts: it forks"
         self.params, self.interval, self.round_timeout = params, interval, round_timeout
         self.max_distance = max_distance
         self._peer = peer
         self.num_rounds = self.num_failed_rounds = self.num_refused_rounds = 0
-        self.last_group_size = 0
+        self.last_group_size = 0  # of the last round that found a group, refused or not
         self.suspects: collections.Counter[str] = collections.Counter()  # peer id -> refused rounds it was in
         self._pending: list[torch.Tensor] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.dht = PeerDHT(peer)
-        self.averager = DecentralizedAverager(
+        self.averager = RobustAverager(
             [p.detach().clone() for p in params], self.dht, prefix=f"dmoe_run_{run_id}", start=False,
+            aggregate=aggregate, relative_tau=clip_tau, iterations=clip_iterations,
             min_matchmaking_time=matchmaking_time, request_timeout=min(3.0, matchmaking_time),
             allreduce_timeout=round_timeout, target_group_size=None,
         )
@@ -278,13 +389,19 @@ class ParameterAverager:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self._round()
-            except Exception as e:  # a failed round is skipped; the next one may succeed
-                self.num_failed_rounds += 1
-                logger.info("averaging round failed (%s); training goes on", e)
+            self.round()
 
-    def _round(self) -> None:
+    def round(self) -> bool:
+        """One averaging round now (the background loop runs one every interval); True if its result
+        waits for :meth:`apply_pending`. A round that fails or is refused is counted and logged."""
+        try:
+            return self._round()
+        except Exception as e:  # a failed round is skipped; the next one may succeed
+            self.num_failed_rounds += 1
+            logger.info("averaging round failed (%s); training goes on", e)
+            return False
+
+    def _round(self) -> bool:
         with self._lock, torch.no_grad():
             snapshot = [p.detach().clone() for p in self.params]
             if self._pending is not None:  # a finished round not yet applied: average what the
@@ -296,7 +413,8 @@ class ParameterAverager:
         result = self.averager.step(timeout=self.round_timeout, allow_retries=False)
         if result is None:
             self.num_failed_rounds += 1
-            return
+            return False
+        self.last_group_size = len(result)
         with self.averager.get_tensors() as tensors:
             try:
                 check_contribution(snapshot, tensors, max_distance=self.max_distance)
@@ -304,13 +422,13 @@ class ParameterAverager:
                 for tensor, value in zip(tensors, snapshot):  # a peer catching up from us gets ours
                     tensor.copy_(value)
                 self._refuse(e, result)
-                return
+                return False
             delta = [t - s for t, s in zip(tensors, snapshot)]
         with self._lock:  # a round not yet applied is kept: both deltas count
             self._pending = delta if self._pending is None else [a + b for a, b in zip(self._pending, delta)]
         self.num_rounds += 1
-        self.last_group_size = len(result)
         logger.info("averaged parameters with %d trainer(s)", len(result))
+        return True
 
     def _refuse(self, reason: Refused, group: Mapping[PeerID, Any]) -> None:
         """A round's result failed the guard: count its group's other members as suspects."""

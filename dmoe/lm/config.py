@@ -12,6 +12,8 @@ from dmoe.config import check_nested, nested, option
 from dmoe.core.compression import COMPRESSION_NAMES
 from dmoe.errors import ConfigError
 
+AGGREGATES = ("mean", "centered-clip")  # how averaging reduces the peers' values (dmoe.core.robust)
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class LMConfig:
@@ -85,6 +87,12 @@ class TrainConfig(LMConfig):
     eval_batches: int = option(4, "held-out batches per evaluation")
     run_id: str | None = option(None, "average client-side parameters with the other trainers of this run")
     average_interval: float = option(10.0, "seconds between averaging rounds (with --run-id)")
+    average_aggregate: str = option("mean", "how this trainer reduces its part of each averaging round: "
+                                            "mean, or centered-clip (robust: one hostile trainer's pull "
+                                            "is bounded by tau)")
+    average_clip_tau: float = option(1.0, "centered-clip's tau, as a multiple of the median distance of "
+                                          "the trainers' values from their coordinate-wise median (per part)")
+    average_clip_iterations: int = option(20, "centered-clip's iterations at most (it stops once converged)")
     k_min: int = option(1, "experts that must answer for a token")
     forward_timeout: float = option(10.0, "deadline of an expert forward call (s)")
     timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
@@ -103,6 +111,11 @@ class TrainConfig(LMConfig):
         if self.compression not in COMPRESSION_NAMES:
             raise ConfigError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}, "
                               f"got {self.compression!r}")
+        if self.average_aggregate not in AGGREGATES:
+            raise ConfigError(f"average_aggregate must be one of {', '.join(AGGREGATES)}, "
+                              f"got {self.average_aggregate!r}")
+        if not self.average_clip_tau > 0 or self.average_clip_iterations < 1:
+            raise ConfigError("need average_clip_tau > 0 and average_clip_iterations >= 1")
         if self.ffn == "moe" and not self.local:
             self.swarm.require_peers("give --swarm ADDR (printed by a coordinator or node), or --local")
         if self.run_id is not None and not self.swarm.initial_peers:

@@ -87,7 +87,10 @@ class Trainer:
 
                 client_side = [p for name, p in model.named_parameters() if ".experts." not in name]
                 self.averager = ParameterAverager(client_side, peer=swarm.peer, run_id=config.run_id,
-                                                  interval=config.average_interval)
+                                                  interval=config.average_interval,
+                                                  aggregate=config.average_aggregate,
+                                                  clip_tau=config.average_clip_tau,
+                                                  clip_iterations=config.average_clip_iterations)
             self.swarm = swarm.start()
         except BaseException:
             swarm.peer.shutdown()  # a peer that never started only closes its event loop

@@ -17,5 +17,7 @@ package (checked by the import contract in pyproject.toml).
 - ``robust.py``      centered_clip: a robust aggregate (CenteredClip) of peers' tensors, instead of the mean
 - ``checkpoint.py``  CheckpointStore: atomic safetensors checkpoints, the last few kept; TrainingState
 - ``ratelimit.py``   TokenBucket: the rate limiter of the node's per-peer limits and of the relay
-- ``files.py``       write_json_atomic: files that readers see whole or not at all
+- ``files.py``       write_json_atomic: files that readers see whole or not at all (never through a symlink)
+- ``recordrules.py`` what a record read from a peer may say: check_endpoint, floors of limits, bounds
+- ``logsafe.py``     printable: peer-controlled text escaped and cut for a log line
 """

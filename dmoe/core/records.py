@@ -26,7 +26,13 @@ own subkeys.
 Readers keep a record only if its subkey names an owner, its value is well formed and names the
 same owner, and it expires within ``MAX_RECORD_TTL`` (+ ``CLOCK_MARGIN``) from now; the signature
 was checked by the validator of the reading peer (a node without it cannot even open a signed
-value). Records from before owned records (``record_version`` 1: a plain value under ``<uid>``,
+value). Well formed includes the rules of :mod:`dmoe.core.recordrules` for what a peer may say:
+endpoints (and relays) that are ``host:port``, limits no lower than a node can be started with
+(higher ones clamped to what gRPC carries), finite numbers within bounds. A record that breaks one
+is skipped and the reason logged (once per reason at INFO, then at DEBUG). A node's own records,
+made in-process from its checked config, are not put through these rules.
+
+Records from before owned records (``record_version`` 1: a plain value under ``<uid>``,
 integer coordinates, bare node ids as subkeys) have no owner: readers skip them, and peers of this
 version refuse to store plain values.
 
@@ -36,15 +42,18 @@ The blocking readers take a started :class:`dmoe.core.dht.DHTPeer` and run on it
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 from hivemind.dht import DHTNode
 from hivemind.utils import get_dht_time
 
+from dmoe.core import recordrules as rules
 from dmoe.core.dht import DHTPeer
+from dmoe.core.logsafe import printable
 from dmoe.core.owner import CLOCK_MARGIN, MAX_RECORD_TTL, owned_subkey, parse_owned_subkey
 from dmoe.core.recordguard import owner_of
 from dmoe.core.uids import UID_DELIMITER, split_uid
@@ -56,9 +65,37 @@ RELAYS_KEY = "_dmoe.relays"
 RECORD_VERSION = 2  # 2: owned records (see the module docstring)
 
 
+_FROM_PEER = "dmoe.from_peer"  # validation context of records read from the DHT: the peer rules apply
+_COUNT = (0, rules.MAX_COUNT)
+_TIME = (0.0, rules.MAX_TIME)
+_LATENCY = (0.0, rules.MAX_LATENCY_MS)
+
+
 class _Record(pydantic.BaseModel):
     # extra fields: a newer version's; NaN from a peer: malformed
     model_config = pydantic.ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    # the rules of dmoe.core.recordrules for records read from a peer: by field name,
+    _BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {}  # numbers: [low, high]
+    _LIMITS: ClassVar[dict[str, tuple[int, int]]] = {}  # announced limits: (floor, ceiling), 0 allowed
+    _ENDPOINTS: ClassVar[dict[str, bool]] = {}  # dialled host:port; True: required, False: "" allowed
+
+    @pydantic.field_validator("*")
+    @classmethod
+    def _as_peers_may_say(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        if not (info.context or {}).get(_FROM_PEER):
+            return value
+        name = info.field_name
+        if name in cls._BOUNDS:
+            low, high = cls._BOUNDS[name]
+            if not low <= value <= high:
+                raise ValueError(f"{name}={value!r} is outside [{low:g}, {high:g}]")
+        elif name in cls._LIMITS:
+            return rules.check_limit(name, value, *cls._LIMITS[name])
+        elif name in cls._ENDPOINTS and (value or cls._ENDPOINTS[name]):
+            reason = rules.check_endpoint(value)
+            if reason is not None:
+                raise ValueError(f"{name} {printable(value, 80)!r} is no endpoint to dial: {reason}")
+        return value
 
 
 class ExpertRecord(_Record):
@@ -77,6 +114,11 @@ class ExpertRecord(_Record):
     owner: str = ""  # owner id of the node that hosts this replica (the owner its subkey names)
     record_version: int = RECORD_VERSION
 
+    _BOUNDS = {"version": _COUNT, "queued_tokens": _COUNT}
+    _LIMITS = {"max_batch_tokens": (rules.MIN_BATCH_TOKENS, rules.MAX_BATCH_TOKENS),
+               "max_message_bytes": (rules.MIN_MESSAGE_BYTES, rules.MAX_MESSAGE_BYTES)}
+    _ENDPOINTS = {"endpoint": True, "relay": False}
+
     @property
     def dial_endpoint(self) -> str:
         """Where a client connects: the node itself, or the relay that serves it (same gRPC either way);
@@ -90,6 +132,8 @@ class Hardware(_Record):
     num_cpus: int = 0
     ram_bytes: int = 0
     device_memory_bytes: int = 0
+
+    _BOUNDS = {"num_cpus": _COUNT, "ram_bytes": _COUNT, "device_memory_bytes": _COUNT}
 
 
 class ExpertLoad(_Record):
@@ -107,6 +151,11 @@ class ExpertLoad(_Record):
     spread: float = 0.0
     averaged_at: float = 0.0
 
+    _BOUNDS = {**{name: _COUNT for name in ("forward_calls", "backward_calls", "tokens", "errors", "rejected",
+                                             "queued_tokens", "version")},
+               "latency_p50_ms": _LATENCY, "latency_p99_ms": _LATENCY, "spread": (0.0, rules.MAX_SPREAD),
+               "averaged_at": _TIME}
+
 
 class NodeRecord(_Record):
     node_id: str
@@ -123,6 +172,9 @@ class NodeRecord(_Record):
     owner: str = ""  # owner id whose key signs this node's records
     record_version: int = RECORD_VERSION
 
+    _BOUNDS = {"started_at": _TIME, "updated_at": _TIME}
+    _ENDPOINTS = {"endpoint": True, "relay": False}
+
 
 class RelayRecord(_Record):
     """A relay (dmoe.relay.server) that serves nodes nobody can dial; under ``_dmoe.relays`` / its peer id."""
@@ -131,6 +183,9 @@ class RelayRecord(_Record):
     updated_at: float = 0.0
     owner: str = ""
     record_version: int = RECORD_VERSION
+
+    _BOUNDS = {"updated_at": _TIME}
+    _ENDPOINTS = {"address": True}
 
 
 def prefix_entries(uid: str) -> list[tuple[str, int]]:
@@ -186,11 +241,24 @@ async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def _parse(model: type[_Record], raw: Any) -> Any:
+_logged_reasons: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last few, logged once
+_MAX_LOGGED_REASONS = 1024
+
+
+def _parse(model: type[_Record], raw: Any, owner: str = "") -> Any:
+    """The record ``raw`` read from a peer, or None (the reason logged) if it is malformed or breaks
+    a rule of :mod:`dmoe.core.recordrules`."""
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context={_FROM_PEER: True})
     except pydantic.ValidationError as e:
-        logger.debug("ignoring a malformed %s: %s", model.__name__, e)
+        reasons = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
+        reason = printable(f"{model.__name__} of owner {owner[:8] or '?'}: {reasons}", 300)
+        fresh = reason not in _logged_reasons
+        _logged_reasons[reason] = None
+        _logged_reasons.move_to_end(reason)
+        if len(_logged_reasons) > _MAX_LOGGED_REASONS:
+            _logged_reasons.popitem(last=False)
+        logger.log(logging.INFO if fresh else logging.DEBUG, "skipping a record: %s", reason)
         return None
 
 
@@ -216,7 +284,7 @@ def _owned_records(value: Any, model: type[_Record], now: float) -> list[tuple[s
         expiration = getattr(entry, "expiration_time", None)
         if claim is None or not isinstance(expiration, (int, float)) or not expiration <= latest:
             continue
-        record = _parse(model, getattr(entry, "value", None))
+        record = _parse(model, getattr(entry, "value", None), claim[1])
         if record is not None and record.owner == claim[1]:
             found.append((claim[0], record, float(expiration)))
     found.sort(key=lambda item: (-item[2], item[1].owner))

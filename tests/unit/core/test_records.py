@@ -4,6 +4,7 @@ the readers' rules, and the fix of hivemind's expiry heap."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import hivemind.utils.timed_storage as timed_storage
 import pytest
@@ -22,10 +23,19 @@ from dmoe.core.owner import (
     unseal,
 )
 from dmoe.core.recordguard import OwnedRecordValidator, _hivemind_store, _store_refusing_first
+from dmoe.core.recordrules import (
+    MAX_BATCH_TOKENS,
+    MAX_MESSAGE_BYTES,
+    MIN_BATCH_TOKENS,
+    MIN_MESSAGE_BYTES,
+    check_endpoint,
+)
 from dmoe.core.records import (
     NODES_KEY,
+    ExpertLoad,
     ExpertRecord,
     NodeRecord,
+    RelayRecord,
     _experts_from,
     _owned_records,
     announcement,
@@ -188,3 +198,91 @@ def test_a_refused_earlier_value_removes_the_live_one_unless_fixed(store, clock,
     clock[0] = 1010.0
     survived = owned.get("alice") is not None, storage.get(key) is not None
     assert survived == ((False, False) if store is _hivemind_store else (True, True))
+
+
+# ---- what a record read from a peer may say (issue 18: hostile records) ---------------------------------
+def read_expert(owner: OwnerKey, value: dict, uid: str = "ffn.0") -> list[ExpertRecord]:
+    """The replicas a reader keeps of one planted expert record (signature checks aside)."""
+    now = get_dht_time()
+    found = _experts_from({uid: entries((owned_subkey("", owner.owner_id), value, now + 10))}, now)
+    return found.get(uid, [])
+
+
+@pytest.mark.parametrize("limits", [{"max_batch_tokens": 1}, {"max_message_bytes": 1},
+                                    {"max_batch_tokens": MIN_BATCH_TOKENS - 1},
+                                    {"max_message_bytes": MIN_MESSAGE_BYTES - 1},
+                                    {"max_batch_tokens": -5}, {"max_message_bytes": -1}])
+def test_records_announcing_limits_below_the_floor_are_skipped(limits, caplog):
+    """A record saying a node takes 1 token or 1 byte per request would make every client cut its
+    calls to that node into 1-token calls or 1-byte chunks: readers skip it, with a logged reason."""
+    with caplog.at_level(logging.DEBUG, logger="dmoe.core.records"):
+        assert read_expert(ALICE, expert(ALICE, "127.0.0.1:1", **{"max_batch_tokens": 4096, **limits})) == []
+    assert any(next(iter(limits)) in r.getMessage() for r in caplog.records), caplog.text
+    # at the floors (and unset, 0: the client's defaults) the record is kept as it is
+    for fine in ({"max_batch_tokens": MIN_BATCH_TOKENS, "max_message_bytes": MIN_MESSAGE_BYTES},
+                 {"max_batch_tokens": 0, "max_message_bytes": 0}, {"max_batch_tokens": 48,
+                                                                   "max_message_bytes": 1024}):
+        [kept] = read_expert(ALICE, expert(ALICE, "127.0.0.1:1", **fine))
+        assert (kept.max_batch_tokens, kept.max_message_bytes) == tuple(fine.values())
+
+
+def test_limits_above_what_grpc_can_carry_are_clamped():
+    [kept] = read_expert(ALICE, expert(ALICE, "127.0.0.1:1", max_batch_tokens=1 << 62,
+                                       max_message_bytes=1 << 62))
+    assert kept.max_message_bytes == MAX_MESSAGE_BYTES and kept.max_batch_tokens == MAX_BATCH_TOKENS
+
+
+GOOD_ENDPOINTS = ["127.0.0.1:31337", "[::1]:8080", "[2001:db8::7]:1", "node-3.example.org:65535",
+                  "localhost:5", "dmoe_node_1:31337", "10.0.0.7:31001"]
+BAD_ENDPOINTS = ["unix:/tmp/dmoe.sock", "unix:///tmp/dmoe.sock:80", "unix-abstract:x:1", "dns:///h:1",
+                 "ipv4:127.0.0.1:1", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:99999999999",
+                 "127.0.0.1", "127.0.0.1:", ":80", "::1:80", "[::1]", "[not-v6]:80", "h/path:80", "h:80/x",
+                 "a b:80", "h\n:80", "h:8\n0", "-h:80", "h-:80", "h..x:80", "x" * 64 + ":1",
+                 "é.example:80", "h:+80", "h: 80", "h:0x50", "[::1]:80 ", "h:٨٠"]
+
+
+@pytest.mark.parametrize("endpoint", BAD_ENDPOINTS)
+def test_records_naming_an_endpoint_that_is_not_host_port_are_skipped(endpoint):
+    assert check_endpoint(endpoint) is not None
+    assert read_expert(ALICE, expert(ALICE, endpoint)) == []
+    # nor a relay of that spelling, for a node announcing that it cannot be dialled
+    assert read_expert(ALICE, expert(ALICE, "127.0.0.1:1", reachable=False, relay=endpoint)) == []
+    now = get_dht_time()
+    nodes = entries((owned_subkey("n", ALICE.owner_id),
+                     {**NodeRecord(node_id="n", endpoint="127.0.0.1:1").model_dump(), "endpoint": endpoint,
+                      "owner": ALICE.owner_id}, now + 10))
+    relays = entries((owned_subkey("p", ALICE.owner_id),
+                      {**RelayRecord(address="127.0.0.1:1", peer_id="p").model_dump(), "address": endpoint,
+                       "owner": ALICE.owner_id}, now + 10))
+    assert _owned_records(nodes, NodeRecord, now) == [] and _owned_records(relays, RelayRecord, now) == []
+
+
+@pytest.mark.parametrize("endpoint", GOOD_ENDPOINTS)
+def test_host_port_endpoints_are_read_as_they_are(endpoint):
+    assert check_endpoint(endpoint) is None
+    [kept] = read_expert(ALICE, expert(ALICE, endpoint))
+    assert kept.dial_endpoint == endpoint
+    [relayed] = read_expert(ALICE, expert(ALICE, "10.0.0.7:1", reachable=False, relay=endpoint))
+    assert relayed.dial_endpoint == endpoint
+
+
+@pytest.mark.parametrize("field, value", [
+    ("latency_p50_ms", 1.7e308), ("latency_p99_ms", 1e300), ("latency_p50_ms", -1.0), ("spread", 1e300),
+    ("averaged_at", 1e300), ("forward_calls", -1), ("tokens", -7), ("latency_p99_ms", float("inf")),
+])
+def test_node_records_with_absurd_numbers_are_skipped(field, value):
+    now = get_dht_time()
+    good = ExpertLoad(forward_calls=1, backward_calls=1, latency_p50_ms=3.0, latency_p99_ms=9.0)
+    record = NodeRecord(node_id="n", endpoint="127.0.0.1:1", started_at=1e9, updated_at=1e9,
+                        experts=["ffn.0"], load={"ffn.0": good}).model_dump()
+    kept = _owned_records(entries((owned_subkey("n", ALICE.owner_id), {**record, "owner": ALICE.owner_id},
+                                   now + 10)), NodeRecord, now)
+    assert len(kept) == 1
+    record["load"]["ffn.0"][field] = value
+    for name in ("started_at", "updated_at"):
+        bad = _owned_records(entries((owned_subkey("n", ALICE.owner_id),
+                                      {**record, "owner": ALICE.owner_id}, now + 10)), NodeRecord, now)
+        assert bad == [], (field, value)
+        timed = {**kept[0][1].model_dump(), name: 1e300, "owner": ALICE.owner_id}
+        assert _owned_records(entries((owned_subkey("n", ALICE.owner_id), timed, now + 10)),
+                              NodeRecord, now) == []

@@ -1,0 +1,99 @@
+"""A minimal ExpertService for tests that counts what clients send it: calls and stream chunks per uid.
+
+It answers Forward and Backward (unary or streamed) of any uid with zeros of the input's shape, as an
+honest expert of an all-zero function would, on 127.0.0.1 and, if asked, on a unix socket too. Its
+own event loop runs in a thread, so a test's blocking client can call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+
+import grpc
+import torch
+
+from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
+from dmoe.proto import expert_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
+MAX_BYTES = 64 << 20
+
+
+class CountingServer:
+    def __init__(self, unix_path: str | None = None, delay: float = 0.0, num_ports: int = 1):
+        self.unix_path, self.delay, self.num_ports = unix_path, delay, num_ports
+        self.calls: collections.Counter[str] = collections.Counter()  # requests answered, per uid
+        self.chunks: collections.Counter[str] = collections.Counter()  # stream chunks received, per uid
+        self.started = threading.Event()  # set when a call begins (it then waits ``delay``)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self.endpoints: list[str] = []  # one per port it listens on (num_ports), all on 127.0.0.1
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[0]
+
+    def start(self) -> CountingServer:
+        self._thread.start()
+        self.endpoints = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        return self
+
+    async def _start(self) -> list[str]:
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BYTES)])
+        handlers = {}
+        raw = {"request_deserializer": None, "response_serializer": None}
+        for name in ("Forward", "Backward"):
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                self._unary(backward=name == "Backward"), **raw)
+            handlers[name + "Stream"] = grpc.stream_stream_rpc_method_handler(
+                self._stream(backward=name == "Backward"), **raw)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        ports = [self._server.add_insecure_port("127.0.0.1:0") for _ in range(self.num_ports)]
+        if self.unix_path:
+            self._server.add_insecure_port(f"unix:{self.unix_path}")
+        await self._server.start()
+        return [f"127.0.0.1:{port}" for port in ports]
+
+    async def _reply(self, data: bytes, backward: bool, chunks: int = 0) -> bytes:
+        request = (pb.BackwardRequest if backward else pb.ForwardRequest).FromString(data)
+        self.calls[request.uid] += 1
+        self.chunks[request.uid] += chunks
+        self.started.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        out = torch.zeros_like(deserialize(request.inputs[0], max_numel=1 << 24))
+        reply = (pb.BackwardResponse(grad_inputs=[serialize(out)]) if backward
+                 else pb.ForwardResponse(outputs=[serialize(out)]))
+        return reply.SerializeToString()
+
+    def _unary(self, *, backward: bool):
+        async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await self._reply(data, backward)
+
+        return handle
+
+    def _stream(self, *, backward: bool):
+        async def handle(requests, context: grpc.aio.ServicerContext):
+            num_chunks = 0
+
+            async def parsed():
+                nonlocal num_chunks
+                async for data in requests:
+                    num_chunks += 1
+                    yield pb.Chunk.FromString(data)
+
+            data = await join_chunks(parsed(), max_bytes=MAX_BYTES)
+            reply = await self._reply(data, backward, num_chunks)
+            for chunk in split_chunks(reply, 1 << 20):
+                yield chunk.SerializeToString()
+
+        return handle
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

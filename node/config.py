@@ -8,6 +8,7 @@ from typing import ClassVar
 from dmoe.config import option
 from dmoe.core.addresses import check_announce_maddrs, split_address
 from dmoe.core.owner import MAX_RECORD_TTL
+from dmoe.core.recordrules import MIN_BATCH_TOKENS, MIN_MESSAGE_BYTES
 from dmoe.core.uids import expand_patterns
 from dmoe.errors import ConfigError
 
@@ -52,9 +53,13 @@ class NodeConfig:
     max_request_bytes: int = option(512 * MiB, "largest request accepted at all, streamed or not")
     max_concurrent_calls: int = option(512, "calls served at once; more get RESOURCE_EXHAUSTED")
     max_inflight_bytes: int = option(1024 * MiB, "bytes all request streams together may hold while arriving")
-    max_calls_per_peer: int = option(128, "calls one peer (IP address) may have "
-                                          "in flight; more get RESOURCE_EXHAUSTED")
-    peer_rate: float = option(2000.0, "requests per second one peer (IP address) may send on average")
+    max_watch_streams: int = option(16, "health Watch and reflection streams open at once, in all (at most "
+                                        "half of max-concurrent-calls); more get RESOURCE_EXHAUSTED")
+    max_info_uids: int = option(4096, "uids one Info call may name (each once); more get RESOURCE_EXHAUSTED")
+    max_calls_per_peer: int = option(128, "calls one peer (IP address, IPv6 /64, or TLS client "
+                                          "certificate) may have in flight; more get RESOURCE_EXHAUSTED")
+    peer_rate: float = option(2000.0, "requests per second one peer may send on average "
+                                      "(each chunk of a stream is one)")
     peer_burst: float = option(4000.0, "requests one peer may send at once "
                                        "above peer_rate (token bucket size)")
     receive_timeout: float = option(60.0, "seconds a streamed request may take to arrive; "
@@ -63,6 +68,12 @@ class NodeConfig:
     max_input_abs: float = option(1e4, "largest magnitude accepted in an expert's inputs; larger is refused")
     max_grad_abs: float = option(1e3, "largest magnitude accepted in grad_outputs of a Backward "
                                       "call; larger is refused before it reaches the optimizer")
+    peer_steps_per_minute: float = option(1200.0, "optimizer steps per minute one peer's Backward calls "
+                                                  "may cause on one expert; past it they are still "
+                                                  "answered, but do not update the expert (0: no limit)")
+    max_peer_step_share: float = option(0.5, "largest share of an expert's steps in the last minute one "
+                                             "peer may cause, while others train it too (never less than "
+                                             "this share of peer_steps_per_minute; 1: no cap)")
     swarm_key: str | None = option(None, "file with the key of a private swarm (dmoe swarm "
                                          "keygen): calls and DHT peers without it are refused")
     tls: bool = option(True, "in a private swarm, encrypt calls with "
@@ -100,6 +111,9 @@ class NodeConfig:
                      "peer_rate", "peer_burst", "receive_timeout", "max_input_abs", "max_grad_abs",
                      "average_max_distance"):
             positive(name)
+        if self.max_batch_tokens < MIN_BATCH_TOKENS or self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(f"max_batch_tokens must be at least {MIN_BATCH_TOKENS} and max_message_bytes "
+                              f"at least {MIN_MESSAGE_BYTES}: clients skip records announcing less")
         for name in ("port", "dht_port", "relay_port", "max_grad_norm", "shutdown_grace", "average_interval"):
             positive(name, allow_zero=True)
         if self.inner_dim is not None:
@@ -131,6 +145,11 @@ class NodeConfig:
         if self.record_ttl >= MAX_RECORD_TTL:
             raise ConfigError(f"record_ttl must be below {MAX_RECORD_TTL:.0f}s: DHT peers refuse records "
                               "that live longer")
+        positive("peer_steps_per_minute", allow_zero=True)
+        if not 0 < self.max_peer_step_share <= 1:
+            raise ConfigError(f"max_peer_step_share must be in (0, 1], got {self.max_peer_step_share}")
+        positive("max_watch_streams")
+        positive("max_info_uids")
         if self.peer_burst < 1:
             raise ConfigError(f"peer_burst must be at least 1, got {self.peer_burst}")
         if self.max_queued_tokens < self.max_batch_tokens:

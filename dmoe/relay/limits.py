@@ -1,10 +1,12 @@
-"""RelayLimits: what one relay serves at most, and the timers of its protocol. Plain values (no
-sockets, no hivemind), so the coordinator's options take their defaults from here.
+"""RelayLimits: what one relay serves at most, and the timers of its protocol; address_group: what
+its limits per IP count under. Plain values (no sockets, no hivemind), so the coordinator's options
+take their defaults from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 from dmoe.errors import ConfigError
 
@@ -26,19 +28,44 @@ class RelayLimits:
     probe_timeout: float = 3.0  # seconds a probe's dial may take
     probe_call_timeout: float = 5.0  # seconds the Info call that checks who answers may take
     control_timeout: float = 3 * PING_INTERVAL  # a control channel silent this long is dropped
+    # a spliced client connection with no byte either way for this long is closed (both ends). Far
+    # above any call's deadline and a node's --receive-timeout (60 s), so no call in progress is cut;
+    # gRPC channels send nothing between calls, and a channel cut while idle dials again at its next call
+    idle_timeout: float = 300.0
+    # seconds a registered node has to announce a node record that names its port on this relay; a
+    # registration no record backs then is dropped (0: no check). Checked only by a relay that reads
+    # the swarm's DHT (one announced in it): Relay.watch_records
+    record_grace: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_nodes_per_ip", "max_connections_per_node",
                      "max_connections_per_client", "max_control_connections_per_ip", "first_line_timeout",
                      "attach_timeout",
-                     "probes_per_minute", "probe_timeout", "probe_call_timeout", "control_timeout"):
+                     "probes_per_minute", "probe_timeout", "probe_call_timeout", "control_timeout",
+                     "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"relay {name} must be > 0, got {getattr(self, name)}")
-        if self.rate_mbit < 0:
-            raise ConfigError(f"relay rate_mbit must be >= 0, got {self.rate_mbit}")
+        for name in ("rate_mbit", "record_grace"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"relay {name} must be >= 0, got {getattr(self, name)}")
         if self.probe_timeout + self.probe_call_timeout >= PROBE_REPLY_TIMEOUT:
             raise ConfigError(f"relay probe_timeout + probe_call_timeout must stay under the "
                               f"{PROBE_REPLY_TIMEOUT:g} s a node waits for the verdict")
         if self.control_timeout <= PING_INTERVAL:
             raise ConfigError(f"relay control_timeout must be longer than the ping interval "
                               f"({PING_INTERVAL:g} s)")
+
+
+def address_group(ip: str) -> str:
+    """What the relay's limits per IP count under: the IPv4 address, or the /64 of an IPv6 address
+    (one host is routinely given a whole /64, so counting its addresses apart would give it 2^64
+    allowances). Anything that does not parse counts as itself."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from typing import Any
 
 from dmoe.core.addresses import split_address
@@ -66,21 +67,32 @@ def loopback_source(peer: str) -> str:
 
 async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 bucket: TokenBucket | None = None, counter: list[int] | None = None) -> None:
-    """Copy bytes both ways until either side ends; then close both."""
+                 bucket: TokenBucket | None = None, counter: list[int] | None = None, *,
+                 idle_timeout: float | None = None, activity: list[float] | None = None) -> None:
+    """Copy bytes both ways until either side ends, or until no byte has moved either way for
+    ``idle_timeout`` seconds (a write that waits on a peer that reads nothing counts as idle too);
+    then close both. ``activity[0]`` is kept at the time.monotonic() of the last byte moved."""
+    last = activity if activity is not None else [0.0]
+    last[0] = time.monotonic()
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(CHUNK):
+            last[0] = time.monotonic()
             if bucket is not None:
                 await bucket.take(len(data))
             if counter is not None:
                 counter[0] += len(data)
             writer.write(data)
             await writer.drain()
+            last[0] = time.monotonic()
 
     tasks = [asyncio.ensure_future(pipe(a[0], b[1])), asyncio.ensure_future(pipe(b[0], a[1]))]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            wait = None if idle_timeout is None else max(0.0, last[0] + idle_timeout - time.monotonic())
+            done, _ = await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if done or (idle_timeout is not None and time.monotonic() - last[0] >= idle_timeout):
+                break
     finally:
         for task in tasks:
             task.cancel()

@@ -26,7 +26,14 @@ Protocol, on one listening port:
   spliced to the client connection C (a 128-bit random name, known only to the node).
 
 In a private swarm, probe and register carry a token of the swarm key (:mod:`dmoe.core.auth`);
-without it they are refused. Limits: :class:`RelayLimits`.
+without it they are refused. Limits: :class:`RelayLimits`, counted per address group
+(:func:`~dmoe.relay.limits.address_group`: an IPv4 address, an IPv6 /64). A spliced connection with
+no byte either way for ``idle_timeout`` is closed, and a node whose connections are all taken gives
+a newcomer the least recently active connection of the address that holds the most, when that
+address holds at least two more than the newcomer's. A relay that reads the swarm's DHT
+(:meth:`Relay.watch_records`, which :meth:`Relay.announce` calls) drops a registration that no node
+record of the swarm backs within ``record_grace`` (an online record of that node id naming its
+port here), and takes no new node from that address group for ``UNBACKED_COOLDOWN`` grace periods.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from dmoe.core.auth import CallVerifier, SwarmKey
 from dmoe.core.ratelimit import TokenBucket
 from dmoe.errors import ConfigError
 from dmoe.relay.dialback import dial_back
-from dmoe.relay.limits import PING_INTERVAL, RelayLimits
+from dmoe.relay.limits import PING_INTERVAL, RelayLimits, address_group
 from dmoe.relay.protocol import (
     MAX_LINE,
     PROBE_METHOD,
@@ -66,26 +73,44 @@ logger = logging.getLogger(__name__)
 
 MAX_DIAL_BACKS = 32  # probes dialling back at once, from all IPs together
 MAX_REMEMBERED = 10_000  # probe buckets and past registrations kept (least recently used go first)
+UNBACKED_COOLDOWN = 10  # record_grace periods an address group that had a registration dropped for
+                        # no node record waits before it may register a node that was never backed
+
+
+@dataclasses.dataclass(slots=True)
+class _Client:
+    """One client connection to a node: its address group, its writer, when a byte last moved on it."""
+    group: str
+    writer: asyncio.StreamWriter
+    activity: list[float]
 
 
 @dataclasses.dataclass(slots=True)
 class _Usage:
-    """What one node id uses, across its registrations: connections, rate, bytes forwarded."""
+    """What one node id uses, across its registrations: connections, rate, bytes forwarded; since when
+    it is registered, and whether a node record of the swarm has backed it."""
     bucket: TokenBucket | None
-    num_connections: int = 0
+    clients: dict[str, _Client] = dataclasses.field(default_factory=dict)  # by connection name
     forwarded: list[int] = dataclasses.field(default_factory=lambda: [0])
+    since: float = dataclasses.field(default_factory=time.monotonic)
+    backed: bool = False
+
+    @property
+    def num_connections(self) -> int:
+        return len(self.clients)
 
 
 @dataclasses.dataclass(slots=True)
 class _Tunnel:
     """One registration: the node's control channel, public port and waiting client connections."""
     node_id: str
-    ip: str
+    group: str  # the address group (address_group) it registered from
     secret: str
     control: asyncio.StreamWriter
     server: asyncio.Server
     endpoint: str
     pending: dict[str, asyncio.Future] = dataclasses.field(default_factory=dict)
+    registered_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class Relay:
@@ -109,9 +134,12 @@ class Relay:
         self._usage: dict[str, _Usage] = {}
         self._forwarded_before = 0  # bytes forwarded for nodes whose usage is forgotten
                                     # (stats stay cumulative)
-        self._clients: collections.Counter[str] = collections.Counter()  # open client connections per IP
-        self._control: collections.Counter[str] = collections.Counter()  # connections on the relay's
-                                                                         # port per IP
+        # open client connections per address group (address_group), and connections on the relay's port
+        self._clients: collections.Counter[str] = collections.Counter()
+        self._control: collections.Counter[str] = collections.Counter()
+        # address group -> until when (time.monotonic()) it registers no node never backed by a record
+        self._unbacked: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._watching = False  # whether registrations are checked against the swarm's records
         self._probe_buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
         # node id -> (port, secret)
         self._resume: collections.OrderedDict[str, tuple[int, str]] = collections.OrderedDict()
@@ -205,6 +233,57 @@ class Relay:
             self.spawn(beat(), "dmoe-relay-announce")
 
         self.run(begin(), 30)
+        self.watch_records(dht)
+
+    def watch_records(self, dht: DHTPeer) -> None:
+        """From now on, drop registrations that no node record in ``dht``'s swarm backs within
+        ``limits.record_grace`` (nothing if it is 0). :meth:`announce` calls it."""
+        if self.limits.record_grace <= 0 or self._watching:
+            return
+        self._watching = True
+
+        async def begin() -> None:
+            self.spawn(self._watch_records(dht), "dmoe-relay-records")
+
+        self.run(begin(), 10)
+
+    async def _watch_records(self, dht: DHTPeer) -> None:
+        """Every quarter of record_grace: read the swarm's node records once, if a registration is due
+        a check (registered record_grace ago or more), and drop those that none backs. A read that
+        fails drops nobody."""
+        from dmoe.core.records import find_nodes_async
+
+        grace = self.limits.record_grace
+        while True:
+            await asyncio.sleep(max(0.2, grace / 4))
+            now = time.monotonic()
+            due = [t for t in self.tunnels.values() if t.node_id in self._usage and now - (
+                t.registered_at if self._usage[t.node_id].backed else self._usage[t.node_id].since) >= grace]
+            if not due:
+                continue
+            try:
+                assert dht.node is not None
+                records = await dht.run_async(find_nodes_async(dht.node))
+            except Exception as e:
+                logger.warning("relay: could not read the swarm's node records (dropping nobody): %s", e)
+                continue
+            backed = {(r.node_id, r.relay) for r in records.values() if not r.reachable}
+            for tunnel in due:
+                if self.tunnels.get(tunnel.node_id) is not tunnel:
+                    continue
+                usage = self._usage[tunnel.node_id]
+                if (tunnel.node_id, tunnel.endpoint) in backed:
+                    usage.backed = True
+                    continue
+                self.num_refused += 1
+                if not usage.backed:
+                    self._unbacked.pop(tunnel.group, None)
+                    self._unbacked[tunnel.group] = time.monotonic() + UNBACKED_COOLDOWN * grace
+                    if len(self._unbacked) > MAX_REMEMBERED:
+                        self._unbacked.popitem(last=False)
+                logger.info("relay: dropped node %s from %s: no node record of the swarm names its port "
+                            "%s (record_grace=%g s)", tunnel.node_id, tunnel.group, tunnel.endpoint, grace)
+                self._drop(tunnel)
 
     def stats(self) -> dict[str, Any]:
         usage = list(self._usage.values())
@@ -216,11 +295,12 @@ class Relay:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         peer_ip = peer[0] if peer else "?"
-        if self._control[peer_ip] >= self.limits.max_control_connections_per_ip:
+        group = address_group(peer_ip)
+        if self._control[group] >= self.limits.max_control_connections_per_ip:
             self.num_refused += 1
             close_quietly(writer)
             return
-        self._control[peer_ip] += 1
+        self._control[group] += 1
         self._writers.add(writer)
         keep = False
         try:
@@ -237,9 +317,9 @@ class Relay:
         except (ProtocolError, TimeoutError, EOFError, OSError, RuntimeError) as e:
             logger.debug("relay: dropped a connection from %s: %s", peer_ip, e or type(e).__name__)
         finally:
-            self._control[peer_ip] -= 1
-            if self._control[peer_ip] <= 0:
-                del self._control[peer_ip]
+            self._control[group] -= 1
+            if self._control[group] <= 0:
+                del self._control[group]
             if not keep:
                 self._writers.discard(writer)
                 close_quietly(writer)
@@ -260,9 +340,10 @@ class Relay:
             raise ProtocolError("probe needs an integer port in 1..65535")
         if (error := self._auth_error(PROBE_METHOD, message)) is not None:
             return self._refuse(writer, error)
-        bucket = self._probe_buckets.pop(peer_ip, None) or TokenBucket(
+        group = address_group(peer_ip)
+        bucket = self._probe_buckets.pop(group, None) or TokenBucket(
             self.limits.probes_per_minute / 60, max(1.0, self.limits.probes_per_minute / 6))
-        self._probe_buckets[peer_ip] = bucket  # most recently used last
+        self._probe_buckets[group] = bucket  # most recently used last
         if len(self._probe_buckets) > MAX_REMEMBERED:
             self._probe_buckets.popitem(last=False)
         if not bucket.try_take():
@@ -291,12 +372,19 @@ class Relay:
         old = self.tunnels.get(node_id)
         if old is not None and secret != old.secret:
             return f"node {node_id} is registered here already (a node takes its place back with its secret)"
+        group = address_group(peer_ip)
         others = [t for t in self.tunnels.values() if t.node_id != node_id]
         if len(others) >= self.limits.max_nodes:
             return f"this relay serves {self.limits.max_nodes} nodes already (max_nodes)"
-        if sum(t.ip == peer_ip for t in others) >= self.limits.max_nodes_per_ip:
-            return (f"{peer_ip} has {self.limits.max_nodes_per_ip} nodes registered here already "
+        if sum(t.group == group for t in others) >= self.limits.max_nodes_per_ip:
+            return (f"{group} has {self.limits.max_nodes_per_ip} nodes registered here already "
                     f"(max_nodes_per_ip)")
+        usage = self._usage.get(node_id)
+        cooldown = self._unbacked.get(group, 0.0) - time.monotonic()
+        if cooldown > 0 and (usage is None or not usage.backed):
+            return (f"a node registered from {group} announced no node record naming its port here within "
+                    f"record_grace={self.limits.record_grace:g} s; nodes never seen in the swarm's records "
+                    f"are refused from there for {cooldown:.0f} s more")
         return None
 
     async def _register(self, peer_ip: str, message: dict[str, Any], reader: asyncio.StreamReader,
@@ -320,8 +408,8 @@ class Relay:
             server.close()
             return self._refuse(writer, error)
         port = server.sockets[0].getsockname()[1]
-        tunnel = _Tunnel(node_id=node_id, ip=peer_ip, secret=secrets.token_hex(16), control=writer,
-                         server=server, endpoint=host_port(self.announce_host, port))
+        tunnel = _Tunnel(node_id=node_id, group=address_group(peer_ip), secret=secrets.token_hex(16),
+                         control=writer, server=server, endpoint=host_port(self.announce_host, port))
         self.tunnels[node_id] = tunnel
         if node_id not in self._usage:
             rate = self.limits.rate_mbit * 1e6 / 8
@@ -392,9 +480,11 @@ class Relay:
     async def _client(self, node_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         peer_ip = peer[0] if peer else "?"
+        group = address_group(peer_ip)
         tunnel, usage = self.tunnels.get(node_id), self._usage.get(node_id)
-        if tunnel is None or usage is None or usage.num_connections >= self.limits.max_connections_per_node \
-                or self._clients[peer_ip] >= self.limits.max_connections_per_client:
+        if tunnel is None or usage is None or self._clients[group] >= self.limits.max_connections_per_client \
+                or (usage.num_connections >= self.limits.max_connections_per_node
+                    and not self._make_room(tunnel, usage, group)):
             self.num_refused += 1
             logger.debug("relay: refused a client of %s from %s (limits or node gone)", node_id, peer_ip)
             close_quietly(writer)
@@ -402,8 +492,9 @@ class Relay:
         conn = secrets.token_hex(16)
         attached: asyncio.Future = asyncio.get_running_loop().create_future()
         tunnel.pending[conn] = attached
-        usage.num_connections += 1
-        self._clients[peer_ip] += 1
+        client = _Client(group=group, writer=writer, activity=[time.monotonic()])
+        usage.clients[conn] = client
+        self._clients[group] += 1
         self._writers.add(writer)
         try:
             send_message(tunnel.control, {"op": "open", "conn": conn,
@@ -414,20 +505,40 @@ class Relay:
                 logger.debug("relay: node %s did not attach a connection for %s", node_id, peer_ip)
                 return
             try:
-                await splice((reader, writer), node_side, usage.bucket, usage.forwarded)
+                await splice((reader, writer), node_side, usage.bucket, usage.forwarded,
+                             idle_timeout=self.limits.idle_timeout, activity=client.activity)
             finally:
                 self._writers.discard(node_side[1])
         except (OSError, RuntimeError) as e:  # the control channel closed under us
             logger.debug("relay: client of %s from %s: %s", node_id, peer_ip, e)
         finally:
             tunnel.pending.pop(conn, None)
-            usage.num_connections -= 1
-            self._clients[peer_ip] -= 1
-            if self._clients[peer_ip] <= 0:
-                del self._clients[peer_ip]
+            usage.clients.pop(conn, None)
+            self._clients[group] -= 1
+            if self._clients[group] <= 0:
+                del self._clients[group]
             self._writers.discard(writer)
             close_quietly(writer)
             self._forget_usage(node_id)
+
+    def _make_room(self, tunnel: _Tunnel, usage: _Usage, group: str) -> bool:
+        """A node's connections are all taken and a client from ``group`` asks for one: close the least
+        recently active connection of the address group that holds the most, if that group holds at
+        least two more than ``group`` (so each address keeps a fair share, and a few addresses cannot
+        lock the others out, active or not). Whether a slot was freed."""
+        held = collections.Counter(c.group for c in usage.clients.values())
+        top, most = held.most_common(1)[0] if held else ("", 0)
+        if most < held[group] + 2:
+            return False
+        conn, victim = min(((conn, c) for conn, c in usage.clients.items() if c.group == top),
+                           key=lambda item: item[1].activity[0])
+        del usage.clients[conn]  # its handler ends once it sees the connection closed
+        if (pending := tunnel.pending.get(conn)) is not None:
+            pending.cancel()
+        close_quietly(victim.writer)
+        logger.info("relay: %s holds %d of node %s's %d connections: closed its least active one for a "
+                    "client from %s", top, most, tunnel.node_id, self.limits.max_connections_per_node, group)
+        return True
 
     def _attach(self, message: dict[str, Any], reader: asyncio.StreamReader,
                 writer: asyncio.StreamWriter) -> bool:

@@ -6,6 +6,8 @@
                    failover between an expert's replicas, reply checks
 - ``balance.py``   ReplicaBalancer: which replica a call goes to (expected finish time), how a big
                    sub-batch is spread over replicas
+- ``spotcheck.py`` SpotChecker: spot checks of an expert's answers against its other replicas, the
+                   liar settled by a third and quarantined
 - ``health.py``    EndpointHealth: back-off of failing endpoints, quarantine of misbehaving experts;
                    is_misbehaviour and the errors it judges (Late, LocalInputError, Disagreement)
 """

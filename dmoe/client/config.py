@@ -1,7 +1,7 @@
 """SwarmConfig: how a process joins a swarm and treats its peers (peers, key, host, lookups, back-off,
-quarantine). Declared once here and nested in the configs of ``dmoe train``, ``dmoe infer``,
-``dmoe swarm status`` and ``dmoe coordinator start`` (:func:`dmoe.config.nested`), which take their
-swarm options, help texts and defaults from it.
+quarantine, spot checks of replicas). Declared once here and nested in the configs of ``dmoe train``,
+``dmoe infer``, ``dmoe swarm status`` and ``dmoe coordinator start`` (:func:`dmoe.config.nested`),
+which take their swarm options, help texts and defaults from it.
 
 Torch-free and hivemind-free, so the CLI can build its options without importing either.
 """
@@ -36,6 +36,13 @@ class SwarmConfig:
                                            "values (or denied hosting its uid) is avoided")
     max_reply_abs: float = option(1e6, "largest magnitude accepted in an expert's reply (outputs or input "
                                        "gradients); larger counts as that expert's failure")
+    spot_check_rate: float = option(0.02, "probability that an expert's answer is spot-checked: a few of its "
+                                          "tokens also sent to another replica of the expert and the "
+                                          "outputs compared (0: never)")
+    spot_check_tolerance: float = option(1.5, "largest distance |a - b| / sqrt(|a| |b|) between two "
+                                              "replicas' outputs that counts as agreement; a disagreement "
+                                              "settled by a third replica quarantines the one that lied")
+    spot_check_tokens: int = option(4, "tokens of a checked answer sent to the other replica")
     event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
 
     def __post_init__(self) -> None:
@@ -44,6 +51,9 @@ class SwarmConfig:
             raise ConfigError("need cache_ttl >= 0, lookup_timeout > 0 and 0 < ban_base <= ban_max")
         if self.quarantine_time < 0 or self.max_reply_abs <= 0:
             raise ConfigError("need quarantine_time >= 0 and max_reply_abs > 0")
+        if not 0 <= self.spot_check_rate <= 1 or self.spot_check_tolerance <= 0 or self.spot_check_tokens < 1:
+            raise ConfigError("need 0 <= spot_check_rate <= 1, spot_check_tolerance > 0 and "
+                              "spot_check_tokens >= 1")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event_loop must be uvloop or asyncio, got {self.event_loop!r}")
 

@@ -32,6 +32,13 @@ calls that were accepted (:func:`dmoe.client.health.judge_refusals`). A call who
 gradients) are not finite is not sent (:class:`dmoe.client.health.LocalInputError`): the node would
 refuse it, and that is this client's fault, not the node's. In a private swarm every call carries the
 swarm key's token (:mod:`dmoe.core.auth`).
+
+Spot checks (``spot_check``, a :class:`dmoe.client.spotcheck.SpotChecker`): an answer the forward
+uses may also be checked against another replica of its expert, a few of its tokens asked again
+there. The check starts once the answer is in, runs beside the step on the same loop, and the
+forward never waits for it; its calls are ordinary calls for the balancer and the endpoint health
+(a refusal of inputs the checked replica accepted is a disagreement), and what a check decides is
+the checker's (:mod:`dmoe.client.spotcheck`).
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ import torch
 from google.protobuf.message import DecodeError
 
 from dmoe.client.balance import DEFAULT_MAX_TOKENS, ReplicaBalancer
+from dmoe.client.channels import ChannelCache
 from dmoe.client.health import Late, LocalInputError, is_refusal, judge_refusals, status_code
+from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.auth import SwarmKey, fullmethod
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
@@ -135,7 +144,7 @@ class Dispatcher:
                  balancer: ReplicaBalancer | None = None):
         self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
         self.balancer = balancer if balancer is not None else ReplicaBalancer()
-        self._channels: dict[tuple[str, bool], tuple[grpc.aio.Channel, dict[str, Any]]] = {}
+        self._channels = ChannelCache()  # (endpoint, tls) -> (channel, methods), least recently used dropped
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -187,14 +196,16 @@ class Dispatcher:
         self, jobs: list[ExpertJob], *, num_tokens: int, k_min: int, forward_timeout: float,
         timeout_after_k_min: float, on_result: Callable[[ExpertCall, BaseException | None], None],
         enough: int = 0, avoided: Callable[[str, str], bool] | None = None,
+        spot_check: SpotChecker | None = None,
     ) -> ForwardAnswers:
         """Run each job (one expert's sub-batch) on its replicas: the balancer's plan first, then
         failover (see the module docstring). ``avoided(endpoint, uid)``: replicas not to fail over
         to (backed off or quarantined now). With ``enough`` > 0 (hedged calls), the forward ends once
         every token has that many answers (or all it can get), and the calls still running are
-        cancelled without counting as failures."""
+        cancelled without counting as failures. ``spot_check``: the checker that may check answers
+        against other replicas (none: no checks)."""
         return self.run(self._forward(jobs, num_tokens, k_min, forward_timeout, timeout_after_k_min,
-                                      on_result, enough, avoided))
+                                      on_result, enough, avoided, spot_check))
 
     async def _timed(self, call: ExpertCall, timeout: float) -> torch.Tensor:
         """One forward call (in flight for the balancer from its launch to its end), its time observed
@@ -207,8 +218,30 @@ class Dispatcher:
             self.balancer.observe(call.endpoint, call.uid, tokens, time.monotonic() - begun)
         return output
 
+    async def _check_call(self, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor,
+                          timeout: float, on_result: Callable[[ExpertCall, BaseException | None], None]
+                          ) -> torch.Tensor:
+        """A spot check's forward call: in flight for the balancer, its fate reported like any call's;
+        a refusal (INVALID_ARGUMENT) of inputs another replica just accepted is a disagreement."""
+        call = ExpertCall.to(record, inputs, token_ids)
+        tokens = int(inputs.shape[0])
+        self.balancer.begin(call.endpoint, tokens)
+        try:
+            output = await self._timed(call, timeout)
+        except Exception as e:
+            _log_failure("spot check", call, e)
+            if is_refusal(e):
+                judge_refusals([(call, e)], True, on_result)
+            else:
+                on_result(call, e)
+            raise
+        finally:
+            self.balancer.end(call.endpoint, tokens)
+        on_result(call, None)
+        return output
+
     async def _forward(self, jobs, num_tokens, k_min, forward_timeout, timeout_after_k_min, on_result,
-                       enough, avoided):
+                       enough, avoided, spot_check):
         started = time.monotonic()
         step_end = started + forward_timeout
         answers = ForwardAnswers()
@@ -238,6 +271,18 @@ class Dispatcher:
             running[task] = _Attempt(part, call, now, now + patience)
             part.running.add(task)
             part.tried.add(record.dial_endpoint)
+
+        def check(part: _Part, call: ExpertCall, output: torch.Tensor) -> None:
+            """Maybe spot-check this answer against another replica of its expert (see spot_check)."""
+            job = jobs[part.job]
+            others = [r for r in job.replicas
+                      if r.dial_endpoint and r.dial_endpoint != call.endpoint
+                      and r.dial_endpoint not in failed_at[part.job]
+                      and not (avoided and avoided(r.dial_endpoint, job.uid))]
+            if others and spot_check.wants(job.uid):
+                spot_check.start(job.uid, call.endpoint, output, call.inputs, call.token_ids, others,
+                                 deadline=step_end, timeout=forward_timeout, clock=time.monotonic,
+                                 call=lambda r, x, ids, t: self._check_call(r, x, ids, t, on_result))
 
         def fail_over(part: _Part, now: float, deadline: float) -> None:
             candidates = usable(part) if now < deadline else []
@@ -293,6 +338,8 @@ class Dispatcher:
                 on_result(call, None)
                 part.done = True
                 answers.parts.append((part.job, part.rows, call, output))
+                if spot_check is not None:
+                    check(part, call, output)
                 answered_T[call.token_ids] += 1
                 for other in list(part.running):  # a spare asked for the same tokens: not needed now
                     other.cancel()

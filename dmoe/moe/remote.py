@@ -17,6 +17,12 @@ k-th fastest of k + h experts, not the slowest of k.
 
 Each call's fate is reported to the Swarm's endpoint health (:mod:`dmoe.client.health`): back-off
 of endpoints that fail, quarantine of experts that misbehave.
+
+Spot checks (``spot_check_rate`` and friends of the Swarm's config; :mod:`dmoe.client.spotcheck`):
+some answers are also asked of a second replica and compared, beside the step; a replica that lied
+is quarantined. A backward is not sent to a replica quarantined since it answered the forward (by a
+spot check, or for any other misbehaviour of that expert there): its answers are not trusted, and
+its tokens get no gradient through that expert.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 import torch
 
 from dmoe.client.dispatch import ExpertCall, ExpertJob
+from dmoe.client.spotcheck import SpotChecker
 from dmoe.client.swarm import Swarm
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import compression_from_name
@@ -51,7 +58,9 @@ class RemoteMoE(MoELayer):
     Each expert may have several replicas (nodes that host its uid); the swarm's
     :class:`dmoe.client.balance.ReplicaBalancer` picks one per call, or spreads a big sub-batch over
     several, and the dispatcher fails over between them within the forward's deadline
-    (:mod:`dmoe.client.dispatch`).
+    (:mod:`dmoe.client.dispatch`). ``spot_checker`` (:class:`dmoe.client.spotcheck.SpotChecker`, made
+    from the Swarm's config) checks some answers against a second replica; its ``stats`` count what
+    it did.
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class RemoteMoE(MoELayer):
         if self.beam_size < k:
             raise ValueError(f"beam_size ({self.beam_size}) must be at least k ({k})")
         self.dispatcher = swarm.dispatcher(compression_from_name(compression))
+        self.spot_checker = SpotChecker.from_config(swarm.config, swarm.quarantine)
         self.last_num_retried = 0  # calls of the last forward re-sent to another replica
         self.num_retried_calls = 0  # their total since this layer was made
 
@@ -134,6 +144,7 @@ class _Dispatch(torch.autograd.Function):
             jobs, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
             timeout_after_k_min=layer.timeout_after_k_min, on_result=_reporter(layer.swarm),
             enough=layer.k if layer.hedge else 0, avoided=layer.swarm.health.is_avoided,
+            spot_check=layer.spot_checker,
         )
         out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
         answered_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
@@ -152,9 +163,10 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out_TKD: torch.Tensor, _grad_answered: Any, _grad_num_failed: None):
         calls = []
+        quarantined = ctx.layer.swarm.quarantined
         for call, slot_ids in ctx.answered:
             grad = grad_out_TKD[call.token_ids, slot_ids]
-            if bool(grad.any()):
+            if bool(grad.any()) and not quarantined(call.endpoint, call.uid):
                 calls.append(dataclasses.replace(call, grad_outputs=grad.contiguous()))
         grad_x_TD = grad_out_TKD.new_zeros(ctx.num_tokens, grad_out_TKD.shape[-1])
         if calls:

@@ -93,6 +93,9 @@ class NodeConfig:
     average_max_distance: float = option(4.0, "a replica's parameters more than this many times a "
                                               "tensor's norm away from ours are refused, and that "
                                               "replica avoided for a while")
+    average_aggregate: str = option("mean", "replica averaging: mean (blend halfway with one replica) or "
+                                            "centered-clip (with up to 4 replicas, robust: one hostile "
+                                            "replica's pull is bounded; with one replica, as mean)")
     heartbeat_interval: float = option(10.0, "seconds between refreshes of the DHT records")
     record_ttl: float = option(30.0, "seconds a DHT record lives without a refresh")
     shutdown_grace: float = option(10.0, "seconds in-flight calls get to finish on shutdown")
@@ -122,6 +125,9 @@ class NodeConfig:
             positive("num_threads")
         if self.announce_port is not None and not 0 < self.announce_port <= 65535:
             raise ConfigError(f"announce_port must be in 1..65535, got {self.announce_port}")
+        if self.average_aggregate not in ("mean", "centered-clip"):  # dmoe.node.averaging.AGGREGATES
+            raise ConfigError(f"average_aggregate must be mean or centered-clip, "
+                              f"got {self.average_aggregate!r}")
         if self.reachability not in ("auto", "direct", "relay"):
             raise ConfigError(f"reachability must be auto, direct or relay, got {self.reachability!r}")
         if self.reachability == "relay" and not self.swarm:

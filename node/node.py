@@ -47,8 +47,9 @@ from dmoe.node.checkpoints import ExpertCheckpoints
 from dmoe.node.config import NodeConfig
 from dmoe.node.experts import build_backend, read_hardware, resolve_device
 from dmoe.node.guard import CallGuard
+from dmoe.node.influence import InfluenceLimits
 from dmoe.node.joining import TransferPolicy, Transferred, take_live_states
-from dmoe.node.reachability import dial_back, dialable, relay_candidates
+from dmoe.node.reachability import dial_back, dialable, relay_candidates, trusted_relays
 from dmoe.node.relaylink import RelayLink
 from dmoe.node.runtime import Runtime
 from dmoe.node.server import NodeServer
@@ -88,6 +89,9 @@ class Node:
         self.guard = CallGuard(verifier=CallVerifier(self.swarm_key) if self.swarm_key else None,
                                max_calls_per_peer=config.max_calls_per_peer, peer_rate=config.peer_rate,
                                peer_burst=config.peer_burst)
+        # each peer's optimizer steps per expert: --peer-steps-per-minute, --max-peer-step-share
+        self.influence = InfluenceLimits(steps_per_minute=config.peer_steps_per_minute,
+                                         max_share=config.max_peer_step_share)
         self._checkpoints = (ExpertCheckpoints(config.checkpoint_dir, keep=config.keep_checkpoints,
                                                backends=self.backends) if config.checkpoint_dir else None)
         self.transfer_policy = TransferPolicy()
@@ -242,7 +246,8 @@ class Node:
         """The per-expert queues and the thread that runs their batches on the device."""
         config = self.config
         self._runtime = Runtime(self.backends, max_batch_tokens=config.max_batch_tokens,
-                                max_queued_tokens=config.max_queued_tokens, batching=config.batching)
+                                max_queued_tokens=config.max_queued_tokens, batching=config.batching,
+                                influence=self.influence)
         self._runtime.start()
 
     async def _start_server(self) -> None:
@@ -255,10 +260,11 @@ class Node:
             chunk_bytes=min(1 << 20, config.max_message_bytes // 2),
             max_inflight_bytes=config.max_inflight_bytes,
             guard=self.guard, max_input_abs=config.max_input_abs, max_grad_abs=config.max_grad_abs,
-            receive_timeout=config.receive_timeout,
+            receive_timeout=config.receive_timeout, max_info_uids=config.max_info_uids,
         )
         self._server = NodeServer(servicer.generic_handler(), max_message_bytes=config.max_message_bytes,
-                                  max_concurrent_calls=config.max_concurrent_calls)
+                                  max_concurrent_calls=config.max_concurrent_calls, guard=self.guard,
+                                  max_watch_streams=config.max_watch_streams)
         self.tls = self.swarm_key is not None and config.tls
         self.port = await self._server.start(config.host, config.port, self.swarm_key if self.tls else None)
         self.endpoint = host_port(config.announce_host or config.host, config.announce_port or self.port)
@@ -293,7 +299,8 @@ class Node:
             assert self._dht is not None and self.node_id is not None
             self.averager = ReplicaAverager.for_node(
                 self.backends, self.counters, self._dht, node_id=self.node_id, key=self.swarm_key,
-                interval=self.config.average_interval, max_distance=self.config.average_max_distance)
+                interval=self.config.average_interval, max_distance=self.config.average_max_distance,
+                aggregate=self.config.average_aggregate)
             self._tasks.append(asyncio.create_task(self.averager.run(), name="dmoe-replica-averaging"))
 
     def _start_checkpoint_loop(self) -> None:
@@ -332,7 +339,8 @@ class Node:
     # ---- reachability: direct, or through a relay -------------------------------------------------
     def _relay_candidates(self) -> list[str]:
         """The relays to use, in order: --relay, then those announced in the swarm (blocking)."""
-        return relay_candidates(self._dht, self.config.relay, self.relay.address if self.relay else None)
+        return relay_candidates(self._dht, self.config.relay, self.relay.address if self.relay else None,
+                                self.config.swarm)
 
     async def _settle_reachability(self) -> None:
         """Whether others can dial this node (--reachability, or a relay's dial-back); if not, serve
@@ -343,8 +351,9 @@ class Node:
         assert self.port is not None
         if mode == "auto":
             relays = await asyncio.to_thread(self._relay_candidates)
+            trusted = await asyncio.to_thread(trusted_relays, self.config.relay, self.config.swarm, relays)
             verdict = await dial_back(relays, self.config.announce_port or self.port, key=self.swarm_key,
-                                      node_id=self.node_id or "", tls=self.tls)
+                                      node_id=self.node_id or "", tls=self.tls, trusted=trusted)
             if dialable(verdict, self.endpoint):
                 return
             await asyncio.to_thread(self._stop_dht)

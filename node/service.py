@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -41,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 MiB = 1 << 20
+INFO_BYTES_PER_UID = 256  # an InfoRequest longer than this per uid allowed is refused before it is parsed
+MAX_RANK = 64  # dimensions of a grad_output, checked before its shape is read
+# the calling peer's key from CallGuard.admit, set per call (each call runs in a task of its own):
+# the runtime counts each peer's optimizer steps with it (dmoe.node.influence)
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("dmoe_node_caller", default="")
 
 
 class RequestError(Exception):
@@ -66,6 +72,7 @@ class ExpertServicer:
         max_grad_abs: float = float("inf"),
         receive_timeout: float = float("inf"),
         max_state_exports: int = 2,
+        max_info_uids: int = 4096,
     ):
         self.backends, self.runtime, self.counters = backends, runtime, counters
         self.guard, self.max_input_abs, self.max_grad_abs = guard, max_input_abs, max_grad_abs
@@ -77,6 +84,7 @@ class ExpertServicer:
         self._inflight_bytes = 0  # bytes held by request streams being received (event loop only)
         self.max_state_exports = max_state_exports  # GetState calls served at once
         self._state_exports = 0  # GetState calls being served (event loop only)
+        self.max_info_uids = max_info_uids  # uids one Info call may name
 
     # ---- registration -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -133,11 +141,20 @@ class ExpertServicer:
 
     async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
         async def handle() -> pb.NodeInfo:
+            # counted before anything is done per uid: the node's work stays within max_info_uids
+            # entries (by bytes before parsing, by uids after), each uid once
+            too_many = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Info call may name at most "
+                                    f"{self.max_info_uids} uids (max_info_uids); ask for fewer at a time")
+            if len(data) > self.max_info_uids * INFO_BYTES_PER_UID:
+                raise too_many
             request = _parse(pb.InfoRequest, data)
-            unknown = [uid for uid in request.uids if uid not in self.backends]
-            if unknown:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {unknown[0]!r} on this node")
-            info = self.node_info(list(request.uids))
+            if len(request.uids) > self.max_info_uids:
+                raise too_many
+            uids = list(dict.fromkeys(request.uids))
+            unknown = next((uid for uid in uids if uid not in self.backends), None)
+            if unknown is not None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {unknown!r} on this node")
+            info = self.node_info(uids)
             info.receiving_bytes = self._inflight_bytes
             return info
 
@@ -181,13 +198,17 @@ class ExpertServicer:
 
     # ---- the work ------------------------------------------------------------------------------
     async def _answer(self, context: grpc.aio.ServicerContext, method: str,
-                      handle: Callable[[], Awaitable[Message | None]]) -> Message | None:
+                      handle: Callable[[], Awaitable[Message | None]],
+                      on_admit: Callable[[str], None] | None = None) -> Message | None:
         try:
             peer = self.guard.admit(fullmethod(SERVICE_NAME, method), context.peer(),
-                                    context.invocation_metadata())
+                                    context.invocation_metadata(), context.auth_context())
         except Refused as e:
             await context.abort(e.code, e.message)
             raise AssertionError("abort returns only by raising") from None
+        _caller.set(peer)
+        if on_admit is not None:
+            on_admit(peer)
         try:
             return await handle()
         except RequestError as e:
@@ -200,17 +221,26 @@ class ExpertServicer:
         self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext, *, backward: bool
     ) -> AsyncIterator[pb.Chunk]:
         async def handle() -> Message:
-            data = await self._join(chunks)
+            data = await self._join(chunks, peer)
             request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
             return await self._run(_parse(request_cls, data), backward=backward)
 
-        response = await self._answer(context, "BackwardStream" if backward else "ForwardStream", handle)
+        peer = ""  # the caller's key, set by _answer before handle runs
+
+        def admitted(key: str) -> None:
+            nonlocal peer
+            peer = key
+
+        response = await self._answer(context, "BackwardStream" if backward else "ForwardStream", handle,
+                                      on_admit=admitted)
         for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
             yield chunk
 
-    async def _join(self, messages: AsyncIterator[bytes]) -> bytes:
+    async def _join(self, messages: AsyncIterator[bytes], peer: str) -> bytes:
         """Join a request stream within max_request_bytes, and within the node-wide budget of bytes
-        held by streams being received (max_inflight_bytes), so many streams cannot exhaust memory."""
+        held by streams being received (max_inflight_bytes), so many streams cannot exhaust memory.
+        An empty chunk is refused, and every chunk after the first is one more request of ``peer``
+        against its rate (peer_rate), so a stream of tiny chunks cannot keep the node busy for free."""
         held = 0
 
         def hold(size: int) -> None:
@@ -222,8 +252,19 @@ class ExpertServicer:
                                    "node is receiving too much data at once; retry later")
 
         async def chunks() -> AsyncIterator[pb.Chunk]:
+            first = True
             async for data in messages:
-                yield _parse(pb.Chunk, data)
+                if not first:
+                    try:
+                        self.guard.charge(peer)
+                    except Refused as e:
+                        raise RequestError(e.code, e.message) from None
+                first = False
+                chunk = _parse(pb.Chunk, data)
+                if not chunk.data:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty chunk in a request stream "
+                                       "(every chunk must carry part of the request)")
+                yield chunk
 
         try:
             timeout = None if self.receive_timeout == float("inf") else self.receive_timeout
@@ -256,7 +297,7 @@ class ExpertServicer:
                     counters.errors += 1
             raise
         assert counters is not None
-        task = Task(inputs, grads, rows, num_tokens, concurrent.futures.Future())
+        task = Task(inputs, grads, rows, num_tokens, concurrent.futures.Future(), peer=_caller.get())
         try:
             future = self.runtime.submit(request.uid, task)
         except Overloaded as e:
@@ -288,6 +329,14 @@ def check_declared_request(
     try:
         if request.reply_compression not in pb.Compression.values():
             raise ValueError(f"unknown reply compression {request.reply_compression}")
+        # counts first (len of a repeated field costs nothing): no list is built from a count the peer chose
+        specs = backend.input_schema
+        if len(request.inputs) != len(specs):
+            raise ValueError(f"{backend.uid} takes {len(specs)} inputs, got {len(request.inputs)}")
+        for i, (tensor, spec) in enumerate(zip(request.inputs, specs)):
+            if len(tensor.shape) != len(spec.shape):
+                raise ValueError(f"inputs[{i}] of {backend.uid} must have rank {len(spec.shape)}, "
+                                 f"got {len(tensor.shape)}")
         shapes = [tuple(t.shape) for t in request.inputs]
         rows, num_tokens = backend.check_input_shapes(shapes, [t.dtype for t in request.inputs])
         if num_tokens > max_batch_tokens:
@@ -308,6 +357,11 @@ def decode_request(
     from its schema that takes a probe (a forward pass of one row)."""
     try:
         if backward:
+            if len(request.grad_outputs) != len(backend.output_schema):
+                raise ValueError(f"{backend.uid} has {len(backend.output_schema)} outputs, got "
+                                 f"{len(request.grad_outputs)} grad_outputs")
+            if any(len(t.shape) > MAX_RANK for t in request.grad_outputs):
+                raise ValueError(f"grad_outputs of {backend.uid} of more than {MAX_RANK} dimensions")
             backend.check_grad_output_shapes([tuple(t.shape) for t in request.inputs],
                                              [tuple(t.shape) for t in request.grad_outputs],
                                              [t.dtype for t in request.grad_outputs])

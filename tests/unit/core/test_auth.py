@@ -103,7 +103,7 @@ def test_the_guard_limits_each_peer_on_its_own(monkeypatch):
     with pytest.raises(Refused, match="max_calls_per_peer=2") as refused:
         guard.admit(FORWARD, a, None)
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert guard.admit(FORWARD, b, None) == "::1"  # another peer is not held back
+    assert guard.admit(FORWARD, b, None) == "::/64"  # another peer is not held back
     guard.release(held[0])
     guard.release(guard.admit(FORWARD, a, None))  # third token of a's burst
     with pytest.raises(Refused, match="more than 1 requests per second"):

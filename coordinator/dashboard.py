@@ -24,9 +24,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from dmoe.coordinator.monitor import SwarmMonitor
+from dmoe.view.swarmview import json_safe
 
 logger = logging.getLogger(__name__)
-_strict_dumps = functools.partial(json.dumps, allow_nan=False)  # browsers cannot parse NaN: fail here instead
+# browsers cannot parse NaN or Infinity: bodies go through json_safe first, and this fails loudly if not
+_strict_dumps = functools.partial(json.dumps, allow_nan=False)
 
 
 class Dashboard:
@@ -72,10 +74,10 @@ class Dashboard:
         body = {**monitor.view.model_dump(), "coordinator": self.info, "poll_interval": monitor.poll_interval,
                 "num_polls": monitor.num_polls, "last_error": monitor.last_error,
                 "relay": self.relay_stats() if self.relay_stats is not None else None}
-        return web.json_response(body, dumps=_strict_dumps)
+        return web.json_response(json_safe(body), dumps=_strict_dumps)
 
     async def _history(self, request: web.Request) -> web.Response:
-        return web.json_response(self.monitor.history.to_json(), dumps=_strict_dumps)
+        return web.json_response(json_safe(self.monitor.history.to_json()), dumps=_strict_dumps)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),

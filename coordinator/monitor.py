@@ -8,6 +8,7 @@ import logging
 import time
 
 from dmoe.core.dht import DHTPeer
+from dmoe.core.logsafe import printable
 from dmoe.core.records import find_nodes_async
 from dmoe.view.swarmview import SwarmView, ThroughputHistory, summarize
 
@@ -39,17 +40,19 @@ class SwarmMonitor:
         after = {n.node_id: n for n in new.nodes}
         for node_id in after.keys() - before.keys():
             n = after[node_id]
-            logger.info("node joined: %s at %s, %d experts (%s) on %s", node_id, n.endpoint, n.num_experts,
-                        ", ".join(n.expert_prefixes), n.device)
+            logger.info("node joined: %s at %s, %d experts (%s) on %s", printable(node_id),
+                        printable(n.endpoint), n.num_experts, printable(", ".join(n.expert_prefixes)),
+                        printable(n.device))
         for node_id in before.keys() - after.keys():
-            logger.info("node gone: %s at %s (its records were withdrawn or expired)", node_id,
-                        before[node_id].endpoint)
+            logger.info("node gone: %s at %s (its records were withdrawn or expired)", printable(node_id),
+                        printable(before[node_id].endpoint))
         for node_id in after.keys() & before.keys():
             if after[node_id].started_at != before[node_id].started_at:
-                logger.info("node restarted: %s at %s", node_id, after[node_id].endpoint)
+                logger.info("node restarted: %s at %s", printable(node_id),
+                            printable(after[node_id].endpoint))
             new_failures = after[node_id].errors - before[node_id].errors
             if new_failures > 0:
-                logger.info("node %s failed %d calls since the last view", node_id, new_failures)
+                logger.info("node %s failed %d calls since the last view", printable(node_id), new_failures)
 
     async def _run(self) -> None:
         while True:
@@ -60,7 +63,7 @@ class SwarmMonitor:
                 raise
             except Exception as e:  # the DHT may be unreachable for a while; keep the last view
                 self.last_error = f"{type(e).__name__}: {e}"
-                logger.warning("could not read the swarm's records: %s", self.last_error)
+                logger.warning("could not read the swarm's records: %s", printable(self.last_error))
             await asyncio.sleep(self.poll_interval)
 
     def start(self) -> None:

@@ -8,6 +8,8 @@ Every expert call ends in one report: a success, an ordinary failure, or misbeha
   again, and one success clears its record. Failures reported while it is already avoided (the other
   calls of one step, in flight when it failed) do not lengthen the ban: a node that fails once per
   try is avoided 1, 2, 4 ... seconds, not longer for having been asked many experts at once.
+  Past 10,000 endpoints remembered, those whose ban is over are forgotten (records can name any
+  number of endpoints over time); so are ended quarantines.
 - **Quarantine.** A failure that only a broken or hostile peer causes (:func:`is_misbehaviour`) puts
   that expert at that endpoint, alone, in quarantine for ``quarantine_time``, at once: a peer that
   lies is not retried in seconds, and the endpoint's other experts stay in use. A node that says it
@@ -36,12 +38,16 @@ from typing import Any
 
 import grpc
 
+from dmoe.core.logsafe import printable
+
 logger = logging.getLogger(__name__)
 
 # statuses a node that works as it says never answers to a request for a uid it announced
 _MISBEHAVIOUR_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED,
                                  grpc.StatusCode.DATA_LOSS})
-_MAX_QUARANTINED = 100_000  # past this many entries, the ones that ended are forgotten
+# past this many entries (of back-off, or of quarantine), the ones whose time is up are forgotten: records
+# can name ever more endpoints (a hostile peer rotating them on purpose), and nothing else would drop them
+_MAX_ENTRIES = 10_000
 
 
 class Late(Exception):
@@ -117,6 +123,9 @@ class EndpointHealth:
         self._lock = threading.Lock()
         self._failures: dict[str, tuple[int, float]] = {}  # endpoint -> (failures, banned until)
         self._quarantine: dict[tuple[str, str], float] = {}  # (endpoint, uid) -> avoided until
+        # sizes past which the entries whose time is up are forgotten (then twice what is left, so that
+        # a table full of live entries is not scanned on every report)
+        self._prune_failures_at = self._prune_quarantine_at = _MAX_ENTRIES
 
     # ---- reports ---------------------------------------------------------------------------------
     def report(self, endpoint: str, uid: str, error: BaseException | None) -> None:
@@ -142,7 +151,10 @@ class EndpointHealth:
             failures += 1
             ban = min(self.ban_max, self.ban_base * 2 ** (failures - 1))
             self._failures[endpoint] = (failures, now + ban)
-        logger.info("avoiding %s for %.1fs after %d failure(s)", endpoint, ban, failures)
+            if len(self._failures) > self._prune_failures_at:  # forget the back-offs that are over
+                self._failures = {e: entry for e, entry in self._failures.items() if entry[1] > now}
+                self._prune_failures_at = max(_MAX_ENTRIES, 2 * len(self._failures))
+        logger.info("avoiding %s for %.1fs after %d failure(s)", printable(endpoint), ban, failures)
 
     def report_success(self, endpoint: str) -> None:
         """The endpoint answered: its failures are forgotten (a quarantine stays)."""
@@ -156,10 +168,11 @@ class EndpointHealth:
         with self._lock:
             now = time.monotonic()
             self._quarantine[(endpoint, uid)] = now + seconds
-            if len(self._quarantine) > _MAX_QUARANTINED:
+            if len(self._quarantine) > self._prune_quarantine_at:
                 self._quarantine = {k: t for k, t in self._quarantine.items() if t > now}
-        logger.warning("%s at %s misbehaved (%s); avoiding it for %.0fs", uid, endpoint, describe(why),
-                       seconds)
+                self._prune_quarantine_at = max(_MAX_ENTRIES, 2 * len(self._quarantine))
+        logger.warning("%s at %s misbehaved (%s); avoiding it for %.0fs", printable(uid), printable(endpoint),
+                       printable(describe(why)), seconds)
 
     # ---- questions -------------------------------------------------------------------------------
     def is_avoided(self, endpoint: str, uid: str, now: float | None = None) -> bool:

@@ -15,11 +15,17 @@ Replicas: several nodes may host the same uid. Per uid the view lists every repl
 largest spread (how far a replica was from the last replica it averaged with, before averaging, as
 that replica measured it). An expert held by a single node is lost if that node leaves for good:
 ``single_replica`` lists those uids.
+
+Numbers stay finite: records read from the DHT are bounded (:mod:`dmoe.core.recordrules`), the
+view's own sums and means are clamped to finite floats, and :func:`json_safe` turns what would still
+not be into a finite number before any JSON is written (one record must never break the dashboard).
 """
 
 from __future__ import annotations
 
 import collections
+import math
+import sys
 import time
 from collections.abc import Mapping
 
@@ -156,7 +162,8 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
             ))
         calls_by_expert = [(lo.forward_calls + lo.backward_calls, lo) for lo in loads.values()]
         num_calls = sum(c for c, _ in calls_by_expert)
-        p50 = sum(c * lo.latency_p50_ms for c, lo in calls_by_expert) / num_calls if num_calls else 0.0
+        weighted = sum(c * lo.latency_p50_ms for c, lo in calls_by_expert)
+        p50 = _finite(weighted / num_calls) if num_calls else 0.0
         hardware = record.hardware
         nodes.append(NodeSummary(
             node_id=node_id,
@@ -189,6 +196,26 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
         num_single_replica=len(single), single_replica=single,
         max_spread=max((r.max_spread for r in replicas), default=0.0), expert_replicas=replicas,
     )
+
+
+def _finite(value: float) -> float:
+    """``value``, or the largest finite float of its sign for an infinity (0.0 for NaN)."""
+    if math.isfinite(value):
+        return value
+    return 0.0 if math.isnan(value) else math.copysign(sys.float_info.max, value)
+
+
+def json_safe(value: object) -> object:
+    """``value`` (dicts, lists, tuples and scalars, as ``model_dump()`` makes them) with every float that
+    is not finite replaced as :func:`_finite` does: strict JSON has no NaN or Infinity, and a browser
+    cannot parse them."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 MAX_RECORD_TIME_OFFSET_S = 3600.0  # a record's own time further than this from the view's is not used

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+import sys
+
 import pydantic
 import pytest
 
 from dmoe.core.records import ExpertLoad, Hardware, NodeRecord
-from dmoe.view.swarmview import ThroughputHistory, summarize
+from dmoe.view.swarmview import ThroughputHistory, json_safe, summarize
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -89,3 +93,19 @@ def test_records_with_nan_or_a_wild_clock_cannot_break_the_view():
     history.add(summarize({"a": node("a", {"x.0": load(2, 1e6)}, at=2e-300)}, now=10.05))
     rate = history.nodes["a"][-1].tokens_per_s
     assert rate == pytest.approx((1e6 - 100) / 0.1)  # the view's time, over at least 0.1 s: finite
+
+
+def test_an_overflowing_latency_stays_finite_in_the_view_and_its_json():
+    """1.7e308 ms over two calls overflowed the call-weighted p50 to inf, and the dashboard's strict JSON
+    then failed for everyone. Records read from the DHT no longer carry such numbers
+    (dmoe.core.recordrules); the view stays finite even when made from one that does, and json_safe
+    keeps anything else from reaching JSON as NaN or Infinity."""
+    absurd = node("a", {"x.0": load(1, 10, p50=1.7e308, p99=1.7e308)})
+    view = summarize({"a": absurd, "b": node("b", {"x.1": load(1, 10, p50=2.0)})}, now=160.0)
+    assert all(math.isfinite(n.latency_p50_ms) for n in view.nodes)
+    assert view.nodes[1].latency_p50_ms == 2.0  # the other node as before
+    body = json_safe({**view.model_dump(), "x": [float("inf"), -float("inf"), float("nan"), (1.5, "s")]})
+    text = json.dumps(body, allow_nan=False)  # what the dashboard sends: strict JSON
+    assert json.loads(text)["x"] == [sys.float_info.max, -sys.float_info.max, 0.0, [1.5, "s"]]
+    assert json_safe({"n": 3, "s": "inf", "b": True, "none": None}) == {"n": 3, "s": "inf", "b": True,
+                                                                         "none": None}

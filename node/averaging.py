@@ -71,6 +71,7 @@ import torch
 from dmoe.core.auth import SwarmKey
 from dmoe.core.contribution import Refused, check_contribution
 from dmoe.core.dht import DHTPeer
+from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord, find_experts
 from dmoe.core.robust import centered_clip
 from dmoe.core.wire import DTYPES
@@ -201,7 +202,8 @@ class ReplicaAverager:
         except TransferError as e:
             self.num_failed += 1
             self.avoided[endpoint, uid] = time.monotonic() + 1.5 * self.interval  # skip it next round too
-            logger.info("%s: could not fetch the replica at %s (%s); trying again later", uid, endpoint, e)
+            logger.info("%s: could not fetch the replica at %s (%s); trying again later", uid, endpoint,
+                        printable(e))
         return None
 
     async def average_robustly(self, uid: str, records: list[ExpertRecord]) -> Averaged | None:
@@ -257,7 +259,7 @@ class ReplicaAverager:
         self.num_refused += 1
         self.avoided[endpoint, uid] = time.monotonic() + self.avoid_rounds * self.interval
         logger.warning("%s: refused the parameters of the replica at %s (%s); avoiding it for %.0fs",
-                       uid, endpoint, reason, self.avoid_rounds * self.interval)
+                       uid, endpoint, printable(reason), self.avoid_rounds * self.interval)
 
 
 def blend(backend: ExpertBackend, theirs: Mapping[str, torch.Tensor], max_distance: float) -> float:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from dmoe.core.auth import SwarmKey
+from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import DTYPES
 from dmoe.errors import CheckpointError, ConfigError
@@ -102,7 +103,7 @@ async def take_live_states(
         found = await asyncio.wait_for(find_replicas(uids), min(policy.lookup_timeout, policy.deadline))
     except Exception as e:  # noqa: BLE001 - no lookup: start as if alone, as before state transfer
         logger.warning("could not look up live replicas (%s: %s): experts start from their checkpoint "
-                       "or seed", type(e).__name__, e)
+                       "or seed", type(e).__name__, printable(e))
         return {}
     gate = asyncio.Semaphore(policy.max_concurrent)
     taken: dict[str, Transferred] = {}
@@ -124,7 +125,7 @@ async def take_live_states(
                         pause = policy.busy_pause * (1 + random.random()) * (attempt + 1)
                         if attempt == policy.busy_retries or time.monotonic() + pause >= deadline:
                             logger.warning("%s: the replica at %s stayed busy: %s", uid,
-                                           record.dial_endpoint, e)
+                                           record.dial_endpoint, printable(e))
                             break
                         await asyncio.sleep(pause)
                         continue
@@ -168,7 +169,7 @@ async def _take_from(uid: str, backend: ExpertBackend, record: ExpertRecord, *, 
                     uid, endpoint, e.version, newer_than)
         return None
     except (TransferError, CheckpointError) as e:
-        logger.warning("%s: not taking the state of the replica at %s: %s", uid, endpoint, e)
+        logger.warning("%s: not taking the state of the replica at %s: %s", uid, endpoint, printable(e))
         return None
     logger.info("%s: took the state of the replica at %s: version %d, %d bytes in %.2fs", uid, endpoint,
                 state.version, state.num_bytes, state.seconds)

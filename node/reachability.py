@@ -25,6 +25,7 @@ from typing import Any
 from dmoe.core.addresses import split_address
 from dmoe.core.auth import SwarmKey
 from dmoe.core.dht import DHTPeer
+from dmoe.core.logsafe import printable
 from dmoe.core.records import find_relays
 from dmoe.relay.limits import address_group
 from dmoe.relay.protocol import probe
@@ -45,7 +46,7 @@ def relay_candidates(dht: DHTPeer | None, configured: list[str], own: str | None
         try:
             found = [r.address for r in find_relays(dht, timeout=5).values()]
         except Exception as e:
-            logger.debug("could not read the swarm's relays: %s", e)
+            logger.debug("could not read the swarm's relays: %s", printable(e))
     candidates = list(dict.fromkeys([*configured, *(a for a in found if a != own)]))
     trusted = trusted_relays(configured, swarm, candidates)
     return sorted(candidates, key=lambda relay: relay not in trusted)  # stable: the order above within each
@@ -102,7 +103,7 @@ async def dial_back(relays: list[str], port: int, *, key: SwarmKey | None, node_
         try:
             return await probe(relay, port, key=key, node_id=node_id, tls=tls)
         except Exception as e:
-            logger.debug("relay %s could not probe this node: %s", relay, e)
+            logger.debug("relay %s could not probe this node: %s", relay, printable(e))
             return None
 
     for relay in asked:
@@ -134,14 +135,16 @@ def dialable(verdict: dict[str, Any] | None, endpoint: str | None) -> bool:
         return True
     if verdict.get("overruled"):
         logger.warning("%s: %s; announcing %s as reachable (name a relay you trust with --relay, or use "
-                       "--reachability relay, if this node is behind a NAT)", endpoint, verdict["overruled"],
+                       "--reachability relay, if this node is behind a NAT)", endpoint,
+                       printable(verdict["overruled"]),
                        endpoint)
         return True
     if verdict["reachable"]:
         how = ("and this node answered" if verdict.get("verified") else
                "; it could not check that this node answers there")
-        logger.info("%s is reachable (a relay dialled %s back %s)", endpoint, verdict["address"], how)
+        logger.info("%s is reachable (a relay dialled %s back %s)", endpoint, printable(verdict["address"]),
+                    how)
         return True
     logger.warning("%s cannot be dialled from the swarm (a relay's dial-back to %s failed: %s): serving "
-                   "through a relay", endpoint, verdict["address"], verdict["error"])
+                   "through a relay", endpoint, printable(verdict["address"]), printable(verdict["error"]))
     return False

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from dmoe.core.addresses import split_address
 from dmoe.core.auth import SwarmKey
+from dmoe.core.logsafe import printable
 from dmoe.errors import DmoeError
 from dmoe.relay.limits import PING_INTERVAL
 from dmoe.relay.protocol import (
@@ -112,7 +113,7 @@ class RelayLink:
             try:
                 candidates = await asyncio.to_thread(self.relays)
             except Exception as e:  # a broken candidate source must not end the link
-                logger.warning("could not list relays: %s", e)
+                logger.warning("could not list relays: %s", printable(e))
                 candidates = [self.relay] if self.relay else []
             failures = []
             for relay in candidates:
@@ -149,7 +150,7 @@ class RelayLink:
             raise
         except Exception as e:
             failures.append(f"{relay}: {e or type(e).__name__}")
-            logger.debug("relay %s: %s", relay, e)
+            logger.debug("relay %s: %s", relay, printable(e))
         return registered
 
     async def _serve(self, relay: str, on_registered: Callable[[], None]) -> None:
@@ -165,7 +166,7 @@ class RelayLink:
             split_address(reply["endpoint"])  # ValueError for anything that is not host:port
             if isinstance(reply.get("secret"), str):
                 self._secrets[relay] = reply["secret"]
-            logger.info("serving through relay %s at %s", relay, reply["endpoint"])
+            logger.info("serving through relay %s at %s", relay, printable(reply["endpoint"]))
             self._set(relay, reply["endpoint"])
             on_registered()
             self._ready.set()
@@ -196,7 +197,7 @@ class RelayLink:
         try:
             relay_side = await open_connection(relay, self.timeout)
         except (OSError, TimeoutError) as e:
-            logger.debug("could not attach a relayed connection: %s", e)
+            logger.debug("could not attach a relayed connection: %s", printable(e))
             return
         send_message(relay_side[1], {"op": "attach", "conn": conn})
         source = loopback_source(peer) if peer and ":" not in host else None  # IPv4: 127/8 is all local

@@ -60,6 +60,7 @@ from dmoe.client.channels import ChannelCache
 from dmoe.client.health import Late, LocalInputError, is_refusal, judge_refusals, status_code
 from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.auth import SwarmKey, fullmethod
+from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
 from dmoe.errors import WireError
@@ -479,7 +480,7 @@ def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
     hint = (" (is this client's --swarm-key the swarm's, and its clock right?)"
             if code == grpc.StatusCode.UNAUTHENTICATED else "")
     logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s%s", what,
-               call.uid, call.endpoint, type(error).__name__, error, hint)
+               printable(call.uid), printable(call.endpoint), type(error).__name__, printable(error), hint)
 
 
 def _checked(tensors, like: torch.Tensor, max_abs: float = float("inf")) -> torch.Tensor:

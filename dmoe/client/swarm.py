@@ -26,6 +26,7 @@ from dmoe.client.health import EndpointHealth
 from dmoe.core.auth import load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
+from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord, find_under_prefixes_async
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class Swarm:
                 found = self.run(find_under_prefixes_async(self.peer.node, stale), self.config.lookup_timeout)
             except Exception as e:  # a slow or broken DHT must not stop a step: keep what was known
                 logger.warning("expert lookup of %s failed (%s: %s); using the last known experts for %.0fs",
-                               ", ".join(stale), type(e).__name__, e, self.config.cache_ttl)
+                               ", ".join(stale), type(e).__name__, printable(e), self.config.cache_ttl)
                 with self._lock:
                     found = {key: self._prefix_cache.get(key, (now, {}))[1] for key in stale}
             with self._lock:

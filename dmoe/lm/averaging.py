@@ -86,6 +86,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from dmoe.core.contribution import MAX_RELATIVE_DISTANCE, Refused, check_contribution
 from dmoe.core.dht import DHTPeer
+from dmoe.core.logsafe import printable
 from dmoe.core.robust import DEFAULT_ITERATIONS, DEFAULT_RELATIVE_TAU, centered_clip
 from dmoe.lm.config import AGGREGATES
 
@@ -398,7 +399,7 @@ class ParameterAverager:
             return self._round()
         except Exception as e:  # a failed round is skipped; the next one may succeed
             self.num_failed_rounds += 1
-            logger.info("averaging round failed (%s); training goes on", e)
+            logger.info("averaging round failed (%s); training goes on", printable(e))
             return False
 
     def _round(self) -> bool:
@@ -435,7 +436,8 @@ class ParameterAverager:
         self.num_refused_rounds += 1
         others = sorted(str(peer_id) for peer_id in group if str(peer_id) != self._peer.peer_id)
         self.suspects.update(others)
-        logger.warning("refused an averaging round's result (%s); its group: %s", reason, ", ".join(others))
+        logger.warning("refused an averaging round's result (%s); its group: %s", reason,
+                       printable(", ".join(others)))
 
     def shutdown(self) -> None:
         """Before the DHT peer shuts down: the averager says goodbye through it."""

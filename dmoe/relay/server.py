@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from dmoe.core.addresses import host_port
 from dmoe.core.auth import CallVerifier, SwarmKey
+from dmoe.core.logsafe import printable
 from dmoe.core.ratelimit import TokenBucket
 from dmoe.errors import ConfigError
 from dmoe.relay.dialback import dial_back
@@ -282,7 +283,8 @@ class Relay:
                     if len(self._unbacked) > MAX_REMEMBERED:
                         self._unbacked.popitem(last=False)
                 logger.info("relay: dropped node %s from %s: no node record of the swarm names its port "
-                            "%s (record_grace=%g s)", tunnel.node_id, tunnel.group, tunnel.endpoint, grace)
+                            "%s (record_grace=%g s)", printable(tunnel.node_id), tunnel.group,
+                            tunnel.endpoint, grace)
                 self._drop(tunnel)
 
     def stats(self) -> dict[str, Any]:
@@ -315,7 +317,7 @@ class Relay:
             else:
                 raise ProtocolError(f"unknown op {op!r}")
         except (ProtocolError, TimeoutError, EOFError, OSError, RuntimeError) as e:
-            logger.debug("relay: dropped a connection from %s: %s", peer_ip, e or type(e).__name__)
+            logger.debug("relay: dropped a connection from %s: %s", peer_ip, printable(e or type(e).__name__))
         finally:
             self._control[group] -= 1
             if self._control[group] <= 0:
@@ -419,7 +421,7 @@ class Relay:
         if len(self._resume) > MAX_REMEMBERED:
             self._forget_usage(self._resume.popitem(last=False)[0])
         send_message(writer, {"ok": True, "endpoint": tunnel.endpoint, "secret": tunnel.secret})
-        logger.info("relay: node %s registered, public at %s", node_id, tunnel.endpoint)
+        logger.info("relay: node %s registered, public at %s", printable(node_id), tunnel.endpoint)
         pinger = self.spawn(self._ping(writer), "dmoe-relay-ping")
         try:
             while True:
@@ -430,7 +432,7 @@ class Relay:
             pinger.cancel()
             if self.tunnels.get(node_id) is tunnel:
                 self._drop(tunnel)
-                logger.info("relay: node %s left", node_id)
+                logger.info("relay: node %s left", printable(node_id))
             tunnel.server.close()
 
     async def _ping(self, writer: asyncio.StreamWriter) -> None:
@@ -486,7 +488,8 @@ class Relay:
                 or (usage.num_connections >= self.limits.max_connections_per_node
                     and not self._make_room(tunnel, usage, group)):
             self.num_refused += 1
-            logger.debug("relay: refused a client of %s from %s (limits or node gone)", node_id, peer_ip)
+            logger.debug("relay: refused a client of %s from %s (limits or node gone)", printable(node_id),
+                         peer_ip)
             close_quietly(writer)
             return
         conn = secrets.token_hex(16)
@@ -502,7 +505,7 @@ class Relay:
             try:
                 node_side = await asyncio.wait_for(attached, self.limits.attach_timeout)
             except (TimeoutError, asyncio.CancelledError):
-                logger.debug("relay: node %s did not attach a connection for %s", node_id, peer_ip)
+                logger.debug("relay: node %s did not attach a connection for %s", printable(node_id), peer_ip)
                 return
             try:
                 await splice((reader, writer), node_side, usage.bucket, usage.forwarded,
@@ -510,7 +513,7 @@ class Relay:
             finally:
                 self._writers.discard(node_side[1])
         except (OSError, RuntimeError) as e:  # the control channel closed under us
-            logger.debug("relay: client of %s from %s: %s", node_id, peer_ip, e)
+            logger.debug("relay: client of %s from %s: %s", printable(node_id), peer_ip, printable(e))
         finally:
             tunnel.pending.pop(conn, None)
             usage.clients.pop(conn, None)
@@ -537,7 +540,8 @@ class Relay:
             pending.cancel()
         close_quietly(victim.writer)
         logger.info("relay: %s holds %d of node %s's %d connections: closed its least active one for a "
-                    "client from %s", top, most, tunnel.node_id, self.limits.max_connections_per_node, group)
+                    "client from %s", top, most, printable(tunnel.node_id),
+                    self.limits.max_connections_per_node, group)
         return True
 
     def _attach(self, message: dict[str, Any], reader: asyncio.StreamReader,

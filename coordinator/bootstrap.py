@@ -24,7 +24,6 @@ from dmoe.core.auth import load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import dht_authorizer
 from dmoe.core.files import write_json_atomic
-from dmoe.relay.limits import RelayLimits
 from dmoe.relay.server import Relay
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class Coordinator:
             self.join_address, self.peer_id = self.dht.join_address, self.dht.peer_id
             logger.info("coordinator up as %s", self.dht.peer_id)
             if config.offer_relay:
-                limits = RelayLimits(max_nodes=config.relay_max_nodes, rate_mbit=config.relay_rate_mbit)
+                limits = config.relay_limits()
                 self.relay = Relay(host=swarm.host, port=config.relay_port,
                                    announce_host=config.relay_announce_host, key=load_key(swarm.swarm_key),
                                    limits=limits, public_ports=parse_port_range(config.relay_public_ports)

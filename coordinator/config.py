@@ -40,6 +40,13 @@ class CoordinatorConfig:
     relay_public_ports: str | None = option(None, "ports the relay opens for the nodes it serves, e.g. "
                                                   "40000-40999, for a firewall (default: any free port)")
     relay_max_nodes: int = option(_RELAY.max_nodes, "nodes the relay serves at once")
+    relay_max_nodes_per_ip: int = option(_RELAY.max_nodes_per_ip, "nodes the relay serves from one IP "
+                                                                  "address (IPv6: one /64)")
+    relay_idle_timeout: float = option(_RELAY.idle_timeout, "seconds a connection through the relay may "
+                                                            "carry no byte before the relay closes it")
+    relay_record_grace: float = option(_RELAY.record_grace, "seconds a node registered with the relay has "
+                                                            "to announce a node record naming its relayed "
+                                                            "port, or it is dropped (0: no check)")
     relay_rate_mbit: float = option(_RELAY.rate_mbit, "Mbit/s the relay forwards per node, both directions "
                                                       "together (0: no limit)")
     ready_file: str | None = option(None, "write a JSON file with the swarm address and dashboard URL once "
@@ -53,7 +60,7 @@ class CoordinatorConfig:
         check_announce_maddrs("dht_announce", self.dht_announce)
         if self.poll_interval <= 0:
             raise ConfigError(f"poll_interval must be > 0, got {self.poll_interval}")
-        RelayLimits(max_nodes=self.relay_max_nodes, rate_mbit=self.relay_rate_mbit)  # rejects bad values
+        self.relay_limits()  # rejects bad values
         if self.relay_public_ports is not None:
             try:
                 parse_port_range(self.relay_public_ports)
@@ -64,3 +71,8 @@ class CoordinatorConfig:
                               "address nodes dial")
         if self.history < 2:
             raise ConfigError(f"history must be at least 2 views, got {self.history}")
+
+    def relay_limits(self) -> RelayLimits:
+        return RelayLimits(max_nodes=self.relay_max_nodes, max_nodes_per_ip=self.relay_max_nodes_per_ip,
+                           rate_mbit=self.relay_rate_mbit, idle_timeout=self.relay_idle_timeout,
+                           record_grace=self.relay_record_grace)

@@ -14,7 +14,7 @@ from dmoe.core.ratelimit import TokenBucket
 from dmoe.core.records import ExpertRecord, RelayRecord
 from dmoe.errors import ConfigError
 from dmoe.node.config import NodeConfig
-from dmoe.relay.limits import RelayLimits
+from dmoe.relay.limits import RelayLimits, address_group
 from dmoe.relay.protocol import loopback_source
 
 
@@ -33,6 +33,24 @@ def test_loopback_sources_are_loopback_stable_and_tell_clients_apart():
     assert len(sources) > 490  # hash collisions are possible, but rare
     assert loopback_source("10.1.2.3:1000") == loopback_source("10.1.2.3:2000")  # the IP, not the port
     assert loopback_source("[2001:db8::1]:443") != loopback_source("[2001:db8::2]:443")
+
+
+def test_relay_limits_count_an_ipv6_64_as_one_address():
+    assert address_group("203.0.113.9") == "203.0.113.9"
+    one_host = {address_group("2001:db8:1:2:aaaa::1"), address_group("2001:db8:1:2:ffff::9")}
+    assert one_host == {"2001:db8:1:2::/64"}
+    assert address_group("2001:db8:1:3::1") != address_group("2001:db8:1:2::1")
+    assert address_group("::ffff:203.0.113.9") == "203.0.113.9"  # IPv4 seen through an IPv6 socket
+    assert address_group("?") == "?"
+
+
+def test_the_coordinator_passes_its_relay_options_on():
+    config = CoordinatorConfig(relay_max_nodes_per_ip=2, relay_idle_timeout=30, relay_record_grace=0)
+    limits = config.relay_limits()
+    assert (limits.max_nodes_per_ip, limits.idle_timeout, limits.record_grace) == (2, 30, 0)
+    assert CoordinatorConfig().relay_limits() == RelayLimits()
+    with pytest.raises(ConfigError, match="idle_timeout"):
+        CoordinatorConfig(relay_idle_timeout=0)
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():
@@ -57,12 +75,16 @@ def test_token_bucket_take_waits_off_its_debt():
 @pytest.mark.parametrize("field", ["max_nodes", "max_nodes_per_ip", "max_connections_per_node",
                                    "max_connections_per_client", "max_control_connections_per_ip",
                                    "first_line_timeout", "attach_timeout", "probes_per_minute",
-                                   "probe_timeout", "probe_call_timeout", "control_timeout"])
+                                   "probe_timeout", "probe_call_timeout", "control_timeout",
+                                   "idle_timeout"])
 def test_relay_limits_must_be_positive(field):
     with pytest.raises(ConfigError, match=field):
         RelayLimits(**{field: 0})
     with pytest.raises(ConfigError, match="rate_mbit"):
         RelayLimits(rate_mbit=-1)
+    with pytest.raises(ConfigError, match="record_grace"):
+        RelayLimits(record_grace=-1)
+    assert RelayLimits(record_grace=0).record_grace == 0  # no check
     with pytest.raises(ConfigError, match="ping interval"):
         RelayLimits(control_timeout=5)
     with pytest.raises(ConfigError, match="10 s a node waits"):  # the node would give up first

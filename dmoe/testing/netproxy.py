@@ -27,10 +27,11 @@ class TcpProxy:
 
     def __init__(self, target: tuple[str, int] | None = None, *, host: str = "127.0.0.1", port: int = 0,
                  delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0, rto: float = 0.2,
-                 reset: float = 0.0, seed: int = 0):
+                 reset: float = 0.0, seed: int = 0, source: str | None = None):
         if delay < 0 or jitter < 0 or rto < 0 or not (0 <= loss <= 1 and 0 <= reset <= 1):
             raise ValueError("delay, jitter and rto must be >= 0; loss and reset are chances in [0, 1]")
         self.target, self.host = target, host
+        self.source = source  # the address it dials the target from (127.0.0.N: another peer to a node)
         self.delay, self.jitter = delay, jitter  # seconds added to each direction; read on every chunk
         self.loss, self.rto, self.reset = loss, rto, reset  # read on every chunk too
         self.num_losses = self.num_resets = 0
@@ -95,7 +96,8 @@ class TcpProxy:
             client_writer.transport.abort()
             return
         try:
-            server_reader, server_writer = await asyncio.open_connection(*self.target)
+            server_reader, server_writer = await asyncio.open_connection(
+                *self.target, local_addr=(self.source, 0) if self.source else None)
         except OSError as e:
             logger.debug("proxy cannot reach %s: %s", self.target, e)
             client_writer.transport.abort()

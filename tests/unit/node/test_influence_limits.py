@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from dmoe.core.experts import create_expert
+from dmoe.errors import ConfigError
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.config import NodeConfig
 from dmoe.node.influence import BURST_SECONDS, InfluenceLimits
 from dmoe.node.runtime import Runtime, Task
 
@@ -146,6 +148,13 @@ def test_the_peer_table_is_bounded(monkeypatch):
     for i in range(500):
         take(limits, f"peer{i}")
     assert len(limits.stats("ffn.0")) == 50
+
+
+def test_the_limits_are_options_refused_when_out_of_range():
+    assert NodeConfig().peer_steps_per_minute > 0 and 0 < NodeConfig().max_peer_step_share < 1
+    for bad in (dict(peer_steps_per_minute=-1), dict(max_peer_step_share=0), dict(max_peer_step_share=2)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            NodeConfig(**bad)
 
 
 def test_bad_settings_are_refused():

@@ -16,6 +16,7 @@ Why each rule:
   refuses), so such a record is not a node's. 0 means "not said" (the client's defaults).
 - **Limits above a ceiling** are clamped to it: gRPC cannot carry a message above 2^31 - 1 bytes
   whatever a node says.
+- **Uids** are uids (``prefix.i[.j...]``, nothing after), as a node's config only makes them.
 - **Numbers** (latencies, counters, times, spread) must be finite and within bounds that no honest
   node reaches, so that sums and means of them in the swarm view stay finite.
 """
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+
+from dmoe.core.uids import UID_RE
 
 MIN_BATCH_TOKENS = 16  # fewest tokens per request a node may announce (and be started with)
 MIN_MESSAGE_BYTES = 1 << 10  # smallest unary message limit a node may announce (and be started with)
@@ -61,6 +64,11 @@ def check_endpoint(endpoint: str) -> str | None:
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
         return "host is neither an IP address nor a DNS name (IPv6 goes in brackets: [::1]:port)"
     return None
+
+
+def check_uid(uid: str) -> str | None:
+    """None if ``uid`` is an expert uid and nothing else (no trailing newline either); else why not."""
+    return None if isinstance(uid, str) and UID_RE.fullmatch(uid) else "not an expert uid (prefix.i[.j...])"
 
 
 def check_limit(name: str, value: int, floor: int, ceiling: int) -> int:

@@ -27,10 +27,10 @@ Readers keep a record only if its subkey names an owner, its value is well forme
 same owner, and it expires within ``MAX_RECORD_TTL`` (+ ``CLOCK_MARGIN``) from now; the signature
 was checked by the validator of the reading peer (a node without it cannot even open a signed
 value). Well formed includes the rules of :mod:`dmoe.core.recordrules` for what a peer may say:
-endpoints (and relays) that are ``host:port``, limits no lower than a node can be started with
-(higher ones clamped to what gRPC carries), finite numbers within bounds. A record that breaks one
-is skipped and the reason logged (once per reason at INFO, then at DEBUG). A node's own records,
-made in-process from its checked config, are not put through these rules.
+endpoints (and relays) that are ``host:port``, uids that are uids, limits no lower than a node can
+be started with (higher ones clamped to what gRPC carries), finite numbers within bounds. A record
+that breaks one is skipped and the reason logged (once per reason at INFO, then at DEBUG). A node's
+own records, made in-process from its checked config, are not put through these rules.
 
 Records from before owned records (``record_version`` 1: a plain value under ``<uid>``,
 integer coordinates, bare node ids as subkeys) have no owner: readers skip them, and peers of this
@@ -78,6 +78,7 @@ class _Record(pydantic.BaseModel):
     _BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {}  # numbers: [low, high]
     _LIMITS: ClassVar[dict[str, tuple[int, int]]] = {}  # announced limits: (floor, ceiling), 0 allowed
     _ENDPOINTS: ClassVar[dict[str, bool]] = {}  # dialled host:port; True: required, False: "" allowed
+    _UIDS: ClassVar[tuple[str, ...]] = ()  # an expert uid, or a list of them
 
     @pydantic.field_validator("*")
     @classmethod
@@ -95,6 +96,10 @@ class _Record(pydantic.BaseModel):
             reason = rules.check_endpoint(value)
             if reason is not None:
                 raise ValueError(f"{name} {printable(value, 80)!r} is no endpoint to dial: {reason}")
+        elif name in cls._UIDS:
+            for uid in value if isinstance(value, list) else [value]:
+                if rules.check_uid(uid) is not None:
+                    raise ValueError(f"{name}: {printable(uid, 80)!r} is not an expert uid")
         return value
 
 
@@ -118,6 +123,7 @@ class ExpertRecord(_Record):
     _LIMITS = {"max_batch_tokens": (rules.MIN_BATCH_TOKENS, rules.MAX_BATCH_TOKENS),
                "max_message_bytes": (rules.MIN_MESSAGE_BYTES, rules.MAX_MESSAGE_BYTES)}
     _ENDPOINTS = {"endpoint": True, "relay": False}
+    _UIDS = ("uid",)
 
     @property
     def dial_endpoint(self) -> str:
@@ -174,6 +180,7 @@ class NodeRecord(_Record):
 
     _BOUNDS = {"started_at": _TIME, "updated_at": _TIME}
     _ENDPOINTS = {"endpoint": True, "relay": False}
+    _UIDS = ("experts",)
 
 
 class RelayRecord(_Record):

@@ -29,6 +29,7 @@ from dmoe.core.recordrules import (
     MIN_BATCH_TOKENS,
     MIN_MESSAGE_BYTES,
     check_endpoint,
+    check_uid,
 )
 from dmoe.core.records import (
     NODES_KEY,
@@ -286,3 +287,14 @@ def test_node_records_with_absurd_numbers_are_skipped(field, value):
         timed = {**kept[0][1].model_dump(), name: 1e300, "owner": ALICE.owner_id}
         assert _owned_records(entries((owned_subkey("n", ALICE.owner_id), timed, now + 10)),
                               NodeRecord, now) == []
+
+
+@pytest.mark.parametrize("uid", ["ffn.0\n", "ffn.0\x1b[31m", "ffn", "ffn.01", "ffn.-1", "9ffn.0", "ffn.0 "])
+def test_records_of_what_is_not_a_uid_are_skipped(uid):
+    assert check_uid(uid) is not None and check_uid("ffn.0") is None and check_uid("layer0_ffn.12.7") is None
+    now = get_dht_time()
+    value = {**expert(ALICE, "127.0.0.1:1"), "uid": uid}
+    assert _experts_from({uid: entries((owned_subkey("", ALICE.owner_id), value, now + 10))}, now) == {}
+    node = {**NodeRecord(node_id="n", endpoint="127.0.0.1:1").model_dump(), "experts": ["ffn.1", uid],
+            "owner": ALICE.owner_id}
+    assert _owned_records(entries((owned_subkey("n", ALICE.owner_id), node, now + 10)), NodeRecord, now) == []

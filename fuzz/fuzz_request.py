@@ -1,17 +1,23 @@
 """Coverage-guided fuzzing of a node's request path, in-process, with atheris (libFuzzer).
 
-Each fuzz input is one selector byte followed by a serialized request:
+Each fuzz input is one selector byte followed by a payload:
 
+- bits 4-5, what the payload is: 0 and 3, a serialized request (a unary Forward or Backward); 1, a
+  serialized ``InfoRequest``; 2, a request stream: frames of a 2-byte little-endian length and that
+  many bytes, each frame one stream message (a serialized ``Chunk``, or anything);
 - bit 0: the request is a ``BackwardRequest`` (set) or a ``ForwardRequest``;
 - bit 1: replace the request's uid by a hosted one, so that mutated requests keep reaching an expert;
 - bits 2-3: which hosted expert, when bit 1 is set.
 
-The rest takes the path ``ExpertService`` takes before it queues a request: ``_parse``, then
+A request takes the path ``ExpertService`` takes before it queues one: ``_parse``, then
 ``check_declared_request`` and ``decode_request`` (``dmoe.node.service``); an accepted request then
-runs one forward on its expert. Backward is never run: it changes parameters. The experts are real
-``ExpertBackend`` objects on the CPU, built by ``dmoe.node.experts.build_backend`` with the limits
-of a default ``NodeConfig``: ``ffn.0`` and ``ffn.1`` (feed-forward, inputs ``[tokens, 8]``) and
-``attn.0`` (transformer block, ``[batch, seq, 8]``).
+runs one forward on its expert. Backward is never run: it changes parameters. A stream's messages
+are joined by ``ChunkJoiner`` first (within ``STREAM_MAX_BYTES``, so that overlong streams are
+reached), and what they join to takes the same path. An Info payload goes to ``check_info_request``
+(at most ``MAX_INFO_UIDS`` uids), whose answer must be the request's uids, each once, all hosted.
+The experts are real ``ExpertBackend`` objects on the CPU, built by
+``dmoe.node.experts.build_backend`` with the limits of a default ``NodeConfig``: ``ffn.0`` and
+``ffn.1`` (feed-forward, inputs ``[tokens, 8]``) and ``attn.0`` (transformer block, ``[batch, seq, 8]``).
 
 An input may end in two ways only: accepted, or refused with ``RequestError`` and one of
 INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, OUT_OF_RANGE and a message. Anything else is a crash
@@ -28,8 +34,9 @@ Run:
     python fuzz/fuzz_request.py --runs 20000 -artifact_prefix=/tmp/crashes/ CORPUS_DIR
     python fuzz/fuzz_request.py crash-<sha1>        # replay saved inputs
 Arguments the script does not know go to libFuzzer (flags like ``-dict=``, corpus directories: the
-first one given receives the new inputs). Seed requests (valid ones in every compression, and a few
-that each refusal code answers) are written to a temporary corpus directory.
+first one given receives the new inputs). Seed requests (valid ones in every compression, a few
+that each refusal code answers, Info requests, and streams in order, out of order, with an empty
+chunk, overlong and with garbage) are written to a temporary corpus directory.
 """
 
 from __future__ import annotations
@@ -59,13 +66,23 @@ with atheris.instrument_imports(include=["dmoe"]):
     from dmoe.node.backend import ExpertBackend
     from dmoe.node.config import NodeConfig
     from dmoe.node.experts import build_backend
-    from dmoe.node.service import RequestError, _parse, check_declared_request, decode_request
+    from dmoe.node.service import (
+        ChunkJoiner,
+        RequestError,
+        _parse,
+        check_declared_request,
+        check_info_request,
+        decode_request,
+    )
     from dmoe.proto import expert_pb2 as pb
 
 ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
            grpc.StatusCode.OUT_OF_RANGE)
 HIDDEN = 8
 MAX_LEN = 4096  # bytes per input: buffers stay small, the declared shapes do not
+KINDS = ("request", "info", "stream", "request")  # by bits 4-5 of the selector
+MAX_INFO_UIDS = 16  # the Info limit here (the node's default is far above what MAX_LEN could name)
+STREAM_MAX_BYTES = 2048  # max_request_bytes of the streams here, so that inputs can pass it
 LIBFUZZER_DEFAULTS = [f"-max_len={MAX_LEN}", "-rss_limit_mb=2048", "-timeout=60"]
 FFN = NodeConfig(experts=["ffn.[0:2]"], hidden_dim=HIDDEN, inner_dim=2 * HIDDEN, device="cpu")
 ATTN = NodeConfig(experts=["attn.[0:1]"], expert_cls="transformer", hidden_dim=HIDDEN, inner_dim=2 * HIDDEN,
@@ -82,6 +99,7 @@ class Report:
     accepted: int = 0
     accepted_backward: int = 0  # decoded BackwardRequests (their forward ran, never their backward)
     refused: Counter[str] = dataclasses.field(default_factory=Counter)  # status code name -> inputs
+    kinds: Counter[str] = dataclasses.field(default_factory=Counter)  # "<kind> accepted|refused" -> inputs
     started: float = dataclasses.field(default_factory=time.monotonic)
     crash: str | None = None  # traceback of the input that crashed the fuzzer
 
@@ -112,6 +130,7 @@ class Target:
 
     def __call__(self, data: bytes) -> None:
         self.report.inputs += 1
+        kind = KINDS[(data[0] >> 4) & 3] if data else KINDS[0]
         try:
             backward = self.run(data)
         except RequestError as e:
@@ -119,15 +138,28 @@ class Target:
                 self.report.crash = f"RequestError {e.code.name}: {e.message!r}"
                 raise
             self.report.refused[e.code.name] += 1
+            self.report.kinds[f"{kind} refused"] += 1
         except BaseException:
             self.report.crash = traceback.format_exc()
             raise
         else:
             self.report.accepted += 1
             self.report.accepted_backward += backward
+            self.report.kinds[f"{kind} accepted"] += 1
 
     def run(self, data: bytes) -> bool:
         selector, payload = (data[0], data[1:]) if data else (0, b"")
+        kind = KINDS[(selector >> 4) & 3]
+        if kind == "info":
+            self.run_info(payload)
+            return False
+        if kind == "stream":
+            joiner = ChunkJoiner(STREAM_MAX_BYTES)
+            for message in frames(payload):
+                joiner.add(message)
+            payload = joiner.join()
+            expect(len(payload) == joiner.num_bytes <= STREAM_MAX_BYTES,
+                   f"a stream joined to {len(payload)} bytes, {joiner.num_bytes} counted")
         backward = bool(selector & 1)
         request = _parse(pb.BackwardRequest if backward else pb.ForwardRequest, payload)
         if selector & 2:
@@ -150,6 +182,27 @@ class Target:
         got = [(tuple(o.shape), dtype_name(o.dtype)) for o in outputs]
         expect(got == backend.output_shapes(shapes), f"outputs {got} for inputs {shapes}, not output_shapes")
         return backward
+
+    def run_info(self, payload: bytes) -> None:
+        uids = check_info_request(self.backends, payload, max_info_uids=MAX_INFO_UIDS)
+        named = list(pb.InfoRequest.FromString(payload).uids)
+        expect(uids == list(dict.fromkeys(named)), f"Info answers {uids} for {named}")
+        expect(len(uids) <= MAX_INFO_UIDS and all(uid in self.backends for uid in uids),
+               f"Info accepted {uids}")
+
+
+def frames(payload: bytes) -> list[bytes]:
+    """A stream's messages: each a 2-byte little-endian length, then that many bytes (fewer at the end)."""
+    found, at = [], 0
+    while at < len(payload):
+        size = int.from_bytes(payload[at : at + 2], "little")
+        found.append(payload[at + 2 : at + 2 + size])
+        at += 2 + size
+    return found
+
+
+def framed(messages: Sequence[bytes]) -> bytes:
+    return b"".join(len(m).to_bytes(2, "little") + m for m in messages)
 
 
 def expect(condition: bool, message: str) -> None:
@@ -195,13 +248,43 @@ def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
         pb.ForwardRequest(uid="ffn.0", inputs=[good], reply_compression=7),  # INVALID_ARGUMENT: the schema
     ]
     undecodable = b"\x01\xff\xff"
-    return found + [b"\x00" + r.SerializeToString() for r in refused] + [undecodable]
+    return (found + [b"\x00" + r.SerializeToString() for r in refused] + [undecodable]
+            + info_seeds(uids) + stream_seeds(found[0][1:], found[1][1:]))
+
+
+INFO, STREAM = bytes([1 << 4]), 2 << 4
+
+
+def info_seeds(uids: list[str]) -> list[bytes]:
+    """Info requests: all, some, repeated, one unknown, too many, garbage."""
+    requests = [[], uids[:1], uids, uids * 3, [uids[0], "ffn.99"], [uids[0]] * (MAX_INFO_UIDS + 1)]
+    return [INFO + pb.InfoRequest(uids=r).SerializeToString() for r in requests] + [INFO + b"\x0a\xff"]
+
+
+def stream_seeds(forward: bytes, backward: bytes) -> list[bytes]:
+    """A Forward and a Backward in order, in chunks of 64 bytes, then the same Forward out of order,
+    with an empty chunk, overlong, with a message that is no Chunk, and in one chunk with two data fields."""
+    def chunks(data: bytes, size: int = 64) -> list[bytes]:
+        return [pb.Chunk(data=data[i : i + size]).SerializeToString() for i in range(0, len(data), size)]
+
+    in_order = chunks(forward)
+    return [
+        bytes([STREAM]) + framed(in_order),
+        bytes([STREAM | 1]) + framed(chunks(backward)),
+        bytes([STREAM]) + framed(in_order[1:] + in_order[:1]),
+        bytes([STREAM]) + framed(in_order[:1] + [pb.Chunk().SerializeToString()] + in_order[1:]),
+        bytes([STREAM]) + framed(chunks(forward * (STREAM_MAX_BYTES // len(forward) + 1), 512)),
+        bytes([STREAM]) + framed(in_order[:1] + [b"\xff\x01garbage"] + in_order[1:]),
+        bytes([STREAM]) + framed([pb.Chunk(data=forward[:8]).SerializeToString()
+                                  + pb.Chunk(data=forward).SerializeToString()]),
+    ]
 
 
 def print_table(summary: dict) -> None:
     rows = [("inputs tried", summary["inputs"]), ("accepted", summary["accepted"]),
             ("  of them Backward", summary["accepted_backward"])]
     rows += [(f"refused {code}", summary["refused"].get(code, 0)) for code in (c.name for c in ALLOWED)]
+    rows += [(kind, n) for kind, n in summary["kinds"].items()]
     rows += [("seconds", f"{summary['seconds']:.1f}"), ("inputs/s", f"{summary['inputs_per_s']:.0f}"),
              ("parameters unchanged", "yes" if summary["parameters_unchanged"] else "NO")]
     if summary["crash"]:
@@ -262,7 +345,8 @@ def main(argv: list[str]) -> None:
         summary = {
             "inputs": report.inputs, "accepted": report.accepted,
             "accepted_backward": report.accepted_backward,
-            "refused": dict(report.refused), "seconds": round(seconds, 3),
+            "refused": dict(report.refused), "kinds": dict(sorted(report.kinds.items())),
+            "seconds": round(seconds, 3),
             "inputs_per_s": report.inputs / seconds if seconds > 0 else 0.0,
             "parameters_unchanged": unchanged(backends, before), "experts": sorted(backends),
             "crash": report.crash, "libfuzzer_args": libfuzzer_args,

@@ -7,8 +7,12 @@ Every call first passes the node's :class:`~dmoe.node.guard.CallGuard` (swarm ke
 peer), then its request is decoded and checked against the expert's schema (dtype, rank, sizes,
 finite values no larger than the node's bounds) before it is queued, so a bad request never
 reaches a batch that good requests share. :func:`check_declared_request` (uid, declared shapes and
-dtypes, size) and :func:`decode_request` (the values) are that path as plain functions, which the
-fuzzer (``fuzz/fuzz_request.py``) drives in-process.
+dtypes, size) and :func:`decode_request` (the values) are that path as plain functions, as are
+:func:`check_info_request` (Info's uids) and :class:`ChunkJoiner` (a request stream's chunks), which
+the fuzzer (``fuzz/fuzz_request.py``) drives in-process. Nothing on the event loop does work per
+element of a count the peer chose before that count is checked: the uids of an Info call, the
+tensors of a request and their dimensions, the chunks of a stream (each one a request against the
+peer's rate).
 
 GetState streams an expert's parameters, optimizer state and version to another node (the layout
 and its checks are in :mod:`dmoe.node.transfer`). It passes the same guard; a node runs at most
@@ -29,8 +33,8 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from dmoe.core.auth import fullmethod
-from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
-from dmoe.errors import MessageTooLarge
+from dmoe.core.logsafe import printable
+from dmoe.core.wire import deserialize, serialize, split_chunks
 from dmoe.node.backend import ExpertBackend, OutOfBounds
 from dmoe.node.guard import CallGuard, Refused
 from dmoe.node.runtime import Overloaded, Runtime, Task
@@ -141,20 +145,7 @@ class ExpertServicer:
 
     async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
         async def handle() -> pb.NodeInfo:
-            # counted before anything is done per uid: the node's work stays within max_info_uids
-            # entries (by bytes before parsing, by uids after), each uid once
-            too_many = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Info call may name at most "
-                                    f"{self.max_info_uids} uids (max_info_uids); ask for fewer at a time")
-            if len(data) > self.max_info_uids * INFO_BYTES_PER_UID:
-                raise too_many
-            request = _parse(pb.InfoRequest, data)
-            if len(request.uids) > self.max_info_uids:
-                raise too_many
-            uids = list(dict.fromkeys(request.uids))
-            unknown = next((uid for uid in uids if uid not in self.backends), None)
-            if unknown is not None:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {unknown!r} on this node")
-            info = self.node_info(uids)
+            info = self.node_info(check_info_request(self.backends, data, max_info_uids=self.max_info_uids))
             info.receiving_bytes = self._inflight_bytes
             return info
 
@@ -194,7 +185,7 @@ class ExpertServicer:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"the state of {backend.uid} was not taken within {limit:.0f}s") from None
         logger.debug("sent the state of %s (version %d, %d bytes) to %s", backend.uid, header.version,
-                     header.total_bytes, context.peer())
+                     header.total_bytes, printable(context.peer()))
 
     # ---- the work ------------------------------------------------------------------------------
     async def _answer(self, context: grpc.aio.ServicerContext, method: str,
@@ -237,45 +228,31 @@ class ExpertServicer:
             yield chunk
 
     async def _join(self, messages: AsyncIterator[bytes], peer: str) -> bytes:
-        """Join a request stream within max_request_bytes, and within the node-wide budget of bytes
-        held by streams being received (max_inflight_bytes), so many streams cannot exhaust memory.
-        An empty chunk is refused, and every chunk after the first is one more request of ``peer``
-        against its rate (peer_rate), so a stream of tiny chunks cannot keep the node busy for free."""
+        """Join a request stream (:class:`ChunkJoiner`: no empty chunk, within max_request_bytes), and
+        within the node-wide budget of bytes held by streams being received (max_inflight_bytes), so
+        many streams cannot exhaust memory. Every chunk after the first is one more request of
+        ``peer`` against its rate (peer_rate), so a stream of tiny chunks is no cheaper than calls."""
+        joiner = ChunkJoiner(self.max_request_bytes)
         held = 0
-
-        def hold(size: int) -> None:
-            nonlocal held
-            held += size
-            self._inflight_bytes += size
-            if self._inflight_bytes > self.max_inflight_bytes:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   "node is receiving too much data at once; retry later")
-
-        async def chunks() -> AsyncIterator[pb.Chunk]:
-            first = True
-            async for data in messages:
-                if not first:
-                    try:
-                        self.guard.charge(peer)
-                    except Refused as e:
-                        raise RequestError(e.code, e.message) from None
-                first = False
-                chunk = _parse(pb.Chunk, data)
-                if not chunk.data:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty chunk in a request stream "
-                                       "(every chunk must carry part of the request)")
-                yield chunk
-
         try:
             timeout = None if self.receive_timeout == float("inf") else self.receive_timeout
             async with asyncio.timeout(timeout):
-                return await join_chunks(chunks(), max_bytes=self.max_request_bytes, on_chunk=hold)
+                async for message in messages:
+                    if joiner.num_chunks:
+                        try:
+                            self.guard.charge(peer)
+                        except Refused as e:
+                            raise RequestError(e.code, e.message) from None
+                    size = joiner.add(message)
+                    held += size
+                    self._inflight_bytes += size
+                    if self._inflight_bytes > self.max_inflight_bytes:
+                        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                           "node is receiving too much data at once; retry later")
+            return joiner.join()
         except TimeoutError:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the request took more than "
                                f"{self.receive_timeout:g}s to arrive (receive_timeout)") from None
-        except MessageTooLarge:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"streamed request exceeds {self.max_request_bytes} bytes") from None
         finally:
             self._inflight_bytes -= held
 
@@ -314,6 +291,53 @@ class ExpertServicer:
         if backward:
             return pb.BackwardResponse(grad_inputs=encoded)
         return pb.ForwardResponse(outputs=encoded)
+
+
+def check_info_request(backends: Mapping[str, ExpertBackend], data: bytes, *,
+                       max_info_uids: int) -> list[str]:
+    """The uids a serialized InfoRequest names, each once, in order (empty: every expert), else
+    RequestError. Counted before anything is done per uid (by bytes before parsing, by uids after),
+    so the node's work stays within max_info_uids entries whatever the request repeats."""
+    too_many = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Info call may name at most "
+                            f"{max_info_uids} uids (max_info_uids); ask for fewer at a time")
+    if len(data) > max_info_uids * INFO_BYTES_PER_UID:
+        raise too_many
+    request = _parse(pb.InfoRequest, data)
+    if len(request.uids) > max_info_uids:
+        raise too_many
+    uids = list(dict.fromkeys(request.uids))
+    unknown = next((uid for uid in uids if uid not in backends), None)
+    if unknown is not None:
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {unknown!r} on this node")
+    return uids
+
+
+class ChunkJoiner:
+    """The chunks of one request stream, joined: each must parse as a Chunk and carry data, and all
+    of them together stay within ``max_bytes``; else RequestError (INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.num_chunks = self.num_bytes = 0
+        self._parts: list[bytes] = []
+
+    def add(self, message: bytes) -> int:
+        """Keep one serialized Chunk; return the bytes it carries."""
+        chunk = _parse(pb.Chunk, message)
+        if not chunk.data:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "empty chunk in a request stream (every chunk must carry part of the request)")
+        if self.num_bytes + len(chunk.data) > self.max_bytes:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"streamed request exceeds {self.max_bytes} bytes (max_request_bytes)")
+        self.num_chunks += 1
+        self.num_bytes += len(chunk.data)
+        self._parts.append(chunk.data)
+        return len(chunk.data)
+
+    def join(self) -> bytes:
+        return b"".join(self._parts)
 
 
 def check_declared_request(

@@ -3,21 +3,27 @@ the coverage-guided fuzzer (``fuzz/fuzz_request.py``).
 
 The property: whatever a peer sends to any method (Forward, Backward, Info, and the streams), the
 call ends with OK or with INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED or OUT_OF_RANGE and a message; never
-INTERNAL, UNKNOWN or UNAVAILABLE. Afterwards the node still serves, every expert's version moved by
-exactly the Backward calls that succeeded, and an expert no Backward reached answers a fixed input
-exactly as before. Requests are drawn from strategies that mix well-formed parts (a hosted uid,
-``[rows, hidden]`` float32 tensors with buffers of the exact length) with hostile ones (unknown uids,
-negative, huge and many dimensions, unknown dtypes and compression tags, short or random buffers,
-NaN, huge values), so that many requests get deep into decoding before they are refused.
+INTERNAL, UNKNOWN, UNAVAILABLE or DEADLINE_EXCEEDED (a hung node). Afterwards the node still serves,
+every expert's version moved by exactly the Backward calls that succeeded, and an expert no Backward
+reached answers a fixed input exactly as before. Requests are drawn from strategies that mix
+well-formed parts (a hosted uid, ``[rows, hidden]`` float32 tensors with buffers of the exact
+length) with hostile ones (unknown uids, negative, huge and many dimensions, unknown dtypes and
+compression tags, short or random buffers, NaN, huge values), so that many requests get deep into
+decoding before they are refused.
+Info requests name hosted, unknown and repeated uids, up to past the node's ``--max-info-uids``;
+stream framing is drawn as a good request's chunks in order, out of order, with empty chunks, past
+``--max-request-bytes``, with Chunk messages of inconsistent encodings, or with garbage messages.
 Hypothesis runs derandomized, so every run draws the same examples.
 
 Run: ``.venv/bin/python -m pytest -q tests/integration/test_fuzz.py`` (about 30 s on 2 cores).
+``DMOE_FUZZ_EXAMPLES=N`` draws N examples in each property test instead (a longer run; fuzz/README.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -49,12 +55,22 @@ SERVICE = "/dmoe.ExpertService"
 ROOT = Path(__file__).resolve().parents[2]
 FUZZER = ROOT / "fuzz" / "fuzz_request.py"
 FUZZER_RUNS = 300_000
+EXAMPLES = int(os.environ.get("DMOE_FUZZ_EXAMPLES", "0"))  # 0: each test's own count
+MAX_INFO_UIDS = 64
+MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES = 32 << 10, 64 << 10
 SETTINGS = {"deadline": None, "database": None, "derandomize": True,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+
+
+def examples(n: int) -> int:
+    return EXAMPLES or n
+
 
 node = module_node(
     "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), "--inner-dim", str(2 * HIDDEN),
     "--max-batch-tokens", str(MAX_BATCH_TOKENS), "--peer-rate", "1000000", "--peer-burst", "1000000",
+    "--max-info-uids", str(MAX_INFO_UIDS), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+    "--max-request-bytes", str(MAX_REQUEST_BYTES),
 )
 
 # (method, status code name) -> calls; and Backward calls that succeeded, per uid
@@ -209,6 +225,58 @@ def chunk_streams(draw: st.DrawFn, backward: bool) -> list[pb.Chunk]:
     return list(split_chunks(data, chunk_bytes))
 
 
+info_uids = st.one_of(st.sampled_from(UIDS), st.sampled_from(["ffn.99", "", "ffn", "FFN.0", "ffn.0 "]),
+                      st.text(max_size=12))
+info_requests = st.one_of(
+    st.lists(info_uids, max_size=8),
+    st.lists(st.sampled_from(UIDS), max_size=3 * MAX_INFO_UIDS),  # repeats, and past the limit
+    st.builds(lambda uid, n: [uid] * n, st.sampled_from(UIDS), st.integers(MAX_INFO_UIDS - 2, 20_000)),
+).map(lambda uids: pb.InfoRequest(uids=uids))
+
+FRAMINGS = ("in order", "out of order", "empty chunk", "overlong", "inconsistent", "garbage")
+
+
+def chunk_message(data: bytes, variant: int) -> bytes:
+    """One Chunk carrying data, encoded in one of the ways protobuf allows, or nearly: 0 plain; 1
+    with an unknown field; 2 with its data field twice (the last one counts); 3 a length prefix
+    past the end; 4 data with the wrong wire type."""
+    plain = pb.Chunk(data=data).SerializeToString()
+    if variant == 1:
+        return plain + b"\x10\x07"  # field 2, a varint: unknown to Chunk
+    if variant == 2:
+        return pb.Chunk(data=b"\x00" * 3).SerializeToString() + plain
+    if variant == 3:
+        return b"\x0a" + bytes([min(len(data) + 5, 127)]) + data[:120]
+    if variant == 4:
+        return b"\x08\x01" + plain
+    return plain
+
+
+@st.composite
+def framed_streams(draw: st.DrawFn, backward: bool) -> tuple[str, list[bytes]]:
+    """(framing, stream messages): a request (good, or with flaws) cut into chunks, then framed."""
+    framing = draw(st.sampled_from(FRAMINGS))
+    if draw(st.booleans()):
+        data = good_request() if not backward else draw(backward_requests()).SerializeToString()
+    else:
+        data = draw(backward_requests() if backward else forward_requests()).SerializeToString()
+    if framing == "overlong":
+        data = data * (MAX_REQUEST_BYTES // max(1, len(data)) + 1)
+    size = draw(st.integers(max(1, len(data) // 16), max(1, min(len(data), MAX_MESSAGE_BYTES // 2))))
+    chunks = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+    messages = [pb.Chunk(data=c).SerializeToString() for c in chunks]
+    if framing == "out of order":
+        messages = draw(st.permutations(messages))
+    elif framing == "empty chunk":
+        messages.insert(draw(st.integers(0, len(messages))), pb.Chunk().SerializeToString())
+    elif framing == "inconsistent":
+        at = draw(st.integers(0, len(messages) - 1))
+        messages[at] = chunk_message(chunks[at], draw(st.integers(1, 4)))
+    elif framing == "garbage":
+        messages.insert(draw(st.integers(0, len(messages))), draw(st.binary(max_size=64)))
+    return framing, messages
+
+
 # ---- calls -----------------------------------------------------------------------------------------
 def outcome(method: str, call: Callable[[], object]) -> tuple[grpc.StatusCode, object]:
     """Run one call; assert it ended with an allowed status and, if an error, a message; count it."""
@@ -275,7 +343,7 @@ def assert_node_unchanged(service, baseline: dict[str, tuple[int, torch.Tensor]]
 
 # ---- property tests --------------------------------------------------------------------------------
 def test_forward_requests(service, baseline):
-    @settings(max_examples=300, **SETTINGS)
+    @settings(max_examples=examples(300), **SETTINGS)
     @given(forward_requests())
     def forward(request: pb.ForwardRequest) -> None:
         code, reply = outcome("Forward", lambda: service.Forward(request, timeout=30))
@@ -289,7 +357,7 @@ def test_forward_requests(service, baseline):
 
 
 def test_backward_requests(service, baseline):
-    @settings(max_examples=300, **SETTINGS)
+    @settings(max_examples=examples(300), **SETTINGS)
     @given(backward_requests())
     def backward(request: pb.BackwardRequest) -> None:
         code, reply = outcome("Backward", lambda: service.Backward(request, timeout=30))
@@ -305,7 +373,7 @@ def test_backward_requests(service, baseline):
 def test_raw_bytes_to_unary_methods(channel, service, baseline, method):
     call = raw_unary(channel, method)
 
-    @settings(max_examples=150, **SETTINGS)
+    @settings(max_examples=examples(150), **SETTINGS)
     @given(raw_messages)
     def raw(data: bytes) -> None:
         code, _ = outcome(f"{method} (raw)", lambda: call(data, timeout=30))
@@ -321,7 +389,7 @@ def test_chunk_streams(service, baseline, method):
     backward = method == "BackwardStream"
     call = getattr(service, method)
 
-    @settings(max_examples=100, **SETTINGS)
+    @settings(max_examples=examples(100), **SETTINGS)
     @given(chunk_streams(backward))
     def stream(chunks: list[pb.Chunk]) -> None:
         code, _ = outcome(method, lambda: list(call(iter(chunks), timeout=30)))
@@ -338,7 +406,7 @@ def test_raw_bytes_as_stream_messages(channel, service, baseline, method):
     call = raw_stream(channel, method)
     chunk = pb.Chunk(data=good_request()).SerializeToString()
 
-    @settings(max_examples=60, **SETTINGS)
+    @settings(max_examples=examples(60), **SETTINGS)
     @given(st.lists(st.one_of(st.binary(max_size=64), mutated(chunk)), max_size=4))
     def stream(messages: list[bytes]) -> None:
         code, _ = outcome(f"{method} (raw)", lambda: list(call(iter(messages), timeout=30)))
@@ -347,6 +415,51 @@ def test_raw_bytes_as_stream_messages(channel, service, baseline, method):
 
     stream()
     assert_node_unchanged(service, baseline)
+
+
+def test_info_requests(service, baseline):
+    @settings(max_examples=examples(150), **SETTINGS)
+    @given(info_requests)
+    def info(request: pb.InfoRequest) -> None:
+        code, reply = outcome("Info", lambda: service.Info(request, timeout=30))
+        named = list(dict.fromkeys(request.uids))
+        if len(request.uids) > MAX_INFO_UIDS:
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        elif any(uid not in UIDS for uid in named):
+            assert code == grpc.StatusCode.NOT_FOUND
+        else:
+            assert code == OK and [e.uid for e in reply.experts] == (named or UIDS)
+
+    info()
+    assert_node_unchanged(service, baseline)
+    assert {code for method, code in CALLS if method == "Info"} >= {"OK", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
+
+
+@pytest.mark.parametrize("method", ["ForwardStream", "BackwardStream"])
+def test_stream_framing(channel, service, baseline, method):
+    backward = method == "BackwardStream"
+    call = raw_stream(channel, method)
+    good = pb.Chunk(data=good_request()).SerializeToString()
+
+    @settings(max_examples=examples(120), **SETTINGS)
+    @given(framed_streams(backward))
+    def stream(drawn: tuple[str, list[bytes]]) -> None:
+        framing, messages = drawn
+        code, _ = outcome(f"{method} ({framing})", lambda: list(call(iter(messages), timeout=30)))
+        if framing == "empty chunk":
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+        elif framing == "overlong":
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        elif framing == "in order" and not backward and messages[0] == good:
+            assert code == OK
+        if code == OK and backward:
+            BACKWARD_OK[pb.BackwardRequest.FromString(joined(map(pb.Chunk.FromString, messages))).uid] += 1
+
+    stream()
+    assert_node_unchanged(service, baseline)
+    framings = {m.split(" (")[1].rstrip(")") for m, _ in CALLS
+                if m.startswith(f"{method} (") and "raw" not in m}
+    assert framings == set(FRAMINGS), framings
 
 
 def test_node_serves_and_is_unchanged_after_fuzzing(service, baseline, record_property, capsys):
@@ -378,4 +491,7 @@ def test_coverage_guided_fuzzer(tmp_path, record_property):
     assert report["accepted"] > 0 and report["accepted_backward"] > 0
     assert {code for code, n in report["refused"].items() if n} == {code.name for code in REFUSALS}
     assert report["accepted"] + sum(report["refused"].values()) == report["inputs"]
+    kinds = {kind for kind, n in report["kinds"].items() if n}
+    assert kinds == {f"{kind} {end}" for kind in ("request", "info", "stream")
+                     for end in ("accepted", "refused")}
     assert not list(tmp_path.glob("crash-*"))

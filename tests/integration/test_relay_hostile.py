@@ -34,8 +34,8 @@ from dmoe.relay.server import Relay
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN = 16
-IDLE = 1.5  # the module relay's idle_timeout
-GRACE = 3.0  # its record_grace
+IDLE = 2.5  # the module relay's idle_timeout
+GRACE = 6.0  # its record_grace (a starting node announces its record well within it)
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what an HTTP/2 client sends first; the node's server answers
                                           # with its SETTINGS
 

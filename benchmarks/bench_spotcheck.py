@@ -1,0 +1,283 @@
+"""Benchmark: spot checks of replicas: how soon a lying replica is caught, and what the checks cost.
+
+Five nodes on this machine host the same experts (``spot.[0:4]``, hidden ``--hidden``, the test
+expert ``lying_experts:LyingExpert`` of tests/support, a small MLP): two honest ones and three
+liars, each of which adds to every output row of a fraction (``--lie-fractions``: 0.1, 0.5, 1.0) of
+its Forward calls a random perturbation of ``--lie-scale`` times the row's norm. Every expert thus
+has three replicas in each configuration: the two honest ones and the liar of that configuration
+(the client leaves the other liars out). One client trains a RemoteMoE layer (k=2 of the 4 experts,
+``--tokens`` tokens, forward + backward) for each configuration, spot checks at rate 0, 0.01, 0.05,
+0.2 (``--rates``) against each lie fraction, tolerance ``--tolerance``. A run is up to ``--steps``
+steps with a fresh endpoint health and checker; the configurations' runs are interleaved, so that
+the machine's noise hits them alike.
+
+Reports, for each configuration: the share of ``--runs`` runs in which the liar was quarantined
+(for one of its experts at least) within the steps, the median number of steps until then, the
+honest replicas quarantined (false convictions: there should be none), the median step time and its
+change against rate 0 for the same lie fraction (checks run beside the step, not in it), check
+calls per step, and the check's bytes (inputs and outputs of its calls) against the step's (every
+answered token: inputs and outputs of the forward, inputs, output gradients and input gradients of
+the backward, float32).
+
+``--drift`` measures instead how far honest replicas drift apart between averaging rounds, which the
+tolerance must exceed: the default language model (``dmoe train``'s LMConfig, local experts, node
+optimizer Adam lr 1e-3, clipping 1) trained on the standard library, each expert with two replicas
+each of which takes the updates of the steps that the balancer would have sent it (one at random
+per step and expert), and both moved to their mean every ``--drift-interval`` steps; before each
+blend, the :func:`dmoe.client.spotcheck.distance` between the two replicas' outputs for 4 tokens of
+that step. Reports its median, p99 and max over the experts and rounds.
+
+Writes ``benchmarks/results/bench_spotcheck.json`` (or ``bench_spotcheck_drift.json``).
+
+Run::
+
+    python benchmarks/bench_spotcheck.py [--runs 5] [--steps 30] [--rates 0 0.01 0.05 0.2]
+    python benchmarks/bench_spotcheck.py --drift [--drift-interval 30] [--drift-steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import show_progress, write_report
+
+import dmoe
+from dmoe.client.health import EndpointHealth
+from dmoe.client.spotcheck import SpotChecker, distance
+from dmoe.testing.process import stop_process_group, wait_ready_file
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SUPPORT = Path(__file__).resolve().parent.parent / "tests" / "support"
+NUM_EXPERTS, K = 4, 2
+UIDS = [f"spot.{i}" for i in range(NUM_EXPERTS)]
+LEFT_OUT = 1e6  # seconds: the other configurations' liars, out of this one's way
+
+
+def start_node(workdir: Path, name: str, hidden: int, swarm: list[str], lie_fraction: float, lie_scale: float
+               ) -> tuple[subprocess.Popen, Path]:
+    ready = workdir / f"{name}.json"
+    cmd = ["env", f"PYTHONPATH={SUPPORT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           f"DMOE_TEST_LIE_FRACTION={lie_fraction}", f"DMOE_TEST_LIE_SCALE={lie_scale}",
+           sys.executable, "-m", "dmoe", "node", "start", "--host", "127.0.0.1", "--port", "0",
+           "--device", "cpu", "--num-threads", "1", "--experts", f"spot.[0:{NUM_EXPERTS}]",
+           "--expert-cls", "lying_experts:LyingExpert", "--hidden-dim", str(hidden), "--optimizer", "sgd",
+           "--lr", "1e-4", "--average-interval", "5", "--heartbeat-interval", "2", "--record-ttl", "10",
+           "--ready-file", str(ready), *[a for addr in swarm for a in ("--swarm", addr)]]
+    log = open(RESULTS / f"bench_spotcheck_{name}.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    log.close()
+    return proc, ready
+
+
+def detection(args) -> dict:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        try:
+            proc, ready = start_node(workdir, "honest0", args.hidden, [], 0.0, args.lie_scale)
+            procs.append(proc)
+            first = wait_ready_file(ready, proc, 120, "honest0")
+            names = ["honest1"] + [f"liar{f:g}" for f in args.lie_fractions]
+            fractions = [0.0] + list(args.lie_fractions)
+            started = [start_node(workdir, n, args.hidden, first["swarm"], f, args.lie_scale)
+                       for n, f in zip(names, fractions)]
+            procs += [p for p, _ in started]
+            with concurrent.futures.ThreadPoolExecutor(len(started)) as pool:
+                infos = list(pool.map(lambda item: wait_ready_file(item[1][1], item[1][0], 120, item[0]),
+                                      zip(names, started)))
+            endpoints = {"honest0": first["endpoint"]} | {n: i["endpoint"] for n, i in zip(names, infos)}
+            return measure(args, first["swarm"], endpoints)
+        finally:
+            for proc in procs:
+                stop_process_group(proc)
+
+
+def measure(args, swarm_addr: list[str], endpoints: dict[str, str]) -> dict:
+    liars = {f: endpoints[f"liar{f:g}"] for f in args.lie_fractions}
+    honest = [endpoints["honest0"], endpoints["honest1"]]
+    config = dmoe.SwarmConfig(initial_peers=swarm_addr, cache_ttl=3600, spot_check_rate=0.0)
+    with dmoe.Swarm(config) as swarm:
+        deadline = time.monotonic() + 60
+        while True:
+            found = swarm.live_replicas_under(["spot."], refresh=True)["spot."]
+            if len(found) == NUM_EXPERTS and all(len(r) == 2 + len(liars) for r in found.values()):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("the client does not see every replica")
+            time.sleep(0.5)
+        torch.manual_seed(0)
+        layer = dmoe.RemoteMoE(swarm, prefix="spot", grid=(NUM_EXPERTS,), in_features=args.hidden, k=K,
+                               forward_timeout=10.0, backward_timeout=10.0)
+        configs = [(rate, f) for f in args.lie_fractions for rate in args.rates]
+        results = {c: {"detected_at": [], "false": 0, "seconds": [], "checks": 0, "check_bytes": 0,
+                       "steps": 0} for c in configs}
+        total = args.runs * len(configs)
+        done = 0
+        for run in range(args.runs):
+            for rate, fraction in configs:
+                row = results[rate, fraction]
+                swarm.health = EndpointHealth(ban_base=config.ban_base, ban_max=config.ban_max,
+                                              quarantine_time=config.quarantine_time)
+                for other, endpoint in liars.items():
+                    if other != fraction:
+                        for uid in UIDS:
+                            swarm.health.quarantine(endpoint, uid, "another configuration's liar", LEFT_OUT)
+                checker = SpotChecker(rate=rate, tolerance=args.tolerance, tokens=config.spot_check_tokens,
+                                      quarantine=swarm.quarantine, seed=1000 * run + len(row["seconds"]))
+                layer.spot_checker = checker
+                caught = None
+                for step in range(1, args.steps + 1):
+                    x = torch.randn(args.tokens, args.hidden).requires_grad_(True)
+                    begun = time.perf_counter()
+                    layer(x).square().mean().backward()
+                    row["seconds"].append(time.perf_counter() - begun)
+                    row["steps"] += 1
+                    if any(swarm.quarantined(liars[fraction], uid) for uid in UIDS):
+                        caught = step
+                        break
+                end = time.monotonic() + 15
+                while checker.running and time.monotonic() < end:  # its verdicts belong to this run
+                    time.sleep(0.01)
+                if caught is None and any(swarm.quarantined(liars[fraction], uid) for uid in UIDS):
+                    caught = args.steps
+                row["detected_at"].append(caught)
+                row["false"] += sum(swarm.quarantined(e, uid) for e in honest for uid in UIDS)
+                row["checks"] += checker.stats.checks + checker.stats.failed
+                row["check_bytes"] += checker.stats.bytes
+                done += 1
+                show_progress(f"run {run + 1}/{args.runs}, {done}/{total} runs", done, total, every=10)
+        layer.dispatcher.close()
+
+    step_bytes = args.tokens * K * args.hidden * 4 * 5  # forward in + out, backward in + grad out + grad in
+    rows = []
+    for (rate, fraction), r in results.items():
+        caught = [s for s in r["detected_at"] if s is not None]
+        base = statistics.median(results[0.0, fraction]["seconds"]) if 0.0 in args.rates else None
+        median_s = statistics.median(r["seconds"])
+        rows.append({"rate": rate, "lie_fraction": fraction, "detected": len(caught) / len(r["detected_at"]),
+                     "steps_to_detection_median": statistics.median(caught) if caught else None,
+                     "honest_quarantined": r["false"], "step_ms_median": 1e3 * median_s,
+                     "step_time_change": (median_s / base - 1) if base else None,
+                     "checks_per_step": r["checks"] / r["steps"],
+                     "check_bytes_share": r["check_bytes"] / (step_bytes * r["steps"]),
+                     "steps": r["steps"]})
+    print(f"\nspot checks: a liar among 3 replicas of {NUM_EXPERTS} experts (k={K}, {args.tokens} tokens, "
+          f"hidden {args.hidden}, forward + backward); lies of {args.lie_scale:g}x the output's norm; "
+          f"tolerance {args.tolerance:g}; {args.runs} runs of at most {args.steps} steps")
+    print(f"{'rate':>6} {'lies':>5} {'caught':>7} {'steps':>6} {'honest q.':>9} {'step ms':>8} {'change':>7} "
+          f"{'checks/step':>11} {'bytes':>7}")
+    for r in rows:
+        steps = "-" if r["steps_to_detection_median"] is None else f"{r['steps_to_detection_median']:.0f}"
+        change = "" if r["step_time_change"] is None else f"{100 * r['step_time_change']:+.1f}%"
+        print(f"{r['rate']:>6g} {r['lie_fraction']:>5g} {r['detected']:>7.2f} {steps:>6} "
+              f"{r['honest_quarantined']:>9d} {r['step_ms_median']:>8.1f} {change:>7} "
+              f"{r['checks_per_step']:>11.3f} {100 * r['check_bytes_share']:>6.2f}%")
+    return {"config": {k: v for k, v in vars(args).items() if k != "drift"}, "results": rows}
+
+
+def drift(args) -> dict:
+    """Honest replicas' drift between averaging rounds (see the module docstring)."""
+    import copy
+    import random
+
+    from dmoe.lm.config import LMConfig
+    from dmoe.lm.data import ByteCorpus
+    from dmoe.lm.model import MoELM, local_moe_factory
+
+    torch.manual_seed(0)
+    config = LMConfig()
+    model = MoELM(config, local_moe_factory())
+    layers = model.moe_layers()
+    replicas = [[list(layer.experts), [copy.deepcopy(e) for e in layer.experts]] for layer in layers]
+    optimizers = {id(e): torch.optim.Adam(e.parameters(), lr=1e-3)
+                  for pair in replicas for rs in pair for e in rs}
+    expert_params = {id(p) for pair in replicas for rs in pair for e in rs for p in e.parameters()}
+    client = [p for p in model.parameters() if id(p) not in expert_params]
+    client_optimizer = torch.optim.Adam(client, lr=1e-3)
+    corpus = ByteCorpus.load("stdlib")
+    generator, rng = torch.Generator().manual_seed(0), random.Random(0)
+    inputs: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(
+            lambda m, inp, out, i=i: inputs.__setitem__(i, inp[0].detach().flatten(0, -2)))
+    gaps: list[float] = []
+    for step in range(1, args.drift_steps + 1):
+        chosen = {}
+        for i, layer in enumerate(layers):
+            for j in range(config.num_experts):
+                chosen[i, j] = rng.randrange(2)
+                layer.experts[j] = replicas[i][chosen[i, j]][j]
+        x, y = corpus.batch(args.drift_batch, config.seq_len, generator)
+        loss, _ = model.loss(x, y)
+        model.zero_grad(set_to_none=True)
+        for pair in replicas:
+            for rs in pair:
+                for e in rs:
+                    e.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(client, 1.0)
+        client_optimizer.step()
+        for (i, j), r in chosen.items():
+            expert = replicas[i][r][j]
+            if any(p.grad is not None for p in expert.parameters()):
+                torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
+                optimizers[id(expert)].step()
+        if step % args.drift_interval == 0:
+            with torch.no_grad():
+                for i in range(len(layers)):
+                    for j in range(config.num_experts):
+                        rows = inputs[i][torch.randperm(inputs[i].shape[0], generator=generator)[:4]]
+                        a, b = replicas[i][0][j], replicas[i][1][j]
+                        gaps.append(distance(a(rows), b(rows)))
+                        for pa, pb in zip(a.parameters(), b.parameters()):
+                            mean = (pa + pb) / 2
+                            pa.copy_(mean)
+                            pb.copy_(mean)
+        show_progress(f"drift: step {step}/{args.drift_steps}", step, args.drift_steps)
+    ordered = sorted(gaps)
+    result = {"median": statistics.median(gaps), "p99": ordered[int(0.99 * (len(ordered) - 1))],
+              "max": ordered[-1], "samples": len(gaps)}
+    print(f"\nhonest drift, LM defaults (d_model {config.d_model}, expert inner {config.expert_inner}, "
+          f"Adam lr 1e-3 on the nodes), averaged every {args.drift_interval} steps, batch "
+          f"{args.drift_batch}: distance median {result['median']:.3f}, p99 {result['p99']:.3f}, "
+          f"max {result['max']:.3f} ({len(gaps)} samples)")
+    return {"config": {k: getattr(args, k) for k in ("drift_interval", "drift_steps", "drift_batch")},
+            "results": result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30, help="steps a run has to catch the liar")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.01, 0.05, 0.2])
+    parser.add_argument("--lie-fractions", type=float, nargs="+", default=[0.1, 0.5, 1.0])
+    parser.add_argument("--lie-scale", type=float, default=1.0, help="a lie's norm, times the output's")
+    parser.add_argument("--tolerance", type=float, default=0.3)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--drift", action="store_true", help="measure honest replicas' drift instead")
+    parser.add_argument("--drift-interval", type=int, default=30, help="steps between averaging rounds")
+    parser.add_argument("--drift-steps", type=int, default=300)
+    parser.add_argument("--drift-batch", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.drift:
+        write_report(RESULTS / "bench_spotcheck_drift.json", drift(args))
+    else:
+        write_report(RESULTS / "bench_spotcheck.json", detection(args))
+
+
+if __name__ == "__main__":
+    main()

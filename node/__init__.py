@@ -16,6 +16,8 @@
                       the background, every --average-interval; bad ones refused and avoided
 - ``runtime.py``      Runtime, Task: per-expert forward/backward queues, admission control, the
                       batching device thread
+- ``influence.py``    InfluenceLimits: each peer's optimizer steps per expert: a budget per minute
+                      and a share of the expert's recent steps; past them, calls update nothing
 - ``service.py``      ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info,
                       GetState)
 - ``server.py``       NodeServer: the gRPC server: ExpertService, health, reflection, TLS or not

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
+from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,8 @@ class SpotChecker:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported by call(); a check that gets no answer settles nothing
-            logger.debug("spot check of %s at %s got no answer: %s: %s", record.uid, record.dial_endpoint,
-                         type(e).__name__, e)
+            logger.debug("spot check of %s at %s got no answer: %s: %s", printable(record.uid),
+                         printable(record.dial_endpoint), type(e).__name__, printable(e))
             return None
 
     async def _check(self, uid: str, first: str, first_out: torch.Tensor, inputs: torch.Tensor,
@@ -206,7 +207,9 @@ class SpotChecker:
 
     def _unsettled(self, uid: str, endpoints: tuple[str, str], why: str) -> None:
         self.stats.unsettled += 1
+        known = uid in self._suspects  # logged loud once per spell of suspicion, not at every check
         self._suspects[uid] = SUSPECT_CHECKS
-        logger.warning("spot check of %s: the replicas at %s and %s disagree (%s; tolerance %g); nobody "
-                       "quarantined, its next %d answers checked", uid, *endpoints, why, self.tolerance,
-                       SUSPECT_CHECKS)
+        logger.log(logging.DEBUG if known else logging.WARNING,
+                   "spot check of %s: the replicas at %s and %s disagree (%s; tolerance %g); nobody "
+                   "quarantined, its next %d answers checked", printable(uid), printable(endpoints[0]),
+                   printable(endpoints[1]), printable(why), self.tolerance, SUSPECT_CHECKS)

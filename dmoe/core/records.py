@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -249,6 +250,7 @@ async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time:
 
 # ---- reading -------------------------------------------------------------------------------------
 _logged_reasons: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last few, logged once
+_logged_lock = threading.Lock()  # several DHT peers (threads) of one process read records
 _MAX_LOGGED_REASONS = 1024
 
 
@@ -260,11 +262,12 @@ def _parse(model: type[_Record], raw: Any, owner: str = "") -> Any:
     except pydantic.ValidationError as e:
         reasons = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
         reason = printable(f"{model.__name__} of owner {owner[:8] or '?'}: {reasons}", 300)
-        fresh = reason not in _logged_reasons
-        _logged_reasons[reason] = None
-        _logged_reasons.move_to_end(reason)
-        if len(_logged_reasons) > _MAX_LOGGED_REASONS:
-            _logged_reasons.popitem(last=False)
+        with _logged_lock:
+            fresh = reason not in _logged_reasons
+            _logged_reasons[reason] = None
+            _logged_reasons.move_to_end(reason)
+            if len(_logged_reasons) > _MAX_LOGGED_REASONS:
+                _logged_reasons.popitem(last=False)
         logger.log(logging.INFO if fresh else logging.DEBUG, "skipping a record: %s", reason)
         return None
 

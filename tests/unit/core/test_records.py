@@ -239,13 +239,16 @@ BAD_ENDPOINTS = ["unix:/tmp/dmoe.sock", "unix:///tmp/dmoe.sock:80", "unix-abstra
                  "ipv4:127.0.0.1:1", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:99999999999",
                  "127.0.0.1", "127.0.0.1:", ":80", "::1:80", "[::1]", "[not-v6]:80", "h/path:80", "h:80/x",
                  "a b:80", "h\n:80", "h:8\n0", "-h:80", "h-:80", "h..x:80", "x" * 64 + ":1",
-                 "é.example:80", "h:+80", "h: 80", "h:0x50", "[::1]:80 ", "h:٨٠"]
+                 "é.example:80", "h:+80", "h: 80", "h:0x50", "[::1]:80 ", "h:٨٠", "h\x1b[2J:80"]
 
 
 @pytest.mark.parametrize("endpoint", BAD_ENDPOINTS)
-def test_records_naming_an_endpoint_that_is_not_host_port_are_skipped(endpoint):
+def test_records_naming_an_endpoint_that_is_not_host_port_are_skipped(endpoint, caplog):
     assert check_endpoint(endpoint) is not None
-    assert read_expert(ALICE, expert(ALICE, endpoint)) == []
+    with caplog.at_level(logging.DEBUG, logger="dmoe.core.records"):
+        assert read_expert(ALICE, expert(ALICE, endpoint)) == []
+    [logged] = [r.getMessage() for r in caplog.records]  # why, on one line, the peer's text escaped
+    assert "endpoint" in logged and not any(c in logged for c in "\n\r\x1b"), logged
     # nor a relay of that spelling, for a node announcing that it cannot be dialled
     assert read_expert(ALICE, expert(ALICE, "127.0.0.1:1", reachable=False, relay=endpoint)) == []
     now = get_dht_time()

@@ -23,6 +23,7 @@ Why each rule:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -40,6 +41,7 @@ MAX_TIME = 1e11  # unix seconds (the year 5138): started_at, updated_at, average
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
+@functools.lru_cache(maxsize=4096)  # every record of a node names the same endpoint
 def check_endpoint(endpoint: str) -> str | None:
     """None if ``endpoint`` is ``host:port`` or ``[v6]:port`` with a port in 1..65535 and a host that
     is an IP literal or a DNS name; else why not."""

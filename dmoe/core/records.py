@@ -43,6 +43,7 @@ The blocking readers take a started :class:`dmoe.core.dht.DHTPeer` and run on it
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -66,7 +67,6 @@ RELAYS_KEY = "_dmoe.relays"
 RECORD_VERSION = 2  # 2: owned records (see the module docstring)
 
 
-_FROM_PEER = "dmoe.from_peer"  # validation context of records read from the DHT: the peer rules apply
 _COUNT = (0, rules.MAX_COUNT)
 _TIME = (0.0, rules.MAX_TIME)
 _LATENCY = (0.0, rules.MAX_LATENCY_MS)
@@ -80,28 +80,42 @@ class _Record(pydantic.BaseModel):
     _LIMITS: ClassVar[dict[str, tuple[int, int]]] = {}  # announced limits: (floor, ceiling), 0 allowed
     _ENDPOINTS: ClassVar[dict[str, bool]] = {}  # dialled host:port; True: required, False: "" allowed
     _UIDS: ClassVar[tuple[str, ...]] = ()  # an expert uid, or a list of them
+    _NESTED: ClassVar[tuple[str, ...]] = ()  # records (or a dict of them) with rules of their own
 
-    @pydantic.field_validator("*")
-    @classmethod
-    def _as_peers_may_say(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
-        if not (info.context or {}).get(_FROM_PEER):
-            return value
-        name = info.field_name
-        if name in cls._BOUNDS:
-            low, high = cls._BOUNDS[name]
-            if not low <= value <= high:
-                raise ValueError(f"{name}={value!r} is outside [{low:g}, {high:g}]")
-        elif name in cls._LIMITS:
-            return rules.check_limit(name, value, *cls._LIMITS[name])
-        elif name in cls._ENDPOINTS and (value or cls._ENDPOINTS[name]):
-            reason = rules.check_endpoint(value)
-            if reason is not None:
+    def as_peers_may_say(self) -> _Record:
+        """This record as read from a peer: itself, or a copy with limits above their ceilings clamped;
+        ValueError if it breaks a rule of :mod:`dmoe.core.recordrules` (the message says which)."""
+        bounds, endpoints, uids, nested_fields, limits = _rules_of(type(self))
+        values = self.__dict__  # the fields (read many times per lookup: no per-field attribute lookups)
+        for name, low, high in bounds:
+            if not low <= values[name] <= high:
+                raise ValueError(f"{name}={values[name]!r} is outside [{low:g}, {high:g}]")
+        for name, required in endpoints:
+            value = values[name]
+            if (value or required) and (reason := rules.check_endpoint(value)) is not None:
                 raise ValueError(f"{name} {printable(value, 80)!r} is no endpoint to dial: {reason}")
-        elif name in cls._UIDS:
+        for name in uids:
+            value = values[name]
             for uid in value if isinstance(value, list) else [value]:
                 if rules.check_uid(uid) is not None:
                     raise ValueError(f"{name}: {printable(uid, 80)!r} is not an expert uid")
-        return value
+        for name in nested_fields:
+            value = values[name]
+            for nested in value.values() if isinstance(value, dict) else [] if value is None else [value]:
+                nested.as_peers_may_say()
+        clamped = {}
+        for name, floor, ceiling in limits:
+            if (limit := rules.check_limit(name, values[name], floor, ceiling)) != values[name]:
+                clamped[name] = limit
+        return self.model_copy(update=clamped) if clamped else self
+
+
+@functools.cache
+def _rules_of(model: type[_Record]) -> tuple[tuple, tuple, tuple, tuple, tuple]:
+    """A model's rules, flattened once (class attributes of pydantic models are slow to look up)."""
+    return (tuple((name, low, high) for name, (low, high) in model._BOUNDS.items()),
+            tuple(model._ENDPOINTS.items()), model._UIDS, model._NESTED,
+            tuple((name, floor, ceiling) for name, (floor, ceiling) in model._LIMITS.items()))
 
 
 class ExpertRecord(_Record):
@@ -182,6 +196,7 @@ class NodeRecord(_Record):
     _BOUNDS = {"started_at": _TIME, "updated_at": _TIME}
     _ENDPOINTS = {"endpoint": True, "relay": False}
     _UIDS = ("experts",)
+    _NESTED = ("hardware", "load")
 
 
 class RelayRecord(_Record):
@@ -258,9 +273,10 @@ def _parse(model: type[_Record], raw: Any, owner: str = "") -> Any:
     """The record ``raw`` read from a peer, or None (the reason logged) if it is malformed or breaks
     a rule of :mod:`dmoe.core.recordrules`."""
     try:
-        return model.model_validate(raw, context={_FROM_PEER: True})
-    except pydantic.ValidationError as e:
-        reasons = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
+        return model.model_validate(raw).as_peers_may_say()
+    except (pydantic.ValidationError, ValueError) as e:
+        reasons = ("; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
+                   if isinstance(e, pydantic.ValidationError) else str(e))
         reason = printable(f"{model.__name__} of owner {owner[:8] or '?'}: {reasons}", 300)
         with _logged_lock:
             fresh = reason not in _logged_reasons

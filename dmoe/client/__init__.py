@@ -4,6 +4,8 @@
 - ``swarm.py``     Swarm: the client's DHT peer, live-expert cache, and its endpoint health
 - ``dispatch.py``  Dispatcher, ExpertJob, ExpertCall: calls in flight at once, deadlines, per-token quorum,
                    failover between an expert's replicas, reply checks
+- ``channels.py``  ChannelCache: the Dispatcher's gRPC channels, the most recently used 1024 kept, a
+                   dropped one closed once its calls have ended
 - ``balance.py``   ReplicaBalancer: which replica a call goes to (expected finish time), how a big
                    sub-batch is spread over replicas
 - ``spotcheck.py`` SpotChecker: spot checks of an expert's answers against its other replicas, the

@@ -300,7 +300,7 @@ def check_info_request(backends: Mapping[str, ExpertBackend], data: bytes, *,
     so the node's work stays within max_info_uids entries whatever the request repeats."""
     too_many = RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an Info call may name at most "
                             f"{max_info_uids} uids (max_info_uids); ask for fewer at a time")
-    if len(data) > max_info_uids * INFO_BYTES_PER_UID:
+    if len(data) > max_info_uids * INFO_BYTES_PER_UID or not within_fields(data, max_info_uids + 16):
         raise too_many
     request = _parse(pb.InfoRequest, data)
     if len(request.uids) > max_info_uids:
@@ -402,7 +402,67 @@ def decode_request(
     return inputs, grads
 
 
+# Fields a message may hold, counted on the wire before it is parsed (parsing holds the event loop,
+# and costs per field: 16 million empty tensors in one 32 MiB Forward took seconds): at its top
+# level, and in each of its tensors (field number -> limit). A real request has a uid, a few tensors
+# of four fields each (a packed shape is one field) and a compression.
+MAX_REQUEST_FIELDS, MAX_TENSOR_FIELDS = 256, 64
+FIELD_LIMITS: dict[type[Message], tuple[int, dict[int, int]]] = {
+    pb.ForwardRequest: (MAX_REQUEST_FIELDS, {2: MAX_TENSOR_FIELDS}),
+    pb.BackwardRequest: (MAX_REQUEST_FIELDS, {2: MAX_TENSOR_FIELDS, 3: MAX_TENSOR_FIELDS}),
+    pb.Chunk: (16, {}),
+    pb.GetStateRequest: (16, {}),
+}
+
+
+def within_fields(data: bytes | memoryview, limit: int, nested: Mapping[int, int] | None = None) -> bool:
+    """False if the protobuf message in ``data`` has more than ``limit`` fields, or a field numbered
+    in ``nested`` holds a message of more fields than its limit there. Reads tags and lengths only
+    (a length-delimited field is skipped whatever its size); wire data it cannot follow is left to the
+    parser to refuse (True)."""
+    view, at, count = memoryview(data), 0, 0
+    try:
+        while at < len(view):
+            count += 1
+            if count > limit:
+                return False
+            tag, at = _varint(view, at)
+            wire = tag & 7
+            if wire == 0:
+                _, at = _varint(view, at)
+            elif wire == 1 or wire == 5:
+                at += 8 if wire == 1 else 4
+            elif wire == 2:
+                size, at = _varint(view, at)
+                inner = nested.get(tag >> 3) if nested else None
+                if inner is not None and not within_fields(view[at : at + size], inner):
+                    return False
+                at += size
+            else:  # groups, or no wire type at all
+                return True
+    except IndexError:  # cut short
+        return True
+    return True
+
+
+def _varint(view: memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        byte = view[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+    raise IndexError("varint longer than 10 bytes")
+
+
 def _parse(message_cls: type[Message], data: bytes) -> Message:
+    limits = FIELD_LIMITS.get(message_cls)
+    if limits is not None and not within_fields(data, *limits):
+        tensors = f", or a tensor of more than {MAX_TENSOR_FIELDS}" if limits[1] else ""
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"a {message_cls.__name__} of more than "
+                           f"{limits[0]} fields{tensors}: refused before parsing")
     try:
         return message_cls.FromString(data)
     except DecodeError as e:

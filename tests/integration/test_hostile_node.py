@@ -74,9 +74,9 @@ def full_bucket() -> None:
 HUGE = {
     # one uid a million times (5 MB): the node built an entry per repeat on its event loop
     "info": ("Info", pb.InfoRequest(uids=["ffn.0"] * 1_000_000), "max_info_uids"),
-    # four million empty tensors (8 MB): the node listed their shapes on its event loop
+    # four million empty tensors (8 MB): the node parsed them and listed their shapes on its event loop
     "empty tensors": ("Forward", pb.ForwardRequest(uid="ffn.0", inputs=[pb.Tensor()] * 4_000_000),
-                      "takes 1 inputs"),
+                      "more than 256 fields"),
 }
 
 

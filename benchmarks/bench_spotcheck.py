@@ -31,7 +31,7 @@ Writes ``benchmarks/results/bench_spotcheck.json`` (or ``bench_spotcheck_drift.j
 
 Run::
 
-    python benchmarks/bench_spotcheck.py [--runs 5] [--steps 30] [--rates 0 0.01 0.05 0.2]
+    python benchmarks/bench_spotcheck.py [--runs 8] [--steps 30] [--rates 0 0.01 0.05 0.2]
     python benchmarks/bench_spotcheck.py --drift [--drift-interval 30] [--drift-steps 300]
 """
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import logging
 import os
 import statistics
 import subprocess
@@ -103,6 +104,22 @@ def detection(args) -> dict:
                 stop_process_group(proc)
 
 
+def fresh_health(swarm, config, liars: dict[float, str], keep: float | None) -> None:
+    """A new endpoint health for ``swarm``, with every liar but ``keep``'s left out."""
+    swarm.health = EndpointHealth(ban_base=config.ban_base, ban_max=config.ban_max,
+                                  quarantine_time=config.quarantine_time)
+    for fraction, endpoint in liars.items():
+        if fraction != keep:
+            for uid in UIDS:
+                swarm.health.quarantine(endpoint, uid, "left out of this configuration", LEFT_OUT)
+
+
+def wait_checks(checker: SpotChecker, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while checker.running and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def measure(args, swarm_addr: list[str], endpoints: dict[str, str]) -> dict:
     liars = {f: endpoints[f"liar{f:g}"] for f in args.lie_fractions}
     honest = [endpoints["honest0"], endpoints["honest1"]]
@@ -119,71 +136,103 @@ def measure(args, swarm_addr: list[str], endpoints: dict[str, str]) -> dict:
         torch.manual_seed(0)
         layer = dmoe.RemoteMoE(swarm, prefix="spot", grid=(NUM_EXPERTS,), in_features=args.hidden, k=K,
                                forward_timeout=10.0, backward_timeout=10.0)
-        configs = [(rate, f) for f in args.lie_fractions for rate in args.rates]
-        results = {c: {"detected_at": [], "false": 0, "seconds": [], "checks": 0, "check_bytes": 0,
-                       "steps": 0} for c in configs}
-        total = args.runs * len(configs)
-        done = 0
-        for run in range(args.runs):
-            for rate, fraction in configs:
-                row = results[rate, fraction]
-                swarm.health = EndpointHealth(ban_base=config.ban_base, ban_max=config.ban_max,
-                                              quarantine_time=config.quarantine_time)
-                for other, endpoint in liars.items():
-                    if other != fraction:
-                        for uid in UIDS:
-                            swarm.health.quarantine(endpoint, uid, "another configuration's liar", LEFT_OUT)
-                checker = SpotChecker(rate=rate, tolerance=args.tolerance, tokens=config.spot_check_tokens,
-                                      quarantine=swarm.quarantine, seed=1000 * run + len(row["seconds"]))
-                layer.spot_checker = checker
-                caught = None
-                for step in range(1, args.steps + 1):
-                    x = torch.randn(args.tokens, args.hidden).requires_grad_(True)
-                    begun = time.perf_counter()
-                    layer(x).square().mean().backward()
-                    row["seconds"].append(time.perf_counter() - begun)
-                    row["steps"] += 1
-                    if any(swarm.quarantined(liars[fraction], uid) for uid in UIDS):
-                        caught = step
-                        break
-                end = time.monotonic() + 15
-                while checker.running and time.monotonic() < end:  # its verdicts belong to this run
-                    time.sleep(0.01)
-                if caught is None and any(swarm.quarantined(liars[fraction], uid) for uid in UIDS):
-                    caught = args.steps
-                row["detected_at"].append(caught)
-                row["false"] += sum(swarm.quarantined(e, uid) for e in honest for uid in UIDS)
-                row["checks"] += checker.stats.checks + checker.stats.failed
-                row["check_bytes"] += checker.stats.bytes
-                done += 1
-                show_progress(f"run {run + 1}/{args.runs}, {done}/{total} runs", done, total, every=10)
-        layer.dispatcher.close()
+        try:
+            detected = detect(args, swarm, config, layer, liars, honest)
+            overhead = cost(args, swarm, config, layer, liars)
+        finally:
+            layer.dispatcher.close()
+    return report(args, detected, overhead)
 
+
+def detect(args, swarm, config, layer, liars: dict[float, str], honest: list[str]) -> dict:
+    """Runs of forward steps until the liar is quarantined (or ``--steps``), for each configuration."""
+    configs = [(rate, f) for f in args.lie_fractions for rate in args.rates]
+    results = {c: {"detected_at": [], "false": 0, "checks": 0, "steps": 0, "check_bytes": 0} for c in configs}
+    total, done = args.runs * len(configs), 0
+    for run in range(args.runs):
+        for rate, fraction in configs:
+            row = results[rate, fraction]
+            fresh_health(swarm, config, liars, fraction)
+            checker = SpotChecker(rate=rate, tolerance=args.tolerance, tokens=config.spot_check_tokens,
+                                  quarantine=swarm.quarantine, seed=1000 * run + len(row["detected_at"]))
+            layer.spot_checker = checker
+            caught = None
+            for step in range(1, args.steps + 1):
+                with torch.no_grad():
+                    layer(torch.randn(args.tokens, args.hidden))
+                row["steps"] += 1
+                if any(swarm.quarantined(liars[fraction], uid) for uid in UIDS):
+                    caught = step
+                    break
+            wait_checks(checker)  # its verdicts belong to this run
+            if caught is None and any(swarm.quarantined(liars[fraction], uid) for uid in UIDS):
+                caught = args.steps
+            row["detected_at"].append(caught)
+            row["false"] += sum(swarm.quarantined(e, uid) for e in honest for uid in UIDS)
+            row["checks"] += checker.stats.checks + checker.stats.failed
+            row["check_bytes"] += checker.stats.bytes
+            done += 1
+            show_progress(f"detection: run {run + 1}/{args.runs}, {done}/{total}", done, total, every=12)
+    return results
+
+
+def cost(args, swarm, config, layer, liars: dict[float, str]) -> dict:
+    """Training steps (forward + backward) on the two honest replicas at each rate, the rates taking
+    turns step by step, so that the machine's noise hits them alike."""
+    fresh_health(swarm, config, liars, None)
+    checkers = {rate: SpotChecker(rate=rate, tolerance=args.tolerance, tokens=config.spot_check_tokens,
+                                  quarantine=swarm.quarantine, seed=7) for rate in args.rates}
+    seconds: dict[float, list[float]] = {rate: [] for rate in args.rates}
+    for step in range(args.overhead_steps):
+        x = torch.randn(args.tokens, args.hidden)
+        for rate, checker in checkers.items():
+            layer.spot_checker = checker
+            begun = time.perf_counter()
+            layer(x.clone().requires_grad_(True)).square().mean().backward()
+            seconds[rate].append(time.perf_counter() - begun)
+        show_progress(f"overhead: step {step + 1}/{args.overhead_steps}", step + 1, args.overhead_steps)
+    for checker in checkers.values():
+        wait_checks(checker)
+    return {rate: {"seconds": seconds[rate], "checks": c.stats.checks + c.stats.failed,
+                   "check_bytes": c.stats.bytes, "disagreed": c.stats.disagreed}
+            for rate, c in checkers.items()}
+
+
+def report(args, detected: dict, overhead: dict) -> dict:
     step_bytes = args.tokens * K * args.hidden * 4 * 5  # forward in + out, backward in + grad out + grad in
     rows = []
-    for (rate, fraction), r in results.items():
+    for (rate, fraction), r in detected.items():
         caught = [s for s in r["detected_at"] if s is not None]
-        base = statistics.median(results[0.0, fraction]["seconds"]) if 0.0 in args.rates else None
-        median_s = statistics.median(r["seconds"])
         rows.append({"rate": rate, "lie_fraction": fraction, "detected": len(caught) / len(r["detected_at"]),
                      "steps_to_detection_median": statistics.median(caught) if caught else None,
-                     "honest_quarantined": r["false"], "step_ms_median": 1e3 * median_s,
-                     "step_time_change": (median_s / base - 1) if base else None,
-                     "checks_per_step": r["checks"] / r["steps"],
-                     "check_bytes_share": r["check_bytes"] / (step_bytes * r["steps"]),
-                     "steps": r["steps"]})
+                     "steps_to_detection": r["detected_at"], "honest_quarantined": r["false"],
+                     "checks_per_step": r["checks"] / r["steps"], "steps": r["steps"]})
+    base = statistics.median(overhead[min(args.rates)]["seconds"])
+    costs = []
+    for rate, r in overhead.items():
+        median_s = statistics.median(r["seconds"])
+        costs.append({"rate": rate, "step_ms_median": 1e3 * median_s, "step_time_change": median_s / base - 1,
+                      "checks_per_step": r["checks"] / len(r["seconds"]),
+                      "check_bytes_share": r["check_bytes"] / (step_bytes * len(r["seconds"])),
+                      "disagreements": r["disagreed"], "seconds": r["seconds"]})
     print(f"\nspot checks: a liar among 3 replicas of {NUM_EXPERTS} experts (k={K}, {args.tokens} tokens, "
-          f"hidden {args.hidden}, forward + backward); lies of {args.lie_scale:g}x the output's norm; "
-          f"tolerance {args.tolerance:g}; {args.runs} runs of at most {args.steps} steps")
-    print(f"{'rate':>6} {'lies':>5} {'caught':>7} {'steps':>6} {'honest q.':>9} {'step ms':>8} {'change':>7} "
-          f"{'checks/step':>11} {'bytes':>7}")
+          f"hidden {args.hidden}); lies of {args.lie_scale:g}x the output's norm; tolerance "
+          f"{args.tolerance:g}; {args.runs} runs of at most {args.steps} forward steps")
+    print(f"{'rate':>6} {'lies':>5} {'caught':>7} {'steps (median)':>15} {'honest quarantined':>19} "
+          f"{'checks/step':>12}")
     for r in rows:
-        steps = "-" if r["steps_to_detection_median"] is None else f"{r['steps_to_detection_median']:.0f}"
-        change = "" if r["step_time_change"] is None else f"{100 * r['step_time_change']:+.1f}%"
-        print(f"{r['rate']:>6g} {r['lie_fraction']:>5g} {r['detected']:>7.2f} {steps:>6} "
-              f"{r['honest_quarantined']:>9d} {r['step_ms_median']:>8.1f} {change:>7} "
-              f"{r['checks_per_step']:>11.3f} {100 * r['check_bytes_share']:>6.2f}%")
-    return {"config": {k: v for k, v in vars(args).items() if k != "drift"}, "results": rows}
+        steps = "-" if r["steps_to_detection_median"] is None else f"{r['steps_to_detection_median']:.1f}"
+        print(f"{r['rate']:>6g} {r['lie_fraction']:>5g} {r['detected']:>7.2f} {steps:>15} "
+              f"{r['honest_quarantined']:>19d} {r['checks_per_step']:>12.3f}")
+    print(f"\ncost: {args.overhead_steps} training steps (forward + backward) on two honest replicas, "
+          f"the rates taking turns")
+    print(f"{'rate':>6} {'step ms (median)':>17} {'change':>8} {'checks/step':>12} {'check bytes':>12} "
+          f"{'disagreements':>14}")
+    for c in costs:
+        print(f"{c['rate']:>6g} {c['step_ms_median']:>17.1f} {100 * c['step_time_change']:>+7.1f}% "
+              f"{c['checks_per_step']:>12.3f} {100 * c['check_bytes_share']:>11.2f}% "
+              f"{c['disagreements']:>14d}")
+    return {"config": {k: v for k, v in vars(args).items() if k != "drift"}, "detection": rows, "cost": costs}
 
 
 def drift(args) -> dict:
@@ -258,12 +307,13 @@ def drift(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30, help="steps a run has to catch the liar")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.01, 0.05, 0.2])
     parser.add_argument("--lie-fractions", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     parser.add_argument("--lie-scale", type=float, default=1.0, help="a lie's norm, times the output's")
     parser.add_argument("--tolerance", type=float, default=0.3)
+    parser.add_argument("--overhead-steps", type=int, default=30, help="training steps per rate for the cost")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--drift", action="store_true", help="measure honest replicas' drift instead")
@@ -272,6 +322,7 @@ def main() -> None:
     parser.add_argument("--drift-batch", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.ERROR)  # each quarantine is a warning; the tables count them
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.drift:
         write_report(RESULTS / "bench_spotcheck_drift.json", drift(args))

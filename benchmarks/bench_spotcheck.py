@@ -5,19 +5,22 @@ expert ``lying_experts:LyingExpert`` of tests/support, a small MLP): two honest 
 liars, each of which adds to every output row of a fraction (``--lie-fractions``: 0.1, 0.5, 1.0) of
 its Forward calls a random perturbation of ``--lie-scale`` times the row's norm. Every expert thus
 has three replicas in each configuration: the two honest ones and the liar of that configuration
-(the client leaves the other liars out). One client trains a RemoteMoE layer (k=2 of the 4 experts,
-``--tokens`` tokens, forward + backward) for each configuration, spot checks at rate 0, 0.01, 0.05,
-0.2 (``--rates``) against each lie fraction, tolerance ``--tolerance``. A run is up to ``--steps``
-steps with a fresh endpoint health and checker; the configurations' runs are interleaved, so that
-the machine's noise hits them alike.
+(the client leaves the other liars out).
 
-Reports, for each configuration: the share of ``--runs`` runs in which the liar was quarantined
-(for one of its experts at least) within the steps, the median number of steps until then, the
-honest replicas quarantined (false convictions: there should be none), the median step time and its
-change against rate 0 for the same lie fraction (checks run beside the step, not in it), check
-calls per step, and the check's bytes (inputs and outputs of its calls) against the step's (every
-answered token: inputs and outputs of the forward, inputs, output gradients and input gradients of
-the backward, float32).
+Detection: a client runs forward steps of a RemoteMoE layer (k=2 of the 4 experts, ``--tokens``
+tokens) with spot checks at rate 0, 0.01, 0.05, 0.2 (``--rates``) against each lie fraction,
+tolerance ``--tolerance``; a run is up to ``--steps`` steps with a fresh endpoint health and checker,
+and ends when the liar is quarantined (for one of its experts at least); the configurations' runs
+are interleaved. Reports the share of ``--runs`` runs that caught the liar, the median number of
+steps until then, the honest replicas quarantined (false convictions: there should be none), and
+the check calls per step.
+
+Cost: ``--overhead-steps`` training steps (forward + backward) on the two honest replicas alone
+at each rate, the rates taking turns step by step so that the machine's load hits them alike:
+the median step time and its change against rate 0 (checks run beside the step, not in it), check
+calls per step, and the checks' bytes (inputs and outputs of their calls) against the step's
+(every answered token: inputs and outputs of the forward, inputs, output gradients and input
+gradients of the backward, float32).
 
 ``--drift`` measures instead how far honest replicas drift apart between averaging rounds, which the
 tolerance must exceed: the default language model (``dmoe train``'s LMConfig, local experts, node

@@ -93,13 +93,19 @@ from dmoe.lm.config import AGGREGATES
 logger = logging.getLogger(__name__)
 
 class _Parts:
-    """What :class:`PartReducer` puts where hivemind's reducer keeps its running sum: each sender's part."""
+    """What :class:`PartReducer` puts where hivemind's reducer keeps its running sum: each sender's part
+    (float32). A part of another shape is left out (counted as received): adding it to hivemind's sum
+    raises after the part was counted, and the reducer then waits for it until the round times out."""
 
-    def __init__(self) -> None:
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape = shape
         self.parts: list[torch.Tensor] = []
 
     def add_(self, part: torch.Tensor, alpha: float = 1.0) -> _Parts:  # alpha: the weight, not used
-        self.parts.append(part)
+        if part.shape == self.shape:
+            self.parts.append(part.to(torch.float32))
+        else:
+            logger.debug("left out a part of shape %s (expected %s)", list(part.shape), list(self.shape))
         return self
 
 
@@ -114,10 +120,14 @@ class PartReducer(TensorPartReducer):
         self.aggregate, self.relative_tau, self.iterations = aggregate, relative_tau, iterations
         super().__init__(part_shapes, num_senders)
 
+    def __del__(self) -> None:
+        if hasattr(self, "finished"):  # not when __init__ refused its arguments
+            super().__del__()
+
     def reset_accumulators(self) -> None:
         super().reset_accumulators()
         if not self.finished.is_set():
-            self.accumulator = _Parts()
+            self.accumulator = _Parts(self.part_shapes[self.current_part_index])
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
                               weight: float = 1.0) -> torch.Tensor:
@@ -130,6 +140,10 @@ class PartReducer(TensorPartReducer):
             self.reset_accumulators()
 
     def reduce(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The mean (NaN if a part holds any: the guard refuses the round), or the CenteredClip of the
+        finite parts (a part with NaN or Inf is an outlier like any other, left out)."""
+        if self.aggregate == "centered-clip":
+            parts = [part for part in parts if bool(torch.isfinite(part).all())]
         if not parts:  # every sender failed: as hivemind's 0 / 0, which the guard refuses
             return torch.full(self.part_shapes[self.current_part_index], float("nan"))
         if self.aggregate == "mean":

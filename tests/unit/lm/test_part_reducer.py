@@ -51,6 +51,22 @@ def test_parts_are_reduced_by_the_aggregate_with_equal_weights():
         PartReducer([torch.Size([1])], 1, aggregate="median")
 
 
+def test_non_finite_parts_are_outliers_to_centered_clip_and_wrong_shapes_are_left_out():
+    generator = torch.Generator().manual_seed(1)
+    senders = [[torch.randn(4, generator=generator)] for _ in range(3)]
+    senders.append([torch.tensor([float("nan"), 1.0, float("inf"), 0.0])])
+    mean, = reduce_all("mean", senders, [1.0] * 4)[0]
+    assert bool(mean.isnan().any())  # the mean: NaN, which the trainer's guard refuses
+    clipped, = reduce_all("centered-clip", senders, [1.0] * 4)[0]
+    torch.testing.assert_close(clipped, centered_clip([s[0] for s in senders[:3]]))
+
+    # a part of another shape is left out, and the others' parts reduced without waiting for it
+    for aggregate in ("mean", "centered-clip"):
+        results = reduce_all(aggregate, [[torch.ones(4)], [torch.zeros(5)], [3 * torch.ones(4)]], [1.0] * 3)
+        for result, in results:
+            torch.testing.assert_close(result, 2 * torch.ones(4))
+
+
 def test_the_averagers_rpc_names_are_hivemind_s():
     """So that trainers of either aggregate, and older ones, find each other and average together."""
     for method in ("rpc_join_group", "rpc_aggregate_part", "rpc_download_state"):

@@ -181,15 +181,17 @@ def detect(args, swarm, config, layer, liars: dict[float, str], honest: list[str
 
 def cost(args, swarm, config, layer, liars: dict[float, str]) -> dict:
     """Training steps (forward + backward) on the two honest replicas at each rate, the rates taking
-    turns step by step, so that the machine's noise hits them alike."""
+    turns step by step (in a rotating order), so that the machine's noise hits them alike."""
     fresh_health(swarm, config, liars, None)
     checkers = {rate: SpotChecker(rate=rate, tolerance=args.tolerance, tokens=config.spot_check_tokens,
                                   quarantine=swarm.quarantine, seed=7) for rate in args.rates}
     seconds: dict[float, list[float]] = {rate: [] for rate in args.rates}
     for step in range(args.overhead_steps):
         x = torch.randn(args.tokens, args.hidden)
-        for rate, checker in checkers.items():
-            layer.spot_checker = checker
+        order = list(checkers)
+        shift = step % len(order)  # each rate goes first in turn: no rate pays for the step's first call
+        for rate in order[shift:] + order[:shift]:
+            layer.spot_checker = checkers[rate]
             begun = time.perf_counter()
             layer(x.clone().requires_grad_(True)).square().mean().backward()
             seconds[rate].append(time.perf_counter() - begun)
@@ -316,7 +318,7 @@ def main() -> None:
     parser.add_argument("--lie-fractions", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     parser.add_argument("--lie-scale", type=float, default=1.0, help="a lie's norm, times the output's")
     parser.add_argument("--tolerance", type=float, default=0.3)
-    parser.add_argument("--overhead-steps", type=int, default=30, help="training steps per rate for the cost")
+    parser.add_argument("--overhead-steps", type=int, default=40, help="training steps per rate for the cost")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--drift", action="store_true", help="measure honest replicas' drift instead")

@@ -36,7 +36,10 @@ class SwarmConfig:
                                            "values (or denied hosting its uid) is avoided")
     max_reply_abs: float = option(1e6, "largest magnitude accepted in an expert's reply (outputs or input "
                                        "gradients); larger counts as that expert's failure")
-    spot_check_rate: float = option(0.02, "probability that an expert's answer is spot-checked: a few of its "
+    # spot checks (dmoe/client/spotcheck.py), sized by benchmarks/bench_spotcheck.py: a check per 20 answers
+    # adds 5% calls and well under 1% of a step's bytes, beside the step; the tolerance is above how far
+    # honest replicas of the default model drift apart between averaging rounds (up to 1.24 measured)
+    spot_check_rate: float = option(0.05, "probability that an expert's answer is spot-checked: a few of its "
                                           "tokens also sent to another replica of the expert and the "
                                           "outputs compared (0: never)")
     spot_check_tolerance: float = option(1.5, "largest distance |a - b| / sqrt(|a| |b|) between two "

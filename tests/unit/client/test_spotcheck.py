@@ -167,9 +167,9 @@ def test_the_draw_follows_the_rate():
 
 def test_swarm_config_spot_check_options():
     config = SwarmConfig()
-    assert (config.spot_check_rate, config.spot_check_tolerance, config.spot_check_tokens) == (0.02, 1.5, 4)
+    assert (config.spot_check_rate, config.spot_check_tolerance, config.spot_check_tokens) == (0.05, 1.5, 4)
     checker = SpotChecker.from_config(config, quarantine=lambda *_: None)
-    assert (checker.rate, checker.tolerance, checker.tokens) == (0.02, 1.5, 4)
+    assert (checker.rate, checker.tolerance, checker.tokens) == (0.05, 1.5, 4)
     for bad in (dict(spot_check_rate=1.5), dict(spot_check_rate=-0.1), dict(spot_check_tolerance=0),
                 dict(spot_check_tokens=0)):
         with pytest.raises(ConfigError, match="spot_check"):

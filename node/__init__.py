@@ -24,7 +24,8 @@
 - ``guard.py``        CallGuard: the swarm key's token and the per-peer limits, checked before a
                       request is read
 - ``announcer.py``    Announcer: DHT heartbeat of the expert and node records, and their withdrawal
-- ``reachability.py`` relay_candidates, dial_back, dialable: can others dial this node? a relay says
+- ``reachability.py`` relay_candidates, trusted_relays, dial_back, dialable: can others dial this
+                      node? trusted relays say, or two at distinct addresses
 - ``relaylink.py``    RelayLink: a node nobody can dial keeps itself registered with a relay and
                       attaches its clients
 - ``stats.py``        ExpertCounters: calls, tokens, errors, latency per expert

@@ -6,7 +6,8 @@ one-way delay per direction with jitter (order kept, as on one TCP path); packet
 it to the application, a stall of one retransmission timeout (``loss``: the chance per chunk read,
 ``rto`` seconds, everything behind it waits too); connection resets (``reset``: the chance per chunk
 that the connection is torn down, both ways); and cutting every connection at once. Bytes that
-pass arrive unchanged. It runs on its own event loop thread, so it
+pass arrive unchanged. With ``source`` (127.0.0.N) it dials the target from that address, so a
+node's per-peer limits see each proxy as a peer of its own. It runs on its own event loop thread, so it
 works from synchronous test code; the settings may be changed while it runs.
 """
 

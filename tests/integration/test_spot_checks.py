@@ -32,7 +32,7 @@ HIDDEN, NUM_EXPERTS = 16, 2
 UIDS = [f"spot.{i}" for i in range(NUM_EXPERTS)]
 TOLERANCE = 0.3  # honest replicas here drift up to ~0.05 apart (0.02-0.08 at lr 0.01); a lie, ~0.8
 NUM_TRAINING_STEPS = 20
-MAX_STEPS = 40  # the liar answers about a quarter of the calls, half of them lies: caught in a few steps
+MAX_STEPS = 120  # a check involves the liar, lying, 1 time in 8 at least: a uid escapes 1 time in 1e7
 COMMON = ["--experts", f"spot.[0:{NUM_EXPERTS}]", "--expert-cls", "lying_experts:LyingExpert",
           "--hidden-dim", str(HIDDEN), "--optimizer", "sgd", "--lr", "0.005", "--max-grad-norm", "0",
           "--average-interval", "1", "--heartbeat-interval", "1", "--record-ttl", "5"]

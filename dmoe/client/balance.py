@@ -20,12 +20,16 @@ request, its ``max_batch_tokens``) is split over several replicas so that all ar
 together (each takes tokens in proportion to its speed, less its queue); parts smaller than
 ``min_part_tokens`` are not worth a call and go to the others.
 
+The measurements are bounded (``max_entries`` per table, the least recently measured forgotten
+first), so records that rotate endpoints cannot grow them without end.
+
 Back-off and quarantine are not this module's: the caller passes only replicas it may call
 (:mod:`dmoe.client.health`). Thread-safe: the dispatcher reports from the swarm's event loop.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import threading
@@ -35,11 +39,13 @@ from dmoe.core.records import ExpertRecord
 
 DEFAULT_PRIOR = 1e-5  # seconds per token of a replica when nothing at all is measured
 DEFAULT_MAX_TOKENS = 4096  # a node's default max_batch_tokens, for records that do not announce theirs
+MAX_ENTRIES = 100_000  # measurements kept per table: (endpoint, uid) pairs, endpoints
 
 
 class ReplicaBalancer:
     def __init__(self, *, alpha: float = 0.3, prior_seconds_per_token: float = DEFAULT_PRIOR,
-                 spread_tokens: int = 1024, min_part_tokens: int = 64, seed: int | None = None):
+                 spread_tokens: int = 1024, min_part_tokens: int = 64, seed: int | None = None,
+                 max_entries: int = MAX_ENTRIES):
         if not 0 < alpha <= 1 or prior_seconds_per_token <= 0 or spread_tokens < 1 or min_part_tokens < 1:
             raise ValueError("need 0 < alpha <= 1, prior_seconds_per_token > 0, spread_tokens >= 1 and "
                              "min_part_tokens >= 1")
@@ -47,8 +53,10 @@ class ReplicaBalancer:
         self.spread_tokens, self.min_part_tokens = spread_tokens, min_part_tokens
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._per_expert: dict[tuple[str, str], float] = {}  # (endpoint, uid) -> seconds per token
-        self._per_endpoint: dict[str, float] = {}  # endpoint -> seconds per token, over its experts
+        self.max_entries = max_entries
+        # (endpoint, uid) -> seconds per token; endpoint -> seconds per token over its experts
+        self._per_expert: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+        self._per_endpoint: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._in_flight: dict[str, int] = {}  # endpoint -> tokens sent by this client, not yet answered
 
     # ---- measurements ----------------------------------------------------------------------------
@@ -60,8 +68,10 @@ class ReplicaBalancer:
         measured = seconds / tokens
         with self._lock:
             for table, key in ((self._per_expert, (endpoint, uid)), (self._per_endpoint, endpoint)):
-                old = table.get(key)
+                old = table.pop(key, None)
                 table[key] = measured if old is None else (1 - self.alpha) * old + self.alpha * measured
+                if len(table) > self.max_entries:
+                    table.popitem(last=False)
 
     def begin(self, endpoint: str, tokens: int) -> None:
         """``tokens`` were just sent to ``endpoint``."""

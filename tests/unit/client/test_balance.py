@@ -117,3 +117,15 @@ def test_a_backed_off_or_quarantined_replica_is_not_offered():
         assert swarm._usable([replica("c:1", uid="ffn.1")], now) != []  # quarantine is per (endpoint, uid)
     finally:
         swarm.loop.close()
+
+
+def test_measurements_of_rotating_endpoints_stay_bounded():
+    balancer = ReplicaBalancer(max_entries=8, seed=0)
+    for i in range(100):
+        balancer.observe(f"10.0.0.{i}:1", "ffn.0", tokens=4, seconds=0.01)
+    balancer.observe("10.0.0.95:1", "ffn.0", tokens=4, seconds=0.02)  # seen again: now the newest
+    for i in range(100, 107):
+        balancer.observe(f"10.0.0.{i}:1", "ffn.0", tokens=4, seconds=0.01)
+    assert len(balancer._per_expert) == len(balancer._per_endpoint) == 8
+    assert balancer.measured("10.0.0.95:1", "ffn.0") is not None  # the recently measured one is kept
+    assert balancer.measured("10.0.0.96:1", "ffn.0") is None

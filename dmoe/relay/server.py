@@ -33,7 +33,12 @@ a newcomer the least recently active connection of the address that holds the mo
 address holds at least two more than the newcomer's. A relay that reads the swarm's DHT
 (:meth:`Relay.watch_records`, which :meth:`Relay.announce` calls) drops a registration that no node
 record of the swarm backs within ``record_grace`` (an online record of that node id naming its
-port here), and takes no new node from that address group for ``UNBACKED_COOLDOWN`` grace periods.
+port here). A read that finds no record at all, or none of the registrations it backed before,
+drops nobody (a DHT read may come back empty or partial); a backed registration is checked again
+every ``BACKED_RECHECK`` grace periods and dropped only after ``BACKED_MISSES`` checks in a row find
+no record of it (a node in its shutdown grace has withdrawn its record already). An address group
+whose never-backed registrations are dropped ``UNBACKED_STRIKES`` times within ``UNBACKED_COOLDOWN``
+grace periods registers no new never-backed node for that long.
 """
 
 from __future__ import annotations
@@ -74,8 +79,12 @@ logger = logging.getLogger(__name__)
 
 MAX_DIAL_BACKS = 32  # probes dialling back at once, from all IPs together
 MAX_REMEMBERED = 10_000  # probe buckets and past registrations kept (least recently used go first)
-UNBACKED_COOLDOWN = 10  # record_grace periods an address group that had a registration dropped for
-                        # no node record waits before it may register a node that was never backed
+UNBACKED_COOLDOWN = 10  # record_grace periods an address group that had UNBACKED_STRIKES registrations
+                        # dropped for no node record waits before it may register a node never backed
+UNBACKED_STRIKES = 3  # never-backed registrations dropped within UNBACKED_COOLDOWN grace periods that
+                      # put their address group on that cool-down
+BACKED_RECHECK = 4  # record_grace periods between two checks of a registration a record backed
+BACKED_MISSES = 3  # checks in a row that find no record of a backed registration before it is dropped
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,6 +104,8 @@ class _Usage:
     forwarded: list[int] = dataclasses.field(default_factory=lambda: [0])
     since: float = dataclasses.field(default_factory=time.monotonic)
     backed: bool = False
+    checked: float = 0.0  # when a record last backed it (time.monotonic())
+    misses: int = 0  # checks in a row since then that found no record of it
 
     @property
     def num_connections(self) -> int:
@@ -140,6 +151,8 @@ class Relay:
         self._control: collections.Counter[str] = collections.Counter()
         # address group -> until when (time.monotonic()) it registers no node never backed by a record
         self._unbacked: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # address group -> when its never-backed registrations were dropped (within the cool-down window)
+        self._strikes: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
         self._watching = False  # whether registrations are checked against the swarm's records
         self._probe_buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
         # node id -> (port, secret)
@@ -249,43 +262,83 @@ class Relay:
         self.run(begin(), 10)
 
     async def _watch_records(self, dht: DHTPeer) -> None:
-        """Every quarter of record_grace: read the swarm's node records once, if a registration is due
-        a check (registered record_grace ago or more), and drop those that none backs. A read that
-        fails drops nobody."""
+        """Every quarter of record_grace: if a registration is due a check (a never-backed one
+        registered record_grace ago or more, a backed one checked BACKED_RECHECK grace periods ago),
+        read the swarm's node records once and :meth:`review` the registrations against them. A read
+        that fails drops nobody."""
         from dmoe.core.records import find_nodes_async
 
         grace = self.limits.record_grace
         while True:
             await asyncio.sleep(max(0.2, grace / 4))
-            now = time.monotonic()
-            due = [t for t in self.tunnels.values() if t.node_id in self._usage and now - (
-                t.registered_at if self._usage[t.node_id].backed else self._usage[t.node_id].since) >= grace]
-            if not due:
+            if not self._due(time.monotonic()):
                 continue
             try:
                 assert dht.node is not None
                 records = await dht.run_async(find_nodes_async(dht.node))
             except Exception as e:
-                logger.warning("relay: could not read the swarm's node records (dropping nobody): %s", e)
+                logger.warning("relay: could not read the swarm's node records (dropping nobody): %s",
+                               printable(e))
                 continue
-            backed = {(r.node_id, r.relay) for r in records.values() if not r.reachable}
-            for tunnel in due:
-                if self.tunnels.get(tunnel.node_id) is not tunnel:
+            self.review({(r.node_id, r.relay) for r in records.values() if not r.reachable})
+
+    def _due(self, now: float) -> list[_Tunnel]:
+        grace = self.limits.record_grace
+        due = []
+        for tunnel in self.tunnels.values():
+            usage = self._usage.get(tunnel.node_id)
+            if usage is not None and (now - usage.checked >= BACKED_RECHECK * grace if usage.backed
+                                      else now - usage.since >= grace):
+                due.append(tunnel)
+        return due
+
+    def review(self, backed: set[tuple[str, str]]) -> None:
+        """Check the registrations due a check against ``backed``, the (node id, relay endpoint) pairs
+        that the swarm's node records name, as read just now; on the relay's loop. A read with no
+        record at all drops nobody; one that finds none of the registrations backed before drops no
+        never-backed one (it may be partial). A backed registration is dropped after BACKED_MISSES
+        checks in a row that miss it; a never-backed one at its first."""
+        if not backed:
+            logger.debug("relay: the swarm's node records read empty; dropping nobody")
+            return
+        now, grace = time.monotonic(), self.limits.record_grace
+        was_backed = [t for t in self.tunnels.values() if (u := self._usage.get(t.node_id)) and u.backed]
+        partial = bool(was_backed) and not any((t.node_id, t.endpoint) in backed for t in was_backed)
+        for tunnel in self._due(now):
+            usage = self._usage[tunnel.node_id]
+            if (tunnel.node_id, tunnel.endpoint) in backed:
+                usage.backed, usage.checked, usage.misses = True, now, 0
+                continue
+            if usage.backed:
+                usage.misses += 1
+                usage.checked = now
+                if usage.misses < BACKED_MISSES:
+                    logger.debug("relay: no node record names node %s's port %s (%d of %d checks)",
+                                 printable(tunnel.node_id), tunnel.endpoint, usage.misses, BACKED_MISSES)
                     continue
-                usage = self._usage[tunnel.node_id]
-                if (tunnel.node_id, tunnel.endpoint) in backed:
-                    usage.backed = True
-                    continue
-                self.num_refused += 1
-                if not usage.backed:
-                    self._unbacked.pop(tunnel.group, None)
-                    self._unbacked[tunnel.group] = time.monotonic() + UNBACKED_COOLDOWN * grace
-                    if len(self._unbacked) > MAX_REMEMBERED:
-                        self._unbacked.popitem(last=False)
-                logger.info("relay: dropped node %s from %s: no node record of the swarm names its port "
-                            "%s (record_grace=%g s)", printable(tunnel.node_id), tunnel.group,
-                            tunnel.endpoint, grace)
-                self._drop(tunnel)
+            elif partial:
+                continue
+            else:
+                self._strike(tunnel.group, now, grace)
+            self.num_refused += 1
+            logger.info("relay: dropped node %s from %s: no node record of the swarm names its port "
+                        "%s (record_grace=%g s)", printable(tunnel.node_id), tunnel.group,
+                        tunnel.endpoint, grace)
+            self._drop(tunnel)
+
+    def _strike(self, group: str, now: float, grace: float) -> None:
+        """A never-backed registration from ``group`` was dropped: UNBACKED_STRIKES of them within the
+        cool-down window put the group on cool-down."""
+        window = UNBACKED_COOLDOWN * grace
+        strikes = [t for t in self._strikes.pop(group, []) if now - t < window] + [now]
+        self._strikes[group] = strikes  # most recent last
+        if len(self._strikes) > MAX_REMEMBERED:
+            self._strikes.popitem(last=False)
+        if len(strikes) >= UNBACKED_STRIKES:
+            self._unbacked.pop(group, None)
+            self._unbacked[group] = now + window
+            if len(self._unbacked) > MAX_REMEMBERED:
+                self._unbacked.popitem(last=False)
 
     def stats(self) -> dict[str, Any]:
         usage = list(self._usage.values())
@@ -384,9 +437,9 @@ class Relay:
         usage = self._usage.get(node_id)
         cooldown = self._unbacked.get(group, 0.0) - time.monotonic()
         if cooldown > 0 and (usage is None or not usage.backed):
-            return (f"a node registered from {group} announced no node record naming its port here within "
-                    f"record_grace={self.limits.record_grace:g} s; nodes never seen in the swarm's records "
-                    f"are refused from there for {cooldown:.0f} s more")
+            return (f"{UNBACKED_STRIKES} nodes registered from {group} announced no node record naming "
+                    f"their port here within record_grace={self.limits.record_grace:g} s; nodes never seen "
+                    f"in the swarm's records are refused from there for {cooldown:.0f} s more")
         return None
 
     async def _register(self, peer_ip: str, message: dict[str, Any], reader: asyncio.StreamReader,

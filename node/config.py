@@ -68,9 +68,10 @@ class NodeConfig:
     max_input_abs: float = option(1e4, "largest magnitude accepted in an expert's inputs; larger is refused")
     max_grad_abs: float = option(1e3, "largest magnitude accepted in grad_outputs of a Backward "
                                       "call; larger is refused before it reaches the optimizer")
-    peer_steps_per_minute: float = option(1200.0, "optimizer steps per minute one peer's Backward calls "
-                                                  "may cause on one expert; past it they are still "
-                                                  "answered, but do not update the expert (0: no limit)")
+    peer_steps_per_minute: float = option(3000.0, "optimizer steps per minute one peer's Backward calls "
+                                                  "may cause on one expert (bursts of 10 s' worth); past "
+                                                  "it they are still answered, but do not update the "
+                                                  "expert, counted in Info's skipped_updates (0: no limit)")
     max_peer_step_share: float = option(0.5, "largest share of an expert's steps in the last minute one "
                                              "peer may cause, while others train it too (never less than "
                                              "this share of peer_steps_per_minute; 1: no cap)")

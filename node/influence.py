@@ -15,11 +15,19 @@ bounds, both counted in steps:
   can at most cut a lone trainer's steps to that (half, by default). "The last minute" is a sum that
   decays with a time constant of ``WINDOW_SECONDS``.
 
+Both are sized so that honest training never meets them: the node's default budget, 3000 steps a
+minute (50 a second, bursts of 500), is above what one trainer process causes on a small expert over
+loopback (a step every ~45 ms), with room for several trainers behind one address (a host, a NAT, an
+IPv6 /64); the cap's floor, half of it (25 a second), lets trainers at unequal rates (say 15 and 5
+steps a second) keep every update.
+
 A step is a batch, which may hold several peers' Backward calls: each peer in it is charged its share
 of the batch's tokens. A peer over its budget or its share still gets its input gradients, so its own
 backpropagation stays exact, but its rows are taken out of the step's parameter gradients
 (:meth:`dmoe.node.backend.ExpertBackend.backward`): over the limit, the expert learns from a
 subsample of its calls (the bucket lets one through as often as it refills), never from all of them.
+Skipped updates are counted per expert (:meth:`skipped`, the ``skipped_updates`` of the node's
+``Info``) and logged at WARNING, at most once a minute per peer and expert.
 
 The tables are bounded (least recently seen peers forgotten first); a forgotten peer starts again
 with a full bucket, as a new one does. Called from the runtime thread; :meth:`stats` from any.
@@ -62,6 +70,7 @@ class _Expert:
         default_factory=collections.OrderedDict)
     recent: float = 0.0  # every peer's recent steps together, decayed to ``updated``
     updated: float = 0.0
+    skipped: int = 0  # Backward calls whose update was skipped, every peer's (forgotten ones' too)
 
 
 class InfluenceLimits:
@@ -116,11 +125,18 @@ class InfluenceLimits:
             expert = self._expert(uid, now)
             account = self._peer(expert, peer, now)
             account.skipped += 1
+            expert.skipped += 1
             if now - account.logged_at >= LOG_EVERY_S:
                 account.logged_at = now
                 why = self._why_not(expert, account, now) or "over its limits"
                 logger.warning("%s: updates from peer %r are skipped (%d so far): %s; its calls are still "
                                "answered", uid, peer, account.skipped, why)
+
+    def skipped(self, uid: str) -> int:
+        """Backward calls on ``uid`` served without updating it, since the node started."""
+        with self._lock:
+            expert = self._experts.get(uid)
+            return 0 if expert is None else expert.skipped
 
     def stats(self, uid: str) -> dict[str, PeerSteps]:
         """A copy of every remembered peer's account on ``uid``."""

@@ -411,7 +411,8 @@ class Node:
                 outputs=[pb.TensorSchema(shape=s.shape, dtype=s.dtype) for s in backend.output_schema],
                 version=backend.version, num_parameters=backend.num_parameters,
                 stats=self.counters[uid].to_proto(queued_tokens=self._runtime.queued_tokens(uid),
-                                                  version=backend.version),
+                                                  version=backend.version,
+                                                  skipped_updates=self.influence.skipped(uid)),
             ))
         return pb.NodeInfo(
             node_id=self.node_id or "", dmoe_version=dmoe.__version__,

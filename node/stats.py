@@ -45,13 +45,15 @@ class ExpertCounters:
         p50, p99 = np.percentile(np.fromiter(self.latencies_s, dtype=np.float64), [50, 99])
         return float(p50) * 1e3, float(p99) * 1e3
 
-    def to_proto(self, *, queued_tokens: int, version: int) -> pb.ExpertStats:
+    def to_proto(self, *, queued_tokens: int, version: int, skipped_updates: int = 0) -> pb.ExpertStats:
+        """``skipped_updates``: Backward calls answered without updating the expert (counted by the
+        runtime's influence limits, :mod:`dmoe.node.influence`)."""
         p50, p99 = self.latency_ms()
         return pb.ExpertStats(
             forward_calls=self.forward_calls, backward_calls=self.backward_calls,
             forward_tokens=self.forward_tokens, backward_tokens=self.backward_tokens,
             errors=self.errors, rejected=self.rejected, queued_tokens=queued_tokens,
-            latency_p50_ms=p50, latency_p99_ms=p99, optimizer_steps=version,
+            latency_p50_ms=p50, latency_p99_ms=p99, optimizer_steps=version, skipped_updates=skipped_updates,
         )
 
     def to_load(self, *, queued_tokens: int, version: int) -> ExpertLoad:

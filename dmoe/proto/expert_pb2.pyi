@@ -77,7 +77,7 @@ class Chunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class ExpertStats(_message.Message):
-    __slots__ = ("forward_calls", "backward_calls", "forward_tokens", "backward_tokens", "errors", "rejected", "queued_tokens", "latency_p50_ms", "latency_p99_ms", "optimizer_steps")
+    __slots__ = ("forward_calls", "backward_calls", "forward_tokens", "backward_tokens", "errors", "rejected", "queued_tokens", "latency_p50_ms", "latency_p99_ms", "optimizer_steps", "skipped_updates")
     FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class ExpertStats(_message.Message):
     LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_UPDATES_FIELD_NUMBER: _ClassVar[int]
     forward_calls: int
     backward_calls: int
     forward_tokens: int
@@ -98,7 +99,8 @@ class ExpertStats(_message.Message):
     latency_p50_ms: float
     latency_p99_ms: float
     optimizer_steps: int
-    def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., forward_tokens: _Optional[int] = ..., backward_tokens: _Optional[int] = ..., errors: _Optional[int] = ..., rejected: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., optimizer_steps: _Optional[int] = ...) -> None: ...
+    skipped_updates: int
+    def __init__(self, forward_calls: _Optional[int] = ..., backward_calls: _Optional[int] = ..., forward_tokens: _Optional[int] = ..., backward_tokens: _Optional[int] = ..., errors: _Optional[int] = ..., rejected: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., skipped_updates: _Optional[int] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
     __slots__ = ("uid", "expert_cls", "inputs", "outputs", "version", "num_parameters", "stats")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 
 import pytest
 import torch
@@ -123,10 +124,44 @@ def test_the_share_cap_binds_down_to_its_floor_when_the_others_are_slow():
     assert capped.steps < 0.65 * alone.steps
 
 
-def test_a_trickle_from_another_peer_cuts_a_lone_trainer_to_the_floor_at_most():
-    def train(rate: float, trickle: bool) -> int:
+def default_limits(clock: Clock) -> InfluenceLimits:
+    config = NodeConfig()
+    return InfluenceLimits(steps_per_minute=config.peer_steps_per_minute,
+                           max_share=config.max_peer_step_share, clock=clock)
+
+
+def train(limits: InfluenceLimits, clock: Clock, rates: dict[str, float], seconds: float
+          ) -> tuple[dict[str, int], dict[str, int]]:
+    """Peers calling Backward at steady rates (steps a second), interleaved in time: each peer's
+    calls, and its updates kept."""
+    calls, kept = dict.fromkeys(rates, 0), dict.fromkeys(rates, 0)
+    due = dict.fromkeys(rates, clock.now)
+    end = clock.now + seconds
+    while due[peer := min(due, key=due.__getitem__)] < end:
+        clock.now = due[peer]
+        calls[peer] += 1
+        kept[peer] += take(limits, peer)
+        due[peer] += 1 / rates[peer]
+    return calls, kept
+
+
+def test_the_default_limits_never_hold_back_honest_training():
+    """The defaults are sized for real training: a lone fast trainer (a demo step is ~45 ms), trainers
+    at unequal rates (the cap's floor is half the budget, 25 a second), several trainer processes
+    behind one address, each for three minutes: every update kept, none skipped."""
+    for rates in ({"trainer": 22}, {"trainer": 45}, {"a": 15, "b": 5}, {"a": 24, "b": 1, "c": 0.2}):
         clock = Clock()
-        limits = InfluenceLimits(steps_per_minute=1200, max_share=0.5, clock=clock)
+        limits = default_limits(clock)
+        calls, kept = train(limits, clock, rates, 180)
+        assert kept == calls, rates
+        assert all(abs(calls[peer] - rate * 180) <= 1 for peer, rate in rates.items()), calls
+        assert limits.skipped("ffn.0") == 0 and all(a.skipped == 0 for a in limits.stats("ffn.0").values())
+
+
+def test_a_trickle_from_another_peer_cuts_a_lone_trainer_to_the_floor_at_most():
+    def run(rate: float, trickle: bool) -> int:
+        clock = Clock()
+        limits = default_limits(clock)
         trained = 0
         for step in range(int(180 * rate)):  # three minutes at ``rate`` steps a second
             clock.now += 1 / rate
@@ -136,10 +171,24 @@ def test_a_trickle_from_another_peer_cuts_a_lone_trainer_to_the_floor_at_most():
                 take(limits, "stray")
         return trained
 
-    assert train(15, trickle=False) == 15 * 180  # alone, under the budget: every step
-    assert train(8, trickle=True) == 8 * 180  # under the floor (600 a minute): every step
-    cut = train(15, trickle=True)  # above the floor: cut to about 10 a second, not to the trickle's rate
-    assert 10 * 180 * 0.95 < cut < 15 * 180
+    assert run(45, trickle=False) == 45 * 180  # alone, under the budget: every step
+    assert run(22, trickle=True) == 22 * 180  # under the floor (1500 a minute): every step
+    cut = run(45, trickle=True)  # above the floor: cut to about 25 a second, not to the trickle's rate
+    assert 25 * 180 * 0.95 < cut < 45 * 180
+
+
+def test_skipped_updates_are_counted_per_expert_and_logged_once_a_minute_per_peer(caplog):
+    clock = Clock()
+    limits = InfluenceLimits(steps_per_minute=6, max_share=1, clock=clock)  # a burst of 1 step
+    with caplog.at_level(logging.WARNING, logger="dmoe.node.influence"):
+        assert [take(limits, "attacker") for _ in range(5)] == [True, False, False, False, False]
+        assert take(limits, "other")
+        clock.now += 61  # the bucket refills by one step a second, up to its burst of 1
+        assert [take(limits, "attacker") for _ in range(3)] == [True, False, False]
+    assert limits.skipped("ffn.0") == 6 and limits.skipped("ffn.1") == 0
+    assert limits.stats("ffn.0")["attacker"].skipped == 6
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2 and all("peer_steps_per_minute=6" in line for line in logged), logged
 
 
 def test_the_peer_table_is_bounded(monkeypatch):

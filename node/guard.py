@@ -29,11 +29,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import ipaddress
 from collections.abc import Mapping, Sequence
 
 import grpc
 
+from dmoe.core.addresses import address_group
 from dmoe.core.auth import CallVerifier
 from dmoe.core.ratelimit import TokenBucket
 
@@ -127,13 +127,8 @@ def peer_key(peer: str, auth_context: Mapping[str, Sequence[bytes]] | None = Non
         return "cert:" + hashlib.sha256(certificates[0]).hexdigest()[:32]
     address = peer_address(peer)
     if peer.startswith("ipv6:"):
-        try:
-            ip = ipaddress.IPv6Address(address.split("%", 1)[0])  # without a zone index (fe80::1%eth0)
-        except ValueError:
-            return peer
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        group = address_group(address)
+        return peer if group == address else group  # an address that does not parse: the whole string
     return address
 
 

@@ -10,8 +10,10 @@ Anyone may announce a relay in an open swarm, and a relay that says "cannot be d
 node's traffic. So a node believes that verdict from a trusted relay (:func:`trusted_relays`: named
 with ``--relay``, or at the address of a ``--swarm`` peer, as the coordinator's is), or from two
 relays at distinct addresses; one other relay alone is not believed, and any relay that dialled the
-node back outvotes it: the node then announces its own address. A relay that lies "reachable"
-gains nothing: the node is not on its path.
+node back outvotes it: the node then announces its own address (and says so in a warning, with
+the remedy: ``--relay`` or ``--reachability relay``). In a private swarm (a swarm key) every
+announced relay is trusted: its record is signed by a member, and the relay protocol needs the key.
+A relay that lies "reachable" gains nothing: the node is not on its path.
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import time
 from typing import Any
 
-from dmoe.core.addresses import split_address
+from dmoe.core.addresses import address_group, split_address
 from dmoe.core.auth import SwarmKey
 from dmoe.core.dht import DHTPeer
 from dmoe.core.logsafe import printable
 from dmoe.core.records import find_relays
-from dmoe.relay.limits import address_group
 from dmoe.relay.protocol import probe
 
 logger = logging.getLogger(__name__)
 
 MAX_PROBED_RELAYS = 4  # relays asked to dial a starting node back (10 s each: a dial, an Info call)
 MULTIADDR_HOSTS = ("ip4", "ip6", "dns", "dns4", "dns6")
+RESOLVED_FOR = 600.0  # seconds the --swarm peers' resolved addresses are kept (a start, its relay rounds)
+_resolved: dict[tuple[str, ...], tuple[float, frozenset[str]]] = {}  # swarm -> (when, hosts)
 
 
 def relay_candidates(dht: DHTPeer | None, configured: list[str], own: str | None,
@@ -59,12 +63,7 @@ def trusted_relays(configured: list[str], swarm: list[str] | tuple[str, ...],
     coordinator's relay), as written or as the swarm peer's host name resolves. A relay's host is
     never resolved (a name announced by anyone could take long to); blocking: it resolves the
     swarm peers' names."""
-    hosts: set[str] = set()
-    for maddr in swarm:
-        parts = maddr.split("/")
-        for protocol, value in zip(parts, parts[1:]):
-            if protocol in MULTIADDR_HOSTS:
-                hosts |= {value, *_resolve(value)}
+    hosts = _swarm_hosts(tuple(swarm))
     trusted = set(configured)
     for relay in candidates:
         try:
@@ -74,6 +73,25 @@ def trusted_relays(configured: list[str], swarm: list[str] | tuple[str, ...],
         if host in hosts or _canonical(host) in hosts:
             trusted.add(relay)
     return trusted
+
+
+def _swarm_hosts(swarm: tuple[str, ...]) -> frozenset[str]:
+    """The hosts of the ``swarm`` peers, as written and as they resolve; resolved once per
+    RESOLVED_FOR seconds (a node lists its relays at start and at every round of its relay link)."""
+    now = time.monotonic()
+    cached = _resolved.get(swarm)
+    if cached is not None and now - cached[0] < RESOLVED_FOR:
+        return cached[1]
+    hosts: set[str] = set()
+    for maddr in swarm:
+        parts = maddr.split("/")
+        for protocol, value in zip(parts, parts[1:]):
+            if protocol in MULTIADDR_HOSTS:
+                hosts |= {value, *_resolve(value)}
+    if len(_resolved) >= 16:  # a few swarms per process at most (tests start many nodes)
+        _resolved.clear()
+    _resolved[swarm] = (now, frozenset(hosts))
+    return _resolved[swarm][1]
 
 
 def _canonical(host: str) -> str:
@@ -93,11 +111,14 @@ def _resolve(host: str) -> set[str]:
 async def dial_back(relays: list[str], port: int, *, key: SwarmKey | None, node_id: str, tls: bool,
                     trusted: set[str] | frozenset[str] = frozenset()) -> dict[str, Any] | None:
     """The verdict on whether this host can be dialled at ``port``, from the first MAX_PROBED_RELAYS of
-    ``relays``: the first of the ``trusted`` ones that answers decides; without one, the others are
-    asked at once, and "cannot be dialled" holds only if none dialled the node back and relays at two
-    distinct addresses (address_group) say so. One relay alone saying it is not believed: the
-    verdict is then "reachable", with ``overruled`` saying why. None if no relay could be asked."""
+    ``relays``: the first of the ``trusted`` ones that answers decides (in a private swarm, ``key``
+    set, every relay is trusted); without one, the others are asked at once, and "cannot be
+    dialled" holds only if none dialled the node back and relays at two distinct addresses
+    (address_group) say so. One relay alone saying it is not believed: the verdict is then
+    "reachable", with ``overruled`` saying why. None if no relay could be asked."""
     asked = relays[:MAX_PROBED_RELAYS]
+    if key is not None:  # a relay announced in a private swarm: a member's record, and it knows the key
+        trusted = {*trusted, *asked}
 
     async def ask(relay: str) -> dict[str, Any] | None:
         try:

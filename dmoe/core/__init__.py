@@ -12,7 +12,7 @@ package (checked by the import contract in pyproject.toml).
 - ``auth.py``        SwarmKey, CallVerifier: a private swarm's key and call tokens
 - ``dhtauth.py``     DHTAuthorizer: signed DHT traffic (needs hivemind, which auth.py does not)
 - ``tls.py``         mutual TLS with a CA derived from the swarm key
-- ``addresses.py``   ``host:port`` and libp2p multiaddrs: split, join, check
+- ``addresses.py``   ``host:port`` and libp2p multiaddrs: split, join, check; address_group (IPv4, IPv6 /64)
 - ``contribution.py`` check_contribution: the guard on tensors a peer offers to average (trainers, replicas)
 - ``robust.py``      centered_clip: a robust aggregate (CenteredClip) of peers' tensors, instead of the mean
 - ``checkpoint.py``  CheckpointStore: atomic safetensors checkpoints, the last few kept; TrainingState

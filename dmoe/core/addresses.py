@@ -3,6 +3,8 @@ the DHT. One spelling each, used by the node, the client, the relay and the coor
 
 from __future__ import annotations
 
+import ipaddress
+
 from dmoe.errors import ConfigError
 
 
@@ -18,6 +20,22 @@ def host_port(host: str, port: int) -> str:
     """'host:port' ('[v6]:port' for IPv6), the form gRPC and the relay dial. (A peer's ``join_address``
     is something else: the multiaddr others join its swarm with.)"""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def address_group(ip: str) -> str:
+    """What limits per IP count an address under (the relay's, a node's per-peer ones): the IPv4
+    address, or the /64 of an IPv6 address (one host is routinely given a whole /64, so counting its
+    addresses apart would give it 2^64 allowances; an IPv4-mapped one gives the IPv4 address; a zone
+    index, fe80::1%eth0, is left out). Anything that does not parse counts as itself."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0] if ":" in ip else ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def parse_port_range(text: str) -> tuple[int, int]:

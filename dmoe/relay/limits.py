@@ -1,12 +1,11 @@
-"""RelayLimits: what one relay serves at most, and the timers of its protocol; address_group: what
-its limits per IP count under. Plain values (no sockets, no hivemind), so the coordinator's options
-take their defaults from here.
+"""RelayLimits: what one relay serves at most, and the timers of its protocol (its limits per IP count
+under :func:`dmoe.core.addresses.address_group`). Plain values (no sockets, no hivemind), so the
+coordinator's options take their defaults from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 
 from dmoe.errors import ConfigError
 
@@ -55,17 +54,3 @@ class RelayLimits:
             raise ConfigError(f"relay control_timeout must be longer than the ping interval "
                               f"({PING_INTERVAL:g} s)")
 
-
-def address_group(ip: str) -> str:
-    """What the relay's limits per IP count under: the IPv4 address, or the /64 of an IPv6 address
-    (one host is routinely given a whole /64, so counting its addresses apart would give it 2^64
-    allowances). Anything that does not parse counts as itself."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)

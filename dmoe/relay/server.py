@@ -27,7 +27,7 @@ Protocol, on one listening port:
 
 In a private swarm, probe and register carry a token of the swarm key (:mod:`dmoe.core.auth`);
 without it they are refused. Limits: :class:`RelayLimits`, counted per address group
-(:func:`~dmoe.relay.limits.address_group`: an IPv4 address, an IPv6 /64). A spliced connection with
+(:func:`~dmoe.core.addresses.address_group`: an IPv4 address, an IPv6 /64). A spliced connection with
 no byte either way for ``idle_timeout`` is closed, and a node whose connections are all taken gives
 a newcomer the least recently active connection of the address that holds the most, when that
 address holds at least two more than the newcomer's. A relay that reads the swarm's DHT
@@ -54,13 +54,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from dmoe.core.addresses import host_port
+from dmoe.core.addresses import address_group, host_port
 from dmoe.core.auth import CallVerifier, SwarmKey
 from dmoe.core.logsafe import printable
 from dmoe.core.ratelimit import TokenBucket
 from dmoe.errors import ConfigError
 from dmoe.relay.dialback import dial_back
-from dmoe.relay.limits import PING_INTERVAL, RelayLimits, address_group
+from dmoe.relay.limits import PING_INTERVAL, RelayLimits
 from dmoe.relay.protocol import (
     MAX_LINE,
     PROBE_METHOD,

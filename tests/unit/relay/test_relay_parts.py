@@ -9,12 +9,12 @@ import time
 import pytest
 
 from dmoe.coordinator.config import CoordinatorConfig
-from dmoe.core.addresses import host_port, parse_port_range, split_address
+from dmoe.core.addresses import address_group, host_port, parse_port_range, split_address
 from dmoe.core.ratelimit import TokenBucket
 from dmoe.core.records import ExpertRecord, RelayRecord
 from dmoe.errors import ConfigError
 from dmoe.node.config import NodeConfig
-from dmoe.relay.limits import RelayLimits, address_group
+from dmoe.relay.limits import RelayLimits
 from dmoe.relay.protocol import loopback_source
 
 
@@ -42,6 +42,7 @@ def test_relay_limits_count_an_ipv6_64_as_one_address():
     assert address_group("2001:db8:1:3::1") != address_group("2001:db8:1:2::1")
     assert address_group("::ffff:203.0.113.9") == "203.0.113.9"  # IPv4 seen through an IPv6 socket
     assert address_group("?") == "?"
+    assert address_group("fe80::1%eth0") == "fe80::/64"  # a zone index is no part of the address
 
 
 def test_the_coordinator_passes_its_relay_options_on():

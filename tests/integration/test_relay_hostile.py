@@ -24,6 +24,7 @@ from swarm_fixtures import NodeProcess, wait_for
 from dmoe.client.config import SwarmConfig
 from dmoe.client.swarm import Swarm
 from dmoe.core.addresses import host_port, split_address
+from dmoe.core.auth import SwarmKey
 from dmoe.core.dht import DHTPeer
 from dmoe.moe.remote import RemoteMoE
 from dmoe.node.reachability import dial_back, trusted_relays
@@ -51,7 +52,7 @@ def relay(bootstrap: DHTPeer) -> Iterator[Relay]:
     """The honest relay of the module's relayed node. It checks its registrations against the swarm's
     records, as an announced relay does, but it is not announced itself, so that the only relay a
     node of this swarm can find in the DHT is the hostile one of test_a_lone_relay_...."""
-    limits = RelayLimits(max_connections_per_node=4, max_nodes_per_ip=3, idle_timeout=IDLE,
+    limits = RelayLimits(max_connections_per_node=4, max_nodes_per_ip=4, idle_timeout=IDLE,
                          record_grace=GRACE)
     with Relay(limits=limits) as relay:
         relay.watch_records(bootstrap)
@@ -115,16 +116,31 @@ def closed_by_peer(conn: socket.socket, timeout: float) -> bool:
 
 # ---- connections held through a relay ---------------------------------------------------------------
 def test_idle_connections_through_a_relay_are_closed_and_free_the_nodes_slots(relay, relayed, swarm):
-    """Connections held open with nothing on them took every slot of a relayed node for good: now
-    the relay closes a spliced connection after idle_timeout without a byte either way, and a
-    client gets in again."""
+    """Connections held open with nothing on them took every slot of a relayed node for good (as
+    they still do on a relay whose idle_timeout is long): now the relay closes a spliced connection
+    after idle_timeout without a byte either way, and a client gets in again. The refusal is shown
+    on a relay of its own with the default idle_timeout (300 s), so that no held connection can be
+    cut, freeing a slot, before the refused one comes (on a loaded machine, IDLE may pass while
+    the four are opened)."""
+    host, port = split_address(relayed.endpoint)
+    with Relay(limits=RelayLimits(max_connections_per_node=4)) as patient:
+        link = RelayLink(lambda: [patient.address], node_id="patient-node", key=None,
+                         target=(host, port)).start()
+        try:
+            held = [spliced(link.endpoint) for _ in range(patient.limits.max_connections_per_node)]
+            try:
+                with socket.create_connection(split_address(link.endpoint), timeout=5) as refused:
+                    refused.sendall(PREFACE)
+                    assert closed_by_peer(refused, 2.0)  # the node's slots are full: closed at once
+            finally:
+                for conn in held:
+                    conn.close()
+        finally:
+            link.shutdown()
     endpoint = relayed.ready["relay_endpoint"]
     wait_for(lambda: relay.stats()["connections"] == 0, 10, "no connection through the relay")
     held = [spliced(endpoint) for _ in range(relay.limits.max_connections_per_node)]
     try:
-        with socket.create_connection(split_address(endpoint), timeout=5) as refused:
-            refused.sendall(PREFACE)
-            assert closed_by_peer(refused, 2.0)  # the node's slots are full: closed at once
         started = time.monotonic()
         assert all(closed_by_peer(conn, IDLE + 10) for conn in held)
         assert time.monotonic() - started < IDLE + 10
@@ -198,15 +214,15 @@ class RawNode:
 
 def test_registrations_no_node_record_backs_are_dropped_and_capped_per_ip(relay, relayed, swarm):
     """An open relay gave a public port to anyone who asked, for as long as they liked. Now: at most
-    max_nodes_per_ip per address (the relayed node is one of this address's three), and a
+    max_nodes_per_ip per address (the relayed node is one of this address's four), and a
     registration that no node record in the swarm backs within record_grace (a record of that
-    node naming its port on this relay) is dropped, after which its address registers no new node
-    for a while. The relayed node, whose records name its port, stays and serves."""
-    intruders = [RawNode(relay, f"intruder-{i}") for i in range(3)]
+    node naming its port on this relay) is dropped; after three such drops its address registers
+    no new node for a while. The relayed node, whose records name its port, stays and serves."""
+    intruders = [RawNode(relay, f"intruder-{i}") for i in range(4)]
     try:
-        assert [n.reply["ok"] for n in intruders] == [True, True, False]
-        assert "(max_nodes_per_ip)" in intruders[2].reply["error"]
-        assert all(n.dropped_within(GRACE + 10) for n in intruders[:2])
+        assert [n.reply["ok"] for n in intruders] == [True, True, True, False]
+        assert "(max_nodes_per_ip)" in intruders[3].reply["error"]
+        assert all(n.dropped_within(GRACE + 10) for n in intruders[:3])
         again = RawNode(relay, "intruder-again")
         assert not again.reply["ok"] and "record_grace" in again.reply["error"], again.reply
         again.close()
@@ -249,19 +265,22 @@ def test_a_lone_relay_that_says_unreachable_does_not_take_a_reachable_nodes_traf
 
 def test_which_relays_a_node_believes_that_it_cannot_be_dialled():
     """An 'unreachable' verdict settles it when it comes from a trusted relay (named with --relay,
-    or at a --swarm peer's address), or from two relays at distinct addresses; one untrusted relay
+    or at a --swarm peer's address, or any relay in a private swarm), or from two relays at distinct
+    addresses; one untrusted relay
     is outvoted by any relay that dialled the node back, and is not believed alone."""
     with LyingRelay(host="127.0.0.2") as liar, LyingRelay(host="127.0.0.3") as other_liar, \
             LyingRelay(host="127.0.0.2") as liar_same_host, Relay() as honest, \
             socket.create_server(("127.0.0.1", 0)) as listening:
         port = listening.getsockname()[1]
 
-        def verdict(relays: list[str], trusted: set[str] = frozenset()) -> dict:
-            result = asyncio.run(dial_back(relays, port, key=None, node_id="", tls=False, trusted=trusted))
+        def verdict(relays: list[str], trusted: set[str] = frozenset(), key: SwarmKey | None = None) -> dict:
+            result = asyncio.run(dial_back(relays, port, key=key, node_id="", tls=False, trusted=trusted))
             assert result is not None
             return result
 
         assert verdict([liar.address])["reachable"] is True
+        # in a private swarm every announced relay is trusted (a member's record, and it knows the key)
+        assert verdict([liar.address], key=SwarmKey(b"k" * 32))["reachable"] is False
         assert verdict([liar.address], {liar.address})["reachable"] is False  # --relay: believed
         assert verdict([liar.address, other_liar.address])["reachable"] is False  # two addresses agree
         assert verdict([liar.address, liar_same_host.address])["reachable"] is True  # one address, twice

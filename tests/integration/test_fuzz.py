@@ -69,6 +69,8 @@ def examples(n: int) -> int:
 node = module_node(
     "--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN), "--inner-dim", str(2 * HIDDEN),
     "--max-batch-tokens", str(MAX_BATCH_TOKENS), "--peer-rate", "1000000", "--peer-burst", "1000000",
+    # every successful Backward must step (assert_node_unchanged counts them): no influence limits
+    "--peer-steps-per-minute", "0", "--max-peer-step-share", "1",
     "--max-info-uids", str(MAX_INFO_UIDS), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
     "--max-request-bytes", str(MAX_REQUEST_BYTES),
 )

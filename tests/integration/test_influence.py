@@ -16,7 +16,7 @@ from dmoe.proto import expert_pb2 as pb
 from dmoe.testing.netproxy import TcpProxy
 
 HIDDEN = 16
-BUDGET = 60  # steps a minute: one a second, in bursts of 10
+BUDGET = 60  # steps a minute: one a second, in bursts of 10 (set here, not the node's default)
 pytestmark = pytest.mark.timeout(120)
 
 node = module_node("--experts", "ffn.[0:2]", "--hidden-dim", str(HIDDEN),
@@ -51,6 +51,10 @@ def backward(service, uid: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Te
     request = pb.BackwardRequest(uid=uid, inputs=[serialize(x)], grad_outputs=[serialize(grad)])
     reply = service.Backward(request, timeout=30)
     return deserialize(reply.grad_inputs[0], max_numel=x.numel())
+
+
+def skipped_updates(service, uid: str) -> int:
+    return service.Info(pb.InfoRequest(uids=[uid]), timeout=10).experts[0].stats.skipped_updates
 
 
 def forward(service, uid: str, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +101,8 @@ def test_a_peer_over_its_step_budget_answered_but_no_longer_moving_the_expert(fi
                                atol=1e-7)
     for _ in range(expert_version(attacker, uid) - before - steps):  # that call, if the bucket had refilled
         replica.step(x, grad)
+    # every call that did not step is counted in the node's Info, where a client can see it
+    assert skipped_updates(other_peer, uid) == calls + 1 - (expert_version(attacker, uid) - before)
     # the expert is exactly where the allowed steps took it: the skipped calls changed nothing
     torch.testing.assert_close(forward(attacker, uid, probe), replica.forward(probe), rtol=1e-5, atol=1e-6)
     # another peer still trains the same expert, every call a step
@@ -106,6 +112,7 @@ def test_a_peer_over_its_step_budget_answered_but_no_longer_moving_the_expert(fi
         grads = backward(other_peer, uid, x_h, grad_h)
         torch.testing.assert_close(grads, replica.step(x_h, grad_h), rtol=1e-5, atol=1e-7)
         assert expert_version(other_peer, uid) == at + 1
+    assert skipped_updates(other_peer, uid) == calls + 1 - (expert_version(attacker, uid) - before - 3)
     torch.testing.assert_close(forward(other_peer, uid, probe), replica.forward(probe), rtol=1e-5, atol=1e-6)
 
 
@@ -120,5 +127,5 @@ def test_an_honest_trainer_under_the_budget_trains_exactly_as_local_torch(first_
         grad = 2 * (y - target) / y.numel()
         grads = backward(trainer, uid, x, grad)
         torch.testing.assert_close(grads, replica.step(x, grad), rtol=1e-5, atol=1e-7)
-    assert expert_version(trainer, uid) == before + 8
+    assert expert_version(trainer, uid) == before + 8 and skipped_updates(trainer, uid) == 0
 

@@ -29,7 +29,9 @@ was checked by the validator of the reading peer (a node without it cannot even 
 value). Well formed includes the rules of :mod:`dmoe.core.recordrules` for what a peer may say:
 endpoints (and relays) that are ``host:port``, uids that are uids, limits no lower than a node can
 be started with (higher ones clamped to what gRPC carries), finite numbers within bounds. A record
-that breaks one is skipped and the reason logged (once per reason at INFO, then at DEBUG). A node's
+that breaks one is skipped and the reason logged, with the peer's values escaped: at INFO the first
+time a kind of reason is seen (the model, and the field and rule broken, whatever the values and
+owner, so that a peer varying them gets one INFO line, not one per record), then at DEBUG. A node's
 own records, made in-process from its checked config, are not put through these rules.
 
 Records from before owned records (``record_version`` 1: a plain value under ``<uid>``,
@@ -72,6 +74,15 @@ _TIME = (0.0, rules.MAX_TIME)
 _LATENCY = (0.0, rules.MAX_LATENCY_MS)
 
 
+class RuleBroken(ValueError):
+    """A record read from a peer breaks a rule of :mod:`dmoe.core.recordrules`; ``kind`` names the field
+    (``load.latency_p50_ms`` for a nested one) and never holds the peer's values; the message does."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class _Record(pydantic.BaseModel):
     # extra fields: a newer version's; NaN from a peer: malformed
     model_config = pydantic.ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
@@ -84,28 +95,35 @@ class _Record(pydantic.BaseModel):
 
     def as_peers_may_say(self) -> _Record:
         """This record as read from a peer: itself, or a copy with limits above their ceilings clamped;
-        ValueError if it breaks a rule of :mod:`dmoe.core.recordrules` (the message says which)."""
+        :class:`RuleBroken` if it breaks a rule of :mod:`dmoe.core.recordrules` (the message says which)."""
         bounds, endpoints, uids, nested_fields, limits = _rules_of(type(self))
         values = self.__dict__  # the fields (read many times per lookup: no per-field attribute lookups)
         for name, low, high in bounds:
             if not low <= values[name] <= high:
-                raise ValueError(f"{name}={values[name]!r} is outside [{low:g}, {high:g}]")
+                raise RuleBroken(name, f"{name}={values[name]!r} is outside [{low:g}, {high:g}]")
         for name, required in endpoints:
             value = values[name]
             if (value or required) and (reason := rules.check_endpoint(value)) is not None:
-                raise ValueError(f"{name} {printable(value, 80)!r} is no endpoint to dial: {reason}")
+                raise RuleBroken(name, f"{name} {printable(value, 80)!r} is no endpoint to dial: {reason}")
         for name in uids:
             value = values[name]
             for uid in value if isinstance(value, list) else [value]:
                 if rules.check_uid(uid) is not None:
-                    raise ValueError(f"{name}: {printable(uid, 80)!r} is not an expert uid")
+                    raise RuleBroken(name, f"{name}: {printable(uid, 80)!r} is not an expert uid")
         for name in nested_fields:
             value = values[name]
             for nested in value.values() if isinstance(value, dict) else [] if value is None else [value]:
-                nested.as_peers_may_say()
+                try:
+                    nested.as_peers_may_say()
+                except RuleBroken as e:
+                    raise RuleBroken(f"{name}.{e.kind}", str(e)) from None
         clamped = {}
         for name, floor, ceiling in limits:
-            if (limit := rules.check_limit(name, values[name], floor, ceiling)) != values[name]:
+            try:
+                limit = rules.check_limit(name, values[name], floor, ceiling)
+            except ValueError as e:
+                raise RuleBroken(name, str(e)) from None
+            if limit != values[name]:
                 clamped[name] = limit
         return self.model_copy(update=clamped) if clamped else self
 
@@ -264,9 +282,25 @@ async def store_relay_async(node: DHTNode, record: RelayRecord, expiration_time:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-_logged_reasons: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last few, logged once
+# the kinds of reason logged at INFO (model, field, rule: never a peer's values), the least recently seen
+# forgotten past _MAX_LOGGED_REASONS (far more than the fields and rules can make)
+_logged_reasons: collections.OrderedDict[str, None] = collections.OrderedDict()
 _logged_lock = threading.Lock()  # several DHT peers (threads) of one process read records
 _MAX_LOGGED_REASONS = 1024
+
+
+def _reason_kind(model: type[_Record], error: ValueError) -> str:
+    """What a skipped record broke, without the values it broke it with (the key of the once-per-reason
+    log): the model, and the field and rule of the first error (a pydantic error type, or RuleBroken's)."""
+    if isinstance(error, pydantic.ValidationError):
+        first = error.errors()[0] if error.error_count() else {"loc": (), "type": "?"}
+        field = first["loc"][0] if first["loc"] else ""  # a field of the model; the rest may be a peer's keys
+        if isinstance(field, str) and field in model.model_fields:
+            return f"{model.__name__}.{field}: {first['type']}"
+        return f"{model.__name__}: {first['type']}"
+    if isinstance(error, RuleBroken):
+        return f"{model.__name__}.{error.kind}: recordrules"
+    return f"{model.__name__}: {type(error).__name__}"
 
 
 def _parse(model: type[_Record], raw: Any, owner: str = "") -> Any:
@@ -278,11 +312,12 @@ def _parse(model: type[_Record], raw: Any, owner: str = "") -> Any:
         reasons = ("; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
                    if isinstance(e, pydantic.ValidationError) else str(e))
         reason = printable(f"{model.__name__} of owner {owner[:8] or '?'}: {reasons}", 300)
+        kind = _reason_kind(model, e)
         with _logged_lock:
-            fresh = reason not in _logged_reasons
-            _logged_reasons[reason] = None
-            _logged_reasons.move_to_end(reason)
-            if len(_logged_reasons) > _MAX_LOGGED_REASONS:
+            fresh = kind not in _logged_reasons
+            _logged_reasons[kind] = None
+            _logged_reasons.move_to_end(kind)
+            while len(_logged_reasons) > _MAX_LOGGED_REASONS:
                 _logged_reasons.popitem(last=False)
         logger.log(logging.INFO if fresh else logging.DEBUG, "skipping a record: %s", reason)
         return None

@@ -3,6 +3,7 @@ the readers' rules, and the fix of hivemind's expiry heap."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 
@@ -14,6 +15,7 @@ from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 
+from dmoe.core import records
 from dmoe.core.owner import (
     CLOCK_MARGIN,
     MAX_RECORD_TTL,
@@ -301,3 +303,31 @@ def test_records_of_what_is_not_a_uid_are_skipped(uid):
     node = {**NodeRecord(node_id="n", endpoint="127.0.0.1:1").model_dump(), "experts": ["ffn.1", uid],
             "owner": ALICE.owner_id}
     assert _owned_records(entries((owned_subkey("n", ALICE.owner_id), node, now + 10)), NodeRecord, now) == []
+
+
+def test_a_peer_varying_its_values_gets_one_info_line_per_kind_of_reason(monkeypatch, caplog):
+    """Each distinct reason was logged at INFO, and a reason holds the peer's values: a peer could write
+    a new INFO line per record. Now the first of each kind (model, field, rule) is, the rest at DEBUG."""
+    monkeypatch.setattr(records, "_logged_reasons", collections.OrderedDict())
+    now = get_dht_time()
+    good = NodeRecord(node_id="n", endpoint="127.0.0.1:1", experts=["ffn.0"],
+                      load={"ffn.0": ExpertLoad()}).model_dump()
+    with caplog.at_level(logging.DEBUG, logger="dmoe.core.records"):
+        for i in range(200):
+            assert read_expert(ALICE, expert(ALICE, f"unix:/tmp/{i}\x1b[2J")) == []  # an endpoint rule
+            assert read_expert(ALICE, expert(ALICE, "127.0.0.1:1", max_batch_tokens=i % 15 + 1)) == []
+            assert read_expert(ALICE, {**expert(ALICE, "127.0.0.1:1"), "version": f"v{i}"}) == []  # a type
+            load = {f"ffn.{i}": {"forward_calls": -i - 1}}  # a nested rule, under a key of the peer's
+            value = {**good, "load": load, "owner": ALICE.owner_id}
+            assert _owned_records(entries((owned_subkey("n", ALICE.owner_id), value, now + 10)),
+                                  NodeRecord, now) == []
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 4 and len(caplog.records) == 4 * 200, info
+    assert len(records._logged_reasons) == 4
+    # the line still says why, with the peer's values, escaped
+    assert any("unix:/tmp/0" in line for line in info) and not any("\x1b" in line for line in info), info
+    assert any("forward_calls=-1" in line for line in info), info
+    # the table of kinds is bounded: the least recently seen forgotten
+    monkeypatch.setattr(records, "_MAX_LOGGED_REASONS", 2)
+    assert read_expert(ALICE, expert(ALICE, "127.0.0.1:1", max_message_bytes=1)) == []
+    assert len(records._logged_reasons) == 2

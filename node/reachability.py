@@ -12,7 +12,7 @@ with ``--relay``, or at the address of a ``--swarm`` peer, as the coordinator's 
 relays at distinct addresses; one other relay alone is not believed, and any relay that dialled the
 node back outvotes it: the node then announces its own address (and says so in a warning, with
 the remedy: ``--relay`` or ``--reachability relay``). In a private swarm (a swarm key) every
-announced relay is trusted: its record is signed by a member, and the relay protocol needs the key.
+announced relay is trusted: only a member, holding the key, can announce one in the swarm's DHT.
 A relay that lies "reachable" gains nothing: the node is not on its path.
 """
 
@@ -117,7 +117,7 @@ async def dial_back(relays: list[str], port: int, *, key: SwarmKey | None, node_
     (address_group) say so. One relay alone saying it is not believed: the verdict is then
     "reachable", with ``overruled`` saying why. None if no relay could be asked."""
     asked = relays[:MAX_PROBED_RELAYS]
-    if key is not None:  # a relay announced in a private swarm: a member's record, and it knows the key
+    if key is not None:  # a private swarm: its relays were announced by members (holding the key)
         trusted = {*trusted, *asked}
 
     async def ask(relay: str) -> dict[str, Any] | None:

@@ -279,7 +279,7 @@ def test_which_relays_a_node_believes_that_it_cannot_be_dialled():
             return result
 
         assert verdict([liar.address])["reachable"] is True
-        # in a private swarm every announced relay is trusted (a member's record, and it knows the key)
+        # in a private swarm every announced relay is trusted (only members, with the key, announce)
         assert verdict([liar.address], key=SwarmKey(b"k" * 32))["reachable"] is False
         assert verdict([liar.address], {liar.address})["reachable"] is False  # --relay: believed
         assert verdict([liar.address, other_liar.address])["reachable"] is False  # two addresses agree

@@ -37,8 +37,9 @@ Spot checks (``spot_check``, a :class:`dmoe.client.spotcheck.SpotChecker`): an a
 uses may also be checked against another replica of its expert, a few of its tokens asked again
 there. The check starts once the answer is in, runs beside the step on the same loop, and the
 forward never waits for it; its calls are ordinary calls for the balancer and the endpoint health
-(a refusal of inputs the checked replica accepted is a disagreement), and what a check decides is
-the checker's (:mod:`dmoe.client.spotcheck`).
+(a refusal of inputs the checked replica accepted is a disagreement), except that a check call that
+times out blames nobody; what a check decides is the checker's (:mod:`dmoe.client.spotcheck`).
+:meth:`Dispatcher.close` cancels the checks still in flight before it closes the channels.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import dataclasses
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -147,16 +149,20 @@ class Dispatcher:
         self.balancer = balancer if balancer is not None else ReplicaBalancer()
         self._channels = ChannelCache()  # (endpoint, tls) -> (channel, methods), least recently used dropped
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
+        self._checkers: weakref.WeakSet[SpotChecker] = weakref.WeakSet()  # those given to forward()
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def close(self) -> None:
-        """Close the channels (the loop belongs to the caller)."""
+        """Cancel the spot checks still in flight, then close the channels (the loop belongs to the
+        caller)."""
         if self._loop.is_closed():
             return
 
         async def close() -> None:
+            for checker in list(self._checkers):  # their calls use these channels: ended first
+                await checker.stop()
             for channel, _ in self._channels.values():
                 await channel.close()
             self._channels.clear()
@@ -205,6 +211,8 @@ class Dispatcher:
         every token has that many answers (or all it can get), and the calls still running are
         cancelled without counting as failures. ``spot_check``: the checker that may check answers
         against other replicas (none: no checks)."""
+        if spot_check is not None:
+            self._checkers.add(spot_check)
         return self.run(self._forward(jobs, num_tokens, k_min, forward_timeout, timeout_after_k_min,
                                       on_result, enough, avoided, spot_check))
 
@@ -222,7 +230,8 @@ class Dispatcher:
     async def _check_call(self, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor,
                           timeout: float, on_result: Callable[[ExpertCall, BaseException | None], None]
                           ) -> torch.Tensor:
-        """A spot check's forward call: in flight for the balancer, its fate reported like any call's;
+        """A spot check's forward call: in flight for the balancer, its fate reported like any call's
+        but a timeout, which blames nobody (the check's time is its own, often shorter than a step's);
         a refusal (INVALID_ARGUMENT) of inputs another replica just accepted is a disagreement."""
         call = ExpertCall.to(record, inputs, token_ids)
         tokens = int(inputs.shape[0])
@@ -231,9 +240,10 @@ class Dispatcher:
             output = await self._timed(call, timeout)
         except Exception as e:
             _log_failure("spot check", call, e)
+            timed_out = isinstance(e, TimeoutError) or status_code(e) == grpc.StatusCode.DEADLINE_EXCEEDED
             if is_refusal(e):
                 judge_refusals([(call, e)], True, on_result)
-            else:
+            elif not timed_out:
                 on_result(call, e)
             raise
         finally:

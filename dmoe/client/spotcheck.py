@@ -15,16 +15,25 @@ used is checked:
    third disagrees with, while it agrees with the other, is quarantined (``quarantine_time``). If no
    third replica is available or it does not answer, or it agrees with both or with neither, no one
    is quarantined (never on a coin toss): the disagreement is logged and counted, and the next
-   ``SUSPECT_CHECKS`` answers of that expert are all checked.
+   ``SUSPECT_CHECKS`` answers of that expert are all checked (a spell of suspicion). Disagreements
+   during a spell do not lengthen it, and after it the expert rests: for ``SUSPECT_CHECKS`` x 2^s of
+   its answers after its s-th spell (at most ``SUSPECT_REST_MAX``), a disagreement starts no new
+   spell. Two replicas that nothing can settle (an expert with only two, whose honest drift exceeds
+   the tolerance, say) then add checks to a bounded share of that expert's answers, about
+   ``SUSPECT_CHECKS / (SUSPECT_CHECKS + SUSPECT_REST_MAX)`` in the long run, not to all of them.
 
 A check never delays or fails a step: it starts once the answer it checks is in, runs on the
 swarm's event loop beside the rest of the step, and the forward returns without waiting for it. The
-second replica's call ends by the forward's deadline; a third's, asked after a disagreement, within
-the forward's timeout from then (nothing waits for it). A check
-call that fails is reported like any call (back-off, or quarantine for a malformed reply) and
-settles nothing. The answer a check convicts has been used by the step that made it: the lie costs
-that step those tokens' expert output; the convicted replica is not called again, and a backward
-for it that has not been sent yet is not sent (:mod:`dmoe.moe.remote`).
+second replica's call ends by the forward's deadline, or ``MIN_CHECK_SECONDS`` after the check
+started if that is later (but within the forward's timeout): an answer that came just before the
+deadline still gets a check that can finish. A third's, asked after a disagreement, has the forward's
+timeout from then (nothing waits for either). A check call that times out blames nobody (its time
+is the check's own, shorter than a step's); one that fails otherwise is reported like any call
+(back-off, or quarantine for a malformed reply); neither settles anything. The answer a check
+convicts has been used by the step that made it: the lie costs that step those tokens' expert
+output; the convicted replica is not called again, and a backward for it that has not been sent yet
+is not sent (:mod:`dmoe.moe.remote`). The checks still in flight when the client closes are
+cancelled first (:meth:`SpotChecker.stop`, from :meth:`dmoe.client.dispatch.Dispatcher.close`).
 
 What it cannot catch: a lie smaller than the tolerance (it is then no larger than honest replicas
 differ), an expert with a single replica, two replicas of three lying alike, and a liar that answers
@@ -50,6 +59,8 @@ from dmoe.core.records import ExpertRecord
 logger = logging.getLogger(__name__)
 
 SUSPECT_CHECKS = 20  # answers of an expert checked in a row after a disagreement that nothing settled
+SUSPECT_REST_MAX = 32 * SUSPECT_CHECKS  # the longest rest (in answers) between two such spells
+MIN_CHECK_SECONDS = 1.0  # the least time a second replica's check call gets (if the forward's timeout allows)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,6 +94,15 @@ class SpotCheckStats:
     largest_agreed: float = 0.0
 
 
+@dataclasses.dataclass(slots=True)
+class _Suspicion:
+    """An expert's spells of suspicion: answers still to check in this spell, answers of rest still
+    to go after it (no new spell starts before they are over), and spells so far."""
+    checks_left: int = 0
+    rest_left: int = 0
+    spells: int = 0
+
+
 CallFn = Callable[[ExpertRecord, torch.Tensor, torch.Tensor, float], Awaitable[torch.Tensor]]
 
 
@@ -100,7 +120,7 @@ class SpotChecker:
         self.quarantine = quarantine
         self.stats = SpotCheckStats()
         self._rng = random.Random(seed)
-        self._suspects: dict[str, int] = {}  # uid -> answers still to check after an unsettled disagreement
+        self._suspects: dict[str, _Suspicion] = {}  # uid -> its spells of suspicion (unsettled disagreements)
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -115,14 +135,18 @@ class SpotChecker:
         return len(self._tasks)
 
     def wants(self, uid: str) -> bool:
-        """Whether to check this answer of ``uid`` (a draw at ``rate``; always while it is suspect)."""
-        left = self._suspects.get(uid, 0)
-        if left > 0:
-            if left == 1:
-                del self._suspects[uid]
-            else:
-                self._suspects[uid] = left - 1
-            return True
+        """Whether to check this answer of ``uid`` (a draw at ``rate``; always during a spell of
+        suspicion). Each call is one answer of ``uid`` that could be checked: it also counts down the
+        spell, or the rest after it."""
+        suspicion = self._suspects.get(uid)
+        if suspicion is not None:
+            if suspicion.checks_left > 0:
+                suspicion.checks_left -= 1
+                if suspicion.checks_left == 0:  # the spell is over: rest, twice as long as the last time
+                    suspicion.rest_left = min(SUSPECT_REST_MAX, SUSPECT_CHECKS << min(suspicion.spells, 30))
+                return True
+            if suspicion.rest_left > 0:
+                suspicion.rest_left -= 1
         return self.rate > 0 and self._rng.random() < self.rate
 
     def start(self, uid: str, answered_by: str, output: torch.Tensor, inputs: torch.Tensor,
@@ -152,6 +176,14 @@ class SpotChecker:
         for task in list(self._tasks):
             task.cancel()
 
+    async def stop(self) -> None:
+        """Cancel the checks still in flight and wait until they have ended (on the loop): before the
+        channels their calls use are closed."""
+        tasks = list(self._tasks)
+        self.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _ask(self, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor,
                    timeout: float, call: CallFn) -> torch.Tensor | None:
         if timeout <= 0:
@@ -171,7 +203,8 @@ class SpotChecker:
                      token_ids: torch.Tensor, others: list[ExpertRecord], deadline: float, timeout: float,
                      call: CallFn, clock: Callable[[], float]) -> None:
         second = others[0]
-        second_out = await self._ask(second, inputs, token_ids, deadline - clock(), call)
+        second_out = await self._ask(second, inputs, token_ids,
+                                     max(deadline - clock(), min(timeout, MIN_CHECK_SECONDS)), call)
         if second_out is None:
             self.stats.failed += 1
             return
@@ -207,9 +240,15 @@ class SpotChecker:
 
     def _unsettled(self, uid: str, endpoints: tuple[str, str], why: str) -> None:
         self.stats.unsettled += 1
-        known = uid in self._suspects  # logged loud once per spell of suspicion, not at every check
-        self._suspects[uid] = SUSPECT_CHECKS
-        logger.log(logging.DEBUG if known else logging.WARNING,
-                   "spot check of %s: the replicas at %s and %s disagree (%s; tolerance %g); nobody "
-                   "quarantined, its next %d answers checked", printable(uid), printable(endpoints[0]),
-                   printable(endpoints[1]), printable(why), self.tolerance, SUSPECT_CHECKS)
+        suspicion = self._suspects.setdefault(uid, _Suspicion())
+        if suspicion.checks_left > 0 or suspicion.rest_left > 0:  # in a spell, or resting after one
+            logger.debug("spot check of %s: the replicas at %s and %s disagree (%s; tolerance %g); nobody "
+                         "quarantined, %s", printable(uid), printable(endpoints[0]), printable(endpoints[1]),
+                         printable(why), self.tolerance,
+                         "already suspect" if suspicion.checks_left else "resting from its last spell")
+            return
+        suspicion.spells += 1
+        suspicion.checks_left = SUSPECT_CHECKS
+        logger.warning("spot check of %s: the replicas at %s and %s disagree (%s; tolerance %g); nobody "
+                       "quarantined, its next %d answers checked", printable(uid), printable(endpoints[0]),
+                       printable(endpoints[1]), printable(why), self.tolerance, SUSPECT_CHECKS)

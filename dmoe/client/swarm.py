@@ -65,7 +65,8 @@ class Swarm:
         self._dispatchers: list[Dispatcher] = []
 
     def dispatcher(self, compression: int) -> Dispatcher:
-        """A Dispatcher on this swarm's loop; its channels are closed by shutdown()."""
+        """A Dispatcher on this swarm's loop; shutdown() closes it (its spot checks in flight cancelled,
+        then its channels closed)."""
         dispatcher = Dispatcher(self.loop, compression, key=self.key,
                                 max_reply_abs=self.config.max_reply_abs, balancer=self.balancer)
         self._dispatchers.append(dispatcher)

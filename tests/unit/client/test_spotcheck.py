@@ -4,6 +4,7 @@ are modules of this process (the seam is the checker's call function: one forwar
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from dmoe.client.config import SwarmConfig
-from dmoe.client.spotcheck import SUSPECT_CHECKS, SpotChecker, distance
+from dmoe.client.spotcheck import MIN_CHECK_SECONDS, SUSPECT_CHECKS, SUSPECT_REST_MAX, SpotChecker, distance
 from dmoe.core.records import ExpertRecord
 from dmoe.errors import ConfigError
 
@@ -174,3 +175,90 @@ def test_swarm_config_spot_check_options():
                 dict(spot_check_tokens=0)):
         with pytest.raises(ConfigError, match="spot_check"):
             SwarmConfig(**bad)
+
+
+def test_suspicion_that_nothing_settles_is_a_bounded_share_of_an_experts_answers(caplog):
+    """Two replicas that disagree at every check (honest drift above the tolerance, or a liar with no
+    third to settle it), checked at rate 5%: a disagreement during a spell does not lengthen it, and
+    after each spell the expert rests for twice as many answers as after the one before (up to a
+    bound), so the checks it adds stay a bounded share of its answers instead of all of them."""
+    caplog.set_level(logging.WARNING, logger="dmoe.client.spotcheck")  # one warning per spell
+    convicted: list = []
+    rate = 0.05
+    replicas = Replicas(["a:1"], liars=["liar:1"])
+    checker = checker_for(convicted, rate=rate)
+    assert check(checker, replicas, "a:1", ["liar:1"])  # the first unsettled disagreement: a spell
+    assert convicted == [] and checker.stats.unsettled == 1
+    starts, checked = [0], []
+
+    def answers(count: int) -> None:
+        """Answers of the expert, each check a disagreement that nothing settles."""
+        for _ in range(count):
+            checked.append(checker.wants(UID))
+            if checked[-1]:
+                spells = len(caplog.records)
+                checker._unsettled(UID, ("a:1", "liar:1"), "apart again")
+                if len(caplog.records) > spells:
+                    starts.append(len(checked))
+
+    answers(SUSPECT_CHECKS)
+    assert all(checked) and starts == [0]  # the spell's own disagreements do not lengthen it
+    answers(20_000)
+    rests = [b - a - SUSPECT_CHECKS for a, b in zip(starts, starts[1:])]
+    assert len(rests) >= 5, rests
+    assert all(rest >= min(SUSPECT_REST_MAX, SUSPECT_CHECKS << spell) for spell, rest in enumerate(rests, 1))
+    checked.clear()
+    answers(200_000)  # in the long run: the rate, and a spell per rest at most
+    share = sum(checked) / len(checked)
+    assert rate < share < rate + 1.1 * SUSPECT_CHECKS / (SUSPECT_CHECKS + SUSPECT_REST_MAX), share
+
+
+def test_a_check_of_an_answer_that_came_just_before_the_deadline_still_gets_time_of_its_own():
+    """The second replica's call ends by the forward's deadline, but never sooner than
+    MIN_CHECK_SECONDS (within the forward's timeout) from the check's start: an answer that came
+    late must not leave its check milliseconds, to time out and settle nothing."""
+    replicas = Replicas(["a:1", "b:1"])
+    given: list[float] = []
+
+    async def call(replica, inputs, token_ids, timeout):
+        given.append(timeout)
+        return await replicas.call(replica, inputs, token_ids, timeout)
+
+    checker = checker_for([])
+    x = torch.randn(4, HIDDEN)
+    output = replicas.answer("a:1", x)
+
+    async def run() -> None:
+        assert checker.start(UID, "a:1", output, x, torch.arange(4), [record("b:1")],
+                             deadline=time.monotonic() + 0.002, timeout=5.0, call=call, clock=time.monotonic)
+        while checker.running:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(run())
+    assert len(given) == 1 and given[0] >= MIN_CHECK_SECONDS - 0.01, given
+    assert checker.stats.agreed == 1
+
+
+def test_stop_cancels_the_checks_in_flight_and_waits_for_them():
+    replicas = Replicas(["a:1", "b:1"])
+    entered = []
+
+    async def never(replica, inputs, token_ids, timeout):
+        entered.append(replica.dial_endpoint)
+        await asyncio.sleep(3600)
+
+    checker = checker_for([])
+    x = torch.randn(4, HIDDEN)
+    output = replicas.answer("a:1", x)
+
+    async def run() -> None:
+        assert checker.start(UID, "a:1", output, x, torch.arange(4), [record("b:1")],
+                             deadline=time.monotonic() + 5, timeout=5.0, call=never, clock=time.monotonic)
+        while not entered:
+            await asyncio.sleep(0.001)
+        assert checker.running == 1
+        await checker.stop()
+        assert checker.running == 0
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert checker.stats.failed == 0 and checker.stats.checks == 0  # a cancelled check is not a failed one

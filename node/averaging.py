@@ -68,6 +68,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from dmoe.core.aggregates import AGGREGATES
 from dmoe.core.auth import SwarmKey
 from dmoe.core.contribution import Refused, check_contribution
 from dmoe.core.dht import DHTPeer
@@ -89,7 +90,6 @@ from dmoe.node.transfer import (
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
-AGGREGATES = ("mean", "centered-clip")
 JITTER = 0.2  # each interval is interval * uniform(1 - JITTER, 1 + JITTER)
 
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from dmoe.config import option
 from dmoe.core.addresses import check_announce_maddrs, split_address
+from dmoe.core.aggregates import AGGREGATES
 from dmoe.core.owner import MAX_RECORD_TTL
 from dmoe.core.recordrules import MIN_BATCH_TOKENS, MIN_MESSAGE_BYTES
 from dmoe.core.uids import expand_patterns
@@ -126,8 +127,8 @@ class NodeConfig:
             positive("num_threads")
         if self.announce_port is not None and not 0 < self.announce_port <= 65535:
             raise ConfigError(f"announce_port must be in 1..65535, got {self.announce_port}")
-        if self.average_aggregate not in ("mean", "centered-clip"):  # dmoe.node.averaging.AGGREGATES
-            raise ConfigError(f"average_aggregate must be mean or centered-clip, "
+        if self.average_aggregate not in AGGREGATES:
+            raise ConfigError(f"average_aggregate must be one of {', '.join(AGGREGATES)}, "
                               f"got {self.average_aggregate!r}")
         if self.reachability not in ("auto", "direct", "relay"):
             raise ConfigError(f"reachability must be auto, direct or relay, got {self.reachability!r}")

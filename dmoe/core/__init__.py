@@ -15,6 +15,7 @@ package (checked by the import contract in pyproject.toml).
 - ``addresses.py``   ``host:port`` and libp2p multiaddrs: split, join, check; address_group (IPv4, IPv6 /64)
 - ``contribution.py`` check_contribution: the guard on tensors a peer offers to average (trainers, replicas)
 - ``robust.py``      centered_clip: a robust aggregate (CenteredClip) of peers' tensors, instead of the mean
+- ``aggregates.py``  AGGREGATES: the names of the averaging aggregates the configs accept (no torch)
 - ``checkpoint.py``  CheckpointStore: atomic safetensors checkpoints, the last few kept; TrainingState
 - ``ratelimit.py``   TokenBucket: the rate limiter of the node's per-peer limits and of the relay
 - ``files.py``       write_json_atomic: files that readers see whole or not at all (never through a symlink)

@@ -15,6 +15,8 @@ about ``tau / (n - 1)`` at most, however far it is.
 phase of training, and the size of the part), so by default it is relative: ``relative_tau`` times the
 median distance of the points from the starting point, measured anew for every call (every part). With
 fewer than half of the points hostile, the median distance is an honest one.
+
+The configs name it ``centered-clip`` (:data:`dmoe.core.aggregates.AGGREGATES`, which imports no torch).
 """
 
 from __future__ import annotations

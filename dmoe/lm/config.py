@@ -9,10 +9,9 @@ from typing import ClassVar
 
 from dmoe.client.config import SwarmConfig
 from dmoe.config import check_nested, nested, option
+from dmoe.core.aggregates import AGGREGATES
 from dmoe.core.compression import COMPRESSION_NAMES
 from dmoe.errors import ConfigError
-
-AGGREGATES = ("mean", "centered-clip")  # how averaging reduces the peers' values (dmoe.core.robust)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

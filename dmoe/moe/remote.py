@@ -22,7 +22,8 @@ Spot checks (``spot_check_rate`` and friends of the Swarm's config; :mod:`dmoe.c
 some answers are also asked of a second replica and compared, beside the step; a replica that lied
 is quarantined. A backward is not sent to a replica quarantined since it answered the forward (by a
 spot check, or for any other misbehaviour of that expert there): its answers are not trusted, and
-its tokens get no gradient through that expert.
+its tokens get no gradient through that expert. Closing the layer's dispatcher (the Swarm's shutdown
+does) cancels the checks still in flight first.
 """
 
 from __future__ import annotations

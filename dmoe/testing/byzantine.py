@@ -62,6 +62,7 @@ class AveragingPeers:
                  aggregate: str = "mean", matchmaking_time: float = 1.0, round_timeout: float = 30.0):
         self.tensors = [[torch.zeros(shape) for shape in shapes] for _ in range(num_peers)]
         self.dht = [DHTPeer() for _ in range(num_peers)]
+        self._sizes = [0] * num_peers  # group sizes found in the last round
         self.averagers: list[ParameterAverager] = []
         try:
             for tensors, peer in zip(self.tensors, self.dht):  # the forks, before any peer's thread
@@ -86,8 +87,10 @@ class AveragingPeers:
 
     def round(self, timeout: float = 60.0) -> list[str]:
         """One averaging round of every peer at once, and each result applied; returns each peer's
-        outcome: "averaged", "refused" (by its guard) or "failed" (group size: ``last_group_size``)."""
+        outcome: "averaged", "refused" (by its guard) or "failed". :meth:`group_sizes` then gives the
+        size of the group each peer found in this round (0 where it failed)."""
         outcomes = ["failed"] * len(self.averagers)
+        self._sizes = [0] * len(self.averagers)  # this round's: a failed one leaves the last round's size
 
         def run(index: int) -> None:
             averager = self.averagers[index]
@@ -96,6 +99,8 @@ class AveragingPeers:
                 outcomes[index] = "averaged"
             elif averager.num_refused_rounds > refused:
                 outcomes[index] = "refused"
+            if outcomes[index] != "failed":
+                self._sizes[index] = averager.last_group_size
 
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(self.averagers))]
         for thread in threads:
@@ -105,7 +110,8 @@ class AveragingPeers:
         return outcomes
 
     def group_sizes(self) -> list[int]:
-        return [averager.last_group_size for averager in self.averagers]
+        """The size of the group each peer found in the last :meth:`round` (0: it found none, or failed)."""
+        return list(self._sizes)
 
     def shutdown(self) -> None:
         # the last forked first: each averager's process holds the DHT pipes of those forked before it

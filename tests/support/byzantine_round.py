@@ -5,7 +5,8 @@ them hostile, for each attack asked; prints one JSON line per attack: where the 
 small update (1% of its norm); peer 0 offers :func:`dmoe.testing.byzantine.poison` of its own. Printed
 per attack: each peer's outcome ("averaged", "refused", "failed"), group sizes, and each honest peer's
 distance from the honest peers' mean, relative to the point's norm, before and after the round. A
-round that does not put all four in one group is tried again (up to three times)."""
+round that does not put all four in one group, or that fails for any of them, is tried again (up to
+three times)."""
 
 import json
 import math
@@ -39,8 +40,8 @@ def main() -> None:
                 peers.set(0, poison(attack, offers[0], base, stale, generator))
                 for i in range(1, NUM_PEERS):
                     peers.set(i, offers[i])
-                outcomes = peers.round()
-                if all(size == NUM_PEERS for size in peers.group_sizes()):
+                outcomes = peers.round()  # a failed round (any peer's) is tried again, as one of other groups
+                if "failed" not in outcomes and all(size == NUM_PEERS for size in peers.group_sizes()):
                     break
             print(json.dumps({
                 "aggregate": aggregate, "attack": attack, "outcomes": outcomes, "groups": peers.group_sizes(),

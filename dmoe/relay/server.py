@@ -33,8 +33,9 @@ a newcomer the least recently active connection of the address that holds the mo
 address holds at least two more than the newcomer's. A relay that reads the swarm's DHT
 (:meth:`Relay.watch_records`, which :meth:`Relay.announce` calls) drops a registration that no node
 record of the swarm backs within ``record_grace`` (an online record of that node id naming its
-port here). A read that finds no record at all, or none of the registrations it backed before,
-drops nobody (a DHT read may come back empty or partial); a backed registration is checked again
+port here). A read that finds no record at all drops nobody, and one that finds none of the
+registrations it backed before drops no never-backed one (a DHT read may come back empty or
+partial); a backed registration is checked again
 every ``BACKED_RECHECK`` grace periods and dropped only after ``BACKED_MISSES`` checks in a row find
 no record of it (a node in its shutdown grace has withdrawn its record already). An address group
 whose never-backed registrations are dropped ``UNBACKED_STRIKES`` times within ``UNBACKED_COOLDOWN``

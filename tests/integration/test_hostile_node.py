@@ -1,4 +1,4 @@
-"""Well-formed requests that used to take a node's event loop or its call slots (issue 18), each
+"""Well-formed requests that used to take a node's event loop or its call slots, each
 against a real node: the attack now fails with a status that names the limit, and the legitimate
 use beside it still works.
 

@@ -1,4 +1,4 @@
-"""Hostile records in a real DHT (issue 18): records that announce absurd limits, endpoints a client
+"""Hostile records in a real DHT: records that announce absurd limits, endpoints a client
 should never dial (unix sockets, port 0), or numbers that overflow the swarm view. A real client
 (:class:`dmoe.client.swarm.Swarm` and its Dispatcher) and a real coordinator read them; the attack
 costs them nothing and honest records around them are used as before.

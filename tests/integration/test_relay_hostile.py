@@ -1,4 +1,4 @@
-"""Hostile peers against relays and the nodes they serve (issue 18): client connections held idle
+"""Hostile peers against relays and the nodes they serve: client connections held idle
 through a relay, registrations that no node of the swarm backs, and a relay that tells a node it
 cannot be dialled so as to carry its traffic.
 

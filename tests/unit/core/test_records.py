@@ -203,7 +203,7 @@ def test_a_refused_earlier_value_removes_the_live_one_unless_fixed(store, clock,
     assert survived == ((False, False) if store is _hivemind_store else (True, True))
 
 
-# ---- what a record read from a peer may say (issue 18: hostile records) ---------------------------------
+# ---- what a record read from a peer may say (hostile records) ---------------------------------
 def read_expert(owner: OwnerKey, value: dict, uid: str = "ffn.0") -> list[ExpertRecord]:
     """The replicas a reader keeps of one planted expert record (signature checks aside)."""
     now = get_dht_time()

@@ -13,6 +13,7 @@ import threading
 
 import grpc
 import torch
+from loop_server import LoopServer
 
 from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
 from dmoe.proto import expert_pb2 as pb
@@ -21,15 +22,13 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 MAX_BYTES = 64 << 20
 
 
-class CountingServer:
+class CountingServer(LoopServer):
     def __init__(self, unix_path: str | None = None, delay: float = 0.0, num_ports: int = 1):
         self.unix_path, self.delay, self.num_ports = unix_path, delay, num_ports
         self.calls: collections.Counter[str] = collections.Counter()  # requests answered, per uid
         self.chunks: collections.Counter[str] = collections.Counter()  # stream chunks received, per uid
         self.started = threading.Event()  # set when a call begins (it then waits ``delay``)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._server: grpc.aio.Server | None = None
+        super().__init__()
         self.endpoints: list[str] = []  # one per port it listens on (num_ports), all on 127.0.0.1
 
     @property
@@ -37,8 +36,7 @@ class CountingServer:
         return self.endpoints[0]
 
     def start(self) -> CountingServer:
-        self._thread.start()
-        self.endpoints = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        self.endpoints = self._run_on_loop(self._start())
         return self
 
     async def _start(self) -> list[str]:
@@ -92,8 +90,3 @@ class CountingServer:
 
         return handle
 
-    def shutdown(self) -> None:
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(0), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)

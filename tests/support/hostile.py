@@ -8,11 +8,11 @@ that is not a protobuf), ``slow`` (the right answer, ``slow_seconds`` late), ``h
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import grpc
 import torch
+from loop_server import LoopServer
 
 from dmoe.core.dht import DHTPeer
 from dmoe.core.records import ExpertRecord, NodeRecord, store_announcement_async
@@ -22,18 +22,15 @@ from dmoe.proto import expert_pb2 as pb
 SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 
 
-class HostileServer:
+class HostileServer(LoopServer):
     def __init__(self, modes: dict[str, str], slow_seconds: float = 3.0):
         self.modes, self.slow_seconds = modes, slow_seconds
         self.calls: dict[str, int] = {uid: 0 for uid in modes}
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._server: grpc.aio.Server | None = None
+        super().__init__()
         self.endpoint = ""
 
     def start(self) -> HostileServer:
-        self._thread.start()
-        self.endpoint = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        self.endpoint = self._run_on_loop(self._start())
         return self
 
     async def _start(self) -> str:
@@ -70,11 +67,6 @@ class HostileServer:
 
         return handle
 
-    def shutdown(self) -> None:
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(0), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 def plant_records(peer: DHTPeer, records: dict[str, str], node_id: str = "hostile",

@@ -124,14 +124,17 @@ def test_with_spot_checks_off_the_liar_is_never_caught(nodes):
     swarm = client(nodes, spot_check_rate=0.0)
     layer = layer_of(swarm)
     try:
+        for process in nodes["honest"]:  # every call goes to the liar (the balancer might avoid it)
+            for uid in UIDS:
+                swarm.quarantine(process.endpoint, uid, "left out by the test")
         before, steps = num_lies(nodes), 0
         while num_lies(nodes) < before + 3:  # the step used three lies at least
-            assert steps < 300, "the liar told no lies"
+            assert steps < 100, "the liar told no lies"
             layer(torch.randn(8, HIDDEN))
             assert layer.last_num_failed == 0
             steps += 1
         assert layer.spot_checker.stats.checks == 0
-        assert quarantined(swarm, nodes["honest"] + [nodes["liar"]]) == set()
+        assert quarantined(swarm, [nodes["liar"]]) == set()
     finally:
         layer.dispatcher.close()
         swarm.shutdown()

@@ -98,6 +98,9 @@ class TrainConfig(LMConfig):
     backward_timeout: float = option(10.0, "deadline of an expert backward call (s)")
     compression: str = option("none", "activations and gradients on the wire: none, fp16, 8bit")
     metrics_file: str | None = option(None, "append one JSON line per step and per evaluation to this file")
+    publish_demand: bool = option(True, "publish in the swarm the tokens/s the gates route to each expert, "
+                                        "so that nodes can place themselves where they are needed")
+    demand_interval: float = option(30.0, "seconds between publications of the demand (randomised by 20%)")
 
     def __post_init__(self) -> None:
         LMConfig.__post_init__(self)
@@ -121,6 +124,8 @@ class TrainConfig(LMConfig):
             raise ConfigError("--run-id averages with other trainers over a swarm: give --swarm too")
         if self.resume and not self.save:
             raise ConfigError("--resume needs --save DIR, where the checkpoints are")
+        if not self.demand_interval > 0:
+            raise ConfigError(f"demand_interval must be positive, got {self.demand_interval}")
 
     @property
     def model_config(self) -> LMConfig:

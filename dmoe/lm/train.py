@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from dmoe.core.checkpoint import CheckpointStore, TrainingState
-from dmoe.errors import CheckpointError
+from dmoe.core.modelspec import ModelSpec
+from dmoe.errors import CheckpointError, ConfigError
 from dmoe.lm.config import LMConfig, TrainConfig
 from dmoe.lm.data import ByteCorpus
 from dmoe.lm.model import MoELM, local_moe_factory, remote_moe_factory
@@ -37,6 +38,7 @@ class Trainer:
         self.step = 0
         self.swarm = None
         self.averager = None
+        self.spec_publisher = None  # re-stores this model's spec in the swarm (dmoe.core.modelspec)
         self.num_failed_calls = 0
         self.history: list[dict] = []
         self._store = None
@@ -51,6 +53,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         try:
             self.model = self._build_model()
+            if self.swarm is not None:
+                self._publish_model()
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
             if config.save:
                 self._store = CheckpointStore(config.save, keep=2)
@@ -92,6 +96,14 @@ class Trainer:
                                                   clip_tau=config.average_clip_tau,
                                                   clip_iterations=config.average_clip_iterations)
             self.swarm = swarm.start()
+            if config.publish_demand:  # the tokens/s each layer's gate routes to each expert, in the DHT
+                from dmoe.core.demand import DemandPublisher
+                from dmoe.moe.remote import RemoteMoE
+
+                publisher = DemandPublisher(swarm.peer, interval=config.demand_interval)
+                for layer in model.modules():
+                    if isinstance(layer, RemoteMoE):
+                        layer.publish_demand(publisher)
         except BaseException:
             swarm.peer.shutdown()  # a peer that never started only closes its event loop
             raise
@@ -99,7 +111,27 @@ class Trainer:
             self.averager.connect()
         return model
 
+    def _publish_model(self) -> None:
+        """Refuse a swarm where a node serves a uid of this model with another schema (class, sizes,
+        dtype); then publish the model's spec, so that nodes started with --model build its experts."""
+        from dmoe.core.records import find_experts
+
+        spec = model_spec(self.config)
+        for uid, replicas in find_experts(self.swarm.peer, spec.uids).items():
+            for record in replicas:
+                if record.schema and record.schema != spec.schema:
+                    raise ConfigError(
+                        f"node {record.node_id} at {record.endpoint} serves {uid} as {record.schema}, but "
+                        f"this model needs {spec.schema}: restart that node with --model {spec.name} (or "
+                        f"the matching sizes), or train with the sizes it serves")
+        from dmoe.core.modelspec import SpecPublisher
+
+        self.spec_publisher = SpecPublisher(self.swarm.peer, spec).start()
+
     def shutdown(self) -> None:
+        if self.spec_publisher is not None:
+            self.spec_publisher.stop()
+            self.spec_publisher = None
         if self.averager is not None:
             self.averager.shutdown()
             self.averager = None
@@ -225,3 +257,12 @@ def load_checkpoint(checkpoint_dir: str) -> tuple[LMConfig, dict[str, torch.Tens
         raise CheckpointError(f"no checkpoint in {checkpoint_dir} (was it written by dmoe train --save?)")
     state, _ = loaded
     return LMConfig.from_dict(state.config), state.model, state.step
+
+
+def model_spec(config: LMConfig) -> ModelSpec:
+    """The spec ``dmoe train`` publishes for its model, named after its uid prefix: a grid per MoE
+    layer, ffn experts of d_model x expert_inner, float32, trained by the nodes' default optimizer (the
+    spec's defaults: adam, lr 1e-3, gradients clipped to 1, seed 0)."""
+    return ModelSpec.from_values({"name": config.prefix, "experts": config.expert_patterns(),
+                                  "expert_cls": "ffn", "hidden_dim": config.d_model,
+                                  "inner_dim": config.expert_inner, "version": 1})

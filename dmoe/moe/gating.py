@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +36,10 @@ class MoELayer(nn.Module):
       needed); ``num_failed_calls`` sums it over every forward;
     - ``last_routing``: (candidate uids, experts_TK), and ``last_answered_TK``: which of those slots
       gave an output that was used.
+
+    ``routed_tokens`` counts, per expert of the grid (flat, row-major), the tokens the gate has routed to
+    it since the layer was made (each token's top-k, not its hedged spares; a Switch token dropped for
+    capacity is not counted): the demand a trainer publishes (:mod:`dmoe.core.demand`) is its rate.
     """
 
     def __init__(self, *, prefix: str, grid: tuple[int, ...], in_features: int, k: int = 2,
@@ -64,6 +69,8 @@ class MoELayer(nn.Module):
         self.num_failed_calls = 0  # expert calls dropped by forwards since this layer was made
         self.last_routing: tuple[list[str], torch.Tensor] | None = None  # (candidate uids, experts_TK)
         self.last_answered_TK: torch.Tensor | None = None  # which slots of last_routing gave an output
+        self.routed_tokens = torch.zeros(math.prod(self.grid), dtype=torch.int64)  # see the class docstring
+        self._strides = torch.tensor([math.prod(self.grid[d + 1:]) for d in range(len(self.grid))])
 
     # ---- what a subclass provides ----------------------------------------------------------------
     def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], Any]]:
@@ -106,6 +113,7 @@ class MoELayer(nn.Module):
             # K = k + hedge slots, best first; with hedging, the spares are the last slots
             top_logits_TK, experts_TK = logits_TC.topk(min(self.k + self.hedge, len(found)), dim=-1)
         self.last_routing = ([self.uid(coords) for coords, _ in found], experts_TK)
+        self._count_routed(coords_CL, experts_TK[:, : self.k])
         out_TKD, answered_TK, self.last_num_failed = self.run_experts(x_TD, experts_TK, handles)
         self.num_failed_calls += self.last_num_failed
         if self.hedge:  # keep each token's best k answers (slots are sorted by gate score)
@@ -121,6 +129,17 @@ class MoELayer(nn.Module):
         y_TD = (weights_TK.unsqueeze(-1) * out_TKD).sum(1)
         self._set_losses(logits_TC, experts_TK[:, : self.k])  # balance the primary routing, not the spares
         return y_TD.reshape(x.shape)
+
+    def _count_routed(self, coords_CL: torch.Tensor, experts_TK: torch.Tensor) -> None:
+        """Add the tokens routed to each candidate to ``routed_tokens`` (one bincount per forward)."""
+        with torch.no_grad():
+            routed = experts_TK.flatten()
+            counts_C = torch.bincount(routed[routed >= 0], minlength=coords_CL.shape[0]).cpu()
+            self.routed_tokens.index_add_(0, (coords_CL * self._strides).sum(-1), counts_C)
+
+    def routed_counts(self) -> np.ndarray:
+        """A copy of ``routed_tokens`` (cumulative tokens routed per expert, flat over the grid)."""
+        return self.routed_tokens.numpy().copy()
 
     def _switch_route(self, logits_TC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-1 with a capacity: each expert takes at most ceil(capacity_factor x T / C) tokens, in

@@ -24,6 +24,11 @@ is quarantined. A backward is not sent to a replica quarantined since it answere
 spot check, or for any other misbehaviour of that expert there): its answers are not trusted, and
 its tokens get no gradient through that expert. Closing the layer's dispatcher (the Swarm's shutdown
 does) cancels the checks still in flight first.
+
+Demand (:mod:`dmoe.core.demand`): :meth:`RemoteMoE.publish_demand` publishes the tokens/s this
+layer's gate routes to each expert (a moving average of ``routed_tokens``) in the DHT, through the
+swarm's DHT peer, so that nodes can place themselves where the gate sends tokens; ``dmoe train``
+does it for every layer unless ``--no-publish-demand``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from dmoe.client.dispatch import ExpertCall, ExpertJob
 from dmoe.client.spotcheck import SpotChecker
 from dmoe.client.swarm import Swarm
+from dmoe.core.demand import DemandPublisher
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import compression_from_name
 from dmoe.moe.gating import MoELayer, group_by_expert
@@ -86,6 +92,19 @@ class RemoteMoE(MoELayer):
         self.spot_checker = SpotChecker.from_config(swarm.config, swarm.quarantine)
         self.last_num_retried = 0  # calls of the last forward re-sent to another replica
         self.num_retried_calls = 0  # their total since this layer was made
+
+    def publish_demand(self, publisher: DemandPublisher | None = None, **options) -> DemandPublisher:
+        """Publish this layer's demand with ``publisher`` (share one among the layers of a swarm: layers
+        of one prefix are summed into one record), or with a new one on the swarm's DHT peer made with
+        ``options`` (:class:`dmoe.core.demand.DemandPublisher`'s: ``interval``, ``time_constant``,
+        ``ttl``); it publishes every interval once started (it is, on return) and while the swarm
+        runs; :meth:`DemandPublisher.publish` stores the records at once."""
+        if publisher is None:
+            publisher = DemandPublisher(self.swarm.peer, **options)
+        elif options:
+            raise TypeError("give a publisher or the options of a new one, not both")
+        publisher.add(self.prefix, self.grid, self.routed_counts)
+        return publisher.start()
 
     def no_candidates(self) -> None:
         logger.warning("no live expert under prefix %r: is a node running with --experts '%s.[...]'?",

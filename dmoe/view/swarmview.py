@@ -16,6 +16,12 @@ largest spread (how far a replica was from the last replica it averaged with, be
 that replica measured it). An expert held by a single node is lost if that node leaves for good:
 ``single_replica`` lists those uids.
 
+Demand and coverage: given the trainers' demand records (:mod:`dmoe.core.demand`), the view sums
+their tokens/s per uid, estimates each replica's throughput from its node's load, and lists per uid
+of the trainers' grids and of the hosted experts their ratio (:class:`ExpertCoverage`): demand over
+throughput, ``None`` where there is demand and no replica. ``no_replica`` lists the uids of those
+grids that no node hosts.
+
 Numbers stay finite: records read from the DHT are bounded (:mod:`dmoe.core.recordrules`), the
 view's own sums and means are clamped to finite floats, and :func:`json_safe` turns what would still
 not be into a finite number before any JSON is written (one record must never break the dashboard).
@@ -31,6 +37,7 @@ from collections.abc import Mapping
 
 import pydantic
 
+from dmoe.core.demand import DemandRecord, coverage, grid_uids, replica_throughputs, total_demand
 from dmoe.core.records import ExpertLoad, NodeRecord
 
 
@@ -108,6 +115,15 @@ class NodeSummary(_Model):
     optimizer_steps: int
 
 
+class ExpertCoverage(_Model):
+    """How well one expert's replicas cover the trainers' demand (:func:`dmoe.core.demand.coverage`)."""
+    uid: str
+    demand: float  # routed tokens/s, all trainers together
+    throughput: float  # routed tokens/s its replicas can serve (estimated from their load)
+    num_replicas: int
+    ratio: float | None  # demand / throughput; None: demand and no replica
+
+
 class SwarmView(_Model):
     at: float  # wall-clock time of the view (unix seconds)
     num_nodes: int
@@ -124,6 +140,12 @@ class SwarmView(_Model):
     single_replica: list[str] = []  # those uids, sorted
     max_spread: float = 0.0  # largest spread over all experts
     expert_replicas: list[ExpertReplicas] = []  # one per uid, sorted by uid
+    # demand (read when the trainers' demand records are given): trainers that published, the grids
+    # they route over (prefix -> sizes), coverage per uid (sorted), the uids of those grids nobody hosts
+    num_trainers: int = 0
+    grids: dict[str, list[int]] = {}
+    coverage: list[ExpertCoverage] = []
+    no_replica: list[str] = []
 
 
 def _replicas_of(uid: str, replicas: list[ReplicaSummary]) -> ExpertReplicas:
@@ -135,8 +157,10 @@ def _replicas_of(uid: str, replicas: list[ReplicaSummary]) -> ExpertReplicas:
     )
 
 
-def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> SwarmView:
-    """The view of a swarm from its live node records (by node id)."""
+def summarize(records: Mapping[str, NodeRecord], now: float | None = None,
+              demand: Mapping[str, Mapping[str, DemandRecord]] | None = None) -> SwarmView:
+    """The view of a swarm from its live node records (by node id), and, if given, the trainers' demand
+    records (by prefix, then owner: :func:`dmoe.core.demand.find_demand`)."""
     now = time.time() if now is None else now
     nodes, experts = [], []
     owners: dict[str, list[ReplicaSummary]] = {}
@@ -195,6 +219,25 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None) -> Sw
         nodes=nodes, experts=sorted(experts, key=lambda e: (e.uid, e.node_id)),
         num_single_replica=len(single), single_replica=single,
         max_spread=max((r.max_spread for r in replicas), default=0.0), expert_replicas=replicas,
+        **({} if demand is None else _demand_fields(records, demand)),
+    )
+
+
+def _demand_fields(records: Mapping[str, NodeRecord], demand: Mapping[str, Mapping[str, DemandRecord]]
+                   ) -> dict:
+    found = [record for by_owner in demand.values() for record in by_owner.values()]
+    grids = {}
+    for record in found:
+        grids.setdefault(record.prefix, list(record.grid))
+    in_grids = grid_uids(r for r in found if grids[r.prefix] == list(r.grid))  # the first grid of a prefix
+    covered = coverage(total_demand(found), replica_throughputs(records), in_grids)
+    return dict(
+        num_trainers=len({record.owner for record in found}), grids=grids,
+        coverage=[ExpertCoverage(uid=c.uid, demand=_finite(c.demand), throughput=_finite(c.throughput),
+                                 num_replicas=c.num_replicas,
+                                 ratio=_finite(c.ratio) if math.isfinite(c.ratio) else None)
+                  for c in covered.values()],
+        no_replica=[c.uid for c in covered.values() if c.uncovered],
     )
 
 

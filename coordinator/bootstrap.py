@@ -24,6 +24,7 @@ from dmoe.core.auth import load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import dht_authorizer
 from dmoe.core.files import write_json_atomic
+from dmoe.core.modelspec import ModelSpec, SpecPublisher
 from dmoe.relay.server import Relay
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Coordinator:
         self.peer_id: str = ""
         self.dashboard_url: str = ""
         self.relay: Relay | None = None  # serves nodes that cannot be dialled (--offer-relay, on by default)
+        self.spec_publisher: SpecPublisher | None = None  # re-stores the --model spec
 
     def start(self) -> Coordinator:
         config, swarm = self.config, self.config.swarm
@@ -60,6 +62,8 @@ class Coordinator:
                                    if config.relay_public_ports else None)
                 self.relay.start()
                 self.relay.announce(self.dht, self.peer_id)
+            if config.model is not None:
+                self.spec_publisher = SpecPublisher(self.dht, ModelSpec.from_toml(config.model)).start()
             self.monitor = SwarmMonitor(self.dht, poll_interval=config.poll_interval, history=config.history)
             info = {"peer_id": self.dht.peer_id, "swarm": self.swarm_addresses, "join": self.join_address}
             relay_stats = self.relay.stats if self.relay is not None else None
@@ -88,6 +92,9 @@ class Coordinator:
             await self.monitor.stop()
 
     def shutdown(self) -> None:
+        if self.spec_publisher is not None:
+            self.spec_publisher.stop()
+            self.spec_publisher = None
         if self.relay is not None:
             self.relay.shutdown()
             self.relay = None

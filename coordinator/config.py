@@ -9,6 +9,7 @@ from typing import ClassVar
 from dmoe.client.config import SwarmConfig
 from dmoe.config import check_nested, nested, option
 from dmoe.core.addresses import check_announce_maddrs, parse_port_range
+from dmoe.core.modelspec import ModelSpec
 from dmoe.errors import ConfigError
 from dmoe.relay.limits import RelayLimits
 
@@ -51,6 +52,9 @@ class CoordinatorConfig:
                                                       "together (0: no limit)")
     ready_file: str | None = option(None, "write a JSON file with the swarm address and dashboard URL once "
                                           "up")
+    model: str | None = option(None, "TOML file of a model spec to publish in the swarm, re-stored while "
+                                     "the coordinator runs: nodes started with --model NAME build its "
+                                     "experts (format: docs/architecture.md, 'The model spec')")
 
     def __post_init__(self) -> None:
         check_nested(self)
@@ -71,6 +75,11 @@ class CoordinatorConfig:
                               "address nodes dial")
         if self.history < 2:
             raise ConfigError(f"history must be at least 2 views, got {self.history}")
+        if self.model is not None:
+            try:
+                ModelSpec.from_toml(self.model)
+            except ValueError as e:
+                raise ConfigError(f"model: {e}") from None
 
     def relay_limits(self) -> RelayLimits:
         return RelayLimits(max_nodes=self.relay_max_nodes, max_nodes_per_ip=self.relay_max_nodes_per_ip,

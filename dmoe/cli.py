@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from dmoe.config import click_options, load_config
+from dmoe.config import click_options, given_fields, load_config
 from dmoe.coordinator.config import CoordinatorConfig
 from dmoe.errors import ConfigError, DmoeError
 from dmoe.lm.config import InferConfig, TrainConfig
@@ -61,10 +61,12 @@ def _config(cls: type, config_path: str | None, values: dict):
 def node_start(config_path: str | None, **values) -> None:
     """Start a node: serve experts over gRPC and announce them in the swarm until SIGINT/SIGTERM."""
     config = _config(NodeConfig, config_path, values)
+    given = given_fields(NodeConfig, toml_path=config_path, overrides=values)
     from dmoe.node.node import Node
 
     def on_ready(n: Node) -> None:
-        click.echo(f"node {n.node_id} serving {len(n.uids)} experts ({', '.join(config.experts)}) "
+        model = f" of model {n.model.name!r}" if n.model is not None else ""
+        click.echo(f"node {n.node_id} serving {len(n.uids)} experts{model} ({', '.join(n.config.experts)}) "
                    f"at {n.endpoint}")
         if not n.reachable:
             click.echo(f"not reachable from the swarm: clients call it through relay {n.relay_endpoint}")
@@ -74,7 +76,7 @@ def node_start(config_path: str | None, **values) -> None:
             click.echo(f"others join with: --swarm {n.join_address}")
 
     try:
-        Node(config).run(on_ready=on_ready)
+        Node(config, given=given).run(on_ready=on_ready)
     except (DmoeError, ValueError, OSError) as e:
         raise click.ClickException(f"node failed to start: {e}") from None
 

@@ -239,6 +239,12 @@ def load_config(
 ) -> Any:
     """Build ``cls`` from defaults < TOML file < environment < ``overrides`` (CLI values by option name;
     None = unset)."""
+    return _build(cls, _given_values(cls, toml_path, environ, overrides))
+
+
+def _given_values(cls: type, toml_path: str | os.PathLike | None, environ: Mapping[str, str] | None,
+                  overrides: Mapping[str, Any] | None) -> dict[_Target, Any]:
+    """The values the TOML file, environment and ``overrides`` set, in that order of precedence."""
     options = _options(cls)
     values = {} if toml_path is None else _read_toml(cls, toml_path, options)
     environ = os.environ if environ is None else environ
@@ -254,6 +260,22 @@ def load_config(
         entry = options[name]
         values[entry.field, entry.sub] = _coerce(name, list(value) if isinstance(value, tuple) else value,
                                                  entry.annotation)
+    return values
+
+
+def given_fields(
+    cls: type,
+    *,
+    toml_path: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> frozenset[str]:
+    """The fields of ``cls`` that the TOML file, environment or ``overrides`` set (those
+    :func:`load_config` does not leave at their defaults), whatever their values."""
+    return frozenset(field for field, _ in _given_values(cls, toml_path, environ, overrides))
+
+
+def _build(cls: type, values: dict[_Target, Any]) -> Any:
     fields: dict[str, Any] = {}
     inner_values: dict[str, dict[str, Any]] = {}
     for (name, sub), value in values.items():

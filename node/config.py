@@ -24,6 +24,12 @@ class NodeConfig:
                                   "for several); none: start a new swarm")
     experts: list[str] = option(["ffn.[0:4]"], "expert uid patterns to host, e.g. "
                                                "'ffn.[0:8]' or 'ffn.[0:4].[0:16]'")
+    model: str | None = option(None, "model published in the swarm (by dmoe train, or dmoe coordinator "
+                                     "start --model) whose spec sets the expert class, sizes and "
+                                     "optimizer; without --experts the node hosts all of its uids (and "
+                                     "a node with --swarm and neither option follows the swarm's only "
+                                     "model, if it publishes one); explicit options that disagree "
+                                     "with the spec refuse the start")
     expert_cls: str = option("ffn", "expert class: ffn, transformer or 'module:Class'")
     hidden_dim: int = option(1024, "model dimension of the experts' inputs and outputs")
     inner_dim: int | None = option(None, "inner dimension of built-in experts (default 4 x hidden-dim)")
@@ -173,9 +179,19 @@ class NodeConfig:
             expand_patterns(self.experts)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.model is not None and not self.swarm:
+            raise ConfigError("--model follows a model published in a swarm: give --swarm too")
         if self.host in ("0.0.0.0", "::") and not self.announce_host:
             raise ConfigError(f"listening on {self.host}: give --announce-host, the address others dial")
 
     @property
     def uids(self) -> list[str]:
         return expand_patterns(self.experts)
+
+
+def explicit_fields(config: NodeConfig) -> frozenset[str]:
+    """The fields of ``config`` that differ from their defaults: what a config made in Python sets
+    explicitly (the CLI knows exactly: :func:`dmoe.config.given_fields`)."""
+    defaults = NodeConfig()
+    return frozenset(f.name for f in dataclasses.fields(NodeConfig)
+                     if getattr(config, f.name) != getattr(defaults, f.name))

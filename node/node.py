@@ -22,13 +22,14 @@ it on a background thread with its own event loop, or from the CLI through :meth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -39,12 +40,15 @@ from dmoe.core.auth import CallVerifier, load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.files import write_json_atomic
+from dmoe.core.modelspec import ModelSpec, expert_schema, find_specs
+from dmoe.core.modelspec import resolve as resolve_spec
 from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts
+from dmoe.errors import ConfigError
 from dmoe.node.announcer import Announcer
 from dmoe.node.averaging import ReplicaAverager
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.checkpoints import ExpertCheckpoints
-from dmoe.node.config import NodeConfig
+from dmoe.node.config import NodeConfig, explicit_fields
 from dmoe.node.experts import build_backend, read_hardware, resolve_device
 from dmoe.node.guard import CallGuard
 from dmoe.node.influence import InfluenceLimits
@@ -62,8 +66,11 @@ logger = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, given: Collection[str] | None = None):
         self.config = config
+        # the options set explicitly (CLI, TOML, environment); None: those that differ from the defaults
+        self.given = frozenset(given) if given is not None else explicit_fields(config)
+        self.model: ModelSpec | None = None  # the model spec followed (--model, or the swarm's only one)
         self.uids = config.uids
         self.endpoint: str | None = None  # host:port others dial for the gRPC server, once started
         # the port the gRPC server listens on (the endpoint's may differ: --announce-port)
@@ -180,6 +187,7 @@ class Node:
         """The steps of start-up, in order. _shut_down undoes those that ran: all of them, or those
         before the one that failed."""
         await self._join_swarm()
+        await self._follow_model()
         self._host_experts()
         await self._take_live_state()
         self._start_runtime()
@@ -212,6 +220,37 @@ class Node:
         self.node_id = self._dht.peer_id
         self.swarm_addresses = list(self._dht.visible_maddrs)
         self.join_address = self._dht.join_address
+
+    async def _follow_model(self) -> None:
+        """With --model, or with --swarm and without --experts: take the experts (unless --experts) and
+        their class, sizes and optimizer from the model spec published in the swarm; refuse explicit
+        options that disagree. Without --model, a swarm with no spec keeps the defaults."""
+        named = self.config.model
+        if named is None and (not self.config.swarm or "experts" in self.given):
+            return
+        assert self._dht is not None
+        deadline = time.monotonic() + (10.0 if named is not None else 0.0)
+        while True:  # a spec stored a moment ago may take a moment to be found
+            specs = await asyncio.to_thread(find_specs, self._dht)
+            if (named in specs if named is not None else specs) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(1.0)
+        if named is None and not specs:
+            logger.info("the swarm publishes no model: hosting %s", ", ".join(self.config.experts))
+            return
+        spec = resolve_spec(specs, named)
+        conflicts = spec.conflicts(self.config, self.given)
+        if conflicts:
+            raise ConfigError("; ".join(conflicts) + " (drop those options to take the model's)")
+        fields = spec.node_fields()
+        if "experts" not in self.given:
+            fields["experts"] = spec.patterns
+        self.config = dataclasses.replace(self.config, **fields)
+        self.model = spec
+        self.uids = self.config.uids
+        self.counters = {uid: ExpertCounters() for uid in self.uids}
+        logger.info("following model %r (version %d, %s): hosting %s", spec.name, spec.version,
+                    spec.expert_schema, ", ".join(self.config.experts))
 
     def _host_experts(self) -> None:
         """Build the experts on the device (torch's thread count first), then restore their checkpoints."""
@@ -378,9 +417,11 @@ class Node:
         assert self.endpoint is not None and self.node_id is not None and self._runtime is not None
         assert self._hardware is not None
         queued = {uid: self._runtime.queued_tokens(uid) for uid in self.backends}
+        schema = expert_schema(self.config.expert_cls, self.config.hidden_dim, self.config.inner_dim)
         experts = [
             ExpertRecord(
                 uid=uid, endpoint=self.endpoint, node_id=self.node_id, expert_cls=self.config.expert_cls,
+                expert_schema=schema,
                 version=backend.version, queued_tokens=queued[uid],
                 max_batch_tokens=self.config.max_batch_tokens,
                 max_message_bytes=self.config.max_message_bytes,

@@ -151,6 +151,8 @@ class ExpertRecord(_Record):
     relay: str = ""  # host:port on a relay (dmoe.relay.server) that forwards to this node's gRPC server
     owner: str = ""  # owner id of the node that hosts this replica (the owner its subkey names)
     record_version: int = RECORD_VERSION
+    # class, sizes and dtype (dmoe.core.modelspec.expert_schema, e.g. ffn/h128/i512/float32); "": not said
+    expert_schema: str = pydantic.Field("", max_length=200)
 
     _BOUNDS = {"version": _COUNT, "queued_tokens": _COUNT}
     _LIMITS = {"max_batch_tokens": (rules.MIN_BATCH_TOKENS, rules.MAX_BATCH_TOKENS),

@@ -119,11 +119,12 @@ class Trainer:
         spec = model_spec(self.config)
         for uid, replicas in find_experts(self.swarm.peer, spec.uids).items():
             for record in replicas:
-                if record.schema and record.schema != spec.schema:
+                theirs, ours = record.expert_schema, spec.expert_schema
+                if theirs and theirs != ours:
                     raise ConfigError(
-                        f"node {record.node_id} at {record.endpoint} serves {uid} as {record.schema}, but "
-                        f"this model needs {spec.schema}: restart that node with --model {spec.name} (or "
-                        f"the matching sizes), or train with the sizes it serves")
+                        f"node {record.node_id} at {record.endpoint} serves {uid} as {theirs}, but this model"
+                        f" needs {ours}: restart that node with --model {spec.name} (or the matching sizes), "
+                        f"or train with the sizes it serves")
         from dmoe.core.modelspec import SpecPublisher
 
         self.spec_publisher = SpecPublisher(self.swarm.peer, spec).start()

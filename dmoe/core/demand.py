@@ -7,9 +7,10 @@ each expert of the grid, an exponential moving average (:class:`DemandMeter`), u
 peer (:mod:`dmoe.core.owner`: one signed entry per trainer, nobody else can overwrite it). The value
 is a :class:`DemandRecord`: the grid, and the rates as float32, dense (every expert in flat grid
 order) or sparse (uint16 flat indices of the experts with a positive rate, then their rates), whichever
-is smaller: 16 KiB at most for the 4096 experts of a 64x64 grid. A record expires ``DEMAND_TTL``
-after it is stored, and :class:`DemandPublisher` stores it again every ``interval`` seconds
-(randomised by +-20%, so trainers started together do not store together).
+is smaller (no indices and one rate per expert: dense; no indices and no rates: all zero): 16 KiB at
+most for the 4096 experts of a 64x64 grid. A record expires ``DEMAND_TTL`` after it is stored, and
+:class:`DemandPublisher` stores it again every ``interval`` seconds (randomised by +-20%, so trainers
+started together do not store together).
 
 Readers (:func:`find_demand`) keep a record only if it is owned, unexpired and well formed: the grid at
 most ``MAX_GRID_EXPERTS`` experts, indices strictly increasing and within the grid, every rate finite,
@@ -45,6 +46,7 @@ from dmoe.core.dht import DHTPeer
 from dmoe.core.owner import MAX_RECORD_TTL, owned_subkey
 from dmoe.core.recordguard import owner_of
 from dmoe.core.records import RECORD_VERSION, NodeRecord, RuleBroken, _owned_records, _Record
+from dmoe.core.uids import UID_DELIMITER
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +102,7 @@ def decode_rates(size: int, indices: bytes, rates: bytes) -> np.ndarray:
     if len(rates) % 4 or len(indices) % 2:
         raise ValueError("rates must be float32 and indices uint16")
     values = np.frombuffer(rates, dtype="<f4").astype(np.float64)
-    if not indices:
-        if values.size != size:
-            raise ValueError(f"{values.size} dense rates for a grid of {size} experts")
+    if not indices and values.size == size:
         flat = values
     else:
         where = np.frombuffer(indices, dtype="<u2").astype(np.int64)
@@ -125,7 +125,7 @@ class DemandRecord(_Record):
     """One trainer's demand for the experts of one grid prefix (see the module docstring)."""
     prefix: str
     grid: list[int]
-    indices: bytes = b""  # uint16 flat indices of the rates, or empty: the rates are dense
+    indices: bytes = b""  # uint16 flat indices of the rates (none and every expert's rate: dense)
     rates: bytes  # float32 tokens/s
     updated_at: float = 0.0  # the trainer's wall clock when it made the record
     time_constant: float = DEFAULT_TIME_CONSTANT  # of its moving average, seconds
@@ -136,7 +136,7 @@ class DemandRecord(_Record):
 
     def as_peers_may_say(self) -> DemandRecord:
         super().as_peers_may_say()
-        if rules.check_uid(f"{self.prefix}.0") is not None:
+        if UID_DELIMITER in self.prefix or rules.check_uid(f"{self.prefix}.0") is not None:
             raise RuleBroken("prefix", f"prefix {self.prefix[:80]!r} is not a grid prefix")
         try:
             decode_rates(check_grid(self.grid), self.indices, self.rates)

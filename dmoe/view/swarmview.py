@@ -226,6 +226,8 @@ def summarize(records: Mapping[str, NodeRecord], now: float | None = None,
 def _demand_fields(records: Mapping[str, NodeRecord], demand: Mapping[str, Mapping[str, DemandRecord]]
                    ) -> dict:
     found = [record for by_owner in demand.values() for record in by_owner.values()]
+    if not found:  # no trainer said what it routes: nothing to cover
+        return {}
     grids = {}
     for record in found:
         grids.setdefault(record.prefix, list(record.grid))

@@ -73,7 +73,9 @@ def test_the_json_carries_replicas_and_keeps_the_old_keys():
     data = json.loads(summarize(swarm(), now=100.0).model_dump_json())
     old_keys = {"at", "num_nodes", "num_experts", "num_replicated", "calls", "tokens", "errors", "rejected",
                 "nodes", "experts"}
-    assert old_keys | {"num_single_replica", "single_replica", "max_spread", "expert_replicas"} == set(data)
+    replica_keys = {"num_single_replica", "single_replica", "max_spread", "expert_replicas"}
+    demand_keys = {"num_trainers", "grids", "coverage", "no_replica"}  # dmoe.core.demand
+    assert old_keys | replica_keys | demand_keys == set(data)
     group = data["expert_replicas"][0]
     assert set(group) == {"uid", "num_replicas", "replicas", "min_version", "max_version", "max_spread",
                           "last_averaged_at", "single"}

@@ -7,8 +7,9 @@ the nodes' (:mod:`dmoe.core.owner`), signed by whoever published it (``dmoe trai
 ``dmoe coordinator start --model spec.toml``), so that no other peer can overwrite, tombstone or
 outlast it; it expires like every record (at most ``MAX_RECORD_TTL``), and its publisher re-stores
 it (:class:`SpecPublisher`). A name published by two owners is listed by readers as
-``<name>@<first 8 characters of each owner>`` (as node ids are), so neither hides the other, and a
-node must then name the one it follows.
+``<name>@<first 8 characters of each owner>`` (as node ids are), so neither hides the other: a node
+follows the name if they all say the same (several trainers of one model), and must otherwise name
+the one it follows.
 
 What a reader accepts (the style of :mod:`dmoe.core.recordrules`: a spec that breaks a rule is
 skipped, the reason logged): a name of 1-64 letters, digits, ``_ - .``; 1-64 grids, each a uid
@@ -265,9 +266,12 @@ def resolve(specs: Mapping[str, ModelSpec], name: str | None) -> ModelSpec:
     if name in specs:
         return specs[name]
     claims = sorted(key for key in specs if key.startswith(f"{name}@"))
-    if claims:
-        raise ValueError(f"model {name!r} is published by several owners ({', '.join(claims)}): "
-                         f"give --model with the one to follow")
+    if claims:  # several trainers of one model publish the same spec, each under its own key
+        contents = [specs[key].model_dump(exclude={"owner", "updated_at"}) for key in claims]
+        if all(content == contents[0] for content in contents):
+            return specs[claims[0]]
+        raise ValueError(f"model {name!r} is published by several owners, differently "
+                         f"({', '.join(claims)}): give --model with the one to follow")
     raise ValueError(f"the swarm publishes no model {name!r} (published: {listed})")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dmoe.core.checkpoint import CheckpointStore, TrainingState
-from dmoe.core.modelspec import ModelSpec
+from dmoe.core.modelspec import ModelSpec, SpecPublisher
 from dmoe.errors import CheckpointError, ConfigError
 from dmoe.lm.config import LMConfig, TrainConfig
 from dmoe.lm.data import ByteCorpus
@@ -125,8 +125,6 @@ class Trainer:
                         f"node {record.node_id} at {record.endpoint} serves {uid} as {theirs}, but this model"
                         f" needs {ours}: restart that node with --model {spec.name} (or the matching sizes), "
                         f"or train with the sizes it serves")
-        from dmoe.core.modelspec import SpecPublisher
-
         self.spec_publisher = SpecPublisher(self.swarm.peer, spec).start()
 
     def shutdown(self) -> None:

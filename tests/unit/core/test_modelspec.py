@@ -118,8 +118,11 @@ def test_resolve_picks_the_named_or_only_model_and_lists_the_others():
         resolve({"tiny": one, "other": two}, "nope")
     with pytest.raises(ValueError, match="publishes no model"):
         resolve({}, None)
-    with pytest.raises(ValueError, match=r"several owners \(tiny@aaaaaaaa, tiny@bbbbbbbb\)"):
-        resolve({"tiny@aaaaaaaa": one, "tiny@bbbbbbbb": one}, "tiny")
+    # several trainers of one model publish the same spec, each under its own key: one to follow
+    same = one.model_copy(update={"owner": "b" * 43, "updated_at": 5.0})
+    assert resolve({"tiny@aaaaaaaa": one, "tiny@bbbbbbbb": same}, "tiny") is one
+    with pytest.raises(ValueError, match=r"several owners, differently \(tiny@aaaaaaaa, tiny@bbbbbbbb\)"):
+        resolve({"tiny@aaaaaaaa": one, "tiny@bbbbbbbb": spec(hidden_dim=16)}, "tiny")
 
 
 def test_the_module_imports_neither_torch_nor_hivemind():

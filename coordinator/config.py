@@ -54,7 +54,7 @@ class CoordinatorConfig:
                                           "up")
     model: str | None = option(None, "TOML file of a model spec to publish in the swarm, re-stored while "
                                      "the coordinator runs: nodes started with --model NAME build its "
-                                     "experts (format: docs/architecture.md, 'The model spec')")
+                                     "experts (format: README.md, 'The model spec')")
 
     def __post_init__(self) -> None:
         check_nested(self)

@@ -101,7 +101,11 @@ def coordinator_start(config_path: str | None, **values) -> None:
         raise click.ClickException(f"coordinator failed to start: {e}") from None
     for address in coord.swarm_addresses:
         click.echo(f"swarm address: {address}")
-    click.echo(f"nodes join with: dmoe node start --swarm {coord.join_address} --experts 'ffn.[0:8]'")
+    if coord.spec_publisher is not None:
+        click.echo(f"nodes join with: dmoe node start --swarm {coord.join_address} "
+                   f"--model {coord.spec_publisher.spec.name}")
+    else:
+        click.echo(f"nodes join with: dmoe node start --swarm {coord.join_address} --experts 'ffn.[0:8]'")
     if coord.relay is not None:
         click.echo(f"relay for nodes behind a NAT: {coord.relay.address}")
     click.echo(f"dashboard: {coord.dashboard_url}  (JSON: {coord.dashboard_url}api/swarm, "

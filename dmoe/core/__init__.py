@@ -9,7 +9,7 @@ package (checked by the import contract in pyproject.toml).
 - ``records.py``     DHT records of experts, nodes and relays (owned; replicas); find_experts, find_nodes, ...
 - ``owner.py``       OwnerKey: the Ed25519 key that owns a peer's records; owned subkeys; MAX_RECORD_TTL
 - ``recordguard.py`` OwnedRecordValidator (signatures, lifetimes) and guard_node (storage without early loss)
-- ``modelspec.py``   ModelSpec: the model a swarm trains, published (owned) under ``_dmoe.models``; SpecPublisher
+- ``modelspec.py``   ModelSpec: the model a swarm trains, owned record under ``_dmoe.models``; SpecPublisher
 - ``demand.py``      DemandRecord, DemandMeter, DemandPublisher: trainers' tokens/s per expert; coverage
 - ``auth.py``        SwarmKey, CallVerifier: a private swarm's key and call tokens
 - ``dhtauth.py``     DHTAuthorizer: signed DHT traffic (needs hivemind, which auth.py does not)

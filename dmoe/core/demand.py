@@ -55,6 +55,7 @@ MAX_GRID_EXPERTS = 65536  # experts of one grid a demand record may describe (ui
 MAX_GRID_DIMS = 8
 MAX_TOKENS_PER_S = 1e9  # the most tokens/s a record may say one expert gets
 DEFAULT_INTERVAL = 30.0  # seconds between a trainer's publications
+MAX_INTERVAL = 120.0  # the longest (with its jitter, below DEMAND_TTL)
 DEFAULT_TIME_CONSTANT = 60.0  # seconds: the moving average's time constant
 DEMAND_TTL = 150.0  # seconds a record lives after it is stored (several intervals: a missed one is no gap)
 DEFAULT_THROUGHPUT = 1000.0  # routed tokens/s assumed for a replica when none has been measured in the swarm
@@ -213,8 +214,10 @@ class DemandPublisher:
 
     def __init__(self, peer: DHTPeer, *, interval: float = DEFAULT_INTERVAL,
                  time_constant: float = DEFAULT_TIME_CONSTANT, ttl: float = DEMAND_TTL):
-        if interval <= 0 or not 0 < ttl < MAX_RECORD_TTL:
-            raise ValueError(f"need interval > 0 and 0 < ttl < {MAX_RECORD_TTL:.0f}")
+        if not 0 < interval <= MAX_INTERVAL or not interval * (1 + _JITTER) < ttl < MAX_RECORD_TTL:
+            raise ValueError(f"need 0 < interval <= {MAX_INTERVAL:.0f} and interval * {1 + _JITTER:g} < ttl "
+                             f"< {MAX_RECORD_TTL:.0f} (a record outlives the wait for the next one), got "
+                             f"interval={interval}, ttl={ttl}")
         self.peer, self.interval, self.time_constant, self.ttl = peer, interval, time_constant, ttl
         self.num_published = 0
         self._sources: dict[str, _Source] = {}

@@ -124,8 +124,8 @@ class TrainConfig(LMConfig):
             raise ConfigError("--run-id averages with other trainers over a swarm: give --swarm too")
         if self.resume and not self.save:
             raise ConfigError("--resume needs --save DIR, where the checkpoints are")
-        if not self.demand_interval > 0:
-            raise ConfigError(f"demand_interval must be positive, got {self.demand_interval}")
+        if not 0 < self.demand_interval <= 120:  # dmoe.core.demand.MAX_INTERVAL: records outlive the wait
+            raise ConfigError(f"demand_interval must be in (0, 120] seconds, got {self.demand_interval}")
 
     @property
     def model_config(self) -> LMConfig:

@@ -155,6 +155,23 @@ def test_meter_ignores_counts_that_go_back_and_time_that_does_not_pass():
     assert (meter.update(np.array([0, 0]), now=10.0) >= 0).all()
 
 
+def test_publisher_and_train_config_refuse_intervals_records_do_not_outlive():
+    from dmoe.client.config import SwarmConfig
+    from dmoe.core.demand import MAX_INTERVAL, DemandPublisher
+    from dmoe.errors import ConfigError
+    from dmoe.lm.config import TrainConfig
+
+    peer = object()  # never used: the checks come first
+    for interval, ttl in ((0.0, 150.0), (MAX_INTERVAL * 2, 590.0), (130.0, 150.0), (30.0, 700.0)):
+        with pytest.raises(ValueError, match="interval"):
+            DemandPublisher(peer, interval=interval, ttl=ttl)  # type: ignore[arg-type]
+    assert DemandPublisher(peer, interval=MAX_INTERVAL).ttl == 150.0  # type: ignore[arg-type]
+    swarm = SwarmConfig(initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/QmX"])
+    with pytest.raises(ConfigError, match="demand_interval"):
+        TrainConfig(swarm=swarm, demand_interval=121.0)
+    assert TrainConfig(swarm=swarm).publish_demand and TrainConfig(swarm=swarm).demand_interval == 30.0
+
+
 # ---- coverage ------------------------------------------------------------------------------------
 def test_coverage_ratio_of_demand_to_replica_throughput():
     found = coverage({"a.0": 100.0, "a.1": 50.0, "a.2": 10.0, "a.4": 0.0},

@@ -170,3 +170,18 @@ def test_the_owned_record_cannot_be_replaced_by_another_peer():
     finally:
         for peer in reversed(peers):
             peer.shutdown()
+
+
+def test_a_node_config_with_a_model_needs_a_swarm_and_knows_its_explicit_options():
+    from dmoe.config import given_fields
+    from dmoe.errors import ConfigError
+    from dmoe.node.config import NodeConfig, explicit_fields
+
+    with pytest.raises(ConfigError, match="--model follows a model published in a swarm: give --swarm"):
+        NodeConfig(model="tiny")
+    config = NodeConfig(swarm=["/ip4/127.0.0.1/tcp/1"], hidden_dim=8)
+    assert explicit_fields(config) == {"swarm", "hidden_dim"}
+    # the CLI's: what was given, even when equal to the default
+    given = given_fields(NodeConfig, environ={"DMOE_NODE_LR": "0.001"},
+                         overrides={"hidden_dim": 1024, "experts": (), "model": None})
+    assert given == {"hidden_dim", "lr"}

@@ -190,7 +190,8 @@ def test_a_trainer_with_the_key_trains_and_starts_its_averager_in_the_private_dh
     proc = subprocess.run(
         [sys.executable, "-m", "dmoe", "train", "--swarm", coordinator.swarm[0], "--swarm-key", str(key_path),
          "--run-id", "private", "--d-model", str(HIDDEN), "--num-heads", "2", "--num-layers", "2",
-         "--num-experts", "2", "--seq-len", "16", "--steps", "4", "--batch-size", "2", "--eval-interval", "0",
+         "--num-experts", "2", "--expert-inner", str(4 * HIDDEN),  # the node's experts: 4 x hidden
+         "--seq-len", "16", "--steps", "4", "--batch-size", "2", "--eval-interval", "0",
          "--timeout-after-k-min", "30", "--save", str(tmp_path / "run"), "--metrics-file", str(metrics)],
         capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]

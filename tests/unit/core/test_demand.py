@@ -117,7 +117,8 @@ def test_readers_take_only_owned_records_under_their_prefix():
         f"@ed25519:{OWNER}": Entry(_raw(), now + 100),
         f"@ed25519:{other}": Entry(_raw(), now + 100),  # names OWNER in its value, filed under other
         "plain": Entry(_raw(), now + 100),
-        f"@ed25519:{OWNER[:-1]}A": Entry(_raw(), now + 1e6),  # pinned far in the future
+        f"@ed25519:{OWNER[:-1]}{'B' if OWNER.endswith('A') else 'A'}":  # another owner, not OWNER itself
+            Entry(_raw(), now + 1e6),  # pinned far in the future
     }, DemandRecord, now)
     assert [(name, r.owner) for name, r, _ in found] == [("", OWNER)]
 

@@ -176,6 +176,11 @@ class SpotChecker:
         for task in list(self._tasks):
             task.cancel()
 
+    async def join(self) -> None:
+        """Wait until the checks in flight (and any they start meanwhile) have ended (on the loop)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     async def stop(self) -> None:
         """Cancel the checks still in flight and wait until they have ended (on the loop): before the
         channels their calls use are closed."""

@@ -70,8 +70,7 @@ def check(checker: SpotChecker, replicas: Replicas, first: str, others: list[str
         started = checker.start(UID, first, output, x, torch.arange(num_tokens), [record(e) for e in others],
                                 deadline=time.monotonic() + 5, timeout=5.0, call=replicas.call,
                                 clock=time.monotonic)
-        while checker.running:
-            await asyncio.sleep(0.001)
+        await checker.join()
         return started
 
     return asyncio.run(run())
@@ -92,8 +91,10 @@ def test_distance_is_relative_symmetric_and_catches_scaling_sign_and_zeros():
     assert distance(a, -a) == pytest.approx(2.0)
     assert distance(1e-3 * a, -1e-3 * a) == pytest.approx(2.0)  # relative: the outputs' scale does not matter
     assert distance(a, torch.zeros_like(a)) == math.inf
-    unrelated = torch.randn(400, 16)
-    assert 1.3 < distance(unrelated, torch.randn(400, 16)) < 1.55
+    unrelated, other = torch.randn(400, 16), torch.randn(400, 16)
+    exact = ((unrelated - other).norm() / (unrelated.norm() * other.norm()).sqrt()).item()
+    assert distance(unrelated, other) == pytest.approx(exact, rel=1e-6)
+    assert distance(unrelated, other) == pytest.approx(math.sqrt(2), abs=0.05)  # unrelated outputs: ~1.4
 
 
 @pytest.mark.parametrize("liar_is", ["first", "second"])
@@ -231,8 +232,7 @@ def test_a_check_of_an_answer_that_came_just_before_the_deadline_still_gets_time
     async def run() -> None:
         assert checker.start(UID, "a:1", output, x, torch.arange(4), [record("b:1")],
                              deadline=time.monotonic() + 0.002, timeout=5.0, call=call, clock=time.monotonic)
-        while checker.running:
-            await asyncio.sleep(0.001)
+        await checker.join()
 
     asyncio.run(run())
     assert len(given) == 1 and given[0] >= MIN_CHECK_SECONDS - 0.01, given
@@ -241,11 +241,11 @@ def test_a_check_of_an_answer_that_came_just_before_the_deadline_still_gets_time
 
 def test_stop_cancels_the_checks_in_flight_and_waits_for_them():
     replicas = Replicas(["a:1", "b:1"])
-    entered = []
+    entered = asyncio.Event()  # the check's call has begun
 
     async def never(replica, inputs, token_ids, timeout):
-        entered.append(replica.dial_endpoint)
-        await asyncio.sleep(3600)
+        entered.set()
+        await asyncio.Event().wait()  # an answer that never comes
 
     checker = checker_for([])
     x = torch.randn(4, HIDDEN)
@@ -254,8 +254,7 @@ def test_stop_cancels_the_checks_in_flight_and_waits_for_them():
     async def run() -> None:
         assert checker.start(UID, "a:1", output, x, torch.arange(4), [record("b:1")],
                              deadline=time.monotonic() + 5, timeout=5.0, call=never, clock=time.monotonic)
-        while not entered:
-            await asyncio.sleep(0.001)
+        await entered.wait()
         assert checker.running == 1
         await checker.stop()
         assert checker.running == 0

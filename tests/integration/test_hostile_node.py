@@ -65,9 +65,15 @@ def error_of(call) -> grpc.RpcError | None:
     return None
 
 
-def full_bucket() -> None:
-    """Wait until this address's request bucket has refilled from earlier tests."""
-    time.sleep(PEER_BURST / PEER_RATE)
+def full_bucket(endpoint: str) -> None:
+    """Wait until this address's requests are admitted again after earlier tests spent its bucket (it
+    refills at PEER_RATE a second, far faster than these tests call)."""
+    channel, service = stub(endpoint)
+    try:
+        wait_for(lambda: error_of(lambda: service.Info(pb.InfoRequest(uids=["ffn.0"]), timeout=5)) is None,
+                 10, "this address's requests to be admitted again")
+    finally:
+        channel.close()
 
 
 # ---- one request, the work of millions --------------------------------------------------------------
@@ -83,7 +89,7 @@ HUGE = {
 @pytest.mark.parametrize("attack", list(HUGE))
 def test_a_huge_request_does_not_stall_the_node(node, attack):
     method, request, named = HUGE[attack]
-    full_bucket()
+    full_bucket(node.endpoint)
     attacker_channel, attacker = stub(node.endpoint)
     channel, service = stub(node.endpoint)
     try:
@@ -97,7 +103,10 @@ def test_a_huge_request_does_not_stall_the_node(node, attack):
         while not huge.done() and slowest < PROMPT and time.monotonic() < deadline:
             slowest = max(slowest, timed_forward(service))
             forwards += 1
-            time.sleep(0.02)  # well within the peer's request rate
+            try:  # the next Forward 20 ms on (well within the peer's request rate), or the answer
+                huge.exception(timeout=0.02)
+            except grpc.FutureTimeoutError:
+                pass
         error = huge.exception() if huge.done() else None
     finally:
         attacker_channel.close()
@@ -109,8 +118,8 @@ def test_a_huge_request_does_not_stall_the_node(node, attack):
     assert error.code() == expected, error
 
 
-def test_info_answers_each_uid_once(service):
-    full_bucket()
+def test_info_answers_each_uid_once(node, service):
+    full_bucket(node.endpoint)
     info = service.Info(pb.InfoRequest(uids=["ffn.1", "ffn.0", "ffn.1", "ffn.1"]), timeout=10)
     assert [e.uid for e in info.experts] == ["ffn.1", "ffn.0"]
     assert [e.uid for e in service.Info(pb.InfoRequest(), timeout=10).experts] == ["ffn.0", "ffn.1"]
@@ -120,7 +129,7 @@ def test_info_answers_each_uid_once(service):
 
 # ---- health streams -----------------------------------------------------------------------------------
 def test_health_watch_streams_cannot_take_the_call_slots(node):
-    full_bucket()
+    full_bucket(node.endpoint)
     flood_channel, _ = stub(node.endpoint)
     channel, service = stub(node.endpoint)
     watches, outcomes = [], []
@@ -168,8 +177,8 @@ def test_health_watch_streams_cannot_take_the_call_slots(node):
 
 
 # ---- streams of chunks --------------------------------------------------------------------------------
-def test_empty_chunks_are_refused(service):
-    full_bucket()
+def test_empty_chunks_are_refused(node, service):
+    full_bucket(node.endpoint)
     chunks = [pb.Chunk()] * 1000 + [pb.Chunk(data=good_request().SerializeToString())]
     error = error_of(lambda: list(service.ForwardStream(iter(chunks), timeout=30)))
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
@@ -181,15 +190,15 @@ def test_empty_chunks_are_refused(service):
     assert tuple(deserialize(reply.outputs[0], max_numel=1 << 20).shape) == (4, HIDDEN)
 
 
-def test_a_stream_of_tiny_chunks_pays_a_request_per_chunk(service):
-    full_bucket()
+def test_a_stream_of_tiny_chunks_pays_a_request_per_chunk(node, service):
+    full_bucket(node.endpoint)
     data = good_request(rows=64).SerializeToString()  # 2 KiB: 2000 chunks of one byte
     started = time.monotonic()
     error = error_of(lambda: list(service.ForwardStream(split_chunks(data, 1), timeout=60)))
     assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
     assert f"peer_rate={PEER_RATE}" in error.details(), error.details()
     assert time.monotonic() - started < 30  # refused once the peer's burst is spent, not at the timeout
-    full_bucket()
+    full_bucket(node.endpoint)
     assert timed_forward(service) < PROMPT
 
 

@@ -66,14 +66,17 @@ def error_of(call) -> grpc.RpcError | None:
 
 
 def full_bucket(endpoint: str) -> None:
-    """Wait until this address's requests are admitted again after earlier tests spent its bucket (it
-    refills at PEER_RATE a second, far faster than these tests call)."""
+    """Wait until this address's bucket is full again after earlier tests spent it: first until a
+    request is admitted (the bucket holds at least one), then for as long as an empty bucket takes to
+    refill (PEER_BURST at PEER_RATE a second) with nothing spent meanwhile. Admission alone leaves the
+    bucket with less than one request, and the next call may be refused."""
     channel, service = stub(endpoint)
     try:
         wait_for(lambda: error_of(lambda: service.Info(pb.InfoRequest(uids=["ffn.0"]), timeout=5)) is None,
                  10, "this address's requests to be admitted again")
     finally:
         channel.close()
+    time.sleep(PEER_BURST / PEER_RATE)  # the refill: the bucket's state is its clock, there is no event
 
 
 # ---- one request, the work of millions --------------------------------------------------------------

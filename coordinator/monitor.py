@@ -1,5 +1,7 @@
-"""SwarmMonitor: reads the nodes' DHT records every few seconds, keeps the latest view of the swarm
-and its throughput history, and logs nodes joining and leaving."""
+"""SwarmMonitor: reads the nodes' DHT records every few seconds, with the trainers' demand for the
+experts (:mod:`dmoe.core.demand`) of the prefixes the nodes host and the published model specs name,
+keeps the latest view of the swarm (coverage included) and its throughput history, and logs nodes
+joining and leaving."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import asyncio
 import logging
 import time
 
+from dmoe.core.demand import find_demand_async
 from dmoe.core.dht import DHTPeer
 from dmoe.core.logsafe import printable
+from dmoe.core.modelspec import find_specs_async
 from dmoe.core.records import find_nodes_async
 from dmoe.view.swarmview import SwarmView, ThroughputHistory, summarize
 
@@ -26,9 +30,14 @@ class SwarmMonitor:
 
     async def poll(self) -> SwarmView:
         """Read the records once (on the peer's loop) and update the view and history."""
-        assert self.peer.node is not None
-        records = await find_nodes_async(self.peer.node)
-        view = summarize(records, time.time())
+        node = self.peer.node
+        assert node is not None
+        records, specs = await asyncio.gather(find_nodes_async(node), find_specs_async(node))
+        # demand for what the nodes host, and for the grids of the models (which may have no node at all)
+        prefixes = {uid.split(".")[0] for record in records.values() for uid in record.experts}
+        prefixes.update(grid.prefix for spec in specs.values() for grid in spec.experts)
+        demand = await find_demand_async(node, sorted(prefixes))
+        view = summarize(records, time.time(), demand)
         self._log_changes(self.view, view)
         self.view = view
         self.history.add(view)
@@ -53,6 +62,10 @@ class SwarmMonitor:
             new_failures = after[node_id].errors - before[node_id].errors
             if new_failures > 0:
                 logger.info("node %s failed %d calls since the last view", printable(node_id), new_failures)
+        if new.no_replica != old.no_replica and (new.no_replica or old.no_replica):
+            shown = ", ".join(new.no_replica[:8]) + (", ..." if len(new.no_replica) > 8 else "")
+            logger.info("%d expert(s) of the trainers' grids have no replica%s", len(new.no_replica),
+                        printable(f": {shown}" if shown else ""))
 
     async def _run(self) -> None:
         while True:

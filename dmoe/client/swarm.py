@@ -8,6 +8,13 @@ are quarantined by the Swarm's :class:`dmoe.client.health.EndpointHealth` (that 
 policy); lookups leave them out until their time is up. A uid may have several replicas (one per
 hosting node): :meth:`Swarm.live_replicas_under` lists them all, and the Swarm's
 :class:`dmoe.client.balance.ReplicaBalancer` (shared by its dispatchers) chooses between them.
+
+A caller that knows the schema its experts must have (class, sizes, dtype:
+:func:`dmoe.core.modelspec.expert_schema`; a RemoteMoE built with ``expert_schema``, as ``dmoe
+train``'s are) passes it to the lookups: a replica whose node announced another schema is left out
+(every call to it would fail on shapes, or worse, succeed with another expert), its node warned about
+once and listed by :meth:`Swarm.skipped_nodes`; a record with no schema (a node older than schemas)
+is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +37,22 @@ from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord, find_under_prefixes_async
 
 logger = logging.getLogger(__name__)
+
+SKIPPED_WITHIN = 60.0  # seconds a node left out for its schema stays in Swarm.skipped_nodes()
+MAX_SKIPPED_NODES = 1024  # nodes remembered at once (node ids are cheap to make): past it, left out unlogged
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SchemaMismatch:
+    """A replica a lookup left out: its node serves ``uid`` as ``theirs``, the caller expects ``ours``
+    (:func:`dmoe.core.modelspec.expert_schema`); ``seen``: when (monotonic seconds)."""
+
+    node_id: str
+    endpoint: str
+    uid: str
+    theirs: str
+    ours: str
+    seen: float
 
 
 class Swarm:
@@ -63,6 +86,8 @@ class Swarm:
         # "ffn.3." -> (at, replicas by coordinate)
         self._prefix_cache: dict[str, tuple[float, dict[int, list[ExpertRecord]]]] = {}
         self._dispatchers: list[Dispatcher] = []
+        self._mismatches: dict[str, SchemaMismatch] = {}  # node id -> the latest replica skipped there
+        self._warned: set[tuple[str, str, str]] = set()  # (node id, its schema, the one expected) logged
 
     def dispatcher(self, compression: int) -> Dispatcher:
         """A Dispatcher on this swarm's loop; shutdown() closes it (its spot checks in flight cancelled,
@@ -95,18 +120,20 @@ class Swarm:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def live_under(self, keys: Sequence[str], *, refresh: bool = False) -> dict[str, dict[int, ExpertRecord]]:
+    def live_under(self, keys: Sequence[str], *, refresh: bool = False, schema: str | None = None
+                   ) -> dict[str, dict[int, ExpertRecord]]:
         """For each grid prefix key (``ffn.``, ``ffn.3.``): one record by next coordinate, the first of
         :meth:`live_replicas_under` (the latest refreshed replica that is not avoided)."""
-        found = self.live_replicas_under(keys, refresh=refresh)
+        found = self.live_replicas_under(keys, refresh=refresh, schema=schema)
         return {key: {c: replicas[0] for c, replicas in records.items()} for key, records in found.items()}
 
-    def live_replicas_under(self, keys: Sequence[str], *, refresh: bool = False
+    def live_replicas_under(self, keys: Sequence[str], *, refresh: bool = False, schema: str | None = None
                             ) -> dict[str, dict[int, list[ExpertRecord]]]:
         """For each grid prefix key (``ffn.``, ``ffn.3.``): the replicas by next coordinate (one
         record per hosting node, the latest refreshed first), cached like ``cache_ttl``, all stale keys
         read in one DHT traversal. Avoided endpoints and experts (:meth:`EndpointHealth.is_avoided`)
-        are left out, and so are coordinates left with no replica."""
+        are left out, and so are coordinates left with no replica. With ``schema``, so are replicas
+        announced with another schema (:meth:`of_schema`)."""
         assert self.peer.node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:
@@ -125,13 +152,59 @@ class Swarm:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:  # the cached dicts are replaced, never changed: they can be read outside the lock
             cached = {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}
-        chosen = {key: {c: self._usable(replicas, now) for c, replicas in records.items()}
+        chosen = {key: {c: self._usable(replicas, now, schema) for c, replicas in records.items()}
                   for key, records in cached.items()}
         return {key: {c: r for c, r in records.items() if r} for key, records in chosen.items()}
 
-    def _usable(self, replicas: list[ExpertRecord], now: float) -> list[ExpertRecord]:
+    def _usable(self, replicas: list[ExpertRecord], now: float, schema: str | None = None
+                ) -> list[ExpertRecord]:
         avoided = self.health.is_avoided
+        if schema:
+            replicas = self.of_schema(replicas, schema, now)
         return [r for r in replicas if r.dial_endpoint and not avoided(r.dial_endpoint, r.uid, now)]
+
+    # ---- replicas of another schema ----------------------------------------------------------------
+    def of_schema(self, replicas: Sequence[ExpertRecord], schema: str, now: float | None = None
+                  ) -> list[ExpertRecord]:
+        """The replicas a caller that expects ``schema`` may call, in order: those announced with it or
+        with none (nodes older than schemas). Each one left out is noted (at monotonic time ``now``) for
+        :meth:`skipped_nodes`, and its node warned about once (once per schema it serves and schema
+        expected of it)."""
+        kept = []
+        for record in replicas:
+            if not record.expert_schema or record.expert_schema == schema:
+                kept.append(record)
+            else:
+                self._note_mismatch(record, schema, time.monotonic() if now is None else now)
+        return kept
+
+    def skipped_nodes(self, within: float = SKIPPED_WITHIN) -> dict[str, SchemaMismatch]:
+        """Nodes whose replicas lookups left out for their schema in the last ``within`` seconds, by node
+        id (the latest replica left out there): what ``dmoe train``'s step records count."""
+        since = time.monotonic() - within
+        with self._lock:
+            return {node: m for node, m in self._mismatches.items() if m.seen >= since}
+
+    def _note_mismatch(self, record: ExpertRecord, schema: str, now: float) -> None:
+        mismatch = SchemaMismatch(node_id=record.node_id, endpoint=record.endpoint, uid=record.uid,
+                                  theirs=record.expert_schema, ours=schema, seen=now)
+        warning = (record.node_id, mismatch.theirs, schema)
+        with self._lock:
+            if record.node_id not in self._mismatches and len(self._mismatches) >= MAX_SKIPPED_NODES:
+                since = now - SKIPPED_WITHIN  # full (records of many node ids): forget the ones gone quiet
+                self._mismatches = {n: m for n, m in self._mismatches.items() if m.seen >= since}
+                if len(self._mismatches) >= MAX_SKIPPED_NODES:
+                    return  # still left out, but neither remembered nor logged
+            self._mismatches[record.node_id] = mismatch
+            warn = warning not in self._warned and len(self._warned) < MAX_SKIPPED_NODES
+            if warn:
+                self._warned.add(warning)
+        if warn:
+            logger.warning("node %s at %s serves %s as %s, but this client expects %s: its replicas are "
+                           "skipped (that node needs the model's sizes: dmoe node start --model NAME, or "
+                           "matching --hidden-dim/--inner-dim)", printable(record.node_id, 80),
+                           printable(record.endpoint, 80), printable(record.uid, 80),
+                           printable(mismatch.theirs, 200), schema)
 
     # ---- endpoint health (see dmoe.client.health) --------------------------------------------------
     def report(self, endpoint: str, uid: str, error: BaseException | None) -> None:

@@ -85,7 +85,9 @@ class Trainer:
             model = MoELM(config.model_config, remote_moe_factory(
                 swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
                 timeout_after_k_min=config.timeout_after_k_min, backward_timeout=config.backward_timeout,
-                compression=config.compression))
+                compression=config.compression,
+                # a node that joins later serving a uid of this model with other sizes is not called
+                expert_schema=model_spec(config).expert_schema))
             if config.run_id is not None:
                 from dmoe.lm.averaging import ParameterAverager
 
@@ -167,7 +169,10 @@ class Trainer:
         record = {
             "step": self.step, "loss": float(ce), "tokens_per_s": x.numel() / elapsed, "seconds": elapsed,
             "live_experts": sum(len(layer.last_routing[0]) if layer.last_routing else 0 for layer in layers),
-            "failed_calls": failed, "time": time.time(),
+            "failed_calls": failed,
+            # nodes whose replicas were skipped (lately) for serving a uid of this model with another schema
+            "skipped_nodes": len(self.swarm.skipped_nodes()) if self.swarm is not None else 0,
+            "time": time.time(),
         }
         self._log(record)
         return record

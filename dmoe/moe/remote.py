@@ -25,6 +25,13 @@ spot check, or for any other misbehaviour of that expert there): its answers are
 its tokens get no gradient through that expert. Closing the layer's dispatcher (the Swarm's shutdown
 does) cancels the checks still in flight first.
 
+Schema (``expert_schema``, as :func:`dmoe.core.modelspec.expert_schema` writes it, e.g.
+``ffn/h128/i512/float32``; ``dmoe train`` gives its model's): replicas whose node announced another
+schema are not called (a node that joined with other sizes would fail every call on shapes, or with
+the same hidden size answer as another expert); the Swarm warns once per such node and lists them
+(:meth:`dmoe.client.swarm.Swarm.skipped_nodes`). Records that announce no schema are called. None:
+no check.
+
 Demand (:mod:`dmoe.core.demand`): :meth:`RemoteMoE.publish_demand` publishes the tokens/s this
 layer's gate routes to each expert (a moving average of ``routed_tokens``) in the DHT, through the
 swarm's DHT peer, so that nodes can place themselves where the gate sends tokens; ``dmoe train``
@@ -75,6 +82,7 @@ class RemoteMoE(MoELayer):
         k_min: int = 1, forward_timeout: float = 10.0, timeout_after_k_min: float = 1.0,
         backward_timeout: float = 10.0, compression: str = "none", beam_size: int | None = None,
         routing: str = "topk", capacity_factor: float = 1.25, noise_std: float = 0.0, hedge: int = 0,
+        expert_schema: str | None = None,
     ):
         super().__init__(prefix=prefix, grid=grid, in_features=in_features, k=k, routing=routing,
                          capacity_factor=capacity_factor, noise_std=noise_std, hedge=hedge)
@@ -83,6 +91,7 @@ class RemoteMoE(MoELayer):
         if min(forward_timeout, backward_timeout) <= 0 or timeout_after_k_min < 0:
             raise ValueError("timeouts must be positive")
         self.swarm, self.k_min = swarm, k_min
+        self.expert_schema = expert_schema or None  # replicas announced with another one are not called
         self.forward_timeout, self.timeout_after_k_min = forward_timeout, timeout_after_k_min
         self.backward_timeout = backward_timeout
         self.beam_size = beam_size if beam_size is not None else 2 * k
@@ -107,6 +116,13 @@ class RemoteMoE(MoELayer):
         return publisher.start()
 
     def no_candidates(self) -> None:
+        skipped = sorted({m.uid for m in self.swarm.skipped_nodes().values()
+                          if m.ours == self.expert_schema and m.uid.startswith(f"{self.prefix}.")})
+        if skipped:
+            logger.warning("no live expert under prefix %r with schema %s: nodes serve %s with another "
+                           "one (see the warnings above)", self.prefix, self.expert_schema,
+                           ", ".join(skipped[:8]))
+            return
         logger.warning("no live expert under prefix %r: is a node running with --experts '%s.[...]'?",
                        self.prefix, self.prefix)
 
@@ -117,9 +133,10 @@ class RemoteMoE(MoELayer):
         """Live experts worth scoring, each with its replicas (one per endpoint, none avoided), found
         by a beam search over grid prefixes for the whole batch: at each level, the union of every
         token's best ``beam_size`` live prefixes is expanded, all of them in one (cached) DHT read.
-        For a 1-D grid this is one read of every live expert."""
-        root = f"{self.prefix}."
-        level = self.swarm.live_replicas_under([root])[root]
+        For a 1-D grid this is one read of every live expert. With ``expert_schema``, replicas announced
+        with another schema are left out (:meth:`dmoe.client.swarm.Swarm.of_schema`)."""
+        root, schema = f"{self.prefix}.", self.expert_schema
+        level = self.swarm.live_replicas_under([root], schema=schema)[root]
         prefixes: list[tuple[int, ...]] = [(c,) for c in sorted(level) if c < self.grid[0]]
         records = {(c,): level[c] for c, in prefixes}
         for depth in range(1, len(self.grid)):
@@ -130,7 +147,7 @@ class RemoteMoE(MoELayer):
                 beam = partial_TP.topk(min(self.beam_size, len(prefixes)), dim=-1).indices.unique().tolist()
             chosen = [prefixes[i] for i in beam]
             keys = {p: self.uid(p) + "." for p in chosen}
-            found = self.swarm.live_replicas_under(list(keys.values()))
+            found = self.swarm.live_replicas_under(list(keys.values()), schema=schema)
             prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < self.grid[depth]]
             records = {p + (c,): found[keys[p]][c]
                        for p in chosen for c in found[keys[p]] if c < self.grid[depth]}

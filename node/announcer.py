@@ -3,8 +3,9 @@
 Each beat stores every expert record, its grid-prefix entries and the node record with an
 expiration ``record_ttl`` seconds ahead (below ``MAX_RECORD_TTL``, the most the DHT accepts), each
 under a subkey of the DHT peer's owner key and signed by it (:mod:`dmoe.core.records`). ``withdraw()``
-replaces them by tombstones, the owner's own signed records, that expire a little after any record a
-beat may have stored, since the DHT keeps the value that expires last.
+(and ``retire()``, for experts the node stops hosting while it runs) replaces them by tombstones, the
+owner's own signed records, that expire a little after any record a beat may have stored, since the DHT
+keeps the value that expires last.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hivemind.utils import get_dht_time
 
 from dmoe.core.dht import DHTPeer
 from dmoe.core.owner import MAX_RECORD_TTL
-from dmoe.core.records import ExpertRecord, NodeRecord, store_announcement_async
+from dmoe.core.records import ExpertRecord, NodeRecord, store_announcement_async, store_retirement_async
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,16 @@ class Announcer:
             except asyncio.CancelledError:
                 pass
             self._task = None
+
+    async def retire(self, retired: list[ExpertRecord]) -> None:
+        """Withdraw the records of experts no longer hosted (tombstones, as :meth:`withdraw` stores), then
+        beat: the node record lists the experts hosted now."""
+        experts, node = self.make_records()
+        tombstones = [r.model_copy(update={"state": "stopped"}) for r in retired]
+        expiration = max(self.last_expiration, get_dht_time() + self.record_ttl) + 1.0
+        assert self.dht.node is not None
+        await self.dht.run_async(store_retirement_async(self.dht.node, tombstones, experts, node, expiration))
+        await self.beat()
 
     async def withdraw(self) -> None:
         """Stop beating and overwrite the records with tombstones."""

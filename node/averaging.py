@@ -168,6 +168,8 @@ class ReplicaAverager:
 
         async def average(uid: str, records: list[ExpertRecord]) -> Averaged | None:
             async with gate:
+                if uid not in self.backends:  # the node stopped hosting it meanwhile
+                    return None
                 if len(records) == 1:
                     return await self.average_with(uid, records[0])
                 return await self.average_robustly(uid, records)
@@ -184,7 +186,7 @@ class ReplicaAverager:
 
     def _eligible(self, uid: str, record: ExpertRecord) -> bool:
         return (record.uid == uid and record.node_id != self.node_id and bool(record.dial_endpoint)
-                and record.expert_cls in ("", self.backends[uid].expert_cls)
+                and uid in self.backends and record.expert_cls in ("", self.backends[uid].expert_cls)
                 and (record.dial_endpoint, uid) not in self.avoided)
 
     async def _fetch(self, uid: str, record: ExpertRecord) -> ExpertState | None:

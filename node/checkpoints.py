@@ -28,31 +28,43 @@ class ExpertCheckpoints:
 
     def restore(self) -> None:
         """Load each expert's newest checkpoint, where it has one."""
-        for uid, backend in self.backends.items():
-            found = self.store.load_latest(uid)
-            if found is None:
-                continue
-            tensors, metadata, path = found
-            backend.load_state_tensors(tensors, metadata)
-            self._saved_versions[uid] = self.restored_versions[uid] = backend.version
-            logger.info("restored %s from %s (version %d)", uid, path, backend.version)
+        for uid, backend in list(self.backends.items()):
+            self.restore_one(uid, backend)
+
+    def restore_one(self, uid: str, backend: ExpertBackend) -> int | None:
+        """Load ``uid``'s newest checkpoint into ``backend``; its version, or None if it has none."""
+        found = self.store.load_latest(uid)
+        if found is None:
+            return None
+        tensors, metadata, path = found
+        backend.load_state_tensors(tensors, metadata)
+        self._saved_versions[uid] = self.restored_versions[uid] = backend.version
+        logger.info("restored %s from %s (version %d)", uid, path, backend.version)
+        return backend.version
 
     def save(self, force: bool = False) -> int:
         """Checkpoint every expert that changed since its last checkpoint (all of them if force);
         return how many were written."""
         with self._lock:
-            saved = 0
-            for uid, backend in self.backends.items():
-                if not force and self._saved_versions.get(uid) == backend.version:
-                    continue
-                tensors, metadata = backend.state_tensors()
-                version = int(metadata["version"])
-                self.store.save(uid, version, tensors, metadata)
-                self._saved_versions[uid] = version
-                saved += 1
+            # a snapshot: the node adds and drops experts on its loop while this runs on a thread
+            saved = sum(self._save(uid, backend, force) for uid, backend in list(self.backends.items()))
             if saved:
                 logger.info("checkpoint written for %d experts in %s", saved, self.directory)
             return saved
+
+    def save_one(self, uid: str, backend: ExpertBackend) -> bool:
+        """Checkpoint ``uid`` (an expert the node stops hosting) if it changed since its last one."""
+        with self._lock:
+            return self._save(uid, backend, False)
+
+    def _save(self, uid: str, backend: ExpertBackend, force: bool) -> bool:
+        if not force and self._saved_versions.get(uid) == backend.version:
+            return False
+        tensors, metadata = backend.state_tensors()
+        version = int(metadata["version"])
+        self.store.save(uid, version, tensors, metadata)
+        self._saved_versions[uid] = version
+        return True
 
     async def run(self, interval: float) -> None:
         """Save what changed every ``interval`` seconds, until cancelled."""

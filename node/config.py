@@ -26,10 +26,23 @@ class NodeConfig:
                                                "'ffn.[0:8]' or 'ffn.[0:4].[0:16]'")
     model: str | None = option(None, "model published in the swarm (by dmoe train, or dmoe coordinator "
                                      "start --model) whose spec sets the expert class, sizes and "
-                                     "optimizer; without --experts the node hosts all of its uids (and "
+                                     "optimizer; without --experts the node picks which of its uids to "
+                                     "host by the demand trainers publish (and "
                                      "a node with --swarm and neither option follows the swarm's only "
                                      "model, if it publishes one); explicit options that disagree "
                                      "with the spec refuse the start")
+    max_experts: int = option(64, "most experts the node hosts when it picks them itself (following a "
+                                  "model without --experts): those whose demand their replicas cover "
+                                  "least; fewer if --memory-fraction holds fewer")
+    memory_fraction: float = option(0.5, "share of the memory free at start (the GPU's, or RAM on a CPU) "
+                                         "the experts a node picks may take (parameters, gradients and "
+                                         "optimizer state)")
+    rebalance_interval: float = option(300.0, "seconds between checks whether moving one of the experts "
+                                              "the node picked would cover demand much better "
+                                              "(randomised by +-50%); experts with no replica anywhere "
+                                              "are covered at every heartbeat (0: never move)")
+    rebalance_threshold: float = option(0.75, "move only when the swarm's worst demand/throughput ratio "
+                                              "falls to this fraction of what it was, or lower")
     expert_cls: str = option("ffn", "expert class: ffn, transformer or 'module:Class'")
     hidden_dim: int = option(1024, "model dimension of the experts' inputs and outputs")
     inner_dim: int | None = option(None, "inner dimension of built-in experts (default 4 x hidden-dim)")
@@ -162,6 +175,12 @@ class NodeConfig:
         positive("peer_steps_per_minute", allow_zero=True)
         if not 0 < self.max_peer_step_share <= 1:
             raise ConfigError(f"max_peer_step_share must be in (0, 1], got {self.max_peer_step_share}")
+        positive("max_experts")
+        positive("rebalance_interval", allow_zero=True)
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if not 0 < self.rebalance_threshold <= 1:
+            raise ConfigError(f"rebalance_threshold must be in (0, 1], got {self.rebalance_threshold}")
         positive("max_watch_streams")
         positive("max_info_uids")
         if self.peer_burst < 1:

@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -42,7 +43,8 @@ from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.files import write_json_atomic
 from dmoe.core.modelspec import ModelSpec, expert_schema, find_specs
 from dmoe.core.modelspec import resolve as resolve_spec
-from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts
+from dmoe.core.placement import Move, choose
+from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts, find_nodes
 from dmoe.errors import ConfigError
 from dmoe.node.announcer import Announcer
 from dmoe.node.averaging import ReplicaAverager
@@ -53,6 +55,14 @@ from dmoe.node.experts import build_backend, read_hardware, resolve_device
 from dmoe.node.guard import CallGuard
 from dmoe.node.influence import InfluenceLimits
 from dmoe.node.joining import TransferPolicy, Transferred, take_live_states
+from dmoe.node.placement import (
+    Rebalancer,
+    expert_bytes,
+    free_memory,
+    measure_throughput,
+    memory_budget,
+    read_picture,
+)
 from dmoe.node.reachability import dial_back, dialable, relay_candidates, trusted_relays
 from dmoe.node.relaylink import RelayLink
 from dmoe.node.runtime import Runtime
@@ -105,6 +115,12 @@ class Node:
         self.transferred: dict[str, Transferred] = {}  # uid -> the state it took from a replica at start
         self._tasks: list[asyncio.Task] = []
         self.averager: ReplicaAverager | None = None  # replica averaging, once started
+        # placement by demand (following a model without --experts): the budget, the routed tokens/s one
+        # expert serves (measured at start; 0: not measured), and the loop that moves experts
+        self.budget: int | None = None
+        self.throughput = 0.0
+        self.rebalancer: Rebalancer | None = None
+        self._moving: asyncio.Lock | None = None  # one move at a time (made on the node's loop)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -197,6 +213,7 @@ class Node:
         await self._start_announcer()
         self._start_replica_averaging()
         self._start_checkpoint_loop()
+        self._start_rebalancing()
         self._write_ready_file()
 
     async def _join_swarm(self) -> None:
@@ -242,15 +259,38 @@ class Node:
         conflicts = spec.conflicts(self.config, self.given)
         if conflicts:
             raise ConfigError("; ".join(conflicts) + " (drop those options to take the model's)")
-        fields = spec.node_fields()
-        if "experts" not in self.given:
-            fields["experts"] = spec.patterns
-        self.config = dataclasses.replace(self.config, **fields)
+        self.config = dataclasses.replace(self.config, **spec.node_fields())
         self.model = spec
+        if "experts" not in self.given:
+            self.config = dataclasses.replace(self.config, experts=await self._place(spec))
         self.uids = self.config.uids
         self.counters = {uid: ExpertCounters() for uid in self.uids}
         logger.info("following model %r (version %d, %s): hosting %s", spec.name, spec.version,
                     spec.expert_schema, ", ".join(self.config.experts))
+
+    async def _place(self, spec: ModelSpec) -> list[str]:
+        """The uids of ``spec`` this node hosts when it picks them itself: as many as its budget holds
+        (--max-experts, --memory-fraction), those whose demand is least covered (dmoe.core.placement)."""
+        config = self.config
+        device = resolve_device(config.device)
+        scratch = await asyncio.to_thread(build_backend, spec.uids[0], config, device)
+        per_expert = expert_bytes(scratch, config.optimizer)
+        fits = memory_budget(per_expert, free_memory(device), config.memory_fraction)
+        if fits < 1:
+            raise ConfigError(f"not even one expert of model {spec.name!r} ({per_expert / 2**20:.1f} MiB "
+                              f"with its optimizer) fits in --memory-fraction {config.memory_fraction:g} "
+                              f"of the free memory of {device}")
+        self.budget = min(config.max_experts, fits, len(spec.uids))
+        self.throughput = await asyncio.to_thread(measure_throughput, scratch)
+        del scratch
+        assert self._dht is not None
+        picture = await asyncio.to_thread(read_picture, self._dht, spec, self.node_id)
+        chosen = choose(picture, self.budget, self.throughput / self.budget)
+        logger.info("placement: %d of %d experts fit (--max-experts %d, %d by memory at %.1f MiB each); one "
+                    "serves %.0f tokens/s; demand recorded for %d experts, %d hosted elsewhere",
+                    self.budget, len(spec.uids), config.max_experts, fits, per_expert / 2**20,
+                    self.throughput, sum(1 for d in picture.demand.values() if d > 0), len(picture.others))
+        return sorted(chosen)
 
     def _host_experts(self) -> None:
         """Build the experts on the device (torch's thread count first), then restore their checkpoints."""
@@ -348,6 +388,82 @@ class Node:
             self._tasks.append(asyncio.create_task(self._checkpoints.run(self.config.checkpoint_interval),
                                                    name="dmoe-checkpoints"))
 
+    def _start_rebalancing(self) -> None:
+        """When the node picked its experts (a model, no --experts) and --rebalance-interval > 0: the
+        loop that covers experts left with no replica and moves experts to where demand needs them."""
+        if self.budget is None or self.model is None or self.config.rebalance_interval <= 0:
+            return
+        assert self._dht is not None
+        dht, spec, node_id = self._dht, self.model, self.node_id
+        self._moving = asyncio.Lock()
+        self.rebalancer = Rebalancer(
+            picture=lambda: read_picture(dht, spec, node_id), hosted=lambda: list(self.backends),
+            move=self.move_expert, own=self.throughput / self.budget,
+            check_interval=self.config.heartbeat_interval, rebalance_interval=self.config.rebalance_interval,
+            threshold=self.config.rebalance_threshold, rng=random.Random())
+        self._tasks.append(asyncio.create_task(self.rebalancer.run(), name="dmoe-rebalancing"))
+
+    async def add_expert(self, uid: str) -> None:
+        """Host ``uid`` too (built, its state taken from a live replica if there is one), and announce it."""
+        assert self._runtime is not None and self._announcer is not None and self.node_id is not None
+        backend = await asyncio.to_thread(build_backend, uid, self.config, self.device)
+        dht = self._dht
+        assert dht is not None
+
+        async def find_replicas(uids: list[str]):
+            return await asyncio.to_thread(find_experts, dht, uids)
+
+        restored = (await asyncio.to_thread(self._checkpoints.restore_one, uid, backend)
+                    if self._checkpoints is not None else None)
+        transferred = await take_live_states({uid: backend}, find_replicas, node_id=self.node_id,
+                                             key=self.swarm_key, policy=self.transfer_policy,
+                                             local_versions={} if restored is None else {uid: restored})
+        self.transferred.update(transferred)
+        self.counters[uid] = ExpertCounters()
+        self._runtime.add_expert(uid, backend)
+        self.backends[uid] = backend
+        self.uids = list(self.backends)
+        await self._announcer.beat()
+        logger.info("now hosting %s (%s)", uid, f"state of the replica at {transferred[uid].endpoint}"
+                    if uid in transferred else "no live replica: a fresh expert")
+
+    async def remove_expert(self, uid: str) -> None:
+        """Stop hosting ``uid``: calls for it are refused from now on (NOT_FOUND: clients go to another
+        replica), its records are withdrawn; calls already queued still finish."""
+        assert self._announcer is not None
+        backend = self.backends.pop(uid)
+        self.uids = list(self.backends)
+        experts, _ = self.records()
+        schema = experts[0].expert_schema if experts else ""
+        retired = ExpertRecord(uid=uid, endpoint=self.endpoint or "", node_id=self.node_id or "",
+                               expert_cls=self.config.expert_cls, expert_schema=schema,
+                               version=backend.version, max_batch_tokens=self.config.max_batch_tokens,
+                               max_message_bytes=self.config.max_message_bytes, tls=self.tls,
+                               reachable=self.reachable, relay=self.relay_endpoint)
+        await self._announcer.retire([retired])
+        if self._checkpoints is not None:
+            await asyncio.to_thread(self._checkpoints.save_one, uid, backend)
+        logger.info("no longer hosting %s", uid)
+
+    async def move_expert(self, move: Move) -> bool:
+        """Host ``move.add`` instead of ``move.drop``: add first, then drop, but only if another node
+        still hosts ``move.drop`` (else drop ``move.add`` again: no move leaves an expert without a
+        replica). True if the move was made."""
+        assert self._dht is not None and self._moving is not None
+        async with self._moving:
+            if move.drop not in self.backends or move.add in self.backends:
+                return False
+            await self.add_expert(move.add)
+            nodes = await asyncio.to_thread(find_nodes, self._dht)
+            others = [n for n in nodes.values() if n.node_id != self.node_id and move.drop in n.experts]
+            if others:
+                await self.remove_expert(move.drop)
+                logger.info("moved %s -> %s (%s)", move.drop, move.add, move.reason)
+                return True
+            await self.remove_expert(move.add)
+            logger.info("kept %s: no other node hosts it now", move.drop)
+            return False
+
     async def _shut_down(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -437,7 +553,7 @@ class Node:
             node_id=self.node_id, endpoint=self.endpoint, dmoe_version=dmoe.__version__,
             started_at=self.started_at, updated_at=time.time(), hardware=self._hardware,
             experts=list(self.backends), load=load,
-            reachable=self.reachable, relay=self.relay_endpoint,
+            reachable=self.reachable, relay=self.relay_endpoint, throughput=self.throughput,
         )
         return experts, node
 

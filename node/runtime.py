@@ -87,6 +87,17 @@ class Runtime:
             self._cond.notify_all()
         self._thread.join(timeout)
 
+    def add_expert(self, uid: str, backend: ExpertBackend) -> None:
+        """Queues for an expert the node hosts from now on (thread-safe). An expert hosted before keeps
+        its queues, with what waits in them, and runs on ``backend`` from now on."""
+        with self._cond:
+            for backward in (False, True):
+                queue = self._queues.get((uid, backward))
+                if queue is None:
+                    self._queues[uid, backward] = _Queue(backend, backward)
+                else:
+                    queue.backend = backend
+
     def queued_tokens(self, uid: str) -> int:
         return self._queues[uid, False].num_tokens + self._queues[uid, True].num_tokens
 

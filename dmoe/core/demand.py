@@ -16,12 +16,14 @@ Readers (:func:`find_demand`) keep a record only if it is owned, unexpired and w
 most ``MAX_GRID_EXPERTS`` experts, indices strictly increasing and within the grid, every rate finite,
 non-negative and at most ``MAX_TOKENS_PER_S``; :func:`total_demand` sums the trainers' rates per uid.
 
-Coverage. A replica's throughput (:func:`replica_throughput`) is estimated from the load its node
-publishes (:class:`dmoe.core.records.ExpertLoad`): tokens per call over the median time to serve a
-call, in routed tokens (a trained token costs a forward and a backward). :func:`coverage` puts the two
-together per uid: demand, throughput and their ratio (demand / throughput: above 1, the replicas
-cannot keep up; infinite for demand that no replica serves). The placement of nodes and
-``dmoe swarm status --experts`` use it.
+Coverage. A replica's throughput is what its node measured at start (``NodeRecord.throughput``: one
+expert's routed tokens/s, forward and backward) shared by the experts it hosts
+(:func:`per_expert_throughput`); from a node that published none it is estimated from the load it
+served (:class:`dmoe.core.records.ExpertLoad`, :func:`replica_throughput`): tokens per call over the
+median time to serve a call, in routed tokens (a trained token costs a forward and a backward).
+:func:`coverage` puts the two together per uid: demand, throughput and their ratio (demand /
+throughput: above 1, the replicas cannot keep up; infinite for demand that no replica serves). The
+placement of nodes (:mod:`dmoe.core.placement`) and ``dmoe swarm status --experts`` use it.
 """
 
 from __future__ import annotations
@@ -349,17 +351,34 @@ def replica_throughput(forward_calls: int, backward_calls: int, tokens: int, lat
     return per_call / (calls / forward_calls)
 
 
-def replica_throughputs(nodes: Mapping[str, NodeRecord], default: float | None = None
-                        ) -> dict[str, list[float]]:
-    """Per uid, the throughput (routed tokens/s) of each replica the live node records list; a replica
-    not measured yet counts as ``default``, or the median of the measured replicas, or
-    ``DEFAULT_THROUGHPUT`` when none is."""
+def per_expert_throughput(record: NodeRecord) -> float | None:
+    """Routed tokens/s one expert of a node serves when all its experts are busy: the throughput the
+    node measured at start (one expert, forward and backward) shared by the experts it hosts; None when
+    it published none."""
+    if record.throughput <= 0:
+        return None
+    return record.throughput / max(1, len(set(record.experts)))
+
+
+def replica_throughputs(nodes: Mapping[str, NodeRecord], default: float | None = None, *,
+                        exclude: str | None = None) -> dict[str, list[float]]:
+    """Per uid, the throughput (routed tokens/s) of each replica the live node records list (but node
+    ``exclude``'s): what its node measured (:func:`per_expert_throughput`), else an estimate from the load
+    it served (:func:`replica_throughput`); a replica with neither counts as ``default``, or the median of
+    the others, or ``DEFAULT_THROUGHPUT`` when there is none."""
     measured: dict[str, list[float | None]] = {}
-    for record in nodes.values():
+    for name, record in nodes.items():
+        if exclude is not None and exclude in (name, record.node_id):
+            continue
+        share = per_expert_throughput(record)
         for uid in dict.fromkeys(record.experts):
             load = record.load.get(uid)
-            measured.setdefault(uid, []).append(None if load is None else replica_throughput(
-                load.forward_calls, load.backward_calls, load.tokens, load.latency_p50_ms))
+            if share is None and load is not None:
+                share_or_load = replica_throughput(load.forward_calls, load.backward_calls, load.tokens,
+                                                   load.latency_p50_ms)
+            else:
+                share_or_load = share
+            measured.setdefault(uid, []).append(share_or_load)
     known = [t for ts in measured.values() for t in ts if t is not None]
     if default is None:
         default = statistics.median(known) if known else DEFAULT_THROUGHPUT

@@ -37,6 +37,7 @@ MAX_COUNT = (1 << 63) - 1  # counters, versions and token counts: 0..MAX_COUNT (
 MAX_LATENCY_MS = 1e9  # 11.6 days per call: no node waits so long
 MAX_SPREAD = 1e6  # |theirs - ours| / |ours|; replica averaging refuses anything beyond a few
 MAX_TIME = 1e11  # unix seconds (the year 5138): started_at, updated_at, averaged_at
+MAX_THROUGHPUT = 1e9  # tokens/s a node may say one expert serves
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 

@@ -211,9 +211,11 @@ class NodeRecord(_Record):
     reachable: bool = True
     relay: str = ""
     owner: str = ""  # owner id whose key signs this node's records
+    # routed tokens/s one of its experts serves alone (forward and backward), measured at start; 0: unknown
+    throughput: float = 0.0
     record_version: int = RECORD_VERSION
 
-    _BOUNDS = {"started_at": _TIME, "updated_at": _TIME}
+    _BOUNDS = {"started_at": _TIME, "updated_at": _TIME, "throughput": (0.0, rules.MAX_THROUGHPUT)}
     _ENDPOINTS = {"endpoint": True, "relay": False}
     _UIDS = ("experts",)
     _NESTED = ("hardware", "load")
@@ -272,6 +274,23 @@ async def store_announcement_async(
     """Store the records in the DHT, owned (and signed) by ``node``'s owner key; returns how many
     keys were accepted."""
     keys, subkeys, values = announcement(experts, record, owner_of(node).owner_id)
+    ok = await node.store_many(keys, values, expiration_time, subkeys=subkeys)
+    return sum(bool(v) for v in ok.values())
+
+
+async def store_retirement_async(node: DHTNode, retired: Sequence[ExpertRecord], live: Sequence[ExpertRecord],
+                                 record: NodeRecord, expiration_time: float) -> int:
+    """Withdraw ``retired`` (expert records marked stopped) that ``node``'s owner announced, keeping
+    what it still announces (``live`` and ``record``): a grid prefix entry that a live expert shares is
+    not touched. Returns how many keys were accepted."""
+    owner = owner_of(node).owner_id
+    keys, subkeys, _ = announcement(live, record, owner)
+    kept = set(zip(keys, subkeys))
+    chosen = [(key, subkey, value) for key, subkey, value in zip(*announcement(retired, record, owner))
+              if (key, subkey) not in kept]
+    if not chosen:
+        return 0
+    keys, subkeys, values = (list(column) for column in zip(*chosen))
     ok = await node.store_many(keys, values, expiration_time, subkeys=subkeys)
     return sum(bool(v) for v in ok.values())
 

@@ -1,7 +1,9 @@
 """The main job: a local swarm on 127.0.0.1 trains a byte-level MoE language model, then writes.
 
-A coordinator and two nodes start; each node hosts half of the experts of both MoE layers
-(``lm0.*``, ``lm1.*``). ``dmoe train`` trains the model through the swarm on the Python standard
+A coordinator starts and publishes the model's spec (``--model spec.toml``: its expert grids and
+sizes); two nodes join with only ``--swarm ADDR`` (and a budget of half the experts each): each
+builds its experts from the spec and picks which ones to host, the second those the first left
+without a replica. ``dmoe train`` trains the model through the swarm on the Python standard
 library's sources (the gates, attention and embeddings learn here, the experts on the nodes) with
 the loss on screen, ``dmoe infer`` generates text from the checkpoint through the same experts,
 and a table of the swarm from the nodes' DHT records ends it.
@@ -11,6 +13,7 @@ Run: ``bash scripts/demo.sh [--steps N]`` (or ``python examples/local_swarm.py``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dmoe.lm.config import LMConfig
+from dmoe.lm.train import model_spec
 from dmoe.testing.process import wait_ready_file
 
 # the defaults of dmoe train: 2 layers of 8 experts, d_model 128, experts 128 -> 256 -> 128
@@ -44,16 +48,23 @@ def ready(proc: subprocess.Popen, path: Path, name: str) -> dict:
     return wait_ready_file(path, proc, 90, f"{name} (log: {path.with_suffix('.log')})")
 
 
-def node_args(workdir: Path, name: str, half: int, swarm: str) -> tuple[list[str], list[str]]:
-    """The CLI arguments of a node hosting half of every layer's experts, and those experts."""
-    n = MODEL.num_experts // 2
-    experts = [f"{MODEL.layer_prefix(i)}.[{half * n}:{half * n + n}]" for i in range(MODEL.num_layers)]
-    args = ["node", "start", "--swarm", swarm, "--hidden-dim", str(MODEL.d_model), "--inner-dim",
-            str(MODEL.expert_inner), "--device", "cpu", "--lr", "1e-3", "--heartbeat-interval", "2",
-            "--record-ttl", "20", "--checkpoint-dir", str(workdir / name)]
-    for pattern in experts:
-        args += ["--experts", pattern]
-    return args, experts
+def spec_toml(workdir: Path) -> Path:
+    """The model's spec as ``dmoe coordinator start --model`` reads it: what ``dmoe train`` publishes."""
+    spec = model_spec(MODEL)
+    path = workdir / "spec.toml"
+    path.write_text("\n".join([
+        f'name = "{spec.name}"', f"experts = {json.dumps(spec.patterns)}",
+        f'expert_cls = "{spec.expert_cls}"', f"hidden_dim = {spec.hidden_dim}",
+        f"inner_dim = {spec.inner_dim}", f"version = {spec.version}", ""]))
+    return path
+
+
+def node_args(workdir: Path, name: str, swarm: str) -> list[str]:
+    """The CLI arguments of a volunteer's node: the swarm to join, and a budget of half the experts
+    (the spec sets the rest); a checkpoint folder of its own."""
+    budget = MODEL.num_layers * MODEL.num_experts // 2
+    return ["node", "start", "--swarm", swarm, "--max-experts", str(budget), "--device", "cpu",
+            "--heartbeat-interval", "2", "--record-ttl", "20", "--checkpoint-dir", str(workdir / name)]
 
 
 def run(title: str, args: list[str]) -> None:
@@ -72,21 +83,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dmoe-demo-") as tmp:
         workdir, procs = Path(tmp), []
         try:
-            proc, path = spawn(workdir, "coordinator", ["coordinator", "start"])
+            proc, path = spawn(workdir, "coordinator", ["coordinator", "start", "--model",
+                                                        str(spec_toml(workdir))])
             procs.append(proc)
             coordinator = ready(proc, path, "coordinator")
             swarm = coordinator["swarm"][0]
-            console.print(f"[green]coordinator[/] up; swarm address {swarm}; "
-                          f"dashboard {coordinator['dashboard']}")
-            nodes = []
-            for half, name in enumerate(("node-a", "node-b")):  # both start at once
-                argv, experts = node_args(workdir, name, half, swarm)
-                proc, path = spawn(workdir, name, argv)
+            console.print(f"[green]coordinator[/] up, publishing model {MODEL.prefix!r}; "
+                          f"swarm address {swarm}; dashboard {coordinator['dashboard']}")
+            # one after the other: the second sees what the first picked (started together, they would
+            # settle the same way within a few heartbeats, by moving experts)
+            for name in ("node-a", "node-b"):
+                proc, path = spawn(workdir, name, node_args(workdir, name, swarm))
                 procs.append(proc)
-                nodes.append((name, proc, path, experts))
-            for name, proc, path, experts in nodes:
                 info = ready(proc, path, name)
-                console.print(f"[green]{name}[/] serves {' '.join(experts)} at {info['endpoint']}")
+                console.print(f"[green]{name}[/] joined with only --swarm; picked "
+                              f"{' '.join(info['experts'])} at {info['endpoint']}")
             save = str(workdir / "model")
             eval_interval = str(max(10, args.steps // 5))
             run("training through the swarm", ["train", "--swarm", swarm, "--steps", str(args.steps),

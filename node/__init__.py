@@ -10,6 +10,8 @@
 - ``checkpoints.py``  ExpertCheckpoints: the experts restored at start, saved when they changed
 - ``transfer.py``     GetState's wire: export_state, receive_state (every check), fetch_expert_state
                       (the client call), ExpertState
+- ``placement.py``    the node's side of placement by demand: memory budget, measured throughput,
+                      read_picture, Rebalancer (covers experts with no replica, moves for demand)
 - ``joining.py``      take_live_states, TransferPolicy: at start, experts alive elsewhere take a
                       live replica's state before they are announced
 - ``averaging.py``    ReplicaAverager: replicas of an expert blend their parameters (GetState) in

@@ -11,6 +11,7 @@ package (checked by the import contract in pyproject.toml).
 - ``recordguard.py`` OwnedRecordValidator (signatures, lifetimes) and guard_node (storage without early loss)
 - ``modelspec.py``   ModelSpec: the model a swarm trains, owned record under ``_dmoe.models``; SpecPublisher
 - ``demand.py``      DemandRecord, DemandMeter, DemandPublisher: trainers' tokens/s per expert; coverage
+- ``placement.py``   choose, plan_moves, balance: which experts a node hosts and when it moves one
 - ``auth.py``        SwarmKey, CallVerifier: a private swarm's key and call tokens
 - ``dhtauth.py``     DHTAuthorizer: signed DHT traffic (needs hivemind, which auth.py does not)
 - ``tls.py``         mutual TLS with a CA derived from the swarm key

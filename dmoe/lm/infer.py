@@ -17,7 +17,7 @@ from dmoe.lm.model import MoELM, local_moe_factory, remote_moe_factory
 
 def load_model(config: InferConfig, swarm=None) -> MoELM:
     """The model of the checkpoint, its MoE layers on ``swarm`` unless it was trained --local."""
-    from dmoe.lm.train import load_checkpoint
+    from dmoe.lm.train import load_checkpoint, model_spec
 
     model_config, state, _ = load_checkpoint(config.checkpoint)
     local = any(".experts." in name for name in state)
@@ -30,7 +30,8 @@ def load_model(config: InferConfig, swarm=None) -> MoELM:
             raise ConfigError("this model's experts live on a swarm: give --swarm ADDR")
         model = MoELM(model_config, remote_moe_factory(
             swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
-            timeout_after_k_min=config.timeout_after_k_min, compression=config.compression))
+            timeout_after_k_min=config.timeout_after_k_min, compression=config.compression,
+            expert_schema=model_spec(model_config).expert_schema))  # nodes of other sizes are not called
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -35,6 +35,7 @@ now() { date +%s.%N; }
 seconds() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 
 [ "$(id -u)" = 0 ] || fail "run as root (apt-get and rootful podman): sudo $0"
+load_at_start=$(cut -d' ' -f1 /proc/loadavg) # the timings below depend on what else runs
 mkdir -p "$work/logs" "$work/build/wheels"
 log="$work/logs"
 
@@ -162,7 +163,7 @@ cleanup() {
 "${compose[@]}" --profile client down -v >"$log/compose.log" 2>&1 || true # a run left before
 trap cleanup EXIT
 for port in "${ports[@]}"; do
-  if ss -Hltn "sport = :$port" | grep -q .; then fail "port $port on this host is taken (compose.yaml's ports)"; fi
+  if [ -n "$(ss -Hltn "sport = :$port")" ]; then fail "port $port on this host is taken (compose.yaml's ports)"; fi
 done
 
 # file_time CONTAINER PATH: when PATH was written inside CONTAINER (epoch seconds), or nothing yet
@@ -197,7 +198,8 @@ ready=$(wait_file "$coordinator" /shared/coordinator.json 120)
 coordinator_up=$(seconds "$up_at" "$ready")
 coordinator_run=$(seconds "$(started_at "$coordinator")" "$ready")
 healthy "$coordinator"
-"${podman[@]}" logs "$coordinator" 2>&1 | grep -q "published model 'lm'" || fail "the coordinator published no model"
+"${podman[@]}" logs "$coordinator" >"$log/coordinator.log" 2>&1
+grep -q "published model 'lm'" "$log/coordinator.log" || fail "the coordinator published no model"
 say "coordinator ready ${coordinator_up} s after compose up (${coordinator_run} s after its process started)"
 
 say "starting node1 and node2 (node start --swarm ADDR, nothing else)"
@@ -211,7 +213,8 @@ for node in node1 node2; do
   node_run[$node]=$(seconds "$(started_at "$container")" "$ready")
   experts=$("${podman[@]}" exec "$container" python -c \
     "import json; print(len(json.load(open('/tmp/dmoe-ready.json'))['experts']))")
-  "${podman[@]}" logs "$container" 2>&1 | grep -q "following model 'lm'" || fail "$node did not follow the model"
+  "${podman[@]}" logs "$container" >"$log/$node.log" 2>&1
+  grep -q "following model 'lm'" "$log/$node.log" || fail "$node did not follow the model (log: $log/$node.log)"
   [ "$experts" -gt 0 ] || fail "$node serves no expert"
   healthy "$container"
   say "$node serving $experts experts of model 'lm', ready ${node_up[$node]} s after compose up" \
@@ -270,13 +273,17 @@ say "stopped gracefully: nodes in ${stop_nodes} s (both exit 0, records withdraw
 
 # ---- summary ----------------------------------------------------------------------------------------------
 echo
-echo "images (podman image ls; the two share every layer up to their last few, see docker/README.md):"
+echo "images (podman image ls):"
 "${podman[@]}" image ls --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' \
   | grep -E "dmoe-(node|coordinator):latest|$(basename "${base%%:*}")" || true
+echo "layers of dmoe-node (podman history; dmoe-coordinator shares all but the settings after the user):"
+"${podman[@]}" history --format '  {{.Size}}\t{{.CreatedBy}}' localhost/dmoe-node \
+  | grep -v -E '^  0 ?B' | cut -c1-100 || true
 echo "build: dmoe-node ${build_seconds[node]} s, dmoe-coordinator ${build_seconds[coordinator]} s (cached layers reused)"
 echo "start-up, compose up -> ready file (process start -> ready file):"
 echo "  coordinator ${coordinator_up} s (${coordinator_run} s)"
 for node in node1 node2; do echo "  $node ${node_up[$node]} s (${node_run[$node]} s)"; done
 echo "training: $steps steps, held-out loss $first -> $last nats/byte, ${train_seconds} s (compose run included)"
 echo "stop: nodes ${stop_nodes} s, coordinator ${stop_coordinator} s"
+echo "load average (1 min) on this host: $load_at_start at the start, $(cut -d' ' -f1 /proc/loadavg) at the end ($(nproc) cores)"
 echo "OK"

@@ -14,25 +14,37 @@
 # newest GPUs (Blackwell: RTX 50xx, B200) build on a newer CUDA, with a driver that supports it (>= 580):
 #   --build-arg BASE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 ARG BASE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
-FROM ${BASE}
+FROM ${BASE} AS python-env
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # The dependencies alone, read from pyproject.toml, in a layer of their own: a change to the code does
 # not reinstall them. hivemind's wheel carries its libp2p daemon, so no Go toolchain is needed.
-RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
- && python -m pip install --no-cache-dir -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
+COPY pyproject.toml /tmp/dmoe/pyproject.toml
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/dmoe/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/dmoe/requirements.txt \
+ && python -m pip install -r /tmp/dmoe/requirements.txt \
+ && rm -r /tmp/dmoe
 
-# The package, built from the context mounted for this step only; then a check that it imports and that
-# torch is still the base image's CUDA build.
-RUN --mount=type=bind,target=/src,rw \
-    python -m pip install --no-cache-dir /src \
+# The dmoe wheel, built from the source in a stage of its own (as in node.Dockerfile).
+FROM python-env AS wheel
+COPY pyproject.toml setup.py README.md /src/
+COPY dmoe /src/dmoe
+COPY node /src/node
+COPY coordinator /src/coordinator
+RUN python -m pip wheel --no-deps --wheel-dir /wheel /src \
+ && sha256sum /wheel/*.whl > /wheel.sha256
+
+# The image: the wheel installed (its checksum copied first, so that a new wheel makes a new layer), then
+# a check that it imports and that torch is still the base image's CUDA build.
+FROM python-env
+COPY --from=wheel /wheel.sha256 /opt/dmoe-wheel.sha256
+RUN --mount=type=bind,from=wheel,source=/wheel,target=/wheel \
+    python -m pip install /wheel/*.whl \
  && python -c "import torch, dmoe.cli; assert torch.version.cuda, torch.__version__"
 
 # A user of its own with uid 1000, like the CPU image (an Ubuntu base may already have one: replaced).

@@ -19,22 +19,30 @@ each in ``trained`` (with the state download) and ``empty`` (without). Reported:
 spawn to the ready file (``ready``) and to the first call served (``first call``: the newcomer's node
 record found in the DHT, as a client finds it, then a Forward to one of its experts answered), the
 bytes its ready file says it took from replicas (``transferred``) and the version it serves (the
-trained one, or 0); medians of ``--runs`` runs.
+trained one, or 0); from its log, the seconds from the spawn to its DHT peer up (``joined``: imports
+and DHT start), to its experts chosen (``placed``: throughput measured, swarm read) and to its server
+up (``serving``: experts built, state downloaded), and the tokens/s it measured; medians of
+``--runs`` runs. Nodes run with their defaults (CPU threads included); only the coordinators run
+without a relay (``--no-offer-relay``), as in the integration tests.
 
 **Part 2 — balance quality, planned by the real planner on a modeled swarm (not measured on
 processes).** ``--model-experts`` (64) experts, ``--model-nodes`` (8) nodes of budget
 ``--model-budget`` (16), each node's measured throughput drawn log-uniform in
 ``--model-throughput`` (one expert alone, tokens/s; each of its experts gets 1/budget of it, as
 :mod:`dmoe.node.placement` counts it), demand ``--model-load`` of the swarm's capacity in all, spread
-``uniform``, ``zipf`` (1/rank over a random order) or ``hot`` (4 experts take half of it). Layouts:
+``uniform``, ``zipf`` (1/rank over a random order: the top expert wants more than a replica on every
+node gives), ``hot-25%`` or ``hot-50%`` (4 experts take that share; at 50% they too want more than
+every node gives). Layouts:
 
 * ``demand`` — nodes join one by one, each seeing the earlier ones (:func:`choose` on a
   :class:`Picture` of the demand and the other nodes' replicas), then rebalance as the node does
   (:class:`dmoe.node.placement.Rebalancer`: in turns, in random order, a node makes every move that
-  covers an expert with no replica, else one move for demand or spread that :func:`plan_moves` finds)
-  until a whole round moves nothing;
-* ``demand-together`` — the same, but the nodes join together, none seeing the others (the nodes of
-  the integration test, started at once), then rebalance;
+  covers an expert with no replica, else one move for demand or spread that :func:`plan_moves` finds,
+  dropping only what another node still hosts) until a whole round moves nothing;
+* ``demand-together`` — the same, but the nodes join together, none seeing the others (as nodes
+  started at once do), then rebalance;
+* ``late-demand`` — the nodes join and settle with no demand (by fewest replicas), then a trainer
+  publishes its demand and they rebalance;
 * ``fewest-replicas`` — the same functions given no demand (what nodes do before any trainer
   publishes), then measured against the demand;
 * ``hand-blocks`` — the hand-picked layout of today: node i hosts the contiguous block
@@ -42,9 +50,21 @@ processes).** ``--model-experts`` (64) experts, ``--model-nodes`` (8) nodes of b
 * ``hand-same`` — every node hosts the same first block.
 
 Reported, from :func:`dmoe.core.placement.balance`: the worst demand/throughput ratio, worst/mean,
-coefficient of variation, uncovered experts, replicas min/max, plus the moves made and the lower
-bound of the worst ratio (total demand over total throughput, and each expert's demand over the
-throughput of one replica on every node); medians over ``--model-seeds`` seeds.
+coefficient of variation (all three over the experts with a replica), uncovered experts and the share
+of the demand they get, replicas min/max; the moves made and how many of them took back an earlier
+move of the same node; the worst ratio right after the joins; and a lower bound of the worst ratio
+(all demand over all throughput, and each expert's demand over one replica on every node); medians
+over ``--model-seeds`` seeds.
+
+**Part 2 on processes (``--real-swarm``, about a minute or two more).** A coordinator publishing a
+16-expert model (hidden 8), 4 nodes started one by one with only ``--swarm``, ``--max-experts 8`` and
+short intervals (heartbeat 1 s, record TTL 4 s, ``--rebalance-interval 2``), no demand: their
+placement (by fewest replicas) read from their node records once it settled; then ``hot-50%`` demand
+published by a :class:`dmoe.core.demand.DemandPublisher` in this process (``--model-load`` of the
+throughputs the nodes published) and the nodes' rebalancing left to run until the placement settles
+(no change for 8 s). Both measured with :func:`balance` against that demand (replica throughputs as
+the nodes published them), the moves counted from the nodes' logs, and beside them the planner on a
+modeled swarm with the same throughputs and demand.
 
 Every process started is stopped at the end, also on an error or SIGTERM. Writes
 ``benchmarks/results/bench_placement.json`` and the processes' logs under
@@ -53,7 +73,7 @@ Every process started is stopped at the end, also on an error or SIGTERM. Writes
 Run::
 
     python benchmarks/bench_placement.py [--runs 3] [--sizes 64x256 256x1024] [--quick]
-        [--skip-join] [--skip-model]
+        [--skip-join] [--skip-model] [--real-swarm]
 """
 
 from __future__ import annotations
@@ -69,6 +89,7 @@ import subprocess
 import sys
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 from common import write_report
@@ -286,6 +307,33 @@ def log_phases(log_path: Path, spawned: float) -> dict[str, float]:
     return found
 
 
+def logged_throughput(log_path: Path) -> float | None:
+    """The tokens/s a placed node says one of its experts serves (measured at start), from its log."""
+    import re
+
+    found = re.search(r"one serves (\d+) tokens/s", log_path.read_text(errors="replace"))
+    return float(found.group(1)) if found else None
+
+
+def logged_moves(logs: dict[Path, int]) -> dict:
+    """The moves nodes logged (``moved A -> B (reason)``) past the given offsets of their logs: how many,
+    by reason, and how many took back an earlier move of the same node."""
+    import re
+
+    moves, by_reason, reverted = 0, {}, 0
+    for path, offset in logs.items():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        made: set[tuple[str, str]] = set()
+        for dropped, added, reason in re.findall(r"moved (\S+) -> (\S+) \((\w+)\)", text):
+            moves += 1
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+            reverted += (added, dropped) in made
+            made.add((dropped, added))
+    return {"moves": moves, "moves_by_reason": by_reason, "reverted": reverted}
+
+
 def join_once(swarm: JoinSwarm, extra: list[str], name: str, hidden: int) -> dict:
     """Spawn a newcomer, time it to its ready file and to its first call, stop it, wait until its records
     are gone from the DHT; its figures."""
@@ -313,6 +361,7 @@ def join_once(swarm: JoinSwarm, extra: list[str], name: str, hidden: int) -> dic
     return {
         "ready_s": round(ready_s, 3), "first_call_s": round(first_call_s, 3),
         "phases": log_phases(swarm.procs.logdir / f"{swarm.name}-{name}.log", spawned),
+        "measured_tokens_per_s": logged_throughput(swarm.procs.logdir / f"{swarm.name}-{name}.log"),
         "experts": ready["experts"], "called": uid, "version_served": version,
         "num_transferred": len(transferred),
         "transferred_bytes": sum(t["bytes"] for t in transferred.values()),
@@ -435,6 +484,8 @@ def rebalance(uids: tuple[str, ...], seen_demand: dict[str, float], hosted: list
     """Nodes take turns (random order each round) as the node's Rebalancer does: every move covering an
     expert with no replica, else one move for demand or spread; until a round moves nothing."""
     moves = {"uncovered": 0, "demand": 0, "spread": 0}
+    made: list[tuple[int, str, str]] = []  # (node, dropped, added), in order
+    reverted = 0  # moves that undo an earlier move of the same node (added back what it dropped)
     rounds = 0
     settled = False
     while rounds < max_rounds:
@@ -454,11 +505,14 @@ def rebalance(uids: tuple[str, ...], seen_demand: dict[str, float], hosted: list
                 hosted[node].discard(move.drop)
                 hosted[node].add(move.add)
                 moves[move.reason] += 1
+                reverted += (node, move.add, move.drop) in made
+                made.append((node, move.drop, move.add))
                 moved = True
         if not moved:
             settled = True
             break
-    return {"moves": sum(moves.values()), "moves_by_reason": moves, "rounds": rounds, "settled": settled}
+    return {"moves": sum(moves.values()), "moves_by_reason": moves, "reverted": reverted, "rounds": rounds,
+            "settled": settled}
 
 
 def model_layout(layout: str, uids: tuple[str, ...], demand: dict[str, float], own: list[float], budget: int,
@@ -466,9 +520,9 @@ def model_layout(layout: str, uids: tuple[str, ...], demand: dict[str, float], o
     """Plan one layout; its balance against the true demand, moves and replica counts."""
     num_nodes = len(own)
     hosted: list[set[str]] = []
-    moves: dict = {"moves": 0, "moves_by_reason": {}, "rounds": 0, "settled": True}
-    if layout in ("demand", "demand-together", "fewest-replicas"):
-        seen = {} if layout == "fewest-replicas" else demand
+    moves: dict = {"moves": 0, "moves_by_reason": {}, "reverted": 0, "rounds": 0, "settled": True}
+    if layout in ("demand", "demand-together", "fewest-replicas", "late-demand"):
+        seen = {} if layout in ("fewest-replicas", "late-demand") else demand
         for node in range(num_nodes):
             if layout == "demand-together":
                 picture = Picture(uids=uids, demand=seen, others={})
@@ -476,6 +530,9 @@ def model_layout(layout: str, uids: tuple[str, ...], demand: dict[str, float], o
                 picture = picture_without(uids, seen, hosted, own, None)
             hosted.append(set(choose(picture, budget, own[node], rng)))
         at_join = balance(picture_without(uids, demand, hosted, own, None))
+        if layout == "late-demand":  # placed by fewest replicas, then a trainer publishes its demand
+            rebalance(uids, seen, hosted, own, threshold, rng, max_rounds)
+            seen = demand
         moves = rebalance(uids, seen, hosted, own, threshold, rng, max_rounds)
     elif layout == "hand-blocks":
         for node in range(num_nodes):
@@ -494,7 +551,7 @@ def model_layout(layout: str, uids: tuple[str, ...], demand: dict[str, float], o
     return {"balance": result, "at_join": at_join, **moves}
 
 
-MODEL_LAYOUTS = ("demand", "demand-together", "fewest-replicas", "hand-blocks", "hand-same")
+MODEL_LAYOUTS = ("demand", "demand-together", "late-demand", "fewest-replicas", "hand-blocks", "hand-same")
 NUM_HOT = 4
 # hot-25%: the hot experts' demand fits on a replica on every node (bound 0.8 at load 0.8); hot-50%:
 # it does not (each needs 1.6 x the throughput of one replica on every node), as zipf's top expert
@@ -521,7 +578,7 @@ def run_model(args: argparse.Namespace) -> dict:
                                args.zipf_exponent)
             bounds[kind].append(lower_bound(demand, own, args.model_budget))
             for layout in MODEL_LAYOUTS:
-                rng = random.Random(seed * 7919 + MODEL_LAYOUTS.index(layout))
+                rng = random.Random(seed * 7919 + zlib.crc32(layout.encode()))
                 per_seed[kind][layout].append(model_layout(layout, uids, demand, own, args.model_budget,
                                                            args.model_threshold, rng, args.model_max_rounds))
     summary: dict[str, dict[str, dict]] = {}
@@ -531,6 +588,7 @@ def run_model(args: argparse.Namespace) -> dict:
             results = per_seed[kind][layout]
             row = {m: statistics.median(r["balance"][m] for r in results) for m in MODEL_METRICS}
             row["moves"] = statistics.median(r["moves"] for r in results)
+            row["reverted"] = statistics.median(r["reverted"] for r in results)
             row["settled"] = sum(r["settled"] for r in results)
             if results[0]["at_join"] is not None:
                 row["worst_at_join"] = statistics.median(r["at_join"]["worst"] for r in results)
@@ -545,6 +603,138 @@ def run_model(args: argparse.Namespace) -> dict:
                    "threshold": args.model_threshold, "seeds": args.model_seeds},
         "median": summary, "per_seed": per_seed,
     }
+
+
+# ---- part 2 on processes (--real-swarm) -------------------------------------------------------------------
+REAL_EXPERTS, REAL_NODES, REAL_BUDGET, REAL_DEMAND = 16, 4, 8, "hot-50%"
+# short intervals, so that a few minutes of a real swarm pass in seconds
+REAL_NODE_ARGS = ["--heartbeat-interval", "1", "--record-ttl", "4", "--rebalance-interval", "2",
+                  "--average-interval", "0"]
+REAL_SETTLE_S = 8.0  # the placement is settled once no node record changed for this long
+REAL_SETTLE_TIMEOUT_S = 90.0
+
+
+def placement_of(swarm: JoinSwarm) -> dict[str, tuple[str, ...]]:
+    return {node_id: tuple(sorted(record.experts)) for node_id, record in swarm.nodes().items()}
+
+
+def wait_settled(swarm: JoinSwarm, num_nodes: int, uids: list[str]) -> tuple[dict, int, float]:
+    """Poll the node records until all ``num_nodes`` are listed, every uid hosted and nothing changed for
+    REAL_SETTLE_S; returns (placement, experts added in between, seconds waited)."""
+    began = time.monotonic()
+    last, since, added = placement_of(swarm), time.monotonic(), 0
+    while True:
+        time.sleep(0.5)
+        now = placement_of(swarm)
+        if now != last:
+            added += sum(len(set(now.get(n, ())) - set(last.get(n, ()))) for n in now if n in last)
+            last, since = now, time.monotonic()
+        hosted = {uid for experts in last.values() for uid in experts}
+        if len(last) == num_nodes and set(uids) <= hosted and time.monotonic() - since >= REAL_SETTLE_S:
+            return last, added, round(time.monotonic() - began - REAL_SETTLE_S, 1)
+        if time.monotonic() - began > REAL_SETTLE_TIMEOUT_S:
+            raise TimeoutError(f"the placement did not settle in {REAL_SETTLE_TIMEOUT_S:.0f}s: {last}")
+
+
+def real_balance(swarm: JoinSwarm, uids: list[str], demand: dict[str, float]) -> dict:
+    from dmoe.core.demand import replica_throughputs
+
+    others = replica_throughputs(swarm.nodes())
+    result = balance(Picture(uids=tuple(uids), demand=demand, others=others))
+    uncovered = sum(d for uid, d in demand.items() if uid not in others)
+    result["demand_uncovered"] = uncovered / sum(demand.values())
+    return result
+
+
+def run_real(args: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
+    """Part 2 on processes: REAL_NODES nodes started one by one with only --swarm, a budget and short
+    intervals, no demand published (placement by fewest replicas); then a trainer's demand published
+    (DemandPublisher) and the nodes' rebalancing left to run until the placement settles. Each placement
+    read from the node records (find_nodes), measured against the demand; beside it, the planner on a
+    modeled swarm with the same throughputs (the nodes' published ones) and demand."""
+    import numpy as np
+
+    from dmoe.core.demand import DemandPublisher
+
+    uids = [f"{PREFIX}.{i}" for i in range(REAL_EXPERTS)]
+    spec_path = workdir / "spec-real.toml"
+    spec_path.write_text(f'name = "{MODEL_NAME}"\nexperts = ["{PREFIX}.[0:{REAL_EXPERTS}]"]\n'
+                         'hidden_dim = 8\ninner_dim = 16\noptimizer = "sgd"\nlr = 0.01\n')
+    swarm = JoinSwarm("real", spec_path, procs, workdir)
+    publisher = None
+    try:
+        swarm.spawn_coordinator()
+        swarm.wait_coordinator()
+        from dmoe.testing.process import wait_ready_file
+
+        for i in range(REAL_NODES):  # one by one: each sees the ones before it
+            proc, ready = swarm.spawn(["--max-experts", str(REAL_BUDGET), *REAL_NODE_ARGS], f"node{i}")
+            node_id = wait_ready_file(ready, proc, START_TIMEOUT_S, f"real node{i}")["node_id"]
+            wait_until(lambda: node_id in swarm.nodes(), 30, "the node's record", interval=0.2)
+        fewest, _, _ = wait_settled(swarm, REAL_NODES, uids)
+        records = swarm.nodes()
+        throughput = {n: r.throughput for n, r in records.items()}
+        own = [throughput[n] / REAL_BUDGET for n in sorted(throughput)]
+        demand = demand_of(REAL_DEMAND, uids, args.model_load * sum(throughput.values()), random.Random(0),
+                           args.zipf_exponent)
+        at_fewest = real_balance(swarm, uids, demand)
+        print(f"  real swarm, no demand: worst {at_fewest['worst']:.3f}; publishing {REAL_DEMAND} demand",
+              flush=True)
+        rates = np.array([demand[uid] for uid in uids])
+        logs = [procs.logdir / f"real-node{i}.log" for i in range(REAL_NODES)]
+        offsets = {path: path.stat().st_size for path in logs}  # the moves made for the demand come after
+        began = time.monotonic()
+        publisher = DemandPublisher(swarm.reader, interval=1.0, time_constant=2.0)
+        publisher.add(PREFIX, (REAL_EXPERTS,), lambda: (rates * (time.monotonic() - began)).astype(np.int64))
+        publisher.start()
+        by_demand, added, settle_s = wait_settled(swarm, REAL_NODES, uids)
+        at_demand = real_balance(swarm, uids, demand)
+        moves = logged_moves(offsets)
+        modeled = {layout: model_layout(layout, tuple(uids), demand, own, REAL_BUDGET, args.model_threshold,
+                                        random.Random(1), args.model_max_rounds)
+                   for layout in ("late-demand", "demand", "fewest-replicas")}
+        return {
+            "note": "measured on processes: node records read with find_nodes, throughputs the nodes "
+                    "measured and published; modeled: the planner on the same throughputs and demand",
+            "experts": REAL_EXPERTS, "nodes": REAL_NODES, "budget": REAL_BUDGET, "demand_kind": REAL_DEMAND,
+            "node_args": REAL_NODE_ARGS, "node_throughput": throughput, "demand": demand,
+            "fewest_replicas": {"placement": fewest, "balance": at_fewest},
+            "demand_rebalanced": {"placement": by_demand, "balance": at_demand, "experts_added": added,
+                                  "seconds_to_settle": settle_s, **moves},
+            "modeled": {layout: {"balance": r["balance"], "moves": r["moves"], "reverted": r["reverted"]}
+                        for layout, r in modeled.items()},
+            "bound_worst": lower_bound(demand, own, REAL_BUDGET),
+        }
+    finally:
+        if publisher is not None:
+            publisher.stop()
+        swarm.shutdown()
+        procs.stop_all()
+
+
+def print_real(real: dict) -> None:
+    print(f"\nPart 2 on processes: {real['nodes']} nodes (budget {real['budget']}) started one by one with "
+          f"only --swarm, --max-experts and short intervals, {real['experts']} experts, "
+          f"{real['demand_kind']} demand published after they settled (placement read from the node records)")
+    print(f"{'layout':<34} {'worst':>7} {'worst/mean':>10} {'cv':>6} {'uncov':>6} {'rep min':>7} "
+          f"{'rep max':>7} {'moves':>6} {'undone':>6}")
+    rebalanced, modeled = real["demand_rebalanced"], real["modeled"]
+    rows = [("processes: fewest replicas", real["fewest_replicas"]["balance"], "-", "-"),
+            ("processes: demand (rebalanced)", rebalanced["balance"], rebalanced["moves"],
+             rebalanced["reverted"]),
+            ("modeled, same inputs: late-demand", modeled["late-demand"]["balance"],
+             modeled["late-demand"]["moves"], modeled["late-demand"]["reverted"]),
+            ("modeled, same inputs: demand", modeled["demand"]["balance"], modeled["demand"]["moves"],
+             modeled["demand"]["reverted"]),
+            ("modeled, same inputs: fewest", modeled["fewest-replicas"]["balance"],
+             modeled["fewest-replicas"]["moves"], modeled["fewest-replicas"]["reverted"])]
+    for name, b, moves, undone in rows:
+        print(f"{name:<34} {b['worst']:>7.3f} {b['worst_over_mean']:>10.2f} {b['cv']:>6.2f} "
+              f"{b['uncovered']:>6g} {b['replicas_min']:>7g} {b['replicas_max']:>7g} {moves:>6} {undone:>6}")
+    throughput = ", ".join(f"{t:.0f}" for t in sorted(real["node_throughput"].values()))
+    print(f"tokens/s the nodes measured (one expert): {throughput}")
+    print(f"{'(lower bound)':<34} {real['bound_worst']:>7.3f}; settled "
+          f"{real['demand_rebalanced']['seconds_to_settle']:.1f}s after the demand was published")
 
 
 # ---- the report ----------------------------------------------------------------------------------------
@@ -574,16 +764,17 @@ def print_model(model: dict) -> None:
           f"throughput {config['throughput_range'][0]:g}-{config['throughput_range'][1]:g} tokens/s, demand "
           f"{config['load']:g} of capacity; medians of {config['seeds']} seeds")
     print("worst, worst/mean, cv: demand/throughput ratios of the experts with a replica; uncov: experts "
-          "with none, uncov%: the share of the demand they get; worst@join: before any rebalancing move")
+          "with none, uncov%: the share of the demand they get; undone: moves that took back an earlier move "
+          "of the same node; worst@join: before any rebalancing move")
     print(f"{'demand':<8} {'layout':<16} {'worst':>7} {'worst/mean':>10} {'cv':>6} {'uncov':>6} "
-          f"{'uncov%':>6} {'rep min':>7} {'rep max':>7} {'moves':>6} {'worst@join':>10}")
+          f"{'uncov%':>6} {'rep min':>7} {'rep max':>7} {'moves':>6} {'undone':>6} {'worst@join':>10}")
     for kind, rows in model["median"].items():
         for layout in MODEL_LAYOUTS:
             r = rows[layout]
             at_join = f"{r['worst_at_join']:>10.3f}" if "worst_at_join" in r else f"{'-':>10}"
             print(f"{kind:<8} {layout:<16} {r['worst']:>7.3f} {r['worst_over_mean']:>10.2f} {r['cv']:>6.2f} "
                   f"{r['uncovered']:>6g} {100 * r['demand_uncovered']:>6.1f} {r['replicas_min']:>7g} "
-                  f"{r['replicas_max']:>7g} {r['moves']:>6g} {at_join}")
+                  f"{r['replicas_max']:>7g} {r['moves']:>6g} {r['reverted']:>6g} {at_join}")
         print(f"{kind:<8} {'(lower bound)':<16} {rows['bound_worst']:>7.3f}")
 
 
@@ -610,7 +801,9 @@ def main() -> None:
     parser.add_argument("--model-max-rounds", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="one run, the small size only, 3 seeds")
     parser.add_argument("--skip-join", action="store_true", help="part 2 only (no processes)")
-    parser.add_argument("--skip-model", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-model", action="store_true", help="no part 2 on the modeled swarm")
+    parser.add_argument("--real-swarm", action="store_true", help=f"also part 2 on processes: "
+                        f"{REAL_NODES} nodes, demand published (about 2 minutes more)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_placement.json")
     args = parser.parse_args()
     if args.quick:
@@ -623,20 +816,20 @@ def main() -> None:
         started = time.perf_counter()
         report["balance_modeled"] = run_model(args)
         report["balance_modeled"]["seconds"] = round(time.perf_counter() - started, 2)
-        print_model(report["balance_modeled"])
 
     def on_sigterm(signum, frame):
         raise Stopped("SIGTERM")
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    if not args.skip_join:
-        shutil.rmtree(RUN_DIR, ignore_errors=True)
-        RUN_DIR.mkdir(parents=True)
-        procs = Processes(RUN_DIR)
-        report["join"] = {"sizes": [], "errors": []}
-        started = time.perf_counter()
-        print("\nPart 1: join time (processes on 127.0.0.1)", flush=True)
-        try:
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    RUN_DIR.mkdir(parents=True)
+    procs = Processes(RUN_DIR)
+    errors: list[str] = []
+    try:
+        if not args.skip_join:
+            report["join"] = {"sizes": []}
+            started = time.perf_counter()
+            print("\nPart 1: join time (processes on 127.0.0.1)", flush=True)
             for hidden, inner in sizes:
                 workdir = RUN_DIR / f"{hidden}x{inner}"
                 workdir.mkdir()
@@ -644,17 +837,32 @@ def main() -> None:
                     report["join"]["sizes"].append(run_join_size(hidden, inner, args, procs, workdir))
                 except Exception as e:  # noqa: BLE001 - reported; the next size still runs
                     traceback.print_exc()
-                    report["join"]["errors"].append(f"{hidden}x{inner}: {type(e).__name__}: {e}")
-        except Stopped as e:
-            report["join"]["errors"].append(str(e))
-        finally:
-            procs.stop_all()
-        report["join"]["seconds"] = round(time.perf_counter() - started, 1)
+                    errors.append(f"part 1, {hidden}x{inner}: {type(e).__name__}: {e}")
+            report["join"]["seconds"] = round(time.perf_counter() - started, 1)
+        if args.real_swarm:
+            started = time.perf_counter()
+            print("\nPart 2 on processes (--real-swarm)", flush=True)
+            workdir = RUN_DIR / "real"
+            workdir.mkdir()
+            try:
+                report["balance_processes"] = run_real(args, procs, workdir)
+                report["balance_processes"]["seconds"] = round(time.perf_counter() - started, 1)
+            except Exception as e:  # noqa: BLE001 - reported with the rest
+                traceback.print_exc()
+                errors.append(f"part 2 on processes: {type(e).__name__}: {e}")
+    except Stopped as e:
+        errors.append(str(e))
+    finally:
+        procs.stop_all()
+    report["errors"] = errors
+    if "join" in report:
         print_join(report["join"]["sizes"])
-        for error in report["join"]["errors"]:
-            print(f"error: {error}")
-    if not args.skip_model:
+    if "balance_modeled" in report:
         print_model(report["balance_modeled"])
+    if "balance_processes" in report:
+        print_real(report["balance_processes"])
+    for error in errors:
+        print(f"error: {error}")
     write_report(args.out, report)
 
 

@@ -8,14 +8,15 @@ model spec (``dmoe coordinator start --model spec.toml``): in ``trained``, ``--e
 started with only ``--swarm`` and ``--max-experts`` host every expert once, and every expert has been
 trained ``--train-steps`` Backward calls (version > 0), so a newcomer downloads their state; ``empty``
 has no node, so nobody has state to give. Newcomers, one at a time, each stopped (and its records
-gone from the DHT) before the next, in four configurations, interleaved run by run:
+gone from the DHT) before the next, interleaved run by run (``--configs``, start/swarm):
 
 * ``placed`` — ``dmoe node start --swarm ADDR --max-experts B``: it follows the spec, measures its
   throughput, reads the swarm and picks its experts (:func:`dmoe.core.placement.choose`);
 * ``hand-picked`` — ``dmoe node start --swarm ADDR --experts ... --hidden-dim ... --inner-dim ...``
-  with the uids the ``placed`` newcomer of the same run picked;
+  with the uids the ``placed/trained`` newcomer of the same run picked;
 
-each in ``trained`` (with the state download) and ``empty`` (without). Reported: seconds from the
+``placed/trained``, ``hand-picked/trained`` (both with the state download) and ``hand-picked/empty``
+(the same start without it) by default; ``placed/empty`` too on request. Reported: seconds from the
 spawn to the ready file (``ready``) and to the first call served (``first call``: the newcomer's node
 record found in the DHT, as a client finds it, then a Forward to one of its experts answered), the
 bytes its ready file says it took from replicas (``transferred``) and the version it serves (the
@@ -73,12 +74,14 @@ Every process started is stopped at the end, also on an error or SIGTERM. Writes
 Run::
 
     python benchmarks/bench_placement.py [--runs 3] [--sizes 64x256 256x1024] [--quick]
+        [--configs placed/trained hand-picked/trained hand-picked/empty placed/empty]
         [--skip-join] [--skip-model] [--real-swarm]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
@@ -103,7 +106,7 @@ STOP_GRACE_S = 30.0
 GONE_TIMEOUT_S = 45.0  # a stopped node's records leave the DHT (withdrawn; else they expire in 30 s)
 PREFIX = "ffn"
 MODEL_NAME = "bench"
-CONFIGS = [("placed", "trained"), ("hand-picked", "trained"), ("placed", "empty"), ("hand-picked", "empty")]
+ALL_CONFIGS = ["placed/trained", "hand-picked/trained", "hand-picked/empty", "placed/empty"]
 
 
 class Stopped(Exception):
@@ -371,16 +374,17 @@ def join_once(swarm: JoinSwarm, extra: list[str], name: str, hidden: int) -> dic
 
 
 def run_join_size(hidden: int, inner: int, args: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
-    """Part 1 for one model size: both swarms, the existing nodes trained, then --runs rounds of the four
-    newcomer configurations."""
+    """Part 1 for one model size: the swarms, the existing nodes trained, then --runs rounds of the
+    newcomer configurations (--configs)."""
     spec_path = workdir / f"spec-{hidden}x{inner}.toml"
     spec_path.write_text(f'name = "{MODEL_NAME}"\nexperts = ["{PREFIX}.[0:{args.num_experts}]"]\n'
                          f'hidden_dim = {hidden}\ninner_dim = {inner}\noptimizer = "adam"\nlr = 0.001\n')
     uids = [f"{PREFIX}.{i}" for i in range(args.num_experts)]
-    swarms = {"trained": JoinSwarm(f"trained-{hidden}", spec_path, procs, workdir),
-              "empty": JoinSwarm(f"empty-{hidden}", spec_path, procs, workdir)}
+    wanted = {"trained"} | {config.split("/")[1] for config in args.configs}
+    swarms = {where: JoinSwarm(f"{where}-{hidden}", spec_path, procs, workdir)
+              for where in ("trained", "empty") if where in wanted}
     try:
-        for swarm in swarms.values():  # both coordinators start at once
+        for swarm in swarms.values():  # the coordinators start at once
             swarm.spawn_coordinator()
         for swarm in swarms.values():
             swarm.wait_coordinator()
@@ -399,10 +403,11 @@ def run_join_size(hidden: int, inner: int, args: argparse.Namespace, procs: Proc
             versions |= train(entry["ready"]["endpoint"], entry["ready"]["experts"], hidden, args.train_steps)
         print(f"  {hidden}x{inner}: {len(trained.existing)} existing nodes host {len(versions)} experts, "
               f"trained to versions {sorted(set(versions.values()))}", flush=True)
-        runs: dict[str, list[dict]] = {f"{how}/{where}": [] for how, where in CONFIGS}
+        configs = [tuple(config.split("/")) for config in args.configs]
+        runs: dict[str, list[dict]] = {f"{how}/{where}": [] for how, where in configs}
         for run in range(args.runs):
             picked: list[str] = []
-            for how, where in CONFIGS:
+            for how, where in configs:
                 if how == "placed":
                     extra = ["--max-experts", str(args.budget)]
                 else:
@@ -479,14 +484,74 @@ def picture_without(uids: tuple[str, ...], demand: dict[str, float], hosted: lis
     return Picture(uids=uids, demand=demand, others=others)
 
 
+def planner_version() -> dict:
+    """Which planner the figures come from: the commit of the checkout dmoe.core.placement is imported
+    from, whether its placement files differ from that commit, and what it supports."""
+    import dmoe.core.placement
+
+    root = Path(dmoe.core.placement.__file__).resolve().parents[2]
+    version: dict = {"path": str(root), **planner_features()}
+    try:
+        version["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--",
+                                  "dmoe/core/placement.py", "node/placement.py"])
+        version["modified"] = changed.returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        version["commit"] = None
+    return version
+
+
+@functools.cache
+def planner_features() -> dict[str, bool]:
+    """What the planner in use supports: choose(threshold=...) (ratios bucketed by the threshold), and a
+    designated dropper per uid and epoch (Picture.droppable, dmoe.node.placement.designated_dropper)."""
+    import dataclasses
+    import inspect
+
+    try:
+        from dmoe.node.placement import designated_dropper  # noqa: F401
+        dropper = True
+    except ImportError:
+        dropper = False
+    fields = {f.name for f in dataclasses.fields(Picture)}
+    return {"choose_threshold": "threshold" in inspect.signature(choose).parameters,
+            "designated_dropper": dropper and "droppable" in fields}
+
+
+def choose_as_node(picture: Picture, budget: int, own: float, rng: random.Random,
+                   threshold: float) -> list[str]:
+    """choose() with the arguments the node gives it (the threshold, where choose takes one)."""
+    if planner_features()["choose_threshold"]:
+        return choose(picture, budget, own, rng, threshold=threshold)
+    return choose(picture, budget, own, rng)
+
+
+def with_dropper(picture: Picture, hosted: list[set[str]], node: int, epoch: int) -> Picture:
+    """The picture with the uids node ``node`` may drop in ``epoch`` (of those it shares, the ones whose
+    designated dropper it is), where the planner has that rule; else the picture as it is."""
+    if not planner_features()["designated_dropper"]:
+        return picture
+    import dataclasses
+
+    from dmoe.node.placement import designated_dropper
+
+    names = [f"node{n}" for n in range(len(hosted))]
+    droppable = frozenset(uid for uid in hosted[node] if designated_dropper(
+        uid, [names[n] for n, experts in enumerate(hosted) if uid in experts], epoch) == names[node])
+    return dataclasses.replace(picture, droppable=droppable)
+
+
 def rebalance(uids: tuple[str, ...], seen_demand: dict[str, float], hosted: list[set[str]], own: list[float],
               threshold: float, rng: random.Random, max_rounds: int) -> dict:
     """Nodes take turns (random order each round) as the node's Rebalancer does: every move covering an
-    expert with no replica, else one move for demand or spread; until a round moves nothing."""
+    expert with no replica, else one move for demand or spread; until a round moves nothing (with a
+    designated dropper per uid, a new one each round: until QUIET_ROUNDS rounds in a row move nothing)."""
+    quiet_needed = QUIET_ROUNDS if planner_features()["designated_dropper"] else 1
     moves = {"uncovered": 0, "demand": 0, "spread": 0}
     made: list[tuple[int, str, str]] = []  # (node, dropped, added), in order
     reverted = 0  # moves that undo an earlier move of the same node (added back what it dropped)
-    rounds = 0
+    rounds = quiet = 0
     settled = False
     while rounds < max_rounds:
         rounds += 1
@@ -495,6 +560,7 @@ def rebalance(uids: tuple[str, ...], seen_demand: dict[str, float], hosted: list
         rng.shuffle(order)
         for node in order:
             picture = picture_without(uids, seen_demand, hosted, own, node)
+            picture = with_dropper(picture, hosted, node, epoch=rounds)
             planned = plan_moves(picture, hosted[node], own[node], threshold=threshold,
                                  max_moves=max(1, len(hosted[node])), rng=rng)
             due = [m for m in planned if m.reason == "uncovered"] or planned[:1]
@@ -508,7 +574,8 @@ def rebalance(uids: tuple[str, ...], seen_demand: dict[str, float], hosted: list
                 reverted += (node, move.add, move.drop) in made
                 made.append((node, move.drop, move.add))
                 moved = True
-        if not moved:
+        quiet = 0 if moved else quiet + 1
+        if quiet >= quiet_needed:
             settled = True
             break
     return {"moves": sum(moves.values()), "moves_by_reason": moves, "reverted": reverted, "rounds": rounds,
@@ -528,7 +595,7 @@ def model_layout(layout: str, uids: tuple[str, ...], demand: dict[str, float], o
                 picture = Picture(uids=uids, demand=seen, others={})
             else:
                 picture = picture_without(uids, seen, hosted, own, None)
-            hosted.append(set(choose(picture, budget, own[node], rng)))
+            hosted.append(set(choose_as_node(picture, budget, own[node], rng, threshold)))
         at_join = balance(picture_without(uids, demand, hosted, own, None))
         if layout == "late-demand":  # placed by fewest replicas, then a trainer publishes its demand
             rebalance(uids, seen, hosted, own, threshold, rng, max_rounds)
@@ -551,6 +618,7 @@ def model_layout(layout: str, uids: tuple[str, ...], demand: dict[str, float], o
     return {"balance": result, "at_join": at_join, **moves}
 
 
+QUIET_ROUNDS = 5
 MODEL_LAYOUTS = ("demand", "demand-together", "late-demand", "fewest-replicas", "hand-blocks", "hand-same")
 NUM_HOT = 4
 # hot-25%: the hot experts' demand fits on a replica on every node (bound 0.8 at load 0.8); hot-50%:
@@ -598,6 +666,7 @@ def run_model(args: argparse.Namespace) -> dict:
     return {
         "note": "planned by the real planner (dmoe.core.placement.choose / plan_moves) on a modeled swarm, "
                 "measured with dmoe.core.placement.balance: not measured on processes",
+        "planner": planner_version(),
         "config": {"experts": args.model_experts, "nodes": args.model_nodes, "budget": args.model_budget,
                    "throughput_range": list(args.model_throughput), "load": args.model_load,
                    "threshold": args.model_threshold, "seeds": args.model_seeds},
@@ -750,8 +819,8 @@ def print_join(sizes: list[dict]) -> None:
         return f"{m[phase]:>{width}.2f}" if phase in m else f"{'-':>{width}}"
 
     for size in sizes:
-        for how, where in CONFIGS:
-            m = size["median"][f"{how}/{where}"]
+        for key, m in size["median"].items():
+            how, where = key.split("/")
             print(f"{size['hidden']}x{size['inner']:<6} {how:<12} {where:<8} {cell(m, 'joined_s', 7)} "
                   f"{cell(m, 'placed_s', 7)} {cell(m, 'serving_s', 8)} {m['ready_s']:>7.2f} "
                   f"{m['first_call_s']:>8.2f} {m['transferred_mb']:>9.2f} {m['num_transferred']:>14g}")
@@ -763,6 +832,10 @@ def print_model(model: dict) -> None:
           f"{config['experts']} experts, {config['nodes']} nodes of budget {config['budget']}, node "
           f"throughput {config['throughput_range'][0]:g}-{config['throughput_range'][1]:g} tokens/s, demand "
           f"{config['load']:g} of capacity; medians of {config['seeds']} seeds")
+    planner = model["planner"]
+    print(f"planner: {planner['path']} at {planner['commit']}"
+          f"{' with uncommitted changes' if planner.get('modified') else ''}; choose(threshold): "
+          f"{planner['choose_threshold']}, designated dropper: {planner['designated_dropper']}")
     print("worst, worst/mean, cv: demand/throughput ratios of the experts with a replica; uncov: experts "
           "with none, uncov%: the share of the demand they get; undone: moves that took back an earlier move "
           "of the same node; worst@join: before any rebalancing move")
@@ -784,6 +857,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["64x256", "256x1024"], help="hidden x inner of the "
                         "experts, one model per size")
     parser.add_argument("--num-experts", type=int, default=16, help="experts of the model in part 1")
+    parser.add_argument("--configs", nargs="+", choices=ALL_CONFIGS, default=ALL_CONFIGS[:3],
+                        help="newcomers of part 1 (start/swarm); hand-picked ones take the experts the "
+                        "placed/trained one of the same run picked")
     parser.add_argument("--existing", type=int, default=2, help="nodes hosting the model before a newcomer")
     parser.add_argument("--budget", type=int, default=8, help="--max-experts of a placed newcomer")
     parser.add_argument("--train-steps", type=int, default=3, help="Backward calls per expert before "
@@ -809,6 +885,9 @@ def main() -> None:
     if args.quick:
         args.runs, args.sizes, args.model_seeds = 1, args.sizes[:1], min(args.model_seeds, 3)
     sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes]
+    if any(c.startswith("hand-picked") for c in args.configs) and "placed/trained" not in args.configs:
+        parser.error("hand-picked newcomers need placed/trained among --configs (they take its experts)")
+    args.configs = [c for c in ALL_CONFIGS if c in args.configs]  # placed/trained first
     RESULTS.mkdir(exist_ok=True)
     report: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 

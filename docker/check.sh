@@ -151,6 +151,9 @@ build() { # NAME: docker/NAME.Dockerfile -> localhost/dmoe-NAME
 declare -A build_seconds
 build node
 build coordinator
+# images that the new ones replaced, and the wheel stage's (a dependency change would otherwise leave
+# hundreds of MB behind at each build)
+"${podman[@]}" image prune -f >/dev/null
 
 # ---- the swarm --------------------------------------------------------------------------------------------
 cleanup() {

@@ -279,7 +279,7 @@ echo
 echo "images (podman image ls):"
 "${podman[@]}" image ls --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' \
   | grep -E "dmoe-(node|coordinator):latest|$(basename "${base%%:*}")" || true
-echo "layers of dmoe-node (podman history; dmoe-coordinator shares all but the settings after the user):"
+echo "layers of dmoe-node (podman history; dmoe-coordinator has the same layers, other settings):"
 "${podman[@]}" history --format '  {{.Size}}\t{{.CreatedBy}}' localhost/dmoe-node \
   | grep -v -E '^  0 ?B' | cut -c1-100 || true
 echo "build: dmoe-node ${build_seconds[node]} s, dmoe-coordinator ${build_seconds[coordinator]} s (cached layers reused)"

@@ -84,7 +84,11 @@ class Announcer:
         tombstones = [r.model_copy(update={"state": "stopped"}) for r in retired]
         expiration = max(self.last_expiration, get_dht_time() + self.record_ttl) + 1.0
         assert self.dht.node is not None
-        await self.dht.run_async(store_retirement_async(self.dht.node, tombstones, experts, node, expiration))
+        stored = await self.dht.run_async(store_retirement_async(self.dht.node, tombstones, experts, node,
+                                                                 expiration))
+        if not stored:
+            logger.warning("no DHT peer accepted the withdrawal of %s: its records expire in %.0fs",
+                           ", ".join(r.uid for r in retired), self.record_ttl)
         await self.beat()
 
     async def withdraw(self) -> None:

@@ -189,9 +189,9 @@ class ReplicaAverager:
                 and uid in self.backends and record.expert_cls in ("", self.backends[uid].expert_cls)
                 and (record.dial_endpoint, uid) not in self.avoided)
 
-    async def _fetch(self, uid: str, record: ExpertRecord) -> ExpertState | None:
-        """``record``'s module state of ``uid``, or None if refused or failed."""
-        backend, endpoint = self.backends[uid], record.dial_endpoint
+    async def _fetch(self, uid: str, record: ExpertRecord, backend: ExpertBackend) -> ExpertState | None:
+        """``record``'s module state of ``uid`` (checked against ``backend``); None if refused or failed."""
+        endpoint = record.dial_endpoint
         num_bytes = sum(math.prod(shape) * DTYPES[dtype].itemsize
                         for shape, dtype in backend.state_schema(optimizer=False).values())
         try:
@@ -212,7 +212,7 @@ class ReplicaAverager:
         """Fetch ``records``' parameters of ``uid`` (at once) and move ours to the CenteredClip of ours
         and theirs (:func:`blend_robust`); None if all were refused or failed."""
         backend = self.backends[uid]
-        states = await asyncio.gather(*(self._fetch(uid, record) for record in records))
+        states = await asyncio.gather(*(self._fetch(uid, record, backend) for record in records))
         fetched = {r.dial_endpoint: state for r, state in zip(records, states) if state is not None}
         if not fetched:
             return None
@@ -242,7 +242,7 @@ class ReplicaAverager:
     async def average_with(self, uid: str, record: ExpertRecord) -> Averaged | None:
         """Fetch ``record``'s parameters of ``uid`` and blend them into ours; None if refused or failed."""
         backend, endpoint = self.backends[uid], record.dial_endpoint
-        state = await self._fetch(uid, record)
+        state = await self._fetch(uid, record, backend)
         if state is None:
             return None
         started = time.perf_counter()

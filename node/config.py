@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 from dmoe.config import option
@@ -37,12 +38,17 @@ class NodeConfig:
     memory_fraction: float = option(0.5, "share of the memory free at start (the GPU's, or RAM on a CPU) "
                                          "the experts a node picks may take (parameters, gradients and "
                                          "optimizer state)")
+    throughput: str = option("auto", "routed tokens/s one of the node's experts serves alone (forward and "
+                                     "backward), which placement plans with and the node publishes: auto "
+                                     "(measured at start on a scratch expert) or a number (for a machine "
+                                     "that is busy at start, where the measure reads low)")
     rebalance_interval: float = option(300.0, "seconds between checks whether moving one of the experts "
                                               "the node picked would cover demand much better "
                                               "(randomised by +-50%); experts with no replica anywhere "
                                               "are covered at every heartbeat (0: never move)")
-    rebalance_threshold: float = option(0.75, "move only when the swarm's worst demand/throughput ratio "
-                                              "falls to this fraction of what it was, or lower")
+    rebalance_threshold: float = option(0.75, "move an expert for demand only when the ratio "
+                                              "(demand/throughput) of the one dropped, once dropped, is at "
+                                              "most this fraction of the one added's")
     expert_cls: str = option("ffn", "expert class: ffn, transformer or 'module:Class'")
     hidden_dim: int = option(1024, "model dimension of the experts' inputs and outputs")
     inner_dim: int | None = option(None, "inner dimension of built-in experts (default 4 x hidden-dim)")
@@ -176,6 +182,14 @@ class NodeConfig:
         if not 0 < self.max_peer_step_share <= 1:
             raise ConfigError(f"max_peer_step_share must be in (0, 1], got {self.max_peer_step_share}")
         positive("max_experts")
+        if self.throughput != "auto":
+            try:
+                value = float(self.throughput)
+            except ValueError:
+                value = math.nan
+            if not 0 < value < 1e9:
+                raise ConfigError(f"throughput must be auto or a number of tokens/s in (0, 1e9), "
+                                  f"got {self.throughput!r}")
         positive("rebalance_interval", allow_zero=True)
         if not 0 < self.memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")

@@ -41,10 +41,11 @@ from dmoe.core.auth import CallVerifier, load_key
 from dmoe.core.dht import DHTPeer
 from dmoe.core.dhtauth import DHTAuthorizer
 from dmoe.core.files import write_json_atomic
+from dmoe.core.logsafe import printable
 from dmoe.core.modelspec import ModelSpec, expert_schema, find_specs
 from dmoe.core.modelspec import resolve as resolve_spec
 from dmoe.core.placement import Move, choose
-from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts, find_nodes
+from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts
 from dmoe.errors import ConfigError
 from dmoe.node.announcer import Announcer
 from dmoe.node.averaging import ReplicaAverager
@@ -54,7 +55,7 @@ from dmoe.node.config import NodeConfig, explicit_fields
 from dmoe.node.experts import build_backend, read_hardware, resolve_device
 from dmoe.node.guard import CallGuard
 from dmoe.node.influence import InfluenceLimits
-from dmoe.node.joining import TransferPolicy, Transferred, take_live_states
+from dmoe.node.joining import TransferPolicy, Transferred, replicas_of, take_live_states
 from dmoe.node.placement import (
     Rebalancer,
     expert_bytes,
@@ -69,6 +70,7 @@ from dmoe.node.runtime import Runtime
 from dmoe.node.server import NodeServer
 from dmoe.node.service import ExpertServicer
 from dmoe.node.stats import ExpertCounters
+from dmoe.node.transfer import NotNewer, TransferError, fetch_expert_state
 from dmoe.proto import expert_pb2 as pb
 from dmoe.relay.server import Relay
 
@@ -121,6 +123,7 @@ class Node:
         self.throughput = 0.0
         self.rebalancer: Rebalancer | None = None
         self._moving: asyncio.Lock | None = None  # one move at a time (made on the node's loop)
+        self._retiring: set[str] = set()  # experts being let go of: still served, no longer announced
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -272,6 +275,8 @@ class Node:
         """The uids of ``spec`` this node hosts when it picks them itself: as many as its budget holds
         (--max-experts, --memory-fraction), those whose demand is least covered (dmoe.core.placement)."""
         config = self.config
+        if config.num_threads is not None:  # the throughput measured is the one the experts will have
+            torch.set_num_threads(config.num_threads)
         device = resolve_device(config.device)
         scratch = await asyncio.to_thread(build_backend, spec.uids[0], config, device)
         per_expert = expert_bytes(scratch, config.optimizer)
@@ -281,7 +286,8 @@ class Node:
                               f"with its optimizer) fits in --memory-fraction {config.memory_fraction:g} "
                               f"of the free memory of {device}")
         self.budget = min(config.max_experts, fits, len(spec.uids))
-        self.throughput = await asyncio.to_thread(measure_throughput, scratch)
+        self.throughput = (await asyncio.to_thread(measure_throughput, scratch) if config.throughput == "auto"
+                           else float(config.throughput))
         del scratch
         assert self._dht is not None
         picture = await asyncio.to_thread(read_picture, self._dht, spec, self.node_id)
@@ -397,71 +403,136 @@ class Node:
         dht, spec, node_id = self._dht, self.model, self.node_id
         self._moving = asyncio.Lock()
         self.rebalancer = Rebalancer(
-            picture=lambda: read_picture(dht, spec, node_id), hosted=lambda: list(self.backends),
+            picture=lambda: read_picture(dht, spec, node_id), hosted=lambda: self.hosted,
             move=self.move_expert, own=self.throughput / self.budget,
             check_interval=self.config.heartbeat_interval, rebalance_interval=self.config.rebalance_interval,
             threshold=self.config.rebalance_threshold, rng=random.Random())
         self._tasks.append(asyncio.create_task(self.rebalancer.run(), name="dmoe-rebalancing"))
 
-    async def add_expert(self, uid: str) -> None:
-        """Host ``uid`` too (built, its state taken from a live replica if there is one), and announce it."""
+    @property
+    def hosted(self) -> list[str]:
+        """The experts this node serves and announces (not those it is letting go of)."""
+        return [uid for uid in self.backends if uid not in self._retiring]
+
+    async def add_expert(self, uid: str) -> bool:
+        """Host ``uid`` too: built, its state taken from a live replica (with none alive: this node's
+        checkpoint of it, else its seed), then announced. False, and nothing hosted, when replicas are
+        alive but none gave its state in time: a fresh or stale copy of a trained expert would serve
+        what the swarm did not train."""
         assert self._runtime is not None and self._announcer is not None and self.node_id is not None
-        backend = await asyncio.to_thread(build_backend, uid, self.config, self.device)
         dht = self._dht
         assert dht is not None
+        backend = await asyncio.to_thread(build_backend, uid, self.config, self.device)
+        found = await asyncio.to_thread(find_experts, dht, [uid])
+        alive = [r for r in replicas_of(found.get(uid)) if r.node_id != self.node_id]
+        transferred: dict[str, Transferred] = {}
+        if alive:
+            async def find_replicas(uids: list[str]):
+                return found
 
-        async def find_replicas(uids: list[str]):
-            return await asyncio.to_thread(find_experts, dht, uids)
-
-        restored = (await asyncio.to_thread(self._checkpoints.restore_one, uid, backend)
-                    if self._checkpoints is not None else None)
-        transferred = await take_live_states({uid: backend}, find_replicas, node_id=self.node_id,
-                                             key=self.swarm_key, policy=self.transfer_policy,
-                                             local_versions={} if restored is None else {uid: restored})
+            transferred = await take_live_states({uid: backend}, find_replicas, node_id=self.node_id,
+                                                 key=self.swarm_key, policy=self.transfer_policy,
+                                                 local_versions={})
+            if uid not in transferred:
+                logger.warning("not hosting %s: none of its %d live replicas gave its state", uid, len(alive))
+                return False
+        elif self._checkpoints is not None:
+            await asyncio.to_thread(self._checkpoints.restore_one, uid, backend)
         self.transferred.update(transferred)
         self.counters[uid] = ExpertCounters()
         self._runtime.add_expert(uid, backend)
         self.backends[uid] = backend
-        self.uids = list(self.backends)
+        self.uids = self.hosted
         await self._announcer.beat()
+        self._write_ready_file()
         logger.info("now hosting %s (%s)", uid, f"state of the replica at {transferred[uid].endpoint}"
-                    if uid in transferred else "no live replica: a fresh expert")
+                    if uid in transferred else "no live replica: its checkpoint or a fresh expert")
+        return True
 
-    async def remove_expert(self, uid: str) -> None:
-        """Stop hosting ``uid``: calls for it are refused from now on (NOT_FOUND: clients go to another
-        replica), its records are withdrawn; calls already queued still finish."""
-        assert self._announcer is not None
-        backend = self.backends.pop(uid)
-        self.uids = list(self.backends)
-        experts, _ = self.records()
-        schema = experts[0].expert_schema if experts else ""
+    async def remove_expert(self, uid: str, grace: float = 0.0, check: bool = False) -> None:
+        """Stop hosting ``uid``: its records are withdrawn at once (the node record no longer lists it);
+        calls for it are still served for ``grace`` seconds, while clients' cached lookups still name this
+        node, then refused (NOT_FOUND, clients go to another replica) and its state checkpointed. Calls
+        already queued finish. The wait runs in the background. ``check``: let it go only if another node
+        serves it then (else keep it)."""
+        assert self._announcer is not None and self._runtime is not None
+        backend = self.backends[uid]
+        self._retiring.add(uid)
+        self.uids = self.hosted
+        schema = expert_schema(self.config.expert_cls, self.config.hidden_dim, self.config.inner_dim)
         retired = ExpertRecord(uid=uid, endpoint=self.endpoint or "", node_id=self.node_id or "",
                                expert_cls=self.config.expert_cls, expert_schema=schema,
                                version=backend.version, max_batch_tokens=self.config.max_batch_tokens,
                                max_message_bytes=self.config.max_message_bytes, tls=self.tls,
                                reachable=self.reachable, relay=self.relay_endpoint)
         await self._announcer.retire([retired])
-        if self._checkpoints is not None:
-            await asyncio.to_thread(self._checkpoints.save_one, uid, backend)
-        logger.info("no longer hosting %s", uid)
+        self._write_ready_file()
+
+        async def let_go() -> None:
+            await asyncio.sleep(grace)
+            if uid not in self._retiring:  # hosted again meanwhile
+                return
+            if check and not await self._replica_alive_elsewhere(uid):
+                # another node let it go at the same time, or died: keep it (one over the budget, until a
+                # later move) rather than leave it with no replica
+                self._retiring.discard(uid)
+                self.uids = self.hosted
+                await self._announcer.beat()
+                self._write_ready_file()
+                logger.warning("keeping %s: no other node serves it any more", uid)
+                return
+            self.backends.pop(uid, None)
+            self._retiring.discard(uid)
+            self._runtime.remove_expert(uid)
+            if self._checkpoints is not None:
+                await asyncio.to_thread(self._checkpoints.save_one, uid, backend)
+            logger.info("no longer hosting %s", uid)
+
+        # cancelled at shutdown, the expert is still in self.backends: the last checkpoint covers it
+        self._tasks.append(asyncio.create_task(let_go(), name=f"dmoe-let-go-{uid}"))
+        self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _replica_alive_elsewhere(self, uid: str) -> bool:
+        """Whether another node serves ``uid`` now: one of the replicas its records name answers a state
+        request for it (asked for nothing newer than it has, it sends the header alone). A node killed a
+        moment ago still has records; it answers nothing."""
+        assert self._dht is not None
+        found = await asyncio.to_thread(find_experts, self._dht, [uid])
+        backend = self.backends[uid]
+        for record in [r for r in replicas_of(found.get(uid)) if r.node_id != self.node_id][:3]:
+            try:
+                await fetch_expert_state(record.dial_endpoint, uid, key=self.swarm_key, tls=record.tls,
+                                         timeout=5.0, expect=backend, optimizer=False, newer_than=1 << 62)
+            except NotNewer:
+                return True
+            except TransferError as e:
+                logger.info("%s: the replica at %s did not answer (%s)", uid, record.dial_endpoint,
+                            printable(e))
+        return False
 
     async def move_expert(self, move: Move) -> bool:
         """Host ``move.add`` instead of ``move.drop``: add first, then drop, but only if another node
-        still hosts ``move.drop`` (else drop ``move.add`` again: no move leaves an expert without a
-        replica). True if the move was made."""
+        serves ``move.drop`` now (else let ``move.add`` go again: no move leaves an expert without a
+        replica). True if the move was made. A failure half-way lets the added expert go again, so the
+        node stays within its budget."""
         assert self._dht is not None and self._moving is not None
         async with self._moving:
-            if move.drop not in self.backends or move.add in self.backends:
+            if move.drop not in self.hosted or move.add in self.backends:
                 return False
-            await self.add_expert(move.add)
-            nodes = await asyncio.to_thread(find_nodes, self._dht)
-            others = [n for n in nodes.values() if n.node_id != self.node_id and move.drop in n.experts]
-            if others:
-                await self.remove_expert(move.drop)
+            if not await self.add_expert(move.add):
+                return False
+            try:
+                served_elsewhere = await self._replica_alive_elsewhere(move.drop)
+            except BaseException:
+                await asyncio.shield(self.remove_expert(move.add))
+                raise
+            grace = self.config.heartbeat_interval + 5.0  # clients' cached lookups (5 s) and a heartbeat
+            if served_elsewhere:
+                await self.remove_expert(move.drop, grace, check=True)
                 logger.info("moved %s -> %s (%s)", move.drop, move.add, move.reason)
                 return True
-            await self.remove_expert(move.add)
-            logger.info("kept %s: no other node hosts it now", move.drop)
+            await self.remove_expert(move.add, grace)
+            logger.info("kept %s: no other node serves it now", move.drop)
             return False
 
     async def _shut_down(self) -> None:
@@ -532,7 +603,8 @@ class Node:
     def records(self) -> tuple[list[ExpertRecord], NodeRecord]:
         assert self.endpoint is not None and self.node_id is not None and self._runtime is not None
         assert self._hardware is not None
-        queued = {uid: self._runtime.queued_tokens(uid) for uid in self.backends}
+        hosted = {uid: self.backends[uid] for uid in self.hosted}
+        queued = {uid: self._runtime.queued_tokens(uid) for uid in hosted}
         schema = expert_schema(self.config.expert_cls, self.config.hidden_dim, self.config.inner_dim)
         experts = [
             ExpertRecord(
@@ -543,16 +615,16 @@ class Node:
                 max_message_bytes=self.config.max_message_bytes,
                 tls=self.tls, reachable=self.reachable, relay=self.relay_endpoint,
             )
-            for uid, backend in self.backends.items()
+            for uid, backend in hosted.items()
         ]
         load = {
             uid: self.counters[uid].to_load(queued_tokens=queued[uid], version=b.version)
-            for uid, b in self.backends.items()
+            for uid, b in hosted.items()
         }
         node = NodeRecord(
             node_id=self.node_id, endpoint=self.endpoint, dmoe_version=dmoe.__version__,
             started_at=self.started_at, updated_at=time.time(), hardware=self._hardware,
-            experts=list(self.backends), load=load,
+            experts=list(hosted), load=load,
             reachable=self.reachable, relay=self.relay_endpoint, throughput=self.throughput,
         )
         return experts, node

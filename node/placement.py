@@ -6,20 +6,27 @@ start (the device's on a GPU, RAM on a CPU), each counted as its parameters, the
 optimizer's state (two more copies for Adam, one for SGD), and at most ``--max-experts``.
 
 Throughput (:func:`measure_throughput`): routed tokens/s one expert serves, forward then backward
-with its optimizer step, measured at start on a scratch expert of the model's class and sizes; the
-node publishes it in its record (``NodeRecord.throughput``) so that others plan with it too.
+with its optimizer step, measured at start on a scratch expert of the model's class and sizes (or
+given: ``--throughput``, since a machine busy at start measures low); the node publishes it in its
+record (``NodeRecord.throughput``) so that others plan with it too.
 
 Rebalancing (:class:`Rebalancer`): every ``--heartbeat-interval`` (randomised by +-50%, so that nodes
 do not move together) it reads the picture and gives a replica to any expert of the model that has
 none; every ``--rebalance-interval`` (randomised the same way) it also makes one move for demand or
-for an even spread, if :func:`dmoe.core.placement.plan_moves` finds one worth it. A move adds the new
-expert first (its state taken from a live replica) and drops the old one only if another node still
-hosts it then (:meth:`dmoe.node.node.Node.move_expert`).
+for an even spread, if :func:`dmoe.core.placement.plan_moves` finds one worth it. Of the nodes that
+host a uid, one alone may drop it in a given 10 s of DHT time (:func:`designated_dropper`), so two
+rarely drop it together; and a node checks again before it lets an expert go (below). A move adds the
+new expert first (its state taken from a live replica: a move whose state cannot be had is not made)
+and drops the old one only if another node answers for it then (:meth:`dmoe.node.node.Node.move_expert`);
+a dropped expert is still served for a heartbeat and the clients' lookup cache after its records are
+withdrawn, and if by then no other node answers for it (two nodes dropped it at once, or the other
+died), the node keeps it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -28,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import torch
+from hivemind.utils import get_dht_time
 
 from dmoe.core.demand import find_demand, replica_throughputs, total_demand
 from dmoe.core.dht import DHTPeer
@@ -42,6 +50,7 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_COPIES = {"adam": 2, "sgd": 1}  # tensors of optimizer state per parameter tensor
 MEASURE_TOKENS = 256  # tokens per forward/backward when measuring throughput
 _JITTER = 0.5
+DROP_EPOCH = 10.0  # seconds: how long one node alone may drop a uid it shares with others
 
 
 def expert_bytes(backend: ExpertBackend, optimizer: str) -> int:
@@ -92,14 +101,29 @@ def measure_throughput(backend: ExpertBackend, tokens: int = MEASURE_TOKENS, min
 
 def read_picture(dht: DHTPeer, spec: ModelSpec, node_id: str | None) -> Picture:
     """The swarm as node ``node_id`` plans with it (blocking): the spec's uids, the trainers' demand on
-    them, and the throughput of every replica on other nodes."""
+    them, the throughput of every replica on other nodes, and the uids this node may drop this round
+    (:func:`designated_dropper`)."""
     found = find_demand(dht, [grid.prefix for grid in spec.experts])
     demand = total_demand(record for records in found.values() for record in records.values())
     uids = tuple(spec.uids)
-    others = replica_throughputs(find_nodes(dht), exclude=node_id)
+    nodes = find_nodes(dht)
+    others = replica_throughputs(nodes, exclude=node_id)
     wanted = set(uids)
+    hosts: dict[str, list[str]] = {}
+    for name, record in nodes.items():
+        for uid in dict.fromkeys(record.experts):
+            hosts.setdefault(uid, []).append(record.node_id or name)
+    epoch = int(get_dht_time() // DROP_EPOCH)
+    droppable = frozenset(uid for uid, ids in hosts.items()
+                          if node_id in ids and designated_dropper(uid, ids, epoch) == node_id)
     return Picture(uids=uids, demand={u: d for u, d in demand.items() if u in wanted},
-                   others={u: t for u, t in others.items() if u in wanted})
+                   others={u: t for u, t in others.items() if u in wanted}, droppable=droppable)
+
+
+def designated_dropper(uid: str, node_ids: list[str], epoch: int) -> str:
+    """Of the nodes hosting ``uid``, the one that may drop it in this epoch (``DROP_EPOCH`` seconds of
+    DHT time): two nodes that plan at once never both drop it, and who may changes every epoch."""
+    return max(node_ids, key=lambda n: hashlib.sha256(f"{uid}|{n}|{epoch}".encode()).digest())
 
 
 class Rebalancer:

@@ -74,6 +74,7 @@ class Runtime:
         }
         self._cond = threading.Condition()
         self._stopping = False
+        self._retired: set[str] = set()  # experts no longer hosted, whose queues go once drained
         self._thread = threading.Thread(target=self._run, name="dmoe-runtime", daemon=True)
         self.num_batches = 0
 
@@ -91,6 +92,7 @@ class Runtime:
         """Queues for an expert the node hosts from now on (thread-safe). An expert hosted before keeps
         its queues, with what waits in them, and runs on ``backend`` from now on."""
         with self._cond:
+            self._retired.discard(uid)
             for backward in (False, True):
                 queue = self._queues.get((uid, backward))
                 if queue is None:
@@ -98,11 +100,29 @@ class Runtime:
                 else:
                     queue.backend = backend
 
+    def remove_expert(self, uid: str) -> None:
+        """Drop an expert's queues (thread-safe): at once if they are empty, else once what waits in them
+        has run. New tasks for it are refused from now on."""
+        with self._cond:
+            self._retired.add(uid)
+            self._forget_drained(uid)
+
+    def _forget_drained(self, uid: str) -> None:
+        """With the lock held: forget a retired expert's queues, and its backend, once both are empty."""
+        queues = [self._queues.get((uid, backward)) for backward in (False, True)]
+        if uid in self._retired and not any(q is not None and q.tasks for q in queues):
+            for backward in (False, True):
+                self._queues.pop((uid, backward), None)
+            self._retired.discard(uid)
+
     def queued_tokens(self, uid: str) -> int:
-        return self._queues[uid, False].num_tokens + self._queues[uid, True].num_tokens
+        queues = [self._queues.get((uid, backward)) for backward in (False, True)]
+        return sum(q.num_tokens for q in queues if q is not None)
 
     def submit(self, uid: str, task: Task) -> concurrent.futures.Future:
-        queue = self._queues[uid, task.grad_outputs is not None]
+        queue = self._queues.get((uid, task.grad_outputs is not None))
+        if queue is None or uid in self._retired:
+            raise Overloaded(f"{uid} is no longer served here")
         with self._cond:
             if self._stopping:
                 raise Overloaded("node is shutting down")
@@ -137,6 +157,7 @@ class Runtime:
             if task.future.set_running_or_notify_cancel():  # False: its caller has gone
                 batch.append(task)
                 num_tokens += task.num_tokens
+        self._forget_drained(queue.backend.uid)
         return queue, batch
 
     def _run(self) -> None:

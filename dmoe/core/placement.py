@@ -17,9 +17,10 @@ Moving (:func:`plan_moves`): a node that hosts some uids may drop one (``drop``)
 needed least to where it is needed most: the added uid has the highest ratio of those the node does not
 host, the dropped one the lowest ratio once dropped, and that one is at most ``threshold`` of the
 other's (0.75: the worse of the two improves by a quarter at least, so that nodes do not move for small
-gains; the worst ratio of the swarm never rises, and a swarm of nodes that move this way settles, since
-each move lowers the highest ratios), or (c) evens out the replica counts (the dropped uid has at least
-two replicas more than the added one) without raising the worst ratio. It never drops a uid no other
+gains; the worst ratio of the swarm never rises), or (c) evens out the replica counts (the dropped uid
+has at least two replicas more than the added one) without raising the two uids' ratios (sorted from
+the highest); each kind of move lowers a measure that the others do not raise (see :func:`_no_worse`),
+so nodes planning on what they read settle instead of moving in circles. It never drops a uid no other
 node hosts: no move leaves an expert without a replica. Comparing the pair, not the swarm's worst ratio
 alone, lets one node act when several uids are equally overloaded (two hot experts: adding a replica to
 one leaves the worst ratio where the other holds it).
@@ -48,6 +49,9 @@ class Picture:
     uids: tuple[str, ...]
     demand: Mapping[str, float]
     others: Mapping[str, Sequence[float]]
+    # the hosted uids this node may drop (None: any that another node hosts too). Of the nodes that host
+    # a uid, one alone may drop it in a round (read_picture names it), so that two never drop it together
+    droppable: frozenset[str] | None = None
 
     def ratio(self, uid: str, throughput: float) -> float:
         wanted = _rate(self.demand.get(uid, 0.0))
@@ -98,7 +102,9 @@ class _State:
 
 def choose(picture: Picture, budget: int, own: float, rng: random.Random | None = None) -> list[str]:
     """The uids a joining node hosts: at most ``budget``, each serving ``own`` tokens/s (see the module
-    docstring), in the order they were chosen."""
+    docstring), in the order they were chosen. Ratios in one power of two count as equal (then the
+    fewest replicas, then chance decide): measured throughputs are noisy, and a node that copies another's
+    set exactly (every ratio a little higher there) may leave nothing that a move could fix."""
     rng = rng or random.Random()
     state = _State(picture, (), own)
     chosen: list[str] = []
@@ -107,11 +113,18 @@ def choose(picture: Picture, budget: int, own: float, rng: random.Random | None 
         tiebreak = {uid: rng.random() for uid in candidates}
         best = min(candidates, key=lambda uid: (
             state.count[uid] > 0,  # uncovered first
-            -state.demand(uid) if state.count[uid] == 0 else -state.ratio(uid),
-            state.count[uid], -state.demand(uid), tiebreak[uid]))
+            -state.demand(uid) if state.count[uid] == 0 else -_bucket(state.ratio(uid)),
+            state.count[uid], tiebreak[uid]))
         state.host(best)
         chosen.append(best)
     return chosen
+
+
+def _bucket(ratio: float) -> float:
+    """Ratios in one bucket are within a factor of two of each other."""
+    if ratio <= 0 or math.isinf(ratio):
+        return ratio
+    return math.floor(math.log2(ratio))
 
 
 def plan_moves(picture: Picture, hosted: Iterable[str], own: float, *, threshold: float = 0.75,
@@ -134,8 +147,10 @@ def plan_moves(picture: Picture, hosted: Iterable[str], own: float, *, threshold
 
 
 def _next_move(state: _State, threshold: float, rng: random.Random) -> Move | None:
-    # a uid may be dropped only while another node hosts it too
-    droppable = [uid for uid in sorted(state.hosted) if state.count[uid] >= 2]
+    # a uid may be dropped only while another node hosts it too (and this node is the one that may)
+    allowed = state.picture.droppable
+    droppable = [uid for uid in sorted(state.hosted)
+                 if state.count[uid] >= 2 and (allowed is None or uid in allowed)]
     addable = [uid for uid in state.picture.uids if uid not in state.hosted]
     if not droppable or not addable:
         return None
@@ -151,26 +166,28 @@ def _next_move(state: _State, threshold: float, rng: random.Random) -> Move | No
     if uncovered:
         add = min(uncovered, key=lambda uid: (-state.demand(uid), tiebreak[uid]))
         return Move(drop=drop, add=add, reason="uncovered")
-    before = state.worst()
     add = min(addable, key=lambda uid: (-state.ratio(uid), state.count[uid], tiebreak[uid]))
     if state.ratio(add) > 0 and after_drop(drop) <= threshold * state.ratio(add):
         return Move(drop=drop, add=add, reason="demand")
-    # evening out the counts: the most replicated droppable uid for the least replicated one
-    drop = max(droppable, key=lambda uid: (state.count[uid], tiebreak[uid]))
-    add = min(addable, key=lambda uid: (state.count[uid], tiebreak[uid]))
-    if state.count[drop] >= state.count[add] + 2 and _worst_after(state, drop, add) <= before:
-        return Move(drop=drop, add=add, reason="spread")
+    # evening out the counts: a more replicated uid for a less replicated one (two replicas apart at
+    # least), the most replicated first, if the two ratios do not get worse (see _no_worse)
+    for drop in sorted(droppable, key=lambda uid: (-state.count[uid], tiebreak[uid])):
+        for add in sorted(addable, key=lambda uid: (state.count[uid], tiebreak[uid])):
+            if state.count[drop] < state.count[add] + 2:
+                break
+            added = state.picture.ratio(add, state.throughput[add] + state.own)
+            if _no_worse((state.ratio(drop), state.ratio(add)), (after_drop(drop), added)):
+                return Move(drop=drop, add=add, reason="spread")
     return None
 
 
-def _worst_after(state: _State, drop: str, add: str) -> float:
-    state.unhost(drop)
-    state.host(add)
-    try:
-        return state.worst()
-    finally:
-        state.unhost(add)
-        state.host(drop)
+def _no_worse(before: tuple[float, float], after: tuple[float, float]) -> bool:
+    """Whether a move that changes two uids' ratios from ``before`` to ``after`` leaves the swarm's
+    ratios, sorted from the highest, no higher (lexicographically). Every move this module makes lowers
+    (uncovered experts, sorted ratios, sum of squared replica counts) in that order: a demand move
+    lowers the highest of its two ratios, a spread move keeps the ratios no higher and lowers the sum of
+    squared counts; so a swarm of nodes planning on what they read never moves in circles."""
+    return sorted(after, reverse=True) <= sorted(before, reverse=True)
 
 
 # ---- measuring a placement -------------------------------------------------------------------------

@@ -192,3 +192,64 @@ def test_balance_measures_the_spread_of_ratios():
     skewed = balance(picture({uid: [100.0] for uid in UIDS}, {uid: 50.0 for uid in UIDS} | {"ffn.0": 850.0}))
     assert skewed["worst"] == 8.5 and math.isclose(skewed["mean"], (850 + 15 * 50) / 100 / 16)
     assert balance(picture({}, {"ffn.0": 1.0}))["uncovered"] == 16.0
+
+
+def test_a_spread_move_never_undoes_a_demand_move():
+    """A node hosting w and d, with h hot and replicated twice elsewhere: moving d -> h for demand must not
+    be followed by h -> d for spread (then d -> h again, for ever)."""
+    state = Picture(uids=("w", "h", "c", "d"), demand={"w": 1000.0, "h": 300.0, "c": 1.0, "d": 1.0},
+                    others={"d": [100.0], "h": [100.0, 100.0], "c": [100.0]})
+    hosted = {"w", "d"}
+    seen = []
+    for _ in range(6):
+        moves = plan_moves(state, hosted, own=100.0, rng=random.Random(len(seen)))
+        if not moves:
+            break
+        (move,) = moves
+        seen.append((move.drop, move.add))
+        hosted = (hosted - {move.drop}) | {move.add}
+    assert len(seen) <= 1 and all((add, drop) not in seen for drop, add in seen), seen
+
+
+def test_only_the_designated_node_drops_a_shared_uid():
+    others = {uid: [100.0] for uid in UIDS if uid != "ffn.7"}
+    assert plan_moves(picture(others), ["ffn.0"], own=100.0) == [Move("ffn.0", "ffn.7", "uncovered")]
+    kept = Picture(uids=UIDS, demand={}, others=others, droppable=frozenset())
+    assert plan_moves(kept, ["ffn.0"], own=100.0) == []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_swarms_of_unequal_nodes_settle(seed):
+    """Random swarms (2 to 6 nodes of unequal throughput, uniform, Zipf or hot-spot demand): the nodes,
+    moving in turn on what they read, stop moving within a bounded number of rounds."""
+    rng = random.Random(seed)
+    uids = tuple(f"e.{i}" for i in range(rng.choice([6, 10, 16])))
+    kind = rng.choice(["uniform", "zipf", "hot"])
+    demand = {uid: (100.0 if kind == "uniform" else 1000.0 / (i + 1) if kind == "zipf"
+                    else (5000.0 if i < 2 else 10.0)) for i, uid in enumerate(uids)}
+    nodes = [f"n{i}" for i in range(rng.randint(2, 6))]
+    budget = {n: rng.randint(2, max(2, len(uids) // 2)) for n in nodes}
+    own = {n: rng.choice([50.0, 100.0, 200.0, 400.0]) for n in nodes}
+    hosting: dict[str, list[str]] = {}
+
+    def seen_by(node: str) -> Picture:
+        others: dict[str, list[float]] = {}
+        for other, hosted in hosting.items():
+            if other != node:
+                for uid in hosted:
+                    others.setdefault(uid, []).append(own[other])
+        return Picture(uids=uids, demand=demand, others=others)
+
+    for node in nodes:  # joining one after another
+        hosting[node] = choose(seen_by(node), budget[node], own[node], random.Random(rng.random()))
+    quiet_rounds = 0
+    for _ in range(200):
+        moved = False
+        for node in rng.sample(nodes, len(nodes)):
+            for move in plan_moves(seen_by(node), hosting[node], own[node], rng=rng):
+                hosting[node] = [move.add if uid == move.drop else uid for uid in hosting[node]]
+                moved = True
+        quiet_rounds = 0 if moved else quiet_rounds + 1
+        if quiet_rounds == 2:
+            break
+    assert quiet_rounds == 2, f"still moving after 200 rounds: {hosting}"

@@ -147,3 +147,24 @@ def test_an_expert_that_changes_free_dimensions_is_probed():
         del sys.modules["halve_for_tests"]
     assert not b._shape_preserving
     assert b.output_shapes([(2, 9, HIDDEN)]) == [((2, 5, HIDDEN), "float32")]
+
+
+def test_experts_added_and_removed_while_running():
+    """An expert added later gets queues; one removed finishes what waits for it, refuses new tasks, and its
+    queues (and backend) are forgotten once drained; added again, it is served again."""
+    runtime = Runtime({"ffn.0": backend("ffn.0")}, max_batch_tokens=64, max_queued_tokens=64, batching=True)
+    runtime.add_expert("ffn.1", backend("ffn.1"))
+    waiting = task(torch.randn(3, HIDDEN))
+    runtime.submit("ffn.1", waiting)  # queued before the thread starts: still waiting when removed
+    runtime.remove_expert("ffn.1")
+    with pytest.raises(Overloaded, match="no longer served"):
+        runtime.submit("ffn.1", task(torch.randn(1, HIDDEN)))
+    assert ("ffn.1", False) in runtime._queues  # not drained yet
+    runtime.start()
+    assert waiting.future.result(30)[0].shape == (3, HIDDEN)
+    assert runtime.submit("ffn.0", task(torch.randn(2, HIDDEN))).result(30)[0].shape == (2, HIDDEN)
+    assert ("ffn.1", False) not in runtime._queues and ("ffn.1", True) not in runtime._queues
+    assert runtime.queued_tokens("ffn.1") == 0
+    runtime.add_expert("ffn.1", backend("ffn.1"))
+    assert runtime.submit("ffn.1", task(torch.randn(1, HIDDEN))).result(30)[0].shape == (1, HIDDEN)
+    runtime.shutdown(10)

@@ -81,7 +81,7 @@ Run::
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import math
 import os
 import random
@@ -98,6 +98,7 @@ from pathlib import Path
 from common import write_report
 
 from dmoe.core.placement import Picture, balance, choose, plan_moves
+from dmoe.node.placement import designated_dropper
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN_DIR = RESULTS / "bench_placement_run"
@@ -486,11 +487,11 @@ def picture_without(uids: tuple[str, ...], demand: dict[str, float], hosted: lis
 
 def planner_version() -> dict:
     """Which planner the figures come from: the commit of the checkout dmoe.core.placement is imported
-    from, whether its placement files differ from that commit, and what it supports."""
+    from, and whether its placement files differ from that commit."""
     import dmoe.core.placement
 
     root = Path(dmoe.core.placement.__file__).resolve().parents[2]
-    version: dict = {"path": str(root), **planner_features()}
+    version: dict = {"path": str(root)}
     try:
         version["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True, check=True).stdout.strip()
@@ -502,40 +503,9 @@ def planner_version() -> dict:
     return version
 
 
-@functools.cache
-def planner_features() -> dict[str, bool]:
-    """What the planner in use supports: choose(threshold=...) (ratios bucketed by the threshold), and a
-    designated dropper per uid and epoch (Picture.droppable, dmoe.node.placement.designated_dropper)."""
-    import dataclasses
-    import inspect
-
-    try:
-        from dmoe.node.placement import designated_dropper  # noqa: F401
-        dropper = True
-    except ImportError:
-        dropper = False
-    fields = {f.name for f in dataclasses.fields(Picture)}
-    return {"choose_threshold": "threshold" in inspect.signature(choose).parameters,
-            "designated_dropper": dropper and "droppable" in fields}
-
-
-def choose_as_node(picture: Picture, budget: int, own: float, rng: random.Random,
-                   threshold: float) -> list[str]:
-    """choose() with the arguments the node gives it (the threshold, where choose takes one)."""
-    if planner_features()["choose_threshold"]:
-        return choose(picture, budget, own, rng, threshold=threshold)
-    return choose(picture, budget, own, rng)
-
-
 def with_dropper(picture: Picture, hosted: list[set[str]], node: int, epoch: int) -> Picture:
-    """The picture with the uids node ``node`` may drop in ``epoch`` (of those it shares, the ones whose
-    designated dropper it is), where the planner has that rule; else the picture as it is."""
-    if not planner_features()["designated_dropper"]:
-        return picture
-    import dataclasses
-
-    from dmoe.node.placement import designated_dropper
-
+    """The picture with the uids node ``node`` may drop in ``epoch``: of those it shares, the ones whose
+    designated dropper it is (as dmoe.node.placement.read_picture gives them)."""
     names = [f"node{n}" for n in range(len(hosted))]
     droppable = frozenset(uid for uid in hosted[node] if designated_dropper(
         uid, [names[n] for n, experts in enumerate(hosted) if uid in experts], epoch) == names[node])
@@ -547,7 +517,7 @@ def rebalance(uids: tuple[str, ...], seen_demand: dict[str, float], hosted: list
     """Nodes take turns (random order each round) as the node's Rebalancer does: every move covering an
     expert with no replica, else one move for demand or spread; until a round moves nothing (with a
     designated dropper per uid, a new one each round: until QUIET_ROUNDS rounds in a row move nothing)."""
-    quiet_needed = QUIET_ROUNDS if planner_features()["designated_dropper"] else 1
+    quiet_needed = QUIET_ROUNDS
     moves = {"uncovered": 0, "demand": 0, "spread": 0}
     made: list[tuple[int, str, str]] = []  # (node, dropped, added), in order
     reverted = 0  # moves that undo an earlier move of the same node (added back what it dropped)
@@ -595,7 +565,7 @@ def model_layout(layout: str, uids: tuple[str, ...], demand: dict[str, float], o
                 picture = Picture(uids=uids, demand=seen, others={})
             else:
                 picture = picture_without(uids, seen, hosted, own, None)
-            hosted.append(set(choose_as_node(picture, budget, own[node], rng, threshold)))
+            hosted.append(set(choose(picture, budget, own[node], rng)))
         at_join = balance(picture_without(uids, demand, hosted, own, None))
         if layout == "late-demand":  # placed by fewest replicas, then a trainer publishes its demand
             rebalance(uids, seen, hosted, own, threshold, rng, max_rounds)
@@ -834,8 +804,7 @@ def print_model(model: dict) -> None:
           f"{config['load']:g} of capacity; medians of {config['seeds']} seeds")
     planner = model["planner"]
     print(f"planner: {planner['path']} at {planner['commit']}"
-          f"{' with uncommitted changes' if planner.get('modified') else ''}; choose(threshold): "
-          f"{planner['choose_threshold']}, designated dropper: {planner['designated_dropper']}")
+          f"{' with uncommitted changes' if planner.get('modified') else ''}")
     print("worst, worst/mean, cv: demand/throughput ratios of the experts with a replica; uncov: experts "
           "with none, uncov%: the share of the demand they get; undone: moves that took back an earlier move "
           "of the same node; worst@join: before any rebalancing move")

@@ -20,19 +20,23 @@ node = module_node("--hidden-dim", "32", "--inner-dim", "64", "--num-threads", "
 
 
 @pytest.fixture(scope="module")
-def remote_model(node):
-    """The model with its experts on the node; every expert answers every call (k_min = k)."""
+def swarm(node):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small: a second thread only spins on a busy machine
     with Swarm(SwarmConfig(initial_peers=node.swarm, cache_ttl=600)) as swarm:
         prefixes = ["lm0.", "lm1."]
         wait_for(lambda: all(len(found) == 4 for found in swarm.live_under(prefixes, refresh=True).values()),
                  30, "the node's 8 experts")
-        torch.manual_seed(0)
-        model = MoELM(CONFIG, remote_moe_factory(swarm, k_min=CONFIG.k, forward_timeout=30,
-                                                 timeout_after_k_min=30)).eval()
-        yield model
+        yield swarm
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def remote_model(swarm):
+    """The model with its experts on the node; every expert answers every call (k_min = k)."""
+    torch.manual_seed(0)
+    return MoELM(CONFIG, remote_moe_factory(swarm, k_min=CONFIG.k, forward_timeout=30,
+                                            timeout_after_k_min=30)).eval()
 
 
 def test_greedy_text_through_the_node_is_the_same_with_and_without_the_cache(remote_model):
@@ -59,3 +63,10 @@ def test_a_prompt_longer_than_the_window_and_a_slide_of_one_byte(remote_model):
     prompt = list(b"import os\nimport sys\n\nclass Reader:\n")  # 37 bytes: only the last 24 are seen
     assert (remote_model.generate(prompt, 12, temperature=0, slide=1)
             == remote_model.generate(prompt, 12, temperature=0, slide=1, cache=False))
+
+
+def test_remote_experts_are_per_position_unless_their_schema_names_another_class(swarm, remote_model):
+    assert remote_model.per_position()  # no schema: MoELM's feed-forward experts are FFN experts
+    for schema, expected in (("ffn/h32/i64/float32", True), ("transformer/h32/i64/float32", False)):
+        model = MoELM(CONFIG, remote_moe_factory(swarm, expert_schema=schema))
+        assert model.per_position() is expected

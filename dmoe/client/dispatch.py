@@ -94,7 +94,7 @@ MIN_PATIENCE = 1.0  # seconds; never sooner
 SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 MAX_BATCH_PARTS = 1024  # parts per batched call; a node refuses more (dmoe.node.service.MAX_BATCH_PARTS)
 UNBATCHED_RECHECK = 600.0  # seconds a node without the batched calls gets per-expert calls only
-MAX_UNBATCHED = 10_000  # such nodes remembered; the oldest are forgotten first
+MAX_UNBATCHED = 10_000  # such nodes (and those known to have them) remembered; the oldest forgotten first
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -196,6 +196,7 @@ class Dispatcher:
         self._queued: dict[tuple[str, bool, bool], list[_Queued]] = {}
         self._sending: set[asyncio.Task] = set()  # calls sent for queued requests
         self._unbatched: dict[tuple[str, bool], float] = {}  # nodes without batched calls -> when found
+        self._batched: dict[tuple[str, bool], None] = {}  # nodes that answered a batched call (in order)
         self.balancer = balancer if balancer is not None else ReplicaBalancer()
         self._channels = ChannelCache()  # (endpoint, tls) -> (channel, methods), least recently used dropped
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
@@ -522,6 +523,16 @@ class Dispatcher:
         return _checked(reply.grad_inputs if backward else reply.outputs, inputs, self.max_reply_abs)
 
     # ---- one call per node ------------------------------------------------------------------------
+    def _metadata(self, method: str) -> tuple[tuple[str, str]] | None:
+        """A private swarm's token for one call of ``method``."""
+        return self.key.call_metadata(fullmethod(SERVICE, method)) if self.key is not None else None
+
+    def _remember_batched(self, endpoint: str, tls: bool) -> None:
+        """The node answered a batched call: its batched streams may be used."""
+        self._batched[endpoint, tls] = None
+        if len(self._batched) > MAX_UNBATCHED:
+            del self._batched[next(iter(self._batched))]
+
     def _batching(self, endpoint: str, tls: bool) -> bool:
         """Whether requests to this node go in batched calls: unless it lacked them lately."""
         found = self._unbatched.get((endpoint, tls))
@@ -608,18 +619,26 @@ class Dispatcher:
         timeout = max(0.001, max(q.deadline for q in group) - loop.time())
         max_unary = min(q.call.max_unary_bytes for q in group)
         unary = len(data) <= max_unary
-        name = ("BackwardBatch" if backward else "ForwardBatch") + ("" if unary else "Stream")
-        metadata = self.key.call_metadata(fullmethod(SERVICE, name)) if self.key is not None else None
+        unary_name = "BackwardBatch" if backward else "ForwardBatch"
+        name = unary_name + ("" if unary else "Stream")
         try:
+            if not unary and (endpoint, tls) not in self._batched:
+                # a stream to a node without the method can end in INTERNAL instead of UNIMPLEMENTED (the
+                # node hangs up while chunks are still being sent): ask with an empty batched call first
+                await stub[unary_name](b"", timeout=timeout, metadata=self._metadata(unary_name))
+                self._remember_batched(endpoint, tls)
             if unary:
-                reply = await stub[name](data, timeout=timeout, metadata=metadata)
+                reply = await stub[name](data, timeout=timeout, metadata=self._metadata(name))
             else:
                 chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, max_unary // 2))
-                replies = stub[name](split_chunks(data, chunk_bytes), timeout=timeout, metadata=metadata)
+                replies = stub[name](split_chunks(data, chunk_bytes), timeout=timeout,
+                                     metadata=self._metadata(name))
                 reply = await join_chunks(_parsed_chunks(replies), max_bytes=sum(
                     q.like.numel() * 8 + ENVELOPE_BYTES for q in group))
         except grpc.RpcError as e:
             if status_code(e) != grpc.StatusCode.UNIMPLEMENTED:
+                if not unary:  # the node may have been replaced by one without the method: ask it again
+                    self._batched.pop((endpoint, tls), None)
                 raise
             logger.info("%s has no batched calls (%s): calling it per expert for %.0fs", printable(endpoint),
                         printable(describe(e)), UNBATCHED_RECHECK)
@@ -636,6 +655,7 @@ class Dispatcher:
             raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
         if len(parts) != len(group):
             raise WireError(f"a batched reply of {len(parts)} parts to a call of {len(group)}")
+        self._remember_batched(endpoint, tls)
         tokens = sum(int(q.like.shape[0]) for q in group)
         results: list[torch.Tensor | BaseException] = []
         for queued, part in zip(group, parts):

@@ -17,7 +17,6 @@ module's last test): its parts fail over to the other replica within the step.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -29,6 +28,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+import uvloop
 from counting_server import CountingServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -222,7 +222,9 @@ def test_parts_past_the_calls_a_peer_may_have_in_flight_are_refused_alone(pair):
 
 def test_a_batched_request_above_the_message_limit_goes_through_the_batched_stream(pair, swarm):
     """Records that announce a message limit of 1 KiB: the four parts for node a (2 KiB) are streamed
-    in chunks, in one call, and so are their gradients."""
+    in chunks, in one call, and so are their gradients. Before its first batched stream to a node, a
+    client asks with an empty batched call whether the node has them (a stream to a node without
+    them may end in INTERNAL rather than UNIMPLEMENTED)."""
     a, _ = pair
     dispatcher = swarm.dispatcher(pb.NONE)
     experts = local_experts()
@@ -233,7 +235,7 @@ def test_a_batched_request_above_the_message_limit_goes_through_the_batched_stre
     before = node_calls(a)
     answers = dispatcher.forward(jobs, num_tokens=8, k_min=4, forward_timeout=30, timeout_after_k_min=30,
                                  on_result=lambda _, error: results.append(error))
-    assert node_calls(a) == (before[0] + 1, before[1] + 1, before[2] + 4)
+    assert node_calls(a) == (before[0] + 2, before[1] + 2, before[2] + 4)  # the empty call, the stream
     assert results == [None] * 4 and answers.num_failed == 0 and len(answers.parts) == 4
     calls = []
     for job, _, call, output in sorted(answers.parts, key=lambda p: p[0]):
@@ -241,7 +243,7 @@ def test_a_batched_request_above_the_message_limit_goes_through_the_batched_stre
         calls.append(ExpertCall(call.uid, call.endpoint, call.inputs, call.token_ids,
                                 grad_outputs=torch.ones_like(x), max_unary_bytes=1024))
     grads = dispatcher.backward(calls, backward_timeout=30, on_result=lambda _, error: results.append(error))
-    assert node_calls(a) == (before[0] + 2, before[1] + 2, before[2] + 8)
+    assert node_calls(a) == (before[0] + 3, before[1] + 3, before[2] + 8)
     assert results == [None] * 8 and sorted(grads) == [0, 1, 2, 3]
     for index, call in enumerate(calls):
         inputs = x.clone().requires_grad_()
@@ -256,26 +258,31 @@ def old_node() -> Iterator[CountingServer]:
     server.shutdown()
 
 
-def test_an_old_node_gets_calls_per_expert_and_is_asked_for_a_batched_call_once(old_node, caplog):
+@pytest.mark.parametrize("max_message_bytes", [0, 1024])
+def test_an_old_node_gets_calls_per_expert_and_is_asked_for_a_batched_call_once(old_node, caplog,
+                                                                                max_message_bytes):
     """The stand-in answers Forward and Backward of any uid with zeros, and UNIMPLEMENTED to the
-    batched calls, as a node from before them does."""
+    batched calls, as a node from before them does. With a message limit of 1 KiB the requests of a
+    step are above it together: the client asks with an empty batched call before it would stream
+    them, then sends each alone."""
     caplog.set_level(logging.INFO, logger="dmoe.client.dispatch")
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()  # the client's default loop
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     dispatcher = Dispatcher(loop)
     uids = [f"old.{i}" for i in range(3)]
-    x = torch.randn(4, HIDDEN)
+    x = torch.randn(6, HIDDEN)  # 384 bytes per request: each fits in 1 KiB, the three of a step do not
     results: list[BaseException | None] = []
     try:
         for step in (1, 2):
-            jobs = [ExpertJob(uid, [record(uid, old_node.endpoint)], x, torch.arange(4)) for uid in uids]
-            answers = dispatcher.forward(jobs, num_tokens=4, k_min=3, forward_timeout=30,
+            jobs = [ExpertJob(uid, [record(uid, old_node.endpoint, max_message_bytes=max_message_bytes)], x,
+                              torch.arange(6)) for uid in uids]
+            answers = dispatcher.forward(jobs, num_tokens=6, k_min=3, forward_timeout=30,
                                          timeout_after_k_min=30,
                                          on_result=lambda _, error: results.append(error))
             assert answers.num_failed == 0 and all(bool((o == 0).all()) for *_, o in answers.parts)
             assert results == [None] * 3 * step and old_node.calls == {uid: step for uid in uids}
-        calls = [dataclass_with_grads(call) for _, _, call, _ in answers.parts]
+        calls = [with_grads(call) for _, _, call, _ in answers.parts]
         grads = dispatcher.backward(calls, backward_timeout=30,
                                     on_result=lambda _, error: results.append(error))
         assert sorted(grads) == [0, 1, 2] and results == [None] * 9
@@ -288,7 +295,7 @@ def test_an_old_node_gets_calls_per_expert_and_is_asked_for_a_batched_call_once(
         thread.join(10)
 
 
-def dataclass_with_grads(call: ExpertCall) -> ExpertCall:
+def with_grads(call: ExpertCall) -> ExpertCall:
     return ExpertCall(call.uid, call.endpoint, call.inputs, call.token_ids,
                       grad_outputs=torch.ones_like(call.inputs))
 

@@ -506,7 +506,7 @@ class Dispatcher:
         stub = self._stub(call.endpoint, call.tls)
         unary = request.ByteSize() <= call.max_unary_bytes
         name = ("Backward" if backward else "Forward") + ("" if unary else "Stream")
-        metadata = self.key.call_metadata(fullmethod(SERVICE, name)) if self.key is not None else None
+        metadata = self._metadata(name)
         if unary:
             data = await stub[name](request, timeout=timeout, metadata=metadata)
         else:
@@ -566,12 +566,11 @@ class Dispatcher:
             task = asyncio.ensure_future(self._send_group(key, group))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
-            waiting = len(group)
+            waiting = [len(group)]  # requests of the group not settled or withdrawn yet
 
-            def withdrawn(_: asyncio.Future, task: asyncio.Task = task) -> None:
-                nonlocal waiting
-                waiting -= 1
-                if waiting == 0 and not task.done():  # nobody waits for it any more
+            def withdrawn(_: asyncio.Future, task: asyncio.Task = task, waiting: list[int] = waiting) -> None:
+                waiting[0] -= 1
+                if waiting[0] == 0 and not task.done():  # nobody waits for it any more
                     task.cancel()
 
             for queued_request in group:

@@ -228,22 +228,29 @@ class Swarm:
             return made[1]
         kept_by_coord: dict[int, list[ExpertRecord]] = {}
         mismatched = []  # in the order live_replicas_under meets (and notes) them
+        endpoints: set[str] = set()
+        uids: set[str] = set()
         for c, replicas in records.items():
-            kept = []
+            kept: list[ExpertRecord] = []
+            seen: set[str] = set()  # with exact, the endpoints kept for this coordinate
+            expert = f"{key}{c}"
             for record in replicas:
                 if schema and record.expert_schema and record.expert_schema != schema:
                     mismatched.append(record)
-                elif record.dial_endpoint and (not exact or record.uid == f"{key}{c}"):
-                    kept.append(record)
-            if exact:
-                kept = _one_per_endpoint(kept)
+                    continue
+                endpoint = record.dial_endpoint
+                if not endpoint or (exact and (record.uid != expert or endpoint in seen)):
+                    continue
+                seen.add(endpoint)
+                kept.append(record)
+                endpoints.add(endpoint)
+                uids.add(record.uid)
             if kept:
                 kept_by_coord[c] = kept
         coords = sorted(kept_by_coord)
-        every = [record for kept in kept_by_coord.values() for record in kept]
-        prepared = _Prepared(level=LiveLevel(coords=coords, replicas=[kept_by_coord[c] for c in coords]),
-                             endpoints=frozenset(r.dial_endpoint for r in every),
-                             uids=frozenset(r.uid for r in every), mismatched=tuple(mismatched))
+        level = LiveLevel(coords=coords, replicas=[kept_by_coord[c] for c in coords])
+        prepared = _Prepared(level=level, endpoints=frozenset(endpoints), uids=frozenset(uids),
+                             mismatched=tuple(mismatched))
         with self._lock:
             self._prepared[slot] = (records, prepared)
         return prepared
@@ -315,18 +322,6 @@ class Swarm:
 
     def quarantined(self, endpoint: str, uid: str) -> bool:
         return self.health.quarantined(endpoint, uid)
-
-
-def _one_per_endpoint(records: list[ExpertRecord]) -> list[ExpertRecord]:
-    """The records in order, the first of each dial endpoint only (two records of one node are one
-    replica)."""
-    seen: set[str] = set()
-    replicas = []
-    for record in records:
-        if record.dial_endpoint not in seen:
-            seen.add(record.dial_endpoint)
-            replicas.append(record)
-    return replicas
 
 
 def _without_avoided(level: LiveLevel, banned: set[str], quarantined: set[tuple[str, str]]) -> LiveLevel:

@@ -90,18 +90,47 @@ def swarm(peers) -> Iterator[Swarm]:
         yield swarm
 
 
+def prefix_loop(layer: RemoteMoE, scores: list[torch.Tensor]) -> list:
+    """The beam search RemoteMoE ran before the vectorised one: a Python loop over the prefixes of each
+    level, over live_replicas_under, then one over the candidates (their replicas, one per endpoint)."""
+    root, schema = f"{layer.prefix}.", layer.expert_schema
+    level = layer.swarm.live_replicas_under([root], schema=schema)[root]
+    prefixes: list[tuple[int, ...]] = [(c,) for c in sorted(level) if c < layer.grid[0]]
+    records = {(c,): level[c] for c, in prefixes}
+    for depth in range(1, len(layer.grid)):
+        if not prefixes:
+            return []
+        with torch.no_grad():
+            partial_TP = sum(scores[d][:, [p[d] for p in prefixes]] for d in range(depth))
+            beam = partial_TP.topk(min(layer.beam_size, len(prefixes)), dim=-1).indices.unique().tolist()
+        chosen = [prefixes[i] for i in beam]
+        keys = {p: layer.uid(p) + "." for p in chosen}
+        found = layer.swarm.live_replicas_under(list(keys.values()), schema=schema)
+        prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < layer.grid[depth]]
+        records = {p + (c,): found[keys[p]][c]
+                   for p in chosen for c in found[keys[p]] if c < layer.grid[depth]}
+    chosen = []
+    for p in prefixes:
+        replicas = one_per_endpoint(r for r in records[p] if r.uid == layer.uid(p))
+        if replicas:
+            chosen.append((p, replicas))
+    return chosen
+
+
 def compare(layer: RemoteMoE, seed: int) -> list:
-    """The loop's candidates and the vectorised ones for random scores: the same; what they are."""
+    """The loop's candidates and the vectorised ones for random scores: the same (and RemoteMoE's own);
+    what they are."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     num_tokens = rng.choice([1, 16, 64])
     layer.beam_size = rng.choice([1, 2, 4])
     with torch.no_grad():
         scores = [gate(torch.randn(num_tokens, layer.in_features)) for gate in layer.gates]
-    expected = layer.candidates(scores)
+    expected = prefix_loop(layer, scores)
     found = layer.beam_search(scores, layer.beam_size,
                               functools.partial(layer.swarm.live_levels, schema=layer.expert_schema))
     assert list(found) == expected
+    assert list(layer.candidates(scores)) == expected
     return expected
 
 

@@ -12,8 +12,11 @@ size 2k = 4 by default), after it sees all 4,096 experts in the DHT (``--discove
 Per step (a batch of ``--batch`` random tokens) it times, separately:
 
 * **gate** — ``[gate(x) for gate in layer.gates]`` (one ``nn.Linear`` per grid dimension);
-* **lookup** — ``layer.candidates(scores)``: the batch-wide beam search over grid prefixes,
-  reading live experts from the Swarm's cache or the DHT;
+* **lookup** — the batch-wide beam search over grid prefixes, reading live experts from the
+  Swarm's cache or the DHT, done two ways side by side (``--lookup both``, interleaved):
+  ``vectorised``, ``layer.beam_search`` over ``Swarm.live_levels`` (each level's keys in one read,
+  the beams picked on tensors), and ``prefix-loop``, the loop over prefixes and candidates over
+  ``Swarm.live_replicas_under`` that ``RemoteMoE.candidates`` ran before (kept here as the baseline);
 * **score** — scoring the candidates and taking each token's top-k, as ``RemoteMoE.forward`` does;
 
 in two modes, each on its own client Swarm (its own DHT peer):
@@ -22,15 +25,26 @@ in two modes, each on its own client Swarm (its own DHT peer):
 * **cold** — ``SwarmConfig(cache_ttl=0)``: every prefix key is read from the DHT on every step
   (one DHT traversal per grid level, all keys of a level in one ``get_many``).
 
+Both with ``lookup_timeout`` 60 s, so that a slow read on a loaded machine is timed rather than
+replaced by the last known experts.
+
 It counts, per step, the prefixes the beam search expands (the level-1 keys it asks for), the
 prefix keys asked of the Swarm, the keys actually read from the DHT and the DHT traversals, and
 the candidates scored. It checks the result: for each token, the true top-k among all live
 experts (every one of the 4,096 scored with the gates) must be among the candidates; it reports
-the fraction of tokens for which it is, and of (token, slot) pairs. For context it times a full
-training step too (``layer(x).square().mean().backward()``, the experts' Adam steps on the nodes)
-with the cache warm, and its number of expert calls: with thousands of experts and tiny compute
-this is the many-small-calls case, so ``--event-loop both`` runs everything with a uvloop Swarm
-and an asyncio Swarm side by side (steps interleaved) and reports the ratio.
+the fraction of tokens for which it is, and of (token, slot) pairs.
+
+**Full step** (``--train-steps``): a training step of the largest batch
+(``layer(x).square().mean().backward()``, the experts' Adam steps on the nodes) with the cache
+warm, with thousands of experts and tiny compute: the many-small-calls case. It runs with one call
+per node per step (``batched``, ``SwarmConfig.batch_per_node``) and with a call per expert
+(``per-expert``, the path before), side by side, steps interleaved, on three grids of experts of the
+same size hosted by the same nodes: the 64 x 64 grid (4,096 experts), a 16 x 16 grid (``mid``, 256)
+and 8 experts (``few``); each node hosts its share of each. Per step it counts the expert calls the
+nodes received (their Info: forward and backward, batched or not) and the nodes the step's experts
+live on (each node touched should get one call forward and one backward); it reports the ratios
+per-expert / batched on the 4,096 grid (goal: at least 4x) and 256 / 8 experts (goal: at most 2x).
+``--event-loop both`` runs each configuration with a uvloop Swarm and an asyncio Swarm too.
 
 Reports medians over ``--steps`` timed steps after ``--warmup`` untimed ones. Writes
 ``benchmarks/results/bench_lookup.json`` and the server logs next to it. Every process started
@@ -46,7 +60,9 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import signal
 import statistics
@@ -58,16 +74,20 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 from common import server_process
 
 import dmoe
 import dmoe.client.swarm
+from dmoe.moe.gating import Candidates
 
 # Legend: T tokens, C candidate experts, K experts per token, L grid dimensions, E all grid experts.
 PREFIX, GRID, HIDDEN, INNER, K = "ffn", (64, 64), 16, 16, 2
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHED_TTL = 1e9  # "forever": the cache, once filled, is never stale during the run
+LOOKUPS = ("prefix-loop", "vectorised")  # see lookup_with()
+LOOKUP_TIMEOUT = 60.0  # SwarmConfig.lookup_timeout of the measured swarms
 LOOKUP_FIELDS = ("gate_s", "lookup_s", "score_s", "route_s", "num_candidates", "num_routed_experts",
                  "expanded_prefixes", "keys_asked", "dht_keys_read", "dht_traversals")
 
@@ -88,6 +108,7 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path) 
         for n in range(num_nodes):
             ready = tmp / f"node{n}.json"
             cmd = [*start, "node", "start", "--experts", f"{PREFIX}.[{rows[n]}:{rows[n + 1]}].[0:{GRID[1]}]",
+                   *full_step_experts(n, num_nodes),
                    "--hidden-dim", str(HIDDEN), "--inner-dim", str(INNER), "--device", "cpu",
                    "--num-threads", "1", "--host", "127.0.0.1", "--port", "0",
                    "--heartbeat-interval", str(heartbeat), "--record-ttl", str(record_ttl),
@@ -120,26 +141,26 @@ def wait_for_all(swarm: dmoe.Swarm, timeout: float) -> float:
 
 # ---- instrumentation --------------------------------------------------------------------------
 class Counters:
-    """Counts prefix keys asked of a Swarm (wrapping its live_under) and keys read from the DHT
-    (wrapping ``find_under_prefixes_async``, which the Swarm calls for the keys its cache lacks)."""
+    """Counts prefix keys asked of a Swarm (wrapping its live_replicas_under and live_levels) and keys
+    read from the DHT (wrapping ``find_under_prefixes_async``, which the Swarm calls for the keys its
+    cache lacks)."""
 
     def __init__(self) -> None:
         self.reset()
         self._original = dmoe.client.swarm.find_under_prefixes_async
 
     def reset(self) -> None:
-        self.levels: list[int] = []  # keys asked per live_under call, in order
+        self.levels: list[int] = []  # keys asked per lookup call, in order
         self.dht_reads = 0
         self.dht_keys = 0
 
     def watch(self, swarm: dmoe.Swarm) -> None:
-        live_under = swarm.live_under
+        for name in ("live_replicas_under", "live_levels"):
+            def counted(keys, *args, _lookup=getattr(swarm, name), **kwargs):
+                self.levels.append(len(keys))
+                return _lookup(keys, *args, **kwargs)
 
-        def counted(keys, **kwargs):
-            self.levels.append(len(keys))
-            return live_under(keys, **kwargs)
-
-        swarm.live_under = counted  # an instance attribute shadows the method, for this swarm only
+            setattr(swarm, name, counted)  # an instance attribute shadows the method, for this swarm only
 
     @contextmanager
     def reading_dht(self) -> Iterator[None]:
@@ -158,19 +179,60 @@ class Counters:
 
 
 # ---- measurements -----------------------------------------------------------------------------
-def route(layer: dmoe.RemoteMoE, x_TD: torch.Tensor, counters: Counters) -> tuple[dict[str, Any], list, Any]:
+def prefix_loop(layer: dmoe.RemoteMoE, scores: list[torch.Tensor]) -> list:
+    """The beam search RemoteMoE.candidates ran before the vectorised one, as it was: at each level a
+    Python loop over the prefixes, then one over the candidates (their replicas, one per endpoint)."""
+    root, schema = f"{layer.prefix}.", layer.expert_schema
+    level = layer.swarm.live_replicas_under([root], schema=schema)[root]
+    prefixes: list[tuple[int, ...]] = [(c,) for c in sorted(level) if c < layer.grid[0]]
+    records = {(c,): level[c] for c, in prefixes}
+    for depth in range(1, len(layer.grid)):
+        if not prefixes:
+            return []
+        with torch.no_grad():
+            partial_TP = sum(scores[d][:, [p[d] for p in prefixes]] for d in range(depth))
+            beam = partial_TP.topk(min(layer.beam_size, len(prefixes)), dim=-1).indices.unique().tolist()
+        chosen = [prefixes[i] for i in beam]
+        keys = {p: layer.uid(p) + "." for p in chosen}
+        found = layer.swarm.live_replicas_under(list(keys.values()), schema=schema)
+        prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < layer.grid[depth]]
+        records = {p + (c,): found[keys[p]][c]
+                   for p in chosen for c in found[keys[p]] if c < layer.grid[depth]}
+    chosen = []
+    for p in prefixes:
+        seen, replicas = set(), []
+        for r in records[p]:
+            if r.uid == layer.uid(p) and r.dial_endpoint not in seen:
+                seen.add(r.dial_endpoint)
+                replicas.append(r)
+        if replicas:
+            chosen.append((p, replicas))
+    return chosen
+
+
+def lookup_with(name: str, layer: dmoe.RemoteMoE) -> Callable[[list[torch.Tensor]], Any]:
+    """The lookup ``name`` (LOOKUPS) of ``layer``: gate scores -> candidates."""
+    if name == "prefix-loop":
+        return lambda scores: prefix_loop(layer, scores)
+    read = functools.partial(layer.swarm.live_levels, schema=layer.expert_schema)
+    return lambda scores: layer.beam_search(scores, layer.beam_size, read)
+
+
+def route(layer: dmoe.RemoteMoE, lookup: Callable[[list[torch.Tensor]], Any], x_TD: torch.Tensor,
+          counters: Counters) -> tuple[dict[str, Any], list, Any]:
     """Gate, lookup and candidate scoring of one batch, as RemoteMoE.forward does them, timed;
     also the gate scores and the candidates' coordinates, for the check."""
     counters.reset()
     t0 = time.perf_counter()
     scores = [gate(x_TD) for gate in layer.gates]
     t1 = time.perf_counter()
-    candidates = layer.candidates(scores)
+    candidates = lookup(scores)
     t2 = time.perf_counter()
     if not candidates:
         raise RuntimeError("the lookup found no live expert")
-    coords_CL = torch.tensor([coords for coords, _ in candidates])
-    logits_TC = sum(score[:, coords_CL[:, d]] for d, score in enumerate(scores))
+    coords_CL = (candidates.coords_CL if isinstance(candidates, Candidates)
+                 else torch.tensor([coords for coords, _ in candidates]))
+    logits_TC = sum(score.index_select(1, coords_CL[:, d]) for d, score in enumerate(scores))
     experts_TK = logits_TC.topk(min(layer.k, len(candidates)), dim=-1).indices
     t3 = time.perf_counter()
     timings = {"gate_s": t1 - t0, "lookup_s": t2 - t1, "score_s": t3 - t2, "route_s": t3 - t0,
@@ -195,12 +257,12 @@ def check(scores: list[torch.Tensor], coords_CL: torch.Tensor, live_mask: torch.
             "tokens": found_TK.shape[0]}
 
 
-def interleaved(runs: dict[str, Callable[[], dict]], steps: int, warmup: int) -> dict[str, list[dict]]:
+def interleaved(runs: dict[Any, Callable[[], dict]], steps: int, warmup: int) -> dict[Any, list[dict]]:
     """``warmup`` untimed then ``steps`` timed rounds; a round runs every configuration once, in turn."""
     for _ in range(warmup):
         for run in runs.values():
             run()
-    results: dict[str, list[dict]] = {name: [] for name in runs}
+    results: dict[Any, list[dict]] = {name: [] for name in runs}
     for _ in range(steps):
         for name, run in runs.items():
             results[name].append(run())
@@ -211,23 +273,26 @@ def median_of(samples: list[dict], field: str) -> float:
     return statistics.median(s[field] for s in samples)
 
 
-def measure_lookup(layers: dict[tuple[str, str], dmoe.RemoteMoE], loops: list[str], batch: int,
-                   counters: Counters, live_mask: torch.Tensor, steps: int, warmup: int) -> dict[str, dict]:
-    """Gating + lookup of ``batch`` tokens, cached and cold, with each loop (interleaved)."""
+def measure_lookup(layers: dict[tuple[str, str], dmoe.RemoteMoE], loops: list[str], lookups: list[str],
+                   batch: int, counters: Counters, live_mask: torch.Tensor, steps: int, warmup: int
+                   ) -> dict[str, dict]:
+    """Gating + lookup of ``batch`` tokens, cached and cold, with each loop and lookup (interleaved)."""
     results = {}
     for mode in ("cached", "cold"):
         runs = {}
         for loop in loops:
-            def run(layer: dmoe.RemoteMoE = layers[loop, mode]) -> dict[str, Any]:
-                timings, scores, coords_CL = route(layer, torch.randn(batch, HIDDEN), counters)
-                return {**timings, **check(scores, coords_CL, live_mask)}
+            for lookup in lookups:
+                def run(layer: dmoe.RemoteMoE = layers[loop, mode],
+                        find: Callable = lookup_with(lookup, layers[loop, mode])) -> dict[str, Any]:
+                    timings, scores, coords_CL = route(layer, find, torch.randn(batch, HIDDEN), counters)
+                    return {**timings, **check(scores, coords_CL, live_mask)}
 
-            runs[loop] = run
-        for loop, samples in interleaved(runs, steps, warmup).items():
+                runs[loop, lookup] = run
+        for (loop, lookup), samples in interleaved(runs, steps, warmup).items():
             tokens = sum(s["tokens"] for s in samples)
-            name = f"{mode} {loop} T={batch}"
+            name = f"{mode} {loop} T={batch} {lookup}"
             results[name] = {
-                "mode": mode, "event_loop": loop, "batch": batch, "samples": samples,
+                "mode": mode, "event_loop": loop, "lookup": lookup, "batch": batch, "samples": samples,
                 **{f"median_{field}": median_of(samples, field) for field in LOOKUP_FIELDS},
                 "fraction_tokens_true_topk": sum(s["tokens_with_true_topk"] for s in samples) / tokens,
                 "fraction_pairs_found": sum(s["pairs_found"] for s in samples) / (K * tokens),
@@ -236,29 +301,141 @@ def measure_lookup(layers: dict[tuple[str, str], dmoe.RemoteMoE], loops: list[st
     return results
 
 
-def measure_training(layers: dict[str, dmoe.RemoteMoE], batch: int, steps: int,
+# ---- full step -------------------------------------------------------------------------------
+# the full step's grids (name -> prefix, grid), experts of one size, each node hosting its share of each
+FULL_STEP_GRIDS = {"4096": (PREFIX, GRID), "256": ("mid", (16, 16)), "8": ("few", (8,))}
+PATHS = {"batched": True, "per-expert": False}  # SwarmConfig.batch_per_node
+
+
+def full_step_experts(n: int, num_nodes: int) -> list[str]:
+    """--experts options of node ``n``: its rows of the smaller grids of the full step."""
+    options = []
+    for prefix, grid in FULL_STEP_GRIDS.values():
+        if prefix == PREFIX:
+            continue
+        first, last = grid[0] * n // num_nodes, grid[0] * (n + 1) // num_nodes
+        if last > first:
+            options += ["--experts", f"{prefix}.[{first}:{last}]" + "".join(f".[0:{d}]" for d in grid[1:])]
+    return options
+
+
+def endpoints_by_uid(swarm: dmoe.Swarm, prefix: str, grid: tuple[int, ...]) -> dict[str, str]:
+    """Where each live expert of a 1-D or 2-D grid is (its first replica's endpoint)."""
+    keys = [f"{prefix}."] if len(grid) == 1 else [f"{prefix}.{i}." for i in range(grid[0])]
+    found = swarm.live_replicas_under(keys, refresh=True)
+    return {replicas[0].uid: replicas[0].dial_endpoint for key in keys for replicas in found[key].values()}
+
+
+class NodeCalls:
+    """Expert calls the nodes received so far (their Info: Forward and Backward in every form, a batched
+    call counting once), summed over the nodes; each Info names one uid, so it stays cheap."""
+
+    def __init__(self, endpoints: dict[str, str]):
+        from dmoe.proto import expert_pb2 as pb
+        from dmoe.proto import expert_pb2_grpc as pbg
+
+        self._pb = pb
+        one_uid = {endpoint: uid for uid, endpoint in endpoints.items()}
+        self._stubs = []
+        for endpoint, uid in sorted(one_uid.items()):
+            channel = grpc.insecure_channel(endpoint)
+            self._stubs.append((channel, pbg.ExpertServiceStub(channel), uid))
+
+    def __call__(self) -> int:
+        return sum(stub.Info(self._pb.InfoRequest(uids=[uid]), timeout=30).expert_calls
+                   for _, stub, uid in self._stubs)
+
+    def close(self) -> None:
+        for channel, _, _ in self._stubs:
+            channel.close()
+
+
+def full_step_layers(swarms: dict[str, dmoe.Swarm], loops: list[str]
+                     ) -> tuple[dict[str, dmoe.RemoteMoE], dict[str, str]]:
+    """A RemoteMoE per (grid, path, loop) on the cached swarms, layers of one grid with the same gate
+    weights; and where each expert lives. Grids a running swarm (--swarm) lacks are left out."""
+    layers, endpoints = {}, {}
+    for grid_name, (prefix, grid) in FULL_STEP_GRIDS.items():
+        deadline = time.monotonic() + 30  # announced with the 4,096, all but always visible already
+        while len(where := endpoints_by_uid(swarms[loops[0]], prefix, grid)) < math.prod(grid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if len(where) < math.prod(grid):
+            print(f"  full step: {len(where)} of the {math.prod(grid)} experts of {prefix!r} live: left out")
+            continue
+        endpoints.update(where)
+        first = None
+        for path, batched in PATHS.items():
+            for loop in loops:
+                layer = dmoe.RemoteMoE(swarms[loop], prefix=prefix, grid=grid, in_features=HIDDEN, k=K,
+                                       k_min=1, forward_timeout=60, timeout_after_k_min=60,
+                                       backward_timeout=60)
+                layer.dispatcher.batch_per_node = batched
+                if first is None:
+                    first = layer
+                layer.load_state_dict(first.state_dict())
+                layers[f"{grid_name} {path}" + (f" {loop}" if len(loops) > 1 else "")] = layer
+    return layers, endpoints
+
+
+def measure_training(layers: dict[str, dmoe.RemoteMoE], endpoints: dict[str, str], batch: int, steps: int,
                      warmup: int) -> dict[str, dict]:
-    """Full training steps (forward + backward, Adam on the nodes) with each loop (interleaved)."""
+    """Full training steps (forward + backward, Adam on the nodes) of each layer (interleaved): seconds,
+    expert calls the nodes received, nodes the step's experts live on."""
+    node_calls = NodeCalls(endpoints)
     runs = {}
-    for loop, layer in layers.items():
+    for name, layer in layers.items():
         def step(layer: dmoe.RemoteMoE = layer) -> dict[str, Any]:
             x = torch.randn(batch, HIDDEN, requires_grad=True)
+            calls = node_calls()
             start = time.perf_counter()
             layer(x).square().mean().backward()
             seconds = time.perf_counter() - start
-            _, experts_TK = layer.last_routing
+            calls = node_calls() - calls
+            uids, experts_TK = layer.last_routing
+            used = experts_TK.unique().tolist()
             layer.zero_grad(set_to_none=True)
-            return {"step_s": seconds, "forward_calls": int(experts_TK.unique().numel()),
-                    "failed": layer.last_num_failed}
+            return {"step_s": seconds, "experts": len(used), "calls": calls,
+                    "nodes_touched": len({endpoints[uids[e]] for e in used}), "failed": layer.last_num_failed}
 
-        runs[loop] = step
+        runs[name] = step
+    try:
+        sampled = interleaved(runs, steps, warmup)
+    finally:
+        node_calls.close()
     results = {}
-    for loop, samples in interleaved(runs, steps, warmup).items():
-        results[loop] = {"batch": batch, "samples": samples, "median_step_s": median_of(samples, "step_s"),
-                         "median_forward_calls": median_of(samples, "forward_calls"),
+    for name, samples in sampled.items():
+        results[name] = {"batch": batch, "samples": samples, "median_step_s": median_of(samples, "step_s"),
+                         **{f"median_{field}": median_of(samples, field)
+                            for field in ("experts", "calls", "nodes_touched")},
                          "failed_calls": sum(s["failed"] for s in samples)}
-        print(f"  train {loop} T={batch}: {results[loop]['median_step_s']:.3f} s/step", flush=True)
+        print(f"  train {name} T={batch}: {results[name]['median_step_s']:.3f} s/step, "
+              f"{results[name]['median_calls']:g} calls", flush=True)
     return results
+
+
+def training_ratios(train: dict[str, dict], loops: list[str]) -> dict[str, float]:
+    """Per-expert / batched step time on each grid, 256 / 8 experts per path, asyncio / uvloop."""
+    def step(name: str, loop: str) -> float | None:
+        result = train.get(name + (f" {loop}" if len(loops) > 1 else ""))
+        return result["median_step_s"] if result else None
+
+    ratios = {}
+    for loop in loops:
+        tail = f" ({loop})" if len(loops) > 1 else ""
+        for grid in FULL_STEP_GRIDS:
+            per_expert, batched = step(f"{grid} per-expert", loop), step(f"{grid} batched", loop)
+            if per_expert and batched:
+                ratios[f"{grid} experts: per-expert / batched{tail}"] = per_expert / batched
+        for path in PATHS:
+            many, few = step(f"256 {path}", loop), step(f"8 {path}", loop)
+            if many and few:
+                ratios[f"{path}: 256 / 8 experts{tail}"] = many / few
+    if len(loops) == 2 and step("4096 batched", "uvloop") and step("4096 batched", "asyncio"):
+        ratios["4096 batched: asyncio / uvloop"] = (step("4096 batched", "asyncio")
+                                                    / step("4096 batched", "uvloop"))
+    return ratios
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -271,6 +448,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=5, help="timed full training steps (0: none)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--beam-size", type=int, default=None, help="RemoteMoE beam_size (default 2k)")
+    parser.add_argument("--lookup", choices=[*LOOKUPS, "both"], default="both",
+                        help="the beam search measured (see lookup_with); both: each, side by side")
     parser.add_argument("--event-loop", choices=["uvloop", "asyncio", "both"], default="uvloop",
                         help="event loop of the client Swarm; both: each, side by side")
     parser.add_argument("--heartbeat-interval", type=float, default=900.0,
@@ -291,6 +470,7 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind the context managers: stop the servers
     loops = ["uvloop", "asyncio"] if args.event_loop == "both" else [args.event_loop]
+    lookups = list(LOOKUPS) if args.lookup == "both" else [args.lookup]
     RESULTS.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     counters = Counters()
@@ -298,6 +478,7 @@ def main() -> None:
         "grid": list(GRID), "experts": GRID[0] * GRID[1], "nodes": args.nodes, "hidden": HIDDEN,
         "inner": INNER, "k": K, "beam_size": args.beam_size or 2 * K, "batches": args.batch,
         "steps": args.steps, "train_steps": args.train_steps, "warmup": args.warmup, "event_loops": loops,
+        "lookups": lookups, "lookup_timeout": LOOKUP_TIMEOUT,
         "external_swarm": args.swarm,
         "heartbeat_interval": args.heartbeat_interval, "record_ttl": args.record_ttl,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
@@ -313,7 +494,8 @@ def main() -> None:
         for loop in loops:
             for mode, ttl in (("cached", CACHED_TTL), ("cold", 0.0)):
                 swarms[loop, mode] = stack.enter_context(dmoe.Swarm(dmoe.SwarmConfig(
-                    initial_peers=swarm_addrs, cache_ttl=ttl, event_loop=loop)))
+                    initial_peers=swarm_addrs, cache_ttl=ttl, event_loop=loop,
+                    lookup_timeout=LOOKUP_TIMEOUT)))
         probe = swarms[loops[0], "cold"]
         out["discovery_s"] = wait_for_all(probe, args.discovery_timeout)
         live_mask = torch.zeros(GRID, dtype=torch.bool)
@@ -338,15 +520,15 @@ def main() -> None:
         out["lookup"] = {}
         with counters.reading_dht():
             for batch in args.batch:
-                out["lookup"].update(measure_lookup(layers, loops, batch, counters, live_mask, args.steps,
-                                                    args.warmup))
-        out["train"] = {}
+                out["lookup"].update(measure_lookup(layers, loops, lookups, batch, counters, live_mask,
+                                                    args.steps, args.warmup))
+        out["train"], out["train_ratios"] = {}, {}
         if args.train_steps > 0:
-            out["train"] = measure_training({loop: layers[loop, "cached"] for loop in loops}, max(args.batch),
-                                            args.train_steps, args.warmup)
-        if len(out["train"]) == 2:
-            out["train_ratio_asyncio_over_uvloop"] = (out["train"]["asyncio"]["median_step_s"]
-                                                      / out["train"]["uvloop"]["median_step_s"])
+            cached = {loop: swarms[loop, "cached"] for loop in loops}
+            train_layers, endpoints = full_step_layers(cached, loops)
+            out["train"] = measure_training(train_layers, endpoints, max(args.batch), args.train_steps,
+                                            args.warmup)
+            out["train_ratios"] = training_ratios(out["train"], loops)
 
     print_tables(out)
     (RESULTS / "bench_lookup.json").write_text(json.dumps(out, indent=2))
@@ -358,12 +540,12 @@ def print_tables(out: dict[str, Any]) -> None:
     print(f"\ngating + lookup per step: {cfg['grid'][0]}x{cfg['grid'][1]} grid ({cfg['experts']} experts) "
           f"on {cfg['nodes']} nodes, k={cfg['k']}, beam {cfg['beam_size']}; medians of {cfg['steps']} "
           f"steps (ms)")
-    head = (f"{'config':<22} {'gate':>6} {'lookup':>8} {'score':>7} {'total':>8} {'expanded':>8} "
+    head = (f"{'config':<34} {'gate':>6} {'lookup':>8} {'score':>7} {'total':>8} {'expanded':>8} "
             f"{'DHT keys':>8} {'DHT gets':>8} {'candidates':>10} {'true top-k: tokens':>18} {'pairs':>6}")
     print(head)
     print("-" * len(head))
     for name, r in out["lookup"].items():
-        print(f"{name:<22} {r['median_gate_s'] * 1e3:>6.2f} {r['median_lookup_s'] * 1e3:>8.2f} "
+        print(f"{name:<34} {r['median_gate_s'] * 1e3:>6.2f} {r['median_lookup_s'] * 1e3:>8.2f} "
               f"{r['median_score_s'] * 1e3:>7.2f} {r['median_route_s'] * 1e3:>8.2f} "
               f"{r['median_expanded_prefixes']:>8g} {r['median_dht_keys_read']:>8g} "
               f"{r['median_dht_traversals']:>8g} {r['median_num_candidates']:>10g} "
@@ -372,18 +554,21 @@ def print_tables(out: dict[str, Any]) -> None:
           "DHT gets: DHT traversals;\n true top-k: fraction of tokens / of (token, slot) pairs whose true "
           "top-k among all live experts are candidates)")
     if out["train"]:
-        print(f"\nfull training step (forward + backward, Adam on the nodes), cache warm; "
-              f"medians of {cfg['train_steps']} steps")
-        head = (f"{'event loop':<12} {'tokens':>6} {'s/step':>8} {'min':>8} {'max':>8} "
-                f"{'forward calls':>13} {'failed':>6}")
+        print(f"\nfull training step (forward + backward, Adam on the nodes), cache warm, experts of hidden "
+              f"{cfg['hidden']}, inner {cfg['inner']} on {cfg['nodes']} nodes; medians of "
+              f"{cfg['train_steps']} steps;\ncalls: expert calls the nodes received (forward + backward), "
+              f"goal 2 per node touched")
+        head = (f"{'experts / path':<28} {'tokens':>6} {'s/step':>8} {'min':>8} {'max':>8} {'experts':>7} "
+                f"{'nodes':>5} {'calls':>6} {'failed':>6}")
         print(head)
         print("-" * len(head))
-        for loop, r in out["train"].items():
+        for name, r in out["train"].items():
             times = [s["step_s"] for s in r["samples"]]
-            print(f"{loop:<12} {r['batch']:>6} {r['median_step_s']:>8.3f} {min(times):>8.3f} "
-                  f"{max(times):>8.3f} {r['median_forward_calls']:>13g} {r['failed_calls']:>6}")
-        if "train_ratio_asyncio_over_uvloop" in out:
-            print(f"asyncio/uvloop (full step): {out['train_ratio_asyncio_over_uvloop']:.2f}x")
+            print(f"{name:<28} {r['batch']:>6} {r['median_step_s']:>8.3f} {min(times):>8.3f} "
+                  f"{max(times):>8.3f} {r['median_experts']:>7g} {r['median_nodes_touched']:>5g} "
+                  f"{r['median_calls']:>6g} {r['failed_calls']:>6}")
+        for name, ratio in out["train_ratios"].items():
+            print(f"{name}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def infer(config_path: str | None, **values) -> None:
             swarm = Swarm(config.swarm).start()
         model = load_model(config, swarm)
         text = generate(model, config.prompt, config.max_new_tokens, temperature=config.temperature,
-                        top_k=config.top_k, seed=config.seed)
+                        top_k=config.top_k, seed=config.seed, cache=config.cache, slide=config.slide or None)
     except (DmoeError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     finally:

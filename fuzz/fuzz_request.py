@@ -2,19 +2,25 @@
 
 Each fuzz input is one selector byte followed by a payload:
 
-- bits 4-5, what the payload is: 0 and 3, a serialized request (a unary Forward or Backward); 1, a
+- bits 4-5, what the payload is: 0, a serialized request (a unary Forward or Backward); 1, a
   serialized ``InfoRequest``; 2, a request stream: frames of a 2-byte little-endian length and that
-  many bytes, each frame one stream message (a serialized ``Chunk``, or anything);
-- bit 0: the request is a ``BackwardRequest`` (set) or a ``ForwardRequest``;
-- bit 1: replace the request's uid by a hosted one, so that mutated requests keep reaching an expert;
+  many bytes, each frame one stream message (a serialized ``Chunk``, or anything); 3, a batched
+  request (a ``ForwardBatchRequest`` or ``BackwardBatchRequest``);
+- bit 0: the request is a ``BackwardRequest`` (set) or a ``ForwardRequest`` (so are a batch's parts);
+- bit 1: replace the request's uid by a hosted one, so that mutated requests keep reaching an expert
+  (a batch's parts: the hosted experts in turn);
 - bits 2-3: which hosted expert, when bit 1 is set.
 
 A request takes the path ``ExpertService`` takes before it queues one: ``_parse``, then
 ``check_declared_request`` and ``decode_request`` (``dmoe.node.service``); an accepted request then
 runs one forward on its expert. Backward is never run: it changes parameters. A stream's messages
 are joined by ``ChunkJoiner`` first (within ``STREAM_MAX_BYTES``, so that overlong streams are
-reached), and what they join to takes the same path. An Info payload goes to ``check_info_request``
-(at most ``MAX_INFO_UIDS`` uids), whose answer must be the request's uids, each once, all hosted.
+reached), and what they join to takes the same path. A batched request is split into its parts
+(``batch_parts``: the whole batch may be refused), and each of its first ``BATCH_PARTS_RUN`` parts
+takes the request path alone; a part refused must be refused like a request, and the other parts go
+on. An Info payload goes to
+``check_info_request`` (at most ``MAX_INFO_UIDS`` uids), whose answer must be the request's uids,
+each once, all hosted.
 The experts are real ``ExpertBackend`` objects on the CPU, built by
 ``dmoe.node.experts.build_backend`` with the limits of a default ``NodeConfig``: ``ffn.0`` and
 ``ffn.1`` (feed-forward, inputs ``[tokens, 8]``) and ``attn.0`` (transformer block, ``[batch, seq, 8]``).
@@ -67,9 +73,11 @@ with atheris.instrument_imports(include=["dmoe"]):
     from dmoe.node.config import NodeConfig
     from dmoe.node.experts import build_backend
     from dmoe.node.service import (
+        MAX_BATCH_PARTS,
         ChunkJoiner,
         RequestError,
         _parse,
+        batch_parts,
         check_declared_request,
         check_info_request,
         decode_request,
@@ -80,9 +88,10 @@ ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.Sta
            grpc.StatusCode.OUT_OF_RANGE)
 HIDDEN = 8
 MAX_LEN = 4096  # bytes per input: buffers stay small, the declared shapes do not
-KINDS = ("request", "info", "stream", "request")  # by bits 4-5 of the selector
+KINDS = ("request", "info", "stream", "batch")  # by bits 4-5 of the selector
 MAX_INFO_UIDS = 16  # the Info limit here (the node's default is far above what MAX_LEN could name)
 STREAM_MAX_BYTES = 2048  # max_request_bytes of the streams here, so that inputs can pass it
+BATCH_PARTS_RUN = 4  # parts of a batch that take the request path (each is as costly as a request)
 LIBFUZZER_DEFAULTS = [f"-max_len={MAX_LEN}", "-rss_limit_mb=2048", "-timeout=60"]
 FFN = NodeConfig(experts=["ffn.[0:2]"], hidden_dim=HIDDEN, inner_dim=2 * HIDDEN, device="cpu")
 ATTN = NodeConfig(experts=["attn.[0:1]"], expert_cls="transformer", hidden_dim=HIDDEN, inner_dim=2 * HIDDEN,
@@ -100,6 +109,7 @@ class Report:
     accepted_backward: int = 0  # decoded BackwardRequests (their forward ran, never their backward)
     refused: Counter[str] = dataclasses.field(default_factory=Counter)  # status code name -> inputs
     kinds: Counter[str] = dataclasses.field(default_factory=Counter)  # "<kind> accepted|refused" -> inputs
+    parts: Counter[str] = dataclasses.field(default_factory=Counter)  # batches' parts: "accepted" or a code
     started: float = dataclasses.field(default_factory=time.monotonic)
     crash: str | None = None  # traceback of the input that crashed the fuzzer
 
@@ -161,9 +171,39 @@ class Target:
             expect(len(payload) == joiner.num_bytes <= STREAM_MAX_BYTES,
                    f"a stream joined to {len(payload)} bytes, {joiner.num_bytes} counted")
         backward = bool(selector & 1)
-        request = _parse(pb.BackwardRequest if backward else pb.ForwardRequest, payload)
+        request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
+        if kind == "batch":
+            return self.run_batch(selector, payload, backward)
+        request = _parse(request_cls, payload)
         if selector & 2:
             request.uid = self.uids[(selector >> 2) % len(self.uids)]
+        return self.run_request(request, backward)
+
+    def run_batch(self, selector: int, payload: bytes, backward: bool) -> bool:
+        """The first BATCH_PARTS_RUN parts of a batch on the request path (the others are checked as
+        the node does before any part is parsed, and take the same path as these would); a part
+        refused is counted and the others go on."""
+        parts = batch_parts(payload, backward=backward)
+        expect(len(parts) <= MAX_BATCH_PARTS, f"a batch of {len(parts)} parts passed batch_parts")
+        expect(sum(len(p) for p in parts) <= len(payload), "parts longer than their batch")
+        accepted_backward = False
+        for index, part in enumerate(parts[:BATCH_PARTS_RUN]):
+            try:
+                request = _parse(pb.BackwardRequest if backward else pb.ForwardRequest, part)
+                if selector & 2:
+                    request.uid = self.uids[((selector >> 2) + index) % len(self.uids)]
+                accepted_backward |= self.run_request(request, backward)
+            except RequestError as e:
+                if e.code not in ALLOWED or not e.message:
+                    self.report.crash = f"RequestError {e.code.name} of part {index}: {e.message!r}"
+                    raise AssertionError(self.report.crash) from None
+                self.report.parts[e.code.name] += 1
+            else:
+                self.report.parts["accepted"] += 1
+        return accepted_backward
+
+    def run_request(self, request: pb.ForwardRequest | pb.BackwardRequest, backward: bool) -> bool:
+        """One parsed request on the path ExpertService takes before it queues it, and one forward."""
         backend, rows, num_tokens = check_declared_request(self.backends, request,
                                                            max_batch_tokens=FFN.max_batch_tokens)
         inputs, grads = decode_request(backend, request, backward=backward,
@@ -249,7 +289,7 @@ def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
     ]
     undecodable = b"\x01\xff\xff"
     return (found + [b"\x00" + r.SerializeToString() for r in refused] + [undecodable]
-            + info_seeds(uids) + stream_seeds(found[0][1:], found[1][1:]))
+            + info_seeds(uids) + stream_seeds(found[0][1:], found[1][1:]) + batch_seeds(found, refused))
 
 
 INFO, STREAM = bytes([1 << 4]), 2 << 4
@@ -280,11 +320,31 @@ def stream_seeds(forward: bytes, backward: bytes) -> list[bytes]:
     ]
 
 
+BATCH = 3 << 4
+
+
+def batch_seeds(requests: list[bytes], refused: list[pb.ForwardRequest]) -> list[bytes]:
+    """Batches: valid requests of each direction (a few experts and compressions), some with the
+    refused ones among them, with uids forced, and empty. (A batch of more than MAX_BATCH_PARTS
+    parts is tests/unit/node/test_batch_requests.py's: as a seed, mutated, walking its thousand parts
+    in instrumented Python took most of the fuzzer's time.)"""
+    forward = [pb.ForwardRequest.FromString(r[1:]) for r in requests if r[0] == 0]
+    backward = [pb.BackwardRequest.FromString(r[1:]) for r in requests if r[0] == 1]
+    return [
+        bytes([BATCH]) + pb.ForwardBatchRequest(parts=forward[::4]).SerializeToString(),
+        bytes([BATCH | 1]) + pb.BackwardBatchRequest(parts=backward[::4]).SerializeToString(),
+        bytes([BATCH]) + pb.ForwardBatchRequest(parts=forward[:2] + refused).SerializeToString(),
+        bytes([BATCH | 2]) + pb.ForwardBatchRequest(parts=forward[:3]).SerializeToString(),
+        bytes([BATCH]),
+    ]
+
+
 def print_table(summary: dict) -> None:
     rows = [("inputs tried", summary["inputs"]), ("accepted", summary["accepted"]),
             ("  of them Backward", summary["accepted_backward"])]
     rows += [(f"refused {code}", summary["refused"].get(code, 0)) for code in (c.name for c in ALLOWED)]
     rows += [(kind, n) for kind, n in summary["kinds"].items()]
+    rows += [(f"batch parts {end}", n) for end, n in summary["parts"].items()]
     rows += [("seconds", f"{summary['seconds']:.1f}"), ("inputs/s", f"{summary['inputs_per_s']:.0f}"),
              ("parameters unchanged", "yes" if summary["parameters_unchanged"] else "NO")]
     if summary["crash"]:
@@ -346,6 +406,7 @@ def main(argv: list[str]) -> None:
             "inputs": report.inputs, "accepted": report.accepted,
             "accepted_backward": report.accepted_backward,
             "refused": dict(report.refused), "kinds": dict(sorted(report.kinds.items())),
+            "parts": dict(sorted(report.parts.items())),
             "seconds": round(seconds, 3),
             "inputs_per_s": report.inputs / seconds if seconds > 0 else 0.0,
             "parameters_unchanged": unchanged(backends, before), "experts": sorted(backends),

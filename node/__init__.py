@@ -20,8 +20,8 @@
                       batching device thread
 - ``influence.py``    InfluenceLimits: each peer's optimizer steps per expert: a budget per minute
                       and a share of the expert's recent steps; past them, calls update nothing
-- ``service.py``      ExpertServicer: the gRPC handlers (Forward, Backward, their streams, Info,
-                      GetState)
+- ``service.py``      ExpertServicer: the gRPC handlers (Forward, Backward, their batched forms
+                      for several experts in one call, their streams, Info, GetState)
 - ``server.py``       NodeServer: the gRPC server: ExpertService, health, reflection, TLS or not
 - ``guard.py``        CallGuard: the swarm key's token and the per-peer limits, checked before a
                       request is read

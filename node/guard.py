@@ -10,8 +10,11 @@ server's interceptor, :mod:`dmoe.node.server`):
   :class:`~dmoe.core.ratelimit.TokenBucket` of ``peer_rate`` per second with room for
   ``peer_burst``: RESOURCE_EXHAUSTED otherwise, with a message that names the limit. Every chunk
   of a request stream after its first is one more request (:meth:`CallGuard.charge`), so a stream
-  of tiny chunks costs what as many calls cost. The node-wide limits (``max_concurrent_calls``,
-  queued tokens, bytes arriving) stay in force beside these.
+  of tiny chunks costs what as many calls cost; every part of a batched call (ForwardBatch,
+  BackwardBatch) after its first is one more call, in flight and against the rate
+  (:meth:`CallGuard.admit_part`), so one call for many experts costs what a call per expert costs.
+  The node-wide limits (``max_concurrent_calls``, queued tokens, bytes arriving) stay in force
+  beside these.
 
 Who a peer is (:func:`peer_key`): over mutual TLS (a private swarm), its client certificate, so
 members behind one address get a budget each; otherwise its IPv4 address, or the /64 network of
@@ -82,6 +85,19 @@ class CallGuard:
                 self._forget_one()
         else:
             self._peers.move_to_end(key)
+        self._enter(key, state)
+        return key
+
+    def admit_part(self, key: str) -> None:
+        """One more call of the peer ``key`` returned by :meth:`admit` (a call in flight): a part of a
+        batched call after its first, counted as a call of its own, in flight (give it back with
+        :meth:`release`) and against the rate. Raise Refused past either limit, with the message its
+        own call would get."""
+        state = self._peers.get(key)
+        if state is not None:  # a peer with a call in flight is never forgotten
+            self._enter(key, state)
+
+    def _enter(self, key: str, state: _Peer) -> None:
         if state.in_flight >= self.max_calls_per_peer:
             self.num_rate_limited += 1
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -89,7 +105,6 @@ class CallGuard:
                           f"peer (max_calls_per_peer={self.max_calls_per_peer}); wait for them")
         self._take(key, state)
         state.in_flight += 1
-        return key
 
     def charge(self, key: str) -> None:
         """One more request of the peer ``key`` returned by :meth:`admit` (a call in flight): a chunk

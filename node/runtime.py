@@ -72,6 +72,9 @@ class Runtime:
             (uid, backward): _Queue(backend, backward)
             for uid, backend in backends.items() for backward in (False, True)
         }
+        # the queues holding tasks: the next batch is chosen among these, not among every queue (a node
+        # may host thousands of experts, a step touch a hundred of them)
+        self._ready: dict[int, _Queue] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._retired: set[str] = set()  # experts no longer hosted, whose queues go once drained
@@ -132,19 +135,17 @@ class Runtime:
                 )
             queue.tasks.append(task)
             queue.num_tokens += task.num_tokens
+            self._ready[id(queue)] = queue
             self._cond.notify()
         return task.future
 
     def _take_batch(self) -> tuple[_Queue, list[Task]] | None:
         """Pop the next batch, or None when stopping with nothing left. Called with the lock held."""
-        while True:
-            ready = [q for q in self._queues.values() if q.tasks]
-            if ready:
-                break
+        while not self._ready:
             if self._stopping:
                 return None
             self._cond.wait()
-        queue = min(ready, key=lambda q: q.tasks[0].enqueued_at)
+        queue = min(self._ready.values(), key=lambda q: q.tasks[0].enqueued_at)
         batch: list[Task] = []
         num_tokens = 0
         while queue.tasks:
@@ -157,6 +158,8 @@ class Runtime:
             if task.future.set_running_or_notify_cancel():  # False: its caller has gone
                 batch.append(task)
                 num_tokens += task.num_tokens
+        if not queue.tasks:
+            del self._ready[id(queue)]
         self._forget_drained(queue.backend.uid)
         return queue, batch
 

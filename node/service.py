@@ -1,4 +1,5 @@
-"""ExpertService: the gRPC servicer of a node (Forward, Backward, their streams, Info, GetState).
+"""ExpertService: the gRPC servicer of a node (Forward, Backward, their batched forms, their streams,
+Info, GetState).
 
 The handlers are registered with raw-bytes request deserialisers instead of the generated
 ``add_ExpertServiceServicer_to_server``: parsing the request ourselves lets garbage on the wire get
@@ -14,6 +15,19 @@ element of a count the peer chose before that count is checked: the uids of an I
 tensors of a request and their dimensions, the chunks of a stream (each one a request against the
 peer's rate).
 
+Batched calls (ForwardBatch, BackwardBatch, and their streams for requests above the message limit)
+carry several experts' requests in one call, so that a client sends a node one call per step
+instead of one per expert. Each part is exactly a per-expert request and is served as its own call
+would be: admitted by the guard as one more call of the peer (:meth:`CallGuard.admit_part`: in
+flight, and against its rate), parsed, checked and decoded the same way, queued in its expert's
+queue (:meth:`Runtime.submit`), counted in its expert's stats; a part refused fails alone, with the
+status and message its own call would get, and the others are served. The call answers once
+every part is done, one :class:`PartReply` per part. The parts are found on the wire
+(:func:`batch_parts`) before any is parsed: at most ``MAX_BATCH_PARTS`` of them and
+``MAX_BATCH_FIELDS`` fields in all, or the whole call is refused; a batched request is one request
+in bytes (``max_message_bytes``, ``max_request_bytes``). Decoding and encoding of all parts each
+take one trip off the event loop.
+
 GetState streams an expert's parameters, optimizer state and version to another node (the layout
 and its checks are in :mod:`dmoe.node.transfer`). It passes the same guard; a node runs at most
 ``max_state_exports`` of them at once, since each holds a copy of an expert's state until sent.
@@ -25,6 +39,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -48,6 +63,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 MiB = 1 << 20
 INFO_BYTES_PER_UID = 256  # an InfoRequest longer than this per uid allowed is refused before it is parsed
 MAX_RANK = 64  # dimensions of a grad_output, checked before its shape is read
+# a batched call carries at most this many parts, and this many fields in all (its parts' and their
+# tensors' included): an honest part is about 13 fields, so 1,024 of them fit, and the node's work on
+# the event loop before parsing stays within about twice that of the largest Forward it accepts
+MAX_BATCH_PARTS = 1024
+MAX_BATCH_FIELDS = 32768
 # the calling peer's key from CallGuard.admit, set per call (each call runs in a task of its own):
 # the runtime counts each peer's optimizer steps with it (dmoe.node.influence)
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("dmoe_node_caller", default="")
@@ -89,6 +109,8 @@ class ExpertServicer:
         self.max_state_exports = max_state_exports  # GetState calls served at once
         self._state_exports = 0  # GetState calls being served (event loop only)
         self.max_info_uids = max_info_uids  # uids one Info call may name
+        # calls received (Info's stats): Forward/Backward in every form, of them batched ones, their parts
+        self.num_expert_calls = self.num_batched_calls = self.num_batched_parts = 0
 
     # ---- registration -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -110,6 +132,10 @@ class ExpertServicer:
                 "Backward": unary(self.backward, pb.BackwardResponse),
                 "ForwardStream": stream(self.forward_stream),
                 "BackwardStream": stream(self.backward_stream),
+                "ForwardBatch": unary(self.forward_batch, pb.ForwardBatchResponse),
+                "BackwardBatch": unary(self.backward_batch, pb.BackwardBatchResponse),
+                "ForwardBatchStream": stream(self.forward_batch_stream),
+                "BackwardBatchStream": stream(self.backward_batch_stream),
                 "Info": grpc.unary_unary_rpc_method_handler(
                     self.info, request_deserializer=None, response_serializer=pb.NodeInfo.SerializeToString
                 ),
@@ -122,12 +148,23 @@ class ExpertServicer:
 
     # ---- handlers -----------------------------------------------------------------------------
     async def forward(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        self.num_expert_calls += 1
         return await self._answer(context, "Forward",
                                   lambda: self._run(_parse(pb.ForwardRequest, data), backward=False))
 
     async def backward(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.BackwardResponse:
+        self.num_expert_calls += 1
         return await self._answer(context, "Backward",
                                   lambda: self._run(_parse(pb.BackwardRequest, data), backward=True))
+
+    async def forward_batch(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ForwardBatchResponse:
+        self.num_expert_calls += 1
+        return await self._answer(context, "ForwardBatch", lambda: self._run_batch(data, backward=False))
+
+    async def backward_batch(self, data: bytes, context: grpc.aio.ServicerContext
+                             ) -> pb.BackwardBatchResponse:
+        self.num_expert_calls += 1
+        return await self._answer(context, "BackwardBatch", lambda: self._run_batch(data, backward=True))
 
     async def forward_stream(
         self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -143,10 +180,24 @@ class ExpertServicer:
         async for chunk in self._stream(chunks, context, backward=True):
             yield chunk
 
+    async def forward_batch_stream(
+        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream(chunks, context, backward=False, batched=True):
+            yield chunk
+
+    async def backward_batch_stream(
+        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream(chunks, context, backward=True, batched=True):
+            yield chunk
+
     async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
         async def handle() -> pb.NodeInfo:
             info = self.node_info(check_info_request(self.backends, data, max_info_uids=self.max_info_uids))
             info.receiving_bytes = self._inflight_bytes
+            info.expert_calls, info.batched_calls = self.num_expert_calls, self.num_batched_calls
+            info.batched_parts = self.num_batched_parts
             return info
 
         return await self._answer(context, "Info", handle)
@@ -209,10 +260,13 @@ class ExpertServicer:
             self.guard.release(peer)
 
     async def _stream(
-        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext, *, backward: bool
+        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext, *, backward: bool,
+        batched: bool = False,
     ) -> AsyncIterator[pb.Chunk]:
         async def handle() -> Message:
             data = await self._join(chunks, peer)
+            if batched:
+                return await self._run_batch(data, backward=backward)
             request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
             return await self._run(_parse(request_cls, data), backward=backward)
 
@@ -222,8 +276,9 @@ class ExpertServicer:
             nonlocal peer
             peer = key
 
-        response = await self._answer(context, "BackwardStream" if backward else "ForwardStream", handle,
-                                      on_admit=admitted)
+        self.num_expert_calls += 1
+        method = ("Backward" if backward else "Forward") + ("Batch" if batched else "") + "Stream"
+        response = await self._answer(context, method, handle, on_admit=admitted)
         for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
             yield chunk
 
@@ -257,40 +312,123 @@ class ExpertServicer:
             self._inflight_bytes -= held
 
     async def _run(self, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool) -> Message:
-        counters = self.counters.get(request.uid)
-        started = time.perf_counter()
-        try:
-            backend, rows, num_tokens = check_declared_request(self.backends, request,
-                                                               max_batch_tokens=self.max_batch_tokens)
-            inputs, grads = await asyncio.to_thread(
-                decode_request, backend, request, backward=backward, max_input_abs=self.max_input_abs,
-                max_grad_abs=self.max_grad_abs,
-            )
-        except RequestError as e:
-            if counters is not None:
-                if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    counters.rejected += 1
-                else:
-                    counters.errors += 1
-            raise
-        assert counters is not None
-        task = Task(inputs, grads, rows, num_tokens, concurrent.futures.Future(), peer=_caller.get())
-        try:
-            future = self.runtime.submit(request.uid, task)
-        except Overloaded as e:
-            counters.rejected += 1
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        try:
-            outputs = await asyncio.wrap_future(future)
-        except Exception as e:
-            counters.errors += 1
-            raise RequestError(grpc.StatusCode.INTERNAL,
-                               f"{request.uid} failed: {type(e).__name__}: {e}") from None
-        encoded = await asyncio.to_thread(lambda: [serialize(o, request.reply_compression) for o in outputs])
-        counters.record_call(backward, num_tokens, time.perf_counter() - started)
+        """One per-expert call's answer, or RequestError."""
+        result = (await self._serve([request], backward=backward))[0]
+        if isinstance(result, RequestError):
+            raise result
         if backward:
-            return pb.BackwardResponse(grad_inputs=encoded)
-        return pb.ForwardResponse(outputs=encoded)
+            return pb.BackwardResponse(grad_inputs=result)
+        return pb.ForwardResponse(outputs=result)
+
+    async def _run_batch(self, data: bytes, *, backward: bool) -> Message:
+        """A batched call's answer: one PartReply per part, each what the part's own call would answer
+        (RequestError for the whole call only if its parts cannot be told apart or are too many)."""
+        parts = batch_parts(data, backward=backward)
+        self.num_batched_calls += 1
+        self.num_batched_parts += len(parts)
+        request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
+        peer, admitted = _caller.get(), 0
+        requests: list[Message | RequestError] = []
+        try:
+            for index, part in enumerate(parts):
+                if index:  # the call's own admission stands for its first part
+                    try:
+                        self.guard.admit_part(peer)
+                    except Refused as e:
+                        requests.append(RequestError(e.code, e.message))
+                        continue
+                    admitted += 1
+                try:
+                    requests.append(_parse(request_cls, part))
+                except RequestError as e:
+                    requests.append(e)
+            results = await self._serve(requests, backward=backward)
+        finally:
+            for _ in range(admitted):
+                self.guard.release(peer)
+        replies = [pb.PartReply(code=r.code.value[0], message=r.message) if isinstance(r, RequestError)
+                   else pb.PartReply(tensors=r) for r in results]
+        return (pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse)(parts=replies)
+
+    async def _serve(self, requests: list[Message | RequestError], *, backward: bool
+                     ) -> list[list[pb.Tensor] | RequestError]:
+        """Serve each request as its own call: checked against its expert's schema, decoded (all of them
+        in one trip off the event loop), queued in its expert's queue and run there, its outputs encoded
+        (one trip for all). Each request's encoded outputs, or the RequestError its call ends with; a
+        RequestError in ``requests`` (a part refused before) stays as it is."""
+        started = time.perf_counter()
+        results: list[list[pb.Tensor] | RequestError] = [r if isinstance(r, RequestError) else []
+                                                         for r in requests]
+        checked: dict[int, tuple[ExpertBackend, int, int]] = {}
+        for index, request in enumerate(requests):
+            if not isinstance(request, RequestError):
+                try:
+                    checked[index] = check_declared_request(self.backends, request,
+                                                            max_batch_tokens=self.max_batch_tokens)
+                except RequestError as e:
+                    results[index] = self._refused(request.uid, e)
+        if not checked:
+            return results
+        decoded = await asyncio.to_thread(self._decode, requests, checked, backward)
+        waiting: dict[int, asyncio.Future] = {}
+        for index, item in decoded.items():
+            uid = requests[index].uid
+            if isinstance(item, RequestError):
+                results[index] = self._refused(uid, item)
+                continue
+            _, rows, num_tokens = checked[index]
+            task = Task(item[0], item[1], rows, num_tokens, concurrent.futures.Future(), peer=_caller.get())
+            try:
+                waiting[index] = asyncio.wrap_future(self.runtime.submit(uid, task))
+            except Overloaded as e:
+                results[index] = self._refused(uid, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
+        if not waiting:
+            return results
+        outputs = await asyncio.gather(*waiting.values(), return_exceptions=True)
+        done: dict[int, list[torch.Tensor]] = {}
+        for index, output in zip(waiting, outputs):
+            uid = requests[index].uid
+            if isinstance(output, BaseException):
+                self.counters[uid].errors += 1
+                results[index] = RequestError(grpc.StatusCode.INTERNAL,
+                                              f"{uid} failed: {type(output).__name__}: {output}")
+            else:
+                done[index] = output
+
+        def encode() -> dict[int, list[pb.Tensor]]:
+            return {index: [serialize(o, requests[index].reply_compression) for o in outputs]
+                    for index, outputs in done.items()}
+
+        encoded = await asyncio.to_thread(encode) if done else {}
+        seconds = time.perf_counter() - started
+        for index, tensors in encoded.items():
+            self.counters[requests[index].uid].record_call(backward, checked[index][2], seconds)
+            results[index] = tensors
+        return results
+
+    def _decode(self, requests: list, checked: dict[int, tuple[ExpertBackend, int, int]], backward: bool
+                ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor] | None] | RequestError]:
+        """decode_request of each checked request (off the event loop), or its RequestError."""
+        decoded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor] | None] | RequestError] = {}
+        for index, (backend, _, _) in checked.items():
+            try:
+                decoded[index] = decode_request(backend, requests[index], backward=backward,
+                                                max_input_abs=self.max_input_abs,
+                                                max_grad_abs=self.max_grad_abs)
+            except RequestError as e:
+                decoded[index] = e
+        return decoded
+
+    def _refused(self, uid: str, error: RequestError) -> RequestError:
+        """Count a refused request in its expert's stats (if hosted): shed (RESOURCE_EXHAUSTED), else an
+        error."""
+        counters = self.counters.get(uid)
+        if counters is not None:
+            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                counters.rejected += 1
+            else:
+                counters.errors += 1
+        return error
 
 
 def check_info_request(backends: Mapping[str, ExpertBackend], data: bytes, *,
@@ -420,12 +558,21 @@ def within_fields(data: bytes | memoryview, limit: int, nested: Mapping[int, int
     in ``nested`` holds a message of more fields than its limit there. Reads tags and lengths only
     (a length-delimited field is skipped whatever its size); wire data it cannot follow is left to the
     parser to refuse (True)."""
-    view, at, count = memoryview(data), 0, 0
+    return _walk(memoryview(data), limit, nested or {}, math.inf) >= 0
+
+
+def _walk(view: memoryview, limit: float, nested: Mapping[int, int | tuple], budget: float) -> float:
+    """What is left of ``budget`` (fields, counted at every level walked) once the message in ``view``
+    is walked; -1 when it has more than ``limit`` fields, a message it holds in a field numbered in
+    ``nested`` is over its limit there (an int; or a (limit, nested) pair, walked the same way), or
+    the budget runs out. Wire data it cannot follow ends the walk of that message (left to the parser)."""
+    at, count = 0, 0
     try:
         while at < len(view):
             count += 1
-            if count > limit:
-                return False
+            budget -= 1
+            if count > limit or budget < 0:
+                return -1
             tag, at = _varint(view, at)
             wire = tag & 7
             if wire == 0:
@@ -434,15 +581,71 @@ def within_fields(data: bytes | memoryview, limit: int, nested: Mapping[int, int
                 at += 8 if wire == 1 else 4
             elif wire == 2:
                 size, at = _varint(view, at)
-                inner = nested.get(tag >> 3) if nested else None
-                if inner is not None and not within_fields(view[at : at + size], inner):
-                    return False
+                inner = nested.get(tag >> 3)
+                if inner is not None:
+                    inner_limit, inner_nested = (inner, {}) if isinstance(inner, int) else inner
+                    budget = _walk(view[at : at + size], inner_limit, inner_nested, budget)
+                    if budget < 0:
+                        return -1
                 at += size
             else:  # groups, or no wire type at all
-                return True
+                return budget
     except IndexError:  # cut short
-        return True
-    return True
+        return budget
+    return budget
+
+
+def batch_parts(data: bytes | memoryview, *, backward: bool) -> list[memoryview]:
+    """The parts of a serialized ForwardBatchRequest (BackwardBatchRequest if ``backward``): the bytes
+    of each ForwardRequest (BackwardRequest) it carries, in order, each for :func:`_parse` to take
+    alone. Found on the wire, before anything is parsed: more than MAX_BATCH_PARTS parts
+    (RESOURCE_EXHAUSTED), more than MAX_BATCH_FIELDS fields in all, the parts' and their tensors'
+    included, or wire data that cannot be followed (INVALID_ARGUMENT) refuse the whole call. Fields
+    of other numbers (a later version's) are skipped."""
+    name = "BackwardBatchRequest" if backward else "ForwardBatchRequest"
+    view, at, fields = memoryview(data), 0, 0
+    parts: list[memoryview] = []
+
+    def undecodable(why: str) -> RequestError:
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable {name}: {why}")
+
+    try:
+        while at < len(view):
+            fields += 1
+            if fields > MAX_BATCH_PARTS + 16 or len(parts) > MAX_BATCH_PARTS:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batched call may carry at most "
+                                   f"{MAX_BATCH_PARTS} parts; split it")
+            tag, at = _varint(view, at)
+            number, wire = tag >> 3, tag & 7
+            if number == 0 or (number == 1 and wire != 2):
+                raise undecodable(f"field {number} of wire type {wire}")
+            if wire == 0:
+                _, at = _varint(view, at)
+            elif wire == 1 or wire == 5:
+                at += 8 if wire == 1 else 4
+            elif wire == 2:
+                size, at = _varint(view, at)
+                if number == 1:
+                    parts.append(view[at : at + size])
+                at += size
+            else:
+                raise undecodable(f"wire type {wire}")
+    except IndexError:
+        raise undecodable("cut short") from None
+    if at != len(view):
+        raise undecodable("cut short")
+    if len(parts) > MAX_BATCH_PARTS:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a batched call may carry at most "
+                           f"{MAX_BATCH_PARTS} parts; split it")
+    budget: float = MAX_BATCH_FIELDS - fields
+    tensors = {2: MAX_BATCH_FIELDS, 3: MAX_BATCH_FIELDS}
+    for part in parts:
+        budget = _walk(part, MAX_BATCH_FIELDS, tensors, budget)
+        if budget < 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"a {name} of more than {MAX_BATCH_FIELDS} fields in all (its parts and "
+                               f"their tensors included): refused before parsing")
+    return parts
 
 
 def _varint(view: memoryview, at: int) -> tuple[int, int]:

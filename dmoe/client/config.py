@@ -1,7 +1,7 @@
 """SwarmConfig: how a process joins a swarm and treats its peers (peers, key, host, lookups, back-off,
-quarantine, spot checks of replicas). Declared once here and nested in the configs of ``dmoe train``,
-``dmoe infer``, ``dmoe swarm status`` and ``dmoe coordinator start`` (:func:`dmoe.config.nested`),
-which take their swarm options, help texts and defaults from it.
+quarantine, spot checks of replicas, one call per node). Declared once here and nested in the configs
+of ``dmoe train``, ``dmoe infer``, ``dmoe swarm status`` and ``dmoe coordinator start``
+(:func:`dmoe.config.nested`), which take their swarm options, help texts and defaults from it.
 
 Torch-free and hivemind-free, so the CLI can build its options without importing either.
 """
@@ -47,6 +47,10 @@ class SwarmConfig:
                                               "settled by a third replica quarantines the one that lied")
     spot_check_tokens: int = option(4, "tokens of a checked answer sent to the other replica")
     event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
+    batch_per_node: bool = option(True, "send a node one call per step for all the experts it hosts that "
+                                        "the step uses (ForwardBatch/BackwardBatch), instead of a call per "
+                                        "expert (off: a call per expert, as before; nodes without batched "
+                                        "calls get calls per expert either way)")
 
     def __post_init__(self) -> None:
         if (self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base

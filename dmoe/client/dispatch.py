@@ -33,6 +33,21 @@ gradients) are not finite is not sent (:class:`dmoe.client.health.LocalInputErro
 refuse it, and that is this client's fault, not the node's. In a private swarm every call carries the
 swarm key's token (:mod:`dmoe.core.auth`).
 
+One call per node (``batch_per_node``, on unless :class:`dmoe.client.config.SwarmConfig` says
+otherwise): the requests of one step to one node go in one call (ForwardBatch, BackwardBatch, or
+their streams above the message limit). Each request is made and awaited as before, but instead of
+its own call it waits in a queue per (endpoint, direction) that is sent at the end of the event
+loop's turn, so everything launched in one turn (a forward's calls, a backward's, the replicas a
+failover picks at once) leaves as one call per node; a request alone in its turn goes as its own
+per-expert call. The reply is split back: each request gets its outputs, or the status its own
+call would have ended with (:class:`PartFailed`, an RpcError), and everything above (deadlines,
+quorum, failover, health, spot checks) sees exactly what it saw with a call per expert. A request
+cancelled (a spare overtaken, a deadline) stops waiting; the call is cancelled once none of its
+requests waits for it. The time of a batched call is observed for each part in proportion to its
+tokens (the balancer's model: seconds per token of the node). A node that answers UNIMPLEMENTED to
+the batched call (one older than it) gets the same requests as per-expert calls at once, and only
+those for ``UNBATCHED_RECHECK`` seconds.
+
 Spot checks (``spot_check``, a :class:`dmoe.client.spotcheck.SpotChecker`): an answer the forward
 uses may also be checked against another replica of its expert, a few of its tokens asked again
 there. The check starts once the answer is in, runs beside the step on the same loop, and the
@@ -59,7 +74,7 @@ from google.protobuf.message import DecodeError
 
 from dmoe.client.balance import DEFAULT_MAX_TOKENS, ReplicaBalancer
 from dmoe.client.channels import ChannelCache
-from dmoe.client.health import Late, LocalInputError, is_refusal, judge_refusals, status_code
+from dmoe.client.health import Late, LocalInputError, describe, is_refusal, judge_refusals, status_code
 from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.auth import SwarmKey, fullmethod
 from dmoe.core.logsafe import printable
@@ -77,6 +92,10 @@ ENVELOPE_BYTES = 64 << 10  # room for the fields around the tensor buffers in a 
 PATIENCE_FACTOR = 4.0  # a replica not answered by this many times its expected time: ask another too
 MIN_PATIENCE = 1.0  # seconds; never sooner
 SERVICE = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
+MAX_BATCH_PARTS = 1024  # parts per batched call; a node refuses more (dmoe.node.service.MAX_BATCH_PARTS)
+UNBATCHED_RECHECK = 600.0  # seconds a node without the batched calls gets per-expert calls only
+MAX_UNBATCHED = 10_000  # such nodes (and those known to have them) remembered; the oldest forgotten first
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @dataclasses.dataclass(slots=True)
@@ -95,6 +114,32 @@ class ExpertCall:
         return cls(record.uid, record.dial_endpoint, inputs, token_ids,
                    max_tokens=record.max_batch_tokens or DEFAULT_MAX_TOKENS,
                    max_unary_bytes=record.max_message_bytes or DEFAULT_MAX_UNARY_BYTES, tls=record.tls)
+
+
+class PartFailed(grpc.RpcError):
+    """One part of a batched call failed on the node: the status its own call would have ended with.
+    An RpcError like that call's (``code()``, ``details()``), so that health and the logs treat it alike."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Queued:
+    """A request waiting for its node's batched call."""
+    call: ExpertCall
+    request: pb.ForwardRequest | pb.BackwardRequest
+    like: torch.Tensor  # the inputs sent: the reply has their shape and dtype
+    deadline: float  # loop time
+    future: asyncio.Future
+    shares: list[float] | None  # gets the part's share of the call's tokens
 
 
 @dataclasses.dataclass(slots=True)
@@ -144,8 +189,14 @@ class Dispatcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *,
                  key: SwarmKey | None = None, max_reply_abs: float = float("inf"),
-                 balancer: ReplicaBalancer | None = None):
+                 balancer: ReplicaBalancer | None = None, batch_per_node: bool = True):
         self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
+        self.batch_per_node = batch_per_node  # one call per node for the requests of one loop turn
+        # (endpoint, tls, backward) -> requests waiting for the end of the loop's turn
+        self._queued: dict[tuple[str, bool, bool], list[_Queued]] = {}
+        self._sending: set[asyncio.Task] = set()  # calls sent for queued requests
+        self._unbatched: dict[tuple[str, bool], float] = {}  # nodes without batched calls -> when found
+        self._batched: dict[tuple[str, bool], None] = {}  # nodes that answered a batched call (in order)
         self.balancer = balancer if balancer is not None else ReplicaBalancer()
         self._channels = ChannelCache()  # (endpoint, tls) -> (channel, methods), least recently used dropped
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
@@ -163,6 +214,8 @@ class Dispatcher:
         async def close() -> None:
             for checker in list(self._checkers):  # their calls use these channels: ended first
                 await checker.stop()
+            for task in list(self._sending):
+                task.cancel()
             for channel, _ in self._channels.values():
                 await channel.close()
             self._channels.clear()
@@ -190,10 +243,14 @@ class Dispatcher:
                 name: channel.unary_unary(fullmethod(SERVICE, name), request_serializer=_serialize,
                                           response_deserializer=None)
                 for name in ("Forward", "Backward")
+            } | {  # batched requests are framed here, as bytes
+                name: channel.unary_unary(fullmethod(SERVICE, name), request_serializer=None,
+                                          response_deserializer=None)
+                for name in ("ForwardBatch", "BackwardBatch")
             } | {
                 name: channel.stream_stream(fullmethod(SERVICE, name), request_serializer=_serialize,
                                             response_deserializer=None)
-                for name in ("ForwardStream", "BackwardStream")
+                for name in ("ForwardStream", "BackwardStream", "ForwardBatchStream", "BackwardBatchStream")
             }
             self._channels[(endpoint, tls)] = (channel, methods)
         return self._channels[(endpoint, tls)][1]
@@ -222,9 +279,11 @@ class Dispatcher:
         tokens = int(call.inputs.shape[0])
         fresh = (call.endpoint, call.tls) not in self._channels
         begun = time.monotonic()
-        output = await self._call(call, timeout, backward=False)
+        shares: list[float] = []  # of the batched calls it went in (none: calls of its own)
+        output = await self._call(call, timeout, backward=False, shares=shares)
         if not fresh:
-            self.balancer.observe(call.endpoint, call.uid, tokens, time.monotonic() - begun)
+            share = min(1.0, sum(shares)) if shares else 1.0
+            self.balancer.observe(call.endpoint, call.uid, tokens, (time.monotonic() - begun) * share)
         return output
 
     async def _check_call(self, record: ExpertRecord, inputs: torch.Tensor, token_ids: torch.Tensor,
@@ -397,28 +456,39 @@ class Dispatcher:
         """Input gradients of the calls that answered in time and well, by index in ``calls``."""
         return self.run(self._backward(calls, backward_timeout, on_result))
 
-    async def _call(self, call: ExpertCall, timeout: float, *, backward: bool) -> torch.Tensor:
-        """Outputs (or input gradients) of one expert call, cut into parts of at most max_tokens rows."""
-        step = max(1, call.max_tokens)
-        if call.inputs.shape[0] <= step:
-            return await self._call_part(call, call.inputs, call.grad_outputs, timeout, backward)
-        tasks = [
-            asyncio.ensure_future(self._call_part(
-                call, call.inputs[start:start + step],
-                None if call.grad_outputs is None else call.grad_outputs[start:start + step],
-                timeout, backward,
-            ))
-            for start in range(0, call.inputs.shape[0], step)
-        ]
+    async def _call(self, call: ExpertCall, timeout: float, *, backward: bool,
+                    shares: list[float] | None = None) -> torch.Tensor:
+        """Outputs (or input gradients) of one expert call, cut into parts of at most max_tokens rows:
+        each part queued for its node's batched call (``batch_per_node``), or sent as a call of its
+        own, all concurrently (the call fails if any part fails). ``shares`` gets, for each part
+        that went in a batched call, its share of that call's tokens."""
+        self._stub(call.endpoint, call.tls)  # a TLS node without this client's key: LocalInputError, unsent
+        step, rows = max(1, call.max_tokens), int(call.inputs.shape[0])
+        starts = range(0, rows, step) if rows > step else [0]
+        pieces = [(call.inputs[start:start + step] if rows > step else call.inputs,
+                   None if call.grad_outputs is None
+                   else call.grad_outputs[start:start + step] if rows > step else call.grad_outputs)
+                  for start in starts]
+        requests = [self._request(call, inputs, grads, backward) for inputs, grads in pieces]
+        batched = self.batch_per_node and self._batching(call.endpoint, call.tls)
+        if not batched and len(requests) == 1:
+            return await self._send(call, requests[0], pieces[0][0], timeout, backward)
+        if batched:
+            waits = [self._enqueue(call, request, inputs, timeout, backward, shares)
+                     for request, (inputs, _) in zip(requests, pieces)]
+        else:
+            waits = [asyncio.ensure_future(self._send(call, request, inputs, timeout, backward))
+                     for request, (inputs, _) in zip(requests, pieces)]
         try:
-            return torch.cat(await asyncio.gather(*tasks))
+            outputs = await asyncio.gather(*waits)
         finally:
-            for task in tasks:  # one part failed: the others are of no use
-                task.cancel()
+            for wait in waits:  # one part failed: the others are of no use
+                wait.cancel()
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    async def _call_part(self, call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None,
-                         timeout: float, backward: bool) -> torch.Tensor:
-        stub = self._stub(call.endpoint, call.tls)
+    def _request(self, call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None,
+                 backward: bool) -> pb.ForwardRequest | pb.BackwardRequest:
+        """The request of one part of a call; LocalInputError (nothing sent) if its values are not finite."""
         if not bool(torch.isfinite(inputs).all()) or (grad_outputs is not None
                                                        and not bool(torch.isfinite(grad_outputs).all())):
             raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} "
@@ -426,13 +496,17 @@ class Dispatcher:
         encoded = [serialize(inputs, self.compression)]
         if backward:
             assert grad_outputs is not None
-            request = pb.BackwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression,
-                                         grad_outputs=[serialize(grad_outputs, self.compression)])
-        else:
-            request = pb.ForwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression)
+            return pb.BackwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression,
+                                      grad_outputs=[serialize(grad_outputs, self.compression)])
+        return pb.ForwardRequest(uid=call.uid, inputs=encoded, reply_compression=self.compression)
+
+    async def _send(self, call: ExpertCall, request: pb.ForwardRequest | pb.BackwardRequest,
+                    inputs: torch.Tensor, timeout: float, backward: bool) -> torch.Tensor:
+        """One part of a call in a call of its own: unary, or streamed above the node's message limit."""
+        stub = self._stub(call.endpoint, call.tls)
         unary = request.ByteSize() <= call.max_unary_bytes
         name = ("Backward" if backward else "Forward") + ("" if unary else "Stream")
-        metadata = self.key.call_metadata(fullmethod(SERVICE, name)) if self.key is not None else None
+        metadata = self._metadata(name)
         if unary:
             data = await stub[name](request, timeout=timeout, metadata=metadata)
         else:
@@ -447,6 +521,154 @@ class Dispatcher:
         except DecodeError as e:
             raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
         return _checked(reply.grad_inputs if backward else reply.outputs, inputs, self.max_reply_abs)
+
+    # ---- one call per node ------------------------------------------------------------------------
+    def _metadata(self, method: str) -> tuple[tuple[str, str]] | None:
+        """A private swarm's token for one call of ``method``."""
+        return self.key.call_metadata(fullmethod(SERVICE, method)) if self.key is not None else None
+
+    def _remember_batched(self, endpoint: str, tls: bool) -> None:
+        """The node answered a batched call: its batched streams may be used."""
+        self._batched[endpoint, tls] = None
+        if len(self._batched) > MAX_UNBATCHED:
+            del self._batched[next(iter(self._batched))]
+
+    def _batching(self, endpoint: str, tls: bool) -> bool:
+        """Whether requests to this node go in batched calls: unless it lacked them lately."""
+        found = self._unbatched.get((endpoint, tls))
+        if found is None:
+            return True
+        if time.monotonic() - found < UNBATCHED_RECHECK:
+            return False
+        del self._unbatched[endpoint, tls]  # it may have been upgraded: ask it again
+        return True
+
+    def _enqueue(self, call: ExpertCall, request: pb.ForwardRequest | pb.BackwardRequest,
+                 inputs: torch.Tensor, timeout: float, backward: bool,
+                 shares: list[float] | None) -> asyncio.Future:
+        """Queue a request for its node's next batched call, sent once this turn of the loop is over;
+        the future of its outputs (cancelling it withdraws the request)."""
+        loop = asyncio.get_running_loop()
+        key = (call.endpoint, call.tls, backward)
+        queue = self._queued.get(key)
+        if queue is None:
+            queue = self._queued[key] = []
+            loop.call_soon(self._flush, key)
+        future = loop.create_future()
+        queue.append(_Queued(call, request, inputs, loop.time() + timeout, future, shares))
+        return future
+
+    def _flush(self, key: tuple[str, bool, bool]) -> None:
+        """Send the requests queued for one node and direction: one call per MAX_BATCH_PARTS of them."""
+        queued = [q for q in self._queued.pop(key, []) if not q.future.done()]
+        for start in range(0, len(queued), MAX_BATCH_PARTS):
+            group = queued[start:start + MAX_BATCH_PARTS]
+            task = asyncio.ensure_future(self._send_group(key, group))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            waiting = [len(group)]  # requests of the group not settled or withdrawn yet
+
+            def withdrawn(_: asyncio.Future, task: asyncio.Task = task, waiting: list[int] = waiting) -> None:
+                waiting[0] -= 1
+                if waiting[0] == 0 and not task.done():  # nobody waits for it any more
+                    task.cancel()
+
+            for queued_request in group:
+                queued_request.future.add_done_callback(withdrawn)
+
+    async def _send_group(self, key: tuple[str, bool, bool], group: list[_Queued]) -> None:
+        """One call for a group of queued requests to one node (a request alone: its own call), each
+        request's future settled with its outputs or its error."""
+        endpoint, tls, backward = key
+        loop = asyncio.get_running_loop()
+        try:
+            if len(group) == 1:
+                only = group[0]
+                results: list[torch.Tensor | BaseException] = [await self._send(
+                    only.call, only.request, only.like, max(0.001, only.deadline - loop.time()), backward)]
+                if only.shares is not None:
+                    only.shares.append(1.0)
+            else:
+                results = await self._send_batch(endpoint, tls, backward, group)
+        except asyncio.CancelledError:
+            for queued in group:
+                queued.future.cancel()
+            raise
+        except Exception as e:  # the whole call failed: so did each of its requests
+            results = [e] * len(group)
+        for queued, result in zip(group, results):
+            if queued.future.done():
+                continue
+            if isinstance(result, asyncio.CancelledError):
+                queued.future.cancel()
+            elif isinstance(result, BaseException):
+                queued.future.set_exception(result)
+            else:
+                queued.future.set_result(result)
+
+    async def _send_batch(self, endpoint: str, tls: bool, backward: bool,
+                          group: list[_Queued]) -> list[torch.Tensor | BaseException]:
+        """The requests of ``group`` in one batched call (streamed above the node's message limit):
+        each request's outputs, or its part's error. A node without batched calls (UNIMPLEMENTED) gets
+        them as per-expert calls at once, and is remembered."""
+        loop = asyncio.get_running_loop()
+        stub = self._stub(endpoint, tls)
+        # a Forward/BackwardBatchRequest, framed here: field 1, each part's bytes as they are
+        data = b"".join(_length_delimited(1, q.request.SerializeToString()) for q in group)
+        timeout = max(0.001, max(q.deadline for q in group) - loop.time())
+        max_unary = min(q.call.max_unary_bytes for q in group)
+        unary = len(data) <= max_unary
+        unary_name = "BackwardBatch" if backward else "ForwardBatch"
+        name = unary_name + ("" if unary else "Stream")
+        try:
+            if not unary and (endpoint, tls) not in self._batched:
+                # a stream to a node without the method can end in INTERNAL instead of UNIMPLEMENTED (the
+                # node hangs up while chunks are still being sent): ask with an empty batched call first
+                await stub[unary_name](b"", timeout=timeout, metadata=self._metadata(unary_name))
+                self._remember_batched(endpoint, tls)
+            if unary:
+                reply = await stub[name](data, timeout=timeout, metadata=self._metadata(name))
+            else:
+                chunk_bytes = max(1, min(STREAM_CHUNK_BYTES, max_unary // 2))
+                replies = stub[name](split_chunks(data, chunk_bytes), timeout=timeout,
+                                     metadata=self._metadata(name))
+                reply = await join_chunks(_parsed_chunks(replies), max_bytes=sum(
+                    q.like.numel() * 8 + ENVELOPE_BYTES for q in group))
+        except grpc.RpcError as e:
+            if status_code(e) != grpc.StatusCode.UNIMPLEMENTED:
+                if not unary:  # the node may have been replaced by one without the method: ask it again
+                    self._batched.pop((endpoint, tls), None)
+                raise
+            logger.info("%s has no batched calls (%s): calling it per expert for %.0fs", printable(endpoint),
+                        printable(describe(e)), UNBATCHED_RECHECK)
+            self._unbatched[endpoint, tls] = time.monotonic()
+            if len(self._unbatched) > MAX_UNBATCHED:
+                del self._unbatched[next(iter(self._unbatched))]
+            return await asyncio.gather(*(
+                self._send(q.call, q.request, q.like, max(0.001, q.deadline - loop.time()), backward)
+                for q in group), return_exceptions=True)
+        reply_cls = pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse
+        try:
+            parts = reply_cls.FromString(reply).parts
+        except DecodeError as e:
+            raise WireError(f"undecodable {reply_cls.__name__}: {e}") from None
+        if len(parts) != len(group):
+            raise WireError(f"a batched reply of {len(parts)} parts to a call of {len(group)}")
+        self._remember_batched(endpoint, tls)
+        tokens = sum(int(q.like.shape[0]) for q in group)
+        results: list[torch.Tensor | BaseException] = []
+        for queued, part in zip(group, parts):
+            if queued.shares is not None:
+                queued.shares.append(int(queued.like.shape[0]) / tokens)
+            if part.code != grpc.StatusCode.OK.value[0]:
+                code = _STATUS_BY_NUMBER.get(part.code, grpc.StatusCode.UNKNOWN)
+                results.append(PartFailed(code, part.message or f"status {part.code}"))
+                continue
+            try:
+                results.append(_checked(part.tensors, queued.like, self.max_reply_abs))
+            except ValueError as e:  # WireError is one: a malformed part is that expert's failure
+                results.append(e)
+        return results
 
     async def _backward(self, calls, backward_timeout, on_result):
         replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True) for c in calls),
@@ -471,6 +693,17 @@ class Dispatcher:
 
 def _serialize(message: Any) -> bytes:
     return message.SerializeToString()
+
+
+def _length_delimited(number: int, data: bytes) -> bytes:
+    """Protobuf's encoding of field ``number`` holding ``data`` (bytes, or an embedded message)."""
+    head = bytearray()
+    for varint in ((number << 3) | 2, len(data)):
+        while varint >= 0x80:
+            head.append(varint & 0x7F | 0x80)
+            varint >>= 7
+        head.append(varint)
+    return bytes(head) + data
 
 
 async def _parsed_chunks(replies: AsyncIterator[bytes]) -> AsyncIterator[pb.Chunk]:

@@ -185,6 +185,13 @@ class EndpointHealth:
                 return True
             return now < self._quarantine.get((endpoint, uid), 0.0)
 
+    def avoided_at(self, now: float) -> tuple[set[str], set[tuple[str, str]]]:
+        """What :meth:`is_avoided` says of every pair at monotonic time ``now``, in one look: the
+        endpoints backed off, and the (endpoint, uid) pairs quarantined (lookups of thousands of experts)."""
+        with self._lock:
+            return ({endpoint for endpoint, (_, until) in self._failures.items() if now < until},
+                    {pair for pair, until in self._quarantine.items() if now < until})
+
     def quarantined(self, endpoint: str, uid: str) -> bool:
         """Whether ``uid`` at ``endpoint`` is in quarantine now."""
         with self._lock:

@@ -15,6 +15,12 @@ train``'s are) passes it to the lookups: a replica whose node announced another 
 (every call to it would fail on shapes, or worse, succeed with another expert), its node warned about
 once and listed by :meth:`Swarm.skipped_nodes`; a record with no schema (a node older than schemas)
 is kept.
+
+A beam search over a grid of thousands of experts reads :meth:`Swarm.live_levels`: the same records
+as :meth:`Swarm.live_replicas_under`, laid out by prefix key (the live coordinates, sorted, and their
+replicas). The per-record work (schema, uid, one replica per endpoint) is done once per DHT read of a
+key and kept with it; a lookup then costs a few set operations per key, and only a key with an
+endpoint backed off or an expert quarantined is filtered record by record.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from dmoe.client.balance import ReplicaBalancer
 from dmoe.client.config import SwarmConfig
@@ -40,6 +46,30 @@ logger = logging.getLogger(__name__)
 
 SKIPPED_WITHIN = 60.0  # seconds a node left out for its schema stays in Swarm.skipped_nodes()
 MAX_SKIPPED_NODES = 1024  # nodes remembered at once (node ids are cheap to make): past it, left out unlogged
+
+
+class LiveLevel(NamedTuple):
+    """What a lookup finds under one grid prefix key (``ffn.3.``): the live next coordinates, sorted,
+    and each one's replicas (see :meth:`Swarm.live_levels`). Shared with the Swarm's cache: read only.
+    A pair, as :meth:`dmoe.moe.gating.MoELayer.beam_search` reads a level: (coordinates, handles)."""
+
+    coords: list[int]
+    replicas: list[list[ExpertRecord]]
+
+
+_NO_LEVEL = LiveLevel(coords=[], replicas=[])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Prepared:
+    """One cached key's records as a lookup with one schema reads them, before the endpoints' health:
+    the level, every dial endpoint and uid in it (to tell whether the health touches it), and the
+    replicas left out for their schema (noted again on every lookup, as :meth:`Swarm.of_schema` does)."""
+
+    level: LiveLevel
+    endpoints: frozenset[str]
+    uids: frozenset[str]
+    mismatched: tuple[ExpertRecord, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +115,8 @@ class Swarm:
         self._lock = threading.Lock()
         # "ffn.3." -> (at, replicas by coordinate)
         self._prefix_cache: dict[str, tuple[float, dict[int, list[ExpertRecord]]]] = {}
+        # (key, schema, exact) -> (the cached records it was made of, what live_levels makes of them)
+        self._prepared: dict[tuple[str, str | None, bool], tuple[dict, _Prepared]] = {}
         self._dispatchers: list[Dispatcher] = []
         self._mismatches: dict[str, SchemaMismatch] = {}  # node id -> the latest replica skipped there
         self._warned: set[tuple[str, str, str]] = set()  # (node id, its schema, the one expected) logged
@@ -134,6 +166,38 @@ class Swarm:
         read in one DHT traversal. Avoided endpoints and experts (:meth:`EndpointHealth.is_avoided`)
         are left out, and so are coordinates left with no replica. With ``schema``, so are replicas
         announced with another schema (:meth:`of_schema`)."""
+        cached, now = self._cached(keys, refresh)
+        chosen = {key: {c: self._usable(replicas, now, schema) for c, replicas in records.items()}
+                  for key, records in cached.items()}
+        return {key: {c: r for c, r in records.items() if r} for key, records in chosen.items()}
+
+    def live_levels(self, keys: Sequence[str], *, exact: bool = False, refresh: bool = False,
+                    schema: str | None = None) -> list[LiveLevel]:
+        """For each grid prefix key, in order: what :meth:`live_replicas_under` finds under it, as a
+        :class:`LiveLevel` (its coordinates sorted, each with the same replicas in the same order),
+        read and cached alike (all stale keys in one DHT traversal). With ``exact``, a coordinate keeps
+        only the replicas of the expert ``key + coordinate`` itself (not of experts deeper in the
+        grid), the first record of each dial endpoint, and is left out if none is left: the last
+        level of a beam search, where each coordinate is an expert to call."""
+        cached, now = self._cached(keys, refresh)
+        banned, quarantined = self.health.avoided_at(now)
+        quarantined_uids = {uid for _, uid in quarantined}
+        levels = []
+        for key in keys:
+            prepared = self._prepare(key, cached[key], schema, exact)
+            for record in prepared.mismatched:
+                self._note_mismatch(record, schema or "", now)  # (there are some only with a schema)
+            if prepared.endpoints.isdisjoint(banned) and prepared.uids.isdisjoint(quarantined_uids):
+                levels.append(prepared.level)
+            else:  # this key holds an avoided endpoint or expert: record by record
+                levels.append(_without_avoided(prepared.level, banned, quarantined))
+        return levels
+
+    def _cached(self, keys: Sequence[str], refresh: bool
+                ) -> tuple[dict[str, dict[int, list[ExpertRecord]]], float]:
+        """The cached records of each key (all stale keys read first, in one DHT traversal; on a
+        failure or past ``lookup_timeout``, the last known ones kept for another ``cache_ttl``), and
+        the monotonic time of the lookup."""
         assert self.peer.node is not None, "call start() first"
         now = time.monotonic()
         with self._lock:
@@ -151,10 +215,45 @@ class Swarm:
                 for key in stale:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:  # the cached dicts are replaced, never changed: they can be read outside the lock
-            cached = {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}
-        chosen = {key: {c: self._usable(replicas, now, schema) for c, replicas in records.items()}
-                  for key, records in cached.items()}
-        return {key: {c: r for c, r in records.items() if r} for key, records in chosen.items()}
+            return {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}, now
+
+    def _prepare(self, key: str, records: dict[int, list[ExpertRecord]], schema: str | None,
+                 exact: bool) -> _Prepared:
+        """A cached key's records laid out for :meth:`live_levels`, before health (made once per
+        DHT read of the key: the cache replaces its dict when it reads the key again)."""
+        slot = (key, schema, exact)
+        with self._lock:
+            made = self._prepared.get(slot)
+        if made is not None and made[0] is records:
+            return made[1]
+        kept_by_coord: dict[int, list[ExpertRecord]] = {}
+        mismatched = []  # in the order live_replicas_under meets (and notes) them
+        endpoints: set[str] = set()
+        uids: set[str] = set()
+        for c, replicas in records.items():
+            kept: list[ExpertRecord] = []
+            seen: set[str] = set()  # with exact, the endpoints kept for this coordinate
+            expert = f"{key}{c}"
+            for record in replicas:
+                if schema and record.expert_schema and record.expert_schema != schema:
+                    mismatched.append(record)
+                    continue
+                endpoint = record.dial_endpoint
+                if not endpoint or (exact and (record.uid != expert or endpoint in seen)):
+                    continue
+                seen.add(endpoint)
+                kept.append(record)
+                endpoints.add(endpoint)
+                uids.add(record.uid)
+            if kept:
+                kept_by_coord[c] = kept
+        coords = sorted(kept_by_coord)
+        level = LiveLevel(coords=coords, replicas=[kept_by_coord[c] for c in coords])
+        prepared = _Prepared(level=level, endpoints=frozenset(endpoints), uids=frozenset(uids),
+                             mismatched=tuple(mismatched))
+        with self._lock:
+            self._prepared[slot] = (records, prepared)
+        return prepared
 
     def _usable(self, replicas: list[ExpertRecord], now: float, schema: str | None = None
                 ) -> list[ExpertRecord]:
@@ -223,6 +322,19 @@ class Swarm:
 
     def quarantined(self, endpoint: str, uid: str) -> bool:
         return self.health.quarantined(endpoint, uid)
+
+
+def _without_avoided(level: LiveLevel, banned: set[str], quarantined: set[tuple[str, str]]) -> LiveLevel:
+    """``level`` less the replicas at a backed-off endpoint or quarantined there, and the coordinates
+    left with none."""
+    coords, replicas = [], []
+    for c, kept in zip(level.coords, level.replicas):
+        kept = [r for r in kept
+                if r.dial_endpoint not in banned and (r.dial_endpoint, r.uid) not in quarantined]
+        if kept:
+            coords.append(c)
+            replicas.append(kept)
+    return LiveLevel(coords=coords, replicas=replicas) if coords else _NO_LEVEL
 
 
 def _config_of(config: SwarmConfig | None, fields: dict[str, Any]) -> SwarmConfig:

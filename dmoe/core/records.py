@@ -324,9 +324,36 @@ def _reason_kind(model: type[_Record], error: ValueError) -> str:
     return f"{model.__name__}: {type(error).__name__}"
 
 
+# records parsed, by their content (the model, and the raw value's field names, types and values): a
+# lookup reads the same thousands of records again and again (a node's change only when it announces new
+# values), and a record is the same whatever read it. At most _MAX_PARSED, the oldest forgotten first; a
+# value holding a list or a dict (a node record) is parsed every time, and so is one that failed.
+_parsed: dict[tuple, Any] = {}
+_parsed_lock = threading.Lock()
+_MAX_PARSED = 16384
+
+
 def _parse(model: type[_Record], raw: Any, owner: str = "") -> Any:
     """The record ``raw`` read from a peer, or None (the reason logged) if it is malformed or breaks
     a rule of :mod:`dmoe.core.recordrules`."""
+    try:
+        content: tuple | None = (model, tuple(raw), tuple(map(type, raw.values())), tuple(raw.values()))
+        with _parsed_lock:
+            record = _parsed.get(content)  # type: ignore[arg-type]
+        if record is not None:
+            return record
+    except (AttributeError, TypeError):  # not a dict, or a value that cannot be a key (a list, a dict)
+        content = None
+    record = _parse_anew(model, raw, owner)
+    if record is not None and content is not None:
+        with _parsed_lock:
+            _parsed[content] = record
+            if len(_parsed) > _MAX_PARSED:
+                del _parsed[next(iter(_parsed))]
+    return record
+
+
+def _parse_anew(model: type[_Record], raw: Any, owner: str) -> Any:
     try:
         return model.model_validate(raw).as_peers_may_say()
     except (pydantic.ValidationError, ValueError) as e:

@@ -150,9 +150,15 @@ class InferConfig:
     forward_timeout: float = option(10.0, "deadline of an expert call (s)")
     timeout_after_k_min: float = option(1.0, "wait for the other experts after k_min answered (s)")
     compression: str = option("none", "activations on the wire: none, fp16, 8bit")
+    cache: bool = option(True, "keep the attention's keys and values: each byte sends one token per layer "
+                               "to the experts (--no-cache: the whole context every byte; same text)")
+    slide: int = option(0, "bytes dropped at once when the context outgrows the model's seq_len (0: half "
+                           "of seq_len; 1: always the last seq_len bytes, the cache rebuilt every byte)")
 
     def __post_init__(self) -> None:
         check_nested(self)
+        if self.slide < 0:
+            raise ConfigError(f"slide must be >= 0 (0: half of the model's seq_len), got {self.slide}")
         if not self.checkpoint:
             raise ConfigError("give --checkpoint DIR, the directory dmoe train --save wrote")
         if self.max_new_tokens < 0 or self.temperature < 0 or (self.top_k is not None and self.top_k < 1):

@@ -10,16 +10,78 @@ best k by gate score are kept: a slow or dead expert costs the token nothing whe
 A subclass says which experts are candidates (:meth:`MoELayer.candidates`) and runs them
 (:meth:`MoELayer.run_experts`): :class:`dmoe.moe.remote.RemoteMoE` on other machines,
 :class:`dmoe.moe.local.LocalMoE` in this process.
+
+On a grid of many experts the candidates come from a beam search over grid prefixes
+(:meth:`MoELayer.beam_search`): at each level, the union of every token's best ``beam_size`` live
+prefixes is expanded, every key of the level in one read. It runs on tensors, one level at a time: no
+Python loop per token, and none per candidate beyond what the read of a level costs.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+# A beam search's read of one level: for each prefix key (``ffn.``, ``ffn.3.``), in order, the live next
+# coordinates (sorted) and a handle for each; ``exact``: the last level, each coordinate an expert to call
+LevelReader = Callable[..., Sequence[tuple[Sequence[int], Sequence[Any]]]]  # (keys, *, exact: bool)
+
+
+class Candidates(Sequence[tuple[tuple[int, ...], Any]]):
+    """What a beam search finds (:meth:`MoELayer.beam_search`): a sequence of (grid coordinates,
+    handle) pairs, as :meth:`MoELayer.candidates` returns, kept as ``coords_CL`` (a tensor [C, L]) and
+    ``handles``; the pairs, and the experts' ``uids``, are spelled out when first read (thousands of
+    tuples and strings that a forward does not need)."""
+
+    def __init__(self, prefix: str, coords_CL: torch.Tensor, handles: list[Any]):
+        self.coords_CL, self.handles = coords_CL, handles
+        self.uids = _Uids(prefix, coords_CL)
+        self._pairs: list[tuple[tuple[int, ...], Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __getitem__(self, index):
+        return self._spelled()[index]
+
+    def __iter__(self):
+        return iter(self._spelled())
+
+    def _spelled(self) -> list[tuple[tuple[int, ...], Any]]:
+        if self._pairs is None:
+            self._pairs = list(zip(map(tuple, self.coords_CL.tolist()), self.handles))
+        return self._pairs
+
+    def __repr__(self) -> str:
+        return f"Candidates({len(self)} experts)"
+
+
+class _Uids(Sequence[str]):
+    """The uids of the experts at ``coords_CL``, spelled when first read."""
+
+    def __init__(self, prefix: str, coords_CL: torch.Tensor):
+        self._prefix, self._coords_CL = prefix, coords_CL
+        self._uids: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self._coords_CL.shape[0]
+
+    def __getitem__(self, index):
+        return self._spelled()[index]
+
+    def __iter__(self):
+        return iter(self._spelled())
+
+    def _spelled(self) -> list[str]:
+        if self._uids is None:
+            self._uids = [".".join([self._prefix, *map(str, coords)]) for coords in self._coords_CL.tolist()]
+        return self._uids
 
 
 class MoELayer(nn.Module):
@@ -67,7 +129,7 @@ class MoELayer(nn.Module):
         self.z_loss = torch.zeros(())  # router z-loss, set by each forward
         self.last_num_failed = 0  # expert calls dropped in the last forward
         self.num_failed_calls = 0  # expert calls dropped by forwards since this layer was made
-        self.last_routing: tuple[list[str], torch.Tensor] | None = None  # (candidate uids, experts_TK)
+        self.last_routing: tuple[Sequence[str], torch.Tensor] | None = None  # (candidate uids, experts_TK)
         self.last_answered_TK: torch.Tensor | None = None  # which slots of last_routing gave an output
         self.routed_tokens = torch.zeros(math.prod(self.grid), dtype=torch.int64)  # see the class docstring
         self._strides = torch.tensor([math.prod(self.grid[d + 1:]) for d in range(len(self.grid))])
@@ -89,6 +151,43 @@ class MoELayer(nn.Module):
     def uid(self, coords: tuple[int, ...]) -> str:
         return ".".join([self.prefix, *map(str, coords)])
 
+    def beam_search(self, scores: list[torch.Tensor], beam_size: int, read: LevelReader) -> Candidates:
+        """The live experts worth scoring for these tokens, in the order of their coordinates: at each
+        grid level, the union of every token's best ``beam_size`` live prefixes (by the sum of their
+        coordinates' scores) is expanded, all its keys in one ``read(keys, exact=...)``; coordinates
+        past the grid's size are left out. For a 1-D grid this is one read of every live expert."""
+        parents_PL = torch.zeros(1, 0, dtype=torch.long)  # the prefixes to expand: the grid's root
+        keys = [f"{self.prefix}."]
+        with torch.no_grad():
+            for depth, size in enumerate(self.grid):
+                last = depth == len(self.grid) - 1
+                levels = read(keys, exact=last)
+                counts_P = torch.tensor([len(coords) for coords, _ in levels], dtype=torch.long)
+                children_C = torch.tensor(list(itertools.chain.from_iterable(coords for coords, _ in levels)),
+                                          dtype=torch.long)
+                prefixes_CL = torch.cat([parents_PL.repeat_interleave(counts_P, dim=0), children_C[:, None]],
+                                        dim=1)
+                inside_C = children_C < size
+                inside = bool(inside_C.all())
+                if not inside:
+                    prefixes_CL = prefixes_CL[inside_C]
+                if last:
+                    handles = list(itertools.chain.from_iterable(handles for _, handles in levels))
+                    if not inside:
+                        handles = list(itertools.compress(handles, inside_C.tolist()))
+                    return Candidates(self.prefix, prefixes_CL, handles)
+                if prefixes_CL.shape[0] == 0:
+                    break
+                # the same sum, in the same order, as scoring the experts: ties break alike
+                partial_TC = sum(scores[d].index_select(1, prefixes_CL[:, d].to(scores[d].device))
+                                 for d in range(depth + 1))
+                beam_B = partial_TC.topk(min(beam_size, prefixes_CL.shape[0]), dim=-1).indices.unique().cpu()
+                parents_PL = prefixes_CL[beam_B]
+                if parents_PL.shape[0] == 0:
+                    break
+                keys = [".".join([self.prefix, *map(str, p), ""]) for p in parents_PL.tolist()]
+        return Candidates(self.prefix, torch.zeros(0, len(self.grid), dtype=torch.long), [])
+
     # ---- the gate --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -102,9 +201,14 @@ class MoELayer(nn.Module):
             # no routing, no routing losses: those of the last step belong to a graph already freed
             self.aux_loss = self.z_loss = x.new_zeros(())
             return x * 0  # zero, and still a function of x for autograd
-        coords_CL = torch.tensor([coords for coords, _ in found])
-        handles = [handle for _, handle in found]
-        logits_TC = sum(score[:, coords_CL[:, d]] for d, score in enumerate(scores))
+        if isinstance(found, Candidates):
+            coords_CL, handles = found.coords_CL, found.handles
+        else:
+            coords_CL = torch.tensor([coords for coords, _ in found])
+            handles = [handle for _, handle in found]
+        # index_select: the same values as score[:, coords_CL[:, d]], a few times faster on [T, thousands]
+        logits_TC = sum(score.index_select(1, coords_CL[:, d].to(score.device))
+                        for d, score in enumerate(scores))
         if self.training and self.noise_std > 0:
             logits_TC = logits_TC + self.noise_std * torch.randn_like(logits_TC)
         if self.routing == "switch":
@@ -112,7 +216,8 @@ class MoELayer(nn.Module):
         else:
             # K = k + hedge slots, best first; with hedging, the spares are the last slots
             top_logits_TK, experts_TK = logits_TC.topk(min(self.k + self.hedge, len(found)), dim=-1)
-        self.last_routing = ([self.uid(coords) for coords, _ in found], experts_TK)
+        uids = found.uids if isinstance(found, Candidates) else [self.uid(coords) for coords, _ in found]
+        self.last_routing = (uids, experts_TK)
         self._count_routed(coords_CL, experts_TK[:, : self.k])
         out_TKD, answered_TK, self.last_num_failed = self.run_experts(x_TD, experts_TK, handles)
         self.num_failed_calls += self.last_num_failed

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64moe/proto/expert.proto\x12\x04\x64moe\"^\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12&\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x11.dmoe.Compression\",\n\x0cTensorSchema\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\"i\n\x0e\x46orwardRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1c\n\x06inputs\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12,\n\x11reply_compression\x18\x03 \x01(\x0e\x32\x11.dmoe.Compression\"0\n\x0f\x46orwardResponse\x12\x1d\n\x07outputs\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\"\x8e\x01\n\x0f\x42\x61\x63kwardRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1c\n\x06inputs\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12\"\n\x0cgrad_outputs\x18\x03 \x03(\x0b\x32\x0c.dmoe.Tensor\x12,\n\x11reply_compression\x18\x04 \x01(\x0e\x32\x11.dmoe.Compression\"5\n\x10\x42\x61\x63kwardResponse\x12!\n\x0bgrad_inputs\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x88\x02\n\x0b\x45xpertStats\x12\x15\n\rforward_calls\x18\x01 \x01(\x03\x12\x16\n\x0e\x62\x61\x63kward_calls\x18\x02 \x01(\x03\x12\x16\n\x0e\x66orward_tokens\x18\x03 \x01(\x03\x12\x17\n\x0f\x62\x61\x63kward_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x15\n\rqueued_tokens\x18\x07 \x01(\x03\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x17\n\x0foptimizer_steps\x18\n \x01(\x03\x12\x17\n\x0fskipped_updates\x18\x0b \x01(\x03\"\xc1\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12#\n\x07outputs\x18\x04 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x16\n\x0enum_parameters\x18\x06 \x01(\x03\x12 \n\x05stats\x18\x07 \x01(\x0b\x32\x11.dmoe.ExpertStats\"\x1b\n\x0bInfoRequest\x12\x0c\n\x04uids\x18\x01 \x03(\t\"\xcd\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64moe_version\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12!\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x10.dmoe.ExpertInfo\x12\x18\n\x10max_batch_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x03\x12\x17\n\x0freceiving_bytes\x18\x08 \x01(\x03\"6\n\x0fGetStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x16\n\x0eskip_optimizer\x18\x02 \x01(\x08\"9\n\x0bStateTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x9b\x01\n\x0bStateHeader\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\"\n\x07tensors\x18\x05 \x03(\x0b\x32\x11.dmoe.StateTensor\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\"I\n\nStateChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.dmoe.StateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part*6\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x10\n\x0cUNIFORM_8BIT\x10\x02\x32\xc3\x02\n\rExpertService\x12\x36\n\x07\x46orward\x12\x14.dmoe.ForwardRequest\x1a\x15.dmoe.ForwardResponse\x12\x39\n\x08\x42\x61\x63kward\x12\x15.dmoe.BackwardRequest\x1a\x16.dmoe.BackwardResponse\x12-\n\rForwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12.\n\x0e\x42\x61\x63kwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12)\n\x04Info\x12\x11.dmoe.InfoRequest\x1a\x0e.dmoe.NodeInfo\x12\x35\n\x08GetState\x12\x15.dmoe.GetStateRequest\x1a\x10.dmoe.StateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64moe/proto/expert.proto\x12\x04\x64moe\"^\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12&\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x11.dmoe.Compression\",\n\x0cTensorSchema\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\"i\n\x0e\x46orwardRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1c\n\x06inputs\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12,\n\x11reply_compression\x18\x03 \x01(\x0e\x32\x11.dmoe.Compression\"0\n\x0f\x46orwardResponse\x12\x1d\n\x07outputs\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\"\x8e\x01\n\x0f\x42\x61\x63kwardRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1c\n\x06inputs\x18\x02 \x03(\x0b\x32\x0c.dmoe.Tensor\x12\"\n\x0cgrad_outputs\x18\x03 \x03(\x0b\x32\x0c.dmoe.Tensor\x12,\n\x11reply_compression\x18\x04 \x01(\x0e\x32\x11.dmoe.Compression\"5\n\x10\x42\x61\x63kwardResponse\x12!\n\x0bgrad_inputs\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\":\n\x13\x46orwardBatchRequest\x12#\n\x05parts\x18\x01 \x03(\x0b\x32\x14.dmoe.ForwardRequest\"<\n\x14\x42\x61\x63kwardBatchRequest\x12$\n\x05parts\x18\x01 \x03(\x0b\x32\x15.dmoe.BackwardRequest\"I\n\tPartReply\x12\x1d\n\x07tensors\x18\x01 \x03(\x0b\x32\x0c.dmoe.Tensor\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"6\n\x14\x46orwardBatchResponse\x12\x1e\n\x05parts\x18\x01 \x03(\x0b\x32\x0f.dmoe.PartReply\"7\n\x15\x42\x61\x63kwardBatchResponse\x12\x1e\n\x05parts\x18\x01 \x03(\x0b\x32\x0f.dmoe.PartReply\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x88\x02\n\x0b\x45xpertStats\x12\x15\n\rforward_calls\x18\x01 \x01(\x03\x12\x16\n\x0e\x62\x61\x63kward_calls\x18\x02 \x01(\x03\x12\x16\n\x0e\x66orward_tokens\x18\x03 \x01(\x03\x12\x17\n\x0f\x62\x61\x63kward_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x15\n\rqueued_tokens\x18\x07 \x01(\x03\x12\x16\n\x0elatency_p50_ms\x18\x08 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\t \x01(\x01\x12\x17\n\x0foptimizer_steps\x18\n \x01(\x03\x12\x17\n\x0fskipped_updates\x18\x0b \x01(\x03\"\xc1\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12#\n\x07outputs\x18\x04 \x03(\x0b\x32\x12.dmoe.TensorSchema\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x16\n\x0enum_parameters\x18\x06 \x01(\x03\x12 \n\x05stats\x18\x07 \x01(\x0b\x32\x11.dmoe.ExpertStats\"\x1b\n\x0bInfoRequest\x12\x0c\n\x04uids\x18\x01 \x03(\t\"\x91\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64moe_version\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12!\n\x07\x65xperts\x18\x04 \x03(\x0b\x32\x10.dmoe.ExpertInfo\x12\x18\n\x10max_batch_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x03\x12\x17\n\x0freceiving_bytes\x18\x08 \x01(\x03\x12\x14\n\x0c\x65xpert_calls\x18\t \x01(\x03\x12\x15\n\rbatched_calls\x18\n \x01(\x03\x12\x15\n\rbatched_parts\x18\x0b \x01(\x03\"6\n\x0fGetStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x16\n\x0eskip_optimizer\x18\x02 \x01(\x08\"9\n\x0bStateTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x9b\x01\n\x0bStateHeader\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\"\n\x07tensors\x18\x05 \x03(\x0b\x32\x11.dmoe.StateTensor\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\"I\n\nStateChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.dmoe.StateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part*6\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x10\n\x0cUNIFORM_8BIT\x10\x02\x32\xbd\x04\n\rExpertService\x12\x36\n\x07\x46orward\x12\x14.dmoe.ForwardRequest\x1a\x15.dmoe.ForwardResponse\x12\x39\n\x08\x42\x61\x63kward\x12\x15.dmoe.BackwardRequest\x1a\x16.dmoe.BackwardResponse\x12-\n\rForwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12.\n\x0e\x42\x61\x63kwardStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12\x45\n\x0c\x46orwardBatch\x12\x19.dmoe.ForwardBatchRequest\x1a\x1a.dmoe.ForwardBatchResponse\x12H\n\rBackwardBatch\x12\x1a.dmoe.BackwardBatchRequest\x1a\x1b.dmoe.BackwardBatchResponse\x12\x32\n\x12\x46orwardBatchStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12\x33\n\x13\x42\x61\x63kwardBatchStream\x12\x0b.dmoe.Chunk\x1a\x0b.dmoe.Chunk(\x01\x30\x01\x12)\n\x04Info\x12\x11.dmoe.InfoRequest\x1a\x0e.dmoe.NodeInfo\x12\x35\n\x08GetState\x12\x15.dmoe.GetStateRequest\x1a\x10.dmoe.StateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmoe.proto.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=1603
-  _globals['_COMPRESSION']._serialized_end=1657
+  _globals['_COMPRESSION']._serialized_start=1981
+  _globals['_COMPRESSION']._serialized_end=2035
   _globals['_TENSOR']._serialized_start=33
   _globals['_TENSOR']._serialized_end=127
   _globals['_TENSORSCHEMA']._serialized_start=129
@@ -45,24 +45,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKWARDREQUEST']._serialized_end=475
   _globals['_BACKWARDRESPONSE']._serialized_start=477
   _globals['_BACKWARDRESPONSE']._serialized_end=530
-  _globals['_CHUNK']._serialized_start=532
-  _globals['_CHUNK']._serialized_end=553
-  _globals['_EXPERTSTATS']._serialized_start=556
-  _globals['_EXPERTSTATS']._serialized_end=820
-  _globals['_EXPERTINFO']._serialized_start=823
-  _globals['_EXPERTINFO']._serialized_end=1016
-  _globals['_INFOREQUEST']._serialized_start=1018
-  _globals['_INFOREQUEST']._serialized_end=1045
-  _globals['_NODEINFO']._serialized_start=1048
-  _globals['_NODEINFO']._serialized_end=1253
-  _globals['_GETSTATEREQUEST']._serialized_start=1255
-  _globals['_GETSTATEREQUEST']._serialized_end=1309
-  _globals['_STATETENSOR']._serialized_start=1311
-  _globals['_STATETENSOR']._serialized_end=1368
-  _globals['_STATEHEADER']._serialized_start=1371
-  _globals['_STATEHEADER']._serialized_end=1526
-  _globals['_STATECHUNK']._serialized_start=1528
-  _globals['_STATECHUNK']._serialized_end=1601
-  _globals['_EXPERTSERVICE']._serialized_start=1660
-  _globals['_EXPERTSERVICE']._serialized_end=1983
+  _globals['_FORWARDBATCHREQUEST']._serialized_start=532
+  _globals['_FORWARDBATCHREQUEST']._serialized_end=590
+  _globals['_BACKWARDBATCHREQUEST']._serialized_start=592
+  _globals['_BACKWARDBATCHREQUEST']._serialized_end=652
+  _globals['_PARTREPLY']._serialized_start=654
+  _globals['_PARTREPLY']._serialized_end=727
+  _globals['_FORWARDBATCHRESPONSE']._serialized_start=729
+  _globals['_FORWARDBATCHRESPONSE']._serialized_end=783
+  _globals['_BACKWARDBATCHRESPONSE']._serialized_start=785
+  _globals['_BACKWARDBATCHRESPONSE']._serialized_end=840
+  _globals['_CHUNK']._serialized_start=842
+  _globals['_CHUNK']._serialized_end=863
+  _globals['_EXPERTSTATS']._serialized_start=866
+  _globals['_EXPERTSTATS']._serialized_end=1130
+  _globals['_EXPERTINFO']._serialized_start=1133
+  _globals['_EXPERTINFO']._serialized_end=1326
+  _globals['_INFOREQUEST']._serialized_start=1328
+  _globals['_INFOREQUEST']._serialized_end=1355
+  _globals['_NODEINFO']._serialized_start=1358
+  _globals['_NODEINFO']._serialized_end=1631
+  _globals['_GETSTATEREQUEST']._serialized_start=1633
+  _globals['_GETSTATEREQUEST']._serialized_end=1687
+  _globals['_STATETENSOR']._serialized_start=1689
+  _globals['_STATETENSOR']._serialized_end=1746
+  _globals['_STATEHEADER']._serialized_start=1749
+  _globals['_STATEHEADER']._serialized_end=1904
+  _globals['_STATECHUNK']._serialized_start=1906
+  _globals['_STATECHUNK']._serialized_end=1979
+  _globals['_EXPERTSERVICE']._serialized_start=2038
+  _globals['_EXPERTSERVICE']._serialized_end=2611
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,40 @@ class BackwardResponse(_message.Message):
     grad_inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     def __init__(self, grad_inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
+class ForwardBatchRequest(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[ForwardRequest]
+    def __init__(self, parts: _Optional[_Iterable[_Union[ForwardRequest, _Mapping]]] = ...) -> None: ...
+
+class BackwardBatchRequest(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[BackwardRequest]
+    def __init__(self, parts: _Optional[_Iterable[_Union[BackwardRequest, _Mapping]]] = ...) -> None: ...
+
+class PartReply(_message.Message):
+    __slots__ = ("tensors", "code", "message")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    code: int
+    message: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ForwardBatchResponse(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[PartReply]
+    def __init__(self, parts: _Optional[_Iterable[_Union[PartReply, _Mapping]]] = ...) -> None: ...
+
+class BackwardBatchResponse(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[PartReply]
+    def __init__(self, parts: _Optional[_Iterable[_Union[PartReply, _Mapping]]] = ...) -> None: ...
+
 class Chunk(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -127,7 +161,7 @@ class InfoRequest(_message.Message):
     def __init__(self, uids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "dmoe_version", "device", "experts", "max_batch_tokens", "max_message_bytes", "max_request_bytes", "receiving_bytes")
+    __slots__ = ("node_id", "dmoe_version", "device", "experts", "max_batch_tokens", "max_message_bytes", "max_request_bytes", "receiving_bytes", "expert_calls", "batched_calls", "batched_parts")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DMOE_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +170,9 @@ class NodeInfo(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     RECEIVING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_PARTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     dmoe_version: str
     device: str
@@ -144,7 +181,10 @@ class NodeInfo(_message.Message):
     max_message_bytes: int
     max_request_bytes: int
     receiving_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., receiving_bytes: _Optional[int] = ...) -> None: ...
+    expert_calls: int
+    batched_calls: int
+    batched_parts: int
+    def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., receiving_bytes: _Optional[int] = ..., expert_calls: _Optional[int] = ..., batched_calls: _Optional[int] = ..., batched_parts: _Optional[int] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("uid", "skip_optimizer")

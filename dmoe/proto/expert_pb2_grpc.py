@@ -54,6 +54,26 @@ class ExpertServiceStub:
                 request_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
                 response_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.ForwardBatch = channel.unary_unary(
+                '/dmoe.ExpertService/ForwardBatch',
+                request_serializer=dmoe_dot_proto_dot_expert__pb2.ForwardBatchRequest.SerializeToString,
+                response_deserializer=dmoe_dot_proto_dot_expert__pb2.ForwardBatchResponse.FromString,
+                _registered_method=True)
+        self.BackwardBatch = channel.unary_unary(
+                '/dmoe.ExpertService/BackwardBatch',
+                request_serializer=dmoe_dot_proto_dot_expert__pb2.BackwardBatchRequest.SerializeToString,
+                response_deserializer=dmoe_dot_proto_dot_expert__pb2.BackwardBatchResponse.FromString,
+                _registered_method=True)
+        self.ForwardBatchStream = channel.stream_stream(
+                '/dmoe.ExpertService/ForwardBatchStream',
+                request_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
+                response_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.BackwardBatchStream = channel.stream_stream(
+                '/dmoe.ExpertService/BackwardBatchStream',
+                request_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
+                response_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/dmoe.ExpertService/Info',
                 request_serializer=dmoe_dot_proto_dot_expert__pb2.InfoRequest.SerializeToString,
@@ -95,6 +115,33 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardBatch(self, request, context):
+        """Several experts of this node in one call: each part is served as its own Forward/Backward would
+        be (same checks, same queue, same limits: each part counts as a call of the peer), and fails alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardBatchStream(self, request_iterator, context):
+        """Their chunked forms, for batched requests above max_message_bytes (chunks as in ForwardStream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardBatchStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -128,6 +175,26 @@ def add_ExpertServiceServicer_to_server(servicer, server):
             ),
             'BackwardStream': grpc.stream_stream_rpc_method_handler(
                     servicer.BackwardStream,
+                    request_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
+                    response_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
+            ),
+            'ForwardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardBatch,
+                    request_deserializer=dmoe_dot_proto_dot_expert__pb2.ForwardBatchRequest.FromString,
+                    response_serializer=dmoe_dot_proto_dot_expert__pb2.ForwardBatchResponse.SerializeToString,
+            ),
+            'BackwardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackwardBatch,
+                    request_deserializer=dmoe_dot_proto_dot_expert__pb2.BackwardBatchRequest.FromString,
+                    response_serializer=dmoe_dot_proto_dot_expert__pb2.BackwardBatchResponse.SerializeToString,
+            ),
+            'ForwardBatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardBatchStream,
+                    request_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
+                    response_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
+            ),
+            'BackwardBatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BackwardBatchStream,
                     request_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
                     response_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
             ),
@@ -248,6 +315,114 @@ class ExpertService:
             request_iterator,
             target,
             '/dmoe.ExpertService/BackwardStream',
+            dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
+            dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.ExpertService/ForwardBatch',
+            dmoe_dot_proto_dot_expert__pb2.ForwardBatchRequest.SerializeToString,
+            dmoe_dot_proto_dot_expert__pb2.ForwardBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.ExpertService/BackwardBatch',
+            dmoe_dot_proto_dot_expert__pb2.BackwardBatchRequest.SerializeToString,
+            dmoe_dot_proto_dot_expert__pb2.BackwardBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dmoe.ExpertService/ForwardBatchStream',
+            dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
+            dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardBatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dmoe.ExpertService/BackwardBatchStream',
             dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
             dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
             options,

@@ -135,4 +135,5 @@ def test_health_and_reflection_answer(node):
         assert "dmoe.ExpertService" in database.get_services()
         pool = DescriptorPool(database)
         methods = {m.name for m in pool.FindServiceByName("dmoe.ExpertService").methods}
-        assert methods == {"Forward", "Backward", "ForwardStream", "BackwardStream", "Info", "GetState"}
+        assert methods == {"Forward", "Backward", "ForwardStream", "BackwardStream", "Info", "GetState",
+                           "ForwardBatch", "BackwardBatch", "ForwardBatchStream", "BackwardBatchStream"}

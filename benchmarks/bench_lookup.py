@@ -452,9 +452,10 @@ def parse_args() -> argparse.Namespace:
                         help="the beam search measured (see lookup_with); both: each, side by side")
     parser.add_argument("--event-loop", choices=["uvloop", "asyncio", "both"], default="uvloop",
                         help="event loop of the client Swarm; both: each, side by side")
-    parser.add_argument("--heartbeat-interval", type=float, default=900.0,
+    parser.add_argument("--heartbeat-interval", type=float, default=500.0,
                         help="nodes' DHT heartbeat (s); long, so that no beat runs during the timings")
-    parser.add_argument("--record-ttl", type=float, default=1800.0, help="nodes' DHT record lifetime (s)")
+    parser.add_argument("--record-ttl", type=float, default=590.0,
+                        help="nodes' DHT record lifetime (s, < 600)")
     parser.add_argument("--swarm", action="append", default=[],
                         help="measure this running swarm (multiaddr; repeat for several), start none")
     parser.add_argument("--discovery-timeout", type=float, default=180.0,

@@ -5,7 +5,8 @@ over the nodes (node n hosts ``ffn.[a:b].[0:64]``, 1,024 experts each with 4 nod
 are tiny (hidden 16, inner 16), so hosting thousands is cheap and a full training step is
 dominated by the number of calls, not by compute. The nodes are ``dmoe node start`` with a
 heartbeat put off past the run (``--heartbeat-interval``), so that announcing 1,024 experts does not
-land in the timings.
+land in the timings, and no replica averaging (``--average-interval 0``: there are no replicas, and a
+round looked up the replicas of all the node's experts in the DHT every 30 s, in the timings).
 The client is ``dmoe.RemoteMoE(swarm, prefix='ffn', grid=(64, 64), in_features=16, k=2)`` (beam
 size 2k = 4 by default), after it sees all 4,096 experts in the DHT (``--discovery-timeout``).
 
@@ -112,7 +113,7 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path) 
                    "--hidden-dim", str(HIDDEN), "--inner-dim", str(INNER), "--device", "cpu",
                    "--num-threads", "1", "--host", "127.0.0.1", "--port", "0",
                    "--heartbeat-interval", str(heartbeat), "--record-ttl", str(record_ttl),
-                   "--ready-file", str(ready)]
+                   "--average-interval", "0", "--ready-file", str(ready)]
             for addr in swarm_addrs:
                 cmd += ["--swarm", addr]
             stack.enter_context(server_process(cmd, RESULTS / f"bench_lookup_node{n}.log", ready))

@@ -164,6 +164,10 @@ class Runtime:
         return queue, batch
 
     def _run(self) -> None:
+        # the process's torch thread count (the node's --num-threads) for this thread too: a thread started
+        # after torch.set_num_threads gets OpenMP's default count, whose idle workers spin between the
+        # tiny ops of small experts (a node of 1,000 of them spent as much CPU there as in the experts)
+        torch.set_num_threads(torch.get_num_threads())
         while True:
             with self._cond:
                 taken = self._take_batch()

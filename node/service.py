@@ -159,11 +159,13 @@ class ExpertServicer:
 
     async def forward_batch(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ForwardBatchResponse:
         self.num_expert_calls += 1
+        self.num_batched_calls += 1
         return await self._answer(context, "ForwardBatch", lambda: self._run_batch(data, backward=False))
 
     async def backward_batch(self, data: bytes, context: grpc.aio.ServicerContext
                              ) -> pb.BackwardBatchResponse:
         self.num_expert_calls += 1
+        self.num_batched_calls += 1
         return await self._answer(context, "BackwardBatch", lambda: self._run_batch(data, backward=True))
 
     async def forward_stream(
@@ -277,6 +279,7 @@ class ExpertServicer:
             peer = key
 
         self.num_expert_calls += 1
+        self.num_batched_calls += batched
         method = ("Backward" if backward else "Forward") + ("Batch" if batched else "") + "Stream"
         response = await self._answer(context, method, handle, on_admit=admitted)
         for chunk in split_chunks(response.SerializeToString(), self.chunk_bytes):
@@ -324,7 +327,6 @@ class ExpertServicer:
         """A batched call's answer: one PartReply per part, each what the part's own call would answer
         (RequestError for the whole call only if its parts cannot be told apart or are too many)."""
         parts = batch_parts(data, backward=backward)
-        self.num_batched_calls += 1
         self.num_batched_parts += len(parts)
         request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
         peer, admitted = _caller.get(), 0

@@ -41,6 +41,7 @@ does it for every layer unless ``--no-publish-demand``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -52,7 +53,7 @@ from dmoe.client.swarm import Swarm
 from dmoe.core.demand import DemandPublisher
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import compression_from_name
-from dmoe.moe.gating import MoELayer, group_by_expert
+from dmoe.moe.gating import Candidates, MoELayer, group_by_expert
 
 logger = logging.getLogger(__name__)
 
@@ -130,34 +131,15 @@ class RemoteMoE(MoELayer):
     def run_experts(self, x_TD, experts_TK, handles):
         return _Dispatch.apply(x_TD, experts_TK, handles, self, _LEARN)
 
-    def candidates(self, scores: list[torch.Tensor]) -> list[tuple[tuple[int, ...], list[ExpertRecord]]]:
+    def candidates(self, scores: list[torch.Tensor]) -> Candidates:
         """Live experts worth scoring, each with its replicas (one per endpoint, none avoided), found
-        by a beam search over grid prefixes for the whole batch: at each level, the union of every
-        token's best ``beam_size`` live prefixes is expanded, all of them in one (cached) DHT read.
-        For a 1-D grid this is one read of every live expert. With ``expert_schema``, replicas announced
-        with another schema are left out (:meth:`dmoe.client.swarm.Swarm.of_schema`)."""
-        root, schema = f"{self.prefix}.", self.expert_schema
-        level = self.swarm.live_replicas_under([root], schema=schema)[root]
-        prefixes: list[tuple[int, ...]] = [(c,) for c in sorted(level) if c < self.grid[0]]
-        records = {(c,): level[c] for c, in prefixes}
-        for depth in range(1, len(self.grid)):
-            if not prefixes:
-                return []
-            with torch.no_grad():
-                partial_TP = sum(scores[d][:, [p[d] for p in prefixes]] for d in range(depth))
-                beam = partial_TP.topk(min(self.beam_size, len(prefixes)), dim=-1).indices.unique().tolist()
-            chosen = [prefixes[i] for i in beam]
-            keys = {p: self.uid(p) + "." for p in chosen}
-            found = self.swarm.live_replicas_under(list(keys.values()), schema=schema)
-            prefixes = [p + (c,) for p in chosen for c in sorted(found[keys[p]]) if c < self.grid[depth]]
-            records = {p + (c,): found[keys[p]][c]
-                       for p in chosen for c in found[keys[p]] if c < self.grid[depth]}
-        chosen = []
-        for p in prefixes:
-            replicas = _one_per_endpoint(r for r in records[p] if r.uid == self.uid(p))
-            if replicas:
-                chosen.append((p, replicas))
-        return chosen
+        by a beam search over grid prefixes for the whole batch (:meth:`MoELayer.beam_search`): at
+        each level, the union of every token's best ``beam_size`` live prefixes is expanded, all of
+        them in one (cached) DHT read. For a 1-D grid this is one read of every live expert. With
+        ``expert_schema``, replicas announced with another schema are left out
+        (:meth:`dmoe.client.swarm.Swarm.live_levels`)."""
+        read = functools.partial(self.swarm.live_levels, schema=self.expert_schema)
+        return self.beam_search(scores, self.beam_size, read)
 
 
 # An input that always needs a gradient: autograd then calls _Dispatch.backward (the experts' Backward,
@@ -214,17 +196,6 @@ class _Dispatch(torch.autograd.Function):
             for index, grad_in in results.items():
                 grad_x_TD.index_add_(0, calls[index].token_ids, grad_in)
         return grad_x_TD, None, None, None, None
-
-
-def _one_per_endpoint(records) -> list[ExpertRecord]:
-    """The replicas in order, the first of each dial endpoint only (two records of one node are one
-    replica)."""
-    seen, replicas = set(), []
-    for record in records:
-        if record.dial_endpoint not in seen:
-            seen.add(record.dial_endpoint)
-            replicas.append(record)
-    return replicas
 
 
 def _reporter(swarm: Swarm):

@@ -195,9 +195,15 @@ class ExpertBackend:
         return [o.cpu() for o in outputs]
 
     def backward(self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
-                 update: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 update: torch.Tensor | None = None,
+                 reply: Callable[[list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
         """Input gradients for grad_outputs; applies one optimizer step with the parameter gradients.
         Parameter gradients never outlive the call, even when it fails half-way.
+
+        ``reply``, if given, is called with the input gradients (on the CPU) before the optimizer
+        step, so that the caller can answer while the step runs; the step is still applied before
+        this call returns, with the expert's lock held throughout, so no later call on this expert
+        (forward, backward, state read) sees the parameters from before it.
 
         ``update``, a bool per row: only the rows marked True reach the parameter gradients (the
         others' callers are over their share of this expert's steps, see :mod:`dmoe.node.influence`);
@@ -214,12 +220,15 @@ class ExpertBackend:
                         torch.autograd.backward(outputs, grad_outputs)
                     else:
                         self._backward_some_rows(outputs, leaves, grad_outputs, update.to(self.device))
-                grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+                grads = [(x.grad if x.grad is not None else torch.zeros_like(x)).detach().cpu()
+                         for x in leaves]
+                if reply is not None:
+                    reply(grads)
                 if update is None or bool(update.any()):
                     self._step()
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
-        return [g.detach().cpu() for g in grads]
+        return grads
 
     def _backward_some_rows(self, outputs: tuple[torch.Tensor, ...], leaves: list[torch.Tensor],
                             grad_outputs: list[torch.Tensor], update: torch.Tensor) -> None:

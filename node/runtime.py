@@ -178,7 +178,19 @@ class Runtime:
                 self._run_batch(queue, batch)
 
     def _run_batch(self, queue: _Queue, batch: list[Task]) -> None:
-        backend, allowed, version = queue.backend, None, 0
+        """Run one batch and answer its tasks. A backward's callers are answered with their input
+        gradients as soon as those exist, before the expert's optimizer step (which the client does not
+        wait for); the step still ends before this thread takes another batch, of any expert."""
+        backend, allowed, version, answered = queue.backend, None, 0, False
+
+        def answer(outputs: list[torch.Tensor]) -> None:
+            nonlocal answered
+            sizes = [t.rows for t in batch]
+            per_task = list(zip(*(o.split(sizes) for o in outputs)))
+            answered = True
+            for task, result in zip(batch, per_task):
+                task.future.set_result(list(result))
+
         try:
             inputs = _concat([t.inputs for t in batch])
             if queue.backward:
@@ -188,23 +200,20 @@ class Runtime:
                     if not all(allowed):
                         update = torch.cat([torch.full((t.rows,), ok) for t, ok in zip(batch, allowed)])
                 version = backend.version
-                outputs = backend.backward(inputs, _concat([t.grad_outputs for t in batch]), update)
+                backend.backward(inputs, _concat([t.grad_outputs for t in batch]), update, reply=answer)
             else:
-                outputs = backend.forward(inputs)
-            sizes = [t.rows for t in batch]
-            per_task = list(zip(*(o.split(sizes) for o in outputs)))
+                answer(backend.forward(inputs))
         except BaseException as e:  # a bug, a device error, a user module that exits: fail these calls only
             logger.exception("%s: batch of %d tasks failed", queue.backend.uid, len(batch))
-            # an exception that is not an Exception (SystemExit, ...) must not reach the caller's loop
-            error = e if isinstance(e, Exception) else RuntimeError(f"expert raised {e!r}")
-            for task in batch:
-                task.future.set_exception(error)
+            if not answered:
+                # an exception that is not an Exception (SystemExit, ...) must not reach the caller's loop
+                error = e if isinstance(e, Exception) else RuntimeError(f"expert raised {e!r}")
+                for task in batch:
+                    task.future.set_exception(error)
             return
         self.num_batches += 1
         if allowed is not None:
             self._account(backend, batch, allowed, stepped=backend.version > version)
-        for task, result in zip(batch, per_task):
-            task.future.set_result(list(result))
 
     def _account(self, backend: ExpertBackend, batch: list[Task], allowed: list[bool], stepped: bool) -> None:
         """Charge the callers whose rows went into a step (by tokens), count those left out."""

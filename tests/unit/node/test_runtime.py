@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 
 import pytest
 import torch
@@ -168,3 +169,61 @@ def test_experts_added_and_removed_while_running():
     runtime.add_expert("ffn.1", backend("ffn.1"))
     assert runtime.submit("ffn.1", task(torch.randn(1, HIDDEN))).result(30)[0].shape == (1, HIDDEN)
     runtime.shutdown(10)
+
+
+class _HeldStep(torch.optim.SGD):
+    """SGD whose step waits until the test lets it go, and says when it started."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def step(self, closure=None):
+        self.started.set()
+        assert self.go.wait(30), "the test never let the step go"
+        return super().step(closure)
+
+
+def test_a_backward_is_answered_before_the_optimizer_step_and_no_later_call_runs_before_it():
+    held: list[_HeldStep] = []
+
+    def make_optimizer(params):
+        held.append(_HeldStep(params, lr=0.5))
+        return held[-1]
+
+    module, input_schema = create_expert("ffn", uid="ffn.0", hidden_dim=HIDDEN)
+    expert = ExpertBackend(
+        "ffn.0", module=module, input_schema=input_schema, device=torch.device("cpu"),
+        make_optimizer=make_optimizer, expert_cls="ffn", optimizer_name="sgd", max_grad_norm=0.0,
+        max_batch_tokens=MAX_BATCH_TOKENS,
+    )
+    optimizer = held[-1]
+    reference = create_expert("ffn", uid="ffn.0", hidden_dim=HIDDEN)[0]
+    reference.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        before = reference(x := torch.randn(4, HIDDEN))
+    runtime = Runtime({"ffn.0": expert}, max_batch_tokens=1024, max_queued_tokens=4096, batching=True)
+    runtime.start()
+    try:
+        grad = torch.randn(4, HIDDEN)
+        backward = task(x.clone(), grad)  # (on the CPU the backend makes its inputs require grad)
+        runtime.submit("ffn.0", backward)
+        assert optimizer.started.wait(30), "the optimizer step never started"
+        # the caller has its input gradients while the step is still held
+        leaf = x.clone().requires_grad_()
+        reference(leaf).backward(grad)
+        torch.testing.assert_close(backward.future.result(5)[0], leaf.grad, rtol=1e-5, atol=1e-6)
+        later = task(x)
+        runtime.submit("ffn.0", later)
+        assert not later.future.done() and expert.version == 0
+        optimizer.go.set()
+        after = later.future.result(30)[0]  # served after the step, with the stepped parameters
+        assert expert.version == 1
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= 0.5 * p.grad
+            torch.testing.assert_close(after, reference(x), rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(after, before, rtol=1e-5, atol=1e-6)  # the step moved the output
+    finally:
+        optimizer.go.set()
+        runtime.shutdown(10)

@@ -71,6 +71,9 @@ class ExpertBackend:
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
         # held while parameters change or the module runs off the runtime thread
         self.lock = threading.Lock()
+        # clear while a caller has its answer and the optimizer step after it has not ended (see backward)
+        self.settled = threading.Event()
+        self.settled.set()
         self._output_shapes: collections.OrderedDict[tuple, list[Shape]] = collections.OrderedDict()
         # probes with free dimensions of several sizes: an output dimension that varies with them is free too
         probes = [self._probe([tuple(t.shape[1:]) for t in sample_inputs(self.input_schema, free_size=size)])
@@ -203,7 +206,9 @@ class ExpertBackend:
         ``reply``, if given, is called with the input gradients (on the CPU) before the optimizer
         step, so that the caller can answer while the step runs; the step is still applied before
         this call returns, with the expert's lock held throughout, so no later call on this expert
-        (forward, backward, state read) sees the parameters from before it.
+        (forward, backward, state read) sees the parameters from before it; ``settled`` is clear
+        from the reply to the step's end (the node's Info waits for it, so that the version it
+        reports counts every step whose caller was answered).
 
         ``update``, a bool per row: only the rows marked True reach the parameter gradients (the
         others' callers are over their share of this expert's steps, see :mod:`dmoe.node.influence`);
@@ -223,11 +228,13 @@ class ExpertBackend:
                 grads = [(x.grad if x.grad is not None else torch.zeros_like(x)).detach().cpu()
                          for x in leaves]
                 if reply is not None:
+                    self.settled.clear()
                     reply(grads)
                 if update is None or bool(update.any()):
                     self._step()
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
+                self.settled.set()
         return grads
 
     def _backward_some_rows(self, outputs: tuple[torch.Tensor, ...], leaves: list[torch.Tensor],

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 MiB = 1 << 20
+STEP_WAIT = 10.0  # at most this long (s) an Info waits for an optimizer step after an answered Backward
 INFO_BYTES_PER_UID = 256  # an InfoRequest longer than this per uid allowed is refused before it is parsed
 MAX_RANK = 64  # dimensions of a grad_output, checked before its shape is read
 # a batched call carries at most this many parts, and this many fields in all (its parts' and their
@@ -196,7 +197,14 @@ class ExpertServicer:
 
     async def info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.NodeInfo:
         async def handle() -> pb.NodeInfo:
-            info = self.node_info(check_info_request(self.backends, data, max_info_uids=self.max_info_uids))
+            uids = check_info_request(self.backends, data, max_info_uids=self.max_info_uids)
+            # a Backward is answered before its optimizer step: the versions reported include that step
+            stepping = [b.settled for b in (map(self.backends.get, uids) if uids else self.backends.values())
+                        if b is not None and not b.settled.is_set()]
+            if stepping:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: all(event.wait(STEP_WAIT) for event in stepping))
+            info = self.node_info(uids)
             info.receiving_bytes = self._inflight_bytes
             info.expert_calls, info.batched_calls = self.num_expert_calls, self.num_batched_calls
             info.batched_parts = self.num_batched_parts

@@ -75,6 +75,9 @@ class TrainConfig(LMConfig):
     max_time: float = option(0.0, "stop after this many seconds of training, evaluate and save, as at "
                                   "--steps (0: no time limit)")
     batch_size: int = option(16, "sequences per step")
+    steps_in_flight: int = option(1, "training steps run at once, each on its own copy of the client-side "
+                                     "parameters (gradients applied in order, up to this many minus one "
+                                     "steps late): a step's forward overlaps another's backward on the wire")
     lr: float = option(1e-3, "learning rate of the client-side parameters (Adam)")
     max_grad_norm: float = option(1.0, "gradient clipping of the client-side parameters (0: none)")
     seed: int = option(0, "seed of the model's initialisation and of the data order")
@@ -105,7 +108,7 @@ class TrainConfig(LMConfig):
     def __post_init__(self) -> None:
         LMConfig.__post_init__(self)
         check_nested(self)
-        for name in ("steps", "batch_size", "save_interval", "eval_batches"):
+        for name in ("steps", "batch_size", "save_interval", "eval_batches", "steps_in_flight"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eval_interval < 0 or self.lr <= 0 or self.average_interval <= 0 or self.max_time < 0:

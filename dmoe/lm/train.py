@@ -9,6 +9,7 @@ asynchronous averaging of the client-side parameters with the other trainers of 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -183,13 +184,17 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _ended(self, record: dict, elapsed: float) -> dict:
+    def _ended(self, record: dict, elapsed: float, pace: float | None = None) -> dict:
         """A step's record, once its gradients are applied: ``seconds`` is the time it took alone, or
-        with steps in flight the time since the step before it ended (the pace of training)."""
+        with steps in flight the time since the step before it ended (their sum is the time spent, but
+        steps that end together, as at an evaluation, get nearly none); ``tokens_per_s`` is its tokens
+        over ``pace`` (with steps in flight, the mean of the last few steps' ``seconds``), or over
+        ``seconds``."""
         self.step += 1
         self.num_failed_calls += record["failed_calls"]
         record = {
-            "step": self.step, **record, "tokens_per_s": record.pop("tokens") / elapsed, "seconds": elapsed,
+            "step": self.step, **record, "tokens_per_s": record.pop("tokens") / (pace or elapsed),
+            "seconds": elapsed,
             # nodes whose replicas were skipped (lately) for serving a uid of this model with another schema
             "skipped_nodes": len(self.swarm.skipped_nodes()) if self.swarm is not None else 0,
             "time": time.time(),
@@ -203,11 +208,13 @@ class Trainer:
         assert self._in_flight is not None
         config, pipeline = self.config, self._in_flight
         self._last_end = time.perf_counter()
+        recent: collections.deque[float] = collections.deque(maxlen=config.steps_in_flight)
 
         def ended(records: list[dict]) -> None:
             for record in records:
                 now = time.perf_counter()
-                record = self._ended(record, now - self._last_end)
+                recent.append(now - self._last_end)
+                record = self._ended(record, recent[-1], pace=sum(recent) / len(recent))
                 self._last_end = now
                 if on_step is not None:
                     on_step(record)

@@ -86,6 +86,7 @@ class Setup:
     precision: str  # fp32 | bf16 | fp16
     hidden: int = HIDDEN
     batch: int = BATCH  # tokens per call and per local step
+    threads: int | None = None  # torch CPU threads of the node and the bare module (None: torch's default)
 
 
 def summarize(setup: Setup, mode: str, clients: int, batching: str, latencies: list[float], duration: float,
@@ -185,6 +186,8 @@ def node_process(setup: Setup, batching: bool, log_path: Path) -> Iterator[dict]
                "--hidden-dim", str(setup.hidden), "--device", setup.device,
                "--autocast", AUTOCAST[setup.precision], "--host", "127.0.0.1", "--port", "0",
                "--ready-file", str(ready_file), "--batching" if batching else "--no-batching"]
+        if setup.threads is not None:
+            cmd += ["--num-threads", str(setup.threads)]
         with server_process(cmd, log_path, ready_file) as ready:
             yield ready
 
@@ -214,19 +217,23 @@ def main() -> None:
     parser.add_argument("--clients", default=",".join(map(str, CLIENT_COUNTS)),
                         help="comma-separated client counts")
     parser.add_argument("--batching", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of the node and the bare module (default: torch's own)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON report (default: results/bench_node.json, bench_node_cuda.json on a GPU)")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     setup = Setup(device=device, precision=args.precision or ("bf16" if device == "cuda" else "fp32"),
-                  hidden=args.hidden, batch=args.batch)
+                  hidden=args.hidden, batch=args.batch, threads=args.threads)
     default_name = "bench_node.json" if device == "cpu" else f"bench_node_{device}.json"
     out: Path = args.out or RESULTS_DIR / default_name
     modes = ["forward", "train"] if args.mode == "both" else [args.mode]
     client_counts = sorted(int(c) for c in args.clients.split(","))
     batchings = {"both": (True, False), "on": (True,), "off": (False,)}[args.batching]
     out.parent.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()  # torch's default, which the node (no --num-threads) also gets
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # torch's default or --threads, which the node also gets
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     print(f"device: {device} ({device_name}), precision {setup.precision}; torch threads: {threads}; "
           f"{setup.batch} tokens x {setup.hidden} per call; {args.duration}s per cell", flush=True)

@@ -12,6 +12,10 @@ Backward recomputes the forward on purpose instead of keeping activations betwee
 then holds no per-client state, so a client that never sends Backward costs nothing, a restarted
 node can serve the backward of a forward it ran before the restart, and memory is bounded by the
 batch size alone. The cost is one extra forward per backward (about a third more compute).
+
+With ``autocast`` (the node's --autocast) the forward and backward passes compute in bf16 or fp16 where
+torch's autocast allows, while parameters, optimizer state, and the inputs, outputs and gradients on
+the wire keep their dtypes; fp16 output gradients are scaled (see :meth:`ExpertBackend.backward`).
 """
 
 from __future__ import annotations
@@ -221,7 +225,7 @@ class ExpertBackend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _to_wire(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def to_wire(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Outputs in their dtypes of the output schema, whatever autocast computed them in (a cast in the
         graph: the output gradients flow back through it)."""
         if self.autocast is None:
@@ -237,7 +241,7 @@ class ExpertBackend:
         with torch.inference_mode():
             with self.autocast_context():
                 outputs = _as_tuple(self.module(*[x.to(self.device, non_blocking=True) for x in inputs]))
-            outputs = self._to_wire(outputs)
+            outputs = self.to_wire(outputs)
         if while_computing is not None:
             while_computing()
         return to_host(outputs)
@@ -304,7 +308,7 @@ class ExpertBackend:
         with torch.enable_grad():
             with self.autocast_context() if autocast else contextlib.nullcontext():
                 outputs = _as_tuple(self.module(*leaves))
-            outputs = self._to_wire(outputs)
+            outputs = self.to_wire(outputs)
             if mask is None:
                 torch.autograd.backward(outputs, grad_outputs)
             else:

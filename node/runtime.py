@@ -8,6 +8,11 @@ concurrent clients of one expert share one device call. A queue never holds more
 ``max_queued_tokens``: past that, :meth:`Runtime.submit` raises :class:`Overloaded` at once.
 Tasks whose caller has gone (deadline passed, call cancelled) are dropped before they run.
 
+A batch's tensors reach the device through :func:`dmoe.node.devicepath.stage`. On a CUDA device the
+thread takes the next batch while the current one computes and starts its copy on the copy stream, so
+that host -> device copies overlap the compute; the next batch still runs only after the current one,
+optimizer step included (on the CPU nothing is taken early: batches form as late as they can).
+
 Each task carries its caller's peer key. Before a backward batch runs, the node's
 :class:`~dmoe.node.influence.InfluenceLimits` says which of its callers may still update the expert
 (their step budget and share): the others' rows get their input gradients but stay out of the step,

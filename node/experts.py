@@ -155,8 +155,8 @@ def device_batch_tokens(backend: ExpertBackend, max_request_bytes: int) -> int:
 def sized_batch_config(config: NodeConfig, given: Collection[str],
                        backends: Mapping[str, ExpertBackend]) -> NodeConfig:
     """``config`` with its batch limit sized by device memory (:func:`device_batch_tokens`) where that
-    applies: experts on a CUDA device, and no --max-batch-tokens given. --max-queued-tokens, unless
-    given, grows to two such batches; given, it caps the batch. The backends take the new limit."""
+    applies: experts on a CUDA device, and no --max-batch-tokens given (see :func:`with_batch_tokens` for
+    --max-queued-tokens). The backends take the new limit."""
     first = next(iter(backends.values()), None)
     if "max_batch_tokens" in given or first is None or first.device.type != "cuda":
         return config
@@ -166,13 +166,20 @@ def sized_batch_config(config: NodeConfig, given: Collection[str],
         logger.warning("could not size batches by device memory (%s); --max-batch-tokens stays %d",
                        e, config.max_batch_tokens)
         return config
+    sized = with_batch_tokens(config, given, tokens)
+    logger.info("batches sized by the memory of %s: up to %d tokens per device call (--max-batch-tokens)",
+                first.device, sized.max_batch_tokens)
+    for backend in backends.values():
+        backend.set_max_batch_tokens(sized.max_batch_tokens)
+    return sized
+
+
+def with_batch_tokens(config: NodeConfig, given: Collection[str], tokens: int) -> NodeConfig:
+    """``config`` with a batch limit of ``tokens``: --max-queued-tokens, unless given, grows to two such
+    batches (never shrinks); given, it caps the batch."""
     queued = config.max_queued_tokens
     if "max_queued_tokens" in given:
         tokens = min(tokens, queued)
     else:
         queued = max(queued, 2 * tokens)
-    logger.info("batches sized by the memory of %s: up to %d tokens per device call (--max-batch-tokens)",
-                first.device, tokens)
-    for backend in backends.values():
-        backend.set_max_batch_tokens(tokens)
     return dataclasses.replace(config, max_batch_tokens=tokens, max_queued_tokens=queued)

@@ -27,6 +27,7 @@ from dmoe.node.experts import (
     build_backend,
     sized_batch_config,
     wire_bytes_per_token,
+    with_batch_tokens,
 )
 from dmoe.node.runtime import Runtime, Task
 
@@ -153,10 +154,17 @@ def test_activation_bytes_per_token_of_the_ffn_expert():
     assert wire_bytes_per_token(backend(None)) == 2 * HIDDEN * 4
 
 
-def test_batches_are_sized_by_memory_only_on_cuda():
+def test_batches_are_sized_by_memory_only_on_cuda_and_the_queue_follows_unless_given():
     config = NodeConfig(hidden_dim=16)
     backends = {"ffn.0": build_backend("ffn.0", config, torch.device("cpu"))}
     assert sized_batch_config(config, frozenset(), backends) is config
+    grown = with_batch_tokens(config, frozenset(), 65536)
+    assert (grown.max_batch_tokens, grown.max_queued_tokens) == (65536, 131072)
+    kept = with_batch_tokens(config, frozenset(), 1024)  # the queue never shrinks
+    assert (kept.max_batch_tokens, kept.max_queued_tokens) == (1024, config.max_queued_tokens)
+    given = NodeConfig(hidden_dim=16, max_queued_tokens=8192)
+    capped = with_batch_tokens(given, frozenset({"max_queued_tokens"}), 65536)
+    assert (capped.max_batch_tokens, capped.max_queued_tokens) == (8192, 8192)
 
 
 def test_staging_on_the_cpu_concatenates_without_copies():

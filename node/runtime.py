@@ -69,11 +69,16 @@ class Runtime:
     """Owns the queues and the device thread. start() / shutdown(); submit() is thread-safe."""
 
     def __init__(self, backends: Mapping[str, ExpertBackend], *, max_batch_tokens: int,
-                 max_queued_tokens: int, batching: bool, influence: InfluenceLimits | None = None):
-        """``influence``: the step budgets and shares per peer (None: every Backward updates)."""
+                 max_queued_tokens: int, batching: bool, influence: InfluenceLimits | None = None,
+                 stage_ahead: bool | None = None):
+        """``influence``: the step budgets and shares per peer (None: every Backward updates).
+        ``stage_ahead``: take and stage the next batch while one computes (None: on CUDA devices only,
+        where its copy then overlaps the compute; elsewhere it would only make batches form earlier)."""
         self.max_batch_tokens, self.max_queued_tokens = max_batch_tokens, max_queued_tokens
         self.batching = batching
         self.influence = influence
+        self.stage_ahead = stage_ahead
+        self.num_staged_ahead = 0  # batches taken and staged while the one before them computed
         self._queues = {
             (uid, backward): _Queue(backend, backward)
             for uid, backend in backends.items() for backward in (False, True)
@@ -202,6 +207,7 @@ class Runtime:
             return
         queue, batch = taken
         staged = None
+        self.num_staged_ahead += 1
         if batch:
             try:
                 staged = _stage(queue, batch)
@@ -215,7 +221,8 @@ class Runtime:
         wait for); the step still ends before this thread runs another batch, of any expert (on CUDA
         the next batch's inputs may already be copying to the device meanwhile: see :meth:`_stage_next`)."""
         backend, allowed, version, answered = queue.backend, None, 0, False
-        overlap = self._stage_next if backend.device.type == "cuda" else None
+        ahead = self.stage_ahead if self.stage_ahead is not None else backend.device.type == "cuda"
+        overlap = self._stage_next if ahead else None
 
         def answer(outputs: list[torch.Tensor]) -> None:
             nonlocal answered

@@ -198,3 +198,31 @@ def test_runtime_with_bf16_answers_merged_tasks_within_a_step_of_float32():
     finally:
         runtime.shutdown(10)
     assert runtime.num_batches == 2 and reduced.version == 1
+
+
+def test_batches_staged_ahead_run_in_order_after_the_step_before_them():
+    # staging ahead is what a CUDA runtime does (its copies overlap the compute); forced on here to check
+    # its order on the CPU: each next batch is taken while one computes, and still runs after it, so
+    # forward and backward of the same rows alternate exactly as sequential calls would
+    reduced, exact = backend(None, "sgd"), backend(None, "sgd")
+    runtime = Runtime({"ffn.0": reduced}, max_batch_tokens=1024, max_queued_tokens=4096, batching=False,
+                      stage_ahead=True)
+    pairs, expected = [], []
+    for rows in (4, 7, 2, 5):
+        x, g = inputs(rows)
+        expected.append((exact.forward([x])[0], exact.backward([x], [g])[0]))
+        pairs.append((Task([x], None, rows, rows, concurrent.futures.Future()),
+                      Task([x], [g], rows, rows, concurrent.futures.Future())))
+    for forward, backward in pairs:
+        runtime.submit("ffn.0", forward)
+        runtime.submit("ffn.0", backward)
+    runtime.start()
+    try:
+        for (forward, backward), (output, grad) in zip(pairs, expected):
+            assert torch.equal(forward.future.result(30)[0], output)
+            assert torch.equal(backward.future.result(30)[0], grad)
+    finally:
+        runtime.shutdown(10)
+    assert runtime.num_batches == 8 and runtime.num_staged_ahead == 7 and reduced.version == 4
+    for p, q in zip(reduced.module.parameters(), exact.module.parameters()):
+        assert torch.equal(p, q)

@@ -12,11 +12,16 @@ Backward recomputes the forward on purpose instead of keeping activations betwee
 then holds no per-client state, so a client that never sends Backward costs nothing, a restarted
 node can serve the backward of a forward it ran before the restart, and memory is bounded by the
 batch size alone. The cost is one extra forward per backward (about a third more compute).
+
+With ``autocast`` (the node's --autocast) the forward and backward passes compute in bf16 or fp16 where
+torch's autocast allows, while parameters, optimizer state, and the inputs, outputs and gradients on
+the wire keep their dtypes; fp16 output gradients are scaled (see :meth:`ExpertBackend.backward`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import threading
@@ -28,11 +33,15 @@ from torch import nn
 from dmoe.core.experts import FREE, TensorSpec, sample_inputs
 from dmoe.core.wire import DTYPES, dtype_name
 from dmoe.errors import CheckpointError
+from dmoe.node.devicepath import to_host
 
 logger = logging.getLogger(__name__)
 
 _MAX_SHAPE_CACHE = 256
 _PROBE_SIZES = (3, 4, 17)  # free-dimension sizes the start-up probes use: odd, even, longer
+# the scale of fp16 output gradients, as torch's GradScaler: start, bounds, batches without overflow to double
+INITIAL_GRAD_SCALE, MIN_GRAD_SCALE, MAX_GRAD_SCALE = 2.0**16, 2.0**-24, 2.0**24
+SCALE_GROWTH_INTERVAL = 2000
 Shape = tuple[int, ...]
 
 
@@ -51,13 +60,25 @@ class ExpertBackend:
         optimizer_name: str,
         max_grad_norm: float,
         max_batch_tokens: int,
+        autocast: torch.dtype | None = None,
     ):
         """``module`` (moved to ``device`` here) with inputs of ``input_schema``; ``make_optimizer``
         builds its optimizer from its trainable parameters once they are on the device.
         ``expert_cls`` and ``optimizer_name`` label its checkpoints (a checkpoint loads only into
         the same expert, class and optimizer). ``max_grad_norm`` clips each step (0: no clipping);
-        ``max_batch_tokens`` bounds the tokens of any one tensor a request may decode."""
+        ``max_batch_tokens`` bounds the tokens of any one tensor a request may decode.
+
+        ``autocast`` (torch.bfloat16 or torch.float16; None: off): the dtype the forward and backward
+        passes compute in where autocast allows, unless the module opts out (a false ``allows_autocast``
+        attribute). Parameters, optimizer state and the tensors on the wire keep their dtypes."""
         self.uid, self.expert_cls, self.device = uid, expert_cls, device
+        if autocast is not None and not getattr(module, "allows_autocast", True):
+            logger.info("%s: %s opts out of autocast; it computes in its own dtypes", uid, expert_cls)
+            autocast = None
+        self.autocast = autocast
+        self.grad_scale = INITIAL_GRAD_SCALE  # fp16 only
+        self._unscaled_since_overflow = 0
+        self.overflows = 0  # fp16 backward batches whose scaled gradients overflowed (then recomputed)
         self.optimizer_name = optimizer_name
         self.input_schema = list(input_schema)
         self.module: nn.Module = module.to(device)
@@ -88,8 +109,13 @@ class ExpertBackend:
             self.output_schema.append(TensorSpec((FREE, *shape), outputs[0][1]))
         self._shape_preserving = self._preserves_free_dims()
         # elements one request may decode: every tensor has at most max_batch_tokens tokens
-        token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
-        self.max_numel = max_batch_tokens * token_width
+        self._token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
+        self.max_numel = max_batch_tokens * self._token_width
+
+    def set_max_batch_tokens(self, max_batch_tokens: int) -> None:
+        """A new bound on the tokens of any one tensor a request may decode (the node's batch limit,
+        once sized by device memory)."""
+        self.max_numel = max_batch_tokens * self._token_width
 
     # ---- schema (any thread) --------------------------------------------------------------------
     def check_input_shapes(self, shapes: Sequence[Shape], dtypes: Sequence[str]) -> tuple[int, int]:
@@ -192,14 +218,38 @@ class ExpertBackend:
         return cached
 
     # ---- compute (runtime thread) ---------------------------------------------------------------
-    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        """What the expert's forward passes run under: autocast to ``self.autocast`` (matmuls and the
+        like in reduced precision, parameters and their gradients float32), or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def to_wire(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Outputs in their dtypes of the output schema, whatever autocast computed them in (a cast in the
+        graph: the output gradients flow back through it)."""
+        if self.autocast is None:
+            return outputs
+        return tuple(o.to(DTYPES[spec.dtype]) if o.is_floating_point() else o
+                     for o, spec in zip(outputs, self.output_schema))
+
+    def forward(self, inputs: list[torch.Tensor],
+                while_computing: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """Outputs (on the CPU, in the output schema's dtypes) for inputs on the CPU or already on the
+        device. ``while_computing``, if given, is called once the compute is launched and before its
+        results are waited for (on CUDA the kernels run meanwhile: the runtime stages its next batch)."""
         with torch.inference_mode():
-            outputs = _as_tuple(self.module(*[x.to(self.device, non_blocking=True) for x in inputs]))
-        return [o.cpu() for o in outputs]
+            with self.autocast_context():
+                outputs = _as_tuple(self.module(*[x.to(self.device, non_blocking=True) for x in inputs]))
+            outputs = self.to_wire(outputs)
+        if while_computing is not None:
+            while_computing()
+        return to_host(outputs)
 
     def backward(self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
                  update: torch.Tensor | None = None,
-                 reply: Callable[[list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
+                 reply: Callable[[list[torch.Tensor]], None] | None = None,
+                 while_computing: Callable[[], None] | None = None) -> list[torch.Tensor]:
         """Input gradients for grad_outputs; applies one optimizer step with the parameter gradients.
         Parameter gradients never outlive the call, even when it fails half-way.
 
@@ -212,21 +262,29 @@ class ExpertBackend:
 
         ``update``, a bool per row: only the rows marked True reach the parameter gradients (the
         others' callers are over their share of this expert's steps, see :mod:`dmoe.node.influence`);
-        every row gets its input gradients all the same. None: every row updates."""
+        every row gets its input gradients all the same. None: every row updates.
+
+        ``while_computing``: as in :meth:`forward`.
+
+        Under fp16 autocast the output gradients are multiplied by ``grad_scale`` before the backward
+        pass (so that small gradients do not vanish in float16) and the input and parameter gradients
+        divided by it after. Input gradients must reach the caller, so a batch whose scaled gradients
+        overflow is not skipped: the scale is halved and the batch recomputed in float32 (it doubles
+        again after :data:`SCALE_GROWTH_INTERVAL` batches without overflow)."""
         if update is not None and bool(update.all()):
             update = None
         with self.lock:
             try:
                 leaves = [x.to(self.device).requires_grad_(x.is_floating_point()) for x in inputs]
                 grad_outputs = [g.to(self.device) for g in grad_outputs]
-                with torch.enable_grad():
-                    outputs = _as_tuple(self.module(*leaves))
-                    if update is None:
-                        torch.autograd.backward(outputs, grad_outputs)
-                    else:
-                        self._backward_some_rows(outputs, leaves, grad_outputs, update.to(self.device))
-                grads = [(x.grad if x.grad is not None else torch.zeros_like(x)).detach().cpu()
-                         for x in leaves]
+                mask = None if update is None else update.to(self.device)
+                scale = self.grad_scale if self.autocast == torch.float16 else None
+                grads = self._gradients(leaves, grad_outputs, mask, scale)
+                if while_computing is not None:
+                    while_computing()
+                if scale is not None:
+                    grads = self._settle_scale(grads, leaves, grad_outputs, mask)
+                grads = to_host(grads)
                 if reply is not None:
                     self.settled.clear()
                     reply(grads)
@@ -236,6 +294,54 @@ class ExpertBackend:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.settled.set()
         return grads
+
+    def _gradients(self, leaves: list[torch.Tensor], grad_outputs: list[torch.Tensor],
+                   mask: torch.Tensor | None, scale: float | None,
+                   autocast: bool = True) -> list[torch.Tensor]:
+        """The forward pass (under autocast unless told not to), then the backward pass with the output
+        gradients times ``scale`` (None: as they are): returns the input gradients (on the device) and
+        leaves the parameter gradients in .grad, both divided by ``scale`` again."""
+        for leaf in leaves:
+            leaf.grad = None
+        if scale is not None:
+            grad_outputs = [g * scale for g in grad_outputs]
+        with torch.enable_grad():
+            with self.autocast_context() if autocast else contextlib.nullcontext():
+                outputs = _as_tuple(self.module(*leaves))
+            outputs = self.to_wire(outputs)
+            if mask is None:
+                torch.autograd.backward(outputs, grad_outputs)
+            else:
+                self._backward_some_rows(outputs, leaves, grad_outputs, mask)
+        grads = [(x.grad if x.grad is not None else torch.zeros_like(x)).detach() for x in leaves]
+        if scale is not None:
+            grads = [g / scale if g.is_floating_point() else g for g in grads]
+            with torch.no_grad():
+                for p in self._params_with_grad():
+                    p.grad.div_(scale)
+        return grads
+
+    def _settle_scale(self, grads: list[torch.Tensor], leaves: list[torch.Tensor],
+                      grad_outputs: list[torch.Tensor], mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """After a scaled fp16 backward: if any gradient overflowed, halve the scale and recompute the
+        batch in float32; else count the batch towards doubling the scale. Returns the input gradients."""
+        checked = [g for g in grads if g.is_floating_point()] + [p.grad for p in self._params_with_grad()]
+        if not checked or bool(torch.stack([torch.isfinite(t).all() for t in checked]).all()):
+            self._unscaled_since_overflow += 1
+            if self._unscaled_since_overflow >= SCALE_GROWTH_INTERVAL and self.grad_scale < MAX_GRAD_SCALE:
+                self.grad_scale *= 2
+                self._unscaled_since_overflow = 0
+            return grads
+        self.grad_scale = max(MIN_GRAD_SCALE, self.grad_scale / 2)
+        self._unscaled_since_overflow = 0
+        self.overflows += 1
+        logger.debug("%s: fp16 gradients overflowed; batch recomputed in float32, scale now %g",
+                     self.uid, self.grad_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._gradients(leaves, grad_outputs, mask, None, autocast=False)
+
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def _backward_some_rows(self, outputs: tuple[torch.Tensor, ...], leaves: list[torch.Tensor],
                             grad_outputs: list[torch.Tensor], update: torch.Tensor) -> None:
@@ -254,7 +360,7 @@ class ExpertBackend:
             torch.autograd.backward(outputs, kept, inputs=params)
 
     def _step(self) -> None:
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = self._params_with_grad()
         if not params:
             return
         if self.max_grad_norm > 0:

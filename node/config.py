@@ -15,6 +15,7 @@ from dmoe.core.uids import expand_patterns
 from dmoe.errors import ConfigError
 
 MiB = 1 << 20
+AUTOCAST = ("off", "bf16", "fp16")  # --autocast: none, torch.bfloat16, torch.float16
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -55,6 +56,10 @@ class NodeConfig:
     seed: int = option(0, "initialisation seed, mixed with each uid")
     device: str = option("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     num_threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
+    autocast: str = option("off", "precision of the experts' compute: off (their own dtypes), bf16 or fp16 "
+                                  "(autocast: matmuls in reduced precision; parameters, optimizer state and "
+                                  "tensors on the wire keep their dtypes; fp16 scales the gradients); on a "
+                                  "CPU only off or bf16; experts may opt out")
     host: str = option("127.0.0.1", "address the gRPC server and the DHT peer listen on")
     port: int = option(0, "gRPC port (0: any free port; the one taken is printed)")
     dht_port: int = option(0, "DHT (libp2p) port (0: any free port)")
@@ -72,7 +77,9 @@ class NodeConfig:
     lr: float = option(1e-3, "learning rate of the expert optimizers")
     max_grad_norm: float = option(1.0, "gradient clipping norm per expert step (0: no clipping)")
     batching: bool = option(True, "merge concurrent requests for one expert into one device call")
-    max_batch_tokens: int = option(4096, "largest batch (tokens) run in one device call, and per request")
+    max_batch_tokens: int = option(4096, "largest batch (tokens) run in one device call, and per request "
+                                         "(on a CUDA device, when not given: sized by the device memory "
+                                         "free once the experts are placed)")
     max_queued_tokens: int = option(32768, "tokens that may wait per expert and "
                                            "direction before new ones are shed")
     max_message_bytes: int = option(32 * MiB, "largest unary gRPC message; bigger requests use the streams")
@@ -170,6 +177,11 @@ class NodeConfig:
                 raise ConfigError(f"relay: {e}") from None
         if self.port > 65535 or self.dht_port > 65535 or self.relay_port > 65535:
             raise ConfigError("ports must be at most 65535")
+        if self.autocast not in AUTOCAST:
+            raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+        if self.autocast == "fp16" and self.device.split(":")[0] == "cpu":
+            raise ConfigError("autocast fp16 needs a CUDA device (on a CPU float16 is slow and not "
+                              "better than bf16): use --autocast bf16 or off, or a CUDA --device")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.record_ttl <= self.heartbeat_interval:

@@ -52,7 +52,7 @@ from dmoe.node.averaging import ReplicaAverager
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.checkpoints import ExpertCheckpoints
 from dmoe.node.config import NodeConfig, explicit_fields
-from dmoe.node.experts import build_backend, read_hardware, resolve_device
+from dmoe.node.experts import build_backend, read_hardware, resolve_device, sized_batch_config
 from dmoe.node.guard import CallGuard
 from dmoe.node.influence import InfluenceLimits
 from dmoe.node.joining import TransferPolicy, Transferred, replicas_of, take_live_states
@@ -305,6 +305,7 @@ class Node:
         self.device = resolve_device(self.config.device)
         for uid in self.uids:
             self.backends[uid] = build_backend(uid, self.config, self.device)
+        self.config = sized_batch_config(self.config, self.given, self.backends)  # CUDA: by device memory
         self._hardware = read_hardware(self.device)
         if self._checkpoints is not None:
             self._checkpoints.restore()

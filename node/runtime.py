@@ -8,6 +8,11 @@ concurrent clients of one expert share one device call. A queue never holds more
 ``max_queued_tokens``: past that, :meth:`Runtime.submit` raises :class:`Overloaded` at once.
 Tasks whose caller has gone (deadline passed, call cancelled) are dropped before they run.
 
+A batch's tensors reach the device through :func:`dmoe.node.devicepath.stage`. On a CUDA device the
+thread takes the next batch while the current one computes and starts its copy on the copy stream, so
+that host -> device copies overlap the compute; the next batch still runs only after the current one,
+optimizer step included (on the CPU nothing is taken early: batches form as late as they can).
+
 Each task carries its caller's peer key. Before a backward batch runs, the node's
 :class:`~dmoe.node.influence.InfluenceLimits` says which of its callers may still update the expert
 (their step budget and share): the others' rows get their input gradients but stay out of the step,
@@ -27,6 +32,7 @@ from collections.abc import Mapping
 import torch
 
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.devicepath import Staged, stage
 from dmoe.node.influence import InfluenceLimits
 
 logger = logging.getLogger(__name__)
@@ -63,11 +69,16 @@ class Runtime:
     """Owns the queues and the device thread. start() / shutdown(); submit() is thread-safe."""
 
     def __init__(self, backends: Mapping[str, ExpertBackend], *, max_batch_tokens: int,
-                 max_queued_tokens: int, batching: bool, influence: InfluenceLimits | None = None):
-        """``influence``: the step budgets and shares per peer (None: every Backward updates)."""
+                 max_queued_tokens: int, batching: bool, influence: InfluenceLimits | None = None,
+                 stage_ahead: bool | None = None):
+        """``influence``: the step budgets and shares per peer (None: every Backward updates).
+        ``stage_ahead``: take and stage the next batch while one computes (None: on CUDA devices only,
+        where its copy then overlaps the compute; elsewhere it would only make batches form earlier)."""
         self.max_batch_tokens, self.max_queued_tokens = max_batch_tokens, max_queued_tokens
         self.batching = batching
         self.influence = influence
+        self.stage_ahead = stage_ahead
+        self.num_staged_ahead = 0  # batches taken and staged while the one before them computed
         self._queues = {
             (uid, backward): _Queue(backend, backward)
             for uid, backend in backends.items() for backward in (False, True)
@@ -79,6 +90,8 @@ class Runtime:
         self._stopping = False
         self._retired: set[str] = set()  # experts no longer hosted, whose queues go once drained
         self._thread = threading.Thread(target=self._run, name="dmoe-runtime", daemon=True)
+        # a batch taken, its copy to the device started, while the one before it computed (CUDA only)
+        self._next: tuple[_Queue, list[Task], Staged | None] | None = None
         self.num_batches = 0
 
     def start(self) -> None:
@@ -169,19 +182,47 @@ class Runtime:
         # tiny ops of small experts (a node of 1,000 of them spent as much CPU there as in the experts)
         torch.set_num_threads(torch.get_num_threads())
         while True:
-            with self._cond:
-                taken = self._take_batch()
+            taken, self._next = self._next, None
             if taken is None:
-                return
-            queue, batch = taken
+                with self._cond:
+                    batch_taken = self._take_batch()
+                if batch_taken is None:
+                    return
+                taken = (*batch_taken, None)
+            queue, batch, staged = taken
             if batch:
-                self._run_batch(queue, batch)
+                self._run_batch(queue, batch, staged)
 
-    def _run_batch(self, queue: _Queue, batch: list[Task]) -> None:
+    def _stage_next(self) -> None:
+        """While a batch computes on a CUDA device: take the next batch, if one is waiting, and start its
+        host -> device copy on the copy stream, so that it overlaps the compute (run next by :meth:`_run`).
+        Only copies: nothing of the next batch runs before the current one, optimizer step included, ends."""
+        if self._next is not None:
+            return
+        with self._cond:
+            if not self._ready:
+                return
+            taken = self._take_batch()
+        if taken is None:
+            return
+        queue, batch = taken
+        staged = None
+        self.num_staged_ahead += 1
+        if batch:
+            try:
+                staged = _stage(queue, batch)
+            except Exception:  # staged again, and failed with its callers, when it runs
+                logger.debug("%s: staging ahead failed", queue.backend.uid, exc_info=True)
+        self._next = (queue, batch, staged)
+
+    def _run_batch(self, queue: _Queue, batch: list[Task], staged: Staged | None = None) -> None:
         """Run one batch and answer its tasks. A backward's callers are answered with their input
         gradients as soon as those exist, before the expert's optimizer step (which the client does not
-        wait for); the step still ends before this thread takes another batch, of any expert."""
+        wait for); the step still ends before this thread runs another batch, of any expert (on CUDA
+        the next batch's inputs may already be copying to the device meanwhile: see :meth:`_stage_next`)."""
         backend, allowed, version, answered = queue.backend, None, 0, False
+        ahead = self.stage_ahead if self.stage_ahead is not None else backend.device.type == "cuda"
+        overlap = self._stage_next if ahead else None
 
         def answer(outputs: list[torch.Tensor]) -> None:
             nonlocal answered
@@ -192,17 +233,21 @@ class Runtime:
                 task.future.set_result(list(result))
 
         try:
-            inputs = _concat([t.inputs for t in batch])
+            if staged is None:
+                staged = _stage(queue, batch)
+            staged.wait()
             if queue.backward:
+                assert staged.grad_outputs is not None
                 update = None
                 if self.influence is not None:
                     allowed = self.influence.allowed(backend.uid, [t.peer for t in batch])
                     if not all(allowed):
                         update = torch.cat([torch.full((t.rows,), ok) for t, ok in zip(batch, allowed)])
                 version = backend.version
-                backend.backward(inputs, _concat([t.grad_outputs for t in batch]), update, reply=answer)
+                backend.backward(staged.inputs, staged.grad_outputs, update, reply=answer,
+                                 while_computing=overlap)
             else:
-                answer(backend.forward(inputs))
+                answer(backend.forward(staged.inputs, while_computing=overlap))
         except BaseException as e:  # a bug, a device error, a user module that exits: fail these calls only
             logger.exception("%s: batch of %d tasks failed", queue.backend.uid, len(batch))
             if not answered:
@@ -228,7 +273,7 @@ class Runtime:
             self.influence.charge(backend.uid, tokens_by_peer)
 
 
-def _concat(per_task: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    if len(per_task) == 1:
-        return per_task[0]
-    return [torch.cat(tensors) for tensors in zip(*per_task)]
+def _stage(queue: _Queue, batch: list[Task]) -> Staged:
+    """The batch's inputs (and output gradients, for a backward) concatenated on the expert's device."""
+    grads = [t.grad_outputs or [] for t in batch] if queue.backward else None
+    return stage([t.inputs for t in batch], grads, queue.backend.device)

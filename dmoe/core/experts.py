@@ -3,7 +3,8 @@
 Built in: ``ffn`` (Linear -> GELU -> Linear, one token at a time, input ``[tokens, hidden]``) and
 ``transformer`` (a pre-norm self-attention + MLP block over sequences, input ``[batch, seq, hidden]``).
 Any ``module:Class`` names a user's ``nn.Module`` whose constructor takes ``hidden_dim``; it may
-define ``input_schema(hidden_dim) -> list[TensorSpec]`` (default: one float32 ``[-1, hidden_dim]``).
+define ``input_schema(hidden_dim) -> list[TensorSpec]`` (default: one float32 ``[-1, hidden_dim]``),
+and ``allows_autocast = False`` to compute in its own dtypes on a node started with ``--autocast``.
 
 Parameters are initialised from a seed derived from the uid, so every node that hosts ``ffn.3``
 with the same class and sizes starts from the same weights, and a client can rebuild them locally.
@@ -33,6 +34,8 @@ class TensorSpec:
 class FeedForwardExpert(nn.Module):
     """hidden -> inner -> hidden with a GELU; tokens are independent."""
 
+    allows_autocast = True  # a node's --autocast may run it in bf16 / fp16 (parameters stay float32)
+
     def __init__(self, hidden_dim: int, inner_dim: int):
         super().__init__()
         self.up = nn.Linear(hidden_dim, inner_dim)
@@ -48,6 +51,8 @@ class FeedForwardExpert(nn.Module):
 
 class TransformerBlockExpert(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then + mlp(ln(x)); input [batch, seq, hidden]."""
+
+    allows_autocast = True
 
     def __init__(self, hidden_dim: int, inner_dim: int):
         super().__init__()

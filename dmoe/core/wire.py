@@ -68,6 +68,8 @@ def serialize(tensor: torch.Tensor, compression: int = pb.NONE) -> pb.Tensor:
     if name == "bfloat16" and compression == pb.NONE:  # hivemind widens these to fp32 by default;
                                                       # send 2 bytes
         buffer = tensor.contiguous().view(torch.int16).numpy().tobytes()
+    elif compression == pb.NONE:  # the bytes hivemind's NoCompression writes, without its per-call objects
+        buffer = tensor.contiguous().numpy().tobytes()
     else:
         buffer = serialize_torch_tensor(tensor.contiguous(), _TO_HIVEMIND[compression]).buffer
     return pb.Tensor(buffer=buffer, shape=list(tensor.shape), dtype=name, compression=compression)
@@ -105,6 +107,10 @@ def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
                         f"({expected} bytes)")
     if message.compression == pb.UNIFORM_8BIT:
         tensor = _decode_8bit(buffer, shape, DTYPES[message.dtype])
+    elif message.compression == pb.NONE:  # the length is exact (checked above): the values, copied
+        dtype = DTYPES[message.dtype]
+        tensor = (torch.frombuffer(bytearray(buffer), dtype=dtype).reshape(shape) if numel
+                  else torch.empty(shape, dtype=dtype))
     else:
         encoded = runtime_pb2.Tensor(
             buffer=buffer, size=shape, dtype=message.dtype, compression=_TO_HIVEMIND[message.compression]

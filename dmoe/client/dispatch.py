@@ -30,8 +30,10 @@ an error means for the endpoint (back-off, quarantine, nothing) is decided in :m
 INVALID_ARGUMENT refusals are reported only once all of a step's calls are in, judged against the
 calls that were accepted (:func:`dmoe.client.health.judge_refusals`). A call whose own inputs (or
 gradients) are not finite is not sent (:class:`dmoe.client.health.LocalInputError`): the node would
-refuse it, and that is this client's fault, not the node's. In a private swarm every call carries the
-swarm key's token (:mod:`dmoe.core.auth`).
+refuse it, and that is this client's fault, not the node's. Both checks look at many tensors in one
+torch op (a step's inputs, or its gradients; a batched reply's parts), and call by call only when that
+finds a bad value: on a busy machine every small torch op costs, and a step makes hundreds of calls.
+In a private swarm every call carries the swarm key's token (:mod:`dmoe.core.auth`).
 
 One call per node (``batch_per_node``, on unless :class:`dmoe.client.config.SwarmConfig` says
 otherwise): the requests of one step to one node go in one call (ForwardBatch, BackwardBatch, or

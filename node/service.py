@@ -696,6 +696,9 @@ def batch_parts(data: bytes | memoryview, *, backward: bool) -> list[memoryview]
 
 
 def _varint(view: memoryview, at: int) -> tuple[int, int]:
+    byte = view[at]
+    if byte < 0x80:  # one byte: most tags and lengths of a request (a batched call reads thousands)
+        return byte, at + 1
     value = shift = 0
     for _ in range(10):
         byte = view[at]

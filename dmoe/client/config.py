@@ -46,7 +46,11 @@ class SwarmConfig:
                                               "replicas' outputs that counts as agreement; a disagreement "
                                               "settled by a third replica quarantines the one that lied")
     spot_check_tokens: int = option(4, "tokens of a checked answer sent to the other replica")
-    event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
+    # uvloop by measurement (bench_lookup.py --event-loop both: a full step of 256 tokens on 4 nodes): on the
+    # batched calls, the default path, asyncio took 1.23x uvloop's time per step on 4,096 experts and 1.24x
+    # on 256; it was ahead only with a call per expert (0.92-0.94x), the path left for nodes without them
+    event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop (faster on the batched calls "
+                                       "a step makes) or asyncio")
     batch_per_node: bool = option(True, "send a node one call per step for all the experts it hosts that "
                                         "the step uses (ForwardBatch/BackwardBatch), instead of a call per "
                                         "expert (off: a call per expert, as before; nodes without batched "

@@ -1,6 +1,6 @@
 """Dispatcher: expert calls from a client, all in flight at once, with deadlines and a quorum.
 
-Calls run on the Swarm's background event loop (uvloop) over one long-lived grpc.aio channel per
+Calls run on the Swarm's background event loop (uvloop by default) over one long-lived grpc.aio channel per
 endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answers
 (or every call has ended, or ``forward_timeout`` passed), then at most ``timeout_after_k_min``
 more for the rest.

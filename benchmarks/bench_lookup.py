@@ -95,9 +95,10 @@ LOOKUP_FIELDS = ("gate_s", "lookup_s", "score_s", "route_s", "num_candidates", "
 
 # ---- swarm ------------------------------------------------------------------------------------
 @contextmanager
-def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path) -> Iterator[list[str]]:
+def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path
+                ) -> Iterator[tuple[list[str], list[int]]]:
     """A coordinator and ``num_nodes`` nodes (``dmoe node start``) sharing the grid's rows; yields
-    the swarm address."""
+    the swarm address and the nodes' process ids."""
     rows = [GRID[0] * n // num_nodes for n in range(num_nodes + 1)]
     with ExitStack() as stack:
         ready = tmp / "coordinator.json"
@@ -105,7 +106,7 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path) 
                "--ready-file", str(ready)]
         log = RESULTS / "bench_lookup_coordinator.log"
         swarm_addrs = stack.enter_context(server_process(cmd, log, ready))["swarm"]
-        start = [sys.executable, "-m", "dmoe"]
+        start, pids = [sys.executable, "-m", "dmoe"], []
         for n in range(num_nodes):
             ready = tmp / f"node{n}.json"
             cmd = [*start, "node", "start", "--experts", f"{PREFIX}.[{rows[n]}:{rows[n + 1]}].[0:{GRID[1]}]",
@@ -116,8 +117,9 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path) 
                    "--average-interval", "0", "--ready-file", str(ready)]
             for addr in swarm_addrs:
                 cmd += ["--swarm", addr]
-            stack.enter_context(server_process(cmd, RESULTS / f"bench_lookup_node{n}.log", ready))
-        yield swarm_addrs
+            info = stack.enter_context(server_process(cmd, RESULTS / f"bench_lookup_node{n}.log", ready))
+            pids.append(int(info["pid"]))
+        yield swarm_addrs, pids
 
 
 def live_coords(swarm: dmoe.Swarm) -> set[tuple[int, int]]:
@@ -380,24 +382,44 @@ def full_step_layers(swarms: dict[str, dmoe.Swarm], loops: list[str]
     return layers, endpoints
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far (None where /proc cannot tell)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def measure_training(layers: dict[str, dmoe.RemoteMoE], endpoints: dict[str, str], batch: int, steps: int,
-                     warmup: int) -> dict[str, dict]:
+                     warmup: int, node_pids: list[int]) -> dict[str, dict]:
     """Full training steps (forward + backward, Adam on the nodes) of each layer (interleaved): seconds,
-    expert calls the nodes received, nodes the step's experts live on."""
+    CPU seconds of this process and of the nodes (``node_pids``, those started here), expert calls the
+    nodes received, nodes the step's experts live on."""
     node_calls = NodeCalls(endpoints)
+
+    def nodes_cpu() -> float | None:
+        used = [cpu_seconds(pid) for pid in node_pids]
+        return sum(used) if node_pids and None not in used else None  # type: ignore[arg-type]
+
     runs = {}
     for name, layer in layers.items():
         def step(layer: dmoe.RemoteMoE = layer) -> dict[str, Any]:
             x = torch.randn(batch, HIDDEN, requires_grad=True)
             calls = node_calls()
+            nodes_before, client_before = nodes_cpu(), time.process_time()
             start = time.perf_counter()
             layer(x).square().mean().backward()
             seconds = time.perf_counter() - start
+            client_cpu, nodes_after = time.process_time() - client_before, nodes_cpu()
             calls = node_calls() - calls
             uids, experts_TK = layer.last_routing
             used = experts_TK.unique().tolist()
             layer.zero_grad(set_to_none=True)
-            return {"step_s": seconds, "experts": len(used), "calls": calls,
+            nodes_cpu_s = None if nodes_before is None or nodes_after is None else nodes_after - nodes_before
+            return {"step_s": seconds, "client_cpu_s": client_cpu, "nodes_cpu_s": nodes_cpu_s,
+                    "cpu_s": client_cpu + nodes_cpu_s if nodes_cpu_s is not None else None,
+                    "experts": len(used), "calls": calls,
                     "nodes_touched": len({endpoints[uids[e]] for e in used}), "failed": layer.last_num_failed}
 
         runs[name] = step
@@ -409,18 +431,27 @@ def measure_training(layers: dict[str, dmoe.RemoteMoE], endpoints: dict[str, str
     for name, samples in sampled.items():
         results[name] = {"batch": batch, "samples": samples, "median_step_s": median_of(samples, "step_s"),
                          **{f"median_{field}": median_of(samples, field)
-                            for field in ("experts", "calls", "nodes_touched")},
+                            for field in ("experts", "calls", "nodes_touched", "client_cpu_s")},
+                         **{f"median_{field}": (median_of(samples, field) if samples[0][field] is not None
+                                                else None) for field in ("nodes_cpu_s", "cpu_s")},
                          "failed_calls": sum(s["failed"] for s in samples)}
         print(f"  train {name} T={batch}: {results[name]['median_step_s']:.3f} s/step, "
-              f"{results[name]['median_calls']:g} calls", flush=True)
+              f"{results[name]['median_calls']:g} calls, CPU {_ms(results[name]['median_client_cpu_s'])} ms "
+              f"client + {_ms(results[name]['median_nodes_cpu_s'])} ms nodes", flush=True)
     return results
 
 
-def training_ratios(train: dict[str, dict], loops: list[str]) -> dict[str, float]:
-    """Per-expert / batched step time on each grid, 256 / 8 experts per path, asyncio / uvloop."""
+def _ms(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds * 1e3:.0f}"
+
+
+def training_ratios(train: dict[str, dict], loops: list[str], field: str = "median_step_s"
+                    ) -> dict[str, float]:
+    """Per-expert / batched step time (or ``field``, e.g. median_cpu_s) on each grid, 256 / 8 experts
+    per path, asyncio / uvloop."""
     def step(name: str, loop: str) -> float | None:
         result = train.get(name + (f" {loop}" if len(loops) > 1 else ""))
-        return result["median_step_s"] if result else None
+        return result[field] if result else None
 
     ratios = {}
     for loop in loops:
@@ -486,9 +517,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        swarm_addrs = args.swarm
+        swarm_addrs, node_pids = args.swarm, []
         if not swarm_addrs:
-            swarm_addrs = stack.enter_context(local_swarm(
+            swarm_addrs, node_pids = stack.enter_context(local_swarm(
                 args.nodes, args.heartbeat_interval, args.record_ttl, Path(tmp)))
             out["swarm_start_s"] = time.monotonic() - started
             print(f"coordinator + {args.nodes} nodes up in {out['swarm_start_s']:.1f}s", flush=True)
@@ -524,13 +555,15 @@ def main() -> None:
             for batch in args.batch:
                 out["lookup"].update(measure_lookup(layers, loops, lookups, batch, counters, live_mask,
                                                     args.steps, args.warmup))
-        out["train"], out["train_ratios"] = {}, {}
+        out["train"], out["train_ratios"], out["train_cpu_ratios"] = {}, {}, {}
         if args.train_steps > 0:
             cached = {loop: swarms[loop, "cached"] for loop in loops}
             train_layers, endpoints = full_step_layers(cached, loops)
             out["train"] = measure_training(train_layers, endpoints, max(args.batch), args.train_steps,
-                                            args.warmup)
+                                            args.warmup, node_pids)
             out["train_ratios"] = training_ratios(out["train"], loops)
+            if node_pids:
+                out["train_cpu_ratios"] = training_ratios(out["train"], loops, "median_cpu_s")
 
     print_tables(out)
     (RESULTS / "bench_lookup.json").write_text(json.dumps(out, indent=2))
@@ -559,18 +592,21 @@ def print_tables(out: dict[str, Any]) -> None:
         print(f"\nfull training step (forward + backward, Adam on the nodes), cache warm, experts of hidden "
               f"{cfg['hidden']}, inner {cfg['inner']} on {cfg['nodes']} nodes; medians of "
               f"{cfg['train_steps']} steps;\ncalls: expert calls the nodes received (forward + backward), "
-              f"goal 2 per node touched")
-        head = (f"{'experts / path':<28} {'tokens':>6} {'s/step':>8} {'min':>8} {'max':>8} {'experts':>7} "
-                f"{'nodes':>5} {'calls':>6} {'failed':>6}")
+              f"goal 2 per node touched; CPU ms: CPU time of the step in this process (client) and the "
+              f"nodes, medians")
+        head = (f"{'experts / path':<28} {'tokens':>6} {'s/step':>8} {'min':>8} {'max':>8} {'CPU ms':>7} "
+                f"{'client':>6} {'nodes':>6} {'experts':>7} {'nodes':>5} {'calls':>6} {'failed':>6}")
         print(head)
         print("-" * len(head))
         for name, r in out["train"].items():
             times = [s["step_s"] for s in r["samples"]]
             print(f"{name:<28} {r['batch']:>6} {r['median_step_s']:>8.3f} {min(times):>8.3f} "
-                  f"{max(times):>8.3f} {r['median_experts']:>7g} {r['median_nodes_touched']:>5g} "
-                  f"{r['median_calls']:>6g} {r['failed_calls']:>6}")
+                  f"{max(times):>8.3f} {_ms(r['median_cpu_s']):>7} {_ms(r['median_client_cpu_s']):>6} "
+                  f"{_ms(r['median_nodes_cpu_s']):>6} {r['median_experts']:>7g} "
+                  f"{r['median_nodes_touched']:>5g} {r['median_calls']:>6g} {r['failed_calls']:>6}")
+        cpu = out.get("train_cpu_ratios", {})
         for name, ratio in out["train_ratios"].items():
-            print(f"{name}: {ratio:.2f}x")
+            print(f"{name}: {ratio:.2f}x" + (f" (CPU per step: {cpu[name]:.2f}x)" if name in cpu else ""))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import concurrent.futures
 import contextvars
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -380,7 +381,7 @@ class ExpertServicer:
         if not checked:
             return results
         decoded = await asyncio.to_thread(self._decode, requests, checked, backward)
-        waiting: dict[int, asyncio.Future] = {}
+        waiting: dict[int, concurrent.futures.Future] = {}
         for index, item in decoded.items():
             uid = requests[index].uid
             if isinstance(item, RequestError):
@@ -389,12 +390,12 @@ class ExpertServicer:
             _, rows, num_tokens = checked[index]
             task = Task(item[0], item[1], rows, num_tokens, concurrent.futures.Future(), peer=_caller.get())
             try:
-                waiting[index] = asyncio.wrap_future(self.runtime.submit(uid, task))
+                waiting[index] = self.runtime.submit(uid, task)
             except Overloaded as e:
                 results[index] = self._refused(uid, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
         if not waiting:
             return results
-        outputs = await asyncio.gather(*waiting.values(), return_exceptions=True)
+        outputs = await _all_done(list(waiting.values()))
         done: dict[int, list[torch.Tensor]] = {}
         for index, output in zip(waiting, outputs):
             uid = requests[index].uid
@@ -439,6 +440,42 @@ class ExpertServicer:
             else:
                 counters.errors += 1
         return error
+
+
+async def _all_done(futures: list[concurrent.futures.Future]) -> list:
+    """The result (or exception) of each of the runtime's futures, once all of them are done: the event
+    loop is woken once for them all, not once per part of a batched call (each wake-up takes the GIL
+    from the runtime thread between two parts). Cancelled (the call's deadline, the caller gone): the
+    futures are cancelled too, so the runtime drops the tasks that have not run yet."""
+    loop = asyncio.get_running_loop()
+    all_done = loop.create_future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def settle() -> None:
+        if not all_done.done():
+            all_done.set_result(None)
+
+    def one_done(_: concurrent.futures.Future) -> None:  # in the runtime thread (or here, if done already)
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    try:
+        await all_done
+    except asyncio.CancelledError:
+        for future in futures:
+            future.cancel()
+        raise
+    return [future.exception() or future.result() if not future.cancelled()
+            else asyncio.CancelledError() for future in futures]
 
 
 def check_info_request(backends: Mapping[str, ExpertBackend], data: bytes, *,
@@ -659,6 +696,9 @@ def batch_parts(data: bytes | memoryview, *, backward: bool) -> list[memoryview]
 
 
 def _varint(view: memoryview, at: int) -> tuple[int, int]:
+    byte = view[at]
+    if byte < 0x80:  # one byte: most tags and lengths of a request (a batched call reads thousands)
+        return byte, at + 1
     value = shift = 0
     for _ in range(10):
         byte = view[at]

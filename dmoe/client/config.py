@@ -46,6 +46,10 @@ class SwarmConfig:
                                               "replicas' outputs that counts as agreement; a disagreement "
                                               "settled by a third replica quarantines the one that lied")
     spot_check_tokens: int = option(4, "tokens of a checked answer sent to the other replica")
+    # uvloop stays the default by measurement on the batched calls (bench_lookup.py --event-loop both, a full
+    # step of 256 tokens on 4 nodes, 4 runs; bench_moe.py --event-loop both): asyncio's time per step was
+    # 0.95-1.23x uvloop's on 4,096 experts, its CPU per step 1.02-1.06x, and 0.95x on one node of 32 experts,
+    # within the runs' noise. asyncio was ahead with many small calls, one per expert; batching removed them
     event_loop: str = option("uvloop", "event loop of the swarm thread: uvloop or asyncio")
     batch_per_node: bool = option(True, "send a node one call per step for all the experts it hosts that "
                                         "the step uses (ForwardBatch/BackwardBatch), instead of a call per "

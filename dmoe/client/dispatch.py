@@ -1,6 +1,6 @@
 """Dispatcher: expert calls from a client, all in flight at once, with deadlines and a quorum.
 
-Calls run on the Swarm's background event loop (uvloop) over one long-lived grpc.aio channel per
+Calls run on the Swarm's background event loop (uvloop by default) over one long-lived grpc.aio channel per
 endpoint. :meth:`Dispatcher.forward` waits until every token has ``k_min`` answers
 (or every call has ended, or ``forward_timeout`` passed), then at most ``timeout_after_k_min``
 more for the rest.
@@ -30,8 +30,10 @@ an error means for the endpoint (back-off, quarantine, nothing) is decided in :m
 INVALID_ARGUMENT refusals are reported only once all of a step's calls are in, judged against the
 calls that were accepted (:func:`dmoe.client.health.judge_refusals`). A call whose own inputs (or
 gradients) are not finite is not sent (:class:`dmoe.client.health.LocalInputError`): the node would
-refuse it, and that is this client's fault, not the node's. In a private swarm every call carries the
-swarm key's token (:mod:`dmoe.core.auth`).
+refuse it, and that is this client's fault, not the node's. Both checks look at many tensors in one
+torch op (a step's inputs, or its gradients; a batched reply's parts), and call by call only when that
+finds a bad value: on a busy machine every small torch op costs, and a step makes hundreds of calls.
+In a private swarm every call carries the swarm key's token (:mod:`dmoe.core.auth`).
 
 One call per node (``batch_per_node``, on unless :class:`dmoe.client.config.SwarmConfig` says
 otherwise): the requests of one step to one node go in one call (ForwardBatch, BackwardBatch, or
@@ -273,14 +275,15 @@ class Dispatcher:
         return self.run(self._forward(jobs, num_tokens, k_min, forward_timeout, timeout_after_k_min,
                                       on_result, enough, avoided, spot_check))
 
-    async def _timed(self, call: ExpertCall, timeout: float) -> torch.Tensor:
+    async def _timed(self, call: ExpertCall, timeout: float, finite: bool = False) -> torch.Tensor:
         """One forward call (in flight for the balancer from its launch to its end), its time observed
-        by the balancer when it answers; not the first call on a new channel, which pays for connecting."""
+        by the balancer when it answers; not the first call on a new channel, which pays for connecting.
+        ``finite``: its inputs are known to be finite (checked with the step's others)."""
         tokens = int(call.inputs.shape[0])
         fresh = (call.endpoint, call.tls) not in self._channels
         begun = time.monotonic()
         shares: list[float] = []  # of the batched calls it went in (none: calls of its own)
-        output = await self._call(call, timeout, backward=False, shares=shares)
+        output = await self._call(call, timeout, backward=False, shares=shares, finite=finite)
         if not fresh:
             share = min(1.0, sum(shares)) if shares else 1.0
             self.balancer.observe(call.endpoint, call.uid, tokens, (time.monotonic() - begun) * share)
@@ -328,14 +331,17 @@ class Dispatcher:
 
         def launch(part: _Part, record: ExpertRecord, now: float) -> None:
             job = jobs[part.job]
-            call = ExpertCall.to(record, job.inputs[part.rows], job.token_ids[part.rows])
             tokens = int(part.rows.shape[0])
+            if tokens == job.inputs.shape[0]:  # all of the job's rows (0, 1, ...): its own tensors
+                call = ExpertCall.to(record, job.inputs, job.token_ids)
+            else:
+                call = ExpertCall.to(record, job.inputs[part.rows], job.token_ids[part.rows])
             patience = math.inf
             if self.balancer.measured(record.dial_endpoint, job.uid) is not None:
                 expected = self.balancer.expected_seconds([record], tokens)[0]
                 patience = max(MIN_PATIENCE, PATIENCE_FACTOR * expected)
             self.balancer.begin(call.endpoint, tokens)  # now: the next choices of this step see it
-            task = asyncio.create_task(self._timed(call, max(0.001, step_end - now)))
+            task = asyncio.create_task(self._timed(call, max(0.001, step_end - now), finite))
             # ended however it ends (even cancelled before it ran): no longer in flight
             task.add_done_callback(lambda _, endpoint=call.endpoint: self.balancer.end(endpoint, tokens))
             running[task] = _Attempt(part, call, now, now + patience)
@@ -360,6 +366,7 @@ class Dispatcher:
                 launch(part, self.balancer.rank(candidates, int(part.rows.shape[0]))[0], now)
                 answers.num_retried += 1
 
+        finite = _all_finite([job.inputs for job in jobs])  # else each call checks its own (and is not sent)
         now = time.monotonic()
         for index, job in enumerate(jobs):
             whole = _Part(index, torch.arange(job.inputs.shape[0]))
@@ -373,9 +380,7 @@ class Dispatcher:
                 parts.append(part)
                 launch(part, record, now)
 
-        candidates_T = torch.zeros(num_tokens, dtype=torch.long)
-        for job in jobs:
-            candidates_T[job.token_ids] += 1
+        candidates_T = _token_counts([job.token_ids for job in jobs], num_tokens)
         need_T = candidates_T.clamp(max=k_min)
         enough_T = candidates_T.clamp(max=enough) if enough > 0 else None
         answered_T = torch.zeros(num_tokens, dtype=torch.long)
@@ -389,6 +394,7 @@ class Dispatcher:
             done, _ = await asyncio.wait(set(running), timeout=max(0.0, wake - now),
                                          return_when=asyncio.FIRST_COMPLETED)
             now = time.monotonic()
+            answered_ids = []  # token ids of the answers of this wake-up, counted at once
             for task in done:
                 attempt = running.pop(task)
                 part, call = attempt.part, attempt.call
@@ -410,7 +416,7 @@ class Dispatcher:
                 answers.parts.append((part.job, part.rows, call, output))
                 if spot_check is not None:
                     check(part, call, output)
-                answered_T[call.token_ids] += 1
+                answered_ids.append(call.token_ids)
                 for other in list(part.running):  # a spare asked for the same tokens: not needed now
                     other.cancel()
                     spare = running.pop(other)
@@ -419,6 +425,8 @@ class Dispatcher:
                                               now - spare.started)
                         on_result(spare.call, Late("overtaken by another replica past its patience"))
                 part.running.clear()
+            if answered_ids:
+                answered_T += _token_counts(answered_ids, num_tokens)
             for attempt in list(running.values()):  # past its patience: ask another replica too
                 part = attempt.part
                 if not part.done and not part.spared and now >= attempt.patience_at:
@@ -457,19 +465,21 @@ class Dispatcher:
         return self.run(self._backward(calls, backward_timeout, on_result))
 
     async def _call(self, call: ExpertCall, timeout: float, *, backward: bool,
-                    shares: list[float] | None = None) -> torch.Tensor:
+                    shares: list[float] | None = None, finite: bool = False) -> torch.Tensor:
         """Outputs (or input gradients) of one expert call, cut into parts of at most max_tokens rows:
         each part queued for its node's batched call (``batch_per_node``), or sent as a call of its
         own, all concurrently (the call fails if any part fails). ``shares`` gets, for each part
-        that went in a batched call, its share of that call's tokens."""
-        self._stub(call.endpoint, call.tls)  # a TLS node without this client's key: LocalInputError, unsent
+        that went in a batched call, its share of that call's tokens. ``finite``: the call's inputs (and
+        gradients) are known to be finite, not checked again."""
+        if (call.endpoint, call.tls) not in self._channels:
+            self._stub(call.endpoint, call.tls)  # a TLS node without this client's key: LocalInputError
         step, rows = max(1, call.max_tokens), int(call.inputs.shape[0])
         starts = range(0, rows, step) if rows > step else [0]
         pieces = [(call.inputs[start:start + step] if rows > step else call.inputs,
                    None if call.grad_outputs is None
                    else call.grad_outputs[start:start + step] if rows > step else call.grad_outputs)
                   for start in starts]
-        requests = [self._request(call, inputs, grads, backward) for inputs, grads in pieces]
+        requests = [self._request(call, inputs, grads, backward, finite) for inputs, grads in pieces]
         batched = self.batch_per_node and self._batching(call.endpoint, call.tls)
         if not batched and len(requests) == 1:
             return await self._send(call, requests[0], pieces[0][0], timeout, backward)
@@ -487,10 +497,11 @@ class Dispatcher:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _request(self, call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None,
-                 backward: bool) -> pb.ForwardRequest | pb.BackwardRequest:
-        """The request of one part of a call; LocalInputError (nothing sent) if its values are not finite."""
-        if not bool(torch.isfinite(inputs).all()) or (grad_outputs is not None
-                                                       and not bool(torch.isfinite(grad_outputs).all())):
+                 backward: bool, finite: bool = False) -> pb.ForwardRequest | pb.BackwardRequest:
+        """The request of one part of a call; LocalInputError (nothing sent) if its values are not finite
+        (not checked again if known to be)."""
+        if not finite and (not _all_finite([inputs]) or (grad_outputs is not None
+                                                          and not _all_finite([grad_outputs]))):
             raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} "
                                   "are not finite (has the model diverged?); not sent")
         encoded = [serialize(inputs, self.compression)]
@@ -665,14 +676,25 @@ class Dispatcher:
                 results.append(PartFailed(code, part.message or f"status {part.code}"))
                 continue
             try:
-                results.append(_checked(part.tensors, queued.like, self.max_reply_abs))
+                results.append(_decoded(part.tensors, queued.like))
             except ValueError as e:  # WireError is one: a malformed part is that expert's failure
                 results.append(e)
+        # the values of all the parts at once; only if some are out of bounds, part by part
+        decoded = [r for r in results if isinstance(r, torch.Tensor)]
+        if decoded and not _within(decoded, self.max_reply_abs):
+            for index, result in enumerate(results):
+                if isinstance(result, torch.Tensor):
+                    try:
+                        _check_values(result, self.max_reply_abs)
+                    except ValueError as e:
+                        results[index] = e
         return results
 
     async def _backward(self, calls, backward_timeout, on_result):
-        replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True) for c in calls),
-                                       return_exceptions=True)
+        finite = _all_finite([c.inputs for c in calls] + [c.grad_outputs for c in calls
+                                                          if c.grad_outputs is not None])
+        replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True, finite=finite)
+                                         for c in calls), return_exceptions=True)
         results = {}
         refused: list[tuple[ExpertCall, BaseException]] = []
         for index, (call, reply) in enumerate(zip(calls, replies)):
@@ -726,18 +748,59 @@ def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
                printable(call.uid), printable(call.endpoint), type(error).__name__, printable(error), hint)
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of these tensors is finite: one check for all of them where they share a
+    dtype (a step's calls do), else one each."""
+    if not tensors:
+        return True
+    if len(tensors) > 1 and all(t.dtype == tensors[0].dtype for t in tensors):
+        tensors = [torch.cat([t.reshape(-1) for t in tensors])]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _token_counts(token_ids: list[torch.Tensor], num_tokens: int) -> torch.Tensor:
+    """How many of these lists of token ids (each without repeats) name each token: [num_tokens]."""
+    if not token_ids:
+        return torch.zeros(num_tokens, dtype=torch.long)
+    return torch.bincount(torch.cat(token_ids), minlength=num_tokens)[:num_tokens]
+
+
 def _checked(tensors, like: torch.Tensor, max_abs: float = float("inf")) -> torch.Tensor:
     """The one reply tensor, if it has the shape and dtype of ``like`` and finite values no larger
     than ``max_abs`` in magnitude (else ValueError)."""
+    tensor = _decoded(tensors, like)
+    _check_values(tensor, max_abs)
+    return tensor
+
+
+def _decoded(tensors, like: torch.Tensor) -> torch.Tensor:
+    """The one reply tensor, if it has the shape and dtype of ``like`` (else ValueError); its values
+    unchecked."""
     if len(tensors) != 1:
         raise ValueError(f"expected 1 tensor in the reply, got {len(tensors)}")
     tensor = deserialize(tensors[0], max_numel=like.numel())
     if tensor.shape != like.shape or tensor.dtype != like.dtype:
         raise ValueError(f"reply of shape {list(tensor.shape)} {tensor.dtype}, "
                          f"expected {list(like.shape)} {like.dtype}")
+    return tensor
+
+
+def _within(tensors: list[torch.Tensor], max_abs: float) -> bool:
+    """Whether all values of these tensors are finite and no larger than ``max_abs`` in magnitude (one
+    check for all of them where they share a dtype)."""
+    if len(tensors) > 1 and all(t.dtype == tensors[0].dtype for t in tensors):
+        tensors = [torch.cat([t.reshape(-1) for t in tensors])]
+    for tensor in tensors:
+        largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if not (math.isfinite(largest) and largest <= max_abs):
+            return False
+    return True
+
+
+def _check_values(tensor: torch.Tensor, max_abs: float) -> None:
+    """ValueError unless the values of a reply tensor are finite and no larger than ``max_abs``."""
     largest = float(tensor.abs().max()) if tensor.numel() else 0.0
     if not math.isfinite(largest):
         raise ValueError("reply holds NaN or Inf")
     if largest > max_abs:
         raise ValueError(f"reply holds {largest:.3g}, above max_reply_abs={max_abs:g}")
-    return tensor

@@ -81,16 +81,18 @@ class OwnedRecordValidator(RecordValidatorBase):
         if not record.expiration_time <= now + MAX_RECORD_TTL + CLOCK_MARGIN:
             logger.debug("refusing a DHT record that expires in %.0fs", record.expiration_time - now)
             return False
+        # a record verified before (the same one in the answers of several peers): passed at once, before
+        # its subkey is parsed again; only owned records whose signature checked are remembered
+        identity = (record.key, record.subkey, record.value, record.expiration_time)
+        if identity in self._verified:
+            self._verified.move_to_end(identity)
+            return True
         subkey = _subkey(record.subkey)
         if not claims_owner(subkey):
             return subkey is not _MALFORMED
         claim = parse_owned_subkey(subkey)
         if claim is None:
             return False
-        identity = (record.key, record.subkey, record.value, record.expiration_time)
-        if identity in self._verified:
-            self._verified.move_to_end(identity)
-            return True
         opened = unseal(record.value)
         if opened is None or not verify(claim[1], record_message(record.key, record.subkey, opened[0],
                                                                  record.expiration_time), opened[1]):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from swarm_fixtures import NodeProcess, stub, wait_for
 
 from dmoe.client.config import SwarmConfig
 from dmoe.client.dispatch import Dispatcher, ExpertCall, ExpertJob
+from dmoe.client.health import LocalInputError
 from dmoe.client.swarm import Swarm
 from dmoe.core.experts import create_expert
 from dmoe.core.records import ExpertRecord
@@ -205,6 +207,44 @@ def test_a_bad_part_fails_alone_with_the_status_of_its_own_call(pair):
                                                deserialize(want[0], max_numel=1 << 16), rtol=1e-5, atol=1e-6)
     finally:
         channel.close()
+
+
+def test_a_reply_out_of_bounds_or_inputs_not_finite_fail_their_own_call_alone(pair, swarm):
+    """The client checks a batched reply's values all at once, and a step's inputs all at once: when
+    a check fails, it finds the call at fault, and only that call fails (the reply above
+    max_reply_abs; the inputs, or gradients, not finite: not sent), the others answered."""
+    a, _ = pair
+    experts = local_experts(UIDS[:2])
+    generator = torch.Generator().manual_seed(2)
+    x = [torch.randn(3, HIDDEN, generator=generator), 100 * torch.randn(4, HIDDEN, generator=generator),
+         torch.full((2, HIDDEN), float("nan"))]
+    with torch.no_grad():
+        small, large = (float(experts[uid](inputs).abs().max()) for uid, inputs in zip(UIDS[:2], x))
+    assert small < large / 2, (small, large)
+    found = swarm.live_replicas_under(["ffn."], refresh=True)["ffn."]
+    jobs = [ExpertJob(UIDS[i], found[i], x[i], torch.arange(3 * i, 3 * i + x[i].shape[0])) for i in range(3)]
+    dispatcher = swarm.dispatcher(pb.NONE)
+    dispatcher.max_reply_abs = (small + large) / 2
+    fates: dict[str, BaseException | None] = {}
+    try:
+        before = node_calls(a)
+        answers = dispatcher.forward(jobs, num_tokens=8, k_min=1, forward_timeout=30, timeout_after_k_min=30,
+                                     on_result=lambda call, error: fates.__setitem__(call.uid, error))
+        assert node_calls(a) == (before[0] + 1, before[1] + 1, before[2] + 2)  # the NaN inputs unsent
+        assert [job for job, *_ in answers.parts] == [0] and answers.num_failed == 2
+        torch.testing.assert_close(answers.parts[0][3], experts[UIDS[0]](x[0]).detach(), rtol=1e-5, atol=1e-6)
+        assert fates[UIDS[0]] is None
+        assert isinstance(fates[UIDS[1]], ValueError) and "above max_reply_abs" in str(fates[UIDS[1]])
+        assert isinstance(fates[UIDS[2]], LocalInputError)
+        call = answers.parts[0][2]
+        grads = [torch.ones_like(x[0]), torch.full_like(x[0], float("inf"))]
+        calls = [dataclasses.replace(call, grad_outputs=g) for g in grads]
+        fates.clear()
+        assert list(dispatcher.backward(calls, backward_timeout=30, on_result=lambda c, e: fates.setdefault(
+            "ok" if e is None else type(e).__name__, c))) == [0]
+        assert set(fates) == {"ok", "LocalInputError"}
+    finally:
+        dispatcher.close()
 
 
 def test_parts_past_the_calls_a_peer_may_have_in_flight_are_refused_alone(pair):

@@ -5,16 +5,13 @@ training. Needs root for the network namespace."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
+from markers import needs_root
 
 from dmoe.testing.chaos import ChaosConfig, ChaosRun
 
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the cut-off node lives in a network namespace"),
-]
+pytestmark = [pytest.mark.timeout(300), needs_root]  # the cut-off node lives in a network namespace
 COMPUTE_ALLOWANCE_S = 6.0  # a step's own compute on a loaded 2-core machine, on top of its deadlines
 
 

@@ -13,6 +13,7 @@ from swarm_fixtures import NodeProcess, expert_version, stub, wait_for
 from dmoe.client.config import SwarmConfig
 from dmoe.client.swarm import Swarm
 from dmoe.core.experts import create_expert
+from dmoe.core.wire import deserialize, serialize
 from dmoe.moe.remote import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
 from dmoe.testing.netproxy import TcpProxy
@@ -72,6 +73,38 @@ def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Te
         rows.append(sum(weights_TK[t, j] * experts[int(experts_TK[t, j])](x_TD[t : t + 1])[0]
                         for j in range(layer.k)))
     return torch.stack(rows)
+
+
+class CallLog:
+    """What the client's dispatcher sent and got back, call part by call part: the real dispatcher,
+    with its request building and reply checking wrapped to keep a copy of each."""
+
+    def __init__(self, monkeypatch):
+        from dmoe.client import dispatch
+
+        self.requests: list[tuple[str, object]] = []  # (uid, request)
+        self.exchanges: list[tuple[str, object, pb.Tensor]] = []  # (uid, request, reply tensor)
+        sent: dict[int, tuple[torch.Tensor, str, object]] = {}
+        build, check = dispatch.Dispatcher._request, dispatch._checked
+
+        def request(dispatcher, call, inputs, grad_outputs, backward):
+            built = build(dispatcher, call, inputs, grad_outputs, backward)
+            sent[id(inputs)] = (inputs, call.uid, built)  # inputs kept: their id stays theirs
+            self.requests.append((call.uid, built))
+            return built
+
+        def checked(tensors, like, *args):
+            result = check(tensors, like, *args)
+            _, uid, built = sent[id(like)]
+            self.exchanges.append((uid, built, tensors[0]))
+            return result
+
+        monkeypatch.setattr(dispatch.Dispatcher, "_request", request)
+        monkeypatch.setattr(dispatch, "_checked", checked)
+
+    def clear(self) -> None:
+        self.requests.clear()
+        self.exchanges.clear()
 
 
 def test_all_alive_equals_a_local_moe(live_pair):
@@ -186,8 +219,9 @@ def local_moe_renormalised(layer, x_TD, chosen_TK, answered_TK, alive) -> torch.
     return out
 
 
-def test_all_experts_dead_gives_zero(swarm_of_two):
+def test_all_experts_dead_gives_zero(swarm_of_two, monkeypatch):
     swarm, first, second = swarm_of_two
+    calls = CallLog(monkeypatch)
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2,
                       forward_timeout=3, backward_timeout=3)
     try:
@@ -198,7 +232,11 @@ def test_all_experts_dead_gives_zero(swarm_of_two):
         y = layer(x)
         y.sum().backward()
         assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(x.grad).all()
-        assert torch.equal(layer(x), torch.zeros_like(x))  # now every endpoint is avoided: no call at all
+        assert layer.last_num_failed > 0 and calls.requests and not calls.exchanges
+        calls.clear()
+        # now every endpoint is avoided: no call at all, none failed, no routing
+        assert torch.equal(layer(x), torch.zeros_like(x))
+        assert calls.requests == [] and layer.last_num_failed == 0 and layer.last_routing is None
     finally:
         layer.dispatcher.close()
 
@@ -233,26 +271,88 @@ def test_hostile_and_slow_experts_are_dropped(node_factory, tmp_path, monkeypatc
             layer.dispatcher.close()
 
 
-def test_compressed_activations_and_gradients_stay_close(live_pair):
+def encoded_bytes(numel: int, compression: int) -> int:
+    """The size of a float32 tensor's buffer on the wire: 8-bit is a bin count, 256 float32 bucket
+    values and a byte per element."""
+    return {pb.NONE: 4 * numel, pb.FLOAT16: 2 * numel, pb.UNIFORM_8BIT: 8 + 4 * 256 + numel}[compression]
+
+
+def assert_within_one_step(decoded: torch.Tensor, exact: torch.Tensor, compression: int) -> None:
+    """``decoded`` is ``exact`` sent with this compression: equal (up to the node's float rounding), within
+    one float16 step (2^-10 relative), or, for 8-bit, within one bucket (6 std / 256) wherever the
+    value lies inside the 256 buckets (the ends are clamped)."""
+    if compression == pb.NONE:
+        torch.testing.assert_close(decoded, exact, rtol=1e-5, atol=1e-6)
+    elif compression == pb.FLOAT16:
+        torch.testing.assert_close(decoded, exact, rtol=2 ** -10, atol=1e-6)
+    else:
+        step = 6 * float(exact.std()) / 256
+        inside = (exact - exact.mean()).abs() < 127 * step
+        assert bool(inside.any())
+        assert float((decoded - exact)[inside].abs().max()) <= step + 1e-6
+
+
+def test_compressed_activations_and_gradients_stay_close(live_pair, monkeypatch):
+    """Each compression, forward and backward: every tensor sent and every reply is in that encoding
+    and of its size; the inputs are the client's rows encoded; each reply is the expert's exact result
+    on the decoded request, within one step of the encoding; the layer's output mixes the replies."""
     swarm, _, _ = live_pair
+    calls = CallLog(monkeypatch)
+    experts = {uid: create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in UIDS}
     torch.manual_seed(3)
     x = torch.randn(24, HIDDEN)
-    results = {}
-    for compression in ("none", "fp16", "8bit"):
+    gate = torch.nn.Linear(HIDDEN, NUM_EXPERTS).state_dict()
+    outputs = {}
+    for name, compression in (("none", pb.NONE), ("fp16", pb.FLOAT16), ("8bit", pb.UNIFORM_8BIT)):
         layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2, k_min=2,
-                          compression=compression)
+                          compression=name)
         try:
-            fresh = torch.nn.Linear(HIDDEN, NUM_EXPERTS).requires_grad_(False).state_dict()
-            layer.gates[0].load_state_dict(fresh if compression == "none" else results["none"][2])
-            with torch.no_grad():
-                results[compression] = (layer(x), layer.last_num_failed, layer.gates[0].state_dict())
+            layer.gates[0].load_state_dict(gate)
+            calls.clear()
+            x_in = x.clone().requires_grad_(True)
+            y = layer(x_in)
+            forward = {uid: (request, reply) for uid, request, reply in calls.exchanges}
+            calls.clear()
+            y.square().sum().backward()
+            backward = {uid: (request, reply) for uid, request, reply in calls.exchanges}
         finally:
             layer.dispatcher.close()
-    reference = results["none"][0]
-    assert all(failed == 0 for _, failed, _ in results.values())
-    torch.testing.assert_close(results["fp16"][0], reference, rtol=0, atol=2e-3)
-    error_8bit = (results["8bit"][0] - reference).abs().mean() / reference.abs().mean()
-    assert 0 < error_8bit < 0.1
+        assert layer.last_num_failed == 0
+        uids, experts_TK = layer.last_routing
+        top_TK = layer.gates[0](x).gather(1, experts_TK)
+        weights_TK = top_TK.softmax(-1).detach()
+        used = {uids[e]: torch.nonzero((experts_TK == e).any(-1)).flatten()
+                for e in experts_TK.unique().tolist()}
+        assert len(forward) == len(calls.requests) == len(backward) == len(used)
+        assert set(forward) == set(backward) == set(used)
+        expected = torch.zeros_like(x)
+        for uid, rows in used.items():
+            request, reply = forward[uid]
+            assert request.reply_compression == compression
+            assert request.inputs[0] == serialize(x[rows], compression)  # the rows routed there, encoded
+            assert reply.compression == compression
+            assert len(reply.buffer) == encoded_bytes(rows.numel() * HIDDEN, compression)
+            sent = deserialize(request.inputs[0], max_numel=x.numel())
+            with torch.no_grad():
+                exact = experts[uid](sent)
+            got = deserialize(reply, max_numel=x.numel())
+            assert_within_one_step(got, exact, compression)
+            for j in range(2):  # the layer mixes what the replies hold
+                chosen = experts_TK[rows, j] == uids.index(uid)
+                expected[rows[chosen]] += weights_TK[rows[chosen], j, None] * got[chosen]
+
+            request, reply = backward[uid]
+            assert request.reply_compression == compression
+            assert request.inputs[0] == serialize(x[rows], compression)
+            assert request.grad_outputs[0].compression == reply.compression == compression
+            assert len(reply.buffer) == encoded_bytes(rows.numel() * HIDDEN, compression)
+            leaf = sent.clone().requires_grad_(True)
+            grad_out = deserialize(request.grad_outputs[0], max_numel=x.numel())
+            (exact_grad,) = torch.autograd.grad(experts[uid](leaf), leaf, grad_out)
+            assert_within_one_step(deserialize(reply, max_numel=x.numel()), exact_grad, compression)
+        torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-6)
+        outputs[name] = y.detach()
+    torch.testing.assert_close(outputs["none"], local_moe(layer, x, set(UIDS)).detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_beam_search_on_a_16x16_grid_over_2_nodes_finds_the_true_top_k(node_factory):

@@ -17,12 +17,13 @@ import sys
 import textwrap
 
 import pytest
+from markers import needs_root
 from swarm_fixtures import HERE, CoordinatorProcess
 
 from dmoe.testing.netlab import NetLab
 from dmoe.testing.process import wait_ready_file
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), needs_root]
 NODE_PORT = 31001  # below 32768: refused from outside the node's namespace
 # (its DHT port is left to the system, 32768 and up: libp2p dials out from its listening port, and
 # a stateless rule would refuse the answers too; a real NAT keeps state)

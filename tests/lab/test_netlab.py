@@ -8,11 +8,12 @@ import sys
 import time
 
 import pytest
+from markers import needs_root
 from swarm_fixtures import wait_for
 
 from dmoe.testing.netlab import NetLab
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), needs_root]
 SINK = """
 import socket, sys
 server = socket.socket()

@@ -41,10 +41,28 @@ def test_generation_is_seeded_and_greedy_is_deterministic():
     torch.manual_seed(0)
     config = LMConfig(d_model=16, num_heads=2, num_experts=4, expert_inner=32, seq_len=8)
     model = MoELM(config, local_moe_factory())
-    a = model.generate([1, 2, 3], 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
-    b = model.generate([1, 2, 3], 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+
+    def sample(seed: int) -> list[int]:
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate([1, 2, 3], 20, temperature=1.0, top_k=5, generator=generator)
+
+    global_rng = torch.get_rng_state()
+    a, b = sample(1), sample(1)
+    # the sampling draws from the generator it is given, and from nothing else
+    assert torch.equal(torch.get_rng_state(), global_rng)
     assert a == b and len(a) == 20 and all(0 <= t < 256 for t in a)
-    assert model.generate([1], 5, temperature=0) == model.generate([1], 5, temperature=0)
+    greedy = model.generate([1, 2, 3], 20, temperature=0)
+    assert greedy == model.generate([1, 2, 3], 20, temperature=0)
+    assert sample(2) != a and greedy != a  # another seed, or no sampling at all, writes something else
+    # each byte is one of the 5 likeliest after its window (which slides by half of seq_len when full)
+    tokens, start = [1, 2, 3], 0
+    for token in a:
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens[start:]]))[0, -1]
+        assert token in logits.topk(5).indices.tolist()
+        tokens.append(token)
+        if len(tokens) - start > config.seq_len:
+            start += config.seq_len // 2
     with pytest.raises(ValueError, match="longer than seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
 
 import pytest
 
@@ -54,23 +53,53 @@ def test_the_coordinator_passes_its_relay_options_on():
         CoordinatorConfig(relay_idle_timeout=0)
 
 
-def test_token_bucket_allows_a_burst_then_the_rate():
-    bucket = TokenBucket(rate=2.0, burst=5.0)  # slow enough that no token refills between two takes
+class FakeClock:
+    """The clock and sleep of dmoe.core.ratelimit: time moves only when the test moves it, or when
+    the bucket sleeps (each sleep is recorded)."""
+
+    def __init__(self):
+        self.now, self.slept = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr("dmoe.core.ratelimit.time", clock)
+    monkeypatch.setattr("dmoe.core.ratelimit.asyncio", clock)
+    return clock
+
+
+def test_token_bucket_allows_a_burst_then_the_rate(clock):
+    bucket = TokenBucket(rate=2.0, burst=5.0)
     assert all(bucket.try_take() for _ in range(5)) and not bucket.try_take()
-    time.sleep(0.6)
-    assert bucket.try_take() and not bucket.try_take()  # one token came back
+    clock.now += 0.25  # half a token
+    assert not bucket.try_take()
+    clock.now += 0.25  # one token came back
+    assert bucket.try_take() and not bucket.try_take()
+    clock.now += 100.0  # refills stop at the burst
+    assert all(bucket.try_take() for _ in range(5)) and not bucket.try_take()
+    assert clock.slept == []
 
 
-def test_token_bucket_take_waits_off_its_debt():
+def test_token_bucket_take_waits_off_its_debt(clock):
     bucket = TokenBucket(rate=10_000.0, burst=1000.0)
 
-    async def spend() -> float:
-        started = time.monotonic()
+    async def spend() -> None:
         await bucket.take(1000)  # the burst: no wait
-        await bucket.take(2000)  # 0.2 s of debt
-        return time.monotonic() - started
+        assert clock.slept == []
+        await bucket.take(2000)  # 0.2 s of debt: one wait of 0.2 s
+        assert clock.slept == [pytest.approx(0.2, rel=1e-12)]
+        await bucket.take(500)  # the debt was waited off: 0.05 s for these
+        assert clock.slept[1:] == [pytest.approx(0.05, rel=1e-12)]
 
-    assert 0.15 < asyncio.run(spend()) < 1.5  # 0.2 s of debt, not none and not a wait per call
+    asyncio.run(spend())
 
 
 @pytest.mark.parametrize("field", ["max_nodes", "max_nodes_per_ip", "max_connections_per_node",

@@ -91,6 +91,8 @@ class NodeConfig:
     max_info_uids: int = option(4096, "uids one Info call may name (each once); more get RESOURCE_EXHAUSTED")
     max_calls_per_peer: int = option(128, "calls one peer (IP address, IPv6 /64, or TLS client "
                                           "certificate) may have in flight; more get RESOURCE_EXHAUSTED")
+    max_parts_per_peer: int = option(4096, "parts of batched calls (one per expert) one peer may have in "
+                                           "flight; more parts are refused alone with RESOURCE_EXHAUSTED")
     peer_rate: float = option(2000.0, "requests per second one peer may send on average "
                                       "(each chunk of a stream is one)")
     peer_burst: float = option(4000.0, "requests one peer may send at once "
@@ -145,8 +147,8 @@ class NodeConfig:
         for name in ("hidden_dim", "max_batch_tokens", "max_queued_tokens", "max_message_bytes",
                      "max_request_bytes", "max_concurrent_calls", "max_inflight_bytes", "heartbeat_interval",
                      "record_ttl", "checkpoint_interval", "keep_checkpoints", "lr", "max_calls_per_peer",
-                     "peer_rate", "peer_burst", "receive_timeout", "max_input_abs", "max_grad_abs",
-                     "average_max_distance"):
+                     "max_parts_per_peer", "peer_rate", "peer_burst", "receive_timeout", "max_input_abs",
+                     "max_grad_abs", "average_max_distance"):
             positive(name)
         if self.max_batch_tokens < MIN_BATCH_TOKENS or self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_batch_tokens must be at least {MIN_BATCH_TOKENS} and max_message_bytes "

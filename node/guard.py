@@ -46,7 +46,8 @@ MAX_PEERS = 10_000
 @dataclasses.dataclass(slots=True)
 class _Peer:
     requests: TokenBucket  # peer_rate per second, room for peer_burst
-    in_flight: int = 0
+    in_flight: int = 0  # calls
+    parts_in_flight: int = 0  # parts of batched calls after their first (which is the call itself)
 
 
 class Refused(Exception):
@@ -57,9 +58,10 @@ class Refused(Exception):
 
 class CallGuard:
     def __init__(self, *, verifier: CallVerifier | None, max_calls_per_peer: int, peer_rate: float,
-                 peer_burst: float):
+                 peer_burst: float, max_parts_per_peer: int):
         self.verifier = verifier
         self.max_calls_per_peer, self.peer_rate, self.peer_burst = max_calls_per_peer, peer_rate, peer_burst
+        self.max_parts_per_peer = max_parts_per_peer
         self._peers: collections.OrderedDict[str, _Peer] = collections.OrderedDict()
         self.num_unauthenticated = self.num_rate_limited = 0
 
@@ -89,13 +91,29 @@ class CallGuard:
         return key
 
     def admit_part(self, key: str) -> None:
-        """One more call of the peer ``key`` returned by :meth:`admit` (a call in flight): a part of a
-        batched call after its first, counted as a call of its own, in flight (give it back with
-        :meth:`release`) and against the rate. Raise Refused past either limit, with the message its
-        own call would get."""
+        """A part of a batched call of the peer ``key`` returned by :meth:`admit` (a call in flight),
+        after its first (which the call's own admission stands for): in flight among the peer's parts
+        (``max_parts_per_peer``; give it back with :meth:`release_part`) and a request against its
+        rate, as its own call would be. The parts have a limit of their own, far above the calls':
+        one step of a model of many small experts sends one node a part per expert, hundreds in one
+        call, while the calls' limit bounds the server's slots one peer holds. Raise Refused past
+        either limit."""
         state = self._peers.get(key)
-        if state is not None:  # a peer with a call in flight is never forgotten
-            self._enter(key, state)
+        if state is None:  # a peer with a call in flight is never forgotten
+            return
+        if state.parts_in_flight >= self.max_parts_per_peer:
+            self.num_rate_limited += 1
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{state.parts_in_flight} parts of batched calls of yours are in flight already, "
+                          f"this node's limit per peer (max_parts_per_peer={self.max_parts_per_peer}); "
+                          f"wait for them")
+        self._take(key, state)
+        state.parts_in_flight += 1
+
+    def release_part(self, key: str) -> None:
+        state = self._peers.get(key)
+        if state is not None:
+            state.parts_in_flight -= 1
 
     def _enter(self, key: str, state: _Peer) -> None:
         if state.in_flight >= self.max_calls_per_peer:

@@ -107,6 +107,7 @@ class Node:
         self.swarm_key = load_key(config.swarm_key)  # None: an open swarm
         self.guard = CallGuard(verifier=CallVerifier(self.swarm_key) if self.swarm_key else None,
                                max_calls_per_peer=config.max_calls_per_peer, peer_rate=config.peer_rate,
+                               max_parts_per_peer=config.max_parts_per_peer,
                                peer_burst=config.peer_burst)
         # each peer's optimizer steps per expert: --peer-steps-per-minute, --max-peer-step-share
         self.influence = InfluenceLimits(steps_per_minute=config.peer_steps_per_minute,

@@ -16,17 +16,17 @@ tensors of a request and their dimensions, the chunks of a stream (each one a re
 peer's rate).
 
 Batched calls (ForwardBatch, BackwardBatch, and their streams for requests above the message limit)
-carry several experts' requests in one call, so that a client sends a node one call per step
-instead of one per expert. Each part is exactly a per-expert request and is served as its own call
-would be: admitted by the guard as one more call of the peer (:meth:`CallGuard.admit_part`: in
-flight, and against its rate), parsed, checked and decoded the same way, queued in its expert's
-queue (:meth:`Runtime.submit`), counted in its expert's stats; a part refused fails alone, with the
-status and message its own call would get, and the others are served. The call answers once
-every part is done, one :class:`PartReply` per part. The parts are found on the wire
-(:func:`batch_parts`) before any is parsed: at most ``MAX_BATCH_PARTS`` of them and
-``MAX_BATCH_FIELDS`` fields in all, or the whole call is refused; a batched request is one request
-in bytes (``max_message_bytes``, ``max_request_bytes``). Decoding and encoding of all parts each
-take one trip off the event loop.
+carry several experts' requests in one call, so that a client sends a node one call per step instead of
+one per expert. Each part is exactly a per-expert request and is served as its own call would be:
+admitted by the guard as one more request of the peer (:meth:`CallGuard.admit_part`: in flight among its
+parts, ``max_parts_per_peer``, and against its rate), parsed, checked and decoded the same way, queued
+in its expert's queue (:meth:`Runtime.submit`), counted in its expert's stats; a part refused fails
+alone, with the status and message its own call would get, and the others are served. The call answers
+once every part is done, one :class:`PartReply` per part. The parts are found on the wire
+(:func:`batch_parts`) before any is parsed: at most ``MAX_BATCH_PARTS`` of them and ``MAX_BATCH_FIELDS``
+fields in all, or the whole call is refused; a batched request is one request in bytes
+(``max_message_bytes``, ``max_request_bytes``). Decoding and encoding of all parts each take one trip
+off the event loop.
 
 GetState streams an expert's parameters, optimizer state and version to another node (the layout
 and its checks are in :mod:`dmoe.node.transfer`). It passes the same guard; a node runs at most
@@ -356,7 +356,7 @@ class ExpertServicer:
             results = await self._serve(requests, backward=backward)
         finally:
             for _ in range(admitted):
-                self.guard.release(peer)
+                self.guard.release_part(peer)
         replies = [pb.PartReply(code=r.code.value[0], message=r.message) if isinstance(r, RequestError)
                    else pb.PartReply(tensors=r) for r in results]
         return (pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse)(parts=replies)

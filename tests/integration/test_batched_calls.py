@@ -50,7 +50,7 @@ HIDDEN, NUM_EXPERTS = 16, 8
 UIDS = [f"ffn.{i}" for i in range(NUM_EXPERTS)]
 REPLICATED = [f"rep.{i}" for i in range(4)]  # hosted by both nodes
 COMMON = ["--hidden-dim", str(HIDDEN), "--lr", "1e-9", "--average-interval", "0"]
-MAX_CALLS_PER_PEER = 6  # node a's: a batched call of more parts has the rest refused
+MAX_PARTS_PER_PEER = 6  # node a's: a batched call of more parts has the rest refused
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
 REFUSAL_NUMBERS = {code.value[0] for code in REFUSALS}
@@ -62,7 +62,7 @@ INVALID, NOT_FOUND, EXHAUSTED = (code.value[0] for code in (
 def pair(tmp_path_factory) -> Iterator[tuple[NodeProcess, NodeProcess]]:
     workdir = tmp_path_factory.mktemp("batched")
     a = NodeProcess(workdir, ["--experts", "ffn.[0:4]", "--experts", "rep.[0:4]", *COMMON,
-                              "--max-calls-per-peer", str(MAX_CALLS_PER_PEER)], "a")
+                              "--max-parts-per-peer", str(MAX_PARTS_PER_PEER)], "a")
     b = None
     try:
         a.start()
@@ -247,17 +247,34 @@ def test_a_reply_out_of_bounds_or_inputs_not_finite_fail_their_own_call_alone(pa
         dispatcher.close()
 
 
-def test_parts_past_the_calls_a_peer_may_have_in_flight_are_refused_alone(pair):
+def test_parts_past_the_parts_a_peer_may_have_in_flight_are_refused_alone(pair):
     a, _ = pair
     parts = [pb.ForwardRequest(uid=UIDS[i % 4], inputs=[serialize(torch.randn(2, HIDDEN))])
-             for i in range(MAX_CALLS_PER_PEER + 2)]
+             for i in range(MAX_PARTS_PER_PEER + 2)]
     channel, service = stub(a.endpoint)
     try:
         replies = service.ForwardBatch(pb.ForwardBatchRequest(parts=parts), timeout=30).parts
     finally:
         channel.close()
-    assert [p.code for p in replies] == [0] * MAX_CALLS_PER_PEER + [EXHAUSTED] * 2
-    assert all(f"max_calls_per_peer={MAX_CALLS_PER_PEER}" in p.message for p in replies[MAX_CALLS_PER_PEER:])
+    # the first part is the call itself; the next MAX_PARTS_PER_PEER are the parts in flight
+    assert [p.code for p in replies] == [0] * (MAX_PARTS_PER_PEER + 1) + [EXHAUSTED]
+    assert f"max_parts_per_peer={MAX_PARTS_PER_PEER}" in replies[-1].message
+
+
+def test_a_default_node_serves_every_part_of_a_step_through_hundreds_of_its_experts(pair):
+    """A many-expert model routes one step to hundreds of one node's experts, in one batched call: with
+    the default limits none of its parts is refused (the parts' own limit per peer is far above the
+    calls' one; node b runs with the defaults)."""
+    _, b = pair
+    parts = [pb.ForwardRequest(uid=UIDS[4 + i % 4], inputs=[serialize(torch.randn(1, HIDDEN))])
+             for i in range(300)]
+    channel, service = stub(b.endpoint)
+    try:
+        replies = service.ForwardBatch(pb.ForwardBatchRequest(parts=parts), timeout=60).parts
+    finally:
+        channel.close()
+    assert [(p.code, p.message) for p in replies] == [(0, "")] * 300
+    assert all(len(p.tensors) == 1 for p in replies)
 
 
 def test_a_batched_request_above_the_message_limit_goes_through_the_batched_stream(pair, swarm):

@@ -97,7 +97,8 @@ def test_keys_are_long_enough_and_files_are_checked(tmp_path):
 def test_the_guard_limits_each_peer_on_its_own(monkeypatch):
     now = [0.0]
     monkeypatch.setattr("dmoe.core.ratelimit.time.monotonic", lambda: now[0])
-    guard = CallGuard(verifier=None, max_calls_per_peer=2, peer_rate=1.0, peer_burst=3.0)
+    guard = CallGuard(verifier=None, max_calls_per_peer=2,
+                      max_parts_per_peer=2, peer_rate=1.0, peer_burst=3.0)
     a, b = "ipv4:10.0.0.1:5000", "ipv6:[::1]:6000"
     held = [guard.admit(FORWARD, a, None), guard.admit(FORWARD, a, None)]
     with pytest.raises(Refused, match="max_calls_per_peer=2") as refused:
@@ -115,7 +116,8 @@ def test_the_guard_limits_each_peer_on_its_own(monkeypatch):
 
 def test_the_guard_refuses_without_the_key_first():
     key = SwarmKey(b"k" * 32)
-    guard = CallGuard(verifier=CallVerifier(key), max_calls_per_peer=1, peer_rate=1.0, peer_burst=1.0)
+    guard = CallGuard(verifier=CallVerifier(key), max_calls_per_peer=1, max_parts_per_peer=1, peer_rate=1.0,
+                      peer_burst=1.0)
     with pytest.raises(Refused) as refused:
         guard.admit(FORWARD, "ipv4:1.2.3.4:5", None)
     assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED and guard.num_unauthenticated == 1
@@ -124,7 +126,8 @@ def test_the_guard_refuses_without_the_key_first():
 
 def test_the_table_of_peers_is_bounded(monkeypatch):
     monkeypatch.setattr(guard_module, "MAX_PEERS", 50)
-    guard = CallGuard(verifier=None, max_calls_per_peer=4, peer_rate=10.0, peer_burst=10.0)
+    guard = CallGuard(verifier=None, max_calls_per_peer=4,
+                      max_parts_per_peer=4, peer_rate=10.0, peer_burst=10.0)
     busy = guard.admit(FORWARD, "ipv4:10.9.9.9:1", None)  # stays in flight: never forgotten
     for i in range(500):
         guard.release(guard.admit(FORWARD, f"ipv4:10.0.{i // 256}.{i % 256}:1", None))

@@ -75,19 +75,24 @@ def test_too_many_parts_or_fields_refuse_the_whole_call_before_any_is_parsed():
         _parse(pb.ForwardRequest, part)
 
 
-def test_each_part_after_the_first_is_a_call_of_its_peer_in_flight_and_against_the_rate():
-    guard = CallGuard(verifier=None, max_calls_per_peer=3, peer_rate=1e-9, peer_burst=100)
-    key = guard.admit("/m", PEER, None)
+def test_each_part_after_the_first_is_in_flight_among_the_peers_parts_and_against_the_rate():
+    guard = CallGuard(verifier=None, max_calls_per_peer=1, max_parts_per_peer=2, peer_rate=1e-9,
+                      peer_burst=100)
+    key = guard.admit("/m", PEER, None)  # the peer's one call: the parts have a limit of their own
     guard.admit_part(key)
     guard.admit_part(key)
-    with pytest.raises(Refused, match=r"3 calls of yours are in flight already.*=3\)") as part:
+    with pytest.raises(Refused, match=r"2 parts of batched calls of yours are in flight.*=2\)") as part:
         guard.admit_part(key)
-    with pytest.raises(Refused) as call:
+    assert part.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(Refused, match="max_calls_per_peer=1"):  # the calls' limit is apart
         guard.admit("/m", PEER, None)
-    assert (part.value.code, part.value.message) == (call.value.code, call.value.message)
-    for _ in range(3):
-        guard.release(key)
-    rated = CallGuard(verifier=None, max_calls_per_peer=100, peer_rate=1e-9, peer_burst=2)
+    guard.release_part(key)
+    guard.admit_part(key)  # a part given back makes room for one more
+    for _ in range(2):
+        guard.release_part(key)
+    guard.release(key)
+    rated = CallGuard(verifier=None, max_calls_per_peer=100, max_parts_per_peer=100, peer_rate=1e-9,
+                      peer_burst=2)
     key = rated.admit("/m", PEER, None)
     rated.admit_part(key)  # the burst of 2 is spent
     with pytest.raises(Refused, match="requests per second") as part:
@@ -105,7 +110,8 @@ def servicer():
     runtime = Runtime(backends, max_batch_tokens=64, max_queued_tokens=6, batching=True)
     runtime.start()
     counters = {uid: ExpertCounters() for uid in backends}
-    guard = CallGuard(verifier=None, max_calls_per_peer=5, peer_rate=1e6, peer_burst=1e6)
+    guard = CallGuard(verifier=None, max_calls_per_peer=5, max_parts_per_peer=4, peer_rate=1e6,
+                      peer_burst=1e6)
     yield ExpertServicer(backends, runtime, counters, max_batch_tokens=64, max_request_bytes=1 << 20,
                          node_info=lambda uids: pb.NodeInfo(), chunk_bytes=1 << 16,
                          max_inflight_bytes=1 << 20, guard=guard, max_input_abs=1e4)
@@ -128,13 +134,13 @@ def test_each_part_is_served_as_its_own_call_and_fails_alone(servicer):
              forward("ffn.9", 3),  # not hosted: NOT_FOUND
              forward("ffn.2", 7),  # more tokens than may wait in its queue (6): RESOURCE_EXHAUSTED
              forward("ffn.0", 2),
-             forward("ffn.2", 1)]  # the sixth call in flight of a peer allowed five
+             forward("ffn.2", 1)]  # the fifth part after the call's own, of a peer allowed four
     data = pb.ForwardBatchRequest(parts=parts).SerializeToString()
     reply = asyncio.run(as_call(servicer, lambda: servicer._run_batch(data, backward=False)))
     codes = [grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert [p.code for p in reply.parts] == [c.value[0] for c in codes]
-    assert "max_calls_per_peer=5" in reply.parts[5].message
+    assert "max_parts_per_peer=4" in reply.parts[5].message
     for request, part in zip(parts[:5], reply.parts):
         try:  # the same request in a per-expert call
             own = asyncio.run(as_call(servicer, lambda: servicer._run(request, backward=False)))
@@ -148,4 +154,5 @@ def test_each_part_is_served_as_its_own_call_and_fails_alone(servicer):
              for uid, c in servicer.counters.items()}
     # each part (and each per-expert call after it) counted in its expert's stats
     assert stats == {"ffn.0": (4, 10, 0, 0), "ffn.1": (0, 0, 2, 0), "ffn.2": (0, 0, 0, 2)}
-    assert servicer.guard._peers["127.0.0.1"].in_flight == 0  # every part's call given back
+    peer = servicer.guard._peers["127.0.0.1"]
+    assert (peer.in_flight, peer.parts_in_flight) == (0, 0)  # every call and part given back

@@ -50,7 +50,8 @@ def test_a_tls_client_keys_on_its_certificate_not_its_address():
 
 
 def test_open_services_need_no_key_but_share_the_limits():
-    guard = CallGuard(verifier=CallVerifier(SwarmKey(b"k" * 32)), max_calls_per_peer=2, peer_rate=1e-3,
+    guard = CallGuard(verifier=CallVerifier(SwarmKey(b"k" * 32)), max_calls_per_peer=2,
+                      max_parts_per_peer=2, peer_rate=1e-3,
                       peer_burst=3.0)
     with pytest.raises(Refused) as refused:
         guard.admit(FORWARD, "ipv4:10.0.0.1:5", None)
@@ -66,7 +67,8 @@ def test_open_services_need_no_key_but_share_the_limits():
 
 
 def test_each_chunk_of_a_stream_is_a_request_of_its_peer():
-    guard = CallGuard(verifier=None, max_calls_per_peer=4, peer_rate=1e-3, peer_burst=5.0)
+    guard = CallGuard(verifier=None, max_calls_per_peer=4,
+                      max_parts_per_peer=4, peer_rate=1e-3, peer_burst=5.0)
     key = guard.admit(FORWARD, "ipv4:10.0.0.1:5", None)
     for _ in range(4):
         guard.charge(key)

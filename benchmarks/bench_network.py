@@ -9,10 +9,10 @@ through :class:`dmoe.testing.netproxy.TcpProxy` (the node announces the proxy's 
 * **dmoe, 1 in flight**: a RemoteMoE layer, 8 FFN experts, k=2, one step at a time, with wire
   compression none, fp16 and 8-bit. A step is forward up, forward down, backward up, backward
   down: at least two round trips and some link idle, whatever the bandwidth.
-* **dmoe, 2 in flight**: the same layer (no compression) with two steps in flight at once (two
-  threads, as two trainers would, or a trainer that overlaps the next batch with this one's
-  backward, as in Learning@home's asynchronous training), so one step's requests go up while the
-  other's replies come down.
+* **dmoe, N in flight**: the same layer and compressions with ``--in-flight`` steps at once, as
+  ``dmoe train --steps-in-flight N`` runs them (:class:`dmoe.lm.overlap.StepsInFlight`: each step on
+  a replica of the layer holding the gate's parameters when it started, its gradients applied in
+  order by Adam), so one step's requests go up while another's replies come down.
 * **model-parallel**: the same compute per token (two expert evaluations) as a chain of two
   stages, each one expert on the node taking every token, one step in flight: what a
   model-parallel pipeline without micro-batching does, one stage after the other.
@@ -36,7 +36,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,15 +44,14 @@ import torch
 from common import pyplot
 
 import dmoe
+from dmoe.lm.overlap import StepsInFlight
 from dmoe.testing.netlab import NetLab
 from dmoe.testing.netproxy import TcpProxy
 from dmoe.testing.process import wait_ready_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_EXPERTS, K = 8, 2
-# (name, compression, steps in flight); "model-parallel" is the chain of two one-expert stages
-VARIANTS = [("dmoe", "none", 1), ("dmoe", "fp16", 1), ("dmoe", "8bit", 1), ("dmoe", "none", 2),
-            ("model-parallel", "none", 1)]
+COMPRESSIONS = ("none", "fp16", "8bit")
 
 
 def label(name: str, compression: str, inflight: int) -> str:
@@ -68,7 +66,12 @@ def main() -> None:
                         help="measured steps per thread, after one warm-up step")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[2],
+                        help="steps in flight of the overlapped variants (each with every compression)")
     args = parser.parse_args()
+    # (name, compression, steps in flight); "model-parallel" is the chain of two one-expert stages
+    variants = [*(("dmoe", c, n) for n in [1, *args.in_flight] for c in COMPRESSIONS),
+                ("model-parallel", "none", 1)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, NetLab() as lab, TcpProxy() as proxy, \
@@ -94,28 +97,36 @@ def main() -> None:
                 time.sleep(0.5)
             torch.manual_seed(0)
             deadlines = dict(forward_timeout=120, timeout_after_k_min=120, backward_timeout=120)
-            layers = {c: dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=args.hidden,
-                                        k=K, k_min=K, compression=c, **deadlines)
-                      for c in ("none", "fp16", "8bit")}
-            for layer in layers.values():
-                layer.load_state_dict(layers["none"].state_dict())
+            made: list[dmoe.RemoteMoE] = []
+
+            def make_layer(compression: str) -> dmoe.RemoteMoE:
+                torch.manual_seed(0)  # every layer and replica starts with the same gate
+                made.append(dmoe.RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=args.hidden,
+                                           k=K, k_min=K, compression=compression, **deadlines))
+                return made[-1]
+
             stages = [dmoe.RemoteMoE(swarm, prefix=f"stage{i}", grid=(1,), in_features=args.hidden, k=1,
                                      **deadlines)
                       for i in range(2)]
+            made += stages
             # inputs that need a gradient, as a layer's inside a model: backward then reaches the experts
-            inputs = [torch.randn(args.tokens, args.hidden, requires_grad=True) for _ in range(2)]
+            inputs = [torch.randn(args.tokens, args.hidden, requires_grad=True) for _ in range(4)]
 
-            def step_fn(name: str, compression: str) -> Callable[[torch.Tensor], None]:
+            def trainer(name: str, compression: str, in_flight: int) -> Trainer:
                 if name == "model-parallel":
-                    return lambda x: stages[1](stages[0](x)).square().mean().backward()
-                return lambda x: layers[compression](x).square().mean().backward()
+                    return Trainer(lambda model, x: stages[1](stages[0](x)).square().mean().backward(),
+                                   torch.nn.ModuleList(stages), None, 1)
+                layer = make_layer(compression)
+                return Trainer(lambda model, x: model(x).square().mean().backward(), layer,
+                               lambda: make_layer(compression), in_flight)
 
             for mbit in args.bandwidth:
                 lab.shape(mbit)
                 for rtt in args.rtt:
                     proxy.delay = rtt / 2e3
-                    for name, compression, inflight in VARIANTS:
-                        row = measure(step_fn(name, compression), inputs[:inflight], args.steps, proxy)
+                    for name, compression, inflight in variants:
+                        with trainer(name, compression, inflight) as run:
+                            row = measure(run, inputs, args.steps, proxy)
                         bound = row["busier_direction_bytes_per_step"] * 8 / (mbit * 1e6)
                         row.update(variant=label(name, compression, inflight), name=name,
                                    compression=compression, inflight=inflight, bandwidth_mbit=mbit,
@@ -129,39 +140,60 @@ def main() -> None:
                               f"bound {bound:6.3f} s, efficiency {100 * row['efficiency']:5.1f}%, "
                               f"{row['tokens_per_s']:8,.0f} tok/s",
                               flush=True)
-            failed = sum(layer.num_failed_calls for layer in [*layers.values(), *stages])
+            failed = sum(layer.num_failed_calls for layer in made)
     out = {"config": {**vars(args), "experts": NUM_EXPERTS, "k": K}, "failed_calls": failed, "results": rows}
     (RESULTS / "bench_network.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / 'bench_network.json'} (failed expert calls: {failed})")
     plot(rows, args)
 
 
-def measure(step: Callable[[torch.Tensor], None], inputs: list[torch.Tensor], steps: int,
-            proxy: TcpProxy) -> dict:
-    """One warm-up step per thread, then ``steps`` per thread, all threads at once: s/step is the
-    wall time over all their steps; bytes are the proxy's counts over the same span."""
-    for x in inputs:
-        step(x)
+class Trainer:
+    """Training steps of ``model`` (``step(model, x)``: forward and backward), one at a time or
+    ``in_flight`` at once through :class:`dmoe.lm.overlap.StepsInFlight` on replicas from
+    ``make_replica``, the gate's gradients applied by Adam."""
+
+    def __init__(self, step: Callable[[torch.nn.Module, torch.Tensor], None], model: torch.nn.Module,
+                 make_replica: Callable[[], torch.nn.Module] | None, in_flight: int):
+        self.step_fn, self.model = step, model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.pipeline = None if in_flight == 1 else StepsInFlight(
+            model, make_replica, in_flight=in_flight, apply=self.optimizer.step)
+        self.in_flight = in_flight
+
+    def step(self, x: torch.Tensor) -> None:
+        if self.pipeline is None:
+            self.step_fn(self.model, x)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.pipeline.submit(lambda replica: self.step_fn(replica, x))
+
+    def drain(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.drain()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+
+def measure(trainer: Trainer, inputs: list[torch.Tensor], steps: int, proxy: TcpProxy) -> dict:
+    """``in_flight`` warm-up steps, then ``steps * in_flight`` steps: s/step is the wall time over
+    them all (from the first started to the last ended); bytes are the proxy's counts over the same
+    span."""
+    for i in range(trainer.in_flight):
+        trainer.step(inputs[i % len(inputs)])
+    trainer.drain()
     before = dict(proxy.num_bytes)
-    errors: list[BaseException] = []
-
-    def run(x: torch.Tensor) -> None:
-        try:
-            for _ in range(steps):
-                step(x)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(x,)) for x in inputs]
+    total = steps * trainer.in_flight
     started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    for i in range(total):
+        trainer.step(inputs[i % len(inputs)])
+    trainer.drain()
     elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    total = steps * len(inputs)
     moved = {d: (proxy.num_bytes[d] - before[d]) / total for d in before}
     return {"s_per_step": elapsed / total, "bytes_per_step": sum(moved.values()),
             "busier_direction_bytes_per_step": max(moved.values()), "wall_s": elapsed, "steps": total}

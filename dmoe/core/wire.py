@@ -1,10 +1,12 @@
 """Tensors on the wire: ``dmoe.proto.Tensor`` <-> ``torch.Tensor``, compression, and chunking.
 
-The encodings themselves are hivemind's (``hivemind.compression``: none, float16, uniform 8-bit);
-this module adds what a server reading bytes from strangers needs before it hands them to those
-decoders: an allow-list of dtypes, a bound on rank and element count, and an exact check of the
-buffer length for every encoding, so a malformed tensor is a :class:`~dmoe.errors.WireError`
-(INVALID_ARGUMENT on a node), never a crash or an allocation chosen by the peer.
+The encodings are hivemind's layouts (``hivemind.compression``: none, float16, uniform 8-bit), so either
+side may be hivemind's code; the encoders and decoders are this module's own (hivemind's 8-bit encoder
+spent about twice as long, through torch's deprecated quantized tensors and a scatter per bucket; its
+8-bit decoder fails under numpy >= 2.3). Decoding adds what a server reading bytes from strangers needs:
+an allow-list of dtypes, a bound on rank and element count, and an exact check of the buffer length for
+every encoding, so a malformed tensor is a :class:`~dmoe.errors.WireError` (INVALID_ARGUMENT on a node),
+never a crash or an allocation chosen by the peer.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from collections.abc import AsyncIterable, Callable, Iterator
 
 import numpy as np
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.proto import runtime_pb2
 
 from dmoe.core.compression import COMPRESSION_NAMES
 from dmoe.errors import MessageTooLarge, WireError
@@ -35,11 +35,10 @@ MAX_RANK = 8
 MAX_DIM = 2**31 - 1
 CODEBOOK_HEADER_BYTES = 8
 
-_TO_HIVEMIND = {
-    pb.NONE: runtime_pb2.CompressionType.NONE,
-    pb.FLOAT16: runtime_pb2.CompressionType.FLOAT16,
-    pb.UNIFORM_8BIT: runtime_pb2.CompressionType.UNIFORM_8BIT,
-}
+COMPRESSIONS = frozenset({pb.NONE, pb.FLOAT16, pb.UNIFORM_8BIT})
+FP16_MAX = torch.finfo(torch.float16).max
+UNIFORM_BINS = 256  # uniform 8-bit: 256 buckets spanning 6 standard deviations around the mean
+UNIFORM_RANGE_IN_SIGMAS = 6
 
 
 def compression_from_name(name: str) -> int:
@@ -65,12 +64,35 @@ def serialize(tensor: torch.Tensor, compression: int = pb.NONE) -> pb.Tensor:
         raise WireError(f"dtype {name} cannot be sent; supported: {', '.join(DTYPES)}")
     if name not in FLOAT_DTYPES or tensor.numel() < 2 or (compression == pb.FLOAT16 and name == "bfloat16"):
         compression = pb.NONE
-    if name == "bfloat16" and compression == pb.NONE:  # hivemind widens these to fp32 by default;
-                                                      # send 2 bytes
-        buffer = tensor.contiguous().view(torch.int16).numpy().tobytes()
+    tensor = tensor.contiguous()
+    if compression == pb.FLOAT16:
+        buffer = tensor.to(torch.float32).clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy().tobytes()
+    elif compression == pb.UNIFORM_8BIT:
+        buffer = _encode_8bit(tensor)
+    elif name == "bfloat16":  # 2 bytes each, as they are (numpy has no bfloat16)
+        buffer = tensor.view(torch.int16).numpy().tobytes()
     else:
-        buffer = serialize_torch_tensor(tensor.contiguous(), _TO_HIVEMIND[compression]).buffer
+        buffer = tensor.numpy().tobytes()
     return pb.Tensor(buffer=buffer, shape=list(tensor.shape), dtype=name, compression=compression)
+
+
+def _encode_8bit(tensor: torch.Tensor) -> bytes:
+    """Uniform 8-bit: bucket i holds the values within half a step of mean + (i - 128) x step, step
+    = 6 x (unbiased std) / 256, the ends clamped; each bucket decodes to the mean of its values. The
+    layout: the codebook's size (int64), the codebook (float32), one uint8 index per element."""
+    shift = tensor.mean()
+    values = tensor.to(torch.float32)
+    centered = values - shift
+    scale = UNIFORM_RANGE_IN_SIGMAS * (centered.norm() / math.sqrt(centered.numel() - 1)) / UNIFORM_BINS
+    offset = UNIFORM_BINS // 2
+    if scale > 0:
+        indices = torch.round(centered / scale).add_(offset).clamp_(0, UNIFORM_BINS - 1).to(torch.uint8)
+    else:  # every value the same: one bucket
+        indices = torch.full(centered.shape, offset, dtype=torch.uint8)
+    indices = indices.flatten()
+    sums = torch.bincount(indices, weights=values.flatten(), minlength=UNIFORM_BINS)
+    codebook = (sums / torch.bincount(indices, minlength=UNIFORM_BINS).clamp_min_(1)).to(torch.float32)
+    return b"".join((np.int64(UNIFORM_BINS).tobytes(), codebook.numpy().tobytes(), indices.numpy().tobytes()))
 
 
 def _expected_length(message: pb.Tensor, numel: int) -> int | None:
@@ -86,7 +108,7 @@ def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
     """Decode a tensor read from the network, or raise WireError saying what is wrong with it."""
     if message.dtype not in DTYPES:
         raise WireError(f"unsupported dtype {message.dtype!r}; supported: {', '.join(DTYPES)}")
-    if message.compression not in _TO_HIVEMIND:
+    if message.compression not in COMPRESSIONS:
         raise WireError(f"unknown compression tag {message.compression}")
     shape = tuple(message.shape)
     if len(shape) > MAX_RANK or any(d < 0 or d > MAX_DIM for d in shape):
@@ -103,21 +125,26 @@ def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
     if expected is not None and len(buffer) != expected:
         raise WireError(f"buffer of {len(buffer)} bytes does not hold {numel} x {message.dtype} "
                         f"({expected} bytes)")
+    dtype = DTYPES[message.dtype]
     if message.compression == pb.UNIFORM_8BIT:
-        tensor = _decode_8bit(buffer, shape, DTYPES[message.dtype])
+        tensor = _decode_8bit(buffer, shape, dtype)
+    elif message.compression == pb.FLOAT16:
+        tensor = torch.from_numpy(np.frombuffer(buffer, dtype=np.float16).copy()).to(dtype).reshape(shape)
+    elif message.dtype == "bfloat16":
+        tensor = torch.from_numpy(np.frombuffer(buffer, dtype=np.int16).copy()).view(dtype).reshape(shape)
     else:
-        encoded = runtime_pb2.Tensor(
-            buffer=buffer, size=shape, dtype=message.dtype, compression=_TO_HIVEMIND[message.compression]
-        )
-        tensor = deserialize_torch_tensor(encoded)
+        tensor = torch.from_numpy(np.frombuffer(buffer, dtype=_NUMPY[message.dtype]).copy()).reshape(shape)
     if tuple(tensor.shape) != shape or tensor.dtype != DTYPES[message.dtype]:
         raise WireError("tensor decoded to the wrong shape or dtype")
     return tensor
 
 
+_NUMPY = {name: np.dtype(name) for name in DTYPES if name != "bfloat16"}
+
+
 def _decode_8bit(buffer: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Checked decoding of hivemind's UNIFORM_8BIT layout (hivemind 1.1.12's own decoder fails under
-    numpy >= 2.3, which no longer converts a 1-element array to int)."""
+    """Checked decoding of the UNIFORM_8BIT layout (any codebook of 1..256 entries: hivemind's quantile
+    8-bit layout decodes alike)."""
     if len(buffer) < CODEBOOK_HEADER_BYTES:
         raise WireError("8-bit tensor without its codebook header")
     codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
@@ -132,10 +159,10 @@ def _decode_8bit(buffer: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> t
     )
     indices = torch.from_numpy(
         np.frombuffer(buffer, offset=CODEBOOK_HEADER_BYTES + 4 * codebook_size, dtype=np.uint8).copy()
-    ).int()
+    )
     if numel and int(indices.max()) >= codebook_size:
         raise WireError("8-bit index outside its codebook")
-    return codebook.to(dtype)[indices].reshape(shape)
+    return codebook.to(dtype)[indices.long()].reshape(shape)
 
 
 def split_chunks(data: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:

@@ -23,6 +23,7 @@ from dmoe.errors import CheckpointError, ConfigError
 from dmoe.lm.config import LMConfig, TrainConfig
 from dmoe.lm.data import ByteCorpus
 from dmoe.lm.model import MoELM, local_moe_factory, remote_moe_factory
+from dmoe.lm.overlap import StepsInFlight
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class Trainer:
         self.history: list[dict] = []
         self._store = None
         self._saved_step = -1
+        self._make_model: Callable[[], MoELM] | None = None
+        self._in_flight: StepsInFlight[dict] | None = None  # with steps_in_flight > 1
+        self._last_end = 0.0  # when the last overlapped step ended (perf_counter)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Trainer:
@@ -56,6 +60,9 @@ class Trainer:
             if self.swarm is not None:
                 self._publish_model()
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+            if config.steps_in_flight > 1:  # replicas of the model, each running a step at once
+                self._in_flight = StepsInFlight(self.model, self._make_model, apply=self._apply_gradients,
+                                                in_flight=config.steps_in_flight, on_end=_hand_routing)
             if config.save:
                 self._store = CheckpointStore(config.save, keep=2)
             if config.resume and self._store is not None:
@@ -72,9 +79,11 @@ class Trainer:
     def _build_model(self) -> MoELM:
         config = self.config
         if config.ffn == "dense":
-            return MoELM(config.model_config)
+            self._make_model = lambda: MoELM(config.model_config)
+            return self._make_model()
         if config.local:
-            return MoELM(config.model_config, local_moe_factory())
+            self._make_model = lambda: MoELM(config.model_config, local_moe_factory())
+            return self._make_model()
         from dmoe.client.swarm import Swarm
 
         # The averager forks (see dmoe.lm.averaging): it is created after the model, whose RemoteMoE
@@ -82,12 +91,14 @@ class Trainer:
         swarm = Swarm(config.swarm)
         try:
             torch.manual_seed(config.seed)
-            model = MoELM(config.model_config, remote_moe_factory(
+            factory = remote_moe_factory(
                 swarm, k_min=config.k_min, forward_timeout=config.forward_timeout,
                 timeout_after_k_min=config.timeout_after_k_min, backward_timeout=config.backward_timeout,
                 compression=config.compression,
                 # a node that joins later serving a uid of this model with other sizes is not called
-                expert_schema=model_spec(config).expert_schema))
+                expert_schema=model_spec(config).expert_schema)
+            self._make_model = lambda: MoELM(config.model_config, factory)
+            model = self._make_model()
             if config.run_id is not None:
                 from dmoe.lm.averaging import ParameterAverager
 
@@ -130,6 +141,9 @@ class Trainer:
         self.spec_publisher = SpecPublisher(self.swarm.peer, spec).start()
 
     def shutdown(self) -> None:
+        if self._in_flight is not None:  # its steps need the swarm: they end first
+            self._in_flight.close()
+            self._in_flight = None
         if self.spec_publisher is not None:
             self.spec_publisher.stop()
             self.spec_publisher = None
@@ -148,34 +162,61 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------------------
     def train_step(self) -> dict:
+        """One training step, start to end (with steps_in_flight > 1, :meth:`train` overlaps them)."""
         config = self.config
+        self._apply_averaged()
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        x, y = self.corpus.batch(config.batch_size, config.seq_len, self.generator)
+        record = _forward_backward(self.model, x, y)
+        self._apply_gradients()
+        return self._ended(record, time.perf_counter() - started)
+
+    def _apply_averaged(self) -> None:
         if self.averager is not None and self.averager.apply_pending():
             self._log({"step": self.step, "averaged_with": self.averager.last_group_size,
                        "time": time.time()})
-        started = time.perf_counter()
-        self.model.train()
-        x, y = self.corpus.batch(config.batch_size, config.seq_len, self.generator)
-        loss, ce = self.model.loss(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+
+    def _apply_gradients(self) -> None:
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _ended(self, record: dict, elapsed: float) -> dict:
+        """A step's record, once its gradients are applied: ``seconds`` is the time it took alone, or
+        with steps in flight the time since the step before it ended (the pace of training)."""
         self.step += 1
-        layers = self.model.moe_layers()
-        failed = sum(layer.last_num_failed for layer in layers)
-        self.num_failed_calls += failed
-        elapsed = time.perf_counter() - started
+        self.num_failed_calls += record["failed_calls"]
         record = {
-            "step": self.step, "loss": float(ce), "tokens_per_s": x.numel() / elapsed, "seconds": elapsed,
-            "live_experts": sum(len(layer.last_routing[0]) if layer.last_routing else 0 for layer in layers),
-            "failed_calls": failed,
+            "step": self.step, **record, "tokens_per_s": record.pop("tokens") / elapsed, "seconds": elapsed,
             # nodes whose replicas were skipped (lately) for serving a uid of this model with another schema
             "skipped_nodes": len(self.swarm.skipped_nodes()) if self.swarm is not None else 0,
             "time": time.time(),
         }
         self._log(record)
         return record
+
+    def _overlapped_steps(self, on_step: Callable[[dict], None] | None, until: int,
+                          out_of_time: Callable[[], bool]) -> None:
+        """Steps up to ``until`` (or out of time), ``steps_in_flight`` at once, all ended on return."""
+        assert self._in_flight is not None
+        config, pipeline = self.config, self._in_flight
+        self._last_end = time.perf_counter()
+
+        def ended(records: list[dict]) -> None:
+            for record in records:
+                now = time.perf_counter()
+                record = self._ended(record, now - self._last_end)
+                self._last_end = now
+                if on_step is not None:
+                    on_step(record)
+
+        while self.step + pipeline.num_in_flight < until and not out_of_time():
+            self._apply_averaged()
+            x, y = self.corpus.batch(config.batch_size, config.seq_len, self.generator)
+            ended(pipeline.submit(lambda model, x=x, y=y: _forward_backward(model, x, y)))
+        ended(pipeline.drain())
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -201,9 +242,16 @@ class Trainer:
             return bool(config.max_time) and time.monotonic() - started >= config.max_time
 
         while self.step < config.steps and not out_of_time():
-            record = self.train_step()
-            if on_step is not None:
-                on_step(record)
+            if self._in_flight is not None:  # up to the next evaluation or checkpoint, overlapped
+                until = config.steps
+                for every in (config.eval_interval, config.save_interval if self._store is not None else 0):
+                    if every:
+                        until = min(until, (self.step // every + 1) * every)
+                self._overlapped_steps(on_step, until, out_of_time)
+            else:
+                record = self.train_step()
+                if on_step is not None:
+                    on_step(record)
             if (config.eval_interval and self.step % config.eval_interval == 0 and self.step < config.steps
                     and not out_of_time()):
                 loss = self.evaluate()
@@ -250,6 +298,27 @@ class Trainer:
         self.generator.set_state(state.tensors[RNG_TENSOR])
         self.step = state.step
         logger.info("resumed from %s at step %d", path, self.step)
+
+
+def _forward_backward(model: MoELM, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Loss and gradients of one batch into ``model``'s ``.grad``; what its record says of it."""
+    model.train()
+    loss, ce = model.loss(x, y)
+    loss.backward()
+    layers = model.moe_layers()
+    return {
+        "loss": float(ce), "tokens": x.numel(),
+        "live_experts": sum(len(layer.last_routing[0]) if layer.last_routing else 0 for layer in layers),
+        "failed_calls": sum(layer.last_num_failed for layer in layers),
+    }
+
+
+def _hand_routing(master: MoELM, replica: MoELM) -> None:
+    """The tokens a replica's gates routed in a step, added to the master's counters (which the demand
+    published from the master's layers reads)."""
+    for mine, theirs in zip(replica.moe_layers(), master.moe_layers()):
+        theirs.routed_tokens += mine.routed_tokens
+        mine.routed_tokens.zero_()
 
 
 def load_checkpoint(checkpoint_dir: str) -> tuple[LMConfig, dict[str, torch.Tensor], int]:

@@ -62,6 +62,35 @@ def test_training_over_a_two_node_swarm_lowers_the_held_out_loss(two_nodes, tmp_
     assert step == 25 and not any(".experts." in name for name in state)  # the experts stay on the nodes
 
 
+def test_steps_in_flight_train_over_the_swarm_and_end_before_each_evaluation_and_save(two_nodes, tmp_path):
+    a, b = two_nodes
+    config = TrainConfig(**MODEL, swarm=SwarmConfig(initial_peers=a.swarm), steps=25, batch_size=8, lr=3e-3,
+                         eval_interval=10, save_interval=8, timeout_after_k_min=30, steps_in_flight=2,
+                         save=str(tmp_path / "run"), metrics_file=str(tmp_path / "metrics.jsonl"),
+                         publish_demand=False)
+    saved = []
+    with Trainer(config) as trainer:
+        save = trainer.save
+        trainer.save = lambda: saved.append((trainer.step, trainer._in_flight.num_in_flight)) or save()
+        evaluated = []
+        after = trainer.train(on_eval=lambda step, loss: evaluated.append(
+            (step, trainer._in_flight.num_in_flight, loss)))
+        assert trainer.num_failed_calls == 0
+        routed = [int(layer.routed_tokens.sum()) for layer in trainer.model.moe_layers()]
+    # each evaluation and checkpoint sees every step before it ended, none in flight
+    assert [(step, pending) for step, pending, _ in evaluated] == [(0, 0), (10, 0), (20, 0), (25, 0)]
+    assert saved == [(8, 0), (16, 0), (24, 0), (25, 0)]
+    assert after < evaluated[0][2] - 0.3, evaluated
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 26))
+    assert all(r["live_experts"] == 8 and r["failed_calls"] == 0 for r in steps)
+    # the replicas' gates routed every token of every step to k experts, counted on the master's layers
+    # (with those of its 4 evaluations of 4 held-out batches)
+    assert routed == [(25 + 4 * 4) * 8 * MODEL["seq_len"] * 2] * MODEL["num_layers"]
+    assert load_checkpoint(str(tmp_path / "run"))[2] == 25
+
+
 def test_a_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
     """--local is deterministic: 6 steps, save, resume, 6 more equals 12 steps straight."""
     common = dict(**MODEL, local=True, batch_size=4, eval_interval=0, save_interval=3, data="stdlib")

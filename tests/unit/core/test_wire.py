@@ -69,3 +69,42 @@ def test_chunks_roundtrip_and_limit():
 async def _aiter(items):
     for item in items:
         yield item
+
+
+@pytest.mark.parametrize("compression", [pb.NONE, pb.FLOAT16, pb.UNIFORM_8BIT])
+def test_the_encodings_are_hiveminds_layouts_both_ways(compression):
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+
+    hivemind_type = {pb.NONE: runtime_pb2.NONE, pb.FLOAT16: runtime_pb2.FLOAT16,
+                     pb.UNIFORM_8BIT: runtime_pb2.UNIFORM_8BIT}[compression]
+    torch.manual_seed(0)
+    x = torch.randn(96, 64) * 3 + 1
+    theirs = serialize_torch_tensor(x, hivemind_type)
+    ours = serialize(x, compression)
+    from_theirs = deserialize(pb.Tensor(buffer=theirs.buffer, shape=list(x.shape), dtype="float32",
+                                        compression=compression), max_numel=x.numel())
+    from_ours = deserialize(ours, max_numel=x.numel())
+    if compression == pb.UNIFORM_8BIT:
+        # the same buckets (hivemind sums each in float32, this module in float64: codebooks agree to
+        # float32 rounding), so the same decoded values
+        assert len(ours.buffer) == len(theirs.buffer) == 8 + 4 * 256 + x.numel()
+        assert ours.buffer[8 + 4 * 256:] == theirs.buffer[8 + 4 * 256:]
+        torch.testing.assert_close(from_ours, from_theirs, rtol=1e-6, atol=1e-6)
+        # each value decodes to its bucket's mean: within one step (6 sigma / 256) inside the range
+        step = 6 * float(x.std()) / 256
+        inside = (x - x.mean()).abs() < 127 * step
+        assert float((from_ours - x)[inside].abs().max()) <= step
+    else:
+        assert ours.buffer == theirs.buffer  # the same bytes, and hivemind decodes ours
+        encoded = runtime_pb2.Tensor(buffer=ours.buffer, size=list(x.shape), dtype="float32",
+                                     compression=hivemind_type)
+        torch.testing.assert_close(deserialize_torch_tensor(encoded), from_ours, rtol=0, atol=0)
+        assert torch.equal(from_ours, from_theirs)
+        assert torch.equal(from_ours, x if compression == pb.NONE else x.half().float())
+
+
+def test_8bit_of_a_constant_tensor_is_exact():
+    x = torch.full((4, 8), 2.5)
+    message = serialize(x, pb.UNIFORM_8BIT)
+    assert message.compression == pb.UNIFORM_8BIT and torch.equal(deserialize(message, max_numel=32), x)

@@ -1,0 +1,118 @@
+"""Training steps in flight at once: one step's forward on the wire while another's backward travels.
+
+A step through remote experts is two request-reply phases (forward, then backward), and the next step
+waits for both: over a long link, each direction of the link idles for a round trip or more per step.
+:class:`StepsInFlight` runs up to ``in_flight`` steps at once, each in its own thread on its own
+*replica* of the model (the same architecture; for RemoteMoE layers, the same swarm), so that their
+phases interleave on the wire. The model being trained (the *master*) stays in the caller's thread:
+
+* when a step starts, its replica takes the master's current parameters and buffers (a copy);
+* when a step ends, its replica's parameter gradients are applied to the master by the caller's
+  optimizer (after clipping), in the order the steps started, whatever order they end in.
+
+So a step's gradient is computed at parameters that miss at most ``in_flight - 1`` of the latest
+updates (delayed gradients, as in asynchronous SGD with bounded staleness; Learning@home's trainers
+ran many such jobs at once). With ``in_flight`` 1 it is the plain loop, step after step.
+
+Nothing is shared between the threads but the swarm (thread-safe: each call runs on its loop); what
+a replica keeps of a step besides its gradients (the gates' routed-token counters, which the demand
+published from the master's layers reads) is handed to the master by ``on_end`` as the step ends.
+The experts on the nodes see the calls of several steps interleaved, each Backward answered before
+that expert's optimizer step, which the next call on it then sees.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+
+class StepsInFlight(Generic[T]):
+    """``submit(compute)`` starts a step: ``compute(replica)`` runs the forward and ``backward()`` on a
+    replica, in a worker thread, and returns what the caller wants back (its loss, statistics); it
+    returns the results of the steps that had to end first to make room, oldest first, each after its
+    gradients were applied to ``model``. ``drain()`` ends every step in flight (before an evaluation,
+    a checkpoint or the end of training). ``close()`` waits for the steps in flight and stops the
+    threads; a step that raised re-raises in ``submit``/``drain``.
+
+    ``make_replica()`` builds a model of the same architecture as ``model`` (parameters in the same
+    order; their values do not matter, they are copied before each step). ``apply()`` is called with
+    a step's gradients in the master's ``.grad``, in the caller's thread; it applies them (clip,
+    ``optimizer.step()``). ``on_end(master, replica)``, if given, is called after that, in the
+    caller's thread too."""
+
+    def __init__(self, model: nn.Module, make_replica: Callable[[], nn.Module], *, in_flight: int,
+                 apply: Callable[[], None], on_end: Callable[[nn.Module, nn.Module], None] | None = None):
+        if in_flight < 2:
+            raise ValueError(f"in_flight must be at least 2 (1: one step after the other), got {in_flight}")
+        self.model, self.in_flight, self._apply, self._on_end = model, in_flight, apply, on_end
+        self._params = list(model.parameters())
+        self._buffers = list(model.buffers())
+        self._free: collections.deque[nn.Module] = collections.deque()
+        for _ in range(in_flight):
+            replica = make_replica()
+            if [p.shape for p in replica.parameters()] != [p.shape for p in self._params]:
+                raise ValueError("make_replica() built a model whose parameters differ from the master's")
+            self._free.append(replica)
+        self._pending: collections.deque[tuple[nn.Module, concurrent.futures.Future]] = collections.deque()
+        self._pool = concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="dmoe-step")
+        self.num_started = self.num_ended = 0
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._pending)
+
+    def submit(self, compute: Callable[[nn.Module], T]) -> list[T]:
+        ended = []
+        while len(self._pending) >= self.in_flight:
+            ended.append(self._end_oldest())
+        replica = self._free.popleft()
+        with torch.no_grad():  # the master's parameters now, with every update ended so far
+            for mine, master in zip(replica.parameters(), self._params):
+                mine.copy_(master)
+            for mine, master in zip(replica.buffers(), self._buffers):
+                mine.copy_(master)
+        replica.zero_grad(set_to_none=True)
+        self._pending.append((replica, self._pool.submit(compute, replica)))
+        self.num_started += 1
+        return ended
+
+    def drain(self) -> list[T]:
+        ended = []
+        while self._pending:
+            ended.append(self._end_oldest())
+        return ended
+
+    def _end_oldest(self) -> T:
+        replica, future = self._pending.popleft()
+        try:
+            result = future.result()
+        except BaseException:
+            replica.zero_grad(set_to_none=True)
+            self._free.append(replica)
+            raise
+        for master, mine in zip(self._params, replica.parameters()):
+            master.grad = mine.grad  # the replica's tensor: its own next step starts with zero_grad
+        try:
+            self._apply()
+            if self._on_end is not None:
+                self._on_end(self.model, replica)
+        finally:
+            for master in self._params:
+                master.grad = None
+            replica.zero_grad(set_to_none=True)
+            self._free.append(replica)
+        self.num_ended += 1
+        return result
+
+    def close(self) -> None:
+        """Wait for the steps in flight (their results and errors are dropped) and stop the threads."""
+        self._pool.shutdown(wait=True)
+        self._pending.clear()

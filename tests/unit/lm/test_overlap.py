@@ -1,0 +1,128 @@
+"""Steps in flight (dmoe.lm.overlap.StepsInFlight): delayed gradients applied in order, exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from dmoe.lm.overlap import StepsInFlight
+
+pytestmark = pytest.mark.timeout(60)
+LR = 0.1
+
+
+def make() -> nn.Module:
+    return nn.Linear(4, 1, bias=True)
+
+
+def gradient(params: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """The gradient of mean(model(x)^2) at these parameters, computed apart."""
+    model = make()
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), params):
+            p.copy_(value)
+    model(x).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("in_flight", [2, 3])
+def test_each_step_is_the_gradient_at_the_parameters_it_started_from_applied_in_order(in_flight):
+    torch.manual_seed(0)
+    master = make()
+    optimizer = torch.optim.SGD(master.parameters(), lr=LR)
+    batches = [torch.randn(8, 4) for _ in range(7)]
+    started_at: list[list[torch.Tensor]] = []
+
+    def compute(x):
+        def run(replica):
+            replica(x).square().mean().backward()
+            return [p.detach().clone() for p in replica.parameters()]
+        return run
+
+    # the expected trajectory: step i starts from the parameters after steps 0..i-in_flight ended
+    expected = [p.detach().clone() for p in master.parameters()]
+    history = [[p.clone() for p in expected]]
+    for i, x in enumerate(batches):
+        started_at.append(history[max(0, i - in_flight + 1)])
+        grads = gradient(started_at[-1], x)
+        expected = [p - LR * g for p, g in zip(expected, grads)]
+        history.append([p.clone() for p in expected])
+
+    pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step)
+    ended = []
+    try:
+        for x in batches:
+            ended += pipeline.submit(compute(x))
+            assert pipeline.num_in_flight <= in_flight
+        ended += pipeline.drain()
+    finally:
+        pipeline.close()
+    assert len(ended) == len(batches) and pipeline.num_ended == len(batches)
+    for seen, wanted in zip(ended, started_at):  # each step ran at the parameters it should have
+        for a, b in zip(seen, wanted):
+            torch.testing.assert_close(a, b)
+    for p, wanted in zip(master.parameters(), expected):
+        torch.testing.assert_close(p.detach(), wanted)
+        assert p.grad is None
+
+
+def test_steps_end_in_the_order_they_started_whatever_order_they_finish():
+    master = make()
+    optimizer = torch.optim.SGD(master.parameters(), lr=LR)
+    first_may_end, second_done = threading.Event(), threading.Event()
+
+    def slow(replica):
+        assert first_may_end.wait(30)
+        replica(torch.ones(1, 4)).sum().backward()
+        return "first"
+
+    def fast(replica):
+        replica(torch.ones(1, 4)).sum().backward()
+        second_done.set()
+        return "second"
+
+    pipeline = StepsInFlight(master, make, in_flight=2, apply=optimizer.step)
+    try:
+        assert pipeline.submit(slow) == []
+        assert pipeline.submit(fast) == []
+        assert second_done.wait(30)
+        assert pipeline.num_in_flight == 2 and pipeline.num_ended == 0  # the second waits for the first
+        first_may_end.set()
+        assert pipeline.drain() == ["first", "second"]
+    finally:
+        first_may_end.set()
+        pipeline.close()
+
+
+def test_a_failed_step_raises_and_leaves_the_master_as_it_was():
+    master = make()
+    before = [p.detach().clone() for p in master.parameters()]
+    optimizer = torch.optim.SGD(master.parameters(), lr=LR)
+
+    def broken(replica):
+        raise RuntimeError("the experts are gone")
+
+    pipeline = StepsInFlight(master, make, in_flight=2, apply=optimizer.step)
+    try:
+        pipeline.submit(broken)
+        with pytest.raises(RuntimeError, match="the experts are gone"):
+            pipeline.drain()
+        for p, b in zip(master.parameters(), before):
+            torch.testing.assert_close(p.detach(), b)
+        # the pipeline goes on with the next steps
+        pipeline.submit(lambda replica: replica(torch.ones(1, 4)).sum().backward())
+        pipeline.drain()
+        assert pipeline.num_ended == 1
+        assert not torch.equal(master.weight.detach(), before[0])
+    finally:
+        pipeline.close()
+
+
+def test_replicas_must_have_the_masters_parameters():
+    with pytest.raises(ValueError, match="at least 2"):
+        StepsInFlight(make(), make, in_flight=1, apply=lambda: None)
+    with pytest.raises(ValueError, match="differ"):
+        StepsInFlight(make(), lambda: nn.Linear(3, 1), in_flight=2, apply=lambda: None)

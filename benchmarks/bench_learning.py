@@ -13,6 +13,9 @@ Every row (``--rows``, all by default) is trained for the same ``--steps``:
 * **moe-swarm** — the 8-expert model with RemoteMoE layers over a swarm of two nodes on 127.0.0.1
   (``dmoe node start``; each hosts half the experts of every layer and updates them itself with
   Adam after each Backward, asynchronously from the client).
+* **moe-swarm-overlap** — moe-swarm with two training steps in flight (``--steps-in-flight 2``: one
+  step's forward overlaps the other's backward on the wire, gradients at most one step late). Goal:
+  held-out loss within 2% of moe-swarm's.
 * **many-swarm-k8** — many small experts: 1,024 experts per layer on a 32x32 grid
   (``LMConfig.grid``: one gate per dimension, the live candidates found by beam search, beam 2k),
   each a quarter of the inner width (64), k=8: the same active parameters per token as the 8-expert
@@ -27,17 +30,18 @@ replica averaging, heartbeats every 20 s (records live 300 s); the client waits 
 expert's answer (forward and backward deadlines, and after the first answer of a token), so that the
 loaded, shared machine drops no call: the rows measure learning, not failover.
 
-Reports held-out loss (nats per byte) every ``--eval-interval`` steps, the median seconds
-per step and the failed expert calls; the goals: moe-swarm within 5% of moe-local at the end,
-moe-local below dense; and each many-expert row against moe-swarm, moe-local and dense. Writes
-``benchmarks/results/bench_learning.json`` (``--merge`` keeps the rows of an earlier run of the same
-steps that this one does not run) and a plot ``bench_learning.png`` (needs matplotlib: ``pip
-install -e .[bench]``).
+Reports held-out loss (nats per byte) every ``--eval-interval`` steps, the median seconds per step
+and the failed expert calls; the goals: moe-swarm within 5% of moe-local at the end, moe-local below
+dense, moe-swarm-overlap within 2% of moe-swarm; and each many-expert row against moe-swarm,
+moe-local and dense. Writes ``benchmarks/results/bench_learning.json`` (``--merge`` keeps the rows of
+an earlier run of the same settings that this one does not run) and a plot ``bench_learning.png``
+(needs matplotlib: ``pip install -e .[bench]``).
 
 Run::
 
     python benchmarks/bench_learning.py [--steps 600] [--batch-size 16] [--eval-interval 50]
-        [--rows moe-local,dense,moe-swarm,many-swarm-k8,many-swarm-k2,many-local-k8] [--merge]
+        [--rows moe-local,dense,moe-swarm,moe-swarm-overlap,many-swarm-k8,many-swarm-k2,many-local-k8]
+        [--merge]
 """
 
 from __future__ import annotations
@@ -62,14 +66,16 @@ from dmoe.lm.train import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MANY = dict(grid="32x32", expert_inner=64)  # 1,024 experts per layer, each a quarter of today's width
-# row -> (model options over LMConfig's defaults, where the experts run: local, dense, or N swarm nodes)
-ROWS: dict[str, tuple[dict, str | int]] = {
-    "moe-local": ({}, "local"),
-    "dense": ({"ffn": "dense"}, "dense"),
-    "moe-swarm": ({}, 2),
-    "many-swarm-k8": ({**MANY, "k": 8}, 4),
-    "many-swarm-k2": ({**MANY, "k": 2}, 4),
-    "many-local-k8": ({**MANY, "k": 8}, "local"),
+# row -> (model options over LMConfig's defaults, where the experts run: local, dense, or N swarm nodes,
+# training options over the common ones)
+ROWS: dict[str, tuple[dict, str | int, dict]] = {
+    "moe-local": ({}, "local", {}),
+    "dense": ({"ffn": "dense"}, "dense", {}),
+    "moe-swarm": ({}, 2, {}),
+    "moe-swarm-overlap": ({}, 2, {"steps_in_flight": 2}),
+    "many-swarm-k8": ({**MANY, "k": 8}, 4, {}),
+    "many-swarm-k2": ({**MANY, "k": 2}, 4, {}),
+    "many-local-k8": ({**MANY, "k": 8}, "local", {}),
 }
 # the swarm rows wait for every answer (the machine is loaded and shared; this measures learning, not
 # failover): no call is dropped for a deadline that a quiet machine would meet
@@ -145,19 +151,20 @@ def local_swarm(model: LMConfig, num_nodes: int, workdir: Path, name: str) -> It
 
 def run_row(name: str, common: dict, workdir: Path) -> tuple[dict, dict]:
     """(the row's result, its model config as a dict)."""
-    options, where = ROWS[name]
+    options, where, training = ROWS[name]
     model = LMConfig(**options)
     if where == "local":
-        result = train(name, TrainConfig(**common, **options, local=True))
+        result = train(name, TrainConfig(**common, **options, **training, local=True))
     elif where == "dense":
-        result = train(name, TrainConfig(**common, **options))
+        result = train(name, TrainConfig(**common, **options, **training))
     else:
         with local_swarm(model, where, workdir, name) as swarm:
-            result = train(name, TrainConfig(**common, **options, **SWARM_DEADLINES,
+            result = train(name, TrainConfig(**common, **options, **training, **SWARM_DEADLINES,
                                              swarm=SwarmConfig(initial_peers=swarm)))
     described = {**model.to_dict(), "experts_per_layer": model.num_experts, "grid": list(model.grid_shape),
                  "nodes": where if isinstance(where, int) else 0,
-                 "active_ffn_params_per_token": num_active_params(model)}
+                 "active_ffn_params_per_token": num_active_params(model),
+                 "steps_in_flight": training.get("steps_in_flight", 1)}
     return {**result, "model": described}, described
 
 
@@ -204,6 +211,7 @@ def main() -> None:
     summary: dict = {"config": {"training": common, "node_threads": 1}, "results": results}
     comparisons = {f"{a}_vs_{b}": vs(results, a, b)
                    for a, b in [("moe-swarm", "moe-local"), ("moe-local", "dense"),
+                                ("moe-swarm-overlap", "moe-swarm"),
                                 *[(m, b) for m in ("many-swarm-k8", "many-swarm-k2", "many-local-k8")
                                   for b in ("moe-swarm", "moe-local", "dense")]]}
     summary["comparisons"] = {key: value for key, value in comparisons.items() if value is not None}
@@ -212,15 +220,18 @@ def main() -> None:
         summary["goal_swarm_within_5pct"] = loss["moe-swarm"] <= 1.05 * loss["moe-local"]
     if "moe-local" in loss and "dense" in loss:
         summary["goal_moe_below_dense"] = loss["moe-local"] < loss["dense"]
+    if "moe-swarm-overlap" in loss and "moe-swarm" in loss:
+        summary["goal_overlap_within_2pct"] = loss["moe-swarm-overlap"] <= 1.02 * loss["moe-swarm"]
 
     print(f"\n{args.steps} steps of {args.batch_size} x {LMConfig().seq_len} bytes for every row")
-    print(f"{'row':<14} {'experts/layer':>13} {'k':>2} {'inner':>5} {'active':>8} {'nodes':>5} "
+    print(f"{'row':<17} {'experts/layer':>13} {'k':>2} {'inner':>5} {'active':>8} {'nodes':>5} {'flight':>6} "
           f"{'held-out loss':>13} {'median s/step':>13} {'total s':>8} {'failed calls':>12}")
     for name, r in results.items():
         m = r["model"]
         experts = "dense" if m["ffn"] == "dense" else "x".join(map(str, m["grid"]))
-        print(f"{name:<14} {experts:>13} {m['k']:>2} {m['expert_inner']:>5} "
-              f"{m['active_ffn_params_per_token']:>8,} {m['nodes'] or '-':>5} {r['final_heldout']:>13.4f} "
+        print(f"{name:<17} {experts:>13} {m['k']:>2} {m['expert_inner']:>5} "
+              f"{m['active_ffn_params_per_token']:>8,} {m['nodes'] or '-':>5} {m['steps_in_flight']:>6} "
+              f"{r['final_heldout']:>13.4f} "
               f"{r['median_step_s']:>13.3f} {r['total_s']:>8.1f} {r['failed_calls']:>12}")
     for key, value in summary["comparisons"].items():
         print(f"{key.replace('_vs_', ' vs ')}: held-out loss {100 * value:+.2f}%")
@@ -228,6 +239,8 @@ def main() -> None:
         print(f"goal moe-swarm within +5% of moe-local: {summary['goal_swarm_within_5pct']}")
     if "goal_moe_below_dense" in summary:
         print(f"goal moe-local below dense: {summary['goal_moe_below_dense']}")
+    if "goal_overlap_within_2pct" in summary:
+        print(f"goal moe-swarm-overlap within +2% of moe-swarm: {summary['goal_overlap_within_2pct']}")
     out.write_text(json.dumps(summary, indent=2))
     print(f"results: {out}")
     plt = pyplot()

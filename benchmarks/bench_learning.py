@@ -26,16 +26,19 @@ Every row (``--rows``, all by default) is trained for the same ``--steps``:
   search; all are live anyway): the learning of the architecture without the swarm.
 
 The swarm rows start a coordinator and their nodes anew each; nodes run one torch thread each, no
-replica averaging, heartbeats every 20 s (records live 300 s); the client waits up to 60 s for every
-expert's answer (forward and backward deadlines, and after the first answer of a token), so that the
-loaded, shared machine drops no call: the rows measure learning, not failover.
+replica averaging, heartbeats every 20 s (records live 300 s), up to 1,024 calls in flight per peer
+(``--max-calls-per-peer``: the default 128 counts each expert's part of a batched call, and a step of
+the 32x32 grid sends each node up to 256 parts per layer; past it they are refused); the client waits
+up to 60 s for every expert's answer (forward and backward deadlines, and after the first answer of a
+token), so that the loaded, shared machine drops no call: the rows measure learning, not failover.
 
 Reports held-out loss (nats per byte) every ``--eval-interval`` steps, the median seconds per step
 and the failed expert calls; the goals: moe-swarm within 5% of moe-local at the end, moe-local below
 dense, moe-swarm-overlap within 2% of moe-swarm; and each many-expert row against moe-swarm,
-moe-local and dense. Writes ``benchmarks/results/bench_learning.json`` (``--merge`` keeps the rows of
-an earlier run of the same settings that this one does not run) and a plot ``bench_learning.png``
-(needs matplotlib: ``pip install -e .[bench]``).
+moe-local and dense. Writes ``benchmarks/results/bench_learning.json`` (``--out``; ``--merge`` keeps
+the rows of an earlier run of the same settings that this one does not run), a plot
+``bench_learning.png`` (needs matplotlib: ``pip install -e .[bench]``), and the reason of every failed
+expert call in ``bench_learning_client.log`` (next to the results file).
 
 Run::
 
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -80,10 +84,12 @@ ROWS: dict[str, tuple[dict, str | int, dict]] = {
 # the swarm rows wait for every answer (the machine is loaded and shared; this measures learning, not
 # failover): no call is dropped for a deadline that a quiet machine would meet
 SWARM_DEADLINES = dict(forward_timeout=60.0, backward_timeout=60.0, timeout_after_k_min=60.0)
-# nodes: one torch thread each; no replica averaging (each expert has one replica); records that
-# outlive a few missed heartbeats of a loaded machine (512 experts announced per node)
+# nodes: one torch thread each; no replica averaging (each expert has one replica);
+# records that outlive a few missed heartbeats of a loaded machine (512 experts announced per node); calls
+# in flight per peer above the default 128, which counts each expert's part of a batched call: a step
+# sends a node up to 256 experts' parts per layer, and the refused ones would be failed calls
 NODE_OPTIONS = ["--num-threads", "1", "--average-interval", "0", "--heartbeat-interval", "20",
-                "--record-ttl", "300"]
+                "--record-ttl", "300", "--max-calls-per-peer", "1024"]
 VISIBLE_TIMEOUT_S = 180.0  # until the client sees every expert of a swarm row
 
 
@@ -186,6 +192,7 @@ def main() -> None:
                         help=f"comma-separated rows to run, of: {', '.join(ROWS)}")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other rows of the results file if it was run with the same settings")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_learning.json", help="results file")
     args = parser.parse_args()
     rows = [row.strip() for row in args.rows.split(",") if row.strip()]
     unknown = [row for row in rows if row not in ROWS]
@@ -194,7 +201,14 @@ def main() -> None:
     common = dict(steps=args.steps, batch_size=args.batch_size, eval_interval=args.eval_interval,
                   eval_batches=args.eval_batches, seed=args.seed, data="stdlib")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "bench_learning.json"
+    out = args.out
+    # why expert calls failed (the client logs each at DEBUG): one line each, in a file
+    failures = logging.FileHandler(out.with_name(f"{out.stem}_client.log"), mode="w")
+    failures.setLevel(logging.DEBUG)
+    failures.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    client_log = logging.getLogger("dmoe.client.dispatch")
+    client_log.setLevel(logging.DEBUG)
+    client_log.addHandler(failures)
     results: dict[str, dict] = {}
     if args.merge and out.exists():
         earlier = json.loads(out.read_text())

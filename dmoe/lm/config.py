@@ -5,6 +5,8 @@ build its options without importing torch."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import ClassVar
 
 from dmoe.client.config import SwarmConfig
@@ -24,18 +26,31 @@ class LMConfig:
     num_heads: int = option(4, "attention heads")
     seq_len: int = option(128, "context length in bytes")
     prefix: str = option("lm", "expert uids of layer i are <prefix><i>.<j>")
-    num_experts: int = option(8, "experts per layer (a 1-D grid)")
+    num_experts: int = option(8, "experts per layer, a 1-D grid (with --grid: the grid's size, set from it)")
+    grid: str = option("", "the experts of each layer as a grid of 1-4 dimensions, e.g. 32x32 (1,024 experts "
+                           "lm<i>.<a>.<b>, found by beam search over the dimensions); empty: a 1-D grid of "
+                           "num_experts")
+    beam_size: int = option(0, "prefixes the beam search keeps per token at each level of the grid "
+                               "(0: 2 x k)")
     k: int = option(2, "experts per token")
     expert_inner: int = option(256, "inner width of each expert (nodes need --inner-dim equal to it)")
     ffn: str = option("moe", "feed-forward sublayers: moe or dense (k x expert_inner wide)")
     aux_loss_weight: float = option(0.01, "weight of the load-balancing loss")
     z_loss_weight: float = option(0.001, "weight of the router z-loss")
 
+    # fields left out of to_dict() at these values, so that the configs saved before they existed (in
+    # checkpoints, compared on resume) still equal those of the same model now
+    _OMITTED_AT: ClassVar[dict] = {"grid": "", "beam_size": 0}
+
     def __post_init__(self) -> None:
+        if self.grid:
+            self.num_experts = math.prod(parse_grid(self.grid))
         for name in ("d_model", "num_layers", "num_heads", "seq_len", "num_experts", "k",
                      "expert_inner"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.beam_size < 0 or 0 < self.beam_size < self.k:
+            raise ConfigError(f"beam_size must be 0 (2 x k) or at least k ({self.k}), got {self.beam_size}")
         if self.d_model % self.num_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
         if self.k > self.num_experts:
@@ -46,17 +61,38 @@ class LMConfig:
     def layer_prefix(self, layer: int) -> str:
         return f"{self.prefix}{layer}"
 
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Each layer's grid of experts: ``(num_experts,)``, or the sizes of ``grid`` (``(32, 32)``)."""
+        return parse_grid(self.grid) if self.grid else (self.num_experts,)
+
     def expert_patterns(self) -> list[str]:
-        """What a node hosting every expert of this model passes to --experts."""
-        return [f"{self.layer_prefix(i)}.[0:{self.num_experts}]" for i in range(self.num_layers)]
+        """What a node hosting every expert of this model passes to --experts: ``lm0.[0:8]``, or
+        ``lm0.[0:32].[0:32]`` for a 32x32 grid."""
+        dims = "".join(f".[0:{size}]" for size in self.grid_shape)
+        return [f"{self.layer_prefix(i)}{dims}" for i in range(self.num_layers)]
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name in self._OMITTED_AT and getattr(self, f.name) == self._OMITTED_AT[f.name])}
 
     @classmethod
     def from_dict(cls, values: dict) -> LMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+MAX_GRID_DIMS, MAX_GRID_SIZE = 4, 4096  # those of a published model (dmoe.core.modelspec)
+
+
+def parse_grid(text: str) -> tuple[int, ...]:
+    """``"32x32"`` -> ``(32, 32)``; ConfigError for what is not 1-4 sizes of 1..4096 joined by x."""
+    if not re.fullmatch(r"\d+(x\d+)*", text.strip()):
+        raise ConfigError(f"grid must be sizes joined by x, e.g. 32x32 or 16x16x4; got {text!r}")
+    sizes = tuple(int(size) for size in text.strip().split("x"))
+    if len(sizes) > MAX_GRID_DIMS or not all(1 <= size <= MAX_GRID_SIZE for size in sizes):
+        raise ConfigError(f"grid has 1..{MAX_GRID_DIMS} dimensions of 1..{MAX_GRID_SIZE} each; got {text!r}")
+    return sizes
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -1,7 +1,9 @@
 """A byte-level transformer language model whose feed-forward sublayers are MoE layers.
 
 Embeddings, attention, layer norms and the MoE gates live in this process; the experts of layer
-``i`` are ``<prefix><i>.<j>`` (``lm0.3``) and live on the swarm's nodes (:class:`dmoe.moe.remote.RemoteMoE`),
+``i`` are ``<prefix><i>.<j>`` (``lm0.3``), or, on a grid of several dimensions (``LMConfig.grid``),
+``<prefix><i>.<a>.<b>`` (a 32x32 grid: one gate per dimension, the swarm's live candidates found by
+beam search over them). They live on the swarm's nodes (:class:`dmoe.moe.remote.RemoteMoE`),
 in this process (:class:`dmoe.moe.local.LocalMoE`, ``--local``), or are replaced by one dense
 feed-forward block with the same number of active parameters per token (``ffn='dense'``: the
 inner width is k x the expert's), the baseline that sparse models are measured against.
@@ -245,16 +247,18 @@ def _init_weights(module: nn.Module) -> None:
 def local_moe_factory() -> MoEFactory:
     from dmoe.moe.local import LocalMoE
 
-    return lambda config, i: LocalMoE(prefix=config.layer_prefix(i), grid=(config.num_experts,),
+    return lambda config, i: LocalMoE(prefix=config.layer_prefix(i), grid=config.grid_shape,
                                       in_features=config.d_model, k=config.k, inner_dim=config.expert_inner)
 
 
 def remote_moe_factory(swarm, **remote_options) -> MoEFactory:
-    """RemoteMoE layers on ``swarm``; ``remote_options`` are RemoteMoE's (timeouts, k_min, compression)."""
+    """RemoteMoE layers on ``swarm``, on the config's grid with its beam size; ``remote_options`` are
+    RemoteMoE's (timeouts, k_min, compression)."""
     from dmoe.moe.remote import RemoteMoE
 
-    return lambda config, i: RemoteMoE(swarm, prefix=config.layer_prefix(i), grid=(config.num_experts,),
-                                       in_features=config.d_model, k=config.k, **remote_options)
+    return lambda config, i: RemoteMoE(swarm, prefix=config.layer_prefix(i), grid=config.grid_shape,
+                                       in_features=config.d_model, k=config.k,
+                                       beam_size=config.beam_size or None, **remote_options)
 
 
 def num_active_params(config: LMConfig) -> int:

@@ -26,9 +26,9 @@ Every row (``--rows``, all by default) is trained for the same ``--steps``:
   search; all are live anyway): the learning of the architecture without the swarm.
 
 The swarm rows start a coordinator and their nodes anew each; nodes run one torch thread each, no
-replica averaging, heartbeats every 20 s (records live 300 s), up to 1,024 calls in flight per peer
-(``--max-calls-per-peer``: the default 128 counts each expert's part of a batched call, and a step of
-the 32x32 grid sends each node up to 256 parts per layer; past it they are refused); the client waits
+replica averaging, heartbeats every 20 s (records live 300 s), the default limits per peer (a step of
+the 32x32 grid sends each node up to 256 parts of batched calls per layer, within the default
+``--max-parts-per-peer``); the client waits
 up to 60 s for every expert's answer (forward and backward deadlines, and after the first answer of a
 token), so that the loaded, shared machine drops no call: the rows measure learning, not failover.
 
@@ -85,11 +85,9 @@ ROWS: dict[str, tuple[dict, str | int, dict]] = {
 # failover): no call is dropped for a deadline that a quiet machine would meet
 SWARM_DEADLINES = dict(forward_timeout=60.0, backward_timeout=60.0, timeout_after_k_min=60.0)
 # nodes: one torch thread each; no replica averaging (each expert has one replica);
-# records that outlive a few missed heartbeats of a loaded machine (512 experts announced per node); calls
-# in flight per peer above the default 128, which counts each expert's part of a batched call: a step
-# sends a node up to 256 experts' parts per layer, and the refused ones would be failed calls
+# records that outlive a few missed heartbeats of a loaded machine (512 experts announced per node)
 NODE_OPTIONS = ["--num-threads", "1", "--average-interval", "0", "--heartbeat-interval", "20",
-                "--record-ttl", "300", "--max-calls-per-peer", "1024"]
+                "--record-ttl", "300"]
 VISIBLE_TIMEOUT_S = 180.0  # until the client sees every expert of a swarm row
 
 

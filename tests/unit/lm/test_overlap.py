@@ -51,7 +51,7 @@ def test_each_step_is_the_gradient_at_the_parameters_it_started_from_applied_in_
         expected = [p - LR * g for p, g in zip(expected, grads)]
         history.append([p.clone() for p in expected])
 
-    pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step)
+    pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step, predict=False)
     ended = []
     try:
         for x in batches:
@@ -67,6 +67,41 @@ def test_each_step_is_the_gradient_at_the_parameters_it_started_from_applied_in_
     for p, wanted in zip(master.parameters(), expected):
         torch.testing.assert_close(p.detach(), wanted)
         assert p.grad is None
+
+
+def test_with_prediction_a_step_starts_from_the_master_plus_the_last_update_per_step_in_flight():
+    torch.manual_seed(0)
+    master = make()
+    optimizer = torch.optim.SGD(master.parameters(), lr=LR)
+    batches = [torch.randn(8, 4) for _ in range(7)]
+    seen: list[list[torch.Tensor]] = []
+    history = [[p.detach().clone() for p in master.parameters()]]  # the master after each update
+
+    def apply():
+        optimizer.step()
+        history.append([p.detach().clone() for p in master.parameters()])
+
+    def compute(x):
+        def run(replica):
+            replica(x).square().mean().backward()
+        return run
+
+    pipeline = StepsInFlight(master, make, in_flight=3, apply=apply, predict=True)
+    try:
+        for x in batches:
+            pipeline.submit(compute(x))
+            seen.append([p.detach().clone() for p in pipeline._pending[-1][0].parameters()])
+        pipeline.drain()
+    finally:
+        pipeline.close()
+    for i, got in enumerate(seen):
+        ended, ahead = max(0, i - 2), min(i, 2)  # updates applied, and steps still in flight, at its start
+        want = history[ended]
+        if ended >= 1:  # plus the last update, once per step in flight
+            want = [p + ahead * (p - q) for p, q in zip(history[ended], history[ended - 1])]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert len(history) == len(batches) + 1
 
 
 def test_steps_end_in_the_order_they_started_whatever_order_they_finish():

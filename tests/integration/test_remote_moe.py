@@ -77,7 +77,7 @@ def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Te
 
 class CallLog:
     """What the client's dispatcher sent and got back, call part by call part: the real dispatcher,
-    with its request building and reply checking wrapped to keep a copy of each."""
+    with its request building and reply decoding wrapped to keep a copy of each."""
 
     def __init__(self, monkeypatch):
         from dmoe.client import dispatch
@@ -85,22 +85,22 @@ class CallLog:
         self.requests: list[tuple[str, object]] = []  # (uid, request)
         self.exchanges: list[tuple[str, object, pb.Tensor]] = []  # (uid, request, reply tensor)
         sent: dict[int, tuple[torch.Tensor, str, object]] = {}
-        build, check = dispatch.Dispatcher._request, dispatch._checked
+        build, decode = dispatch.Dispatcher._request, dispatch._decoded
 
-        def request(dispatcher, call, inputs, grad_outputs, backward):
-            built = build(dispatcher, call, inputs, grad_outputs, backward)
+        def request(dispatcher, call, inputs, *args, **kwargs):
+            built = build(dispatcher, call, inputs, *args, **kwargs)
             sent[id(inputs)] = (inputs, call.uid, built)  # inputs kept: their id stays theirs
             self.requests.append((call.uid, built))
             return built
 
-        def checked(tensors, like, *args):
-            result = check(tensors, like, *args)
+        def decoded(tensors, like, *args):  # every reply, of a call of its own or a part of a batched one
+            result = decode(tensors, like, *args)
             _, uid, built = sent[id(like)]
             self.exchanges.append((uid, built, tensors[0]))
             return result
 
         monkeypatch.setattr(dispatch.Dispatcher, "_request", request)
-        monkeypatch.setattr(dispatch, "_checked", checked)
+        monkeypatch.setattr(dispatch, "_decoded", decoded)
 
     def clear(self) -> None:
         self.requests.clear()

@@ -52,3 +52,24 @@ def test_the_backend_clips_each_step_to_the_norm_it_was_given(max_grad_norm):
     assert backend.version == 1
     for old, new, grad in zip(before, backend.module.parameters(), grads, strict=True):
         torch.testing.assert_close(new.detach() - old, -grad, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_parameter_gradients_skip_the_step_and_the_caller_still_gets_its_gradients(caplog):
+    """Output gradients whose products overflow float32 in the parameter gradients (not in the input
+    gradients, which go back to the caller as they are): the step is skipped, counted and logged, and
+    the parameters and optimizer state are untouched; a finite batch after it steps as usual."""
+    expert = build_backend("ffn.0", NodeConfig(hidden_dim=8, inner_dim=8, max_grad_norm=0.0), CPU)
+    before = {k: v.clone() for k, v in expert.module.state_dict().items()}
+    x = torch.full((2, 8), 1e30)  # inputs x grads overflow in the first layer's weight gradient
+    g = torch.full((2, 8), 1e30)
+    with caplog.at_level("WARNING", logger="dmoe.node.backend"):
+        expert.backward([x], [g])
+    assert (expert.version, expert.skipped_steps) == (0, 1)
+    assert "ffn.0: non-finite parameter gradients; optimizer step skipped" in caplog.text
+    for name, value in expert.module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert expert.optimizer.state_dict()["state"] == {}  # Adam never stepped
+    assert all(p.grad is None for p in expert.module.parameters())
+    expert.backward([torch.randn(2, 8)], [torch.randn(2, 8)])
+    assert (expert.version, expert.skipped_steps) == (1, 1)
+    assert any(not torch.equal(v, before[k]) for k, v in expert.module.state_dict().items())

@@ -595,3 +595,31 @@ def test_hedging_ends_the_step_without_waiting_for_a_slow_node(node_factory):
             finally:
                 plain.dispatcher.close()
                 hedged.dispatcher.close()
+
+
+def test_a_forward_within_the_cache_lifetime_does_not_touch_the_dht(live_pair, monkeypatch):
+    """The beam search's reads are cached for cache_ttl: a second forward reads nothing from the DHT,
+    and once the records are stale the next forward reads its prefix once."""
+    from dmoe.client import swarm as swarm_module
+
+    swarm, _, _ = live_pair
+    reads: list[list[str]] = []
+    find = swarm_module.find_under_prefixes_async
+
+    async def counted(node, keys):
+        reads.append(list(keys))
+        return await find(node, keys)
+
+    layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
+    try:
+        x = torch.randn(6, HIDDEN)
+        with torch.no_grad():
+            layer(x)  # the fixture's lookup is fresh (cache_ttl 60 s): nothing to read
+            monkeypatch.setattr(swarm_module, "find_under_prefixes_async", counted)
+            first = layer(x)
+            assert reads == [] and layer.last_num_failed == 0
+            monkeypatch.setattr(swarm.config, "cache_ttl", 0.0)  # now every record is stale
+            torch.testing.assert_close(layer(x), first)
+            assert reads == [["ffn."]]
+    finally:
+        layer.dispatcher.close()

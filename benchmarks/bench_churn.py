@@ -57,7 +57,7 @@ from pathlib import Path
 from common import pyplot, show_progress, write_report
 
 from dmoe.lm.config import LMConfig
-from dmoe.testing.process import wait_ready_file
+from dmoe.testing.process import spawn_logged, wait_ready_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN_DIR = RESULTS / "bench_churn_run"
@@ -76,9 +76,7 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+        proc = spawn_logged(cmd, log_path)
         self.procs.append(proc)
         return proc
 

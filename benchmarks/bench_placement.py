@@ -99,6 +99,7 @@ from common import write_report
 
 from dmoe.core.placement import Picture, balance, choose, plan_moves
 from dmoe.node.placement import designated_dropper
+from dmoe.testing.process import spawn_logged, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN_DIR = RESULTS / "bench_placement_run"
@@ -123,9 +124,7 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
-        with open(self.logdir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+        proc = spawn_logged(cmd, self.logdir / f"{name}.log")
         self.procs.append(proc)
         return proc
 
@@ -155,17 +154,6 @@ class Processes:
 
     def stop_all(self) -> None:
         self.stop_many([p for p in self.procs if p.returncode is None])
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- part 1: join time ---------------------------------------------------------------------------------

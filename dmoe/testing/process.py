@@ -11,6 +11,26 @@ import time
 from pathlib import Path
 
 
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """``predicate()``'s first true value, polled every ``interval`` seconds; TimeoutError naming ``what``
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def spawn_logged(cmd: list[str], log_path: str | os.PathLike) -> subprocess.Popen:
+    """Start ``cmd`` in a session (process group) of its own, its output appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
 def wait_ready_file(path: str | os.PathLike, proc: subprocess.Popen, timeout: float, what: str) -> dict:
     """The JSON that ``proc`` writes to ``path`` once it serves; raises if it exits or times out first."""
     path, deadline = Path(path), time.monotonic() + timeout

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,20 +20,13 @@ import pytest
 from dmoe.core.dht import DHTPeer
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
+from dmoe.testing.process import wait_until
 
 HERE = Path(__file__).parent
 START_TIMEOUT = 60.0
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+wait_for = wait_until  # (the name these tests use)
 
 
 class NodeProcess:

@@ -77,6 +77,8 @@ class NodeConfig:
     lr: float = option(1e-3, "learning rate of the expert optimizers")
     max_grad_norm: float = option(1.0, "gradient clipping norm per expert step (0: no clipping)")
     batching: bool = option(True, "merge concurrent requests for one expert into one device call")
+    grouping: bool = option(True, "run the waiting batches of many same-shaped small experts as one "
+                                  "vectorised device call and one optimizer step (with batching)")
     max_batch_tokens: int = option(4096, "largest batch (tokens) run in one device call, and per request "
                                          "(on a CUDA device, when not given: sized by the device memory "
                                          "free once the experts are placed)")

@@ -334,6 +334,7 @@ class Node:
         config = self.config
         self._runtime = Runtime(self.backends, max_batch_tokens=config.max_batch_tokens,
                                 max_queued_tokens=config.max_queued_tokens, batching=config.batching,
+                                grouping=config.grouping,
                                 influence=self.influence)
         self._runtime.start()
 

@@ -31,8 +31,10 @@ from collections.abc import Mapping
 
 import torch
 
+from dmoe.node import grouped
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.devicepath import Staged, stage
+from dmoe.node.grouped import group_key
 from dmoe.node.influence import InfluenceLimits
 
 logger = logging.getLogger(__name__)
@@ -70,12 +72,14 @@ class Runtime:
 
     def __init__(self, backends: Mapping[str, ExpertBackend], *, max_batch_tokens: int,
                  max_queued_tokens: int, batching: bool, influence: InfluenceLimits | None = None,
-                 stage_ahead: bool | None = None):
+                 stage_ahead: bool | None = None, grouping: bool = False):
         """``influence``: the step budgets and shares per peer (None: every Backward updates).
         ``stage_ahead``: take and stage the next batch while one computes (None: on CUDA devices only,
-        where its copy then overlaps the compute; elsewhere it would only make batches form earlier)."""
+        where its copy then overlaps the compute; elsewhere it would only make batches form earlier).
+        ``grouping``: run the batches of same-shaped small experts waiting together as one group (one
+        vectorised call and one optimizer step, see :mod:`dmoe.node.grouped`); needs ``batching``."""
         self.max_batch_tokens, self.max_queued_tokens = max_batch_tokens, max_queued_tokens
-        self.batching = batching
+        self.batching, self.grouping = batching, grouping
         self.influence = influence
         self.stage_ahead = stage_ahead
         self.num_staged_ahead = 0  # batches taken and staged while the one before them computed
@@ -91,8 +95,9 @@ class Runtime:
         self._retired: set[str] = set()  # experts no longer hosted, whose queues go once drained
         self._thread = threading.Thread(target=self._run, name="dmoe-runtime", daemon=True)
         # a batch taken, its copy to the device started, while the one before it computed (CUDA only)
-        self._next: tuple[_Queue, list[Task], Staged | None] | None = None
+        self._next: tuple[list[tuple[_Queue, list[Task]]], Staged | None] | None = None
         self.num_batches = 0
+        self.num_groups = 0  # batches of several experts run as one group
 
     def start(self) -> None:
         self._thread.start()
@@ -152,29 +157,57 @@ class Runtime:
             self._cond.notify()
         return task.future
 
-    def _take_batch(self) -> tuple[_Queue, list[Task]] | None:
-        """Pop the next batch, or None when stopping with nothing left. Called with the lock held."""
+    def _take_batch(self) -> list[tuple[_Queue, list[Task]]] | None:
+        """Pop the next batch: the oldest queue's, and with grouping the batches of other ready experts
+        that can run with it as one group (see :mod:`dmoe.node.grouped`); None when stopping with
+        nothing left. Called with the lock held."""
         while not self._ready:
             if self._stopping:
                 return None
             self._cond.wait()
         queue = min(self._ready.values(), key=lambda q: q.tasks[0].enqueued_at)
+        taken = [(queue, self._pop(queue, self.max_batch_tokens))]
+        key = group_key(queue.backend) if self.grouping and self.batching else None
+        if key is None or not taken[0][1] or sum(t.rows for t in taken[0][1]) > grouped.MAX_GROUP_ROWS:
+            return taken
+        shape_key = taken[0][1][0].shape_key
+        tokens = sum(task.num_tokens for task in taken[0][1])
+        for other in list(self._ready.values()):
+            if len(taken) >= grouped.MAX_GROUP_SIZE or tokens >= self.max_batch_tokens:
+                break
+            head = other.tasks[0]
+            if (other is queue or other.backward != queue.backward or head.shape_key != shape_key
+                    or head.rows > grouped.MAX_GROUP_ROWS or tokens + head.num_tokens > self.max_batch_tokens
+                    or group_key(other.backend) != key):
+                continue
+            batch = self._pop(other, self.max_batch_tokens - tokens, max_rows=grouped.MAX_GROUP_ROWS)
+            tokens += sum(task.num_tokens for task in batch)
+            taken.append((other, batch))
+        self.num_groups += len(taken) > 1
+        return taken
+
+    def _pop(self, queue: _Queue, max_tokens: int, max_rows: int | None = None) -> list[Task]:
+        """Pop the tasks at the head of ``queue`` that form one batch (same trailing shapes, at most
+        ``max_tokens`` tokens and ``max_rows`` rows, but at least one task; one task when batching is
+        off). Called with the lock held."""
         batch: list[Task] = []
-        num_tokens = 0
+        num_tokens = num_rows = 0
         while queue.tasks:
             task = queue.tasks[0]
             if batch and (not self.batching or task.shape_key != batch[0].shape_key
-                          or num_tokens + task.num_tokens > self.max_batch_tokens):
+                          or num_tokens + task.num_tokens > max_tokens
+                          or (max_rows is not None and num_rows + task.rows > max_rows)):
                 break
             queue.tasks.popleft()
             queue.num_tokens -= task.num_tokens
             if task.future.set_running_or_notify_cancel():  # False: its caller has gone
                 batch.append(task)
                 num_tokens += task.num_tokens
+                num_rows += task.rows
         if not queue.tasks:
             del self._ready[id(queue)]
         self._forget_drained(queue.backend.uid)
-        return queue, batch
+        return batch
 
     def _run(self) -> None:
         # the process's torch thread count (the node's --num-threads) for this thread too: a thread started
@@ -185,13 +218,16 @@ class Runtime:
             taken, self._next = self._next, None
             if taken is None:
                 with self._cond:
-                    batch_taken = self._take_batch()
-                if batch_taken is None:
+                    batches = self._take_batch()
+                if batches is None:
                     return
-                taken = (*batch_taken, None)
-            queue, batch, staged = taken
-            if batch:
-                self._run_batch(queue, batch, staged)
+                taken = (batches, None)
+            batches, staged = taken
+            batches = [(queue, batch) for queue, batch in batches if batch]
+            if len(batches) == 1:
+                self._run_batch(*batches[0], staged)
+            elif batches:
+                self._run_group(batches)
 
     def _stage_next(self) -> None:
         """While a batch computes on a CUDA device: take the next batch, if one is waiting, and start its
@@ -205,15 +241,15 @@ class Runtime:
             taken = self._take_batch()
         if taken is None:
             return
-        queue, batch = taken
         staged = None
         self.num_staged_ahead += 1
-        if batch:
+        (queue, batch), *others = taken
+        if batch and not others:  # a group stages its members when it runs
             try:
                 staged = _stage(queue, batch)
             except Exception:  # staged again, and failed with its callers, when it runs
                 logger.debug("%s: staging ahead failed", queue.backend.uid, exc_info=True)
-        self._next = (queue, batch, staged)
+        self._next = (taken, staged)
 
     def _run_batch(self, queue: _Queue, batch: list[Task], staged: Staged | None = None) -> None:
         """Run one batch and answer its tasks. A backward's callers are answered with their input
@@ -259,6 +295,55 @@ class Runtime:
         self.num_batches += 1
         if allowed is not None:
             self._account(backend, batch, allowed, stepped=backend.version > version)
+
+    def _run_group(self, batches: list[tuple[_Queue, list[Task]]]) -> None:
+        """Run the batches of several experts as one group and answer their tasks (as :meth:`_run_batch`
+        would each). A backward member some of whose callers may not update its expert now runs alone."""
+        if batches[0][0].backward and self.influence is not None:
+            alone = [(q, b) for q, b in batches
+                     if not all(self.influence.allowed(q.backend.uid, [t.peer for t in b]))]
+            if alone:
+                batches = [(q, b) for q, b in batches if all(other is not q for other, _ in alone)]
+                for queue, batch in alone:
+                    self._run_batch(queue, batch)
+                if len(batches) == 1:
+                    self._run_batch(*batches[0])
+                if len(batches) <= 1:
+                    return
+        members = [queue.backend for queue, _ in batches]
+        inputs = [[torch.cat(parts) if len(parts) > 1 else parts[0]
+                   for parts in zip(*(t.inputs for t in batch))] for _, batch in batches]
+        answered = False
+
+        def answer(outputs: list[list[torch.Tensor]]) -> None:
+            nonlocal answered
+            answered = True
+            for (_, batch), member_outputs in zip(batches, outputs):
+                sizes = [t.rows for t in batch]
+                for task, result in zip(batch, zip(*(o.split(sizes) for o in member_outputs))):
+                    task.future.set_result(list(result))
+
+        versions = [member.version for member in members]
+        try:
+            if batches[0][0].backward:
+                grads = [[torch.cat(parts) if len(parts) > 1 else parts[0]
+                          for parts in zip(*(t.grad_outputs or [] for t in batch))] for _, batch in batches]
+                grouped.backward(members, inputs, grads, reply=answer)
+            else:
+                answer(grouped.forward(members, inputs))
+        except BaseException as e:  # as in _run_batch: fail these calls only
+            logger.exception("group of %d experts (%s, ...) failed", len(members), members[0].uid)
+            if not answered:
+                error = e if isinstance(e, Exception) else RuntimeError(f"expert raised {e!r}")
+                for _, batch in batches:
+                    for task in batch:
+                        task.future.set_exception(error)
+            return
+        self.num_batches += len(batches)
+        if batches[0][0].backward and self.influence is not None:
+            for (queue, batch), version in zip(batches, versions):
+                self._account(queue.backend, batch, [True] * len(batch),
+                              stepped=queue.backend.version > version)
 
     def _account(self, backend: ExpertBackend, batch: list[Task], allowed: list[bool], stepped: bool) -> None:
         """Charge the callers whose rows went into a step (by tokens), count those left out."""

@@ -4,7 +4,9 @@ Built in: ``ffn`` (Linear -> GELU -> Linear, one token at a time, input ``[token
 ``transformer`` (a pre-norm self-attention + MLP block over sequences, input ``[batch, seq, hidden]``).
 Any ``module:Class`` names a user's ``nn.Module`` whose constructor takes ``hidden_dim``; it may
 define ``input_schema(hidden_dim) -> list[TensorSpec]`` (default: one float32 ``[-1, hidden_dim]``),
-and ``allows_autocast = False`` to compute in its own dtypes on a node started with ``--autocast``.
+and ``allows_autocast = False`` to compute in its own dtypes on a node started with ``--autocast``, and
+``runs_grouped = True`` to let a node run the batches of many such experts as one vectorised call (it must
+then be a pure function of its parameters that ``torch.func.vmap`` can run, with no buffers).
 
 Parameters are initialised from a seed derived from the uid, so every node that hosts ``ffn.3``
 with the same class and sizes starts from the same weights, and a client can rebuild them locally.
@@ -35,6 +37,7 @@ class FeedForwardExpert(nn.Module):
     """hidden -> inner -> hidden with a GELU; tokens are independent."""
 
     allows_autocast = True  # a node's --autocast may run it in bf16 / fp16 (parameters stay float32)
+    runs_grouped = True  # a node may run many of these at once, vmapped over stacked parameters
 
     def __init__(self, hidden_dim: int, inner_dim: int):
         super().__init__()

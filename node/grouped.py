@@ -1,0 +1,260 @@
+"""Grouped execution: the batches of many same-shaped experts run as one vectorised device call.
+
+A node hosting thousands of small experts receives, per training step, a few rows for each of a hundred
+of them. Run one expert at a time, each pays a forward, a backward, a clip and an optimizer step of its
+own, ~1 ms of interpreter and dispatch overhead for a few microseconds of arithmetic. Here the experts'
+parameters are stacked along a new first dimension and one :func:`torch.func.vmap` of the module runs
+every expert's rows (padded to the longest member's) at once; the parameter gradients come out stacked,
+are clipped per expert in a few tensor operations, and one multi-tensor optimizer step (torch's own
+``foreach`` Adam or SGD) updates every member's parameters and optimizer state in place.
+
+Each member keeps the semantics of :meth:`ExpertBackend.backward` exactly: padding rows carry zero output
+gradients (so they add nothing to any parameter gradient), each expert is clipped by the norm of its own
+gradients, an expert whose gradients are not finite skips its step alone, callers are answered with their
+input gradients before the step, every member's lock is held from the forward to the end of the step, and
+``settled`` is clear in between. What a group changes is rounding only: a stacked matmul and a
+multi-tensor optimizer add in another order than one expert's own (differences of about 1e-7 relative).
+
+Experts group when :func:`group_key` gives them the same key: the same module class (one that declares
+``runs_grouped = True``, as the built-in ``ffn`` does: a pure function of its parameters that vmap can
+run, with no buffers), parameter names, shapes and dtypes, device, autocast (fp16, with its loss
+scaling, never groups), optimizer class and hyper-parameters, and clipping norm.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.optim.adam import adam as adam_step
+from torch.optim.sgd import sgd as sgd_step
+
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.devicepath import to_host
+
+logger = logging.getLogger(__name__)
+
+# a member with more rows than this runs alone: its own call is already one efficient device call, and
+# padding the others to its length would waste more than the group saves
+MAX_GROUP_ROWS = 64
+MAX_GROUP_SIZE = 1024  # experts in one group
+_keys: weakref.WeakKeyDictionary[ExpertBackend, tuple | None] = weakref.WeakKeyDictionary()
+# each expert's parameters, in the module's order (the same objects for its life: state loads copy into them)
+_params: weakref.WeakKeyDictionary[ExpertBackend, list[torch.nn.Parameter]] = weakref.WeakKeyDictionary()
+
+
+def _parameters(backend: ExpertBackend) -> list[torch.nn.Parameter]:
+    params = _params.get(backend)
+    if params is None:
+        params = _params[backend] = list(backend.module.parameters())
+    return params
+
+
+def group_key(backend: ExpertBackend) -> tuple | None:
+    """What must be equal for experts to run as one group; None: this expert always runs alone."""
+    if backend not in _keys:
+        _keys[backend] = _compute_key(backend)
+    return _keys[backend]
+
+
+def _compute_key(backend: ExpertBackend) -> tuple | None:
+    module, optimizer = backend.module, backend.optimizer
+    if not getattr(type(module), "runs_grouped", False) or backend.autocast == torch.float16:
+        return None
+    if any(True for _ in module.buffers()) or len(optimizer.param_groups) != 1:
+        return None
+    params = tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in module.named_parameters())
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if optimizer.param_groups[0]["params"] != trainable:  # the optimizer steps exactly these, in this order
+        return None
+    settings = optimizer.param_groups[0]
+    if any(settings.get(flag) for flag in ("fused", "capturable", "differentiable")):
+        return None
+    hyper = tuple(sorted((k, repr(v)) for k, v in settings.items() if k != "params"))
+    return (type(module), params, backend.device, backend.autocast, type(optimizer), hyper,
+            backend.max_grad_norm, tuple((tuple(s.shape), s.dtype) for s in backend.input_schema))
+
+
+def _stacked_call(template: torch.nn.Module, names: list[str]) -> Callable:
+    def call(params: tuple[torch.Tensor, ...], *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = torch.func.functional_call(template, dict(zip(names, params)), inputs)
+        return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    return call
+
+
+def _pad_stack(tensors: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+    """[G, rows, ...]: each tensor's rows, then zeros."""
+    first = tensors[0]
+    out = first.new_zeros((len(tensors), rows, *first.shape[1:]))
+    with torch.no_grad():
+        for i, tensor in enumerate(tensors):
+            out[i, :tensor.shape[0]] = tensor
+    return out
+
+
+class _Stack:
+    """The members' parameters stacked (copies), and the padded inputs, on the members' device."""
+
+    def __init__(self, members: Sequence[ExpertBackend], inputs: Sequence[Sequence[torch.Tensor]],
+                 grad: bool):
+        self.members = members
+        self.template = members[0].module
+        self.names = [name for name, _ in self.template.named_parameters()]
+        device = members[0].device
+        self.rows = [member_inputs[0].shape[0] for member_inputs in inputs]
+        padded_rows = max(self.rows)
+        per_member = [_parameters(m) for m in members]
+        self.params = []
+        for position, (_, param) in enumerate(self.template.named_parameters()):
+            stacked = torch.stack([params[position].detach() for params in per_member])
+            if grad and param.requires_grad:
+                stacked.requires_grad_(True)
+            self.params.append(stacked)
+        self.inputs = [_pad_stack([m[j] for m in inputs], padded_rows).to(device, non_blocking=True)
+                       for j in range(len(inputs[0]))]
+        if grad:
+            for x in self.inputs:
+                x.requires_grad_(x.is_floating_point())
+
+    def outputs(self) -> tuple[torch.Tensor, ...]:
+        call = torch.func.vmap(_stacked_call(self.template, self.names))
+        with self.members[0].autocast_context():
+            outputs = call(tuple(self.params), *self.inputs)
+        return self.members[0].to_wire(outputs)
+
+    def split(self, stacked: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each member's rows of [G, rows, ...] tensors."""
+        return [[t[i, :rows] for t in stacked] for i, rows in enumerate(self.rows)]
+
+
+def forward(members: Sequence[ExpertBackend],
+            inputs: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Each member's outputs (on the CPU) for its inputs: as ``member.forward(inputs[i])`` would give."""
+    with torch.inference_mode():
+        stack = _Stack(members, inputs, grad=False)
+        outputs = stack.outputs()
+    return [list(to_host(tuple(o.contiguous() for o in outs))) for outs in stack.split(outputs)]
+
+
+def backward(members: Sequence[ExpertBackend], inputs: Sequence[Sequence[torch.Tensor]],
+             grad_outputs: Sequence[Sequence[torch.Tensor]],
+             reply: Callable[[list[list[torch.Tensor]]], None]) -> list[bool]:
+    """As ``member.backward(inputs[i], grad_outputs[i], reply=...)`` for every member, in one group:
+    ``reply`` gets every member's input gradients (on the CPU) before any step; returns, per member,
+    whether its optimizer step was applied (False: its gradients were not finite, the step skipped)."""
+    locks = sorted(members, key=lambda m: m.uid)
+    for member in locks:
+        member.lock.acquire()
+    replied = False
+    try:
+        stack = _Stack(members, inputs, grad=True)
+        padded_rows = max(stack.rows)
+        with torch.enable_grad():
+            outputs = stack.outputs()
+            grads_padded = [
+                _pad_stack([g[j].to(members[0].device) for g in grad_outputs], padded_rows)
+                for j in range(len(outputs))
+            ]
+            torch.autograd.backward(outputs, grads_padded)
+        input_grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in stack.inputs]
+        answers = [list(to_host(tuple(g.contiguous() for g in grads)))
+                   for grads in stack.split([g.detach() for g in input_grads])]
+        for member in members:
+            member.settled.clear()
+        replied = True
+        reply(answers)
+        return _step(members, stack)
+    finally:
+        for member in members:
+            member.settled.set()
+        for member in reversed(locks):
+            member.lock.release()
+        if not replied:
+            logger.debug("group of %d experts failed before its reply", len(members))
+
+
+def _step(members: Sequence[ExpertBackend], stack: _Stack) -> list[bool]:
+    """Clip each member's stacked gradients by its own norm, then one multi-tensor optimizer step."""
+    trainable = [(p, i) for i, p in enumerate(stack.params) if p.requires_grad]
+    if not trainable:
+        return [False] * len(members)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p, _ in trainable]
+    with torch.no_grad():
+        norms = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
+        max_norm = members[0].max_grad_norm
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+        finite = torch.isfinite(norms).tolist()
+        stepped = [i for i, ok in enumerate(finite) if ok]
+        for i, ok in enumerate(finite):
+            if not ok:
+                members[i].skipped_steps += 1
+                logger.warning("%s: non-finite parameter gradients; optimizer step skipped", members[i].uid)
+        if stepped:
+            per_member = [[p for p in _parameters(members[i]) if p.requires_grad] for i in stepped]
+            member_grads = [[g[i] for g in grads] for i in stepped]
+            _optimizer_step([members[i] for i in stepped], per_member, member_grads)
+            for i in stepped:
+                members[i].version += 1
+    return finite
+
+
+def _optimizer_step(members: list[ExpertBackend], params: list[list[torch.nn.Parameter]],
+                    grads: list[list[torch.Tensor]]) -> None:
+    """One step of every member's optimizer with these gradients: a single multi-tensor step for Adam and
+    SGD (each member's state, lazily created as torch's optimizer creates it), else each one's own."""
+    optimizer = members[0].optimizer
+    flat_params = [p for ps in params for p in ps]
+    flat_grads = [g for gs in grads for g in gs]
+    settings = optimizer.param_groups[0]
+    if type(optimizer) is torch.optim.Adam:
+        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+        for member, ps in zip(members, params):
+            for p in ps:
+                state = member.optimizer.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if settings["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if settings["amsgrad"]:
+                    max_sqs.append(state["max_exp_avg_sq"])
+                steps.append(state["step"])
+        adam_step(
+            flat_params, flat_grads, exp_avgs, exp_avg_sqs, max_sqs, steps, foreach=True,
+            decoupled_weight_decay=settings.get("decoupled_weight_decay", False),
+            amsgrad=settings["amsgrad"], beta1=settings["betas"][0], beta2=settings["betas"][1],
+            lr=settings["lr"], weight_decay=settings["weight_decay"], eps=settings["eps"],
+            maximize=settings["maximize"])
+    elif type(optimizer) is torch.optim.SGD:
+        buffers = [member.optimizer.state[p].get("momentum_buffer")
+                   for member, ps in zip(members, params) for p in ps]
+        sgd_step(
+            flat_params, flat_grads, buffers, foreach=True, weight_decay=settings["weight_decay"],
+            momentum=settings["momentum"], lr=settings["lr"], dampening=settings["dampening"],
+            nesterov=settings["nesterov"], maximize=settings["maximize"])
+        if settings["momentum"] != 0:
+            owners = [(member, p) for member, ps in zip(members, params) for p in ps]
+            for (member, p), buffer in zip(owners, buffers):
+                member.optimizer.state[p]["momentum_buffer"] = buffer
+    else:
+        for member, ps, gs in zip(members, params, grads):
+            for p, g in zip(ps, gs):
+                p.grad = g
+            try:
+                member.optimizer.step()
+            finally:
+                member.optimizer.zero_grad(set_to_none=True)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch's optimizers keep their step counts in."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

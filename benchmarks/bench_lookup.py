@@ -45,7 +45,11 @@ and 8 experts (``few``); each node hosts its share of each. Per step it counts t
 nodes received (their Info: forward and backward, batched or not) and the nodes the step's experts
 live on (each node touched should get one call forward and one backward); it reports the ratios
 per-expert / batched on the 4,096 grid (goal: at least 4x) and 256 / 8 experts (goal: at most 2x).
-``--event-loop both`` runs each configuration with a uvloop Swarm and an asyncio Swarm too.
+``--event-loop both`` runs each configuration with a uvloop Swarm and an asyncio Swarm too. The nodes
+run the waiting batches of many experts as one group (``--grouping``, see ``dmoe.node.grouped``);
+``--node-grouping both`` measures the full step again in a second local swarm whose nodes run each
+expert alone (``--no-grouping``), and reports the old path whole (a call per expert, each expert alone:
+``per-expert ungrouped``) against the new (``batched`` on grouping nodes).
 
 Reports medians over ``--steps`` timed steps after ``--warmup`` untimed ones. Writes
 ``benchmarks/results/bench_lookup.json`` and the server logs next to it. Every process started
@@ -56,6 +60,7 @@ Run::
 
     python benchmarks/bench_lookup.py [--nodes 4] [--batch 1 16 256] [--steps 10] [--train-steps 5]
                                       [--event-loop uvloop|asyncio|both] [--swarm ADDR]
+                                      [--node-grouping on|off|both]
 """
 
 from __future__ import annotations
@@ -95,10 +100,10 @@ LOOKUP_FIELDS = ("gate_s", "lookup_s", "score_s", "route_s", "num_candidates", "
 
 # ---- swarm ------------------------------------------------------------------------------------
 @contextmanager
-def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path
+def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path, grouping: bool = True
                 ) -> Iterator[tuple[list[str], list[int]]]:
-    """A coordinator and ``num_nodes`` nodes (``dmoe node start``) sharing the grid's rows; yields
-    the swarm address and the nodes' process ids."""
+    """A coordinator and ``num_nodes`` nodes (``dmoe node start``, with ``--grouping`` or not) sharing the
+    grid's rows; yields the swarm address and the nodes' process ids."""
     rows = [GRID[0] * n // num_nodes for n in range(num_nodes + 1)]
     with ExitStack() as stack:
         ready = tmp / "coordinator.json"
@@ -114,7 +119,8 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path
                    "--hidden-dim", str(HIDDEN), "--inner-dim", str(INNER), "--device", "cpu",
                    "--num-threads", "1", "--host", "127.0.0.1", "--port", "0",
                    "--heartbeat-interval", str(heartbeat), "--record-ttl", str(record_ttl),
-                   "--average-interval", "0", "--ready-file", str(ready)]
+                   "--average-interval", "0", "--ready-file", str(ready),
+                   "--grouping" if grouping else "--no-grouping"]
             for addr in swarm_addrs:
                 cmd += ["--swarm", addr]
             info = stack.enter_context(server_process(cmd, RESULTS / f"bench_lookup_node{n}.log", ready))
@@ -464,6 +470,16 @@ def training_ratios(train: dict[str, dict], loops: list[str], field: str = "medi
             many, few = step(f"256 {path}", loop), step(f"8 {path}", loop)
             if many and few:
                 ratios[f"{path}: 256 / 8 experts{tail}"] = many / few
+        for grid in FULL_STEP_GRIDS:  # the old path whole: a call per expert, each expert alone on its node
+            old, new = step(f"{grid} per-expert ungrouped", loop), step(f"{grid} batched", loop)
+            if old and new:
+                ratios[f"{grid} experts: per-expert ungrouped / batched grouped{tail}"] = old / new
+            ungrouped, grouped = step(f"{grid} batched ungrouped", loop), step(f"{grid} batched", loop)
+            if ungrouped and grouped:
+                ratios[f"{grid} experts: batched, ungrouped / grouped{tail}"] = ungrouped / grouped
+        many, few = step("256 batched ungrouped", loop), step("8 batched ungrouped", loop)
+        if many and few:
+            ratios[f"batched ungrouped: 256 / 8 experts{tail}"] = many / few
     if len(loops) == 2 and step("4096 batched", "uvloop") and step("4096 batched", "asyncio"):
         ratios["4096 batched: asyncio / uvloop"] = (step("4096 batched", "asyncio")
                                                     / step("4096 batched", "uvloop"))
@@ -493,6 +509,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--discovery-timeout", type=float, default=180.0,
                         help="seconds to wait until the client sees all experts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--node-grouping", choices=["on", "off", "both"], default="on",
+                        help="nodes run waiting batches of same-shaped experts as one group (--grouping); "
+                             "both: the full step measured on nodes with it and, in a second local swarm, "
+                             "on nodes without it")
     args = parser.parse_args()
     if not 1 <= args.nodes <= GRID[0] or args.steps < 1 or args.warmup < 0 or min(args.batch) < 1:
         parser.error(f"need 1 <= --nodes <= {GRID[0]}, --steps >= 1, --warmup >= 0, --batch >= 1")
@@ -512,7 +532,7 @@ def main() -> None:
         "inner": INNER, "k": K, "beam_size": args.beam_size or 2 * K, "batches": args.batch,
         "steps": args.steps, "train_steps": args.train_steps, "warmup": args.warmup, "event_loops": loops,
         "lookups": lookups, "lookup_timeout": LOOKUP_TIMEOUT,
-        "external_swarm": args.swarm,
+        "external_swarm": args.swarm, "node_grouping": args.node_grouping,
         "heartbeat_interval": args.heartbeat_interval, "record_ttl": args.record_ttl,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
     started = time.monotonic()
@@ -520,7 +540,7 @@ def main() -> None:
         swarm_addrs, node_pids = args.swarm, []
         if not swarm_addrs:
             swarm_addrs, node_pids = stack.enter_context(local_swarm(
-                args.nodes, args.heartbeat_interval, args.record_ttl, Path(tmp)))
+                args.nodes, args.heartbeat_interval, args.record_ttl, Path(tmp), args.node_grouping != "off"))
             out["swarm_start_s"] = time.monotonic() - started
             print(f"coordinator + {args.nodes} nodes up in {out['swarm_start_s']:.1f}s", flush=True)
         swarms: dict[tuple[str, str], dmoe.Swarm] = {}
@@ -561,9 +581,25 @@ def main() -> None:
             train_layers, endpoints = full_step_layers(cached, loops)
             out["train"] = measure_training(train_layers, endpoints, max(args.batch), args.train_steps,
                                             args.warmup, node_pids)
-            out["train_ratios"] = training_ratios(out["train"], loops)
-            if node_pids:
-                out["train_cpu_ratios"] = training_ratios(out["train"], loops, "median_cpu_s")
+    if args.train_steps > 0 and args.node_grouping == "both" and not args.swarm:
+        with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+            print("full step again, on nodes without --grouping", flush=True)
+            swarm_addrs, node_pids = stack.enter_context(local_swarm(
+                args.nodes, args.heartbeat_interval, args.record_ttl, Path(tmp), grouping=False))
+            cached = {loop: stack.enter_context(dmoe.Swarm(dmoe.SwarmConfig(
+                initial_peers=swarm_addrs, cache_ttl=CACHED_TTL, event_loop=loop,
+                lookup_timeout=LOOKUP_TIMEOUT))) for loop in loops}
+            wait_for_all(cached[loops[0]], args.discovery_timeout)
+            train_layers, endpoints = full_step_layers(cached, loops)
+            ungrouped = measure_training(train_layers, endpoints, max(args.batch), args.train_steps,
+                                         args.warmup, node_pids)
+            for name, result in ungrouped.items():  # "4096 batched uvloop" -> "4096 batched ungrouped uvloop"
+                grid, path, *loop = name.split(" ")
+                out["train"][" ".join([grid, path, "ungrouped", *loop])] = result
+    if out["train"]:
+        out["train_ratios"] = training_ratios(out["train"], loops)
+        if out["train"][next(iter(out["train"]))]["median_cpu_s"] is not None:
+            out["train_cpu_ratios"] = training_ratios(out["train"], loops, "median_cpu_s")
 
     print_tables(out)
     (RESULTS / "bench_lookup.json").write_text(json.dumps(out, indent=2))

@@ -235,7 +235,7 @@ def _optimizer_step(members: list[ExpertBackend], params: list[list[torch.nn.Par
             lr=settings["lr"], weight_decay=settings["weight_decay"], eps=settings["eps"],
             maximize=settings["maximize"])
     elif type(optimizer) is torch.optim.SGD:
-        buffers = [member.optimizer.state[p].get("momentum_buffer")
+        buffers = [member.optimizer.state.get(p, {}).get("momentum_buffer")
                    for member, ps in zip(members, params) for p in ps]
         sgd_step(
             flat_params, flat_grads, buffers, foreach=True, weight_decay=settings["weight_decay"],

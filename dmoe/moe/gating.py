@@ -276,8 +276,7 @@ def group_by_expert(experts_TK: torch.Tensor) -> list[tuple[int, torch.Tensor, t
     flat = experts_TK.flatten()
     order = torch.argsort(flat, stable=True)
     experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    groups = []
-    for e, pairs in zip(experts.tolist(), order.split(counts.tolist())):
-        if e >= 0:
-            groups.append((e, pairs // experts_TK.shape[1], pairs % experts_TK.shape[1]))
-    return groups
+    sizes = counts.tolist()
+    tokens, slots = order.div(experts_TK.shape[1], rounding_mode="floor"), order % experts_TK.shape[1]
+    return [(e, token_ids, slot_ids) for e, token_ids, slot_ids
+            in zip(experts.tolist(), tokens.split(sizes), slots.split(sizes)) if e >= 0]

@@ -168,11 +168,14 @@ class _Dispatch(torch.autograd.Function):
         )
         out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
         answered_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
-        ctx.answered = []  # (the call that answered, its slots): backward goes to that replica only
-        for job, rows, call, output in answers.parts:
-            out_TKD[call.token_ids, slots[job][rows]] = output
-            answered_TK[call.token_ids, slots[job][rows]] = True
-            ctx.answered.append((call, slots[job][rows]))
+        # (the call that answered, its slots): backward goes to that replica only
+        ctx.answered = [(call, slots[job][rows]) for job, rows, call, _ in answers.parts]
+        if ctx.answered:  # every answer in place at once: a step through many experts has hundreds
+            token_ids = torch.cat([call.token_ids for call, _ in ctx.answered])
+            slot_ids = torch.cat([answer_slots for _, answer_slots in ctx.answered])
+            outputs = torch.cat([output for *_, output in answers.parts])
+            out_TKD[token_ids, slot_ids] = outputs.to(out_TKD.dtype)
+            answered_TK[token_ids, slot_ids] = True
         layer.last_num_retried = answers.num_retried
         layer.num_retried_calls += answers.num_retried
         ctx.layer = layer
@@ -184,10 +187,16 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx: Any, grad_out_TKD: torch.Tensor, _grad_answered: Any, _grad_num_failed: None):
         calls = []
         quarantined = ctx.layer.swarm.quarantined
-        for call, slot_ids in ctx.answered:
-            grad = grad_out_TKD[call.token_ids, slot_ids]
-            if bool(grad.any()) and not quarantined(call.endpoint, call.uid):
-                calls.append(dataclasses.replace(call, grad_outputs=grad.contiguous()))
+        if ctx.answered:  # every answer's output gradients gathered at once, then cut per answer
+            sizes = [len(call.token_ids) for call, _ in ctx.answered]
+            grads = grad_out_TKD[torch.cat([call.token_ids for call, _ in ctx.answered]),
+                                 torch.cat([slot_ids for _, slot_ids in ctx.answered])]
+            answer_of_row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+            nonzero = torch.zeros(len(sizes), dtype=torch.int64).index_add_(
+                0, answer_of_row, (grads != 0).any(dim=1).long()).tolist()
+            for (call, _), grad, any_nonzero in zip(ctx.answered, grads.split(sizes), nonzero):
+                if any_nonzero and not quarantined(call.endpoint, call.uid):
+                    calls.append(dataclasses.replace(call, grad_outputs=grad))
         grad_x_TD = grad_out_TKD.new_zeros(ctx.num_tokens, grad_out_TKD.shape[-1])
         if calls:
             results = ctx.layer.dispatcher.backward(

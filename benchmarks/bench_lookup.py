@@ -509,6 +509,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--discovery-timeout", type=float, default=180.0,
                         help="seconds to wait until the client sees all experts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client-threads", type=int, default=1,
+                        help="torch threads of this client process (the nodes run with --num-threads 1): on "
+                             "a machine of few cores shared with the nodes, more turn each tiny op of a step "
+                             "into a parallel region that waits for busy cores")
     parser.add_argument("--node-grouping", choices=["on", "off", "both"], default="on",
                         help="nodes run waiting batches of same-shaped experts as one group (--grouping); "
                              "both: the full step measured on nodes with it and, in a second local swarm, "
@@ -526,6 +530,7 @@ def main() -> None:
     lookups = list(LOOKUPS) if args.lookup == "both" else [args.lookup]
     RESULTS.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.client_threads)
     counters = Counters()
     out: dict[str, Any] = {"config": {
         "grid": list(GRID), "experts": GRID[0] * GRID[1], "nodes": args.nodes, "hidden": HIDDEN,
@@ -534,7 +539,7 @@ def main() -> None:
         "lookups": lookups, "lookup_timeout": LOOKUP_TIMEOUT,
         "external_swarm": args.swarm, "node_grouping": args.node_grouping,
         "heartbeat_interval": args.heartbeat_interval, "record_ttl": args.record_ttl,
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
+        "torch_threads": args.client_threads, "cpus": os.cpu_count()}}
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         swarm_addrs, node_pids = args.swarm, []

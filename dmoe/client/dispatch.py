@@ -81,7 +81,7 @@ from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.auth import SwarmKey, fullmethod
 from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord
-from dmoe.core.wire import deserialize, join_chunks, serialize, split_chunks
+from dmoe.core.wire import deserialize, deserialize_plain, join_chunks, serialize, split_chunks
 from dmoe.errors import WireError
 from dmoe.proto import expert_pb2 as pb
 
@@ -668,12 +668,19 @@ class Dispatcher:
         self._remember_batched(endpoint, tls)
         tokens = sum(int(q.like.shape[0]) for q in group)
         results: list[torch.Tensor | BaseException] = []
-        for queued, part in zip(group, parts):
+        ok = grpc.StatusCode.OK.value[0]
+        # the parts that are one plain tensor of the expected shape decoded with one copy for all
+        plain = deserialize_plain([part.tensors[0] if part.code == ok and len(part.tensors) == 1
+                                   else _NOT_PLAIN for part in parts], [q.like for q in group])
+        for queued, part, tensor in zip(group, parts, plain):
             if queued.shares is not None:
                 queued.shares.append(int(queued.like.shape[0]) / tokens)
-            if part.code != grpc.StatusCode.OK.value[0]:
+            if part.code != ok:
                 code = _STATUS_BY_NUMBER.get(part.code, grpc.StatusCode.UNKNOWN)
                 results.append(PartFailed(code, part.message or f"status {part.code}"))
+                continue
+            if tensor is not None:
+                results.append(tensor)
                 continue
             try:
                 results.append(_decoded(part.tensors, queued.like))
@@ -746,6 +753,9 @@ def _log_failure(what: str, call: ExpertCall, error: Exception) -> None:
             if code == grpc.StatusCode.UNAUTHENTICATED else "")
     logger.log(logging.DEBUG if expected else logging.WARNING, "%s to %s at %s failed: %s: %s%s", what,
                printable(call.uid), printable(call.endpoint), type(error).__name__, printable(error), hint)
+
+
+_NOT_PLAIN = pb.Tensor(dtype="", compression=pb.NONE)  # stands for a part deserialize_plain must leave
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -12,7 +12,7 @@ never a crash or an allocation chosen by the peer.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -140,6 +140,27 @@ def deserialize(message: pb.Tensor, *, max_numel: int) -> torch.Tensor:
 
 
 _NUMPY = {name: np.dtype(name) for name in DTYPES if name != "bfloat16"}
+
+
+def deserialize_plain(messages: Sequence[pb.Tensor],
+                      like: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Decode, with one copy for all of them, the messages that are uncompressed and exactly of the shape
+    and dtype of their ``like`` (a batched reply's parts, hundreds of small tensors); None for each of
+    the others, left to :func:`deserialize` (which also says what is wrong with them)."""
+    out: list[torch.Tensor | None] = [None] * len(messages)
+    by_dtype: dict[str, list[int]] = {}
+    for i, (message, want) in enumerate(zip(messages, like)):
+        name = dtype_name(want.dtype)
+        if (message.compression == pb.NONE and message.dtype == name and name in _NUMPY
+                and tuple(message.shape) == tuple(want.shape)
+                and len(message.buffer) == want.numel() * want.element_size()):
+            by_dtype.setdefault(name, []).append(i)
+    for name, indices in by_dtype.items():
+        joined = np.frombuffer(b"".join(messages[i].buffer for i in indices), dtype=_NUMPY[name]).copy()
+        flat = torch.from_numpy(joined)
+        for i, piece in zip(indices, flat.split([like[i].numel() for i in indices])):
+            out[i] = piece.view(like[i].shape)
+    return out
 
 
 def _decode_8bit(buffer: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmoe.core.wire import compression_from_name, deserialize, join_chunks, serialize, split_chunks
+from dmoe.core.wire import (
+    compression_from_name,
+    deserialize,
+    deserialize_plain,
+    join_chunks,
+    serialize,
+    split_chunks,
+)
 from dmoe.errors import MessageTooLarge, WireError
 from dmoe.proto import expert_pb2 as pb
 
@@ -108,3 +115,20 @@ def test_8bit_of_a_constant_tensor_is_exact():
     x = torch.full((4, 8), 2.5)
     message = serialize(x, pb.UNIFORM_8BIT)
     assert message.compression == pb.UNIFORM_8BIT and torch.equal(deserialize(message, max_numel=32), x)
+
+
+def test_plain_parts_decode_at_once_and_the_others_are_left_to_deserialize():
+    like = [torch.randn(3, 4), torch.randn(1, 4), torch.randn(2, 4), torch.randn(2, 4),
+            torch.randn(2, 4).double(), torch.randn(5, 4)]
+    messages = [serialize(like[0]), serialize(like[1]),
+                serialize(like[2], pb.FLOAT16),  # compressed: not plain
+                serialize(torch.randn(4, 2)),  # the same elements in another shape
+                serialize(like[4]),  # float64, as its like: plain too
+                serialize(like[5])]
+    messages[5].buffer = messages[5].buffer[:-4]  # one element short
+    decoded = deserialize_plain(messages, like)
+    assert [t is None for t in decoded] == [False, False, True, True, False, True]
+    for i in (0, 1, 4):
+        assert torch.equal(decoded[i], like[i]) and decoded[i].dtype == like[i].dtype
+    assert torch.equal(decoded[0], deserialize(messages[0], max_numel=12))
+    assert deserialize_plain([], []) == []

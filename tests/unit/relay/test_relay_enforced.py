@@ -176,10 +176,10 @@ def read_until_closed(registration: Registration, timeout: float) -> tuple[float
 def test_a_silent_control_channel_is_dropped_after_control_timeout(monkeypatch, echo):
     """A node that answers no ping for control_timeout is dropped (its control channel closed, its
     registration gone), not before; a node that answers every ping stays, the same registration.
-    The ping interval is cut to 0.2 s so that the limit can be 1.5 s (it must exceed the interval)."""
+    The ping interval is cut to 0.2 s so that the limit can be 2 s (it must exceed the interval)."""
     monkeypatch.setattr("dmoe.relay.limits.PING_INTERVAL", 0.2)
     monkeypatch.setattr("dmoe.relay.server.PING_INTERVAL", 0.2)
-    limits = RelayLimits(control_timeout=1.5)
+    limits = RelayLimits(control_timeout=2.0)
     with Relay(limits=limits) as relay:
         link = RelayLink(lambda: [relay.address], node_id="answering", key=None, target=echo.address).start()
         try:

@@ -197,7 +197,8 @@ def _step(members: Sequence[ExpertBackend], stack: _Stack) -> list[bool]:
                 logger.warning("%s: non-finite parameter gradients; optimizer step skipped", members[i].uid)
         if stepped:
             per_member = [[p for p in _parameters(members[i]) if p.requires_grad] for i in stepped]
-            member_grads = [[g[i] for g in grads] for i in stepped]
+            unbound = [g.unbind(0) for g in grads]  # one view per member and parameter, in one call each
+            member_grads = [[u[i] for u in unbound] for i in stepped]
             _optimizer_step([members[i] for i in stepped], per_member, member_grads)
             for i in stepped:
                 members[i].version += 1

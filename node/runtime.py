@@ -141,21 +141,33 @@ class Runtime:
         return sum(q.num_tokens for q in queues if q is not None)
 
     def submit(self, uid: str, task: Task) -> concurrent.futures.Future:
-        queue = self._queues.get((uid, task.grad_outputs is not None))
-        if queue is None or uid in self._retired:
-            raise Overloaded(f"{uid} is no longer served here")
+        result = self.submit_many([(uid, task)])[0]
+        if isinstance(result, Overloaded):
+            raise result
+        return result
+
+    def submit_many(self, items: list[tuple[str, Task]]) -> list[concurrent.futures.Future | Overloaded]:
+        """Queue several tasks at once (a batched call's parts): the device thread sees all of them
+        together, so that the parts of one call for many experts can run as one group. Each task's
+        future, or the Overloaded its own submit would have raised (the others are queued all the same)."""
+        results: list[concurrent.futures.Future | Overloaded] = []
         with self._cond:
-            if self._stopping:
-                raise Overloaded("node is shutting down")
-            if queue.num_tokens + task.num_tokens > self.max_queued_tokens:
-                raise Overloaded(
-                    f"{uid} has {queue.num_tokens} tokens queued; limit {self.max_queued_tokens}"
-                )
-            queue.tasks.append(task)
-            queue.num_tokens += task.num_tokens
-            self._ready[id(queue)] = queue
+            for uid, task in items:
+                queue = self._queues.get((uid, task.grad_outputs is not None))
+                if queue is None or uid in self._retired:
+                    results.append(Overloaded(f"{uid} is no longer served here"))
+                elif self._stopping:
+                    results.append(Overloaded("node is shutting down"))
+                elif queue.num_tokens + task.num_tokens > self.max_queued_tokens:
+                    results.append(Overloaded(
+                        f"{uid} has {queue.num_tokens} tokens queued; limit {self.max_queued_tokens}"))
+                else:
+                    queue.tasks.append(task)
+                    queue.num_tokens += task.num_tokens
+                    self._ready[id(queue)] = queue
+                    results.append(task.future)
             self._cond.notify()
-        return task.future
+        return results
 
     def _take_batch(self) -> list[tuple[_Queue, list[Task]]] | None:
         """Pop the next batch: the oldest queue's, and with grouping the batches of other ready experts

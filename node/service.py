@@ -382,6 +382,7 @@ class ExpertServicer:
             return results
         decoded = await asyncio.to_thread(self._decode, requests, checked, backward)
         waiting: dict[int, concurrent.futures.Future] = {}
+        submitted: list[tuple[int, tuple[str, Task]]] = []
         for index, item in decoded.items():
             uid = requests[index].uid
             if isinstance(item, RequestError):
@@ -389,10 +390,14 @@ class ExpertServicer:
                 continue
             _, rows, num_tokens = checked[index]
             task = Task(item[0], item[1], rows, num_tokens, concurrent.futures.Future(), peer=_caller.get())
-            try:
-                waiting[index] = self.runtime.submit(uid, task)
-            except Overloaded as e:
-                results[index] = self._refused(uid, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
+            submitted.append((index, (uid, task)))
+        # all at once: the device thread sees every part together (and can run them as one group)
+        for (index, (uid, _)), queued in zip(submitted, self.runtime.submit_many([s for _, s in submitted])):
+            if isinstance(queued, Overloaded):
+                results[index] = self._refused(uid, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                 str(queued)))
+            else:
+                waiting[index] = queued
         if not waiting:
             return results
         outputs = await _all_done(list(waiting.values()))

@@ -177,3 +177,24 @@ def test_a_member_whose_caller_is_over_its_step_budget_runs_alone_and_does_not_s
         assert runtime.num_groups == 1  # e.1 and e.2 together; e.0 alone, answered but not stepped
     finally:
         runtime.shutdown(10)
+
+
+def test_tasks_submitted_together_to_a_running_runtime_run_as_one_group():
+    n = 6
+    backends = {f"e.{i}": backend(f"e.{i}") for i in range(n)}
+    runtime = Runtime(backends, max_batch_tokens=4096, max_queued_tokens=8, batching=True, grouping=True)
+    runtime.start()  # waiting for work: it must not take the first part before the others are queued
+    try:
+        items = [(f"e.{i}", task(torch.randn(2, HIDDEN), torch.randn(2, HIDDEN))) for i in range(n)]
+        items.append(("e.0", task(torch.randn(7, HIDDEN), torch.randn(7, HIDDEN))))  # over e.0's 8 tokens
+        items.append(("gone", task(torch.randn(1, HIDDEN))))
+        results = runtime.submit_many(items)
+        assert [type(r).__name__ for r in results] == ["Future"] * n + ["Overloaded", "Overloaded"]
+        assert "limit 8" in str(results[n]) and "no longer served" in str(results[n + 1])
+        for future in results[:n]:
+            assert future.result(30)[0].shape == (2, HIDDEN)
+        wait_for(lambda: runtime.num_batches == n, 30, "every batch counted")
+        assert runtime.num_groups == 1
+        assert [b.version for b in backends.values()] == [1] * n
+    finally:
+        runtime.shutdown(10)

@@ -197,12 +197,64 @@ def _step(members: Sequence[ExpertBackend], stack: _Stack) -> list[bool]:
                 logger.warning("%s: non-finite parameter gradients; optimizer step skipped", members[i].uid)
         if stepped:
             per_member = [[p for p in _parameters(members[i]) if p.requires_grad] for i in stepped]
-            unbound = [g.unbind(0) for g in grads]  # one view per member and parameter, in one call each
-            member_grads = [[u[i] for u in unbound] for i in stepped]
-            _optimizer_step([members[i] for i in stepped], per_member, member_grads)
+            if _plain_adam(members[0].optimizer):
+                if len(stepped) < len(members):
+                    index = torch.tensor(stepped, device=grads[0].device)
+                    grads = [g.index_select(0, index) for g in grads]
+                _stacked_adam([members[i] for i in stepped], per_member, grads)
+            else:
+                unbound = [g.unbind(0) for g in grads]  # one view per member and parameter, one call each
+                member_grads = [[u[i] for u in unbound] for i in stepped]
+                _optimizer_step([members[i] for i in stepped], per_member, member_grads)
             for i in stepped:
                 members[i].version += 1
     return finite
+
+
+def _plain_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Adam with the settings the node gives it (and most do): no weight decay, amsgrad or maximize."""
+    if type(optimizer) is not torch.optim.Adam:
+        return False
+    settings = optimizer.param_groups[0]
+    return (not settings["amsgrad"] and not settings["maximize"] and settings["weight_decay"] == 0
+            and not isinstance(settings["lr"], torch.Tensor))
+
+
+def _stacked_adam(members: list[ExpertBackend], params: list[list[torch.nn.Parameter]],
+                  grads: list[torch.Tensor]) -> None:
+    """Adam's step (torch's formula, each member's state where torch keeps it) for every member at once:
+    ``grads[j]`` is the members' gradients of their j-th parameter stacked [members, ...]; the parameters
+    and moments of position j are stacked, stepped with a handful of tensor operations, and copied back."""
+    settings = members[0].optimizer.param_groups[0]
+    beta1, beta2 = settings["betas"]
+    lr, eps = settings["lr"], settings["eps"]
+    for j, grad in enumerate(grads):
+        states = []
+        for member, ps in zip(members, params):
+            state = member.optimizer.state[ps[j]]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(ps[j], memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(ps[j], memory_format=torch.preserve_format)
+            states.append(state)
+        targets = [ps[j] for ps in params]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        shape = (-1, *[1] * (grad.dim() - 1))
+        count = torch.stack(steps).to(torch.float64)
+        # as torch's Adam: bias corrections in double precision, then applied as float32 scalars would be
+        step_size = (lr / (1 - beta1 ** count)).to(grad.dtype).view(shape)
+        correction2_sqrt = (1 - beta2 ** count).sqrt().to(grad.dtype).view(shape)
+        param, exp_avg, exp_avg_sq = torch.stack(targets), torch.stack(exp_avgs), torch.stack(exp_avg_sqs)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)
+        param.sub_(step_size * exp_avg / denom)
+        torch._foreach_copy_(targets, list(param.unbind(0)))
+        torch._foreach_copy_(exp_avgs, list(exp_avg.unbind(0)))
+        torch._foreach_copy_(exp_avg_sqs, list(exp_avg_sq.unbind(0)))
 
 
 def _optimizer_step(members: list[ExpertBackend], params: list[list[torch.nn.Parameter]],

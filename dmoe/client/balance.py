@@ -129,6 +129,8 @@ class ReplicaBalancer:
         docstring); then the replicas' shares equalise their expected finish times."""
         if not replicas or tokens <= 0:
             return []
+        if len(replicas) == 1:  # nothing to rank or share (most experts of a big grid have one replica)
+            return [(replicas[0], tokens)]
         ranked = self.rank(replicas, tokens)
         best_max = ranked[0].max_batch_tokens or DEFAULT_MAX_TOKENS
         if len(ranked) == 1 or (tokens <= self.spread_tokens and tokens <= best_max):

@@ -148,18 +148,20 @@ def deserialize_plain(messages: Sequence[pb.Tensor],
     and dtype of their ``like`` (a batched reply's parts, hundreds of small tensors); None for each of
     the others, left to :func:`deserialize` (which also says what is wrong with them)."""
     out: list[torch.Tensor | None] = [None] * len(messages)
-    by_dtype: dict[str, list[int]] = {}
+    # by dtype and trailing shape: one copy, then one split along the first dimension, for each
+    alike: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     for i, (message, want) in enumerate(zip(messages, like)):
         name = dtype_name(want.dtype)
-        if (message.compression == pb.NONE and message.dtype == name and name in _NUMPY
+        if (want.numel() > 0 and want.dim() > 0 and message.compression == pb.NONE and message.dtype == name
+                and name in _NUMPY
                 and tuple(message.shape) == tuple(want.shape)
                 and len(message.buffer) == want.numel() * want.element_size()):
-            by_dtype.setdefault(name, []).append(i)
-    for name, indices in by_dtype.items():
+            alike.setdefault((name, tuple(want.shape[1:])), []).append(i)
+    for (name, trailing), indices in alike.items():
         joined = np.frombuffer(b"".join(messages[i].buffer for i in indices), dtype=_NUMPY[name]).copy()
-        flat = torch.from_numpy(joined)
-        for i, piece in zip(indices, flat.split([like[i].numel() for i in indices])):
-            out[i] = piece.view(like[i].shape)
+        rows = torch.from_numpy(joined).view(-1, *trailing)
+        for i, piece in zip(indices, rows.split([like[i].shape[0] for i in indices])):
+            out[i] = piece
     return out
 
 

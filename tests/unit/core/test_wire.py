@@ -132,3 +132,13 @@ def test_plain_parts_decode_at_once_and_the_others_are_left_to_deserialize():
         assert torch.equal(decoded[i], like[i]) and decoded[i].dtype == like[i].dtype
     assert torch.equal(decoded[0], deserialize(messages[0], max_numel=12))
     assert deserialize_plain([], []) == []
+
+
+def test_plain_parts_of_several_shapes_and_empty_ones():
+    like = [torch.randn(2, 3), torch.randn(1, 5), torch.randn(3, 3), torch.zeros(2, 0), torch.randn(4)]
+    decoded = deserialize_plain([serialize(t) for t in like], like)
+    for tensor, want in zip(decoded, like):
+        if want.numel() == 0:
+            assert tensor is None  # left to deserialize
+        else:
+            assert torch.equal(tensor, want) and tensor.shape == want.shape

@@ -88,6 +88,7 @@ class CallLog:
         self.exchanges: list[tuple[str, object, pb.Tensor]] = []  # (uid, request, reply tensor)
         sent: dict[int, tuple[torch.Tensor, str, object]] = {}
         build, decode = dispatch.Dispatcher._request, dispatch._decoded
+        decode_plain = dispatch.deserialize_plain
 
         def request(dispatcher, call, inputs, *args, **kwargs):
             built = build(dispatcher, call, inputs, *args, **kwargs)
@@ -101,8 +102,17 @@ class CallLog:
             self.exchanges.append((uid, built, tensors[0]))
             return result
 
+        def decoded_plain(messages, like):  # a batched reply's plain parts, decoded at once
+            results = decode_plain(messages, like)
+            for message, want, result in zip(messages, like, results):
+                if result is not None:
+                    _, uid, built = sent[id(want)]
+                    self.exchanges.append((uid, built, message))
+            return results
+
         monkeypatch.setattr(dispatch.Dispatcher, "_request", request)
         monkeypatch.setattr(dispatch, "_decoded", decoded)
+        monkeypatch.setattr(dispatch, "deserialize_plain", decoded_plain)
 
     def clear(self) -> None:
         self.requests.clear()

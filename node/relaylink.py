@@ -85,10 +85,12 @@ class RelayLink:
             return
 
         async def stop() -> None:
-            tasks = [t for t in (self._main, *self._tasks) if t is not None]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            tasks = {t for t in (self._main, *self._tasks) if t is not None}
+            while tasks:  # again until they end: a task may start another, or outlive one cancellation
+                for task in tasks:
+                    task.cancel()
+                _, pending = await asyncio.wait(tasks, timeout=0.5)
+                tasks = pending | {t for t in self._tasks if not t.done()}
 
         try:
             asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)

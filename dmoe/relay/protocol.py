@@ -32,7 +32,10 @@ class ProtocolError(Exception):
 async def read_message(reader: asyncio.StreamReader, timeout: float | None = None) -> dict[str, Any]:
     """One JSON object from one line; ProtocolError for anything else, EOFError when the peer left."""
     try:
-        line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that arrives as the
+        # line does (the caller then reads on; a link being shut down never ended)
+        async with asyncio.timeout(timeout):
+            line = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError as e:
         if e.partial:
             raise ProtocolError("connection closed mid-message") from None
@@ -54,7 +57,8 @@ def send_message(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
 
 async def open_connection(address: str, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = split_address(address)
-    return await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE), timeout)
+    async with asyncio.timeout(timeout):  # not wait_for: see read_message
+        return await asyncio.open_connection(host, port, limit=MAX_LINE)
 
 
 def loopback_source(peer: str) -> str:

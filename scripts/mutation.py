@@ -30,8 +30,10 @@ import ast
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -64,16 +66,18 @@ class Module:
 
 MODULES = [
     Module("uids", ["dmoe/core/uids.py"], ["tests/unit/core/test_uids.py"]),
-    Module("guard", ["node/guard.py"], ["tests/unit/node/test_guard.py"]),
+    Module("guard", ["node/guard.py"], ["tests/unit/node/test_guard.py", "tests/unit/core/test_auth.py"]),
     Module("auth", ["dmoe/core/auth.py"], ["tests/unit/core/test_auth.py"]),
     Module("wire", ["dmoe/core/wire.py", "dmoe/core/compression.py"], ["tests/unit/core/test_wire.py"]),
     Module("backend_checks", ["node/backend.py"],
-           ["tests/unit/node/test_backend.py", "tests/unit/node/test_request_limits.py"],
+           ["tests/unit/node/test_runtime.py", "tests/unit/node/test_backend.py",
+            "tests/unit/node/test_request_limits.py"],
            ["ExpertBackend.set_max_batch_tokens", "ExpertBackend.check_input_shapes",
             "ExpertBackend.check_grad_output_shapes", "ExpertBackend.check_values", "_token_width"],
            "the request checks only: shapes, dtypes, batch size, values"),
     Module("gating", ["dmoe/moe/gating.py"],
-           ["tests/unit/moe/test_beam_vectorised.py", "tests/unit/moe/test_gate_noise.py"]),
+           ["tests/unit/moe/test_hedge.py", "tests/unit/moe/test_beam_vectorised.py",
+            "tests/unit/moe/test_gate_noise.py"]),
     Module("dispatch_quorum", ["dmoe/client/dispatch.py"],
            ["tests/unit/client/test_batched_dispatch.py", "tests/unit/client/test_bulk_checks.py"],
            ["Dispatcher._forward", "_all_finite", "_token_counts", "_checked", "_decoded", "_within",
@@ -228,8 +232,9 @@ def inside(pos: tuple[int, int], ranges: list[tuple]) -> bool:
     return any(start <= pos < end for start, end in ranges)
 
 
-def skip_uncounted(session: Path, module: Module, src: Path) -> int:
-    """Mark as skipped the mutants that are not counted (annotations, operators left out, other functions)."""
+def skip_uncounted(session: Path, module: Module, src: Path, sample: int | None) -> int:
+    """Mark as skipped the mutants that are not counted (annotations, operators left out, other functions),
+    and with ``sample``, all but that many of the others, drawn at random (the same ones every run)."""
     db = sqlite3.connect(session)
     rows = db.execute("select job_id, module_path, operator_name, start_pos_row, start_pos_col "
                       "from mutation_specs").fetchall()
@@ -249,6 +254,10 @@ def skip_uncounted(session: Path, module: Module, src: Path) -> int:
             why = "outside the functions measured"
         if why:
             skipped.append((job_id, why))
+    left = sorted(set(r[0] for r in rows) - {job_id for job_id, _ in skipped})
+    if sample is not None and len(left) > sample:
+        drawn = set(random.Random(module.name).sample(left, sample))
+        skipped += [(job_id, "not in the sample") for job_id in left if job_id not in drawn]
     db.executemany("insert or replace into work_results (job_id, worker_outcome, output, test_outcome, diff) "
                    "values (?, 'SKIPPED', ?, null, null)", skipped)
     db.commit()
@@ -269,11 +278,12 @@ def counts(session: Path, src: Path) -> dict:
         "m.operator_name, m.start_pos_row from work_items w join mutation_specs m on m.job_id = w.job_id "
         "left join work_results r on r.job_id = w.job_id").fetchall()
     db.close()
-    out = {"mutants": 0, "killed": 0, "timeouts": 0, "survived": 0, "incompetent": 0, "pending": 0,
-           "skipped": 0, "survivors": []}
+    out = {"population": 0, "mutants": 0, "killed": 0, "timeouts": 0, "survived": 0, "incompetent": 0,
+           "pending": 0, "skipped": 0, "survivors": []}
     for job_id, worker, test, output, diff, path, operator, row in rows:
         if worker == "skipped":
             out["skipped"] += 1
+            out["population"] += output == "not in the sample"
             continue
         out["mutants"] += 1
         if worker is None:
@@ -289,6 +299,7 @@ def counts(session: Path, src: Path) -> dict:
         else:
             out["incompetent"] += 1
     done = out["killed"] + out["survived"]
+    out["population"] += out["mutants"]
     out["score"] = round(out["killed"] / done, 3) if done else None
     out["survivors"].sort(key=lambda s: (s["file"], s["line"]))
     return out
@@ -303,6 +314,7 @@ def start_server(sock: Path, src: Path) -> subprocess.Popen:
 
 
 def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server and cosmic-ray too
     chosen = [m for m in MODULES if not args.modules or m.name in args.modules]
     unknown = set(args.modules or []) - {m.name for m in MODULES}
     if unknown:
@@ -350,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
                 if session.exists():
                     session.unlink()
                 cosmic(src, "init", str(config), str(session))
-                skip_uncounted(session, module, src)
+                skip_uncounted(session, module, src, args.sample)
                 stamp.write_text(digest(module))
             print(f"{module.name}: {counts(session, src)['pending']} mutants to run", flush=True)
             cosmic(src, "exec", str(config), str(session))
@@ -376,13 +388,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def table(results: dict) -> None:
-    print(f"\n{'module':<16} {'mutants':>7} {'killed':>7} {'(timeouts)':>10} {'survived':>8} {'other':>5} "
-          f"{'score':>6}")
+    print(f"\n{'module':<16} {'of':>5} {'mutants':>7} {'killed':>7} {'timeouts':>8} {'survived':>8} "
+          f"{'other':>5} {'score':>6}")
     for name, r in results.items():
         other = r["incompetent"] + r["pending"]
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
-        print(f"{name:<16} {r['mutants']:>7} {r['killed']:>7} {r['timeouts']:>10} {r['survived']:>8} "
-              f"{other:>5} {score:>6}")
+        print(f"{name:<16} {r['population']:>5} {r['mutants']:>7} {r['killed']:>7} {r['timeouts']:>8} "
+              f"{r['survived']:>8} {other:>5} {score:>6}")
 
 
 def survivors(args: argparse.Namespace) -> int:
@@ -412,6 +424,9 @@ def main() -> int:
     parser.add_argument("--label", default="latest",
                         help="the results go to benchmarks/results/mutation_LABEL.json")
     parser.add_argument("--out", help="write the JSON here instead")
+    parser.add_argument("--sample", type=int,
+                        help="run at most this many mutants per module, drawn at random (the same ones every "
+                             "run): an estimate of the score where a module has too many to run them all")
     parser.add_argument("--survivors", action="store_true", help="list the last run's survivors and stop")
     parser.add_argument("--diff", action="store_true", help="with --survivors: each one's diff")
     args = parser.parse_args()

@@ -64,22 +64,28 @@ class Module:
     note: str = ""
 
 
+T = "tests/unit/"
+# The "before" lists were today's tests of each module: the first files of each list, up to the *_edges,
+# *_bounds, *_checks and *_combine files written against their survivors.
 MODULES = [
-    Module("uids", ["dmoe/core/uids.py"], ["tests/unit/core/test_uids.py"]),
-    Module("guard", ["node/guard.py"], ["tests/unit/node/test_guard.py", "tests/unit/core/test_auth.py"]),
-    Module("auth", ["dmoe/core/auth.py"], ["tests/unit/core/test_auth.py"]),
-    Module("wire", ["dmoe/core/wire.py", "dmoe/core/compression.py"], ["tests/unit/core/test_wire.py"]),
+    Module("uids", ["dmoe/core/uids.py"], [T + "core/test_uids.py", T + "core/test_uid_pattern_bounds.py"]),
+    Module("guard", ["node/guard.py"],
+           [T + "node/test_guard.py", T + "core/test_auth.py", T + "node/test_guard_edges.py"]),
+    Module("auth", ["dmoe/core/auth.py"], [T + "core/test_auth.py", T + "core/test_auth_edges.py"]),
+    Module("wire", ["dmoe/core/wire.py", "dmoe/core/compression.py"],
+           [T + "core/test_wire.py", T + "core/test_wire_edges.py"]),
     Module("backend_checks", ["node/backend.py"],
-           ["tests/unit/node/test_runtime.py", "tests/unit/node/test_backend.py",
-            "tests/unit/node/test_request_limits.py"],
+           [T + "node/test_runtime.py", T + "node/test_backend.py", T + "node/test_request_limits.py",
+            T + "node/test_backend_checks.py"],
            ["ExpertBackend.set_max_batch_tokens", "ExpertBackend.check_input_shapes",
             "ExpertBackend.check_grad_output_shapes", "ExpertBackend.check_values", "_token_width"],
            "the request checks only: shapes, dtypes, batch size, values"),
     Module("gating", ["dmoe/moe/gating.py"],
-           ["tests/unit/moe/test_hedge.py", "tests/unit/moe/test_beam_vectorised.py",
-            "tests/unit/moe/test_gate_noise.py"]),
+           [T + "moe/test_hedge.py", T + "moe/test_beam_vectorised.py", T + "moe/test_gate_noise.py",
+            T + "moe/test_gating_combine.py"]),
     Module("dispatch_quorum", ["dmoe/client/dispatch.py"],
-           ["tests/unit/client/test_batched_dispatch.py", "tests/unit/client/test_bulk_checks.py"],
+           [T + "client/test_batched_dispatch.py", T + "client/test_bulk_checks.py",
+            T + "client/test_dispatch_quorum.py"],
            ["Dispatcher._forward", "_all_finite", "_token_counts", "_checked", "_decoded", "_within",
             "_check_values"],
            "the quorum (Dispatcher._forward) and the checks of answers it applies"),
@@ -323,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     src = base / "src"
     sessions = base / "sessions"
     sessions.mkdir(parents=True, exist_ok=True)
-    lay_out(src, tests_only=args.again)
+    lay_out(src, tests_only=args.again and (src / "dmoe").exists())
     sock = base / f"server-{os.getpid()}.sock"
     server = start_server(sock, src)
     results = {}

@@ -60,32 +60,33 @@ class Module:
     name: str
     files: list[str]  # paths in the checkout
     tests: list[str]
+    added: list[str]  # tests written against the survivors of ``tests``
     functions: list[str] = field(default_factory=list)  # qualified names; empty: the whole file
     note: str = ""
 
 
 T = "tests/unit/"
-# The "before" lists were today's tests of each module: the first files of each list, up to the *_edges,
-# *_bounds, *_checks and *_combine files written against their survivors.
+# Each module's tests: those it had before mutation testing, then those written against their survivors
+# (``--before`` runs the first only).
 MODULES = [
-    Module("uids", ["dmoe/core/uids.py"], [T + "core/test_uids.py", T + "core/test_uid_pattern_bounds.py"]),
-    Module("guard", ["node/guard.py"],
-           [T + "node/test_guard.py", T + "core/test_auth.py", T + "node/test_guard_edges.py"]),
-    Module("auth", ["dmoe/core/auth.py"], [T + "core/test_auth.py", T + "core/test_auth_edges.py"]),
-    Module("wire", ["dmoe/core/wire.py", "dmoe/core/compression.py"],
-           [T + "core/test_wire.py", T + "core/test_wire_edges.py"]),
+    Module("uids", ["dmoe/core/uids.py"], [T + "core/test_uids.py"], [T + "core/test_uid_pattern_bounds.py"]),
+    Module("guard", ["node/guard.py"], [T + "node/test_guard.py", T + "core/test_auth.py"],
+           [T + "node/test_guard_edges.py"]),
+    Module("auth", ["dmoe/core/auth.py"], [T + "core/test_auth.py"], [T + "core/test_auth_edges.py"]),
+    Module("wire", ["dmoe/core/wire.py", "dmoe/core/compression.py"], [T + "core/test_wire.py"],
+           [T + "core/test_wire_edges.py"]),
     Module("backend_checks", ["node/backend.py"],
-           [T + "node/test_runtime.py", T + "node/test_backend.py", T + "node/test_request_limits.py",
-            T + "node/test_backend_checks.py"],
+           [T + "node/test_runtime.py", T + "node/test_backend.py", T + "node/test_request_limits.py"],
+           [T + "node/test_backend_checks.py"],
            ["ExpertBackend.set_max_batch_tokens", "ExpertBackend.check_input_shapes",
             "ExpertBackend.check_grad_output_shapes", "ExpertBackend.check_values", "_token_width"],
            "the request checks only: shapes, dtypes, batch size, values"),
     Module("gating", ["dmoe/moe/gating.py"],
-           [T + "moe/test_hedge.py", T + "moe/test_beam_vectorised.py", T + "moe/test_gate_noise.py",
-            T + "moe/test_gating_combine.py"]),
+           [T + "moe/test_hedge.py", T + "moe/test_beam_vectorised.py", T + "moe/test_gate_noise.py"],
+           [T + "moe/test_gating_combine.py"]),
     Module("dispatch_quorum", ["dmoe/client/dispatch.py"],
-           [T + "client/test_batched_dispatch.py", T + "client/test_bulk_checks.py",
-            T + "client/test_dispatch_quorum.py"],
+           [T + "client/test_batched_dispatch.py", T + "client/test_bulk_checks.py"],
+           [T + "client/test_dispatch_quorum.py"],
            ["Dispatcher._forward", "_all_finite", "_token_counts", "_checked", "_decoded", "_within",
             "_check_values"],
            "the quorum (Dispatcher._forward) and the checks of answers it applies"),
@@ -339,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
             stamp = sessions / f"{module.name}.sha256"
             config = sessions / f"{module.name}.toml"
             pytest_args = ["-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
-                           f"--timeout={TEST_TIMEOUT:.0f}", *module.tests]
+                           f"--timeout={TEST_TIMEOUT:.0f}", *module.tests,
+                           *([] if args.before else module.added)]
             command = " ".join([sys.executable, __file__, "client", str(sock),
                                 str(TEST_TIMEOUT), "--", *pytest_args])
             paths = [in_workspace(f) for f in module.files]  # relative to src, the runs' directory
@@ -373,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{module.name}: {counts(session, src)['pending']} mutants to run", flush=True)
             cosmic(src, "exec", str(config), str(session))
             result = counts(session, src)
-            result.update(files=module.files, tests=module.tests, functions=module.functions,
+            result.update(files=module.files, tests=pytest_args[7:], functions=module.functions, note=module.note,
                           seconds=round(time.monotonic() - started, 1))
             results[module.name] = result
             print(f"{module.name}: {result['killed']}/{result['mutants']} killed in {result['seconds']} s",
@@ -433,6 +435,8 @@ def main() -> int:
     parser.add_argument("--sample", type=int,
                         help="run at most this many mutants per module, drawn at random (the same ones every "
                              "run): an estimate of the score where a module has too many to run them all")
+    parser.add_argument("--before", action="store_true",
+                        help="with the tests each module had before mutation testing only (MODULES)")
     parser.add_argument("--survivors", action="store_true", help="list the last run's survivors and stop")
     parser.add_argument("--diff", action="store_true", help="with --survivors: each one's diff")
     args = parser.parse_args()

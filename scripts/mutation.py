@@ -375,8 +375,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{module.name}: {counts(session, src)['pending']} mutants to run", flush=True)
             cosmic(src, "exec", str(config), str(session))
             result = counts(session, src)
-            result.update(files=module.files, tests=pytest_args[7:], functions=module.functions, note=module.note,
-                          seconds=round(time.monotonic() - started, 1))
+            result.update(files=module.files, tests=pytest_args[7:], functions=module.functions,
+                          note=module.note, seconds=round(time.monotonic() - started, 1))
             results[module.name] = result
             print(f"{module.name}: {result['killed']}/{result['mutants']} killed in {result['seconds']} s",
                   flush=True)

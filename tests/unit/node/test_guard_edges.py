@@ -94,3 +94,11 @@ def test_a_certificate_key_is_32_hex_digits_of_its_hash():
     key = peer_key("ipv4:1.2.3.4:5", {"x509_pem_cert": [pem, b"another"]})
     assert key == "cert:" + hashlib.sha256(pem).hexdigest()[:32] and len(key) == 37
     assert peer_key("ipv4:1.2.3.4:5", {"x509_pem_cert": []}) == "1.2.3.4"
+
+
+def test_keys_of_odd_peer_strings():
+    # the first address of a /64 is not its group: the group is the key
+    assert peer_key("ipv6:[2001:db8::]:1") == "2001:db8::/64"
+    # a kind of peer string other than ipv4 and ipv6, whatever its name: the whole string
+    for peer in ("abc:x:1", "inproc:x:1", "unix-abstract:x:1"):
+        assert peer_key(peer) == peer

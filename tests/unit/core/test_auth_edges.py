@@ -112,6 +112,8 @@ def test_a_token_in_bytes_or_among_other_metadata_is_read():
     assert verifier.check(FORWARD, (("x-other", "1.2.3.4"), (name, token.encode()))) is None
     ((name, token),) = key.call_metadata(FORWARD)
     assert verifier.check(FORWARD, ((name, token), ("x-other", "junk"))) is None
+    ((name, token),) = key.call_metadata(FORWARD)
+    assert verifier.check(FORWARD, (("authorization", "junk"), (name, token))) is None  # a key before ours
     assert verifier.check(FORWARD, (("x-other", token),)).startswith("this node serves a private swarm")
     assert verifier.check(FORWARD, ((name, "1.2.ab.fg"),)) == "malformed dmoe-auth token"
     assert verifier.check(FORWARD, ((name, "1.2.3.4.5"),)) == "malformed dmoe-auth token"

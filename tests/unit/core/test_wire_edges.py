@@ -55,6 +55,10 @@ def test_the_8bit_layout_is_checked_exactly():
                       compression=pb.UNIFORM_8BIT)  # one index for two elements
     with pytest.raises(WireError, match="8-bit buffer of 17 bytes, expected 18"):
         deserialize(short, max_numel=2)
+    long = pb.Tensor(buffer=_8bit([1.0, 2.0], [0, 1, 1]).buffer, shape=[2], dtype="float32",
+                     compression=pb.UNIFORM_8BIT)  # three indices for two elements
+    with pytest.raises(WireError, match="8-bit buffer of 19 bytes, expected 18"):
+        deserialize(long, max_numel=2)
 
 
 def test_lossy_encodings_only_for_float_tensors_of_two_elements_or_more():
@@ -92,6 +96,22 @@ def test_8bit_steps_are_six_sigmas_over_256_buckets():
     indices = np.frombuffer(message.buffer, offset=8 + 4 * 256, dtype=np.uint8)
     want = torch.round(centered / step).add(128).clamp(0, 255).to(torch.uint8).numpy()
     assert np.array_equal(indices, want)
+
+
+def test_every_dtype_goes_raw_as_it_is_and_float16_buffers_are_checked_too():
+    for x in (torch.tensor([1, 2, 255], dtype=torch.uint8), torch.tensor([-5, 7, 9], dtype=torch.int32),
+              torch.tensor([1.5, -2.0, 3.0], dtype=torch.float16)):
+        message = serialize(x)
+        assert message.buffer == x.numpy().tobytes() and torch.equal(deserialize(message, max_numel=3), x)
+    short = pb.Tensor(buffer=b"\0" * 6, shape=[2, 2], dtype="float32", compression=pb.FLOAT16)
+    with pytest.raises(WireError, match=r"buffer of 6 bytes does not hold 4 x float32 \(8 bytes\)"):
+        deserialize(short, max_numel=4)
+
+
+def test_8bit_of_a_constant_tensor_is_all_in_the_middle_bucket():
+    message = serialize(torch.full((5,), -3.0), pb.UNIFORM_8BIT)
+    assert np.frombuffer(message.buffer, offset=8 + 4 * 256, dtype=np.uint8).tolist() == [128] * 5
+    assert deserialize(message, max_numel=5).tolist() == [-3.0] * 5
 
 
 def test_chunks_need_a_positive_size():

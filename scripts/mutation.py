@@ -378,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
             result.update(files=module.files, tests=pytest_args[7:], functions=module.functions,
                           note=module.note, seconds=round(time.monotonic() - started, 1))
             results[module.name] = result
+            save(args, {module.name: result})
             print(f"{module.name}: {result['killed']}/{result['mutants']} killed in {result['seconds']} s",
                   flush=True)
     finally:
@@ -386,12 +387,31 @@ def run(args: argparse.Namespace) -> int:
         for leftover in (sock, sock.with_suffix(".log")):
             leftover.unlink(missing_ok=True)
     table(results)
+    print(f"wrote {save(args, results)}")
+    return 0
+
+
+def save(args: argparse.Namespace, results: dict) -> Path:
+    """Merge these modules' results into the JSON of the label (the other modules' stay as they were)."""
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"mutation_{args.label}.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     previous.update(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(previous, indent=1) + "\n")
-    print(f"wrote {out}")
+    return out
+
+
+def report(args: argparse.Namespace) -> int:
+    """The table and JSON of the last run of each module, from its session, without running anything."""
+    results = {}
+    for module in MODULES:
+        session = workspace() / "sessions" / f"{module.name}.sqlite"
+        if session.exists() and (not args.modules or module.name in args.modules):
+            results[module.name] = counts(session, workspace() / "src")
+            results[module.name].update(files=module.files, functions=module.functions, note=module.note,
+                                        tests=module.tests + ([] if args.before else module.added))
+    table(results)
+    print(f"wrote {save(args, results)}")
     return 0
 
 
@@ -437,10 +457,14 @@ def main() -> int:
                              "run): an estimate of the score where a module has too many to run them all")
     parser.add_argument("--before", action="store_true",
                         help="with the tests each module had before mutation testing only (MODULES)")
+    parser.add_argument("--report", action="store_true",
+                        help="the table and JSON of the last runs, from their sessions, running nothing")
     parser.add_argument("--survivors", action="store_true", help="list the last run's survivors and stop")
     parser.add_argument("--diff", action="store_true", help="with --survivors: each one's diff")
     args = parser.parse_args()
-    return survivors(args) if args.survivors else run(args)
+    if args.survivors:
+        return survivors(args)
+    return report(args) if args.report else run(args)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dmoe.core.records import ExpertRecord
 
 pytestmark = pytest.mark.timeout(60)
 HIDDEN, TOKENS = 4, 4
-SLOW = 8.0  # seconds before the slow server answers: a forward that waits for it has failed its test
+SLOW = 4.0  # seconds before the slow server answers: a forward that waits for it has failed its test
 DEAD = "127.0.0.1:1"  # nothing listens there: a call fails at once
 
 
@@ -55,7 +55,7 @@ def job(uid: str, endpoints: list[str], tokens: list[int]) -> ExpertJob:
 
 def forward(dispatcher: Dispatcher, jobs: list[ExpertJob], **kwargs):
     reports: list[tuple[str, str, BaseException | None]] = []
-    settings = dict(num_tokens=TOKENS, k_min=1, forward_timeout=30.0, timeout_after_k_min=30.0)
+    settings = dict(num_tokens=TOKENS, k_min=1, forward_timeout=SLOW * 1.5, timeout_after_k_min=SLOW * 1.5)
     started = time.monotonic()
     answers = dispatcher.forward(jobs, on_result=lambda call, e: reports.append((call.uid, call.endpoint, e)),
                                  **{**settings, **kwargs})
@@ -104,7 +104,7 @@ def test_enough_answers_end_the_forward_and_the_others_are_not_failures(servers,
     fast, _, slow = servers
     everyone = list(range(TOKENS))
     jobs = [job("ffn.0", [fast.endpoint], everyone), job("ffn.1", [slow.endpoint], everyone)]
-    answers, reports, took = forward(dispatcher, jobs, k_min=1, enough=1, timeout_after_k_min=SLOW * 2)
+    answers, reports, took = forward(dispatcher, jobs, k_min=1, enough=1, timeout_after_k_min=SLOW * 1.5)
     assert took < SLOW
     assert answered(answers) == [(0, everyone)]
     assert answers.num_failed == 0 and answers.num_unneeded == 1

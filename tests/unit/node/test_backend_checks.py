@@ -72,15 +72,22 @@ def test_the_declared_inputs_are_checked_one_rule_at_a_time(two):
                                            r"\[2, 0, 4\]$"),
         ([(0, 5, HIDDEN), (0, 3)], [f, i], r"empty or negative dimension: \[0, 5, 4\]"),
         ([(2, 5, HIDDEN), (3, 3)], [f, i], r"^inputs of e\.0 disagree on the batch size$"),
+        ([(3, 5, HIDDEN), (2, 3)], [f, i], r"^inputs of e\.0 disagree on the batch size$"),
+        ([(2, 5, HIDDEN), (2, 3), (2, 3)], [f, i, i], r"^e\.0 takes 2 inputs, got 3$"),
+        ([(2, 5, HIDDEN), (2, 3)], ["float64", i], r"^inputs\[0\] of e\.0 must be float32, got float64$"),
+        ([(2, 5, HIDDEN, 1), (2, 3)], [f, i], r"^inputs\[0\] of e\.0 must have rank 3, got 4$"),
+        ([(2, 5, HIDDEN - 1), (2, 3)], [f, i], r"^inputs\[0\] of e\.0: dim 2 must be 4, got 3$"),
     ]
     for shapes, dtypes, message in cases:
         with pytest.raises(ValueError, match=message):
             two.check_input_shapes(shapes, dtypes)
 
 
-def test_a_rank_two_input_counts_its_rows_as_tokens(ffn):
+def test_a_rank_two_or_one_input_counts_its_rows_as_tokens(ffn):
     assert ffn.check_input_shapes([(7, HIDDEN)], ["float32"]) == (7, 7)
     assert ffn.check_input_shapes([(1, HIDDEN)], ["float32"]) == (1, 1)
+    vector = _backend(Scale(), [TensorSpec((FREE,), "float32")])
+    assert vector.check_input_shapes([(5,)], ["float32"]) == (5, 5)
 
 
 def test_grad_outputs_are_exactly_the_outputs(two):
@@ -88,17 +95,24 @@ def test_grad_outputs_are_exactly_the_outputs(two):
     two.check_grad_output_shapes(shapes, [(2, 5, HIDDEN)], ["float32"])
     with pytest.raises(ValueError, match=r"^e\.0 has 1 outputs, got 2 grad_outputs$"):
         two.check_grad_output_shapes(shapes, [(2, 5, HIDDEN)] * 2, ["float32"] * 2)
+    with pytest.raises(ValueError, match=r"^e\.0 has 1 outputs, got 0 grad_outputs$"):
+        two.check_grad_output_shapes(shapes, [], [])
     with pytest.raises(ValueError, match=r"^grad_outputs\[0\] of e\.0 must have shape \[2, 5, 4\], "
                                          r"got \[2, 6, 4\]$"):
         two.check_grad_output_shapes(shapes, [(2, 6, HIDDEN)], ["float32"])
     with pytest.raises(ValueError, match=r"^grad_outputs\[0\] of e\.0 must be float32, got float16$"):
         two.check_grad_output_shapes(shapes, [(2, 5, HIDDEN)], ["float16"])
+    with pytest.raises(ValueError, match=r"^grad_outputs\[0\] of e\.0 must be float32, got float64$"):
+        two.check_grad_output_shapes(shapes, [(2, 5, HIDDEN)], ["float64"])
 
 
 def test_values_are_finite_and_within_the_bound_named_in_the_message(ffn):
     ok = [torch.tensor([[-2.0, 2.0]]), torch.zeros(0, 2), torch.tensor([10**9])]  # ints are not checked
     ffn.check_values(ok, "inputs", max_abs=2.0)
     ffn.check_values([torch.tensor([1e30])], "inputs")  # no bound by default
+    for skipped in (torch.tensor([3]), torch.zeros(0)):  # nothing to check there, and the next is checked
+        with pytest.raises(ValueError, match=r"^inputs\[1\] of e\.0 holds NaN or Inf$"):
+            ffn.check_values([skipped, torch.tensor([float("nan")])], "inputs")
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match=r"^inputs\[1\] of e\.0 holds NaN or Inf$"):
             ffn.check_values([torch.ones(2), torch.tensor([0.0, bad])], "inputs", max_abs=5.0)

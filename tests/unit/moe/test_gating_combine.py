@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dmoe.moe.gating import group_by_expert
+from dmoe.moe.gating import MoELayer, group_by_expert
 from dmoe.moe.local import LocalMoE
 
 pytestmark = pytest.mark.timeout(60)
@@ -137,3 +137,61 @@ def test_group_by_expert_leaves_out_tokens_routed_nowhere():
     experts_TK = torch.tensor([[2, 0], [-1, 2], [0, -1]])
     groups = [(e, t.tolist(), s.tolist()) for e, t, s in group_by_expert(experts_TK)]
     assert groups == [(0, [0, 2], [1, 0]), (2, [0, 1], [0, 1])]
+
+
+def test_the_noise_is_noise_std_times_one_normal_draw_per_logit():
+    torch.manual_seed(3)
+    layer = LocalMoE(prefix="ffn", grid=(5,), in_features=D, k=2, inner_dim=8, noise_std=0.7).train()
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        y = layer(x)
+        torch.manual_seed(11)
+        noisy = layer.gates[0](x) + 0.7 * torch.randn(6, 5)
+        top, chosen = noisy.topk(2, dim=-1)
+        w = top.softmax(-1)
+        want = torch.stack([sum(w[t, j] * layer.experts[int(chosen[t, j])](x[t]) for j in range(2))
+                            for t in range(6)])
+    torch.testing.assert_close(y, want)
+    assert torch.equal(layer.last_routing[1], chosen)
+
+
+def test_large_logits_give_finite_weights():
+    torch.manual_seed(4)
+    layer = LocalMoE(prefix="ffn", grid=(4,), in_features=D, k=2, inner_dim=8).eval()
+    with torch.no_grad():
+        layer.gates[0].weight.mul_(1000.0)  # logits in the hundreds: exp() alone overflows float32
+        x = torch.randn(5, D)
+        y = layer(x)
+        top, chosen = layer.gates[0](x).topk(2, dim=-1)
+        w = top.double().softmax(-1).float()
+        want = torch.stack([sum(w[t, j] * layer.experts[int(chosen[t, j])](x[t]) for j in range(2))
+                            for t in range(5)])
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, want)
+
+
+class Empty(MoELayer):
+    """A layer that finds no expert at all (a swarm with nobody serving its grid)."""
+
+    calls = 0
+
+    def candidates(self, scores):
+        return []
+
+    def no_candidates(self):
+        self.calls += 1
+
+
+def test_the_defaults_and_a_layer_that_finds_no_expert():
+    layer = Empty(prefix="ffn", grid=(4,), in_features=D)
+    assert (layer.k, layer.capacity_factor, layer.noise_std, layer.hedge, layer.routing) == (2, 1.25, 0.0, 0,
+                                                                                           "topk")
+    assert layer.last_num_failed == 0 and layer.num_failed_calls == 0 and layer.last_routing is None
+    assert layer.routed_counts().tolist() == [0, 0, 0, 0]
+    x = torch.randn(3, 2, D, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, torch.zeros(3, 2, D)) and layer.calls == 1
+    assert float(layer.aux_loss) == 0.0 and float(layer.z_loss) == 0.0 and layer.last_routing is None
+    y.sum().backward()  # still a function of x: its gradient is zero, not missing
+    assert torch.equal(x.grad, torch.zeros(3, 2, D))

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dmoe.moe.gating import MoELayer, group_by_expert
+from dmoe.moe.gating import Candidates, MoELayer, group_by_expert
 from dmoe.moe.local import LocalMoE
 
 pytestmark = pytest.mark.timeout(60)
@@ -195,3 +195,11 @@ def test_the_defaults_and_a_layer_that_finds_no_expert():
     assert float(layer.aux_loss) == 0.0 and float(layer.z_loss) == 0.0 and layer.last_routing is None
     y.sum().backward()  # still a function of x: its gradient is zero, not missing
     assert torch.equal(x.grad, torch.zeros(3, 2, D))
+
+
+def test_candidates_spell_their_pairs_and_uids_when_read():
+    coords = torch.tensor([[0, 1], [1, 0], [1, 2]])
+    found = Candidates("ffn", coords, ["a", "b", "c"])
+    assert len(found) == 3 and len(found.uids) == 3 and repr(found) == "Candidates(3 experts)"
+    assert list(found.uids) == ["ffn.0.1", "ffn.1.0", "ffn.1.2"] and found.uids[2] == "ffn.1.2"
+    assert list(found) == [((0, 1), "a"), ((1, 0), "b"), ((1, 2), "c")] and found[1] == ((1, 0), "b")

@@ -17,9 +17,10 @@ import torch
 from counting_server import CountingServer
 
 from dmoe.client.balance import ReplicaBalancer
-from dmoe.client.dispatch import MIN_PATIENCE, Dispatcher, ExpertJob
+from dmoe.client.dispatch import Dispatcher, ExpertJob, _check_values, _decoded
 from dmoe.client.health import Late
 from dmoe.core.records import ExpertRecord
+from dmoe.core.wire import serialize
 
 pytestmark = pytest.mark.timeout(60)
 HIDDEN, TOKENS = 4, 4
@@ -75,6 +76,8 @@ def test_the_quorum_ends_the_forward_timeout_after_k_min_later(servers, dispatch
     assert answered(answers) == [(0, everyone)] and answers.num_failed == 1 and answers.num_retried == 0
     assert [(uid, e is None) for uid, _, e in reports] == [("ffn.0", True), ("ffn.1", False)]
     assert isinstance(reports[1][2], Late) and "deadline" in str(reports[1][2])
+    # the late call is observed with its time so far, between the quorum's 0.2 s and SLOW, per token
+    assert 0.2 / TOKENS <= dispatcher.balancer.measured(slow.endpoint, "ffn.1") < SLOW / TOKENS
     (_, _, call, output), = answers.parts
     assert call.endpoint == fast.endpoint and torch.equal(output, torch.zeros(TOKENS, HIDDEN))
 
@@ -111,6 +114,16 @@ def test_enough_answers_end_the_forward_and_the_others_are_not_failures(servers,
     assert reports == [("ffn.0", fast.endpoint, None)]  # the unneeded call is nobody's failure
 
 
+def test_enough_waits_for_every_token_not_the_first_answer(servers, dispatcher):
+    fast, medium, slow = servers
+    jobs = [job("ffn.0", [fast.endpoint], [0, 1]), job("ffn.1", [medium.endpoint], [2, 3]),
+            job("ffn.2", [slow.endpoint], [0, 1, 2, 3])]
+    answers, reports, took = forward(dispatcher, jobs, k_min=1, enough=1, timeout_after_k_min=SLOW * 1.5)
+    assert 0.3 <= took < SLOW
+    assert answered(answers) == [(0, [0, 1]), (1, [0, 1])]  # rows of each job's own sub-batch
+    assert answers.num_failed == 0 and answers.num_unneeded == 1
+
+
 def test_a_failed_call_fails_over_to_another_replica(servers, dispatcher):
     fast, _, _ = servers
     # a replica not measured yet is tried before those measured (it might be faster): the dead one first
@@ -127,16 +140,25 @@ def test_a_failed_call_fails_over_to_another_replica(servers, dispatcher):
 
 
 def test_a_replica_past_its_patience_gets_a_spare(servers, dispatcher):
+    """The slow replica is expected to take 0.5 s (its measure): its patience is 4 x that, 2 s; the fast
+    one is measured slower, so it is asked second. Another expert's answer wakes the forward at once:
+    no spare before the patience is spent."""
     fast, _, slow = servers
-    dispatcher.balancer.observe(slow.endpoint, "ffn.0", TOKENS, 1e-6)  # expected at once: patience 1 s
-    dispatcher.balancer.observe(fast.endpoint, "ffn.0", TOKENS, 1e-5)  # measured too, so asked second
-    answers, reports, took = forward(dispatcher, [job("ffn.0", [slow.endpoint, fast.endpoint], [0, 1, 2, 3])])
-    assert MIN_PATIENCE <= took < SLOW
-    (_, _, call, _), = answers.parts
-    assert call.endpoint == fast.endpoint and answers.num_retried == 1 and answers.num_failed == 0
+    patience = 2.0
+    dispatcher.balancer.observe(slow.endpoint, "ffn.0", TOKENS, patience / 4)
+    dispatcher.balancer.observe(fast.endpoint, "ffn.0", TOKENS, 1.0)
+    jobs = [job("ffn.0", [slow.endpoint, fast.endpoint], [0, 1, 2, 3]), job("ffn.1", [fast.endpoint], [0])]
+    answers, reports, took = forward(dispatcher, jobs)
+    assert patience <= took < SLOW
+    assert sorted((index, call.endpoint) for index, _, call, _ in answers.parts) == [(0, fast.endpoint),
+                                                                                   (1, fast.endpoint)]
+    assert answers.num_retried == 1 and answers.num_failed == 0
     late = [e for _, endpoint, e in reports if endpoint == slow.endpoint]
     assert len(late) == 1 and isinstance(late[0], Late) and "overtaken" in str(late[0])
-    assert dispatcher.balancer.measured(slow.endpoint, "ffn.0") > 1e-6  # its time so far is observed
+    # its time so far (between its patience and SLOW) is observed: a moving average with weight 0.3
+    before = patience / 4 / TOKENS
+    low, high = 0.7 * before + 0.3 * patience / TOKENS, 0.7 * before + 0.3 * SLOW / TOKENS
+    assert low <= dispatcher.balancer.measured(slow.endpoint, "ffn.0") < high
 
 
 def test_inputs_that_are_not_finite_go_to_nobody(servers, dispatcher):
@@ -148,3 +170,18 @@ def test_inputs_that_are_not_finite_go_to_nobody(servers, dispatcher):
     assert answered(answers) == [(1, [0, 1])] and answers.num_failed == 1 and answers.num_retried == 0
     assert fast.calls["ffn.0"] == before  # neither replica was asked
     assert [(uid, e is None) for uid, _, e in reports] == [("ffn.0", False), ("ffn.1", True)]
+
+
+def test_a_reply_is_one_tensor_of_the_inputs_shape_with_values_within_the_bound():
+    like = torch.zeros(4, 4)
+    assert torch.equal(_decoded([serialize(torch.ones(4, 4))], like), torch.ones(4, 4))
+    for count in (0, 2):
+        with pytest.raises(ValueError, match=f"expected 1 tensor in the reply, got {count}"):
+            _decoded([serialize(like)] * count, like)
+    for shape in ((2, 8), (8, 2)):
+        with pytest.raises(ValueError, match=rf"reply of shape \[{shape[0]}, {shape[1]}\]"):
+            _decoded([serialize(torch.zeros(shape))], like)
+    _check_values(torch.zeros(0), 0.5)  # nothing in it: nothing above any bound
+    _check_values(torch.tensor([-2.0, 2.0]), 2.0)  # at the bound is within it
+    with pytest.raises(ValueError, match="above max_reply_abs=2"):
+        _check_values(torch.tensor([2.001]), 2.0)

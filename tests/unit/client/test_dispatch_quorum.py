@@ -4,7 +4,8 @@ shape, one at once, one after SLOW seconds): the forward ends timeout_after_k_mi
 has min(k_min, its candidates) answers, or at forward_timeout; the calls still running then are
 failures (Late) of their replicas; with ``enough`` the forward ends once every token has that many
 answers and the others are not needed (no failure); a failed call fails over to another replica, a
-replica past its patience gets a spare; inputs that are not finite are sent to nobody."""
+replica past its patience gets a spare; inputs that are not finite are sent to nobody; a big sub-batch is cut between replicas; an answer is
+spot-checked on another replica."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from counting_server import CountingServer
 from dmoe.client.balance import ReplicaBalancer
 from dmoe.client.dispatch import Dispatcher, ExpertJob, _check_values, _decoded
 from dmoe.client.health import Late
+from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import serialize
+from dmoe.testing.process import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 HIDDEN, TOKENS = 4, 4
-SLOW = 4.0  # seconds before the slow server answers: a forward that waits for it has failed its test
+SLOW = 5.0  # seconds before the slow server answers: a forward that waits for it has failed its test
 DEAD = "127.0.0.1:1"  # nothing listens there: a call fails at once
 
 
@@ -140,11 +143,11 @@ def test_a_failed_call_fails_over_to_another_replica(servers, dispatcher):
 
 
 def test_a_replica_past_its_patience_gets_a_spare(servers, dispatcher):
-    """The slow replica is expected to take 0.5 s (its measure): its patience is 4 x that, 2 s; the fast
+    """The slow replica is expected to take 0.75 s (its measure): its patience is 4 x that, 3 s; the fast
     one is measured slower, so it is asked second. Another expert's answer wakes the forward at once:
     no spare before the patience is spent."""
     fast, _, slow = servers
-    patience = 2.0
+    patience = 3.0
     dispatcher.balancer.observe(slow.endpoint, "ffn.0", TOKENS, patience / 4)
     dispatcher.balancer.observe(fast.endpoint, "ffn.0", TOKENS, 1.0)
     jobs = [job("ffn.0", [slow.endpoint, fast.endpoint], [0, 1, 2, 3]), job("ffn.1", [fast.endpoint], [0])]
@@ -185,3 +188,30 @@ def test_a_reply_is_one_tensor_of_the_inputs_shape_with_values_within_the_bound(
     _check_values(torch.tensor([-2.0, 2.0]), 2.0)  # at the bound is within it
     with pytest.raises(ValueError, match="above max_reply_abs=2"):
         _check_values(torch.tensor([2.001]), 2.0)
+
+
+def test_a_big_sub_batch_is_cut_between_replicas_each_part_its_own_rows(servers, dispatcher):
+    fast, _, _ = servers
+    rows = 2 * dispatcher.balancer.spread_tokens  # big enough to be shared by two replicas alike
+    big = job("ffn.0", fast.endpoints, list(range(rows)))
+    answers, _, _ = forward(dispatcher, [big], num_tokens=rows)
+    assert len(answers.parts) == 2 and answers.num_failed == 0
+    cut = torch.cat([part_rows for _, part_rows, _, _ in answers.parts])
+    assert sorted(cut.tolist()) == list(range(rows))
+    for _, part_rows, call, output in answers.parts:
+        assert torch.equal(call.inputs, big.inputs[part_rows]) and torch.equal(call.token_ids, part_rows)
+        assert output.shape == (len(part_rows), HIDDEN)
+
+
+def test_an_answer_is_spot_checked_on_another_replica(servers, dispatcher):
+    fast, medium, _ = servers
+    dispatcher.balancer.observe(fast.endpoint, "ffn.9", TOKENS, 1e-4)  # asked first
+    dispatcher.balancer.observe(medium.endpoint, "ffn.9", TOKENS, 1e-3)
+    suspects: list[tuple[str, str, str]] = []
+    checker = SpotChecker(rate=1.0, tolerance=1e-3, tokens=2, seed=0,
+                          quarantine=lambda *suspect: suspects.append(suspect))
+    answers, _, _ = forward(dispatcher, [job("ffn.9", [fast.endpoint, medium.endpoint], [0, 1, 2, 3])],
+                            spot_check=checker)
+    assert [call.endpoint for _, _, call, _ in answers.parts] == [fast.endpoint]
+    wait_until(lambda: medium.calls["ffn.9"] == 1 and checker.running == 0, 20, "the spot check")
+    assert fast.calls["ffn.9"] == 1 and suspects == []  # both answer zeros: they agree

@@ -4,8 +4,8 @@ shape, one at once, one after SLOW seconds): the forward ends timeout_after_k_mi
 has min(k_min, its candidates) answers, or at forward_timeout; the calls still running then are
 failures (Late) of their replicas; with ``enough`` the forward ends once every token has that many
 answers and the others are not needed (no failure); a failed call fails over to another replica, a
-replica past its patience gets a spare; inputs that are not finite are sent to nobody; a big sub-batch is cut between replicas; an answer is
-spot-checked on another replica."""
+replica past its patience gets a spare; inputs that are not finite are sent to nobody; a big
+sub-batch is cut between replicas; an answer is spot-checked on another replica."""
 
 from __future__ import annotations
 

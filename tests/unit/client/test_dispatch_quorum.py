@@ -215,3 +215,15 @@ def test_an_answer_is_spot_checked_on_another_replica(servers, dispatcher):
     assert [call.endpoint for _, _, call, _ in answers.parts] == [fast.endpoint]
     wait_until(lambda: medium.calls["ffn.9"] == 1 and checker.running == 0, 20, "the spot check")
     assert fast.calls["ffn.9"] == 1 and suspects == []  # both answer zeros: they agree
+
+
+def test_a_spot_check_asks_no_replica_that_failed_in_this_forward(servers, dispatcher):
+    fast, medium, _ = servers
+    dispatcher.balancer.observe(fast.endpoint, "ffn.8", TOKENS, 1e-4)  # the dead one, not measured, is first
+    dispatcher.balancer.observe(medium.endpoint, "ffn.8", TOKENS, 1e-3)
+    checker = SpotChecker(rate=1.0, tolerance=1e-3, tokens=2, seed=0, quarantine=lambda *suspect: None)
+    replicas = [DEAD, fast.endpoint, medium.endpoint]
+    answers, reports, _ = forward(dispatcher, [job("ffn.8", replicas, [0, 1, 2, 3])], spot_check=checker)
+    assert [call.endpoint for _, _, call, _ in answers.parts] == [fast.endpoint] and answers.num_retried == 1
+    wait_until(lambda: medium.calls["ffn.8"] == 1 and checker.running == 0, 20, "the spot check")
+    assert [endpoint for _, endpoint, e in reports if e is not None] == [DEAD]  # failed once, not asked again

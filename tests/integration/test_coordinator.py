@@ -4,14 +4,13 @@ metrics, ``dmoe swarm status``, and a swarm that keeps working without it."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 
 import pytest
 import torch
+from chromium import rendered_page
 from prometheus_client.parser import text_string_to_metric_families
 from swarm_fixtures import stub, wait_for
 
@@ -33,21 +32,6 @@ def get_json(url: str) -> dict:
 def get_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return reply.read().decode()
-
-
-def rendered_page(url: str) -> str:
-    """The dashboard's DOM after its scripts ran, from headless Chromium (Debian's package)."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Chromium is missing: scripts/test.sh installs Debian's chromium package"
-    with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", url],
-            capture_output=True, timeout=60, text=True,
-        )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def node_ids(view: dict) -> set[str]:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from chromium import rendered_page
 from swarm_fixtures import NodeProcess, wait_for
 
 from dmoe.client.config import SwarmConfig
@@ -72,21 +70,6 @@ def cells_of(page: str) -> dict[str, dict[str, str]]:
         found = dict(re.findall(r'([\w-]+)="([^"]*)"', attributes))
         cells[found["data-cell"]] = found
     return cells
-
-
-def rendered_page(url: str) -> str:
-    """The dashboard's DOM after its scripts ran, from headless Chromium (Debian's package)."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Chromium is missing: scripts/test.sh installs Debian's chromium package"
-    with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=2000", "--dump-dom", url],
-            capture_output=True, timeout=60, text=True,
-        )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def expected_level(expert: dict) -> str:
@@ -159,7 +142,7 @@ def test_dashboard_shows_demand_and_coverage_per_expert(coordinator, node, train
     view = get_json(url + "api/swarm")
     assert view["grids"] == {"ffn": [2, 4], "lm0": [6]} and view["no_replica"] == NO_REPLICA
 
-    page = rendered_page(url)
+    page = rendered_page(url, 2000)
     cells = cells_of(page)
     assert list(cells) == [*grid["ffn"], *grid["lm0"]]  # every expert of both grids, in order
     for uid, expert in {**grid["ffn"], **grid["lm0"]}.items():

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import torch
+from chromium import rendered_page
 from prometheus_client.parser import text_string_to_metric_families
 from swarm_fixtures import CoordinatorProcess, NodeProcess, stub, wait_for
 
@@ -210,20 +208,10 @@ def test_a_node_that_restarts_is_logged(watched):
 
 
 def rendered_body(url: str, virtual_ms: int) -> dict[str, str]:
-    """The data- attributes of the dashboard's body after ``virtual_ms`` of Chromium's virtual time (it
-    runs as fast as the page's timers let it, and stops while a fetch is in flight)."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Chromium is missing: scripts/test.sh installs Debian's chromium package"
-    with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", f"--virtual-time-budget={virtual_ms}", "--dump-dom", url],
-            capture_output=True, timeout=60, text=True,
-        )
-    assert result.returncode == 0, result.stderr[-2000:]
-    body = re.search(r"<body([^>]*)>", result.stdout)
-    assert body, result.stdout[:2000]
+    """The data- attributes of the dashboard's body after ``virtual_ms`` of Chromium's virtual time."""
+    page = rendered_page(url, virtual_ms)
+    body = re.search(r"<body([^>]*)>", page)
+    assert body, page[:2000]
     return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
 
 

@@ -19,6 +19,7 @@ import urllib.request
 import grpc
 import pytest
 import torch
+from relay_hand import Registration as RawNode
 from swarm_fixtures import wait_for
 
 from dmoe.client.config import SwarmConfig
@@ -307,22 +308,6 @@ def test_a_relay_caps_client_connections_per_node(coordinator_factory, node_fact
         with socket.create_connection((host, int(port)), timeout=5) as again:  # room for one again
             again.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             wait_for(lambda: relay.stats()["connections"] == 1, 10, "a new connection")
-
-
-class RawNode:
-    """A node's control connection made by hand: register, and read what the relay says."""
-
-    def __init__(self, relay: Relay, node_id: str, secret: str | None = None):
-        host, port = relay.address.rsplit(":", 1)
-        self.conn = socket.create_connection((host, int(port)), timeout=5)
-        message = {"op": "register", "node_id": node_id} | ({"secret": secret} if secret else {})
-        self.conn.sendall(json.dumps(message).encode() + b"\n")
-        self.file = self.conn.makefile("rb")
-        self.reply = json.loads(self.file.readline() or b"{}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.conn.close()
 
 
 def test_a_node_that_registers_again_keeps_its_allowance():

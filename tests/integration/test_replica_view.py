@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import html.parser
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 
 import pytest
 import torch
+from chromium import rendered_page
 from prometheus_client.parser import text_string_to_metric_families
 from swarm_fixtures import stub, wait_for
 
@@ -33,19 +32,6 @@ def get_text(url: str) -> str:
 
 def get_json(url: str) -> dict:
     return json.loads(get_text(url))
-
-
-def rendered_page(url: str) -> str:
-    """The dashboard's DOM once its script ran, as headless Chromium (Debian's package) renders it."""
-    chromium = shutil.which("chromium")
-    assert chromium, "Chromium is missing: scripts/test.sh installs Debian's chromium package"
-    with tempfile.TemporaryDirectory() as profile:
-        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update",
-                   f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", url]
-        result = subprocess.run(command, capture_output=True, timeout=60, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 class _ExpertRows(html.parser.HTMLParser):

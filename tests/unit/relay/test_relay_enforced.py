@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from relay_hand import Registration
 from swarm_fixtures import wait_for
 
 from dmoe.core.addresses import split_address
@@ -88,21 +89,6 @@ def refused(endpoint: str, source: str) -> bool:
             return conn.recv(len(HELLO)) == b""
         except ConnectionResetError:  # closed before our bytes arrived
             return True
-
-
-class Registration:
-    """A node's control channel made by hand, from ``source``: register, then read what comes."""
-
-    def __init__(self, relay: Relay, node_id: str, source: str = "127.0.0.1", secret: str | None = None):
-        self.conn = connect(relay.address, source)
-        message = {"op": "register", "node_id": node_id} | ({"secret": secret} if secret else {})
-        self.conn.sendall(json.dumps(message).encode() + b"\n")
-        self.file = self.conn.makefile("rb")
-        self.reply = json.loads(self.file.readline() or b"{}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.conn.close()
 
 
 def test_the_relay_serves_at_most_max_nodes_from_all_addresses_together():

@@ -50,7 +50,7 @@ from google.protobuf.message import DecodeError, Message
 
 from dmoe.core.auth import fullmethod
 from dmoe.core.logsafe import printable
-from dmoe.core.wire import deserialize, serialize, split_chunks
+from dmoe.core.wire import DTYPES, deserialize, deserialize_plain, serialize, split_chunks
 from dmoe.node.backend import ExpertBackend, OutOfBounds
 from dmoe.node.guard import CallGuard, Refused
 from dmoe.node.runtime import Overloaded, Runtime, Task
@@ -426,14 +426,50 @@ class ExpertServicer:
                 ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor] | None] | RequestError]:
         """decode_request of each checked request (off the event loop), or its RequestError."""
         decoded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor] | None] | RequestError] = {}
+        plain = self._decode_plain(requests, checked, backward) if len(checked) > 1 else {}
         for index, (backend, _, _) in checked.items():
             try:
                 decoded[index] = decode_request(backend, requests[index], backward=backward,
                                                 max_input_abs=self.max_input_abs,
-                                                max_grad_abs=self.max_grad_abs)
+                                                max_grad_abs=self.max_grad_abs, plain=plain.get(index))
             except RequestError as e:
                 decoded[index] = e
         return decoded
+
+    def _decode_plain(self, requests: list, checked: dict[int, tuple[ExpertBackend, int, int]],
+                      backward: bool) -> dict[int, Plain]:
+        """The parts of a batched call whose single input (and output gradient) is plain, decoded with one
+        copy for all, and whether all their values are within the node's bounds (one check for all; if
+        not, each is checked alone, so that a bad part still fails alone)."""
+        single = [i for i, (backend, _, _) in checked.items()
+                  if len(requests[i].inputs) == 1 and len(backend.input_schema) == 1
+                  and (not backward or len(requests[i].grad_outputs) == 1)]
+        if not single:
+            return {}
+
+        def like(tensor: pb.Tensor, dtype: str, bound: int) -> torch.Tensor | None:
+            shape = tuple(tensor.shape)
+            if math.prod(shape) > bound or dtype not in DTYPES:
+                return None
+            return torch.empty(shape, dtype=DTYPES[dtype], device="meta")
+
+        def decode(tensors: list[pb.Tensor], dtypes: list[str]) -> list[torch.Tensor | None]:
+            likes = [like(t, d, checked[i][0].max_numel) for i, t, d in zip(single, tensors, dtypes)]
+            chosen = [k for k, want in enumerate(likes) if want is not None]
+            out: list[torch.Tensor | None] = [None] * len(single)
+            for k, tensor in zip(chosen, deserialize_plain([tensors[k] for k in chosen],
+                                                           [likes[k] for k in chosen])):
+                out[k] = tensor
+            return out
+
+        inputs = decode([requests[i].inputs[0] for i in single],
+                        [checked[i][0].input_schema[0].dtype for i in single])
+        grads = (decode([requests[i].grad_outputs[0] for i in single],
+                        [checked[i][0].output_schema[0].dtype if checked[i][0].output_schema else ""
+                         for i in single]) if backward else [None] * len(single))
+        inputs_ok = _all_within([t for t in inputs if t is not None], self.max_input_abs)
+        grads_ok = _all_within([t for t in grads if t is not None], self.max_grad_abs)
+        return {i: (x, g, inputs_ok, grads_ok) for i, x, g in zip(single, inputs, grads)}
 
     def _refused(self, uid: str, error: RequestError) -> RequestError:
         """Count a refused request in its expert's stats (if hosted): shed (RESOURCE_EXHAUSTED), else an
@@ -561,14 +597,33 @@ def check_declared_request(
     return backend, rows, num_tokens
 
 
+# a part's single input and output gradient decoded already (None: decode it here), and whether the values
+# of all such inputs, and of all such gradients, are known to be finite and within the node's bounds
+Plain = tuple[torch.Tensor | None, torch.Tensor | None, bool, bool]
+
+
+def _all_within(tensors: list[torch.Tensor], max_abs: float) -> bool:
+    """Whether every value of these floating-point tensors is finite and at most ``max_abs`` in magnitude
+    (one pass over all of them); False for anything else, which is then checked tensor by tensor."""
+    if not tensors or any(not t.is_floating_point() or t.dtype != tensors[0].dtype for t in tensors):
+        return False
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if flat.numel() == 0:
+        return True
+    largest = float(flat.abs().max())
+    return math.isfinite(largest) and largest <= max_abs
+
+
 def decode_request(
     backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool,
-    max_input_abs: float, max_grad_abs: float,
+    max_input_abs: float, max_grad_abs: float, plain: Plain | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Decoded inputs (and grad_outputs), finite and within the node's bounds, else RequestError
     (INVALID_ARGUMENT). Runs off the event loop; check_declared_request has passed already. The
     shapes of grad_outputs are checked here, since for an expert whose output shapes do not follow
-    from its schema that takes a probe (a forward pass of one row)."""
+    from its schema that takes a probe (a forward pass of one row). ``plain``: what the batched call's
+    decoding did for this part already (see ExpertServicer._decode_plain)."""
+    plain_inputs, plain_grads, inputs_ok, grads_ok = plain or (None, None, False, False)
     try:
         if backward:
             if len(request.grad_outputs) != len(backend.output_schema):
@@ -579,12 +634,22 @@ def decode_request(
             backend.check_grad_output_shapes([tuple(t.shape) for t in request.inputs],
                                              [tuple(t.shape) for t in request.grad_outputs],
                                              [t.dtype for t in request.grad_outputs])
-        inputs = [deserialize(t, max_numel=backend.max_numel) for t in request.inputs]
-        backend.check_values(inputs, "inputs", max_input_abs)
+        if plain_inputs is not None:
+            inputs = [plain_inputs]
+            if not inputs_ok:
+                backend.check_values(inputs, "inputs", max_input_abs)
+        else:
+            inputs = [deserialize(t, max_numel=backend.max_numel) for t in request.inputs]
+            backend.check_values(inputs, "inputs", max_input_abs)
         if not backward:
             return inputs, None
-        grads = [deserialize(t, max_numel=backend.max_numel) for t in request.grad_outputs]
-        backend.check_values(grads, "grad_outputs", max_grad_abs)
+        if plain_grads is not None:
+            grads = [plain_grads]
+            if not grads_ok:
+                backend.check_values(grads, "grad_outputs", max_grad_abs)
+        else:
+            grads = [deserialize(t, max_numel=backend.max_numel) for t in request.grad_outputs]
+            backend.check_values(grads, "grad_outputs", max_grad_abs)
     except OutOfBounds as e:  # well-formed, but values this node will not take: the caller's to fix
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
     except ValueError as e:  # WireError is a ValueError

@@ -185,7 +185,9 @@ def test_a_bad_part_fails_alone_with_the_status_of_its_own_call(pair):
                pb.ForwardRequest(uid="ffn.3", inputs=[nan]),  # not finite
                pb.ForwardRequest(uid="ffn.2", inputs=[x(5)])]
     backward = [pb.BackwardRequest(uid="ffn.0", inputs=[x(4)], grad_outputs=[x(4)]),
-                pb.BackwardRequest(uid="ffn.1", inputs=[x(4)], grad_outputs=[x(3)])]  # grad of a bad shape
+                pb.BackwardRequest(uid="ffn.1", inputs=[x(4)], grad_outputs=[x(3)]),  # grad of a bad shape
+                pb.BackwardRequest(uid="ffn.2", inputs=[x(2)], grad_outputs=[nan]),  # grad not finite
+                pb.BackwardRequest(uid="ffn.3", inputs=[x(2)], grad_outputs=[x(2)])]
     channel, service = stub(a.endpoint)
     try:
         before = node_calls(a)
@@ -193,7 +195,7 @@ def test_a_bad_part_fails_alone_with_the_status_of_its_own_call(pair):
                    service.BackwardBatch(pb.BackwardBatchRequest(parts=backward), timeout=30).parts]
         assert node_calls(a) == (before[0] + 2, before[1] + 2, before[2] + len(forward) + len(backward))
         assert [p.code for p in replies[0]] == [0, INVALID, NOT_FOUND, INVALID, 0]
-        assert [p.code for p in replies[1]] == [0, INVALID]
+        assert [p.code for p in replies[1]] == [0, INVALID, INVALID, 0]
         for method, requests, parts in ((service.Forward, forward, replies[0]),
                                         (service.Backward, backward, replies[1])):
             for request, part in zip(requests, parts):

@@ -28,6 +28,7 @@ class CountingServer(LoopServer):
         self.calls: collections.Counter[str] = collections.Counter()  # requests answered, per uid
         self.chunks: collections.Counter[str] = collections.Counter()  # stream chunks received, per uid
         self.started = threading.Event()  # set when a call begins (it then waits ``delay``)
+        self.refuse: set[str] = set()  # uids whose unary calls it refuses with INVALID_ARGUMENT
         super().__init__()
         self.endpoints: list[str] = []  # one per port it listens on (num_ports), all on 127.0.0.1
 
@@ -69,6 +70,9 @@ class CountingServer(LoopServer):
 
     def _unary(self, *, backward: bool):
         async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            uid = (pb.BackwardRequest if backward else pb.ForwardRequest).FromString(data).uid
+            if uid in self.refuse:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{uid}: refused")
             return await self._reply(data, backward)
 
         return handle

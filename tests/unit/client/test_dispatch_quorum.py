@@ -19,7 +19,7 @@ from counting_server import CountingServer
 
 from dmoe.client.balance import ReplicaBalancer
 from dmoe.client.dispatch import Dispatcher, ExpertJob, _check_values, _decoded
-from dmoe.client.health import Late
+from dmoe.client.health import Disagreement, Late, status_code
 from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import serialize
@@ -227,3 +227,23 @@ def test_a_spot_check_asks_no_replica_that_failed_in_this_forward(servers, dispa
     assert [call.endpoint for _, _, call, _ in answers.parts] == [fast.endpoint] and answers.num_retried == 1
     wait_until(lambda: medium.calls["ffn.8"] == 1 and checker.running == 0, 20, "the spot check")
     assert [endpoint for _, endpoint, e in reports if e is not None] == [DEAD]  # failed once, not asked again
+
+
+def test_a_refusal_is_judged_once_the_others_are_in_and_other_failures_are_reported_as_they_are(
+        servers, dispatcher):
+    """INVALID_ARGUMENT (the node refused the request) is judged after the step: a disagreement when
+    another node accepted the same step's inputs; a failure of another kind is reported as it is."""
+    fast, _, _ = servers
+    fast.refuse.add("ffn.bad")
+    try:
+        jobs = [job("ffn.0", [fast.endpoint], [0, 1]), job("ffn.bad", [fast.endpoint], [2, 3]),
+                job("ffn.2", [DEAD], [0, 3])]
+        answers, reports, _ = forward(dispatcher, jobs, k_min=1)
+    finally:
+        fast.refuse.discard("ffn.bad")
+    errors = {uid: e for uid, _, e in reports}
+    assert answered(answers) == [(0, [0, 1])] and answers.num_failed == 2
+    assert errors["ffn.0"] is None
+    assert isinstance(errors["ffn.bad"], Disagreement) and "refused" in str(errors["ffn.bad"])
+    assert not isinstance(errors["ffn.2"], Disagreement)
+    assert status_code(errors["ffn.2"]) is not None  # the dead node's own gRPC status

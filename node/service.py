@@ -614,6 +614,16 @@ def _all_within(tensors: list[torch.Tensor], max_abs: float) -> bool:
     return math.isfinite(largest) and largest <= max_abs
 
 
+def _values(backend: ExpertBackend, tensors, plain: torch.Tensor | None, checked: bool, what: str,
+            max_abs: float) -> list[torch.Tensor]:
+    """A request's ``what`` (inputs or grad_outputs): the one decoded already (``plain``, its values
+    ``checked`` or not), else decoded here; ValueError unless finite and within ``max_abs``."""
+    values = [plain] if plain is not None else [deserialize(t, max_numel=backend.max_numel) for t in tensors]
+    if plain is None or not checked:
+        backend.check_values(values, what, max_abs)
+    return values
+
+
 def decode_request(
     backend: ExpertBackend, request: pb.ForwardRequest | pb.BackwardRequest, *, backward: bool,
     max_input_abs: float, max_grad_abs: float, plain: Plain | None = None,
@@ -634,22 +644,10 @@ def decode_request(
             backend.check_grad_output_shapes([tuple(t.shape) for t in request.inputs],
                                              [tuple(t.shape) for t in request.grad_outputs],
                                              [t.dtype for t in request.grad_outputs])
-        if plain_inputs is not None:
-            inputs = [plain_inputs]
-            if not inputs_ok:
-                backend.check_values(inputs, "inputs", max_input_abs)
-        else:
-            inputs = [deserialize(t, max_numel=backend.max_numel) for t in request.inputs]
-            backend.check_values(inputs, "inputs", max_input_abs)
+        inputs = _values(backend, request.inputs, plain_inputs, inputs_ok, "inputs", max_input_abs)
         if not backward:
             return inputs, None
-        if plain_grads is not None:
-            grads = [plain_grads]
-            if not grads_ok:
-                backend.check_values(grads, "grad_outputs", max_grad_abs)
-        else:
-            grads = [deserialize(t, max_numel=backend.max_numel) for t in request.grad_outputs]
-            backend.check_values(grads, "grad_outputs", max_grad_abs)
+        grads = _values(backend, request.grad_outputs, plain_grads, grads_ok, "grad_outputs", max_grad_abs)
     except OutOfBounds as e:  # well-formed, but values this node will not take: the caller's to fix
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
     except ValueError as e:  # WireError is a ValueError

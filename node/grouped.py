@@ -67,7 +67,8 @@ def _compute_key(backend: ExpertBackend) -> tuple | None:
         return None
     params = tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in module.named_parameters())
     trainable = [p for p in module.parameters() if p.requires_grad]
-    if optimizer.param_groups[0]["params"] != trainable:  # the optimizer steps exactly these, in this order
+    # the optimizer steps exactly these, in this order (compared by identity: == on tensors is elementwise)
+    if [id(p) for p in optimizer.param_groups[0]["params"]] != [id(p) for p in trainable]:
         return None
     settings = optimizer.param_groups[0]
     if any(settings.get(flag) for flag in ("fused", "capturable", "differentiable")):

@@ -198,3 +198,12 @@ def test_tasks_submitted_together_to_a_running_runtime_run_as_one_group():
         assert [b.version for b in backends.values()] == [1] * n
     finally:
         runtime.shutdown(10)
+
+
+def test_an_optimizer_over_other_parameters_keeps_its_expert_out_of_groups():
+    module, schema = create_expert("ffn", uid="e.9", hidden_dim=HIDDEN, inner_dim=2 * HIDDEN)
+    reordered = ExpertBackend("e.9", module=module, input_schema=schema, device=torch.device("cpu"),
+                              make_optimizer=lambda params: torch.optim.Adam(list(reversed(params)), lr=1e-2),
+                              expert_cls="ffn", optimizer_name="adam", max_grad_norm=1.0,
+                              max_batch_tokens=4096)
+    assert grouped.group_key(reordered) is None

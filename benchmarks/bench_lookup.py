@@ -24,7 +24,10 @@ in two modes, each on its own client Swarm (its own DHT peer):
 
 * **cached** — ``SwarmConfig(cache_ttl=1e9)``, every prefix key read once before: no DHT read;
 * **cold** — ``SwarmConfig(cache_ttl=0)``: every prefix key is read from the DHT on every step
-  (one DHT traversal per grid level, all keys of a level in one ``get_many``).
+  (one DHT traversal per grid level, all keys of a level in one ``get_many``), merging the copies
+  of each key held by the ``lookup_breadth`` (default 2) peers nearest it;
+* **cold-every-peer** — cold, with ``lookup_breadth=0``: the copies of every peer the traversal
+  reaches are merged (hivemind's default breadth, its bucket size of 20: every peer of this swarm).
 
 Both with ``lookup_timeout`` 60 s, so that a slow read on a loaded machine is timed rather than
 replaced by the last known experts.
@@ -92,6 +95,9 @@ from dmoe.moe.gating import Candidates
 PREFIX, GRID, HIDDEN, INNER, K = "ffn", (64, 64), 16, 16, 2
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHED_TTL = 1e9  # "forever": the cache, once filled, is never stale during the run
+# lookup modes: name -> (cache_ttl, lookup_breadth), each on its own client Swarm
+MODES = {"cached": (CACHED_TTL, dmoe.SwarmConfig().lookup_breadth),
+         "cold": (0.0, dmoe.SwarmConfig().lookup_breadth), "cold-every-peer": (0.0, 0)}
 LOOKUPS = ("prefix-loop", "vectorised")  # see lookup_with()
 LOOKUP_TIMEOUT = 60.0  # SwarmConfig.lookup_timeout of the measured swarms
 LOOKUP_FIELDS = ("gate_s", "lookup_s", "score_s", "route_s", "num_candidates", "num_routed_experts",
@@ -175,10 +181,10 @@ class Counters:
     def reading_dht(self) -> Iterator[None]:
         original = self._original
 
-        async def counted(node, keys):
+        async def counted(node, keys, *args):
             self.dht_reads += 1
             self.dht_keys += len(keys)
-            return await original(node, keys)
+            return await original(node, keys, *args)
 
         dmoe.client.swarm.find_under_prefixes_async = counted
         try:
@@ -287,7 +293,7 @@ def measure_lookup(layers: dict[tuple[str, str], dmoe.RemoteMoE], loops: list[st
                    ) -> dict[str, dict]:
     """Gating + lookup of ``batch`` tokens, cached and cold, with each loop and lookup (interleaved)."""
     results = {}
-    for mode in ("cached", "cold"):
+    for mode in MODES:
         runs = {}
         for loop in loops:
             for lookup in lookups:
@@ -550,10 +556,10 @@ def main() -> None:
             print(f"coordinator + {args.nodes} nodes up in {out['swarm_start_s']:.1f}s", flush=True)
         swarms: dict[tuple[str, str], dmoe.Swarm] = {}
         for loop in loops:
-            for mode, ttl in (("cached", CACHED_TTL), ("cold", 0.0)):
+            for mode, (ttl, breadth) in MODES.items():
                 swarms[loop, mode] = stack.enter_context(dmoe.Swarm(dmoe.SwarmConfig(
                     initial_peers=swarm_addrs, cache_ttl=ttl, event_loop=loop,
-                    lookup_timeout=LOOKUP_TIMEOUT)))
+                    lookup_timeout=LOOKUP_TIMEOUT, lookup_breadth=breadth)))
         probe = swarms[loops[0], "cold"]
         out["discovery_s"] = wait_for_all(probe, args.discovery_timeout)
         live_mask = torch.zeros(GRID, dtype=torch.bool)

@@ -205,7 +205,9 @@ class Swarm:
                      or now - self._prefix_cache[k][0] > self.config.cache_ttl]
         if stale:
             try:
-                found = self.run(find_under_prefixes_async(self.peer.node, stale), self.config.lookup_timeout)
+                breadth = self.config.lookup_breadth or None
+                found = self.run(find_under_prefixes_async(self.peer.node, stale, breadth),
+                                 self.config.lookup_timeout)
             except Exception as e:  # a slow or broken DHT must not stop a step: keep what was known
                 logger.warning("expert lookup of %s failed (%s: %s); using the last known experts for %.0fs",
                                ", ".join(stale), type(e).__name__, printable(e), self.config.cache_ttl)

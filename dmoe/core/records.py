@@ -376,8 +376,11 @@ def _node(peer: DHTPeer) -> DHTNode:
     return peer.node
 
 
-async def _get_many(node: DHTNode, keys: list[str]) -> dict[str, Any]:
-    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest value
+async def _get_many(node: DHTNode, keys: list[str], breadth: int | None = None) -> dict[str, Any]:
+    """Each key's latest value: every subkey's latest copy among the peers the search visits, which are
+    those nearest the key (where stores go) that it keeps in view (``breadth``; None: hivemind's default,
+    its bucket size, every peer of a small swarm)."""
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"), beam_size=breadth)
     return {key: (None if entry is None else entry.value) for key, entry in found.items()}
 
 
@@ -421,12 +424,13 @@ def find_experts(peer: DHTPeer, uids: Sequence[str]) -> dict[str, list[ExpertRec
     return peer.run(find_experts_async(_node(peer), uids))
 
 
-async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str]
+async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str], breadth: int | None = None
                                     ) -> dict[str, dict[int, list[ExpertRecord]]]:
     """For each grid prefix key (``ffn.``, ``ffn.3.``): by next coordinate, the live records of every
     node that announced one there (one per node, the latest refreshed first). A record under
-    ``ffn.3.`` / 5 names ``ffn.3.5`` or an expert deeper in the grid (``ffn.3.5.1``)."""
-    found = await _get_many(node, list(keys))
+    ``ffn.3.`` / 5 names ``ffn.3.5`` or an expert deeper in the grid (``ffn.3.5.1``). ``breadth``: how
+    many of the peers nearest each key the search keeps in view (see :func:`_get_many`)."""
+    found = await _get_many(node, list(keys), breadth)
     now = get_dht_time()
     result: dict[str, dict[int, list[ExpertRecord]]] = {}
     for key, value in found.items():
@@ -441,9 +445,10 @@ async def find_under_prefixes_async(node: DHTNode, keys: Sequence[str]
     return result
 
 
-def find_under_prefixes(peer: DHTPeer, keys: Sequence[str]) -> dict[str, dict[int, list[ExpertRecord]]]:
+def find_under_prefixes(peer: DHTPeer, keys: Sequence[str], breadth: int | None = None
+                        ) -> dict[str, dict[int, list[ExpertRecord]]]:
     """:func:`find_under_prefixes_async`, blocking."""
-    return peer.run(find_under_prefixes_async(_node(peer), keys))
+    return peer.run(find_under_prefixes_async(_node(peer), keys, breadth))
 
 
 def _coordinate(name: str) -> int | None:

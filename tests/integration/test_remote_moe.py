@@ -194,7 +194,7 @@ def test_a_lookup_that_hangs_leaves_the_last_known_experts_in_use(live_pair, mon
     try:
         expected = layer(torch.ones(4, HIDDEN))
 
-        async def stuck(node, keys):
+        async def stuck(node, keys, *args):
             try:
                 await asyncio.Event().wait()  # never set: a client that waited for it would hang
             except asyncio.CancelledError:
@@ -658,9 +658,9 @@ def test_a_forward_within_the_cache_lifetime_does_not_touch_the_dht(live_pair, m
     reads: list[list[str]] = []
     find = swarm_module.find_under_prefixes_async
 
-    async def counted(node, keys):
+    async def counted(node, keys, *args):
         reads.append(list(keys))
-        return await find(node, keys)
+        return await find(node, keys, *args)
 
     layer = RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2)
     try:

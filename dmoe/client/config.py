@@ -28,6 +28,10 @@ class SwarmConfig:
                                          "none: an open swarm")
     host: str = option("127.0.0.1", "address this process's DHT peers listen on")
     cache_ttl: float = option(5.0, "seconds a lookup of live experts is reused")
+    cache_grace: float | None = option(None, "seconds past cache_ttl that a lookup is still used while a "
+                                             "newer one runs in the background (so that a step does not "
+                                             "wait for the DHT); past them a step waits for it (none: "
+                                             "cache_ttl; 0: always wait)")
     lookup_timeout: float = option(5.0, "seconds a lookup of live experts may take; past it the last "
                                         "known experts are used")
     # the DHT read of a cold lookup (bench_lookup.py: 64 prefix keys holding 4,096 records, 4 nodes and a
@@ -64,9 +68,10 @@ class SwarmConfig:
 
     def __post_init__(self) -> None:
         if (self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base
-                or self.lookup_timeout <= 0 or self.lookup_breadth < 0):
-            raise ConfigError("need cache_ttl >= 0, lookup_timeout > 0, lookup_breadth >= 0 and "
-                              "0 < ban_base <= ban_max")
+                or self.lookup_timeout <= 0 or self.lookup_breadth < 0
+                or (self.cache_grace is not None and self.cache_grace < 0)):
+            raise ConfigError("need cache_ttl >= 0, cache_grace >= 0, lookup_timeout > 0, "
+                              "lookup_breadth >= 0 and 0 < ban_base <= ban_max")
         if self.quarantine_time < 0 or self.max_reply_abs <= 0:
             raise ConfigError("need quarantine_time >= 0 and max_reply_abs > 0")
         if not 0 <= self.spot_check_rate <= 1 or self.spot_check_tolerance <= 0 or self.spot_check_tokens < 1:

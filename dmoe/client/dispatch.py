@@ -489,6 +489,11 @@ class Dispatcher:
         else:
             waits = [asyncio.ensure_future(self._send(call, request, inputs, timeout, backward))
                      for request, (inputs, _) in zip(requests, pieces)]
+        if len(waits) == 1:  # the usual case: its answer awaited as it is (gathering one costs a future)
+            try:
+                return await waits[0]
+            finally:
+                waits[0].cancel()
         try:
             outputs = await asyncio.gather(*waits)
         finally:

@@ -1,7 +1,10 @@
 """Swarm: a client's view of the swarm: a DHT peer, a cache of live experts, and endpoint health.
 
 Lookups of live experts are cached for ``cache_ttl`` seconds, so a training step does not wait on
-the DHT when nothing changed; a lookup that fails or takes longer than ``lookup_timeout`` (a peer
+the DHT when nothing changed; for ``cache_grace`` seconds more (by default as long again) a cached
+lookup is still used while a newer one runs in the background, so that steps taken one after another
+never wait for the DHT once every key has been read. Each read merges the copies of a key held by the
+``lookup_breadth`` DHT peers nearest it. A lookup that fails or takes longer than ``lookup_timeout`` (a peer
 on the lookup's path frozen, the DHT cut off) leaves the last known experts in use, so a step's
 time stays bounded by its deadlines. Endpoints that fail are backed off and experts that misbehave
 are quarantined by the Swarm's :class:`dmoe.client.health.EndpointHealth` (that module states the
@@ -25,8 +28,11 @@ endpoint backed off or an expert quarantined is filtered record by record.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -115,6 +121,7 @@ class Swarm:
         self._lock = threading.Lock()
         # "ffn.3." -> (at, replicas by coordinate)
         self._prefix_cache: dict[str, tuple[float, dict[int, list[ExpertRecord]]]] = {}
+        self._refreshing: set[str] = set()  # keys being read again in the background
         # (key, schema, exact) -> (the cached records it was made of, what live_levels makes of them)
         self._prepared: dict[tuple[str, str | None, bool], tuple[dict, _Prepared]] = {}
         self._dispatchers: list[Dispatcher] = []
@@ -195,14 +202,23 @@ class Swarm:
 
     def _cached(self, keys: Sequence[str], refresh: bool
                 ) -> tuple[dict[str, dict[int, list[ExpertRecord]]], float]:
-        """The cached records of each key (all stale keys read first, in one DHT traversal; on a
-        failure or past ``lookup_timeout``, the last known ones kept for another ``cache_ttl``), and
-        the monotonic time of the lookup."""
+        """The cached records of each key, and the monotonic time of the lookup. Keys never read, read
+        more than ``cache_ttl + cache_grace`` ago, or all of them with ``refresh``: read first, in one
+        DHT traversal (on a failure or past ``lookup_timeout``, the last known ones kept for another
+        ``cache_ttl``). Keys read more than ``cache_ttl`` ago but within the grace: used as they are,
+        while one traversal reads them again in the background for the lookups after it."""
         assert self.peer.node is not None, "call start() first"
         now = time.monotonic()
+        ttl = self.config.cache_ttl
+        grace = ttl if self.config.cache_grace is None else self.config.cache_grace
         with self._lock:
-            stale = [k for k in keys if refresh or k not in self._prefix_cache
-                     or now - self._prefix_cache[k][0] > self.config.cache_ttl]
+            ages = {k: now - self._prefix_cache[k][0] for k in keys if k in self._prefix_cache}
+            stale = [k for k in keys if refresh or k not in ages or ages[k] > ttl + grace]
+            behind = [k for k in keys if k in ages and ttl < ages[k] <= ttl + grace and not refresh
+                      and k not in self._refreshing]
+            self._refreshing.update(behind)
+        if behind:
+            self._read_later(behind)
         if stale:
             try:
                 breadth = self.config.lookup_breadth or None
@@ -218,6 +234,33 @@ class Swarm:
                     self._prefix_cache[key] = (now, found.get(key, {}))
         with self._lock:  # the cached dicts are replaced, never changed: they can be read outside the lock
             return {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}, now
+
+    def _read_later(self, keys: list[str]) -> None:
+        """Read ``keys`` from the DHT in the background; what is found replaces their cached records
+        (unless a newer read did meanwhile); a failure keeps them, and a later lookup tries again."""
+        begun = time.monotonic()
+        breadth = self.config.lookup_breadth or None
+        read = asyncio.wait_for(find_under_prefixes_async(self.peer.node, keys, breadth),
+                                self.config.lookup_timeout)
+        future = asyncio.run_coroutine_threadsafe(read, self.loop)
+
+        def done(future: concurrent.futures.Future) -> None:
+            with self._lock:
+                self._refreshing.difference_update(keys)
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is not None:
+                logger.warning("background lookup of %s failed (%s: %s); the cached experts stay in use",
+                               ", ".join(keys), type(error).__name__, printable(error))
+                return
+            found = future.result()
+            with self._lock:
+                for key in keys:
+                    if self._prefix_cache.get(key, (-math.inf,))[0] < begun:
+                        self._prefix_cache[key] = (begun, found.get(key, {}))
+
+        future.add_done_callback(done)
 
     def _prepare(self, key: str, records: dict[int, list[ExpertRecord]], schema: str | None,
                  exact: bool) -> _Prepared:

@@ -41,8 +41,10 @@ the fraction of tokens for which it is, and of (token, slot) pairs.
 **Full step** (``--train-steps``): a training step of the largest batch
 (``layer(x).square().mean().backward()``, the experts' Adam steps on the nodes) with the cache
 warm, with thousands of experts and tiny compute: the many-small-calls case. It runs with one call
-per node per step (``batched``, ``SwarmConfig.batch_per_node``) and with a call per expert
-(``per-expert``, the path before), side by side, steps interleaved, on three grids of experts of the
+per node per step (``batched``, ``SwarmConfig.batch_per_node``: packed, every expert's rows in one
+tensor), with one call per node carrying a message per expert (``unpacked``,
+``SwarmConfig.packed_calls=False``) and with a call per expert (``per-expert``, the path before), side
+by side, steps interleaved, on three grids of experts of the
 same size hosted by the same nodes: the 64 x 64 grid (4,096 experts), a 16 x 16 grid (``mid``, 256)
 and 8 experts (``few``); each node hosts its share of each. Per step it counts the expert calls the
 nodes received (their Info: forward and backward, batched or not) and the nodes the step's experts
@@ -319,7 +321,8 @@ def measure_lookup(layers: dict[tuple[str, str], dmoe.RemoteMoE], loops: list[st
 # ---- full step -------------------------------------------------------------------------------
 # the full step's grids (name -> prefix, grid), experts of one size, each node hosting its share of each
 FULL_STEP_GRIDS = {"4096": (PREFIX, GRID), "256": ("mid", (16, 16)), "8": ("few", (8,))}
-PATHS = {"batched": True, "per-expert": False}  # SwarmConfig.batch_per_node
+# path -> (SwarmConfig.batch_per_node, SwarmConfig.packed_calls)
+PATHS = {"batched": (True, True), "unpacked": (True, False), "per-expert": (False, False)}
 
 
 def full_step_experts(n: int, num_nodes: int) -> list[str]:
@@ -381,12 +384,13 @@ def full_step_layers(swarms: dict[str, dmoe.Swarm], loops: list[str]
             continue
         endpoints.update(where)
         first = None
-        for path, batched in PATHS.items():
+        for path, (batched, packed) in PATHS.items():
             for loop in loops:
                 layer = dmoe.RemoteMoE(swarms[loop], prefix=prefix, grid=grid, in_features=HIDDEN, k=K,
                                        k_min=1, forward_timeout=60, timeout_after_k_min=60,
                                        backward_timeout=60)
                 layer.dispatcher.batch_per_node = batched
+                layer.dispatcher.packed_calls = packed
                 if first is None:
                     first = layer
                 layer.load_state_dict(first.state_dict())
@@ -472,6 +476,9 @@ def training_ratios(train: dict[str, dict], loops: list[str], field: str = "medi
             per_expert, batched = step(f"{grid} per-expert", loop), step(f"{grid} batched", loop)
             if per_expert and batched:
                 ratios[f"{grid} experts: per-expert / batched{tail}"] = per_expert / batched
+            unpacked = step(f"{grid} unpacked", loop)
+            if unpacked and batched:
+                ratios[f"{grid} experts: unpacked / batched{tail}"] = unpacked / batched
         for path in PATHS:
             many, few = step(f"256 {path}", loop), step(f"8 {path}", loop)
             if many and few:

@@ -28,6 +28,14 @@ fields in all, or the whole call is refused; a batched request is one request in
 (``max_message_bytes``, ``max_request_bytes``). Decoding and encoding of all parts each take one trip
 off the event loop.
 
+Packed calls (ForwardPacked, BackwardPacked) are batched calls whose parts' rows travel in one tensor,
+the uids and row counts beside it (:class:`PackedRequest`), for experts of one input and one output of
+one row shape: no message per part on either side. Each part is admitted, checked (its uid, its rows'
+shape and dtype, its tokens, its values), queued and counted as a per-expert call of its rows would be,
+and fails alone with that call's status; what cannot be told apart part by part (the row counts do not
+add up to the tensor, a tensor that does not decode, too many parts) refuses the whole call. The outputs
+of the parts that succeeded come back in one tensor, each part's status beside it (:class:`PackedReply`).
+
 GetState streams an expert's parameters, optimizer state and version to another node (the layout
 and its checks are in :mod:`dmoe.node.transfer`). It passes the same guard; a node runs at most
 ``max_state_exports`` of them at once, since each holds a copy of an expert's state until sent.
@@ -113,6 +121,7 @@ class ExpertServicer:
         self.max_info_uids = max_info_uids  # uids one Info call may name
         # calls received (Info's stats): Forward/Backward in every form, of them batched ones, their parts
         self.num_expert_calls = self.num_batched_calls = self.num_batched_parts = 0
+        self.num_packed_calls = 0  # of the batched calls, packed ones
 
     # ---- registration -----------------------------------------------------------------------
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -138,6 +147,8 @@ class ExpertServicer:
                 "BackwardBatch": unary(self.backward_batch, pb.BackwardBatchResponse),
                 "ForwardBatchStream": stream(self.forward_batch_stream),
                 "BackwardBatchStream": stream(self.backward_batch_stream),
+                "ForwardPacked": unary(self.forward_packed, pb.PackedReply),
+                "BackwardPacked": unary(self.backward_packed, pb.PackedReply),
                 "Info": grpc.unary_unary_rpc_method_handler(
                     self.info, request_deserializer=None, response_serializer=pb.NodeInfo.SerializeToString
                 ),
@@ -169,6 +180,18 @@ class ExpertServicer:
         self.num_expert_calls += 1
         self.num_batched_calls += 1
         return await self._answer(context, "BackwardBatch", lambda: self._run_batch(data, backward=True))
+
+    async def forward_packed(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.PackedReply:
+        self.num_expert_calls += 1
+        self.num_batched_calls += 1
+        self.num_packed_calls += 1
+        return await self._answer(context, "ForwardPacked", lambda: self._run_packed(data, backward=False))
+
+    async def backward_packed(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.PackedReply:
+        self.num_expert_calls += 1
+        self.num_batched_calls += 1
+        self.num_packed_calls += 1
+        return await self._answer(context, "BackwardPacked", lambda: self._run_packed(data, backward=True))
 
     async def forward_stream(
         self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -209,6 +232,7 @@ class ExpertServicer:
             info.receiving_bytes = self._inflight_bytes
             info.expert_calls, info.batched_calls = self.num_expert_calls, self.num_batched_calls
             info.batched_parts = self.num_batched_parts
+            info.packed_calls = self.num_packed_calls
             return info
 
         return await self._answer(context, "Info", handle)
@@ -360,6 +384,150 @@ class ExpertServicer:
         replies = [pb.PartReply(code=r.code.value[0], message=r.message) if isinstance(r, RequestError)
                    else pb.PartReply(tensors=r) for r in results]
         return (pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse)(parts=replies)
+
+    async def _run_packed(self, data: bytes, *, backward: bool) -> pb.PackedReply:
+        """A packed call's answer: each part served as a per-expert call of its rows would be (RequestError
+        for the whole call only if its parts cannot be told apart, or are too many)."""
+        started = time.perf_counter()
+        request = parse_packed(data, backward=backward)
+        count = len(request.uids)
+        self.num_batched_parts += count
+        rows = list(request.rows)
+        shape = tuple(request.inputs.shape)
+        if sum(rows) > count * self.max_batch_tokens:  # more than that many parts could carry: not decoded
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a packed call of {sum(rows)} rows in "
+                               f"{count} parts exceeds this node's limit of {self.max_batch_tokens} per part")
+        results: list[torch.Tensor | RequestError | None] = [None] * count
+        checked: dict[int, tuple[ExpertBackend, int]] = {}  # part -> (backend, tokens)
+        peer, admitted = _caller.get(), 0
+        try:
+            for index, (uid, n) in enumerate(zip(request.uids, rows)):
+                if index:  # the call's own admission stands for its first part
+                    try:
+                        self.guard.admit_part(peer)
+                    except Refused as e:
+                        results[index] = RequestError(e.code, e.message)
+                        continue
+                    admitted += 1
+                try:
+                    checked[index] = self._check_packed_part(uid, (n, *shape[1:]), request, backward)
+                except RequestError as e:
+                    results[index] = self._refused(uid, e)
+            if checked:
+                await self._serve_packed(request, rows, checked, results, backward)
+        finally:
+            for _ in range(admitted):
+                self.guard.release_part(peer)
+        done = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
+
+        def encode() -> pb.Tensor:
+            return serialize(torch.cat([results[i] for i in done]), request.reply_compression)
+
+        reply = pb.PackedReply(
+            codes=[0 if isinstance(r, torch.Tensor) else r.code.value[0] for r in results],
+            messages=["" if isinstance(r, torch.Tensor) else r.message for r in results])
+        if done:
+            reply.outputs.CopyFrom(await asyncio.to_thread(encode))
+        seconds = time.perf_counter() - started
+        for index in done:
+            self.counters[request.uids[index]].record_call(backward, checked[index][1], seconds)
+        return reply
+
+    def _check_packed_part(self, uid: str, shape: tuple[int, ...], request: pb.PackedRequest,
+                           backward: bool) -> tuple[ExpertBackend, int]:
+        """(backend, tokens) of a packed call's part of ``shape``, checked as a per-expert call declaring
+        these shapes and dtypes would be (check_declared_request; decode_request's shape checks), else
+        its RequestError."""
+        backend = self.backends.get(uid)
+        if backend is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {uid!r} on this node")
+        try:
+            if len(backend.input_schema) != 1 or len(backend.output_schema) != 1:
+                raise ValueError(f"{uid} takes {len(backend.input_schema)} inputs and gives "
+                                 f"{len(backend.output_schema)} outputs: call it per expert or batched")
+            _, num_tokens = backend.check_input_shapes([shape], [request.inputs.dtype])
+            if num_tokens > self.max_batch_tokens:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {num_tokens} tokens "
+                                   f"exceeds this node's limit of {self.max_batch_tokens}; split it")
+            expected = backend.output_shapes([shape])[0]
+            if expected != (shape, request.inputs.dtype):
+                raise ValueError(f"{uid} gives outputs of shape {list(expected[0])} {expected[1]}, not its "
+                                 "inputs': call it per expert or batched")
+            if backward:
+                backend.check_grad_output_shapes([shape], [(shape[0], *request.grad_outputs.shape[1:])],
+                                                 [request.grad_outputs.dtype])
+        except ValueError as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        return backend, num_tokens
+
+    async def _serve_packed(self, request: pb.PackedRequest, rows: list[int],
+                            checked: dict[int, tuple[ExpertBackend, int]],
+                            results: list[torch.Tensor | RequestError | None], backward: bool) -> None:
+        """Decode a packed call's tensors (off the event loop), check each checked part's values, queue the
+        parts in their experts' queues at once and put each one's output (or error) in ``results``."""
+        starts = [0]
+        for n in rows:
+            starts.append(starts[-1] + n)
+
+        def decode() -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None] | RequestError:
+            try:
+                numel = starts[-1] * math.prod(request.inputs.shape[1:])
+                inputs = deserialize(request.inputs, max_numel=numel)
+                grads = deserialize(request.grad_outputs, max_numel=numel) if backward else None
+            except ValueError as e:
+                return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable PackedRequest: {e}")
+            xs = {i: inputs[starts[i]:starts[i + 1]] for i in checked}
+            gs = {i: grads[starts[i]:starts[i + 1]] for i in checked} if grads is not None else None
+            # the values of all the parts at once; only if some are out of bounds, part by part
+            for values, what, bound in ((xs, "inputs", self.max_input_abs),
+                                        (gs, "grad_outputs", self.max_grad_abs)):
+                if values is None or _all_within(list(values.values()), bound):
+                    continue
+                for i in list(values):
+                    try:
+                        checked[i][0].check_values([values[i]], what, bound)
+                    except OutOfBounds as e:
+                        results[i] = RequestError(grpc.StatusCode.OUT_OF_RANGE, str(e))
+                    except ValueError as e:
+                        results[i] = RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return xs, gs
+
+        decoded = await asyncio.to_thread(decode)
+        if isinstance(decoded, RequestError):
+            raise decoded
+        xs, gs = decoded
+        submitted: list[tuple[int, Task]] = []
+        for index, (backend, num_tokens) in checked.items():
+            if isinstance(results[index], RequestError):
+                results[index] = self._refused(backend.uid, results[index])
+                continue
+            task = Task([xs[index]], None if gs is None else [gs[index]], rows[index], num_tokens,
+                        concurrent.futures.Future(), peer=_caller.get())
+            submitted.append((index, task))
+        waiting: dict[int, concurrent.futures.Future] = {}
+        queued_all = self.runtime.submit_many([(request.uids[i], task) for i, task in submitted])
+        for (index, _), queued in zip(submitted, queued_all):
+            if isinstance(queued, Overloaded):
+                results[index] = self._refused(request.uids[index], RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, str(queued)))
+            else:
+                waiting[index] = queued
+        if not waiting:
+            return
+        outputs = await _all_done(list(waiting.values()))
+        for index, output in zip(waiting, outputs):
+            uid = request.uids[index]
+            if isinstance(output, BaseException):
+                self.counters[uid].errors += 1
+                results[index] = RequestError(grpc.StatusCode.INTERNAL,
+                                              f"{uid} failed: {type(output).__name__}: {output}")
+            elif (len(output) != 1 or output[0].shape != xs[index].shape
+                  or output[0].dtype != xs[index].dtype):
+                self.counters[uid].errors += 1
+                results[index] = RequestError(grpc.StatusCode.INTERNAL, f"{uid} answered other than its "
+                                              "inputs' shape and dtype")
+            else:
+                results[index] = output[0]
 
     async def _serve(self, requests: list[Message | RequestError], *, backward: bool
                      ) -> list[list[pb.Tensor] | RequestError]:
@@ -761,6 +929,41 @@ def batch_parts(data: bytes | memoryview, *, backward: bool) -> list[memoryview]
                                f"a {name} of more than {MAX_BATCH_FIELDS} fields in all (its parts and "
                                f"their tensors included): refused before parsing")
     return parts
+
+
+def parse_packed(data: bytes, *, backward: bool) -> pb.PackedRequest:
+    """A serialized PackedRequest whose parts can be told apart, else RequestError for the whole call:
+    its fields counted before it is parsed (at most MAX_BATCH_PARTS uids and row counts), at most
+    MAX_BATCH_PARTS parts (RESOURCE_EXHAUSTED), a row count per uid, each at least 1, adding up to the
+    first dimension of the inputs (and of the output gradients, backward), tensors of rank 2 to MAX_RANK
+    of a dtype the wire carries, and a known reply compression (INVALID_ARGUMENT)."""
+    if not within_fields(data, 2 * MAX_BATCH_PARTS + 16, {3: MAX_TENSOR_FIELDS, 4: MAX_TENSOR_FIELDS}):
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a packed call may carry at most "
+                           f"{MAX_BATCH_PARTS} parts (or it has too many fields); split it")
+    try:
+        request = pb.PackedRequest.FromString(data)
+    except DecodeError as e:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable PackedRequest: {e}") from None
+
+    def refuse(why: str) -> RequestError:
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed PackedRequest: {why}")
+
+    if len(request.uids) > MAX_BATCH_PARTS:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a packed call may carry at most "
+                           f"{MAX_BATCH_PARTS} parts; split it")
+    if not request.uids:
+        raise refuse("no parts")
+    if len(request.rows) != len(request.uids) or min(request.rows) < 1:
+        raise refuse("a row count of at least 1 per uid")
+    if request.reply_compression not in pb.Compression.values():
+        raise refuse(f"unknown reply compression {request.reply_compression}")
+    tensors = [("inputs", request.inputs)] + ([("grad_outputs", request.grad_outputs)] if backward else [])
+    for name, tensor in tensors:
+        if not 2 <= len(tensor.shape) <= MAX_RANK or tensor.dtype not in DTYPES:
+            raise refuse(f"{name} must be a tensor of rank 2 to {MAX_RANK} of a dtype the wire carries")
+        if tensor.shape[0] != sum(request.rows):
+            raise refuse(f"{name} of {tensor.shape[0]} rows, the parts' rows add up to {sum(request.rows)}")
+    return request
 
 
 def _varint(view: memoryview, at: int) -> tuple[int, int]:

@@ -65,6 +65,10 @@ class SwarmConfig:
                                         "the step uses (ForwardBatch/BackwardBatch), instead of a call per "
                                         "expert (off: a call per expert, as before; nodes without batched "
                                         "calls get calls per expert either way)")
+    packed_calls: bool = option(True, "in a node's call, send every expert's rows in one tensor "
+                                      "(ForwardPacked/BackwardPacked) where they share a row shape and "
+                                      "dtype and compression is not 8-bit (off: a message per expert "
+                                      "in the call; nodes without packed calls get those either way)")
 
     def __post_init__(self) -> None:
         if (self.cache_ttl < 0 or self.ban_base <= 0 or self.ban_max < self.ban_base

@@ -50,6 +50,14 @@ tokens (the balancer's model: seconds per token of the node). A node that answer
 the batched call (one older than it) gets the same requests as per-expert calls at once, and only
 those for ``UNBATCHED_RECHECK`` seconds.
 
+Packed calls (``packed_calls``, on by default): where the requests of such a call have rows of one shape
+and dtype (a RemoteMoE's always do) and compression is not 8-bit (its codebook would span them), their
+rows go in one tensor with the uids and row counts beside it (ForwardPacked, BackwardPacked: no message
+per request, one encoding and one decoding for all), and the reply carries each request's status and
+the outputs of those that succeeded in one tensor; what each request sees is as above. Above the node's
+message limit, or to a node that answers UNIMPLEMENTED (then for ``UNBATCHED_RECHECK`` seconds), they go
+in the batched call.
+
 Spot checks (``spot_check``, a :class:`dmoe.client.spotcheck.SpotChecker`): an answer the forward
 uses may also be checked against another replica of its expert, a few of its tokens asked again
 there. The check starts once the answer is in, runs beside the step on the same loop, and the
@@ -137,8 +145,9 @@ class PartFailed(grpc.RpcError):
 class _Queued:
     """A request waiting for its node's batched call."""
     call: ExpertCall
-    request: pb.ForwardRequest | pb.BackwardRequest
+    request: pb.ForwardRequest | pb.BackwardRequest | None  # made when needed (a packed call needs none)
     like: torch.Tensor  # the inputs sent: the reply has their shape and dtype
+    grads: torch.Tensor | None  # the output gradients sent (backward)
     deadline: float  # loop time
     future: asyncio.Future
     shares: list[float] | None  # gets the part's share of the call's tokens
@@ -191,14 +200,17 @@ class Dispatcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, compression: int = pb.NONE, *,
                  key: SwarmKey | None = None, max_reply_abs: float = float("inf"),
-                 balancer: ReplicaBalancer | None = None, batch_per_node: bool = True):
+                 balancer: ReplicaBalancer | None = None, batch_per_node: bool = True,
+                 packed_calls: bool = True):
         self._loop, self.compression, self.key, self.max_reply_abs = loop, compression, key, max_reply_abs
         self.batch_per_node = batch_per_node  # one call per node for the requests of one loop turn
+        self.packed_calls = packed_calls  # that call with the requests' rows in one tensor, where it can
         # (endpoint, tls, backward) -> requests waiting for the end of the loop's turn
         self._queued: dict[tuple[str, bool, bool], list[_Queued]] = {}
         self._sending: set[asyncio.Task] = set()  # calls sent for queued requests
         self._unbatched: dict[tuple[str, bool], float] = {}  # nodes without batched calls -> when found
         self._batched: dict[tuple[str, bool], None] = {}  # nodes that answered a batched call (in order)
+        self._unpacked: dict[tuple[str, bool], float] = {}  # nodes without packed calls -> when found
         self.balancer = balancer if balancer is not None else ReplicaBalancer()
         self._channels = ChannelCache()  # (endpoint, tls) -> (channel, methods), least recently used dropped
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
@@ -248,7 +260,7 @@ class Dispatcher:
             } | {  # batched requests are framed here, as bytes
                 name: channel.unary_unary(fullmethod(SERVICE, name), request_serializer=None,
                                           response_deserializer=None)
-                for name in ("ForwardBatch", "BackwardBatch")
+                for name in ("ForwardBatch", "BackwardBatch", "ForwardPacked", "BackwardPacked")
             } | {
                 name: channel.stream_stream(fullmethod(SERVICE, name), request_serializer=_serialize,
                                             response_deserializer=None)
@@ -479,14 +491,16 @@ class Dispatcher:
                    None if call.grad_outputs is None
                    else call.grad_outputs[start:start + step] if rows > step else call.grad_outputs)
                   for start in starts]
-        requests = [self._request(call, inputs, grads, backward, finite) for inputs, grads in pieces]
         batched = self.batch_per_node and self._batching(call.endpoint, call.tls)
-        if not batched and len(requests) == 1:
-            return await self._send(call, requests[0], pieces[0][0], timeout, backward)
-        if batched:
-            waits = [self._enqueue(call, request, inputs, timeout, backward, shares)
-                     for request, (inputs, _) in zip(requests, pieces)]
+        if batched:  # each request made if its batched call needs it (a packed call does not)
+            for inputs, grads in pieces:
+                _check_finite(call, inputs, grads, backward, finite)
+            waits = [self._enqueue(call, inputs, grads, timeout, backward, shares)
+                     for inputs, grads in pieces]
         else:
+            requests = [self._request(call, inputs, grads, backward, finite) for inputs, grads in pieces]
+            if len(requests) == 1:
+                return await self._send(call, requests[0], pieces[0][0], timeout, backward)
             waits = [asyncio.ensure_future(self._send(call, request, inputs, timeout, backward))
                      for request, (inputs, _) in zip(requests, pieces)]
         if len(waits) == 1:  # the usual case: its answer awaited as it is (gathering one costs a future)
@@ -505,10 +519,7 @@ class Dispatcher:
                  backward: bool, finite: bool = False) -> pb.ForwardRequest | pb.BackwardRequest:
         """The request of one part of a call; LocalInputError (nothing sent) if its values are not finite
         (not checked again if known to be)."""
-        if not finite and (not _all_finite([inputs]) or (grad_outputs is not None
-                                                          and not _all_finite([grad_outputs]))):
-            raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} "
-                                  "are not finite (has the model diverged?); not sent")
+        _check_finite(call, inputs, grad_outputs, backward, finite)
         encoded = [serialize(inputs, self.compression)]
         if backward:
             assert grad_outputs is not None
@@ -559,9 +570,8 @@ class Dispatcher:
         del self._unbatched[endpoint, tls]  # it may have been upgraded: ask it again
         return True
 
-    def _enqueue(self, call: ExpertCall, request: pb.ForwardRequest | pb.BackwardRequest,
-                 inputs: torch.Tensor, timeout: float, backward: bool,
-                 shares: list[float] | None) -> asyncio.Future:
+    def _enqueue(self, call: ExpertCall, inputs: torch.Tensor, grads: torch.Tensor | None, timeout: float,
+                 backward: bool, shares: list[float] | None) -> asyncio.Future:
         """Queue a request for its node's next batched call, sent once this turn of the loop is over;
         the future of its outputs (cancelling it withdraws the request)."""
         loop = asyncio.get_running_loop()
@@ -571,7 +581,7 @@ class Dispatcher:
             queue = self._queued[key] = []
             loop.call_soon(self._flush, key)
         future = loop.create_future()
-        queue.append(_Queued(call, request, inputs, loop.time() + timeout, future, shares))
+        queue.append(_Queued(call, None, inputs, grads, loop.time() + timeout, future, shares))
         return future
 
     def _flush(self, key: tuple[str, bool, bool]) -> None:
@@ -601,7 +611,8 @@ class Dispatcher:
             if len(group) == 1:
                 only = group[0]
                 results: list[torch.Tensor | BaseException] = [await self._send(
-                    only.call, only.request, only.like, max(0.001, only.deadline - loop.time()), backward)]
+                    only.call, self._request_of(only, backward), only.like,
+                    max(0.001, only.deadline - loop.time()), backward)]
                 if only.shares is not None:
                     only.shares.append(1.0)
             else:
@@ -629,8 +640,13 @@ class Dispatcher:
         them as per-expert calls at once, and is remembered."""
         loop = asyncio.get_running_loop()
         stub = self._stub(endpoint, tls)
+        if self._packing(endpoint, tls, group):
+            packed = await self._send_packed(endpoint, tls, backward, group)
+            if packed is not None:
+                return packed
         # a Forward/BackwardBatchRequest, framed here: field 1, each part's bytes as they are
-        data = b"".join(_length_delimited(1, q.request.SerializeToString()) for q in group)
+        data = b"".join(_length_delimited(1, self._request_of(q, backward).SerializeToString())
+                        for q in group)
         timeout = max(0.001, max(q.deadline for q in group) - loop.time())
         max_unary = min(q.call.max_unary_bytes for q in group)
         unary = len(data) <= max_unary
@@ -661,7 +677,8 @@ class Dispatcher:
             if len(self._unbatched) > MAX_UNBATCHED:
                 del self._unbatched[next(iter(self._unbatched))]
             return await asyncio.gather(*(
-                self._send(q.call, q.request, q.like, max(0.001, q.deadline - loop.time()), backward)
+                self._send(q.call, self._request_of(q, backward), q.like,
+                           max(0.001, q.deadline - loop.time()), backward)
                 for q in group), return_exceptions=True)
         reply_cls = pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse
         try:
@@ -702,6 +719,98 @@ class Dispatcher:
                         results[index] = e
         return results
 
+    def _request_of(self, queued: _Queued, backward: bool) -> pb.ForwardRequest | pb.BackwardRequest:
+        """A queued request's message (its values were checked when it was queued)."""
+        if queued.request is None:
+            queued.request = self._request(queued.call, queued.like, queued.grads, backward, finite=True)
+        return queued.request
+
+    def _packing(self, endpoint: str, tls: bool, group: list[_Queued]) -> bool:
+        """Whether a group goes in a packed call: rows of one shape and dtype, compression that is the
+        same for their tensors joined as for each alone (not 8-bit, whose codebook would span the parts),
+        and a node not found without packed calls lately."""
+        if not self.packed_calls or self.compression == pb.UNIFORM_8BIT:
+            return False
+        found = self._unpacked.get((endpoint, tls))
+        if found is not None:
+            if time.monotonic() - found < UNBATCHED_RECHECK:
+                return False
+            del self._unpacked[endpoint, tls]  # it may have been upgraded: ask it again
+        first = group[0].like
+        return first.dim() >= 2 and all(q.like.shape[1:] == first.shape[1:] and q.like.dtype == first.dtype
+                                        for q in group)
+
+    async def _send_packed(self, endpoint: str, tls: bool, backward: bool,
+                           group: list[_Queued]) -> list[torch.Tensor | BaseException] | None:
+        """The requests of ``group`` in one packed call (every part's rows in one tensor): each request's
+        outputs, or its part's error; None if it cannot go that way (above the node's message limit, or a
+        node without packed calls, then remembered), for a batched call to carry instead."""
+        loop = asyncio.get_running_loop()
+        likes = [q.like for q in group]
+        inputs = torch.cat(likes) if len(likes) > 1 else likes[0]
+        request = pb.PackedRequest(uids=[q.call.uid for q in group], rows=[int(x.shape[0]) for x in likes],
+                                   inputs=serialize(inputs, self.compression),
+                                   reply_compression=self.compression)
+        if backward:
+            grads = [q.grads for q in group]
+            request.grad_outputs.CopyFrom(serialize(torch.cat(grads) if len(grads) > 1 else grads[0],
+                                                    self.compression))
+        data = request.SerializeToString()
+        if len(data) > min(q.call.max_unary_bytes for q in group):
+            return None
+        name = "BackwardPacked" if backward else "ForwardPacked"
+        timeout = max(0.001, max(q.deadline for q in group) - loop.time())
+        try:
+            reply_data = await self._stub(endpoint, tls)[name](data, timeout=timeout,
+                                                               metadata=self._metadata(name))
+        except grpc.RpcError as e:
+            if status_code(e) != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            logger.info("%s has no packed calls (%s): batched calls for %.0fs", printable(endpoint),
+                        printable(describe(e)), UNBATCHED_RECHECK)
+            self._unpacked[endpoint, tls] = time.monotonic()
+            if len(self._unpacked) > MAX_UNBATCHED:
+                del self._unpacked[next(iter(self._unpacked))]
+            return None
+        try:
+            reply = pb.PackedReply.FromString(reply_data)
+        except DecodeError as e:
+            raise WireError(f"undecodable PackedReply: {e}") from None
+        if len(reply.codes) != len(group) or len(reply.messages) != len(group):
+            raise WireError(f"a packed reply of {len(reply.codes)} parts to a call of {len(group)}")
+        self._remember_batched(endpoint, tls)
+        tokens = sum(int(x.shape[0]) for x in likes)
+        ok = grpc.StatusCode.OK.value[0]
+        answered = [i for i, code in enumerate(reply.codes) if code == ok]
+        results: list[torch.Tensor | BaseException] = []
+        outputs: list[torch.Tensor] = []
+        failure: BaseException = WireError("no outputs in a packed reply")
+        if answered:
+            sizes = [int(likes[i].shape[0]) for i in answered]
+            like = torch.empty((sum(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device="meta")
+            try:
+                outputs = list(_decoded([reply.outputs], like).split(sizes))
+            except ValueError as e:  # the answered parts' outputs do not decode: each of them failed
+                failure = e
+        given = iter(outputs)
+        for queued, code, message in zip(group, reply.codes, reply.messages):
+            if queued.shares is not None:
+                queued.shares.append(int(queued.like.shape[0]) / tokens)
+            if code != ok:
+                status = _STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+                results.append(PartFailed(status, message or f"status {code}"))
+            else:
+                results.append(next(given) if outputs else failure)
+        decoded = [r for r in results if isinstance(r, torch.Tensor)]
+        if decoded and not _within(decoded, self.max_reply_abs):
+            for index, result in enumerate(results):
+                if isinstance(result, torch.Tensor):
+                    try:
+                        _check_values(result, self.max_reply_abs)
+                    except ValueError as e:
+                        results[index] = e
+        return results
+
     async def _backward(self, calls, backward_timeout, on_result):
         finite = _all_finite([c.inputs for c in calls] + [c.grad_outputs for c in calls
                                                           if c.grad_outputs is not None])
@@ -723,6 +832,16 @@ class Dispatcher:
                 results[index] = reply
         judge_refusals(refused, bool(results), on_result)
         return results
+
+
+def _check_finite(call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None, backward: bool,
+                  finite: bool) -> None:
+    """LocalInputError (nothing is sent) unless the values of a request are finite (not checked again if
+    known to be)."""
+    if not finite and (not _all_finite([inputs]) or (grad_outputs is not None
+                                                      and not _all_finite([grad_outputs]))):
+        raise LocalInputError(f"this client's {'gradients' if backward else 'inputs'} for {call.uid} "
+                              "are not finite (has the model diverged?); not sent")
 
 
 def _serialize(message: Any) -> bytes:

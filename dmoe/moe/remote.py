@@ -100,6 +100,7 @@ class RemoteMoE(MoELayer):
             raise ValueError(f"beam_size ({self.beam_size}) must be at least k ({k})")
         self.dispatcher = swarm.dispatcher(compression_from_name(compression))
         self.dispatcher.batch_per_node = swarm.config.batch_per_node  # one call per node per step, or not
+        self.dispatcher.packed_calls = swarm.config.packed_calls  # its experts' rows in one tensor, or not
         self.spot_checker = SpotChecker.from_config(swarm.config, swarm.quarantine)
         self.last_num_retried = 0  # calls of the last forward re-sent to another replica
         self.num_retried_calls = 0  # their total since this layer was made

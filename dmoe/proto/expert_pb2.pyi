@@ -104,6 +104,30 @@ class BackwardBatchResponse(_message.Message):
     parts: _containers.RepeatedCompositeFieldContainer[PartReply]
     def __init__(self, parts: _Optional[_Iterable[_Union[PartReply, _Mapping]]] = ...) -> None: ...
 
+class PackedRequest(_message.Message):
+    __slots__ = ("uids", "rows", "inputs", "grad_outputs", "reply_compression")
+    UIDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    uids: _containers.RepeatedScalarFieldContainer[str]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    inputs: Tensor
+    grad_outputs: Tensor
+    reply_compression: Compression
+    def __init__(self, uids: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[int]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., reply_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class PackedReply(_message.Message):
+    __slots__ = ("codes", "messages", "outputs")
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    codes: _containers.RepeatedScalarFieldContainer[int]
+    messages: _containers.RepeatedScalarFieldContainer[str]
+    outputs: Tensor
+    def __init__(self, codes: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class Chunk(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -161,7 +185,7 @@ class InfoRequest(_message.Message):
     def __init__(self, uids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "dmoe_version", "device", "experts", "max_batch_tokens", "max_message_bytes", "max_request_bytes", "receiving_bytes", "expert_calls", "batched_calls", "batched_parts")
+    __slots__ = ("node_id", "dmoe_version", "device", "experts", "max_batch_tokens", "max_message_bytes", "max_request_bytes", "receiving_bytes", "expert_calls", "batched_calls", "batched_parts", "packed_calls")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DMOE_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +197,7 @@ class NodeInfo(_message.Message):
     EXPERT_CALLS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_CALLS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_PARTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CALLS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     dmoe_version: str
     device: str
@@ -184,7 +209,8 @@ class NodeInfo(_message.Message):
     expert_calls: int
     batched_calls: int
     batched_parts: int
-    def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., receiving_bytes: _Optional[int] = ..., expert_calls: _Optional[int] = ..., batched_calls: _Optional[int] = ..., batched_parts: _Optional[int] = ...) -> None: ...
+    packed_calls: int
+    def __init__(self, node_id: _Optional[str] = ..., dmoe_version: _Optional[str] = ..., device: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., max_batch_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., receiving_bytes: _Optional[int] = ..., expert_calls: _Optional[int] = ..., batched_calls: _Optional[int] = ..., batched_parts: _Optional[int] = ..., packed_calls: _Optional[int] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
     __slots__ = ("uid", "skip_optimizer")

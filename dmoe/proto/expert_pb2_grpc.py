@@ -74,6 +74,16 @@ class ExpertServiceStub:
                 request_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
                 response_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.ForwardPacked = channel.unary_unary(
+                '/dmoe.ExpertService/ForwardPacked',
+                request_serializer=dmoe_dot_proto_dot_expert__pb2.PackedRequest.SerializeToString,
+                response_deserializer=dmoe_dot_proto_dot_expert__pb2.PackedReply.FromString,
+                _registered_method=True)
+        self.BackwardPacked = channel.unary_unary(
+                '/dmoe.ExpertService/BackwardPacked',
+                request_serializer=dmoe_dot_proto_dot_expert__pb2.PackedRequest.SerializeToString,
+                response_deserializer=dmoe_dot_proto_dot_expert__pb2.PackedReply.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/dmoe.ExpertService/Info',
                 request_serializer=dmoe_dot_proto_dot_expert__pb2.InfoRequest.SerializeToString,
@@ -142,6 +152,19 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardPacked(self, request, context):
+        """Batched calls with every part's rows in one tensor (PackedRequest): no message per part.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardPacked(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -197,6 +220,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.BackwardBatchStream,
                     request_deserializer=dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
                     response_serializer=dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
+            ),
+            'ForwardPacked': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardPacked,
+                    request_deserializer=dmoe_dot_proto_dot_expert__pb2.PackedRequest.FromString,
+                    response_serializer=dmoe_dot_proto_dot_expert__pb2.PackedReply.SerializeToString,
+            ),
+            'BackwardPacked': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackwardPacked,
+                    request_deserializer=dmoe_dot_proto_dot_expert__pb2.PackedRequest.FromString,
+                    response_serializer=dmoe_dot_proto_dot_expert__pb2.PackedReply.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -425,6 +458,60 @@ class ExpertService:
             '/dmoe.ExpertService/BackwardBatchStream',
             dmoe_dot_proto_dot_expert__pb2.Chunk.SerializeToString,
             dmoe_dot_proto_dot_expert__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardPacked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.ExpertService/ForwardPacked',
+            dmoe_dot_proto_dot_expert__pb2.PackedRequest.SerializeToString,
+            dmoe_dot_proto_dot_expert__pb2.PackedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardPacked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.ExpertService/BackwardPacked',
+            dmoe_dot_proto_dot_expert__pb2.PackedRequest.SerializeToString,
+            dmoe_dot_proto_dot_expert__pb2.PackedReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,15 +1,19 @@
-"""One call per node per step (ForwardBatch, BackwardBatch) against real nodes on 127.0.0.1.
+"""One call per node per step (ForwardBatch, BackwardBatch, and the packed ForwardPacked, BackwardPacked)
+against real nodes on 127.0.0.1.
 
 Two nodes, a (``ffn.0``-``ffn.3``) and b (``ffn.4``-``ffn.7``), both also hosting replicas of
 ``rep.0``-``rep.3``, learn at a rate of 1e-9, so their experts stay the uid-seeded initial ones that
 a local reference builds. A RemoteMoE step over several experts of both, batched (the default),
 gives the outputs and gradients of a step with a call per expert
-(``SwarmConfig(batch_per_node=False)``) and of a local MoE, in one call per node touched for the
-forward and one for the backward, as the nodes count them (Info). A part of a batched call that is
+(``SwarmConfig(batch_per_node=False)``), of a step in batched calls of a message per part
+(``packed_calls=False``) and of a local MoE, in one call per node touched for the forward and one for
+the backward, as the nodes count them (Info): packed ones by default. A part of a batched call that is
 malformed or names an unknown uid fails alone, with the status and message its own call gets,
 while the other parts are served; parts past the peer's calls in flight (``--max-calls-per-peer``)
 are refused alone; a batched request above the node's message limit goes through the batched
-stream. An old node (a stand-in that serves Forward and Backward only) gets calls per expert, and
+stream. A part of a packed call (every part's rows in one tensor) fails alone as its own call would,
+and what cannot be told apart part by part refuses the whole call. An old node (a stand-in that
+serves Forward and Backward only) gets calls per expert, and
 is asked for a batched call once. Bytes sent to the batched methods, random or mutated, end in a
 refusal or an answer, never another status. A node killed with a batched call in flight (b, in the
 module's last test): its parts fail over to the other replica within the step.
@@ -104,6 +108,15 @@ def node_calls(node: NodeProcess) -> tuple[int, int, int]:
         channel.close()
 
 
+def packed_calls(node: NodeProcess) -> int:
+    """Packed calls the node received (its Info)."""
+    channel, service = stub(node.endpoint)
+    try:
+        return service.Info(pb.InfoRequest(), timeout=10).packed_calls
+    finally:
+        channel.close()
+
+
 def local_experts(uids: list[str] = UIDS) -> dict[str, torch.nn.Module]:
     return {uid: create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in uids}
 
@@ -124,30 +137,36 @@ def record(uid: str, endpoint: str, **fields) -> ExpertRecord:
 def test_a_step_makes_one_call_per_node_and_equals_calls_per_expert_and_a_local_moe(pair, swarm):
     a, b = pair
     torch.manual_seed(0)
-    with joined(a, batch_per_node=False) as per_expert_swarm:
+    with joined(a, batch_per_node=False) as per_expert_swarm, joined(a, packed_calls=False) as unpacked_swarm:
         layers = {"batched": RemoteMoE(swarm, prefix="ffn", grid=(NUM_EXPERTS,), in_features=HIDDEN, k=2),
+                  "unpacked": RemoteMoE(unpacked_swarm, prefix="ffn", grid=(NUM_EXPERTS,),
+                                        in_features=HIDDEN, k=2),
                   "per expert": RemoteMoE(per_expert_swarm, prefix="ffn", grid=(NUM_EXPERTS,),
                                           in_features=HIDDEN, k=2)}
-        layers["per expert"].load_state_dict(layers["batched"].state_dict())
-        assert layers["batched"].dispatcher.batch_per_node
+        for other in ("unpacked", "per expert"):
+            layers[other].load_state_dict(layers["batched"].state_dict())
+        assert layers["batched"].dispatcher.batch_per_node and layers["batched"].dispatcher.packed_calls
+        assert not layers["unpacked"].dispatcher.packed_calls
         assert not layers["per expert"].dispatcher.batch_per_node
         x = torch.randn(48, HIDDEN)
         weights = torch.linspace(-1, 1, HIDDEN)  # no zero: every expert used gets a gradient
         got = {}
         try:
             for name, layer in layers.items():
-                before = [node_calls(n) for n in pair]
+                before, packed_before = [node_calls(n) for n in pair], [packed_calls(n) for n in pair]
                 x_TD = x.clone().requires_grad_()
                 y = layer(x_TD)
                 (y * weights).sum().backward()
                 after = [node_calls(n) for n in pair]
+                packed = [packed_calls(n) - m for n, m in zip(pair, packed_before)]
+                assert packed == ([2, 2] if name == "batched" else [0, 0]), (name, packed)
                 assert layer.last_num_failed == 0 and bool(layer.last_answered_TK.all())
                 used = [layer.last_routing[0][e] for e in layer.last_routing[1].unique().tolist()]
                 on = [sum(uid in UIDS[:4] for uid in used), sum(uid in UIDS[4:] for uid in used)]
                 assert min(on) >= 2, on  # several experts on each node: the step has something to batch
                 calls = [tuple(n - m for n, m in zip(later, earlier))
                          for earlier, later in zip(before, after)]
-                if name == "batched":  # forward and backward: one call each per node, every expert a part
+                if name != "per expert":  # forward and backward: one call each per node, every expert a part
                     assert calls == [(2, 2, 2 * on[0]), (2, 2, 2 * on[1])], calls
                 else:
                     assert calls == [(2 * on[0], 0, 0), (2 * on[1], 0, 0)], calls
@@ -155,8 +174,9 @@ def test_a_step_makes_one_call_per_node_and_equals_calls_per_expert_and_a_local_
         finally:
             for layer in layers.values():
                 layer.dispatcher.close()
-    for want, have in zip(got["per expert"], got["batched"]):
-        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+    for other in ("unpacked", "batched"):
+        for want, have in zip(got["per expert"], got[other]):
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
     layer = layers["batched"]
     x_TD = x.clone().requires_grad_()
     expected = reference(layer, x_TD)
@@ -209,6 +229,86 @@ def test_a_bad_part_fails_alone_with_the_status_of_its_own_call(pair):
                                                deserialize(want[0], max_numel=1 << 16), rtol=1e-5, atol=1e-6)
     finally:
         channel.close()
+
+
+def packed(uids: list[str], inputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None
+           ) -> pb.PackedRequest:
+    request = pb.PackedRequest(uids=uids, rows=[x.shape[0] for x in inputs],
+                               inputs=serialize(torch.cat(inputs)))
+    if grads is not None:
+        request.grad_outputs.CopyFrom(serialize(torch.cat(grads)))
+    return request
+
+
+def test_a_bad_part_of_a_packed_call_fails_alone_with_the_status_of_its_own_call(pair):
+    a, _ = pair
+    generator = torch.Generator().manual_seed(3)
+    x = lambda rows: torch.randn(rows, HIDDEN, generator=generator)  # noqa: E731
+    nan = torch.full((2, HIDDEN), float("nan"))
+    large = torch.full((1, HIDDEN), 1e4)  # above the node's max_grad_abs (1e3)
+    forward = (["ffn.0", "ffn.99", "ffn.3", "ffn.2"], [x(3), x(3), nan, x(5)])  # not hosted; not finite
+    backward = (["ffn.0", "ffn.2", "ffn.1", "ffn.3"], [x(4), x(2), x(1), x(2)],
+                [x(4), nan, large, x(2)])  # gradients not finite; out of the node's bounds
+    channel, service = stub(a.endpoint)
+    try:
+        before, packed_before = node_calls(a), packed_calls(a)
+        replies = [service.ForwardPacked(packed(*forward), timeout=30),
+                   service.BackwardPacked(packed(*backward), timeout=30)]
+        assert node_calls(a) == (before[0] + 2, before[1] + 2, before[2] + 8)
+        assert packed_calls(a) == packed_before + 2
+        assert list(replies[0].codes) == [0, NOT_FOUND, INVALID, 0]
+        assert list(replies[1].codes) == [0, INVALID, grpc.StatusCode.OUT_OF_RANGE.value[0], 0]
+        for method, request_cls, (uids, *tensors), reply in (
+                (service.Forward, pb.ForwardRequest, forward, replies[0]),
+                (service.Backward, pb.BackwardRequest, backward, replies[1])):
+            outputs = iter(deserialize(reply.outputs, max_numel=1 << 16).split(
+                [t.shape[0] for t, code in zip(tensors[0], reply.codes) if code == 0]))
+            for i, (uid, code, message) in enumerate(zip(uids, reply.codes, reply.messages)):
+                request = request_cls(uid=uid, inputs=[serialize(tensors[0][i])])
+                if len(tensors) > 1:
+                    request.grad_outputs.append(serialize(tensors[1][i]))
+                if code:
+                    assert message and own_call(method, request) == (code, message)
+                else:
+                    own = method(request, timeout=30)
+                    want = own.grad_inputs if method is service.Backward else own.outputs
+                    torch.testing.assert_close(next(outputs), deserialize(want[0], max_numel=1 << 16),
+                                               rtol=1e-5, atol=1e-6)
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("case", ["rows do not add up", "a row count missing", "an empty part", "no parts",
+                                  "too many parts", "grads missing", "not decodable"])
+def test_a_packed_call_whose_parts_cannot_be_told_apart_is_refused_whole(pair, case):
+    a, _ = pair
+    request = packed(["ffn.0", "ffn.1"], [torch.randn(2, HIDDEN), torch.randn(3, HIDDEN)],
+                     [torch.randn(2, HIDDEN), torch.randn(3, HIDDEN)])
+    if case == "rows do not add up":
+        request.rows[1] = 4
+    elif case == "a row count missing":
+        del request.rows[1]
+    elif case == "an empty part":
+        request.rows[:] = [0, 5]
+    elif case == "no parts":
+        del request.uids[:], request.rows[:]
+    elif case == "too many parts":
+        request = packed([UIDS[i % 4] for i in range(1025)], [torch.randn(1, HIDDEN)] * 1025)
+    elif case == "grads missing":
+        request.ClearField("grad_outputs")
+    elif case == "not decodable":
+        request.inputs.buffer = request.inputs.buffer[:-4]
+    channel, service = stub(a.endpoint)
+    try:
+        before = [p.stats.backward_calls for p in service.Info(pb.InfoRequest(), timeout=10).experts]
+        with pytest.raises(grpc.RpcError) as refused:
+            service.BackwardPacked(request, timeout=30)
+        after = [p.stats.backward_calls for p in service.Info(pb.InfoRequest(), timeout=10).experts]
+    finally:
+        channel.close()
+    want = "RESOURCE_EXHAUSTED" if case == "too many parts" else "INVALID_ARGUMENT"
+    assert refused.value.code().name == want and refused.value.details()
+    assert after == before  # no expert served any part
 
 
 def test_a_reply_out_of_bounds_or_inputs_not_finite_fail_their_own_call_alone(pair, swarm):
@@ -396,6 +496,38 @@ def test_bytes_to_the_batched_calls_end_in_an_answer_or_a_refusal(pair, backward
         reply_cls = pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse
         for part in reply_cls.FromString(reply).parts:
             assert part.code == 0 or (part.code in REFUSAL_NUMBERS and part.message), part
+    finally:
+        channel.close()
+    assert node_calls(a)[0] > 0  # and the node still serves
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(backward=st.booleans(),
+       uids=st.lists(st.sampled_from(UIDS[:4] + ["ffn.4", ""]), min_size=1, max_size=5),
+       rows=st.lists(st.integers(1, 6), min_size=5, max_size=5), cut=st.integers(0, 1 << 16),
+       noise=st.binary(max_size=48), mode=st.sampled_from(["valid", "cut", "insert", "flip", "random"]))
+def test_bytes_to_the_packed_calls_end_in_an_answer_or_a_refusal(pair, backward, uids, rows, cut, noise,
+                                                                 mode):
+    a, _ = pair
+    inputs = [torch.randn(n, HIDDEN) for n in rows[:len(uids)]]
+    grads = [torch.randn_like(x) for x in inputs] if backward else None
+    data = packed(uids, inputs, grads).SerializeToString()
+    at = cut % (len(data) + 1)
+    data = {"valid": data, "cut": data[:at], "insert": data[:at] + noise + data[at:],
+            "flip": data[:at] + bytes(x ^ 0xA5 for x in data[at:at + 4]) + data[at + 4:],
+            "random": noise}[mode]
+    channel, _ = stub(a.endpoint)
+    method = channel.unary_unary(f"/dmoe.ExpertService/{'BackwardPacked' if backward else 'ForwardPacked'}",
+                                 request_serializer=None, response_deserializer=None)
+    try:
+        reply = pb.PackedReply.FromString(method(data, timeout=30))
+    except grpc.RpcError as e:
+        assert e.code() in REFUSALS and e.details(), (e.code(), e.details())
+    else:
+        assert len(reply.codes) == len(reply.messages) >= 1
+        assert all(code == 0 or (code in REFUSAL_NUMBERS and message)
+                   for code, message in zip(reply.codes, reply.messages)), reply
     finally:
         channel.close()
     assert node_calls(a)[0] > 0  # and the node still serves

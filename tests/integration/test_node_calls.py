@@ -137,4 +137,5 @@ def test_health_and_reflection_answer(node):
         pool = DescriptorPool(database)
         methods = {m.name for m in pool.FindServiceByName("dmoe.ExpertService").methods}
         assert methods == {"Forward", "Backward", "ForwardStream", "BackwardStream", "Info", "GetState",
-                           "ForwardBatch", "BackwardBatch", "ForwardBatchStream", "BackwardBatchStream"}
+                           "ForwardBatch", "BackwardBatch", "ForwardBatchStream", "BackwardBatchStream",
+                           "ForwardPacked", "BackwardPacked"}

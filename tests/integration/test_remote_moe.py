@@ -79,16 +79,21 @@ def local_moe(layer: RemoteMoE, x_TD: torch.Tensor, alive: set[str]) -> torch.Te
 
 class CallLog:
     """What the client's dispatcher sent and got back, call part by call part: the real dispatcher,
-    with its request building and reply decoding wrapped to keep a copy of each."""
+    with its request building and reply decoding wrapped to keep a copy of each. Requests that go in
+    packed calls (their rows in one tensor, no message each) are listed by uid in ``packed``, those
+    that got an answer in ``packed_answers``."""
 
     def __init__(self, monkeypatch):
         from dmoe.client import dispatch
 
         self.requests: list[tuple[str, object]] = []  # (uid, request)
         self.exchanges: list[tuple[str, object, pb.Tensor]] = []  # (uid, request, reply tensor)
+        self.packed: list[str] = []
+        self.packed_answers: list[str] = []
         sent: dict[int, tuple[torch.Tensor, str, object]] = {}
         build, decode = dispatch.Dispatcher._request, dispatch._decoded
         decode_plain = dispatch.deserialize_plain
+        send_packed = dispatch.Dispatcher._send_packed
 
         def request(dispatcher, call, inputs, *args, **kwargs):
             built = build(dispatcher, call, inputs, *args, **kwargs)
@@ -98,9 +103,18 @@ class CallLog:
 
         def decoded(tensors, like, *args):  # every reply, of a call of its own or a part of a batched one
             result = decode(tensors, like, *args)
-            _, uid, built = sent[id(like)]
-            self.exchanges.append((uid, built, tensors[0]))
+            if id(like) in sent:  # else a packed reply: its parts are counted by packed() below
+                _, uid, built = sent[id(like)]
+                self.exchanges.append((uid, built, tensors[0]))
             return result
+
+        async def packed(dispatcher, endpoint, tls, backward, group):
+            self.packed.extend(q.call.uid for q in group)
+            results = await send_packed(dispatcher, endpoint, tls, backward, group)
+            if results is not None:
+                self.packed_answers.extend(q.call.uid for q, r in zip(group, results)
+                                           if isinstance(r, torch.Tensor))
+            return results
 
         def decoded_plain(messages, like):  # a batched reply's plain parts, decoded at once
             results = decode_plain(messages, like)
@@ -113,10 +127,13 @@ class CallLog:
         monkeypatch.setattr(dispatch.Dispatcher, "_request", request)
         monkeypatch.setattr(dispatch, "_decoded", decoded)
         monkeypatch.setattr(dispatch, "deserialize_plain", decoded_plain)
+        monkeypatch.setattr(dispatch.Dispatcher, "_send_packed", packed)
 
     def clear(self) -> None:
         self.requests.clear()
         self.exchanges.clear()
+        self.packed.clear()
+        self.packed_answers.clear()
 
 
 def record_fates(swarm: Swarm, monkeypatch) -> list[tuple[str, str, BaseException | None]]:
@@ -272,11 +289,13 @@ def test_all_experts_dead_gives_zero(swarm_of_two, monkeypatch):
         y = layer(x)
         y.sum().backward()
         assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(x.grad).all()
-        assert layer.last_num_failed > 0 and calls.requests and not calls.exchanges
+        assert layer.last_num_failed > 0 and (calls.requests or calls.packed)
+        assert not calls.exchanges and not calls.packed_answers
         calls.clear()
         # now every endpoint is avoided: no call at all, none failed, no routing
         assert torch.equal(layer(x), torch.zeros_like(x))
-        assert calls.requests == [] and layer.last_num_failed == 0 and layer.last_routing is None
+        assert calls.requests == calls.packed == [] and layer.last_num_failed == 0
+        assert layer.last_routing is None
     finally:
         layer.dispatcher.close()
 
@@ -335,7 +354,10 @@ def assert_within_one_step(decoded: torch.Tensor, exact: torch.Tensor, compressi
 def test_compressed_activations_and_gradients_stay_close(live_pair, monkeypatch):
     """Each compression, forward and backward: every tensor sent and every reply is in that encoding
     and of its size; the inputs are the client's rows encoded; each reply is the expert's exact result
-    on the decoded request, within one step of the encoding; the layer's output mixes the replies."""
+    on the decoded request, within one step of the encoding; the layer's output mixes the replies. (Each
+    expert's rows in a message of their own: in batched calls without packing. Packed, their rows share
+    one tensor, encoded elementwise alike: the same step gives the same outputs and input gradients, and
+    8-bit, whose codebook would span the experts, is never packed.)"""
     swarm, _, _ = live_pair
     calls = CallLog(monkeypatch)
     experts = {uid: create_expert("ffn", uid=uid, hidden_dim=HIDDEN)[0] for uid in UIDS}
@@ -349,6 +371,15 @@ def test_compressed_activations_and_gradients_stay_close(live_pair, monkeypatch)
         try:
             layer.gates[0].load_state_dict(gate)
             calls.clear()
+            layer.dispatcher.packed_calls = True
+            x_packed = x.clone().requires_grad_(True)
+            y_packed = layer(x_packed)
+            y_packed.square().sum().backward()
+            assert layer.last_num_failed == 0
+            assert bool(calls.packed) == (compression != pb.UNIFORM_8BIT), calls.packed
+            assert sorted(calls.packed) == sorted(calls.packed_answers)
+            calls.clear()
+            layer.dispatcher.packed_calls = False
             x_in = x.clone().requires_grad_(True)
             y = layer(x_in)
             forward = {uid: (request, reply) for uid, request, reply in calls.exchanges}
@@ -391,6 +422,9 @@ def test_compressed_activations_and_gradients_stay_close(live_pair, monkeypatch)
             (exact_grad,) = torch.autograd.grad(experts[uid](leaf), leaf, grad_out)
             assert_within_one_step(deserialize(reply, max_numel=x.numel()), exact_grad, compression)
         torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-6)
+        # the same up to the node's rounding (experts run as groups of the parts waiting together)
+        torch.testing.assert_close(y_packed.detach(), y.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x_packed.grad, x_in.grad, rtol=1e-5, atol=1e-6)
         outputs[name] = y.detach()
     torch.testing.assert_close(outputs["none"], local_moe(layer, x, set(UIDS)).detach(), rtol=1e-4, atol=1e-5)
 

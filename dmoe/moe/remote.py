@@ -158,9 +158,13 @@ class _Dispatch(torch.autograd.Function):
                 layer: RemoteMoE, _learn: torch.Tensor):
         x_TD = x_TD.detach()
         jobs, slots = [], []
-        for e, token_ids, slot_ids in group_by_expert(experts_TK):
-            jobs.append(ExpertJob(replicas[e][0].uid, replicas[e], x_TD[token_ids], token_ids))
-            slots.append(slot_ids)
+        groups = group_by_expert(experts_TK)
+        if groups:  # every expert's rows gathered at once, then cut (an index op per expert costs more)
+            sizes = [len(token_ids) for _, token_ids, _ in groups]
+            gathered = x_TD[torch.cat([token_ids for _, token_ids, _ in groups])].split(sizes)
+            for (e, token_ids, slot_ids), inputs in zip(groups, gathered):
+                jobs.append(ExpertJob(replicas[e][0].uid, replicas[e], inputs, token_ids))
+                slots.append(slot_ids)
         answers = layer.dispatcher.forward(
             jobs, num_tokens=x_TD.shape[0], k_min=layer.k_min, forward_timeout=layer.forward_timeout,
             timeout_after_k_min=layer.timeout_after_k_min, on_result=_reporter(layer.swarm),
@@ -170,7 +174,8 @@ class _Dispatch(torch.autograd.Function):
         out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
         answered_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
         # (the call that answered, its slots): backward goes to that replica only
-        ctx.answered = [(call, slots[job][rows]) for job, rows, call, _ in answers.parts]
+        ctx.answered = [(call, slots[job] if len(rows) == len(slots[job]) else slots[job][rows])
+                        for job, rows, call, _ in answers.parts]  # a whole job's rows are 0, 1, ... in order
         if ctx.answered:  # every answer in place at once: a step through many experts has hundreds
             token_ids = torch.cat([call.token_ids for call, _ in ctx.answered])
             slot_ids = torch.cat([answer_slots for _, answer_slots in ctx.answered])

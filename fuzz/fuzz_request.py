@@ -5,7 +5,7 @@ Each fuzz input is one selector byte followed by a payload:
 - bits 4-5, what the payload is: 0, a serialized request (a unary Forward or Backward); 1, a
   serialized ``InfoRequest``; 2, a request stream: frames of a 2-byte little-endian length and that
   many bytes, each frame one stream message (a serialized ``Chunk``, or anything); 3, a batched
-  request (a ``ForwardBatchRequest`` or ``BackwardBatchRequest``);
+  request (a ``ForwardBatchRequest`` or ``BackwardBatchRequest``; with bit 6 set, a ``PackedRequest``);
 - bit 0: the request is a ``BackwardRequest`` (set) or a ``ForwardRequest`` (so are a batch's parts);
 - bit 1: replace the request's uid by a hosted one, so that mutated requests keep reaching an expert
   (a batch's parts: the hosted experts in turn);
@@ -18,7 +18,9 @@ are joined by ``ChunkJoiner`` first (within ``STREAM_MAX_BYTES``, so that overlo
 reached), and what they join to takes the same path. A batched request is split into its parts
 (``batch_parts``: the whole batch may be refused), and each of its first ``BATCH_PARTS_RUN`` parts
 takes the request path alone; a part refused must be refused like a request, and the other parts go
-on. An Info payload goes to
+on. A packed request takes the packed path (``parse_packed``: the whole call may be refused; then
+``check_packed_part`` for each part and ``decode_packed``), and each of its first ``BATCH_PARTS_RUN``
+accepted parts runs one forward. An Info payload goes to
 ``check_info_request`` (at most ``MAX_INFO_UIDS`` uids), whose answer must be the request's uids,
 each once, all hosted.
 The experts are real ``ExpertBackend`` objects on the CPU, built by
@@ -80,7 +82,10 @@ with atheris.instrument_imports(include=["dmoe"]):
         batch_parts,
         check_declared_request,
         check_info_request,
+        check_packed_part,
+        decode_packed,
         decode_request,
+        parse_packed,
     )
     from dmoe.proto import expert_pb2 as pb
 
@@ -89,6 +94,7 @@ ALLOWED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.Sta
 HIDDEN = 8
 MAX_LEN = 4096  # bytes per input: buffers stay small, the declared shapes do not
 KINDS = ("request", "info", "stream", "batch")  # by bits 4-5 of the selector
+PACKED = 1 << 6  # with "batch": a packed request
 MAX_INFO_UIDS = 16  # the Info limit here (the node's default is far above what MAX_LEN could name)
 STREAM_MAX_BYTES = 2048  # max_request_bytes of the streams here, so that inputs can pass it
 BATCH_PARTS_RUN = 4  # parts of a batch that take the request path (each is as costly as a request)
@@ -141,6 +147,8 @@ class Target:
     def __call__(self, data: bytes) -> None:
         self.report.inputs += 1
         kind = KINDS[(data[0] >> 4) & 3] if data else KINDS[0]
+        if kind == "batch" and data[0] & PACKED:
+            kind = "packed"
         try:
             backward = self.run(data)
         except RequestError as e:
@@ -173,6 +181,8 @@ class Target:
         backward = bool(selector & 1)
         request_cls = pb.BackwardRequest if backward else pb.ForwardRequest
         if kind == "batch":
+            if selector & PACKED:
+                return self.run_packed(selector, payload, backward)
             return self.run_batch(selector, payload, backward)
         request = _parse(request_cls, payload)
         if selector & 2:
@@ -201,6 +211,48 @@ class Target:
             else:
                 self.report.parts["accepted"] += 1
         return accepted_backward
+
+    def run_packed(self, selector: int, payload: bytes, backward: bool) -> bool:
+        """A packed request on the path the node takes (parse, each part checked, the tensors decoded and the
+        parts' values checked), then one forward for each of its first BATCH_PARTS_RUN parts accepted; a
+        part refused is counted and the others go on."""
+        request = parse_packed(payload, backward=backward, max_batch_tokens=FFN.max_batch_tokens)
+        rows, shape = list(request.rows), tuple(request.inputs.shape)
+        expect(0 < len(rows) == len(request.uids) <= MAX_BATCH_PARTS and min(rows) >= 1
+               and sum(rows) == shape[0], f"packed rows {rows[:8]} for inputs {list(shape)} passed")
+        if selector & 2:
+            for index in range(len(request.uids)):
+                request.uids[index] = self.uids[((selector >> 2) + index) % len(self.uids)]
+        checked: dict[int, ExpertBackend] = {}
+        refused: dict[int, RequestError] = {}
+        for index, (uid, n) in enumerate(zip(request.uids, rows)):
+            try:
+                checked[index], _ = check_packed_part(self.backends, uid, (n, *shape[1:]), request,
+                                                      backward=backward,
+                                                      max_batch_tokens=FFN.max_batch_tokens)
+            except RequestError as e:
+                refused[index] = e
+        if checked:
+            xs, grads, bad = decode_packed(request, rows, checked, backward=backward,
+                                           max_input_abs=FFN.max_input_abs, max_grad_abs=FFN.max_grad_abs)
+            refused.update(bad)
+            expect(set(xs) == set(checked) and (grads is None or set(grads) == set(checked)),
+                   "decode_packed answered for other parts than those checked")
+        for index, e in refused.items():
+            if e.code not in ALLOWED or not e.message:
+                self.report.crash = f"RequestError {e.code.name} of packed part {index}: {e.message!r}"
+                raise AssertionError(self.report.crash)
+            self.report.parts[e.code.name] += 1
+        accepted = [i for i in checked if i not in refused]
+        for index in accepted[:BATCH_PARTS_RUN]:
+            x = xs[index]
+            expect(tuple(x.shape) == (rows[index], *shape[1:]) and x.dtype == DTYPES[request.inputs.dtype],
+                   f"part {index} decoded to {list(x.shape)} x {x.dtype}")
+            (output,) = checked[index].forward([x])
+            expect(output.shape == x.shape and output.dtype == x.dtype,
+                   f"part {index}: outputs {list(output.shape)} for inputs {list(x.shape)}")
+            self.report.parts["accepted"] += 1
+        return backward and bool(accepted)
 
     def run_request(self, request: pb.ForwardRequest | pb.BackwardRequest, backward: bool) -> bool:
         """One parsed request on the path ExpertService takes before it queues it, and one forward."""
@@ -289,7 +341,8 @@ def seeds(backends: dict[str, ExpertBackend]) -> list[bytes]:
     ]
     undecodable = b"\x01\xff\xff"
     return (found + [b"\x00" + r.SerializeToString() for r in refused] + [undecodable]
-            + info_seeds(uids) + stream_seeds(found[0][1:], found[1][1:]) + batch_seeds(found, refused))
+            + info_seeds(uids) + stream_seeds(found[0][1:], found[1][1:]) + batch_seeds(found, refused)
+            + packed_seeds())
 
 
 INFO, STREAM = bytes([1 << 4]), 2 << 4
@@ -337,6 +390,32 @@ def batch_seeds(requests: list[bytes], refused: list[pb.ForwardRequest]) -> list
         bytes([BATCH | 2]) + pb.ForwardBatchRequest(parts=forward[:3]).SerializeToString(),
         bytes([BATCH]),
     ]
+
+
+def packed_seeds() -> list[bytes]:
+    """Packed requests of each direction and compression for the feed-forward experts, one with a part no
+    expert hosts and one with a part of values out of bounds, one with uids forced, and empty."""
+    generator = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(5, HIDDEN, generator=generator), torch.randn(5, HIDDEN, generator=generator)
+    found = []
+    for compression in (pb.NONE, pb.FLOAT16, pb.UNIFORM_8BIT):
+        forward = pb.PackedRequest(uids=["ffn.0", "ffn.1"], rows=[2, 3], inputs=serialize(x, compression),
+                                   reply_compression=compression)
+        backward = pb.PackedRequest(uids=["ffn.1", "ffn.0"], rows=[4, 1], inputs=serialize(x, compression),
+                                    grad_outputs=serialize(grad, compression))
+        found += [bytes([BATCH | PACKED]) + forward.SerializeToString(),
+                  bytes([BATCH | PACKED | 1]) + backward.SerializeToString()]
+    large = torch.cat([x[:3], torch.full((2, HIDDEN), 1e9)])
+    found += [
+        bytes([BATCH | PACKED]) + pb.PackedRequest(uids=["ffn.0", "ffn.99"], rows=[3, 2],
+                                                   inputs=serialize(x)).SerializeToString(),
+        bytes([BATCH | PACKED]) + pb.PackedRequest(uids=["ffn.0", "ffn.1"], rows=[3, 2],
+                                                   inputs=serialize(large)).SerializeToString(),
+        bytes([BATCH | PACKED | 2]) + pb.PackedRequest(uids=["", "", ""], rows=[1, 1, 3],
+                                                       inputs=serialize(x)).SerializeToString(),
+        bytes([BATCH | PACKED]),
+    ]
+    return found
 
 
 def print_table(summary: dict) -> None:

@@ -389,14 +389,12 @@ class ExpertServicer:
         """A packed call's answer: each part served as a per-expert call of its rows would be (RequestError
         for the whole call only if its parts cannot be told apart, or are too many)."""
         started = time.perf_counter()
-        request = parse_packed(data, backward=backward)
+        limit = self.max_batch_tokens
+        request = parse_packed(data, backward=backward, max_batch_tokens=limit)
         count = len(request.uids)
         self.num_batched_parts += count
         rows = list(request.rows)
         shape = tuple(request.inputs.shape)
-        if sum(rows) > count * self.max_batch_tokens:  # more than that many parts could carry: not decoded
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a packed call of {sum(rows)} rows in "
-                               f"{count} parts exceeds this node's limit of {self.max_batch_tokens} per part")
         results: list[torch.Tensor | RequestError | None] = [None] * count
         checked: dict[int, tuple[ExpertBackend, int]] = {}  # part -> (backend, tokens)
         peer, admitted = _caller.get(), 0
@@ -410,7 +408,8 @@ class ExpertServicer:
                         continue
                     admitted += 1
                 try:
-                    checked[index] = self._check_packed_part(uid, (n, *shape[1:]), request, backward)
+                    checked[index] = check_packed_part(self.backends, uid, (n, *shape[1:]), request,
+                                                       backward=backward, max_batch_tokens=limit)
                 except RequestError as e:
                     results[index] = self._refused(uid, e)
             if checked:
@@ -433,69 +432,16 @@ class ExpertServicer:
             self.counters[request.uids[index]].record_call(backward, checked[index][1], seconds)
         return reply
 
-    def _check_packed_part(self, uid: str, shape: tuple[int, ...], request: pb.PackedRequest,
-                           backward: bool) -> tuple[ExpertBackend, int]:
-        """(backend, tokens) of a packed call's part of ``shape``, checked as a per-expert call declaring
-        these shapes and dtypes would be (check_declared_request; decode_request's shape checks), else
-        its RequestError."""
-        backend = self.backends.get(uid)
-        if backend is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {uid!r} on this node")
-        try:
-            if len(backend.input_schema) != 1 or len(backend.output_schema) != 1:
-                raise ValueError(f"{uid} takes {len(backend.input_schema)} inputs and gives "
-                                 f"{len(backend.output_schema)} outputs: call it per expert or batched")
-            _, num_tokens = backend.check_input_shapes([shape], [request.inputs.dtype])
-            if num_tokens > self.max_batch_tokens:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {num_tokens} tokens "
-                                   f"exceeds this node's limit of {self.max_batch_tokens}; split it")
-            expected = backend.output_shapes([shape])[0]
-            if expected != (shape, request.inputs.dtype):
-                raise ValueError(f"{uid} gives outputs of shape {list(expected[0])} {expected[1]}, not its "
-                                 "inputs': call it per expert or batched")
-            if backward:
-                backend.check_grad_output_shapes([shape], [(shape[0], *request.grad_outputs.shape[1:])],
-                                                 [request.grad_outputs.dtype])
-        except ValueError as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        return backend, num_tokens
-
     async def _serve_packed(self, request: pb.PackedRequest, rows: list[int],
                             checked: dict[int, tuple[ExpertBackend, int]],
                             results: list[torch.Tensor | RequestError | None], backward: bool) -> None:
         """Decode a packed call's tensors (off the event loop), check each checked part's values, queue the
         parts in their experts' queues at once and put each one's output (or error) in ``results``."""
-        starts = [0]
-        for n in rows:
-            starts.append(starts[-1] + n)
-
-        def decode() -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None] | RequestError:
-            try:
-                numel = starts[-1] * math.prod(request.inputs.shape[1:])
-                inputs = deserialize(request.inputs, max_numel=numel)
-                grads = deserialize(request.grad_outputs, max_numel=numel) if backward else None
-            except ValueError as e:
-                return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable PackedRequest: {e}")
-            xs = {i: inputs[starts[i]:starts[i + 1]] for i in checked}
-            gs = {i: grads[starts[i]:starts[i + 1]] for i in checked} if grads is not None else None
-            # the values of all the parts at once; only if some are out of bounds, part by part
-            for values, what, bound in ((xs, "inputs", self.max_input_abs),
-                                        (gs, "grad_outputs", self.max_grad_abs)):
-                if values is None or _all_within(list(values.values()), bound):
-                    continue
-                for i in list(values):
-                    try:
-                        checked[i][0].check_values([values[i]], what, bound)
-                    except OutOfBounds as e:
-                        results[i] = RequestError(grpc.StatusCode.OUT_OF_RANGE, str(e))
-                    except ValueError as e:
-                        results[i] = RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            return xs, gs
-
-        decoded = await asyncio.to_thread(decode)
-        if isinstance(decoded, RequestError):
-            raise decoded
-        xs, gs = decoded
+        xs, gs, refused = await asyncio.to_thread(
+            decode_packed, request, rows, {i: backend for i, (backend, _) in checked.items()},
+            backward=backward, max_input_abs=self.max_input_abs, max_grad_abs=self.max_grad_abs)
+        for index, error in refused.items():
+            results[index] = error
         submitted: list[tuple[int, Task]] = []
         for index, (backend, num_tokens) in checked.items():
             if isinstance(results[index], RequestError):
@@ -931,12 +877,13 @@ def batch_parts(data: bytes | memoryview, *, backward: bool) -> list[memoryview]
     return parts
 
 
-def parse_packed(data: bytes, *, backward: bool) -> pb.PackedRequest:
+def parse_packed(data: bytes, *, backward: bool, max_batch_tokens: int) -> pb.PackedRequest:
     """A serialized PackedRequest whose parts can be told apart, else RequestError for the whole call:
     its fields counted before it is parsed (at most MAX_BATCH_PARTS uids and row counts), at most
-    MAX_BATCH_PARTS parts (RESOURCE_EXHAUSTED), a row count per uid, each at least 1, adding up to the
-    first dimension of the inputs (and of the output gradients, backward), tensors of rank 2 to MAX_RANK
-    of a dtype the wire carries, and a known reply compression (INVALID_ARGUMENT)."""
+    MAX_BATCH_PARTS parts and no more rows than they may carry (max_batch_tokens each: RESOURCE_EXHAUSTED),
+    a row count per uid, each at least 1, adding up to the first dimension of the inputs (and of the output
+    gradients, backward), tensors of rank 2 to MAX_RANK of a dtype the wire carries, and a known reply
+    compression (INVALID_ARGUMENT)."""
     if not within_fields(data, 2 * MAX_BATCH_PARTS + 16, {3: MAX_TENSOR_FIELDS, 4: MAX_TENSOR_FIELDS}):
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a packed call may carry at most "
                            f"{MAX_BATCH_PARTS} parts (or it has too many fields); split it")
@@ -955,6 +902,9 @@ def parse_packed(data: bytes, *, backward: bool) -> pb.PackedRequest:
         raise refuse("no parts")
     if len(request.rows) != len(request.uids) or min(request.rows) < 1:
         raise refuse("a row count of at least 1 per uid")
+    if sum(request.rows) > len(request.uids) * max_batch_tokens:  # more than its parts may carry: not decoded
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a packed call of {sum(request.rows)} rows "
+                           f"in {len(request.uids)} parts exceeds the limit of {max_batch_tokens} per part")
     if request.reply_compression not in pb.Compression.values():
         raise refuse(f"unknown reply compression {request.reply_compression}")
     tensors = [("inputs", request.inputs)] + ([("grad_outputs", request.grad_outputs)] if backward else [])
@@ -964,6 +914,71 @@ def parse_packed(data: bytes, *, backward: bool) -> pb.PackedRequest:
         if tensor.shape[0] != sum(request.rows):
             raise refuse(f"{name} of {tensor.shape[0]} rows, the parts' rows add up to {sum(request.rows)}")
     return request
+
+
+def check_packed_part(backends: Mapping[str, ExpertBackend], uid: str, shape: tuple[int, ...],
+                      request: pb.PackedRequest, *, backward: bool, max_batch_tokens: int
+                      ) -> tuple[ExpertBackend, int]:
+    """(backend, tokens) of a packed call's part ``uid`` of ``shape``, checked as a per-expert call declaring
+    these shapes and dtypes would be (check_declared_request, and decode_request's shape checks), else its
+    RequestError; and an expert of one input and one output of its input's shape and dtype."""
+    backend = backends.get(uid)
+    if backend is None:
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"no expert {uid!r} on this node")
+    try:
+        if len(backend.input_schema) != 1 or len(backend.output_schema) != 1:
+            raise ValueError(f"{uid} takes {len(backend.input_schema)} inputs and gives "
+                             f"{len(backend.output_schema)} outputs: call it per expert or batched")
+        _, num_tokens = backend.check_input_shapes([shape], [request.inputs.dtype])
+        if num_tokens > max_batch_tokens:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request of {num_tokens} tokens "
+                               f"exceeds this node's limit of {max_batch_tokens}; split it")
+        expected = backend.output_shapes([shape])[0]
+        if expected != (shape, request.inputs.dtype):
+            raise ValueError(f"{uid} gives outputs of shape {list(expected[0])} {expected[1]}, not its "
+                             "inputs': call it per expert or batched")
+        if backward:
+            backend.check_grad_output_shapes([shape], [(shape[0], *request.grad_outputs.shape[1:])],
+                                             [request.grad_outputs.dtype])
+    except ValueError as e:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    return backend, num_tokens
+
+
+PackedParts = tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, dict[int, RequestError]]
+
+
+def decode_packed(request: pb.PackedRequest, rows: list[int], checked: Mapping[int, ExpertBackend], *,
+                  backward: bool, max_input_abs: float, max_grad_abs: float) -> PackedParts:
+    """A packed call's tensors decoded (RequestError for the whole call if they do not decode), and for each
+    part in ``checked`` (those that passed check_packed_part) its rows: inputs, output gradients (backward)
+    and, for parts whose values are not finite or out of the node's bounds, the RequestError their own call
+    would get (all the values checked at once; part by part only if that finds a bad one)."""
+    starts = [0]
+    for n in rows:
+        starts.append(starts[-1] + n)
+    try:  # decoded only up to the rows declared (parse_packed: they are the tensors' first dimension)
+        numel = starts[-1] * math.prod(request.inputs.shape[1:])
+        inputs = deserialize(request.inputs, max_numel=numel)
+        grads = deserialize(request.grad_outputs, max_numel=numel) if backward else None
+    except ValueError as e:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable PackedRequest: {e}") from None
+    xs = {i: inputs[starts[i]:starts[i + 1]] for i in checked}
+    gs = {i: grads[starts[i]:starts[i + 1]] for i in checked} if grads is not None else None
+    refused: dict[int, RequestError] = {}
+    for values, what, bound in ((xs, "inputs", max_input_abs), (gs, "grad_outputs", max_grad_abs)):
+        if values is None or _all_within(list(values.values()), bound):
+            continue
+        for i in values:
+            if i in refused:
+                continue
+            try:
+                checked[i].check_values([values[i]], what, bound)
+            except OutOfBounds as e:
+                refused[i] = RequestError(grpc.StatusCode.OUT_OF_RANGE, str(e))
+            except ValueError as e:
+                refused[i] = RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    return xs, gs, refused
 
 
 def _varint(view: memoryview, at: int) -> tuple[int, int]:

@@ -499,6 +499,6 @@ def test_coverage_guided_fuzzer(tmp_path, record_property):
     assert {code for code, n in report["refused"].items() if n} == {code.name for code in REFUSALS}
     assert report["accepted"] + sum(report["refused"].values()) == report["inputs"]
     kinds = {kind for kind, n in report["kinds"].items() if n}
-    assert kinds == {f"{kind} {end}" for kind in ("request", "info", "stream", "batch")
+    assert kinds == {f"{kind} {end}" for kind in ("request", "info", "stream", "batch", "packed")
                      for end in ("accepted", "refused")}
     assert not list(tmp_path.glob("crash-*"))

@@ -23,6 +23,7 @@ from dmoe.node.service import (
     _caller,
     _parse,
     batch_parts,
+    parse_packed,
 )
 from dmoe.node.stats import ExpertCounters
 from dmoe.proto import expert_pb2 as pb
@@ -73,6 +74,33 @@ def test_too_many_parts_or_fields_refuse_the_whole_call_before_any_is_parsed():
     [part] = batch_parts(data[: len(data) // 2], backward=False)
     with pytest.raises(RequestError, match="more than 256 fields"):
         _parse(pb.ForwardRequest, part)
+
+
+def test_a_packed_call_of_too_many_parts_fields_or_rows_is_refused_whole_before_it_is_decoded():
+    x = serialize(torch.zeros(MAX_BATCH_PARTS + 1, HIDDEN))
+    count = MAX_BATCH_PARTS + 1
+    many = pb.PackedRequest(uids=["ffn.0"] * count, rows=[1] * count, inputs=x)
+    with pytest.raises(RequestError, match=f"at most {MAX_BATCH_PARTS} parts") as refused:
+        parse_packed(many.SerializeToString(), backward=False, max_batch_tokens=16)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    del many.uids[-1], many.rows[-1]
+    many.inputs.CopyFrom(serialize(torch.zeros(MAX_BATCH_PARTS, HIDDEN)))
+    parsed = parse_packed(many.SerializeToString(), backward=False, max_batch_tokens=16)
+    assert len(parsed.uids) == MAX_BATCH_PARTS
+    # fields counted on the wire: row counts one field each (unpacked), three per part, too many to parse
+    data = b"".join(b"\x10\x01" for _ in range(3 * MAX_BATCH_PARTS)) + pb.PackedRequest(
+        uids=["ffn.0"], inputs=serialize(torch.zeros(1, HIDDEN))).SerializeToString()
+    with pytest.raises(RequestError) as refused:
+        parse_packed(data, backward=False, max_batch_tokens=16)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # more rows than its parts may carry (16 each here): refused before anything is decoded
+    rows = pb.PackedRequest(uids=["ffn.0", "ffn.1"], rows=[17, 16], inputs=serialize(torch.zeros(33, HIDDEN)))
+    with pytest.raises(RequestError, match="exceeds the limit of 16 per part") as refused:
+        parse_packed(rows.SerializeToString(), backward=False, max_batch_tokens=16)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    rows.rows[:] = [17, 15]
+    rows.inputs.CopyFrom(serialize(torch.zeros(32, HIDDEN)))
+    assert list(parse_packed(rows.SerializeToString(), backward=False, max_batch_tokens=16).rows) == [17, 15]
 
 
 def test_each_part_after_the_first_is_in_flight_among_the_peers_parts_and_against_the_rate():

@@ -117,7 +117,8 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path, 
         ready = tmp / "coordinator.json"
         cmd = [sys.executable, "-m", "dmoe", "coordinator", "start", "--host", "127.0.0.1",
                "--ready-file", str(ready)]
-        log = RESULTS / "bench_lookup_coordinator.log"
+        tail = "" if grouping else "_ungrouped"  # each swarm's logs kept: the second does not overwrite them
+        log = RESULTS / f"bench_lookup_coordinator{tail}.log"
         swarm_addrs = stack.enter_context(server_process(cmd, log, ready))["swarm"]
         start, pids = [sys.executable, "-m", "dmoe"], []
         for n in range(num_nodes):
@@ -131,7 +132,8 @@ def local_swarm(num_nodes: int, heartbeat: float, record_ttl: float, tmp: Path, 
                    "--grouping" if grouping else "--no-grouping"]
             for addr in swarm_addrs:
                 cmd += ["--swarm", addr]
-            info = stack.enter_context(server_process(cmd, RESULTS / f"bench_lookup_node{n}.log", ready))
+            log = RESULTS / f"bench_lookup_node{n}{tail}.log"
+            info = stack.enter_context(server_process(cmd, log, ready))
             pids.append(int(info["pid"]))
         yield swarm_addrs, pids
 

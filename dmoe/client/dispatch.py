@@ -708,16 +708,7 @@ class Dispatcher:
                 results.append(_decoded(part.tensors, queued.like))
             except ValueError as e:  # WireError is one: a malformed part is that expert's failure
                 results.append(e)
-        # the values of all the parts at once; only if some are out of bounds, part by part
-        decoded = [r for r in results if isinstance(r, torch.Tensor)]
-        if decoded and not _within(decoded, self.max_reply_abs):
-            for index, result in enumerate(results):
-                if isinstance(result, torch.Tensor):
-                    try:
-                        _check_values(result, self.max_reply_abs)
-                    except ValueError as e:
-                        results[index] = e
-        return results
+        return _bounded(results, self.max_reply_abs)
 
     def _request_of(self, queued: _Queued, backward: bool) -> pb.ForwardRequest | pb.BackwardRequest:
         """A queued request's message (its values were checked when it was queued)."""
@@ -801,15 +792,7 @@ class Dispatcher:
                 results.append(PartFailed(status, message or f"status {code}"))
             else:
                 results.append(next(given) if outputs else failure)
-        decoded = [r for r in results if isinstance(r, torch.Tensor)]
-        if decoded and not _within(decoded, self.max_reply_abs):
-            for index, result in enumerate(results):
-                if isinstance(result, torch.Tensor):
-                    try:
-                        _check_values(result, self.max_reply_abs)
-                    except ValueError as e:
-                        results[index] = e
-        return results
+        return _bounded(results, self.max_reply_abs)
 
     async def _backward(self, calls, backward_timeout, on_result):
         finite = _all_finite([c.inputs for c in calls] + [c.grad_outputs for c in calls
@@ -832,6 +815,21 @@ class Dispatcher:
                 results[index] = reply
         judge_refusals(refused, bool(results), on_result)
         return results
+
+
+def _bounded(results: list[torch.Tensor | BaseException], max_abs: float
+             ) -> list[torch.Tensor | BaseException]:
+    """The replies of a call's parts, each that holds values not finite or above ``max_abs`` replaced by its
+    ValueError: all of them checked at once, and part by part only if some are out of bounds."""
+    decoded = [r for r in results if isinstance(r, torch.Tensor)]
+    if decoded and not _within(decoded, max_abs):
+        for index, result in enumerate(results):
+            if isinstance(result, torch.Tensor):
+                try:
+                    _check_values(result, max_abs)
+                except ValueError as e:
+                    results[index] = e
+    return results
 
 
 def _check_finite(call: ExpertCall, inputs: torch.Tensor, grad_outputs: torch.Tensor | None, backward: bool,

@@ -480,25 +480,35 @@ def framed_batch(backward: bool, uids: list[str], rows: list[int]) -> bytes:
 def test_bytes_to_the_batched_calls_end_in_an_answer_or_a_refusal(pair, backward, uids, rows, cut, noise,
                                                                   mode):
     a, _ = pair
-    data = framed_batch(backward, uids, rows)
-    at = cut % (len(data) + 1)
-    data = {"valid": data, "cut": data[:at], "insert": data[:at] + noise + data[at:],
-            "flip": data[:at] + bytes(x ^ 0xA5 for x in data[at:at + 4]) + data[at + 4:],
-            "random": noise}[mode]
-    channel, _ = stub(a.endpoint)
-    method = channel.unary_unary(f"/dmoe.ExpertService/{'BackwardBatch' if backward else 'ForwardBatch'}",
-                                 request_serializer=None, response_deserializer=None)
-    try:
-        reply = method(data, timeout=30)
-    except grpc.RpcError as e:
-        assert e.code() in REFUSALS and e.details(), (e.code(), e.details())
-    else:
+    reply = sent_raw(a, "BackwardBatch" if backward else "ForwardBatch",
+                     mutated(framed_batch(backward, uids, rows), cut, noise, mode))
+    if reply is not None:
         reply_cls = pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse
         for part in reply_cls.FromString(reply).parts:
             assert part.code == 0 or (part.code in REFUSAL_NUMBERS and part.message), part
+    assert node_calls(a)[0] > 0  # and the node still serves
+
+
+def mutated(data: bytes, cut: int, noise: bytes, mode: str) -> bytes:
+    at = cut % (len(data) + 1)
+    return {"valid": data, "cut": data[:at], "insert": data[:at] + noise + data[at:],
+            "flip": data[:at] + bytes(x ^ 0xA5 for x in data[at:at + 4]) + data[at + 4:],
+            "random": noise}[mode]
+
+
+def sent_raw(node: NodeProcess, method_name: str, data: bytes) -> bytes | None:
+    """The node's reply to these bytes as a call of ``method_name``; None if it refused them, as it must
+    (a refusal status and a message)."""
+    channel, _ = stub(node.endpoint)
+    method = channel.unary_unary(f"/dmoe.ExpertService/{method_name}", request_serializer=None,
+                                 response_deserializer=None)
+    try:
+        return method(data, timeout=30)
+    except grpc.RpcError as e:
+        assert e.code() in REFUSALS and e.details(), (e.code(), e.details())
+        return None
     finally:
         channel.close()
-    assert node_calls(a)[0] > 0  # and the node still serves
 
 
 @settings(max_examples=40, deadline=None, database=None, derandomize=True,
@@ -513,23 +523,12 @@ def test_bytes_to_the_packed_calls_end_in_an_answer_or_a_refusal(pair, backward,
     inputs = [torch.randn(n, HIDDEN) for n in rows[:len(uids)]]
     grads = [torch.randn_like(x) for x in inputs] if backward else None
     data = packed(uids, inputs, grads).SerializeToString()
-    at = cut % (len(data) + 1)
-    data = {"valid": data, "cut": data[:at], "insert": data[:at] + noise + data[at:],
-            "flip": data[:at] + bytes(x ^ 0xA5 for x in data[at:at + 4]) + data[at + 4:],
-            "random": noise}[mode]
-    channel, _ = stub(a.endpoint)
-    method = channel.unary_unary(f"/dmoe.ExpertService/{'BackwardPacked' if backward else 'ForwardPacked'}",
-                                 request_serializer=None, response_deserializer=None)
-    try:
-        reply = pb.PackedReply.FromString(method(data, timeout=30))
-    except grpc.RpcError as e:
-        assert e.code() in REFUSALS and e.details(), (e.code(), e.details())
-    else:
-        assert len(reply.codes) == len(reply.messages) >= 1
+    reply = sent_raw(a, "BackwardPacked" if backward else "ForwardPacked", mutated(data, cut, noise, mode))
+    if reply is not None:
+        parsed = pb.PackedReply.FromString(reply)
+        assert len(parsed.codes) == len(parsed.messages) >= 1
         assert all(code == 0 or (code in REFUSAL_NUMBERS and message)
-                   for code, message in zip(reply.codes, reply.messages)), reply
-    finally:
-        channel.close()
+                   for code, message in zip(parsed.codes, parsed.messages)), parsed
     assert node_calls(a)[0] > 0  # and the node still serves
 
 

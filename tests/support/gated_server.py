@@ -4,7 +4,8 @@ timing decisions (the dispatcher's quorum, deadlines and patience) that must not
 Each unary call of a uid is counted as it arrives (``arrived``) and then held until the test opens
 that uid's gate (:meth:`GatedServer.open`): with no status it is answered as a CountingServer answers
 (zeros of the input's shape), with one it ends with that status. A gate once opened stays open: later
-calls of the uid pass at once (a test uses uids of its own).
+calls of the uid pass at once (a test uses uids of its own). ``remaining`` has the time each uid's last
+call had left before its deadline when it arrived (the client's timeout, less the way there).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class GatedServer(CountingServer):
     def __init__(self):
         super().__init__()
         self.arrived: collections.Counter[str] = collections.Counter()  # calls received, per uid
+        self.remaining: dict[str, float | None] = {}  # uid -> its last call's time left as it arrived
         self._gates: dict[str, asyncio.Event] = {}  # uid -> opened (on the server's loop only)
         self._endings: dict[str, grpc.StatusCode | None] = {}  # uid -> how its calls end once opened
 
@@ -43,6 +45,7 @@ class GatedServer(CountingServer):
 
         async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
             uid = (pb.BackwardRequest if backward else pb.ForwardRequest).FromString(data).uid
+            self.remaining[uid] = context.time_remaining()
             self.arrived[uid] += 1
             await self._gate(uid).wait()
             code = self._endings[uid]

@@ -30,7 +30,7 @@ from gated_server import GatedServer
 
 import dmoe.client.dispatch as dispatch
 from dmoe.client.balance import ReplicaBalancer
-from dmoe.client.dispatch import Dispatcher, ExpertJob, _check_values, _decoded
+from dmoe.client.dispatch import Dispatcher, ExpertJob, _check_values, _decoded, _within
 from dmoe.client.health import Disagreement, Late, status_code
 from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.records import ExpertRecord
@@ -277,8 +277,9 @@ def test_a_failed_call_fails_over_to_the_best_other_replica(gated, servers, disp
 
 def test_a_replica_past_its_patience_gets_a_spare(gated, dispatcher, clock):
     """The first replica is expected to take 0.75 s (its measure): its patience is 4 x that, 3 s. An
-    answer of another expert at 2.75 s wakes the forward: no spare yet. At exactly 3 s the spare is
-    asked; it answers at once, and the first replica, overtaken at its patience, is late."""
+    answer of another expert at 2.875 s wakes the forward: no spare yet (4 ** 0.75 would be 2.83 s). At
+    exactly 3 s the spare is asked; it answers at once, and the first replica, overtaken at its
+    patience, is late."""
     first, spare, other, _ = gated
     balancer = dispatcher.balancer
     balancer.observe(first.endpoint, "q7.0", TOKENS, 0.75)
@@ -286,11 +287,11 @@ def test_a_replica_past_its_patience_gets_a_spare(gated, dispatcher, clock):
     jobs = [job("q7.0", [first.endpoint, spare.endpoint], [0, 1, 2, 3]), job("q7.1", [other.endpoint], [0])]
     running = Forward(dispatcher, jobs)
     settle(dispatcher, lambda: first.arrived["q7.0"] and other.arrived["q7.1"], "the calls")
-    clock.now = START + 2.75
+    clock.now = START + 2.875
     other.open("q7.1")
     settle(dispatcher, lambda: running.reported("q7.1"), "the other expert's answer")
     assert balancer.in_flight(spare.endpoint) == 0 and balancer.in_flight(first.endpoint) == TOKENS
-    clock.now = START + 3.0  # the forward's own wait ends (0.25 s) and sees the patience spent
+    clock.now = START + 3.0  # the forward's own wait ends (0.125 s) and sees the patience spent
     settle(dispatcher, arrived(spare, "q7.0"), "the spare")
     assert balancer.in_flight(spare.endpoint) == TOKENS
     spare.open("q7.0")  # answers at 3 s too: the first replica is overtaken exactly at its patience
@@ -360,6 +361,79 @@ def test_a_spare_overtaken_by_the_first_replica_is_not_blamed(gated, dispatcher,
     assert balancer.measured(spare.endpoint, "q9.0") is None
 
 
+@pytest.mark.parametrize("past", [0.0, 0.5])
+def test_a_failure_at_or_past_the_deadline_fails_over_to_nobody(gated, dispatcher, clock, past):
+    """The first replica fails when the clock reads the forward's deadline exactly (or later): no time is
+    left for another replica (its call would be dropped as late at once)."""
+    first, second, _, _ = gated
+    uid = f"q11.{past}"
+    dispatcher.balancer.observe(second.endpoint, uid, TOKENS, 1.0)  # measured: asked second
+    running = Forward(dispatcher, [job(uid, [second.endpoint, first.endpoint], [0, 1, 2, 3])])
+    settle(dispatcher, arrived(first, uid), "the call")
+    clock.now = START + FORWARD_TIMEOUT + past
+    first.open(uid, grpc.StatusCode.UNAVAILABLE)  # wakes the forward, which would wait 7.5 s
+    answers = running.answers()
+    assert answers.parts == [] and answers.num_failed == 1 and answers.num_retried == 0
+    failure, = running.reported(uid)
+    assert status_code(failure) == grpc.StatusCode.UNAVAILABLE
+    assert dispatcher.balancer.in_flight(second.endpoint) == 0 and second.arrived[uid] == 0
+
+
+def test_a_failover_gets_the_time_left_in_the_step(gated, dispatcher, clock):
+    """The first replica fails 0.25 s before the forward's deadline: the second is asked with a timeout of
+    those 0.25 s, and its call, held, fails with DEADLINE_EXCEEDED by then (the fake clock has not moved:
+    the forward ends because no call is left, not because its time is up)."""
+    first, second, _, _ = gated
+    dispatcher.balancer.observe(second.endpoint, "q13.0", TOKENS, 1.0)  # measured: asked second
+    running = Forward(dispatcher, [job("q13.0", [second.endpoint, first.endpoint], [0, 1, 2, 3])])
+    settle(dispatcher, arrived(first, "q13.0"), "the call")
+    clock.now = START + FORWARD_TIMEOUT - 0.25
+    first.open("q13.0", grpc.StatusCode.UNAVAILABLE)
+    answers = running.answers()
+    # 0.25 s, as the server sees it (gRPC moves a deadline by some milliseconds): not a second
+    assert second.arrived["q13.0"] == 1 and second.remaining["q13.0"] < 0.5
+    assert answers.parts == [] and answers.num_failed == 1 and answers.num_retried == 1
+    codes = [(endpoint, status_code(e)) for _, endpoint, e in running.reports]
+    assert codes == [(first.endpoint, grpc.StatusCode.UNAVAILABLE),
+                     (second.endpoint, grpc.StatusCode.DEADLINE_EXCEEDED)]
+
+
+def token_answered_twice(gated, dispatcher, clock, tag: str, **kwargs) -> tuple[Forward, list[GatedServer]]:
+    """Token 0 has three experts and token 1 two; the first two answers are both token 0's, the third
+    is token 1's first (at 1 s): every token then has one answer, token 0 more than one. The fourth
+    expert (both tokens) never answers."""
+    a, b, c, d = gated
+    jobs = [job(f"{tag}0", [a.endpoint], [0]), job(f"{tag}1", [b.endpoint], [0]),
+            job(f"{tag}2", [c.endpoint], [1]), job(f"{tag}3", [d.endpoint], [0, 1])]
+    running = Forward(dispatcher, jobs, num_tokens=2, k_min=1, timeout_after_k_min=0.25, **kwargs)
+    settle(dispatcher, lambda: all(s.arrived[j.uid] for s, j in zip(gated, jobs)), "the calls")
+    for server, expert in zip((a, b), jobs):
+        server.open(expert.uid)
+        settle(dispatcher, lambda uid=expert.uid: running.reported(uid), f"the answer of {expert.uid}")
+    clock.now = START + 1.0
+    c.open(jobs[2].uid)
+    settle(dispatcher, lambda: running.reported(jobs[2].uid), "token 1's answer")
+    return running, [a, b, c, d]
+
+
+def test_enough_counts_a_token_answered_more_than_enough_times(gated, dispatcher, clock):
+    running, _ = token_answered_twice(gated, dispatcher, clock, "q14.e", enough=1)
+    answers = running.answers()  # with every token answered once at least, at once (the clock is still)
+    assert answered(answers) == [(0, [0]), (1, [0]), (2, [0])]
+    assert answers.num_failed == 0 and answers.num_unneeded == 1 and running.reported("q14.e3") == []
+
+
+def test_the_quorum_counts_a_token_answered_more_than_k_min_times(gated, dispatcher, clock):
+    running, (_, _, _, d) = token_answered_twice(gated, dispatcher, clock, "q14.q")
+    clock.now = START + 1.25  # the quorum's time (1 s) and timeout_after_k_min
+    answers = running.answers()
+    assert answered(answers) == [(0, [0]), (1, [0]), (2, [0])]
+    assert answers.num_failed == 1 and answers.num_unneeded == 0
+    late, = running.reported("q14.q3")
+    assert isinstance(late, Late)
+    assert dispatcher.balancer.measured(d.endpoint, "q14.q3") == 1.25 / 2
+
+
 def test_inputs_that_are_not_finite_go_to_nobody(servers, dispatcher):
     fast, _ = servers
     before = fast.calls["ffn.0"]
@@ -382,6 +456,8 @@ def test_a_reply_is_one_tensor_of_the_inputs_shape_with_values_within_the_bound(
             _decoded([serialize(torch.zeros(shape))], like)
     _check_values(torch.zeros(0), 0.5)  # nothing in it: nothing above any bound
     _check_values(torch.tensor([-2.0, 2.0]), 2.0)  # at the bound is within it
+    assert _within([torch.zeros(0)], 0.5) and _within([torch.tensor([-2.0, 2.0])], 2.0)
+    assert not _within([torch.tensor([2.001])], 2.0)
     with pytest.raises(ValueError, match="above max_reply_abs=2"):
         _check_values(torch.tensor([2.001]), 2.0)
 
@@ -404,18 +480,21 @@ def test_a_big_sub_batch_is_cut_between_replicas_each_part_its_own_rows(servers,
         assert output.shape == (spread, HIDDEN)
 
 
-def test_an_answer_is_spot_checked_on_another_replica(servers, dispatcher):
-    fast, other = servers
-    dispatcher.balancer.observe(fast.endpoint, "ffn.9", TOKENS, 1e-4)  # asked first
-    dispatcher.balancer.observe(other.endpoint, "ffn.9", TOKENS, 1e-3)
+@pytest.mark.parametrize("swapped", [False, True])
+def test_an_answer_is_spot_checked_on_another_replica(servers, dispatcher, swapped):
+    """Either way round (the other replica's endpoint sorting before or after the one that answered)."""
+    first, second = servers[::-1] if swapped else servers
+    uid = f"ffn.9{swapped:d}"
+    dispatcher.balancer.observe(first.endpoint, uid, TOKENS, 1e-4)  # asked first
+    dispatcher.balancer.observe(second.endpoint, uid, TOKENS, 1e-3)
     suspects: list[tuple[str, str, str]] = []
     checker = SpotChecker(rate=1.0, tolerance=1e-3, tokens=2, seed=0,
                           quarantine=lambda *suspect: suspects.append(suspect))
-    answers, _ = forward(dispatcher, [job("ffn.9", [fast.endpoint, other.endpoint], [0, 1, 2, 3])],
+    answers, _ = forward(dispatcher, [job(uid, [first.endpoint, second.endpoint], [0, 1, 2, 3])],
                          spot_check=checker)
-    assert [call.endpoint for _, _, call, _ in answers.parts] == [fast.endpoint]
-    wait_until(lambda: other.calls["ffn.9"] == 1 and checker.running == 0, 20, "the spot check")
-    assert fast.calls["ffn.9"] == 1 and suspects == []  # both answer zeros: they agree
+    assert [call.endpoint for _, _, call, _ in answers.parts] == [first.endpoint]
+    wait_until(lambda: second.calls[uid] == 1 and checker.running == 0, 20, "the spot check")
+    assert first.calls[uid] == 1 and suspects == []  # both answer zeros: they agree
 
 
 def test_an_answer_not_drawn_for_a_check_is_not_checked(gated, servers, dispatcher, clock):

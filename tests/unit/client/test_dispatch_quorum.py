@@ -456,7 +456,7 @@ def test_a_reply_is_one_tensor_of_the_inputs_shape_with_values_within_the_bound(
             _decoded([serialize(torch.zeros(shape))], like)
     _check_values(torch.zeros(0), 0.5)  # nothing in it: nothing above any bound
     _check_values(torch.tensor([-2.0, 2.0]), 2.0)  # at the bound is within it
-    assert _within([torch.zeros(0)], 0.5) and _within([torch.tensor([-2.0, 2.0])], 2.0)
+    assert _within([], 0.0) and _within([torch.zeros(0)], 0.5) and _within([torch.tensor([-2.0, 2.0])], 2.0)
     assert not _within([torch.tensor([2.001])], 2.0)
     with pytest.raises(ValueError, match="above max_reply_abs=2"):
         _check_values(torch.tensor([2.001]), 2.0)

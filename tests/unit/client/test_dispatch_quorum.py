@@ -31,7 +31,7 @@ from gated_server import GatedServer
 import dmoe.client.dispatch as dispatch
 from dmoe.client.balance import ReplicaBalancer
 from dmoe.client.dispatch import Dispatcher, ExpertJob, _check_values, _decoded, _within
-from dmoe.client.health import Disagreement, Late, status_code
+from dmoe.client.health import Disagreement, Late, LocalInputError, status_code
 from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import serialize
@@ -101,8 +101,9 @@ class Forward:
     """``dispatcher.forward(jobs, ...)`` running in a thread, its reports (uid, endpoint, error) as they
     come."""
 
-    def __init__(self, dispatcher: Dispatcher, jobs: list[ExpertJob], **kwargs):
+    def __init__(self, dispatcher: Dispatcher, jobs: list[ExpertJob], *, then=None, **kwargs):
         self.reports: list[tuple[str, str, BaseException | None]] = []
+        self._then = then  # called after each report, on the dispatcher's loop (in the forward's turn)
         self._done = threading.Event()
         self._answers = self._error = None
         settings = dict(num_tokens=TOKENS, k_min=1, forward_timeout=FORWARD_TIMEOUT,
@@ -120,6 +121,8 @@ class Forward:
 
     def _report(self, call, error: BaseException | None) -> None:
         self.reports.append((call.uid, call.endpoint, error))
+        if self._then is not None:
+            self._then()
 
     def reported(self, uid: str, endpoint: str | None = None) -> list[BaseException | None]:
         return [e for u, where, e in self.reports if u == uid and endpoint in (None, where)]
@@ -432,6 +435,26 @@ def test_the_quorum_counts_a_token_answered_more_than_k_min_times(gated, dispatc
     late, = running.reported("q14.q3")
     assert isinstance(late, Late)
     assert dispatcher.balancer.measured(d.endpoint, "q14.q3") == 1.25 / 2
+
+
+def test_every_call_that_ended_in_a_wake_up_is_judged_in_it(servers, dispatcher, clock):
+    """Two calls whose inputs are not finite fail at once, together (nothing is sent): the forward
+    judges both in the one wake-up, even when the clock passes the deadline while it reports the first;
+    neither is then dropped as late."""
+    fast, _ = servers
+    jobs = [job("q15.0", [fast.endpoint], [0, 1]), job("q15.1", [fast.endpoint], [2, 3])]
+    for expert in jobs:
+        expert.inputs[0, 0] = float("nan")
+
+    def time_passes() -> None:
+        clock.now = START + FORWARD_TIMEOUT
+
+    running = Forward(dispatcher, jobs, then=time_passes)
+    answers = running.answers()
+    assert answers.parts == [] and answers.num_failed == 2 and answers.num_retried == 0
+    assert sorted(uid for uid, _, _ in running.reports) == ["q15.0", "q15.1"]
+    assert all(isinstance(e, LocalInputError) for _, _, e in running.reports), running.reports
+    assert fast.calls["q15.0"] == fast.calls["q15.1"] == 0
 
 
 def test_inputs_that_are_not_finite_go_to_nobody(servers, dispatcher):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -63,13 +64,17 @@ def gated():
 
 
 class FakeClock:
-    """The dispatcher module's ``time``: its ``monotonic()`` reads what the test set."""
+    """The dispatcher module's ``time``: its ``monotonic()`` reads what the test set (the rest of the
+    module ``time`` as it is)."""
 
     def __init__(self, now: float):
         self.now = now
 
     def monotonic(self) -> float:
         return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
 
 
 @pytest.fixture

@@ -462,6 +462,29 @@ def test_every_call_that_ended_in_a_wake_up_is_judged_in_it(servers, dispatcher,
     assert fast.calls["q15.0"] == fast.calls["q15.1"] == 0
 
 
+def test_a_replica_avoided_now_is_asked_for_nothing(gated, servers, dispatcher, clock):
+    """``avoided(endpoint, uid)`` (backed off or quarantined for this expert): the replica is not in the
+    plan, not a failover's choice, and not a spot check's, though it would be each time (it is not
+    measured, so it ranks before the measured one; a check would hold on it)."""
+    fast, _ = servers
+    shunned = gated[0]
+    dispatcher.balancer.observe(fast.endpoint, "q16.0", TOKENS, 1.0)
+    checker = SpotChecker(rate=1.0, tolerance=1e-3, tokens=2, seed=0, quarantine=lambda *suspect: None)
+    asked: list[tuple[str, str]] = []
+
+    def avoided(endpoint: str, uid: str) -> bool:
+        asked.append((endpoint, uid))
+        return endpoint == shunned.endpoint and uid == "q16.0"
+
+    replicas = [DEAD, shunned.endpoint, fast.endpoint]
+    answers, reports = forward(dispatcher, [job("q16.0", replicas, [0, 1, 2, 3])], avoided=avoided,
+                               spot_check=checker)
+    assert by(answers) == [(0, fast.endpoint)] and answers.num_retried == 1 and answers.num_failed == 0
+    assert [(endpoint, e is None) for _, endpoint, e in reports] == [(DEAD, False), (fast.endpoint, True)]
+    assert checker.running == 0 and shunned.arrived["q16.0"] == 0
+    assert (shunned.endpoint, "q16.0") in asked
+
+
 def test_inputs_that_are_not_finite_go_to_nobody(servers, dispatcher):
     fast, _ = servers
     before = fast.calls["ffn.0"]

@@ -293,13 +293,13 @@ def test_a_replica_past_its_patience_gets_a_spare(gated, dispatcher, clock):
     balancer.observe(first.endpoint, "q7.0", TOKENS, 0.75)
     balancer.observe(spare.endpoint, "q7.0", TOKENS, 1.0)  # slower: asked second
     jobs = [job("q7.0", [first.endpoint, spare.endpoint], [0, 1, 2, 3]), job("q7.1", [other.endpoint], [0])]
-    running = Forward(dispatcher, jobs)
+    running = Forward(dispatcher, jobs, forward_timeout=30.0)  # waking only at its deadline: too late
     settle(dispatcher, lambda: first.arrived["q7.0"] and other.arrived["q7.1"], "the calls")
     clock.now = START + 2.875
     other.open("q7.1")
     settle(dispatcher, lambda: running.reported("q7.1"), "the other expert's answer")
     assert balancer.in_flight(spare.endpoint) == 0 and balancer.in_flight(first.endpoint) == TOKENS
-    clock.now = START + 3.0  # the forward's own wait ends (0.125 s) and sees the patience spent
+    clock.now = START + 3.0  # the forward wakes for the patience (0.125 s later) and sees it spent
     settle(dispatcher, arrived(spare, "q7.0"), "the spare")
     assert balancer.in_flight(spare.endpoint) == TOKENS
     spare.open("q7.0")  # answers at 3 s too: the first replica is overtaken exactly at its patience

@@ -9,12 +9,12 @@ are not finite are sent to nobody; a big sub-batch is cut between replicas; an a
 on another replica.
 
 No test races a real clock: the dispatcher's clock is a fake one (``clock``) that only the test
-moves, and each wake-up of the forward is an answer (or a failure) the test lets through at a time it
-chose. A forward runs in a thread of its own (:class:`Forward`) while the test moves the clock and opens
-gates; :func:`settle` waits for what the forward did (a report, a call) and then for the end of the
-dispatcher loop's turn that did it, so the clock is never moved under a decision being made. The
-forward's own waits still run on the loop's real timers, for as long as the fake clock says is left
-(a fraction of a second here): a wake-up that comes early sees the clock unmoved and changes nothing.
+moves, and so is its event loop's (:class:`ClockLoop`): each wake-up of the forward is an answer (or a
+failure) the test lets through at a time it chose, or a timer of the forward's that the test's clock
+reached. A forward runs in a thread of its own (:class:`Forward`) while the test moves the clock and
+opens gates; :func:`settle` waits for what the forward did (a report, a call) and then for the end of
+the dispatcher loop's turn that did it, so the clock is never moved under a decision being made.
+gRPC's deadlines keep the real clock (a held call's timeout is real seconds).
 """
 
 from __future__ import annotations
@@ -63,31 +63,45 @@ def gated():
         server.shutdown()
 
 
-class FakeClock:
-    """The dispatcher module's ``time``: its ``monotonic()`` reads what the test set (the rest of the
-    module ``time`` as it is)."""
+class ClockLoop(asyncio.SelectorEventLoop):
+    """The dispatcher's event loop, its time read from ``clock`` (the monotonic clock, or a test's fake
+    one): the loop's timers (the forward's waits) then fire when that clock reaches them."""
 
-    def __init__(self, now: float):
-        self.now = now
+    def __init__(self):
+        super().__init__()
+        self.clock = time.monotonic
+
+    def time(self) -> float:
+        return self.clock()
+
+
+class FakeClock:
+    """The dispatcher module's ``time`` (the rest of the module ``time`` as it is) and its loop's clock:
+    ``monotonic()`` reads ``now``, which only the test sets."""
+
+    def __init__(self, now: float, loop: ClockLoop):
+        self._now, self._loop = now, loop
+        loop.clock = self.monotonic
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self._now = value
+        self._loop.call_soon_threadsafe(lambda: None)  # a loop asleep until its next timer looks again
 
     def monotonic(self) -> float:
-        return self.now
+        return self._now
 
     def __getattr__(self, name: str):
         return getattr(time, name)
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    fake = FakeClock(START)
-    monkeypatch.setattr(dispatch, "time", fake)
-    yield fake
-    fake.now += 1e6  # a forward still waiting (its test failed) ends at its next wake-up
-
-
-@pytest.fixture
 def dispatcher():
-    loop = asyncio.new_event_loop()
+    loop = ClockLoop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     dispatcher = Dispatcher(loop, batch_per_node=False, balancer=ReplicaBalancer(seed=0))
@@ -95,6 +109,14 @@ def dispatcher():
     dispatcher.close()
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+
+
+@pytest.fixture
+def clock(monkeypatch, dispatcher):
+    fake = FakeClock(START, dispatcher._loop)
+    monkeypatch.setattr(dispatch, "time", fake)
+    yield fake
+    fake.now += 1e6  # a forward still waiting (its test failed) ends now
 
 
 def job(uid: str, endpoints: list[str], tokens: list[int]) -> ExpertJob:
@@ -293,13 +315,13 @@ def test_a_replica_past_its_patience_gets_a_spare(gated, dispatcher, clock):
     balancer.observe(first.endpoint, "q7.0", TOKENS, 0.75)
     balancer.observe(spare.endpoint, "q7.0", TOKENS, 1.0)  # slower: asked second
     jobs = [job("q7.0", [first.endpoint, spare.endpoint], [0, 1, 2, 3]), job("q7.1", [other.endpoint], [0])]
-    running = Forward(dispatcher, jobs, forward_timeout=30.0)  # waking only at its deadline: too late
+    running = Forward(dispatcher, jobs)
     settle(dispatcher, lambda: first.arrived["q7.0"] and other.arrived["q7.1"], "the calls")
     clock.now = START + 2.875
     other.open("q7.1")
     settle(dispatcher, lambda: running.reported("q7.1"), "the other expert's answer")
     assert balancer.in_flight(spare.endpoint) == 0 and balancer.in_flight(first.endpoint) == TOKENS
-    clock.now = START + 3.0  # the forward wakes for the patience (0.125 s later) and sees it spent
+    clock.now = START + 3.0  # the forward's timer for the patience fires: the patience is spent
     settle(dispatcher, arrived(spare, "q7.0"), "the spare")
     assert balancer.in_flight(spare.endpoint) == TOKENS
     spare.open("q7.0")  # answers at 3 s too: the first replica is overtaken exactly at its patience
@@ -370,20 +392,20 @@ def test_a_spare_overtaken_by_the_first_replica_is_not_blamed(gated, dispatcher,
 
 
 @pytest.mark.parametrize("past", [0.0, 0.5])
-def test_a_failure_at_or_past_the_deadline_fails_over_to_nobody(gated, dispatcher, clock, past):
-    """The first replica fails when the clock reads the forward's deadline exactly (or later): no time is
-    left for another replica (its call would be dropped as late at once)."""
+def test_a_patience_that_ends_with_the_step_gets_no_spare(gated, dispatcher, clock, past):
+    """The first replica's patience (4 x its expected 1.875 s) ends exactly at the forward's deadline
+    (7.5 s): when the clock reads it (or later), no time is left for a spare; the call is late."""
     first, second, _, _ = gated
     uid = f"q11.{past}"
-    dispatcher.balancer.observe(second.endpoint, uid, TOKENS, 1.0)  # measured: asked second
+    dispatcher.balancer.observe(first.endpoint, uid, TOKENS, 1.875)
+    dispatcher.balancer.observe(second.endpoint, uid, TOKENS, 2.0)  # asked second
     running = Forward(dispatcher, [job(uid, [second.endpoint, first.endpoint], [0, 1, 2, 3])])
     settle(dispatcher, arrived(first, uid), "the call")
     clock.now = START + FORWARD_TIMEOUT + past
-    first.open(uid, grpc.StatusCode.UNAVAILABLE)  # wakes the forward, which would wait 7.5 s
     answers = running.answers()
     assert answers.parts == [] and answers.num_failed == 1 and answers.num_retried == 0
-    failure, = running.reported(uid)
-    assert status_code(failure) == grpc.StatusCode.UNAVAILABLE
+    late, = running.reported(uid)
+    assert isinstance(late, Late) and "deadline" in str(late)
     assert dispatcher.balancer.in_flight(second.endpoint) == 0 and second.arrived[uid] == 0
 
 
@@ -483,6 +505,30 @@ def test_a_replica_avoided_now_is_asked_for_nothing(gated, servers, dispatcher, 
     assert [(endpoint, e is None) for _, endpoint, e in reports] == [(DEAD, False), (fast.endpoint, True)]
     assert checker.running == 0 and shunned.arrived["q16.0"] == 0
     assert (shunned.endpoint, "q16.0") in asked
+
+
+def test_a_patience_spent_while_the_forward_was_busy_gets_its_spare_at_once(gated, dispatcher, clock):
+    """The clock passes the first replica's patience (1 s) while the forward is still handling another
+    expert's answer (at 0.5 s): it asks the spare as soon as it is done, without waiting any more."""
+    first, spare, other, _ = gated
+    balancer = dispatcher.balancer
+    balancer.observe(first.endpoint, "q17.0", TOKENS, 0.1)  # patience 1 s
+    balancer.observe(spare.endpoint, "q17.0", TOKENS, 1.0)  # asked second
+
+    def busy() -> None:
+        clock.now = START + 1.5
+
+    jobs = [job("q17.0", [spare.endpoint, first.endpoint], [0, 1, 2, 3]), job("q17.1", [other.endpoint], [0])]
+    running = Forward(dispatcher, jobs, then=busy)
+    settle(dispatcher, lambda: first.arrived["q17.0"] and other.arrived["q17.1"], "the calls")
+    clock.now = START + 0.5
+    other.open("q17.1")
+    settle(dispatcher, arrived(spare, "q17.0"), "the spare")
+    spare.open("q17.0")
+    answers = running.answers()
+    assert by(answers) == [(0, spare.endpoint), (1, other.endpoint)] and answers.num_retried == 1
+    late, = running.reported("q17.0", first.endpoint)
+    assert isinstance(late, Late) and "overtaken" in str(late)
 
 
 def test_inputs_that_are_not_finite_go_to_nobody(servers, dispatcher):

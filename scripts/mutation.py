@@ -245,6 +245,10 @@ def skip_uncounted(session: Path, module: Module, src: Path, sample: int | None)
     db = sqlite3.connect(session)
     rows = db.execute("select job_id, module_path, operator_name, start_pos_row, start_pos_col "
                       "from mutation_specs").fetchall()
+    # job ids are random: a draw over them would differ from run to run; the mutants' places do not
+    where = dict(db.execute("select job_id, module_path || ':' || operator_name || ':' || "
+                            "printf('%09d:%09d:%09d', start_pos_row, start_pos_col, occurrence) "
+                            "from mutation_specs").fetchall())
     trees = {}
     skipped = []
     excluded = [re.compile(p) for p in EXCLUDED_OPERATORS]
@@ -261,7 +265,7 @@ def skip_uncounted(session: Path, module: Module, src: Path, sample: int | None)
             why = "outside the functions measured"
         if why:
             skipped.append((job_id, why))
-    left = sorted(set(r[0] for r in rows) - {job_id for job_id, _ in skipped})
+    left = sorted(set(r[0] for r in rows) - {job_id for job_id, _ in skipped}, key=where.__getitem__)
     if sample is not None and len(left) > sample:
         drawn = set(random.Random(module.name).sample(left, sample))
         skipped += [(job_id, "not in the sample") for job_id in left if job_id not in drawn]

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 T = TypeVar("T")
+WARMUP_STEPS = 40  # steps run one at a time before steps overlap (measured: see the module's docstring)
+LATE_SCALE = 0.5  # the update of a step that started with n others in flight, times this to the n
 
 
 class StepsInFlight(Generic[T]):
@@ -55,12 +57,14 @@ class StepsInFlight(Generic[T]):
 
     def __init__(self, model: nn.Module, make_replica: Callable[[], nn.Module], *, in_flight: int,
                  apply: Callable[[], None], on_end: Callable[[nn.Module, nn.Module], None] | None = None,
-                 predict: bool = True):
+                 predict: bool = True, warmup: int = WARMUP_STEPS, late_scale: float = LATE_SCALE):
         if in_flight < 2:
             raise ValueError(f"in_flight must be at least 2 (1: one step after the other), got {in_flight}")
+        if warmup < 0 or not 0 < late_scale <= 1:
+            raise ValueError(f"need warmup >= 0 and 0 < late_scale <= 1, got {warmup} and {late_scale}")
         self.model, self.in_flight, self._apply, self._on_end = model, in_flight, apply, on_end
         self._params = list(model.parameters())
-        self.predict = predict
+        self.predict, self.warmup, self.late_scale = predict, warmup, late_scale
         self._last_update: list[torch.Tensor | None] = [None] * len(self._params)
         self._buffers = list(model.buffers())
         self._free: collections.deque[nn.Module] = collections.deque()
@@ -69,7 +73,9 @@ class StepsInFlight(Generic[T]):
             if [p.shape for p in replica.parameters()] != [p.shape for p in self._params]:
                 raise ValueError("make_replica() built a model whose parameters differ from the master's")
             self._free.append(replica)
-        self._pending: collections.deque[tuple[nn.Module, concurrent.futures.Future]] = collections.deque()
+        # (replica, its step, the steps in flight when it started: updates its gradient misses)
+        self._pending: collections.deque[tuple[nn.Module, concurrent.futures.Future, int]]
+        self._pending = collections.deque()
         self._pool = concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="dmoe-step")
         self.num_started = self.num_ended = 0
 
@@ -79,7 +85,8 @@ class StepsInFlight(Generic[T]):
 
     def submit(self, compute: Callable[[nn.Module], T]) -> list[T]:
         ended = []
-        while len(self._pending) >= self.in_flight:
+        limit = 1 if self.num_started < self.warmup else self.in_flight  # one at a time while warming up
+        while len(self._pending) >= limit:
             ended.append(self._end_oldest())
         replica = self._free.popleft()
         ahead = len(self._pending) if self.predict else 0  # updates that will land before this one
@@ -91,7 +98,7 @@ class StepsInFlight(Generic[T]):
             for mine, master in zip(replica.buffers(), self._buffers):
                 mine.copy_(master)
         replica.zero_grad(set_to_none=True)
-        self._pending.append((replica, self._pool.submit(compute, replica)))
+        self._pending.append((replica, self._pool.submit(compute, replica), len(self._pending)))
         self.num_started += 1
         return ended
 
@@ -102,7 +109,7 @@ class StepsInFlight(Generic[T]):
         return ended
 
     def _end_oldest(self) -> T:
-        replica, future = self._pending.popleft()
+        replica, future, late = self._pending.popleft()  # late: by that many updates
         try:
             result = future.result()
         except BaseException:
@@ -111,12 +118,17 @@ class StepsInFlight(Generic[T]):
             raise
         for master, mine in zip(self._params, replica.parameters()):
             master.grad = mine.grad  # the replica's tensor: its own next step starts with zero_grad
-        before = [p.detach().clone() for p in self._params] if self.predict else None
+        scale = self.late_scale ** late
+        before = [p.detach().clone() for p in self._params] if self.predict or scale != 1 else None
         try:
             self._apply()
             if before is not None:
                 with torch.no_grad():
                     self._last_update = [p.detach() - b for p, b in zip(self._params, before)]
+                    if scale != 1:  # a late step's update, shortened (as by a smaller learning rate)
+                        for p, b, update in zip(self._params, before, self._last_update):
+                            update.mul_(scale)
+                            p.copy_(b + update)
             if self._on_end is not None:
                 self._on_end(self.model, replica)
         finally:

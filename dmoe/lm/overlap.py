@@ -38,7 +38,7 @@ from torch import nn
 
 T = TypeVar("T")
 WARMUP_STEPS = 40  # steps run one at a time before steps overlap (measured: see the module's docstring)
-LATE_SCALE = 0.5  # the update of a step that started with n others in flight, times this to the n
+LATE_SCALE = 1.0  # the update of a step that started with n > 0 others in flight, times this / n
 
 
 class StepsInFlight(Generic[T]):
@@ -118,7 +118,7 @@ class StepsInFlight(Generic[T]):
             raise
         for master, mine in zip(self._params, replica.parameters()):
             master.grad = mine.grad  # the replica's tensor: its own next step starts with zero_grad
-        scale = self.late_scale ** late
+        scale = self.late_scale / late if late else 1.0
         before = [p.detach().clone() for p in self._params] if self.predict or scale != 1 else None
         try:
             self._apply()

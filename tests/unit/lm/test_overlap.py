@@ -171,7 +171,7 @@ def expected_run(master: nn.Module, batches: list[torch.Tensor], *, in_flight: i
                  late_scale: float) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """(the parameters each step starts from, the final parameters) of SGD steps submitted in order:
     before step i starts, the oldest steps end until fewer than 1 (i < warmup) or in_flight are
-    pending; a step that started with n others pending has its update times late_scale ** n."""
+    pending; a step that started with n > 0 others pending has its update times late_scale / n."""
     params = [p.detach().clone() for p in master.parameters()]
     pending: list[tuple[list[torch.Tensor], int]] = []  # (its gradient, steps pending at its start)
     starts = []
@@ -179,7 +179,7 @@ def expected_run(master: nn.Module, batches: list[torch.Tensor], *, in_flight: i
     def end_oldest():
         grads, late = pending.pop(0)
         for p, g in zip(params, grads):
-            p -= late_scale**late * LR * g
+            p -= (late_scale / late if late else 1.0) * LR * g
 
     for i, x in enumerate(batches):
         while len(pending) >= (1 if i < warmup else in_flight):
@@ -191,7 +191,8 @@ def expected_run(master: nn.Module, batches: list[torch.Tensor], *, in_flight: i
     return starts, params
 
 
-@pytest.mark.parametrize("in_flight, warmup, late_scale", [(2, 3, 1.0), (3, 2, 0.5), (2, 0, 0.25)])
+@pytest.mark.parametrize("in_flight, warmup, late_scale",
+                         [(2, 3, 1.0), (3, 2, 0.5), (2, 0, 0.25), (4, 1, 1.0)])
 def test_warmup_steps_run_one_at_a_time_and_late_updates_are_scaled(in_flight, warmup, late_scale):
     torch.manual_seed(1)
     master = make()

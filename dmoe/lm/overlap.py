@@ -38,7 +38,6 @@ from torch import nn
 
 T = TypeVar("T")
 WARMUP_STEPS = 40  # steps run one at a time before steps overlap (measured: see the module's docstring)
-LATE_SCALE = 1.0  # the update of a step that started with n > 0 others in flight, times this / n
 
 
 class StepsInFlight(Generic[T]):
@@ -57,14 +56,14 @@ class StepsInFlight(Generic[T]):
 
     def __init__(self, model: nn.Module, make_replica: Callable[[], nn.Module], *, in_flight: int,
                  apply: Callable[[], None], on_end: Callable[[nn.Module, nn.Module], None] | None = None,
-                 predict: bool = True, warmup: int = WARMUP_STEPS, late_scale: float = LATE_SCALE):
+                 predict: bool = True, warmup: int = WARMUP_STEPS, shorten: bool = True):
         if in_flight < 2:
             raise ValueError(f"in_flight must be at least 2 (1: one step after the other), got {in_flight}")
-        if warmup < 0 or not 0 < late_scale <= 1:
-            raise ValueError(f"need warmup >= 0 and 0 < late_scale <= 1, got {warmup} and {late_scale}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
         self.model, self.in_flight, self._apply, self._on_end = model, in_flight, apply, on_end
         self._params = list(model.parameters())
-        self.predict, self.warmup, self.late_scale = predict, warmup, late_scale
+        self.predict, self.warmup, self.shorten = predict, warmup, shorten
         self._last_update: list[torch.Tensor | None] = [None] * len(self._params)
         self._buffers = list(model.buffers())
         self._free: collections.deque[nn.Module] = collections.deque()
@@ -118,7 +117,7 @@ class StepsInFlight(Generic[T]):
             raise
         for master, mine in zip(self._params, replica.parameters()):
             master.grad = mine.grad  # the replica's tensor: its own next step starts with zero_grad
-        scale = self.late_scale / late if late else 1.0
+        scale = 1 / late if late and self.shorten else 1.0
         before = [p.detach().clone() for p in self._params] if self.predict or scale != 1 else None
         try:
             self._apply()

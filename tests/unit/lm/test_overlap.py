@@ -52,7 +52,7 @@ def test_each_step_is_the_gradient_at_the_parameters_it_started_from_applied_in_
         history.append([p.clone() for p in expected])
 
     pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step, predict=False,
-                             warmup=0, late_scale=1.0)
+                             warmup=0, shorten=False)
     ended = []
     try:
         for x in batches:
@@ -87,7 +87,7 @@ def test_with_prediction_a_step_starts_from_the_master_plus_the_last_update_per_
             replica(x).square().mean().backward()
         return run
 
-    pipeline = StepsInFlight(master, make, in_flight=3, apply=apply, predict=True, warmup=0, late_scale=1.0)
+    pipeline = StepsInFlight(master, make, in_flight=3, apply=apply, predict=True, warmup=0, shorten=False)
     try:
         for x in batches:
             pipeline.submit(compute(x))
@@ -162,16 +162,15 @@ def test_replicas_must_have_the_masters_parameters():
         StepsInFlight(make(), make, in_flight=1, apply=lambda: None)
     with pytest.raises(ValueError, match="differ"):
         StepsInFlight(make(), lambda: nn.Linear(3, 1), in_flight=2, apply=lambda: None)
-    for options in ({"warmup": -1}, {"late_scale": 0.0}, {"late_scale": 1.5}):
-        with pytest.raises(ValueError, match="warmup"):
-            StepsInFlight(make(), make, in_flight=2, apply=lambda: None, **options)
+    with pytest.raises(ValueError, match="warmup"):
+        StepsInFlight(make(), make, in_flight=2, apply=lambda: None, warmup=-1)
 
 
 def expected_run(master: nn.Module, batches: list[torch.Tensor], *, in_flight: int, warmup: int,
-                 late_scale: float) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+                 shorten: bool) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """(the parameters each step starts from, the final parameters) of SGD steps submitted in order:
     before step i starts, the oldest steps end until fewer than 1 (i < warmup) or in_flight are
-    pending; a step that started with n > 0 others pending has its update times late_scale / n."""
+    pending; with shorten, a step that started with n > 0 others pending has its update divided by n."""
     params = [p.detach().clone() for p in master.parameters()]
     pending: list[tuple[list[torch.Tensor], int]] = []  # (its gradient, steps pending at its start)
     starts = []
@@ -179,7 +178,7 @@ def expected_run(master: nn.Module, batches: list[torch.Tensor], *, in_flight: i
     def end_oldest():
         grads, late = pending.pop(0)
         for p, g in zip(params, grads):
-            p -= (late_scale / late if late else 1.0) * LR * g
+            p -= (1 / late if late and shorten else 1.0) * LR * g
 
     for i, x in enumerate(batches):
         while len(pending) >= (1 if i < warmup else in_flight):
@@ -191,15 +190,14 @@ def expected_run(master: nn.Module, batches: list[torch.Tensor], *, in_flight: i
     return starts, params
 
 
-@pytest.mark.parametrize("in_flight, warmup, late_scale",
-                         [(2, 3, 1.0), (3, 2, 0.5), (2, 0, 0.25), (4, 1, 1.0)])
-def test_warmup_steps_run_one_at_a_time_and_late_updates_are_scaled(in_flight, warmup, late_scale):
+@pytest.mark.parametrize("in_flight, warmup, shorten", [(2, 3, False), (3, 2, True), (4, 0, True)])
+def test_warmup_steps_run_one_at_a_time_and_late_updates_are_shortened(in_flight, warmup, shorten):
     torch.manual_seed(1)
     master = make()
     optimizer = torch.optim.SGD(master.parameters(), lr=LR)
     batches = [torch.randn(8, 4) for _ in range(8)]
     want_starts, want_final = expected_run(master, batches, in_flight=in_flight, warmup=warmup,
-                                           late_scale=late_scale)
+                                           shorten=shorten)
 
     def compute(x):
         def run(replica):
@@ -208,7 +206,7 @@ def test_warmup_steps_run_one_at_a_time_and_late_updates_are_scaled(in_flight, w
         return run
 
     pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step, predict=False,
-                             warmup=warmup, late_scale=late_scale)
+                             warmup=warmup, shorten=shorten)
     ended, most_in_flight = [], 0
     try:
         for x in batches:
@@ -227,12 +225,11 @@ def test_warmup_steps_run_one_at_a_time_and_late_updates_are_scaled(in_flight, w
         torch.testing.assert_close(p.detach(), wanted)
 
 
-def test_the_guess_of_a_late_step_uses_the_scaled_update():
+def test_the_guess_of_a_late_step_uses_its_shortened_update():
     torch.manual_seed(2)
     master = make()
     optimizer = torch.optim.SGD(master.parameters(), lr=LR)
     history = [[p.detach().clone() for p in master.parameters()]]
-
     seen = []
 
     def compute(x):
@@ -241,19 +238,20 @@ def test_the_guess_of_a_late_step_uses_the_scaled_update():
             replica(x).square().mean().backward()
         return run
 
-    pipeline = StepsInFlight(master, make, in_flight=2, apply=optimizer.step, predict=True, warmup=0,
-                             late_scale=0.5)
+    pipeline = StepsInFlight(master, make, in_flight=3, apply=optimizer.step, predict=True, warmup=0)
     try:
-        for x in [torch.randn(8, 4) for _ in range(4)]:
+        for x in [torch.randn(8, 4) for _ in range(6)]:
             pipeline.submit(compute(x))
             pipeline._pending[-1][1].result()  # its compute has run (seen holds its start)
             history.append([p.detach().clone() for p in master.parameters()])
         pipeline.drain()
     finally:
         pipeline.close()
-    # history[i + 1]: the master after step i started. Step 2 starts after step 0 ended, guessing one more
-    # update like step 0's; step 3 after step 1 (late: its update halved), one more like that halved one
-    for i in (2, 3):
+    # history[i + 1]: the master when step i started, with two steps in flight; each step from the third
+    # on starts after step i - 3 ended, from the master plus twice that step's update: step 5 after step
+    # 2, which started two steps late (its update halved: the guess is the halved update, twice)
+    assert len(history) == 7
+    for i in (3, 4, 5):
         update = [a - b for a, b in zip(history[i + 1], history[i])]
         for got, p, u in zip(seen[i], history[i + 1], update):
-            torch.testing.assert_close(got, p + u)
+            torch.testing.assert_close(got, p + 2 * u)

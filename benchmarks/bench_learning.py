@@ -15,10 +15,11 @@ Every row (``--rows``, all by default) is trained for the same ``--steps``:
   Adam after each Backward, asynchronously from the client).
 * **moe-swarm-overlap** — moe-swarm with two training steps in flight (``--steps-in-flight 2``: one
   step's forward overlaps the other's backward on the wire, gradients at most one step late; the
-  defaults of :class:`dmoe.lm.overlap.StepsInFlight`: the first 40 steps one at a time, a late
-  step's update halved). Goal: held-out loss within 2% of moe-swarm's.
-* **moe-swarm-overlap4** — the same with four steps in flight (gradients up to three steps late), as
-  the bandwidth of a long link needs.
+  defaults of :class:`dmoe.lm.overlap.StepsInFlight`: the first 40 steps one at a time; a step's
+  update divided by the number of updates it missed, one here: unchanged). Goal: held-out loss within
+  2% of moe-swarm's.
+* **moe-swarm-overlap4** — the same with four steps in flight (gradients three steps late, their
+  updates divided by three), as the bandwidth of a long link needs; the same goal.
 * **many-swarm-k8** — many small experts: 1,024 experts per layer on a 32x32 grid
   (``LMConfig.grid``: one gate per dimension, the live candidates found by beam search, beam 2k),
   each a quarter of the inner width (64), k=8: the same active parameters per token as the 8-expert

@@ -157,7 +157,8 @@ class Trainer:
         self.step_fn, self.model = step, model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         self.pipeline = None if in_flight == 1 else StepsInFlight(
-            model, make_replica, in_flight=in_flight, apply=self.optimizer.step)
+            model, make_replica, in_flight=in_flight, apply=self.optimizer.step,
+            warmup=0)  # it measures the wire: no steps one at a time first
         self.in_flight = in_flight
 
     def step(self, x: torch.Tensor) -> None:

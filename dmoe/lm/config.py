@@ -114,7 +114,9 @@ class TrainConfig(LMConfig):
     steps_in_flight: int = option(1, "training steps run at once, each on its own copy of the client-side "
                                      "parameters (gradients applied in order, up to this many minus one "
                                      "steps late): a step's forward overlaps another's backward on the "
-                                     "wire; the late gradients cost learning per step (see the README)")
+                                     "wire; the late gradients cost learning per step, less with the "
+                                     "first 40 steps one at a time and a step n updates late having its "
+                                     "update divided by n (dmoe.lm.overlap)")
     lr: float = option(1e-3, "learning rate of the client-side parameters (Adam)")
     max_grad_norm: float = option(1.0, "gradient clipping of the client-side parameters (0: none)")
     seed: int = option(0, "seed of the model's initialisation and of the data order")

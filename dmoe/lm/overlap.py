@@ -10,14 +10,58 @@ phases interleave on the wire. The model being trained (the *master*) stays in t
 * when a step ends, its replica's parameter gradients are applied to the master by the caller's
   optimizer (after clipping), in the order the steps started, whatever order they end in.
 
-So a step's gradient is computed at parameters that miss at most ``in_flight - 1`` of the latest
+So a step's gradient is computed at parameters that miss up to ``in_flight - 1`` of the latest
 updates (delayed gradients, as in asynchronous SGD with bounded staleness; Learning@home's trainers
 ran many such jobs at once). With ``predict`` (the default) the replica starts from a guess of the
 parameters its gradient will be applied to: the master's plus the last update once per step still in
-flight (weight prediction; Adam's updates change slowly from step to step). Delayed gradients cost
-learning: on the byte-level LM (``dmoe train --local``, 300 steps, two in flight) the held-out loss
-was 2.71 without prediction and 2.55 with it, against 2.11 one step at a time, so this is for links
-where the round trips, not the learning per step, bound the training.
+flight (weight prediction, as PipeDream and SpecTrain do).
+
+Delayed gradients cost Adam much more than their one or three steps of lateness. In a linear analysis
+of Adam's update (momentum beta1 0.9) along one direction of the loss's curvature c, one step at a
+time is stable while the step size (preconditioned) times c stays below 38, and Adam trains near that
+edge; with the gradient one step late the bound falls to 1 (2.7 with the guess), three steps late to
+0.3 (0.7). Guesses, delay compensation (DC-ASGD's g + lambda g*g*(w_now - w_used)), a smaller beta1,
+or recomputing the client-side layers at fresh parameters with the experts' answers replayed (the
+experts' outputs stay late, which costs as much) each recover little of it. Two measures recover
+more, and are the defaults (``--steps-in-flight`` of ``dmoe train``):
+
+* ``warmup`` (40): the first steps of a StepsInFlight (of a run, or of a resumed run) one at a time,
+  when the parameters move fastest and late gradients do lasting harm;
+* ``shorten``: a step that started with n > 0 others in flight has its update divided by n (as by a
+  learning rate n times smaller): one step late, unchanged; three steps late, a third.
+
+Held-out loss of the byte-level LM (default model, ``--local``, batch 16, 8 held-out batches; the
+trainer's steps replayed one after the other with the same delays, which gives the same numbers)::
+
+    two steps in flight (four where said)     80 steps, seed 0       seed 1        300 steps
+    ----------------------------------------------------------------------------------------------
+    one step at a time                        2.569                  2.597         2.105
+    no guess                                  2.928
+    guess (the former default)                2.899                  2.847         2.549
+    guess from Adam's own moments             2.876
+    DC-ASGD-a, lambda 0.1 / 1 / 10            2.880 / 2.881 / 2.891
+    beta1 0.8                                 2.884
+    client recomputed fresh, experts late     2.888
+    late update x0.7 / x0.5                   2.819 / 2.810          2.778 (x0.5)  2.301 (x0.7)
+    warm-up 10 / 20 / 40                      2.854 / 2.866 / 2.687  2.740 (40)    2.245 (40)
+    warm-up 40, late update x0.7 / x0.5       2.659 / 2.687                        2.259 / 2.289
+    warm-up 40, late update x0.25                                                  2.402
+    four in flight: guess                     3.006
+    four: warm-up 40, late update x1 / x0.58                                       2.687 / 2.506
+    four: warm-up 40, x0.5 / x0.33            2.885 / 2.835
+    four: warm-up 40, x0.25 / x0.125          2.813 / 2.801
+    four: the defaults (late update / 3)      2.844                                2.465
+
+(DC-ASGD-a: lambda times g*g/sqrt(v), v Adam's second moment; with the warm-up, lambda 100 / 1,000 /
+10,000 gave 2.703 / 2.649 / 2.769, and beta2 0.95 / 0.99 gave 2.649 / 2.658, within what a change of
+seed moves; beta1 0.5 / 0 without it, 2.922 / 3.000.) The defaults are the warm-up
+row with the update unchanged one step late (2.687 after 80 steps, +4.6%; 2.245 after 300, +6.7%) and
+divided by 3 three steps late (2.844, +10.7%; 2.465, +17%): they miss the goal of a held-out loss
+within 2% of one step at a time at equal steps. Over a swarm (``benchmarks/bench_learning.py``, one
+step at a time 2.595 after 80 steps, seeds 0 and 1): two in flight 2.697 and 2.795 (2.906 and 2.850
+before), four 2.844 and 2.925 (3.008 and 3.006 before). Without a swarm, steps in flight cost learning per
+step and gain nothing: they are for links where round trips, not the learning per step, bound the
+training.
 
 Nothing is shared between the threads but the swarm (thread-safe: each call runs on its loop); what
 a replica keeps of a step besides its gradients (the gates' routed-token counters, which the demand
@@ -37,6 +81,7 @@ import torch
 from torch import nn
 
 T = TypeVar("T")
+WARMUP_STEPS = 40  # steps run one at a time before steps overlap (measured: see the module's docstring)
 
 
 class StepsInFlight(Generic[T]):
@@ -51,16 +96,24 @@ class StepsInFlight(Generic[T]):
     order; their values do not matter, they are copied before each step). ``apply()`` is called with
     a step's gradients in the master's ``.grad``, in the caller's thread; it applies them (clip,
     ``optimizer.step()``). ``on_end(master, replica)``, if given, is called after that, in the
-    caller's thread too."""
+    caller's thread too.
+
+    ``predict``: a step starts from the master plus the last update once per step still in flight.
+    ``warmup`` (default ``WARMUP_STEPS``, read when it is made): the first steps submitted run one at a
+    time. ``shorten``: the update of a step that started with n > 0 others in flight (done by
+    ``apply()``) is divided by n, by moving the parameters back toward where they were before it."""
 
     def __init__(self, model: nn.Module, make_replica: Callable[[], nn.Module], *, in_flight: int,
                  apply: Callable[[], None], on_end: Callable[[nn.Module, nn.Module], None] | None = None,
-                 predict: bool = True):
+                 predict: bool = True, warmup: int | None = None, shorten: bool = True):
         if in_flight < 2:
             raise ValueError(f"in_flight must be at least 2 (1: one step after the other), got {in_flight}")
+        warmup = WARMUP_STEPS if warmup is None else warmup
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
         self.model, self.in_flight, self._apply, self._on_end = model, in_flight, apply, on_end
         self._params = list(model.parameters())
-        self.predict = predict
+        self.predict, self.warmup, self.shorten = predict, warmup, shorten
         self._last_update: list[torch.Tensor | None] = [None] * len(self._params)
         self._buffers = list(model.buffers())
         self._free: collections.deque[nn.Module] = collections.deque()
@@ -69,7 +122,9 @@ class StepsInFlight(Generic[T]):
             if [p.shape for p in replica.parameters()] != [p.shape for p in self._params]:
                 raise ValueError("make_replica() built a model whose parameters differ from the master's")
             self._free.append(replica)
-        self._pending: collections.deque[tuple[nn.Module, concurrent.futures.Future]] = collections.deque()
+        # (replica, its step, the steps in flight when it started: updates its gradient misses)
+        self._pending: collections.deque[tuple[nn.Module, concurrent.futures.Future, int]]
+        self._pending = collections.deque()
         self._pool = concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="dmoe-step")
         self.num_started = self.num_ended = 0
 
@@ -79,7 +134,8 @@ class StepsInFlight(Generic[T]):
 
     def submit(self, compute: Callable[[nn.Module], T]) -> list[T]:
         ended = []
-        while len(self._pending) >= self.in_flight:
+        limit = 1 if self.num_started < self.warmup else self.in_flight  # one at a time while warming up
+        while len(self._pending) >= limit:
             ended.append(self._end_oldest())
         replica = self._free.popleft()
         ahead = len(self._pending) if self.predict else 0  # updates that will land before this one
@@ -91,7 +147,7 @@ class StepsInFlight(Generic[T]):
             for mine, master in zip(replica.buffers(), self._buffers):
                 mine.copy_(master)
         replica.zero_grad(set_to_none=True)
-        self._pending.append((replica, self._pool.submit(compute, replica)))
+        self._pending.append((replica, self._pool.submit(compute, replica), len(self._pending)))
         self.num_started += 1
         return ended
 
@@ -102,7 +158,7 @@ class StepsInFlight(Generic[T]):
         return ended
 
     def _end_oldest(self) -> T:
-        replica, future = self._pending.popleft()
+        replica, future, late = self._pending.popleft()  # late: by that many updates
         try:
             result = future.result()
         except BaseException:
@@ -111,12 +167,17 @@ class StepsInFlight(Generic[T]):
             raise
         for master, mine in zip(self._params, replica.parameters()):
             master.grad = mine.grad  # the replica's tensor: its own next step starts with zero_grad
-        before = [p.detach().clone() for p in self._params] if self.predict else None
+        scale = 1 / late if late and self.shorten else 1.0
+        before = [p.detach().clone() for p in self._params] if self.predict or scale != 1 else None
         try:
             self._apply()
             if before is not None:
                 with torch.no_grad():
                     self._last_update = [p.detach() - b for p, b in zip(self._params, before)]
+                    if scale != 1:  # a late step's update, shortened (as by a smaller learning rate)
+                        for p, b, update in zip(self._params, before, self._last_update):
+                            update.mul_(scale)
+                            p.copy_(b + update)
             if self._on_end is not None:
                 self._on_end(self.model, replica)
         finally:

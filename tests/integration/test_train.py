@@ -61,7 +61,9 @@ def test_training_over_a_two_node_swarm_lowers_the_held_out_loss(two_nodes, tmp_
     assert step == 25 and not any(".experts." in name for name in state)  # the experts stay on the nodes
 
 
-def test_steps_in_flight_train_over_the_swarm_and_end_before_each_evaluation_and_save(two_nodes, tmp_path):
+def test_steps_in_flight_train_over_the_swarm_and_end_before_each_evaluation_and_save(two_nodes, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr("dmoe.lm.overlap.WARMUP_STEPS", 0)  # steps in flight from the first
     a, b = two_nodes
     config = TrainConfig(**MODEL, swarm=SwarmConfig(initial_peers=a.swarm), steps=25, batch_size=8, lr=3e-3,
                          eval_interval=10, save_interval=8, timeout_after_k_min=30, steps_in_flight=2,

@@ -51,7 +51,8 @@ def test_each_step_is_the_gradient_at_the_parameters_it_started_from_applied_in_
         expected = [p - LR * g for p, g in zip(expected, grads)]
         history.append([p.clone() for p in expected])
 
-    pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step, predict=False)
+    pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step, predict=False,
+                             warmup=0, shorten=False)
     ended = []
     try:
         for x in batches:
@@ -86,7 +87,7 @@ def test_with_prediction_a_step_starts_from_the_master_plus_the_last_update_per_
             replica(x).square().mean().backward()
         return run
 
-    pipeline = StepsInFlight(master, make, in_flight=3, apply=apply, predict=True)
+    pipeline = StepsInFlight(master, make, in_flight=3, apply=apply, predict=True, warmup=0, shorten=False)
     try:
         for x in batches:
             pipeline.submit(compute(x))
@@ -119,7 +120,7 @@ def test_steps_end_in_the_order_they_started_whatever_order_they_finish():
         second_done.set()
         return "second"
 
-    pipeline = StepsInFlight(master, make, in_flight=2, apply=optimizer.step)
+    pipeline = StepsInFlight(master, make, in_flight=2, apply=optimizer.step, warmup=0)
     try:
         assert pipeline.submit(slow) == []
         assert pipeline.submit(fast) == []
@@ -161,3 +162,96 @@ def test_replicas_must_have_the_masters_parameters():
         StepsInFlight(make(), make, in_flight=1, apply=lambda: None)
     with pytest.raises(ValueError, match="differ"):
         StepsInFlight(make(), lambda: nn.Linear(3, 1), in_flight=2, apply=lambda: None)
+    with pytest.raises(ValueError, match="warmup"):
+        StepsInFlight(make(), make, in_flight=2, apply=lambda: None, warmup=-1)
+
+
+def expected_run(master: nn.Module, batches: list[torch.Tensor], *, in_flight: int, warmup: int,
+                 shorten: bool) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """(the parameters each step starts from, the final parameters) of SGD steps submitted in order:
+    before step i starts, the oldest steps end until fewer than 1 (i < warmup) or in_flight are
+    pending; with shorten, a step that started with n > 0 others pending has its update divided by n."""
+    params = [p.detach().clone() for p in master.parameters()]
+    pending: list[tuple[list[torch.Tensor], int]] = []  # (its gradient, steps pending at its start)
+    starts = []
+
+    def end_oldest():
+        grads, late = pending.pop(0)
+        for p, g in zip(params, grads):
+            p -= (1 / late if late and shorten else 1.0) * LR * g
+
+    for i, x in enumerate(batches):
+        while len(pending) >= (1 if i < warmup else in_flight):
+            end_oldest()
+        starts.append([p.clone() for p in params])
+        pending.append((gradient(params, x), len(pending)))
+    while pending:
+        end_oldest()
+    return starts, params
+
+
+@pytest.mark.parametrize("in_flight, warmup, shorten", [(2, 3, False), (3, 2, True), (4, 0, True)])
+def test_warmup_steps_run_one_at_a_time_and_late_updates_are_shortened(in_flight, warmup, shorten):
+    torch.manual_seed(1)
+    master = make()
+    optimizer = torch.optim.SGD(master.parameters(), lr=LR)
+    batches = [torch.randn(8, 4) for _ in range(8)]
+    want_starts, want_final = expected_run(master, batches, in_flight=in_flight, warmup=warmup,
+                                           shorten=shorten)
+
+    def compute(x):
+        def run(replica):
+            replica(x).square().mean().backward()
+            return [p.detach().clone() for p in replica.parameters()]
+        return run
+
+    pipeline = StepsInFlight(master, make, in_flight=in_flight, apply=optimizer.step, predict=False,
+                             warmup=warmup, shorten=shorten)
+    ended, most_in_flight = [], 0
+    try:
+        for x in batches:
+            ended += pipeline.submit(compute(x))
+            most_in_flight = max(most_in_flight, pipeline.num_in_flight)
+            if pipeline.num_started <= warmup:  # warming up: the step just started is alone
+                assert pipeline.num_in_flight == 1
+        ended += pipeline.drain()
+    finally:
+        pipeline.close()
+    assert most_in_flight == in_flight
+    for seen, wanted in zip(ended, want_starts, strict=True):
+        for a, b in zip(seen, wanted):
+            torch.testing.assert_close(a, b)
+    for p, wanted in zip(master.parameters(), want_final):
+        torch.testing.assert_close(p.detach(), wanted)
+
+
+def test_the_guess_of_a_late_step_uses_its_shortened_update():
+    torch.manual_seed(2)
+    master = make()
+    optimizer = torch.optim.SGD(master.parameters(), lr=LR)
+    history = [[p.detach().clone() for p in master.parameters()]]
+    seen = []
+
+    def compute(x):
+        def run(replica):
+            seen.append([p.detach().clone() for p in replica.parameters()])
+            replica(x).square().mean().backward()
+        return run
+
+    pipeline = StepsInFlight(master, make, in_flight=3, apply=optimizer.step, predict=True, warmup=0)
+    try:
+        for x in [torch.randn(8, 4) for _ in range(6)]:
+            pipeline.submit(compute(x))
+            pipeline._pending[-1][1].result()  # its compute has run (seen holds its start)
+            history.append([p.detach().clone() for p in master.parameters()])
+        pipeline.drain()
+    finally:
+        pipeline.close()
+    # history[i + 1]: the master when step i started, with two steps in flight; each step from the third
+    # on starts after step i - 3 ended, from the master plus twice that step's update: step 5 after step
+    # 2, which started two steps late (its update halved: the guess is the halved update, twice)
+    assert len(history) == 7
+    for i in (3, 4, 5):
+        update = [a - b for a, b in zip(history[i + 1], history[i])]
+        for got, p, u in zip(seen[i], history[i + 1], update):
+            torch.testing.assert_close(got, p + 2 * u)

@@ -241,11 +241,16 @@ def test_inference_goes_on_when_a_node_is_killed_mid_generation(two_nodes, tmp_p
         events: list[tuple[str, str]] = []  # ("request" | "failed", endpoint), in order
         from dmoe.client import dispatch
 
-        build, report = dispatch.Dispatcher._request, swarm.health.report
+        build, enqueue = dispatch.Dispatcher._request, dispatch.Dispatcher._enqueue
+        report = swarm.health.report
 
-        def request(dispatcher, call, *args):
+        def request(dispatcher, call, *args, **kwargs):  # a call of its own
             events.append(("request", call.endpoint))
-            return build(dispatcher, call, *args)
+            return build(dispatcher, call, *args, **kwargs)
+
+        def queued(dispatcher, call, *args, **kwargs):  # a part of a node's batched or packed call
+            events.append(("request", call.endpoint))
+            return enqueue(dispatcher, call, *args, **kwargs)
 
         def reported(endpoint, uid, error):
             if error is not None:
@@ -253,6 +258,7 @@ def test_inference_goes_on_when_a_node_is_killed_mid_generation(two_nodes, tmp_p
             report(endpoint, uid, error)
 
         monkeypatch.setattr(dispatch.Dispatcher, "_request", request)
+        monkeypatch.setattr(dispatch.Dispatcher, "_enqueue", queued)
         monkeypatch.setattr(swarm.health, "report", reported)
         first_layer = model.moe_layers()[0]
         routed = int(first_layer.routed_tokens.sum())

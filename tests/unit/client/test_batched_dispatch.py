@@ -24,7 +24,6 @@ from dmoe.client.health import (
     status_code,
 )
 from dmoe.config import load_config
-from dmoe.core.wire import serialize
 from dmoe.lm.config import TrainConfig
 from dmoe.node.service import batch_parts
 from dmoe.proto import expert_pb2 as pb
@@ -67,15 +66,10 @@ def call_to(endpoint: str, uid: str) -> ExpertCall:
     return ExpertCall(uid, endpoint, torch.ones(2, 4), torch.arange(2))
 
 
-def request(uid: str) -> pb.ForwardRequest:
-    return pb.ForwardRequest(uid=uid, inputs=[serialize(torch.ones(2, 4))])
-
-
 def test_the_requests_of_one_turn_wait_per_node_and_direction_and_withdrawn_ones_go_nowhere():
     async def scenario() -> None:
         dispatcher = Dispatcher(asyncio.get_running_loop())
-        waits = [dispatcher._enqueue(call_to(endpoint, uid), request(uid), torch.ones(2, 4), 10.0, backward,
-                                     None)
+        waits = [dispatcher._enqueue(call_to(endpoint, uid), torch.ones(2, 4), None, 10.0, backward, None)
                  for endpoint in ("n1:1", "n2:1") for uid in ("ffn.0", "ffn.1", "ffn.2")
                  for backward in (False, True)]
         assert {key: [q.call.uid for q in queue] for key, queue in dispatcher._queued.items()} == {
@@ -85,8 +79,7 @@ def test_the_requests_of_one_turn_wait_per_node_and_direction_and_withdrawn_ones
             wait.cancel()
         await asyncio.sleep(0)  # the turn is over: the queues are sent
         assert dispatcher._queued == {} and dispatcher._sending == set()  # nothing was left to send
-        later = dispatcher._enqueue(call_to("n1:1", "ffn.3"), request("ffn.3"), torch.ones(2, 4), 10.0,
-                                    False, None)
+        later = dispatcher._enqueue(call_to("n1:1", "ffn.3"), torch.ones(2, 4), None, 10.0, False, None)
         assert [q.call.uid for q in dispatcher._queued["n1:1", False, False]] == ["ffn.3"]  # a new queue
         later.cancel()
         await asyncio.sleep(0)

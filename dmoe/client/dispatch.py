@@ -141,6 +141,28 @@ class PartFailed(grpc.RpcError):
         return self._details
 
 
+class _Lacking(dict[tuple[str, bool], float]):
+    """Nodes (endpoint, tls) found without a kind of call (they answered UNIMPLEMENTED), each by when: for
+    UNBATCHED_RECHECK seconds they get the older calls, then they are asked again (they may have been
+    upgraded); past MAX_UNBATCHED nodes the oldest is forgotten."""
+
+    def lacks(self, endpoint: str, tls: bool) -> bool:
+        found = self.get((endpoint, tls))
+        if found is None:
+            return False
+        if time.monotonic() - found < UNBATCHED_RECHECK:
+            return True
+        del self[endpoint, tls]
+        return False
+
+    def found(self, endpoint: str, tls: bool, what: str, error: grpc.RpcError) -> None:
+        logger.info("%s has no %s (%s): older calls for %.0fs", printable(endpoint), what,
+                    printable(describe(error)), UNBATCHED_RECHECK)
+        self[endpoint, tls] = time.monotonic()
+        if len(self) > MAX_UNBATCHED:
+            del self[next(iter(self))]
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class _Queued:
     """A request waiting for its node's batched call."""
@@ -208,9 +230,9 @@ class Dispatcher:
         # (endpoint, tls, backward) -> requests waiting for the end of the loop's turn
         self._queued: dict[tuple[str, bool, bool], list[_Queued]] = {}
         self._sending: set[asyncio.Task] = set()  # calls sent for queued requests
-        self._unbatched: dict[tuple[str, bool], float] = {}  # nodes without batched calls -> when found
+        self._unbatched = _Lacking()  # nodes without batched calls
         self._batched: dict[tuple[str, bool], None] = {}  # nodes that answered a batched call (in order)
-        self._unpacked: dict[tuple[str, bool], float] = {}  # nodes without packed calls -> when found
+        self._unpacked = _Lacking()  # nodes without packed calls
         self.balancer = balancer if balancer is not None else ReplicaBalancer()
         self._channels = ChannelCache()  # (endpoint, tls) -> (channel, methods), least recently used dropped
         self._tls: tuple[grpc.ChannelCredentials, list[tuple[str, str]]] | None = None
@@ -562,13 +584,7 @@ class Dispatcher:
 
     def _batching(self, endpoint: str, tls: bool) -> bool:
         """Whether requests to this node go in batched calls: unless it lacked them lately."""
-        found = self._unbatched.get((endpoint, tls))
-        if found is None:
-            return True
-        if time.monotonic() - found < UNBATCHED_RECHECK:
-            return False
-        del self._unbatched[endpoint, tls]  # it may have been upgraded: ask it again
-        return True
+        return not self._unbatched.lacks(endpoint, tls)
 
     def _enqueue(self, call: ExpertCall, inputs: torch.Tensor, grads: torch.Tensor | None, timeout: float,
                  backward: bool, shares: list[float] | None) -> asyncio.Future:
@@ -671,11 +687,7 @@ class Dispatcher:
                 if not unary:  # the node may have been replaced by one without the method: ask it again
                     self._batched.pop((endpoint, tls), None)
                 raise
-            logger.info("%s has no batched calls (%s): calling it per expert for %.0fs", printable(endpoint),
-                        printable(describe(e)), UNBATCHED_RECHECK)
-            self._unbatched[endpoint, tls] = time.monotonic()
-            if len(self._unbatched) > MAX_UNBATCHED:
-                del self._unbatched[next(iter(self._unbatched))]
+            self._unbatched.found(endpoint, tls, "batched calls", e)
             return await asyncio.gather(*(
                 self._send(q.call, self._request_of(q, backward), q.like,
                            max(0.001, q.deadline - loop.time()), backward)
@@ -720,13 +732,9 @@ class Dispatcher:
         """Whether a group goes in a packed call: rows of one shape and dtype, compression that is the
         same for their tensors joined as for each alone (not 8-bit, whose codebook would span the parts),
         and a node not found without packed calls lately."""
-        if not self.packed_calls or self.compression == pb.UNIFORM_8BIT:
+        if (not self.packed_calls or self.compression == pb.UNIFORM_8BIT
+                or self._unpacked.lacks(endpoint, tls)):
             return False
-        found = self._unpacked.get((endpoint, tls))
-        if found is not None:
-            if time.monotonic() - found < UNBATCHED_RECHECK:
-                return False
-            del self._unpacked[endpoint, tls]  # it may have been upgraded: ask it again
         first = group[0].like
         return first.dim() >= 2 and all(q.like.shape[1:] == first.shape[1:] and q.like.dtype == first.dtype
                                         for q in group)
@@ -757,11 +765,7 @@ class Dispatcher:
         except grpc.RpcError as e:
             if status_code(e) != grpc.StatusCode.UNIMPLEMENTED:
                 raise
-            logger.info("%s has no packed calls (%s): batched calls for %.0fs", printable(endpoint),
-                        printable(describe(e)), UNBATCHED_RECHECK)
-            self._unpacked[endpoint, tls] = time.monotonic()
-            if len(self._unpacked) > MAX_UNBATCHED:
-                del self._unpacked[next(iter(self._unpacked))]
+            self._unpacked.found(endpoint, tls, "packed calls", e)
             return None
         try:
             reply = pb.PackedReply.FromString(reply_data)

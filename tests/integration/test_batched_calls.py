@@ -41,11 +41,12 @@ from swarm_fixtures import NodeProcess, stub, wait_for
 
 from dmoe.client.config import SwarmConfig
 from dmoe.client.dispatch import Dispatcher, ExpertCall, ExpertJob
-from dmoe.client.health import LocalInputError
+from dmoe.client.health import Disagreement, LocalInputError
 from dmoe.client.swarm import Swarm
 from dmoe.core.experts import create_expert
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import deserialize, serialize
+from dmoe.errors import WireError
 from dmoe.moe.remote import RemoteMoE
 from dmoe.proto import expert_pb2 as pb
 
@@ -452,6 +453,101 @@ def test_an_old_node_gets_calls_per_expert_and_is_asked_for_a_batched_call_once(
         dispatcher.close()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@contextlib.contextmanager
+def client_dispatcher() -> Iterator[Dispatcher]:
+    """A Dispatcher on a uvloop of its own (the client's default loop), in a thread."""
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    dispatcher = Dispatcher(loop)
+    try:
+        yield dispatcher
+    finally:
+        dispatcher.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def forward_through(dispatcher: Dispatcher, endpoint: str, uids: list[str], x: torch.Tensor
+                    ) -> tuple[dict, dict[str, BaseException | None]]:
+    """One forward of ``x`` through these experts of one node: the answers by uid and each call's fate."""
+    fates: dict[str, BaseException | None] = {}
+    jobs = [ExpertJob(uid, [record(uid, endpoint)], x, torch.arange(x.shape[0])) for uid in uids]
+    answers = dispatcher.forward(jobs, num_tokens=x.shape[0], k_min=1, forward_timeout=30,
+                                 timeout_after_k_min=30, on_result=lambda c, e: fates.__setitem__(c.uid, e))
+    return {call.uid: output for _, _, call, output in answers.parts}, fates
+
+
+def test_a_node_without_packed_calls_gets_batched_calls_and_is_asked_for_a_packed_call_once(caplog):
+    """The stand-in serves the batched calls and answers UNIMPLEMENTED to the packed ones, as a node from
+    before them does: each step's requests reach it in one batched call, and the client asks it for a
+    packed call once."""
+    caplog.set_level(logging.INFO, logger="dmoe.client.dispatch")
+    server = CountingServer(batched=True).start()
+    uids = [f"old.{i}" for i in range(3)]
+    x = torch.randn(4, HIDDEN)
+    try:
+        with client_dispatcher() as dispatcher:
+            for _ in range(2):
+                outputs, fates = forward_through(dispatcher, server.endpoint, uids, x)
+                assert fates == dict.fromkeys(uids) and all(bool((outputs[uid] == 0).all()) for uid in uids)
+        assert server.methods == {"ForwardBatch": 2} and server.calls == {uid: 2 for uid in uids}
+        asked = [r for r in caplog.records if "has no packed calls" in r.getMessage()]
+        assert len(asked) == 1 and server.endpoint in asked[0].getMessage()
+    finally:
+        server.shutdown()
+
+
+def packed_reply(request: pb.PackedRequest, case: str) -> bytes:
+    """What a node that misbehaves in this way answers a forward PackedRequest of three parts."""
+    inputs = deserialize(request.inputs, max_numel=1 << 16)
+    codes, messages, outputs = [0, 0, 0], ["", "", ""], torch.zeros_like(inputs)
+    if case == "undecodable":
+        return b"\xff\xff\xff"
+    if case == "parts missing":
+        codes, messages = codes[:2], messages[:2]
+    elif case == "outputs of another shape":
+        outputs = outputs[1:]
+    elif case == "one part refused":
+        codes[1], messages[1] = INVALID, "refused here"
+        outputs = torch.cat([outputs[:request.rows[0]], outputs[request.rows[0] + request.rows[1]:]])
+    elif case == "one part out of bounds":
+        outputs[:request.rows[0]] = 1e9
+    return pb.PackedReply(codes=codes, messages=messages, outputs=serialize(outputs)).SerializeToString()
+
+
+@pytest.mark.parametrize("case", ["undecodable", "parts missing", "outputs of another shape",
+                                  "one part refused", "one part out of bounds"])
+def test_a_malformed_packed_reply_fails_the_parts_it_spoils_and_no_others(case):
+    """A reply that cannot be read part by part fails every part (WireError); outputs that do not decode to
+    the answered parts' rows fail each answered part (ValueError); a part refused fails alone with the
+    node's status and message (judged a disagreement: the other parts were accepted); a part out of
+    max_reply_abs fails alone; the others are answered."""
+    server = CountingServer(batched=True, packed=lambda request: packed_reply(request, case)).start()
+    uids = [f"bad.{i}" for i in range(3)]
+    try:
+        with client_dispatcher() as dispatcher:
+            dispatcher.max_reply_abs = 1e6
+            outputs, fates = forward_through(dispatcher, server.endpoint, uids, torch.randn(2, HIDDEN))
+        assert server.methods == {"ForwardPacked": 1}  # no other call was made for these parts
+    finally:
+        server.shutdown()
+    if case in ("undecodable", "parts missing"):
+        assert all(isinstance(fates[uid], WireError) for uid in uids) and outputs == {}
+    elif case == "outputs of another shape":
+        assert all(isinstance(fates[uid], ValueError) and "reply of shape" in str(fates[uid]) for uid in uids)
+        assert outputs == {}
+    elif case == "one part refused":
+        # a refusal of inputs the other experts accepted is a disagreement (health.judge_refusals)
+        assert isinstance(fates[uids[1]], Disagreement)
+        assert str(fates[uids[1]]) == "refused what other nodes accepted: INVALID_ARGUMENT: refused here"
+        assert fates[uids[0]] is fates[uids[2]] is None and set(outputs) == {uids[0], uids[2]}
+    else:
+        assert isinstance(fates[uids[0]], ValueError) and "above max_reply_abs" in str(fates[uids[0]])
+        assert fates[uids[1]] is fates[uids[2]] is None and set(outputs) == {uids[1], uids[2]}
+    assert all(bool((output == 0).all()) for output in outputs.values())
 
 
 def with_grads(call: ExpertCall) -> ExpertCall:

@@ -1,8 +1,10 @@
 """A minimal ExpertService for tests that counts what clients send it: calls and stream chunks per uid.
 
 It answers Forward and Backward (unary or streamed) of any uid with zeros of the input's shape, as an
-honest expert of an all-zero function would, on 127.0.0.1 and, if asked, on a unix socket too. Its
-own event loop runs in a thread, so a test's blocking client can call it.
+honest expert of an all-zero function would, on 127.0.0.1 and, if asked, on a unix socket too; with
+``batched``, ForwardBatch and BackwardBatch too (as a node from before packed calls); with ``packed``, a
+function from a PackedRequest to the bytes it answers ForwardPacked and BackwardPacked with (anything
+a node could send). Its own event loop runs in a thread, so a test's blocking client can call it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -23,8 +26,11 @@ MAX_BYTES = 64 << 20
 
 
 class CountingServer(LoopServer):
-    def __init__(self, unix_path: str | None = None, delay: float = 0.0, num_ports: int = 1):
+    def __init__(self, unix_path: str | None = None, delay: float = 0.0, num_ports: int = 1,
+                 batched: bool = False, packed: Callable[[pb.PackedRequest], bytes] | None = None):
         self.unix_path, self.delay, self.num_ports = unix_path, delay, num_ports
+        self.batched, self.packed = batched, packed
+        self.methods: collections.Counter[str] = collections.Counter()  # calls received, per method
         self.calls: collections.Counter[str] = collections.Counter()  # requests answered, per uid
         self.chunks: collections.Counter[str] = collections.Counter()  # stream chunks received, per uid
         self.started = threading.Event()  # set when a call begins (it then waits ``delay``)
@@ -49,6 +55,12 @@ class CountingServer(LoopServer):
                 self._unary(backward=name == "Backward"), **raw)
             handlers[name + "Stream"] = grpc.stream_stream_rpc_method_handler(
                 self._stream(backward=name == "Backward"), **raw)
+            if self.batched:
+                handlers[name + "Batch"] = grpc.unary_unary_rpc_method_handler(
+                    self._batch(backward=name == "Backward"), **raw)
+            if self.packed is not None:
+                handlers[name + "Packed"] = grpc.unary_unary_rpc_method_handler(self._packed(name + "Packed"),
+                                                                                **raw)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         ports = [self._server.add_insecure_port("127.0.0.1:0") for _ in range(self.num_ports)]
         if self.unix_path:
@@ -74,6 +86,27 @@ class CountingServer(LoopServer):
             if uid in self.refuse:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{uid}: refused")
             return await self._reply(data, backward)
+
+        return handle
+
+    def _batch(self, *, backward: bool):
+        async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.methods["BackwardBatch" if backward else "ForwardBatch"] += 1
+            parts = (pb.BackwardBatchRequest if backward else pb.ForwardBatchRequest).FromString(data).parts
+            replies = [pb.PartReply.FromString(await self._reply(part.SerializeToString(), backward))
+                       for part in parts]  # a Forward/BackwardResponse's field 1 is PartReply's field 1
+            return (pb.BackwardBatchResponse if backward else pb.ForwardBatchResponse)(
+                parts=replies).SerializeToString()
+
+        return handle
+
+    def _packed(self, method: str):
+        async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.methods[method] += 1
+            request = pb.PackedRequest.FromString(data)
+            for uid in request.uids:
+                self.calls[uid] += 1
+            return self.packed(request)
 
         return handle
 

@@ -362,6 +362,17 @@ def test_parts_past_the_parts_a_peer_may_have_in_flight_are_refused_alone(pair):
     # the first part is the call itself; the next MAX_PARTS_PER_PEER are the parts in flight
     assert [p.code for p in replies] == [0] * (MAX_PARTS_PER_PEER + 1) + [EXHAUSTED]
     assert f"max_parts_per_peer={MAX_PARTS_PER_PEER}" in replies[-1].message
+    # the same for a packed call's parts; the parts released, a later call is served whole
+    channel, service = stub(a.endpoint)
+    try:
+        uids, inputs = [UIDS[i % 4] for i in range(MAX_PARTS_PER_PEER + 2)], [torch.randn(2, HIDDEN)] * 8
+        reply = service.ForwardPacked(packed(uids, inputs), timeout=30)
+        assert list(reply.codes) == [0] * (MAX_PARTS_PER_PEER + 1) + [EXHAUSTED]
+        assert f"max_parts_per_peer={MAX_PARTS_PER_PEER}" in reply.messages[-1]
+        again = service.ForwardPacked(packed(uids[:MAX_PARTS_PER_PEER + 1], inputs[:-1]), timeout=30)
+        assert list(again.codes) == [0] * (MAX_PARTS_PER_PEER + 1)
+    finally:
+        channel.close()
 
 
 def test_a_default_node_serves_every_part_of_a_step_through_hundreds_of_its_experts(pair):

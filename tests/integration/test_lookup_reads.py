@@ -90,3 +90,26 @@ def test_a_lookup_within_its_grace_is_used_while_a_newer_one_is_read_in_the_back
     finally:
         gate.set()
         swarm.shutdown()
+
+
+def test_a_background_read_that_fails_keeps_the_cached_experts_and_a_later_lookup_reads_again(node_factory,
+                                                                                            monkeypatch,
+                                                                                            caplog):
+    node = node_factory("--experts", "ffn.[0:2]", "--hidden-dim", "8")
+    swarm = dmoe.Swarm(initial_peers=node.swarm, cache_ttl=0.0, cache_grace=600.0).start()
+    try:
+        wait_for(lambda: set(swarm.live_under(["ffn."], refresh=True)["ffn."]) == {0, 1}, 30, "both experts")
+        reads: list[list[str]] = []
+
+        async def broken(node, keys, *args):  # a DHT read that fails (a peer on its path gone)
+            reads.append(list(keys))
+            raise ConnectionError("the DHT is unreachable")
+
+        monkeypatch.setattr(swarm_module, "find_under_prefixes_async", broken)
+        assert set(swarm.live_under(["ffn."])["ffn."]) == {0, 1}
+        failed = "background lookup of ffn. failed"
+        wait_for(lambda: any(failed in r.getMessage() for r in caplog.records), 30, "the failed read logged")
+        assert set(swarm.live_under(["ffn."])["ffn."]) == {0, 1}  # still the cached experts
+        wait_for(lambda: swarm.live_under(["ffn."]) and len(reads) >= 2, 30, "a later lookup reading again")
+    finally:
+        swarm.shutdown()

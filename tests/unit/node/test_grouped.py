@@ -207,3 +207,35 @@ def test_an_optimizer_over_other_parameters_keeps_its_expert_out_of_groups():
                               expert_cls="ffn", optimizer_name="adam", max_grad_norm=1.0,
                               max_batch_tokens=4096)
     assert grouped.group_key(reordered) is None
+
+
+def test_a_group_that_raises_fails_its_callers_alone_and_the_runtime_goes_on(monkeypatch):
+    """A fault in the group's call (here the stacked call raising, as a device error would) fails every
+    member's callers with it, steps nobody, and the runtime serves the next calls."""
+    backends = {f"e.{i}": backend(f"e.{i}") for i in range(3)}
+    runtime = Runtime(backends, max_batch_tokens=4096, max_queued_tokens=4096, batching=True, grouping=True)
+    working = grouped._stacked_call
+
+    def broken(template, names):
+        def call(*args):
+            raise RuntimeError("device lost")
+        return call
+
+    monkeypatch.setattr(grouped, "_stacked_call", broken)
+    futures = [runtime.submit(f"e.{i}", task(torch.randn(2, HIDDEN), torch.randn(2, HIDDEN)))
+               for i in range(3)]
+    runtime.start()
+    try:
+        for future in futures:
+            with pytest.raises(RuntimeError, match="device lost"):
+                future.result(30)
+        assert runtime.num_groups == 1 and [b.version for b in backends.values()] == [0, 0, 0]
+        assert all(b.settled.is_set() and not b.lock.locked() for b in backends.values())
+        monkeypatch.setattr(grouped, "_stacked_call", working)
+        later = runtime.submit_many([(f"e.{i}", task(torch.randn(2, HIDDEN), torch.randn(2, HIDDEN)))
+                                     for i in range(3)])
+        for future in later:
+            assert future.result(30)[0].shape == (2, HIDDEN)
+        wait_for(lambda: [b.version for b in backends.values()] == [1, 1, 1], 30, "the later group's steps")
+    finally:
+        runtime.shutdown(10)

@@ -23,11 +23,11 @@ Per step (a batch of ``--batch`` random tokens) it times, separately:
 in two modes, each on its own client Swarm (its own DHT peer):
 
 * **cached** — ``SwarmConfig(cache_ttl=1e9)``, every prefix key read once before: no DHT read;
-* **cold** — ``SwarmConfig(cache_ttl=0)``: every prefix key is read from the DHT on every step
-  (one DHT traversal per grid level, all keys of a level in one ``get_many``), merging the copies
-  of each key held by the ``lookup_breadth`` (default 2) peers nearest it;
-* **cold-every-peer** — cold, with ``lookup_breadth=0``: the copies of every peer the traversal
-  reaches are merged (hivemind's default breadth, its bucket size of 20: every peer of this swarm).
+* **cold-every-peer** — ``SwarmConfig(cache_ttl=0)``: every prefix key is read from the DHT on every
+  step (one DHT traversal per grid level, all keys of a level in one ``get_many``), merging the copies
+  of every peer the traversal reaches (``lookup_breadth=0``, the default: hivemind's bucket size of 20,
+  every peer of this swarm);
+* **cold-breadth-2** — cold, with ``lookup_breadth=2``: the copies of the 2 peers nearest each key only.
 
 Both with ``lookup_timeout`` 60 s, so that a slow read on a loaded machine is timed rather than
 replaced by the last known experts.
@@ -98,8 +98,8 @@ PREFIX, GRID, HIDDEN, INNER, K = "ffn", (64, 64), 16, 16, 2
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHED_TTL = 1e9  # "forever": the cache, once filled, is never stale during the run
 # lookup modes: name -> (cache_ttl, lookup_breadth), each on its own client Swarm
-MODES = {"cached": (CACHED_TTL, dmoe.SwarmConfig().lookup_breadth),
-         "cold": (0.0, dmoe.SwarmConfig().lookup_breadth), "cold-every-peer": (0.0, 0)}
+MODES = {"cached": (CACHED_TTL, dmoe.SwarmConfig().lookup_breadth), "cold-breadth-2": (0.0, 2),
+         "cold-every-peer": (0.0, 0)}
 LOOKUPS = ("prefix-loop", "vectorised")  # see lookup_with()
 LOOKUP_TIMEOUT = 60.0  # SwarmConfig.lookup_timeout of the measured swarms
 LOOKUP_FIELDS = ("gate_s", "lookup_s", "score_s", "route_s", "num_candidates", "num_routed_experts",
@@ -569,7 +569,7 @@ def main() -> None:
                 swarms[loop, mode] = stack.enter_context(dmoe.Swarm(dmoe.SwarmConfig(
                     initial_peers=swarm_addrs, cache_ttl=ttl, event_loop=loop,
                     lookup_timeout=LOOKUP_TIMEOUT, lookup_breadth=breadth)))
-        probe = swarms[loops[0], "cold"]
+        probe = swarms[loops[0], "cold-every-peer"]
         out["discovery_s"] = wait_for_all(probe, args.discovery_timeout)
         live_mask = torch.zeros(GRID, dtype=torch.bool)
         for i, j in live_coords(probe):

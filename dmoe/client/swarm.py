@@ -3,8 +3,9 @@
 Lookups of live experts are cached for ``cache_ttl`` seconds, so a training step does not wait on
 the DHT when nothing changed; for ``cache_grace`` seconds more (by default as long again) a cached
 lookup is still used while a newer one runs in the background, so that steps taken one after another
-never wait for the DHT once every key has been read. Each read merges the copies of a key held by the
-``lookup_breadth`` DHT peers nearest it. A lookup that fails or takes longer than ``lookup_timeout`` (a peer
+never wait for the DHT once every key has been read. Each read merges the copies of a key held by every
+DHT peer it reaches, or with ``lookup_breadth`` N by the N peers nearest the key. A lookup that fails or
+takes longer than ``lookup_timeout`` (a peer
 on the lookup's path frozen, the DHT cut off) leaves the last known experts in use, so a step's
 time stays bounded by its deadlines. Endpoints that fail are backed off and experts that misbehave
 are quarantined by the Swarm's :class:`dmoe.client.health.EndpointHealth` (that module states the

@@ -25,9 +25,10 @@ in two modes, each on its own client Swarm (its own DHT peer):
 * **cached** — ``SwarmConfig(cache_ttl=1e9)``, every prefix key read once before: no DHT read;
 * **cold-every-peer** — ``SwarmConfig(cache_ttl=0)``: every prefix key is read from the DHT on every
   step (one DHT traversal per grid level, all keys of a level in one ``get_many``), merging the copies
-  of every peer the traversal reaches (``lookup_breadth=0``, the default: hivemind's bucket size of 20,
-  every peer of this swarm);
-* **cold-breadth-2** — cold, with ``lookup_breadth=2``: the copies of the 2 peers nearest each key only.
+  of every peer the traversal reaches (``lookup_breadth=0``: hivemind's bucket size of 20, every peer
+  of this swarm);
+* **cold-breadth-2** — cold, with ``lookup_breadth=2`` (the default): the copies of the 2 peers nearest
+  each key only.
 
 Both with ``lookup_timeout`` 60 s, so that a slow read on a loaded machine is timed rather than
 replaced by the last known experts.

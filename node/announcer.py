@@ -6,6 +6,13 @@ under a subkey of the DHT peer's owner key and signed by it (:mod:`dmoe.core.rec
 (and ``retire()``, for experts the node stops hosting while it runs) replaces them by tombstones, the
 owner's own signed records, that expire a little after any record a beat may have stored, since the DHT
 keeps the value that expires last.
+
+A beat stores each record on the DHT peers nearest its key at that moment. A peer that joins later and is
+among the nearest holds none of them until the next beat, and a lookup that reads only the few peers
+nearest a key (``SwarmConfig.lookup_breadth``) would miss them. So the announcer looks at its DHT peer's
+routing table every ``join_look`` seconds and beats early when a peer it did not know has joined, at
+most once every quarter of the heartbeat interval (a swarm where peers join all the time costs at most
+four extra beats per interval).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dmoe.core.records import ExpertRecord, NodeRecord, store_announcement_async
 
 logger = logging.getLogger(__name__)
 
+JOIN_LOOK = 1.0  # seconds between looks at the DHT peer's routing table for peers that joined
+
 
 class Announcer:
     def __init__(
@@ -31,13 +40,16 @@ class Announcer:
         *,
         heartbeat_interval: float,
         record_ttl: float,
+        join_look: float = JOIN_LOOK,
     ):
         if not 0 < record_ttl < MAX_RECORD_TTL:
             raise ValueError(f"record_ttl must be positive and below {MAX_RECORD_TTL:.0f}s, got {record_ttl}")
         self.dht, self.make_records = dht, make_records
         self.heartbeat_interval, self.record_ttl = heartbeat_interval, record_ttl
+        self.join_look = min(join_look, heartbeat_interval)
         self.last_expiration = 0.0
         self.num_beats = 0
+        self.num_early_beats = 0  # of num_beats: beaten early, for peers that joined
         self._task: asyncio.Task | None = None
 
     async def beat(self) -> int:
@@ -57,16 +69,38 @@ class Announcer:
 
     async def start(self) -> None:
         """Announce once (so that the node is visible when start returns), then keep beating."""
+        known = await self._peers()
         await self.beat()
-        self._task = asyncio.create_task(self._loop(), name="dmoe-announcer")
+        self._task = asyncio.create_task(self._loop(known), name="dmoe-announcer")
 
-    async def _loop(self) -> None:
+    async def _peers(self) -> frozenset:
+        """The DHT ids in the peer's routing table (read on the peer's own loop, where it changes)."""
+        async def read() -> frozenset:
+            assert self.dht.node is not None
+            return frozenset(self.dht.node.protocol.routing_table.uid_to_peer_id)
+        return await self.dht.run_async(read())
+
+    async def _loop(self, known: frozenset) -> None:
+        """Beat every heartbeat interval, and early when peers not in ``known`` (the routing table at
+        the last beat) have joined."""
+        clock = asyncio.get_running_loop().time
+        last = clock()  # of the last beat (or failed one)
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            await asyncio.sleep(max(0.0, min(self.join_look, last + self.heartbeat_interval - clock())))
             try:
+                peers = await self._peers()
+                now = clock()
+                early = not peers <= known and now >= last + self.heartbeat_interval / 4
+                if now < last + self.heartbeat_interval and not early:
+                    continue
+                if early and now < last + self.heartbeat_interval:
+                    self.num_early_beats += 1
+                    logger.debug("%d DHT peers joined: beating early", len(peers - known))
+                known, last = peers, now
                 await self.beat()
             except Exception:
-                logger.exception("DHT heartbeat failed; will retry")
+                last = clock()
+                logger.exception("DHT heartbeat failed; will retry in %.0fs", self.heartbeat_interval)
 
     async def stop(self) -> None:
         if self._task is not None:

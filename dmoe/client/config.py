@@ -34,16 +34,15 @@ class SwarmConfig:
                                              "cache_ttl; 0: always wait)")
     lookup_timeout: float = option(5.0, "seconds a lookup of live experts may take; past it the last "
                                         "known experts are used")
-    # the DHT read of a cold lookup (bench_lookup.py: 64 prefix keys holding 4,096 records, 4 nodes and a
-    # coordinator) took 300 ms merging every peer's copy of each key and 210 ms merging the 2 nearest peers'.
-    # Not the default: a narrow read can miss the records a node stored before those peers joined, until
-    # its next heartbeat stores them there (seen in the tests: an expert missing from a read just after
-    # two nodes and a client had joined)
-    lookup_breadth: int = option(0, "how many of the DHT peers nearest each prefix key a lookup keeps in "
-                                    "view and merges the copies of (0: hivemind's default, its bucket "
-                                    "size, every peer of a small swarm; fewer is faster, but may miss "
-                                    "records until their nodes' next heartbeat, and makes it easier for "
-                                    "one peer holding a key to hide records)")
+    # a cold lookup of 256 tokens (bench_lookup.py: gating and the DHT reads of 64 prefix keys holding 4,096
+    # records, 4 nodes and a coordinator) took 500-680 ms merging every peer's copy of each key and
+    # 250-350 ms merging the 2 nearest peers'. A narrow read misses a record only where the nearest peers joined after its node's
+    # last store and before the node's early beat for them (node/announcer.py); the background reads
+    # (cache_grace) merge every peer's copy and find it
+    lookup_breadth: int = option(2, "how many of the DHT peers nearest each prefix key a lookup that a step "
+                                    "waits for merges the copies of (0: hivemind's default, its bucket "
+                                    "size, every peer of a small swarm; fewer is faster, and makes it "
+                                    "easier for a peer placed near a key to hide records from those reads)")
     ban_base: float = option(1.0, "seconds a failing endpoint is avoided after its first failure")
     ban_max: float = option(60.0, "longest time a failing endpoint is avoided")
     quarantine_time: float = option(600.0, "seconds an expert that answered malformed, non-finite or absurd "

@@ -3,9 +3,11 @@
 Lookups of live experts are cached for ``cache_ttl`` seconds, so a training step does not wait on
 the DHT when nothing changed; for ``cache_grace`` seconds more (by default as long again) a cached
 lookup is still used while a newer one runs in the background, so that steps taken one after another
-never wait for the DHT once every key has been read. Each read merges the copies of a key held by every
-DHT peer it reaches, or with ``lookup_breadth`` N by the N peers nearest the key. A lookup that fails or
-takes longer than ``lookup_timeout`` (a peer
+never wait for the DHT once every key has been read. A read that a lookup waits for merges the copies of
+a key held by the ``lookup_breadth`` DHT peers nearest it (where stores go), the reads in the background
+those of every peer they reach: a record missing from the few nearest peers (a peer that joined since
+its node's last store, before the node beats again for it) is found by the next background read. A lookup
+that fails or takes longer than ``lookup_timeout`` (a peer
 on the lookup's path frozen, the DHT cut off) leaves the last known experts in use, so a step's
 time stays bounded by its deadlines. Endpoints that fail are backed off and experts that misbehave
 are quarantined by the Swarm's :class:`dmoe.client.health.EndpointHealth` (that module states the
@@ -237,11 +239,11 @@ class Swarm:
             return {key: self._prefix_cache.get(key, (now, {}))[1] for key in keys}, now
 
     def _read_later(self, keys: list[str]) -> None:
-        """Read ``keys`` from the DHT in the background; what is found replaces their cached records
-        (unless a newer read did meanwhile); a failure keeps them, and a later lookup tries again."""
+        """Read ``keys`` from the DHT in the background, merging every reachable peer's copy (no step
+        waits for it); what is found replaces their cached records (unless a newer read did meanwhile);
+        a failure keeps them, and a later lookup tries again."""
         begun = time.monotonic()
-        breadth = self.config.lookup_breadth or None
-        read = asyncio.wait_for(find_under_prefixes_async(self.peer.node, keys, breadth),
+        read = asyncio.wait_for(find_under_prefixes_async(self.peer.node, keys, None),
                                 self.config.lookup_timeout)
         future = asyncio.run_coroutine_threadsafe(read, self.loop)
 

@@ -1,7 +1,9 @@
 """How a client reads live experts from the DHT, on real peers (127.0.0.1): it merges the copies of each
 prefix key held by the few peers nearest it (``SwarmConfig.lookup_breadth``), not by every peer it can
-reach, and still finds every live expert; and a lookup past ``cache_ttl`` but within ``cache_grace`` is
-used as it is while a newer one is read in the background."""
+reach, and still finds every live expert; a node stores its records on peers that join before its next
+heartbeat (so that such a narrow read finds them there); and a lookup past ``cache_ttl`` but within
+``cache_grace`` is used as it is while a newer one, merging every peer's copy, is read in the
+background."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import asyncio
 import threading
 
 import pytest
+from hivemind.dht.routing import DHTID
 from swarm_fixtures import wait_for
 
 import dmoe
@@ -58,6 +61,21 @@ def test_a_narrow_lookup_asks_fewer_peers_and_finds_every_expert(node_factory, d
         narrow.shutdown()
         wide.shutdown()
 
+
+
+def test_a_node_stores_its_records_on_peers_that_join_before_its_next_heartbeat(node_factory, dht_factory):
+    # the next heartbeat 20 s away; an early beat for joined peers may come 5 s after the last one
+    node = node_factory("--experts", "ffn.[0:4]", "--hidden-dim", "8", "--heartbeat-interval", "20")
+    joined = [dht_factory(node.swarm) for _ in range(2)]
+    key = DHTID.generate(source="ffn.")
+
+    def holds(peer) -> bool:  # the key, with every expert's entry, in the peer's own storage
+        async def read():
+            return peer.node.protocol.storage.get(key)
+        entry = peer.run(read(), 10)
+        return entry is not None and len(entry.value) == 4
+
+    wait_for(lambda: all(holds(peer) for peer in joined), 12, "the node's records on the peers that joined")
 
 
 def test_a_lookup_within_its_grace_is_used_while_a_newer_one_is_read_in_the_background(node_factory,

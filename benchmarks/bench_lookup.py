@@ -92,7 +92,7 @@ from common import server_process
 
 import dmoe
 import dmoe.client.swarm
-from dmoe.moe.gating import Candidates
+from dmoe.moe.gating import Candidates, candidate_logits
 
 # Legend: T tokens, C candidate experts, K experts per token, L grid dimensions, E all grid experts.
 PREFIX, GRID, HIDDEN, INNER, K = "ffn", (64, 64), 16, 16, 2
@@ -252,7 +252,7 @@ def route(layer: dmoe.RemoteMoE, lookup: Callable[[list[torch.Tensor]], Any], x_
         raise RuntimeError("the lookup found no live expert")
     coords_CL = (candidates.coords_CL if isinstance(candidates, Candidates)
                  else torch.tensor([coords for coords, _ in candidates]))
-    logits_TC = sum(score.index_select(1, coords_CL[:, d]) for d, score in enumerate(scores))
+    logits_TC = candidate_logits(scores, coords_CL)
     experts_TK = logits_TC.topk(min(layer.k, len(candidates)), dim=-1).indices
     t3 = time.perf_counter()
     timings = {"gate_s": t1 - t0, "lookup_s": t2 - t1, "score_s": t3 - t2, "route_s": t3 - t0,

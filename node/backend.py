@@ -26,6 +26,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from dmoe.core.experts import FREE, TensorSpec, sample_inputs
 from dmoe.core.wire import DTYPES, dtype_name
 from dmoe.errors import CheckpointError
 from dmoe.node.devicepath import to_host
+
+if TYPE_CHECKING:
+    from dmoe.node.pool import Member
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,9 @@ class ExpertBackend:
         self.max_grad_norm = max_grad_norm
         self.version = 0  # optimizer steps applied
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
+        # where grouped execution keeps this expert's parameters and Adam state (dmoe.node.pool.Member):
+        # its tensors are then views of that storage; None: its own tensors
+        self.pooled: Member | None = None
         # held while parameters change or the module runs off the runtime thread
         self.lock = threading.Lock()
         # clear while a caller has its answer and the optimizer step after it has not ended (see backward)

@@ -87,6 +87,9 @@ class Runtime:
             (uid, backward): _Queue(backend, backward)
             for uid, backend in backends.items() for backward in (False, True)
         }
+        if grouping:  # known up front: a group's pooled storage is sized for every expert of its kind
+            for backend in backends.values():
+                group_key(backend)
         # the queues holding tasks: the next batch is chosen among these, not among every queue (a node
         # may host thousands of experts, a step touch a hundred of them)
         self._ready: dict[int, _Queue] = {}
@@ -114,6 +117,8 @@ class Runtime:
         its queues, with what waits in them, and runs on ``backend`` from now on."""
         with self._cond:
             self._retired.discard(uid)
+            if self.grouping:
+                group_key(backend)
             for backward in (False, True):
                 queue = self._queues.get((uid, backward))
                 if queue is None:

@@ -115,6 +115,11 @@ class ExpertBackend:
                 shape = tuple(dims[0] if len(set(dims)) == 1 else FREE for dims in zip(*shapes))
             self.output_schema.append(TensorSpec((FREE, *shape), outputs[0][1]))
         self._shape_preserving = self._preserves_free_dims()
+        # experts of one packed_key pass the checks of a packed call's part alike, whatever its row count
+        # (the service checks one part per key and call): one input of a free first dimension, output
+        # shapes that follow from the schema (not from a probe of the module); None: checked part by part
+        self.packed_key = ((tuple(self.input_schema), tuple(self.output_schema))
+                           if self._shape_preserving and self.input_schema[0].shape[0] == FREE else None)
         # elements one request may decode: every tensor has at most max_batch_tokens tokens
         self._token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
         self.max_numel = max_batch_tokens * self._token_width

@@ -47,6 +47,14 @@ _PROBE_SIZES = (3, 4, 17)  # free-dimension sizes the start-up probes use: odd, 
 INITIAL_GRAD_SCALE, MIN_GRAD_SCALE, MAX_GRAD_SCALE = 2.0**16, 2.0**-24, 2.0**24
 SCALE_GROWTH_INTERVAL = 2000
 Shape = tuple[int, ...]
+# schemas (inputs, outputs) -> a small number, an ExpertBackend's packed_key (an int: cheap to hash)
+_PACKED_KEYS: dict[tuple, int] = {}
+_packed_keys_lock = threading.Lock()
+
+
+def _packed_key(schemas: tuple) -> int:
+    with _packed_keys_lock:
+        return _PACKED_KEYS.setdefault(schemas, len(_PACKED_KEYS))
 
 
 class ExpertBackend:
@@ -118,8 +126,9 @@ class ExpertBackend:
         # experts of one packed_key pass the checks of a packed call's part alike, whatever its row count
         # (the service checks one part per key and call): one input of a free first dimension, output
         # shapes that follow from the schema (not from a probe of the module); None: checked part by part
-        self.packed_key = ((tuple(self.input_schema), tuple(self.output_schema))
-                           if self._shape_preserving and self.input_schema[0].shape[0] == FREE else None)
+        self.packed_key: int | None = None
+        if self._shape_preserving and self.input_schema[0].shape[0] == FREE:
+            self.packed_key = _packed_key((tuple(self.input_schema), tuple(self.output_schema)))
         # elements one request may decode: every tensor has at most max_batch_tokens tokens
         self._token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
         self.max_numel = max_batch_tokens * self._token_width

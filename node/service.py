@@ -35,6 +35,10 @@ shape and dtype, its tokens, its values), queued and counted as a per-expert cal
 and fails alone with that call's status; what cannot be told apart part by part (the row counts do not
 add up to the tensor, a tensor that does not decode, too many parts) refuses the whole call. The outputs
 of the parts that succeeded come back in one tensor, each part's status beside it (:class:`PackedReply`).
+A packed call's decoding and its reply's encoding take one trip off the event loop each, unless the call
+is small (``INLINE_BYTES``). The parts of experts of one schema are checked once per call (the others as
+the first: ``ExpertBackend.packed_key``), and the parts' outcomes are one :class:`~dmoe.node.runtime.Parts`
+that wakes the call once: the node's work per part is a few dictionary and list operations.
 
 GetState streams an expert's parameters, optimizer state and version to another node (the layout
 and its checks are in :mod:`dmoe.node.transfer`). It passes the same guard; a node runs at most
@@ -78,6 +82,9 @@ MAX_RANK = 64  # dimensions of a grad_output, checked before its shape is read
 # the event loop before parsing stays within about twice that of the largest Forward it accepts
 MAX_BATCH_PARTS = 1024
 MAX_BATCH_FIELDS = 32768
+# a packed call of at most this many bytes is decoded and its reply encoded on the event loop: that takes
+# microseconds, a trip to a worker thread and back longer
+INLINE_BYTES = 64 << 10
 # the calling peer's key from CallGuard.admit, set per call (each call runs in a task of its own):
 # the runtime counts each peer's optimizer steps with it (dmoe.node.influence)
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("dmoe_node_caller", default="")
@@ -399,7 +406,7 @@ class ExpertServicer:
         results: list[torch.Tensor | RequestError | None] = [None] * count
         checked: dict[int, tuple[ExpertBackend, int]] = {}  # part -> (backend, tokens)
         # the parts of experts of one packed_key pass alike: checked once, then tokens per row (per key)
-        passed: dict[tuple, int] = {}
+        passed: dict[int, int] = {}
         peer, admitted = _caller.get(), 0
         try:
             for index, (uid, n) in enumerate(zip(uids, rows)):
@@ -429,16 +436,18 @@ class ExpertServicer:
         finally:
             for _ in range(admitted):
                 self.guard.release_part(peer)
-        done = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
+        failed = [isinstance(r, RequestError) for r in results]  # else a tensor: every part ends as one
+        done = [i for i, bad in enumerate(failed) if not bad]
 
         def encode() -> pb.Tensor:
             return serialize(torch.cat([results[i] for i in done]), request.reply_compression)
 
         reply = pb.PackedReply(
-            codes=[0 if isinstance(r, torch.Tensor) else r.code.value[0] for r in results],
-            messages=["" if isinstance(r, torch.Tensor) else r.message for r in results])
+            codes=[r.code.value[0] if bad else 0 for r, bad in zip(results, failed)],  # type: ignore[union-attr]
+            messages=[r.message if bad else "" for r, bad in zip(results, failed)])  # type: ignore[union-attr]
         if done:
-            reply.outputs.CopyFrom(await asyncio.to_thread(encode))
+            small = len(data) <= INLINE_BYTES
+            reply.outputs.CopyFrom(encode() if small else await asyncio.to_thread(encode))
         seconds = time.perf_counter() - started
         for index in done:
             self.counters[uids[index]].record_call(backward, checked[index][1], seconds)
@@ -450,9 +459,13 @@ class ExpertServicer:
         """Decode a packed call's tensors (off the event loop), check each checked part's values, queue the
         parts in their experts' queues at once and put each one's output (or error) in ``results``. The
         parts' outcomes are one :class:`Parts`, which wakes this call once, when the last is settled."""
-        xs, gs, refused = await asyncio.to_thread(
-            decode_packed, request, rows, {i: backend for i, (backend, _) in checked.items()},
-            backward=backward, max_input_abs=self.max_input_abs, max_grad_abs=self.max_grad_abs)
+        def decode() -> PackedParts:
+            return decode_packed(request, rows, {i: backend for i, (backend, _) in checked.items()},
+                                 backward=backward, max_input_abs=self.max_input_abs,
+                                 max_grad_abs=self.max_grad_abs)
+
+        small = request.ByteSize() <= INLINE_BYTES
+        xs, gs, refused = decode() if small else await asyncio.to_thread(decode)
         for index, error in refused.items():
             results[index] = self._refused(uids[index], error)
         submitted = [index for index in checked if index not in refused]

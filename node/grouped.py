@@ -131,9 +131,10 @@ class _Stack:
 
     def pad(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """[members, padded rows, ...]: each member's rows (``tensors``, one per member), then zeros."""
-        rows = torch.cat(list(tensors)).to(self.device, non_blocking=True)
-        out = rows.new_zeros((len(self.rows) * self.padded_rows, *rows.shape[1:]))
-        out.index_copy_(0, self.destinations, rows)
+        with torch.no_grad():  # a leaf of its own, whatever the tensors are part of
+            rows = torch.cat(list(tensors)).to(self.device, non_blocking=True)
+            out = rows.new_zeros((len(self.rows) * self.padded_rows, *rows.shape[1:]))
+            out.index_copy_(0, self.destinations, rows)
         return out.view(len(self.rows), self.padded_rows, *rows.shape[1:])
 
     def unpad(self, stacked: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,14 @@ every expert's rows (padded to the longest member's) at once; the parameter grad
 are clipped per expert in a few tensor operations, and one multi-tensor optimizer step (torch's own
 ``foreach`` Adam or SGD) updates every member's parameters and optimizer state in place.
 
+With Adam (the node's optimizer) the members' parameters and Adam state live in pooled storage
+(:mod:`dmoe.node.pool`): each expert's tensors are views of a row of a few stacked tensors, so a group
+gathers its members' parameters with one index operation, its gradients come out as one [members, numel]
+tensor, and the step (torch's formula) gathers, updates and writes back every member's parameters,
+moments and step counts with a handful of tensor operations, with no Python work per member and
+parameter. The members' rows are padded into the stack, and taken back out of it, with one index
+operation each.
+
 Each member keeps the semantics of :meth:`ExpertBackend.backward` exactly: padding rows carry zero output
 gradients (so they add nothing to any parameter gradient), each expert is clipped by the norm of its own
 gradients, an expert whose gradients are not finite skips its step alone, callers are answered with their

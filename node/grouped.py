@@ -52,6 +52,7 @@ MAX_GROUP_SIZE = 1024  # experts in one group
 _keys: weakref.WeakKeyDictionary[ExpertBackend, tuple | None] = weakref.WeakKeyDictionary()
 # each expert's parameters, in the module's order (the same objects for its life: state loads copy into them)
 _params: weakref.WeakKeyDictionary[ExpertBackend, list[torch.nn.Parameter]] = weakref.WeakKeyDictionary()
+_UNKNOWN = object()
 _pools: dict[tuple, Pool | None] = {}  # group key -> the pool of its experts (None: they are not pooled)
 
 
@@ -64,9 +65,10 @@ def _parameters(backend: ExpertBackend) -> list[torch.nn.Parameter]:
 
 def group_key(backend: ExpertBackend) -> tuple | None:
     """What must be equal for experts to run as one group; None: this expert always runs alone."""
-    if backend not in _keys:
-        _keys[backend] = _compute_key(backend)
-    return _keys[backend]
+    key = _keys.get(backend, _UNKNOWN)
+    if key is _UNKNOWN:
+        key = _keys[backend] = _compute_key(backend)
+    return key  # type: ignore[return-value]
 
 
 def _compute_key(backend: ExpertBackend) -> tuple | None:

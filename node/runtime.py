@@ -102,10 +102,14 @@ class Task:
     future: concurrent.futures.Future | Part
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     peer: str = ""  # the caller as CallGuard.admit keys it; the influence limits count per peer
+    _shape_key: tuple | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def shape_key(self) -> tuple:
-        return tuple(tuple(t.shape[1:]) for t in self.inputs)
+        """The trailing shapes of the inputs (computed once: batches are formed by comparing them)."""
+        if self._shape_key is None:
+            self._shape_key = tuple(tuple(t.shape[1:]) for t in self.inputs)
+        return self._shape_key
 
 
 @dataclasses.dataclass(slots=True)

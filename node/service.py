@@ -484,9 +484,9 @@ class ExpertServicer:
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
-        parts, peer = Parts(len(submitted), on_done), _caller.get()
+        parts, peer, now = Parts(len(submitted), on_done), _caller.get(), time.monotonic()
         items = [(uids[index], Task([xs[index]], None if gs is None else [gs[index]], rows[index],
-                                    checked[index][1], parts.part(k), peer=peer))
+                                    checked[index][1], parts.part(k), enqueued_at=now, peer=peer))
                  for k, index in enumerate(submitted)]
         for k, ((uid, task), queued) in enumerate(zip(items, self.runtime.submit_many(items))):
             if isinstance(queued, Overloaded):
@@ -501,6 +501,11 @@ class ExpertServicer:
         for index, output in zip(submitted, parts.outcomes):
             if results[index] is not None:  # refused by its queue
                 continue
+            if type(output) is list and len(output) == 1:  # the common case, checked with the fewest steps
+                out, x = output[0], xs[index]
+                if out.dtype == x.dtype and out.shape == x.shape:
+                    results[index] = out
+                    continue
             uid = uids[index]
             if isinstance(output, BaseException):
                 self.counters[uid].errors += 1

@@ -177,13 +177,15 @@ def _pool_of(member: ExpertBackend) -> Pool | None:
 
 def _pooled(members: Sequence[ExpertBackend], pool: Pool, locked: bool) -> list[Member]:
     """Each member's place in ``pool``, pooling those not (or no longer) in it under their lock (held
-    already if ``locked``)."""
+    already if ``locked``). The first time, the node's other experts of this kind (those the runtime
+    knows) are pooled too, with their optimizer state: they share the members' chunk, and their own
+    tensors are freed at once instead of living on beside rows kept for them."""
     places = [pool.member(member, _parameters(member)) for member in members]
     if None in places:
-        # room for every expert of this kind the node has that is not pooled yet: they share a chunk
-        key = group_key(members[0])
-        unpooled = sum(1 for backend, k in list(_keys.items()) if k == key and backend.pooled is None)
-        pool.reserve(max(places.count(None), unpooled))
+        key, ours = group_key(members[0]), set(members)
+        others = [backend for backend, k in list(_keys.items())
+                  if k == key and backend.pooled is None and backend not in ours]
+        pool.reserve(places.count(None) + len(others))
         for i, (member, place) in enumerate(zip(members, places)):
             if place is None:
                 if locked:
@@ -191,6 +193,12 @@ def _pooled(members: Sequence[ExpertBackend], pool: Pool, locked: bool) -> list[
                 else:
                     with member.lock:
                         places[i] = pool.adopt(member, _parameters(member))
+        for backend in others:  # one lock at a time: no other thread holds one lock and waits for another
+            with backend.lock:
+                params = _parameters(backend)
+                place = pool.adopt(backend, params)
+                if all(backend.optimizer.state.get(p) for p in params):  # stepped: its state moves too
+                    pool.adopt_state(backend, place, params)
     return places  # type: ignore[return-value]
 
 

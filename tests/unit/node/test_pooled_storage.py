@@ -5,15 +5,18 @@ grouped expert exactly where the same expert run alone would be."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 
 import pytest
 import torch
+from swarm_fixtures import wait_for
 
 from dmoe.core.experts import create_expert
 from dmoe.node import grouped
 from dmoe.node.averaging import blend
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.runtime import Runtime, Task
 
 pytestmark = pytest.mark.timeout(60)
 HIDDEN = 8
@@ -164,3 +167,35 @@ def test_a_dead_experts_row_is_taken_by_the_next():
     newcomer = backend("u.9", lr=7e-3)
     group_step([members[0], newcomer], [batch(generator) for _ in range(2)])
     assert newcomer.pooled is not None and (newcomer.pooled.chunk, newcomer.pooled.row) == (chunk, row)
+
+
+def test_a_runtimes_experts_of_one_kind_are_pooled_together_when_the_first_group_runs():
+    """Those of the group and the others the runtime hosts (their state moved as it is): one chunk, and
+    nothing of theirs kept twice."""
+    backends = {f"v.{i}": backend(f"v.{i}", lr=5e-3) for i in range(6)}
+    reference = {uid: backend(uid, lr=5e-3) for uid in backends}
+    generator = torch.Generator().manual_seed(6)
+    first = batch(generator)
+    backends["v.5"].backward(*first)  # stepped alone before: torch's own state
+    reference["v.5"].backward(*first)
+    runtime = Runtime(backends, max_batch_tokens=4096, max_queued_tokens=4096, batching=True, grouping=True)
+    xs = [batch(generator) for _ in range(3)]
+    futures = [runtime.submit(f"v.{i}", Task(x, g, 3, 3, concurrent.futures.Future()))
+               for i, (x, g) in enumerate(xs)]
+    runtime.start()
+    try:
+        for future, uid, (x, g) in zip(futures, backends, xs):
+            torch.testing.assert_close(future.result(30)[0], reference[uid].backward(x, g)[0],
+                                       rtol=1e-4, atol=1e-6)
+        wait_for(lambda: runtime.num_groups == 1 and runtime.num_batches == 3, 30, "the group counted")
+    finally:
+        runtime.shutdown(10)
+    chunks = {id(b.pooled.chunk) for b in backends.values() if b.pooled is not None}
+    assert len(chunks) == 1 and all(b.pooled is not None for b in backends.values())
+    pooled = backends["v.5"].pooled
+    for p in backends["v.5"].module.parameters():
+        assert p.untyped_storage().data_ptr() == pooled.chunk.params.untyped_storage().data_ptr()
+        moment = backends["v.5"].optimizer.state[p]["exp_avg"]
+        assert moment.untyped_storage().data_ptr() == pooled.chunk.exp_avg.untyped_storage().data_ptr()
+    for uid in backends:
+        assert_same(backends[uid], reference[uid])

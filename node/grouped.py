@@ -294,7 +294,7 @@ def _pooled_adam(settings: dict, pool: Pool, index: Index, param: torch.Tensor, 
     and all of it written back."""
     beta1, beta2 = settings["betas"]
     lr, eps = settings["lr"], settings["eps"]
-    steps = index.gather("steps").add_(1)
+    steps = index.gather("steps").add_(1)  # on the CPU, as torch keeps them
     count = steps.to(torch.float64)
     # as torch's Adam: bias corrections in double precision, then applied as float32 scalars would be
     step_size = (lr / (1 - beta1 ** count)).to(grad.dtype)
@@ -302,6 +302,8 @@ def _pooled_adam(settings: dict, pool: Pool, index: Index, param: torch.Tensor, 
     if steps.shape[1] > 1:  # per (member, parameter): spread over each parameter's elements
         step_size = step_size.repeat_interleave(pool.sizes, dim=1)
         correction2_sqrt = correction2_sqrt.repeat_interleave(pool.sizes, dim=1)
+    step_size = step_size.to(grad.device, non_blocking=True)
+    correction2_sqrt = correction2_sqrt.to(grad.device, non_blocking=True)
     exp_avg = index.gather("exp_avg").lerp_(grad, 1 - beta1)
     exp_avg_sq = index.gather("exp_avg_sq").mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)

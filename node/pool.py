@@ -51,7 +51,8 @@ class _Chunk:
         self.params = torch.zeros(capacity, numel, dtype=dtype, device=device)
         self.exp_avg = torch.zeros_like(self.params)
         self.exp_avg_sq = torch.zeros_like(self.params)
-        self.steps = torch.zeros(capacity, num_params, dtype=scalar_dtype(), device=device)
+        # on the CPU, where torch's Adam keeps step counts (its bias corrections read them as numbers)
+        self.steps = torch.zeros(capacity, num_params, dtype=scalar_dtype())
         self.free = list(range(capacity - 1, -1, -1))
 
 
@@ -68,9 +69,10 @@ class Member:
 
 
 class Index:
-    """Where a group's members are: per chunk, their rows there and their positions in the group."""
+    """Where a group's members are: per chunk, their rows there and their positions in the group (on the
+    members' device, and on the CPU for the step counts)."""
 
-    __slots__ = ("size", "parts")
+    __slots__ = ("size", "parts", "host_parts")
 
     def __init__(self, members: Sequence[Member], device: torch.device):
         self.size = len(members)
@@ -82,24 +84,27 @@ class Index:
             entry[1].append(member.row)
             entry[2].append(position)
         one = len(chunks) == 1
-        self.parts = [(chunk, torch.tensor(rows, device=device),
-                       None if one else torch.tensor(positions, device=device))
-                      for chunk, rows, positions in chunks.values()]
+        self.host_parts = [(chunk, torch.tensor(rows), None if one else torch.tensor(positions))
+                           for chunk, rows, positions in chunks.values()]
+        self.parts = self.host_parts if device.type == "cpu" else [
+            (chunk, rows.to(device), None if positions is None else positions.to(device))
+            for chunk, rows, positions in self.host_parts]
 
     def gather(self, what: str) -> torch.Tensor:
         """[members, ...]: the members' rows of the chunks' tensor ``what`` (a copy), in group order."""
-        if len(self.parts) == 1:
-            chunk, rows, _ = self.parts[0]
+        parts = self.host_parts if what == "steps" else self.parts
+        if len(parts) == 1:
+            chunk, rows, _ = parts[0]
             return getattr(chunk, what).index_select(0, rows)
-        first = getattr(self.parts[0][0], what)
+        first = getattr(parts[0][0], what)
         out = first.new_empty((self.size, *first.shape[1:]))
-        for chunk, rows, positions in self.parts:
+        for chunk, rows, positions in parts:
             out.index_copy_(0, positions, getattr(chunk, what).index_select(0, rows))
         return out
 
     def scatter(self, what: str, values: torch.Tensor) -> None:
         """Write ``values`` ([members, ...], group order) into the members' rows of ``what``."""
-        for chunk, rows, positions in self.parts:
+        for chunk, rows, positions in self.host_parts if what == "steps" else self.parts:
             getattr(chunk, what).index_copy_(0, rows, values if positions is None
                                              else values.index_select(0, positions))
 
@@ -114,7 +119,7 @@ class Pool:
         self.numel = sum(self.numels)
         self.dtype, self.device = params[0].dtype, params[0].device
         # each parameter's share of a row: bias corrections per (member, parameter) spread to its elements
-        self.sizes = torch.tensor(self.numels, device=self.device)
+        self.sizes = torch.tensor(self.numels)
         self.chunks: list[_Chunk] = []
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ from dmoe.core.wire import DTYPES, dtype_name
 from dmoe.errors import CheckpointError
 from dmoe.node.devicepath import to_host
 
+if TYPE_CHECKING:
+    from dmoe.node.pool import Member
+
 logger = logging.getLogger(__name__)
 
 _MAX_SHAPE_CACHE = 256
@@ -43,6 +47,14 @@ _PROBE_SIZES = (3, 4, 17)  # free-dimension sizes the start-up probes use: odd, 
 INITIAL_GRAD_SCALE, MIN_GRAD_SCALE, MAX_GRAD_SCALE = 2.0**16, 2.0**-24, 2.0**24
 SCALE_GROWTH_INTERVAL = 2000
 Shape = tuple[int, ...]
+# schemas (inputs, outputs) -> a small number, an ExpertBackend's packed_key (an int: cheap to hash)
+_PACKED_KEYS: dict[tuple, int] = {}
+_packed_keys_lock = threading.Lock()
+
+
+def _packed_key(schemas: tuple) -> int:
+    with _packed_keys_lock:
+        return _PACKED_KEYS.setdefault(schemas, len(_PACKED_KEYS))
 
 
 class ExpertBackend:
@@ -90,6 +102,9 @@ class ExpertBackend:
         self.max_grad_norm = max_grad_norm
         self.version = 0  # optimizer steps applied
         self.skipped_steps = 0  # backward batches whose parameter gradients were not finite
+        # where grouped execution keeps this expert's parameters and Adam state (dmoe.node.pool.Member):
+        # its tensors are then views of that storage; None: its own tensors
+        self.pooled: Member | None = None
         # held while parameters change or the module runs off the runtime thread
         self.lock = threading.Lock()
         # clear while a caller has its answer and the optimizer step after it has not ended (see backward)
@@ -108,6 +123,12 @@ class ExpertBackend:
                 shape = tuple(dims[0] if len(set(dims)) == 1 else FREE for dims in zip(*shapes))
             self.output_schema.append(TensorSpec((FREE, *shape), outputs[0][1]))
         self._shape_preserving = self._preserves_free_dims()
+        # experts of one packed_key pass the checks of a packed call's part alike, whatever its row count
+        # (the service checks one part per key and call): one input of a free first dimension, output
+        # shapes that follow from the schema (not from a probe of the module); None: checked part by part
+        self.packed_key: int | None = None
+        if self._shape_preserving and self.input_schema[0].shape[0] == FREE:
+            self.packed_key = _packed_key((tuple(self.input_schema), tuple(self.output_schema)))
         # elements one request may decode: every tensor has at most max_batch_tokens tokens
         self._token_width = max(_token_width(spec) for spec in (*self.input_schema, *self.output_schema))
         self.max_numel = max_batch_tokens * self._token_width

@@ -8,6 +8,14 @@ every expert's rows (padded to the longest member's) at once; the parameter grad
 are clipped per expert in a few tensor operations, and one multi-tensor optimizer step (torch's own
 ``foreach`` Adam or SGD) updates every member's parameters and optimizer state in place.
 
+With Adam (the node's optimizer) the members' parameters and Adam state live in pooled storage
+(:mod:`dmoe.node.pool`): each expert's tensors are views of a row of a few stacked tensors, so a group
+gathers its members' parameters with one index operation, its gradients come out as one [members, numel]
+tensor, and the step (torch's formula) gathers, updates and writes back every member's parameters,
+moments and step counts with a handful of tensor operations, with no Python work per member and
+parameter. The members' rows are padded into the stack, and taken back out of it, with one index
+operation each.
+
 Each member keeps the semantics of :meth:`ExpertBackend.backward` exactly: padding rows carry zero output
 gradients (so they add nothing to any parameter gradient), each expert is clipped by the norm of its own
 gradients, an expert whose gradients are not finite skips its step alone, callers are answered with their
@@ -33,6 +41,7 @@ from torch.optim.sgd import sgd as sgd_step
 
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.devicepath import to_host
+from dmoe.node.pool import Index, Member, Pool, poolable, scalar_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,8 @@ MAX_GROUP_SIZE = 1024  # experts in one group
 _keys: weakref.WeakKeyDictionary[ExpertBackend, tuple | None] = weakref.WeakKeyDictionary()
 # each expert's parameters, in the module's order (the same objects for its life: state loads copy into them)
 _params: weakref.WeakKeyDictionary[ExpertBackend, list[torch.nn.Parameter]] = weakref.WeakKeyDictionary()
+_UNKNOWN = object()
+_pools: dict[tuple, Pool | None] = {}  # group key -> the pool of its experts (None: they are not pooled)
 
 
 def _parameters(backend: ExpertBackend) -> list[torch.nn.Parameter]:
@@ -54,9 +65,10 @@ def _parameters(backend: ExpertBackend) -> list[torch.nn.Parameter]:
 
 def group_key(backend: ExpertBackend) -> tuple | None:
     """What must be equal for experts to run as one group; None: this expert always runs alone."""
-    if backend not in _keys:
-        _keys[backend] = _compute_key(backend)
-    return _keys[backend]
+    key = _keys.get(backend, _UNKNOWN)
+    if key is _UNKNOWN:
+        key = _keys[backend] = _compute_key(backend)
+    return key  # type: ignore[return-value]
 
 
 def _compute_key(backend: ExpertBackend) -> tuple | None:
@@ -85,39 +97,59 @@ def _stacked_call(template: torch.nn.Module, names: list[str]) -> Callable:
     return call
 
 
-def _pad_stack(tensors: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
-    """[G, rows, ...]: each tensor's rows, then zeros."""
-    first = tensors[0]
-    out = first.new_zeros((len(tensors), rows, *first.shape[1:]))
-    with torch.no_grad():
-        for i, tensor in enumerate(tensors):
-            out[i, :tensor.shape[0]] = tensor
-    return out
+def _destinations(rows: Sequence[int], padded_rows: int, device: torch.device) -> torch.Tensor:
+    """[sum(rows)]: where each member's rows go in a flattened [members * padded_rows, ...] stack (the
+    members' rows in order, as their concatenation holds them)."""
+    counts = torch.tensor(rows)
+    mask = torch.arange(padded_rows) < counts[:, None]
+    return mask.view(-1).nonzero().squeeze(1).to(device)
 
 
 class _Stack:
-    """The members' parameters stacked (copies), and the padded inputs, on the members' device."""
+    """The members' parameters stacked (copies: gathered from their pool, else stacked one by one), and
+    the padded inputs, on the members' device. ``pooled``: the members' places in ``pool`` (None: not
+    pooled)."""
 
     def __init__(self, members: Sequence[ExpertBackend], inputs: Sequence[Sequence[torch.Tensor]],
-                 grad: bool):
-        self.members = members
+                 grad: bool, pool: Pool | None = None, pooled: list[Member] | None = None):
+        self.members, self.pool, self.pooled = members, pool, pooled
         self.template = members[0].module
         self.names = [name for name, _ in self.template.named_parameters()]
-        device = members[0].device
+        self.device = members[0].device
         self.rows = [member_inputs[0].shape[0] for member_inputs in inputs]
-        padded_rows = max(self.rows)
-        per_member = [_parameters(m) for m in members]
-        self.params = []
-        for position, (_, param) in enumerate(self.template.named_parameters()):
-            stacked = torch.stack([params[position].detach() for params in per_member])
-            if grad and param.requires_grad:
-                stacked.requires_grad_(True)
-            self.params.append(stacked)
-        self.inputs = [_pad_stack([m[j] for m in inputs], padded_rows).to(device, non_blocking=True)
-                       for j in range(len(inputs[0]))]
+        self.padded_rows = max(self.rows)
+        self.destinations = _destinations(self.rows, self.padded_rows, self.device)
+        self.flat: torch.Tensor | None = None  # pooled: [members, numel], every parameter of each member
+        if pool is not None and pooled is not None:
+            self.index = Index(pooled, self.device)
+            self.flat = self.index.gather("params")
+            if grad:
+                self.flat.requires_grad_(True)
+            self.params = pool.views(self.flat)
+        else:
+            per_member = [_parameters(m) for m in members]
+            self.params = []
+            for position, (_, param) in enumerate(self.template.named_parameters()):
+                stacked = torch.stack([params[position].detach() for params in per_member])
+                if grad and param.requires_grad:
+                    stacked.requires_grad_(True)
+                self.params.append(stacked)
+        self.inputs = [self.pad([m[j] for m in inputs]) for j in range(len(inputs[0]))]
         if grad:
             for x in self.inputs:
                 x.requires_grad_(x.is_floating_point())
+
+    def pad(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[members, padded rows, ...]: each member's rows (``tensors``, one per member), then zeros."""
+        with torch.no_grad():  # a leaf of its own, whatever the tensors are part of
+            rows = torch.cat(list(tensors)).to(self.device, non_blocking=True)
+            out = rows.new_zeros((len(self.rows) * self.padded_rows, *rows.shape[1:]))
+            out.index_copy_(0, self.destinations, rows)
+        return out.view(len(self.rows), self.padded_rows, *rows.shape[1:])
+
+    def unpad(self, stacked: torch.Tensor) -> torch.Tensor:
+        """[sum of rows, ...]: the members' rows of a [members, padded rows, ...] tensor, concatenated."""
+        return stacked.reshape(-1, *stacked.shape[2:]).index_select(0, self.destinations)
 
     def outputs(self) -> tuple[torch.Tensor, ...]:
         call = torch.func.vmap(_stacked_call(self.template, self.names))
@@ -126,17 +158,58 @@ class _Stack:
         return self.members[0].to_wire(outputs)
 
     def split(self, stacked: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Each member's rows of [G, rows, ...] tensors."""
-        return [[t[i, :rows] for t in stacked] for i, rows in enumerate(self.rows)]
+        """Each member's rows of [members, padded rows, ...] tensors, on the host."""
+        flat = to_host([self.unpad(t).contiguous() for t in stacked])
+        return [list(parts) for parts in zip(*(t.split(self.rows) for t in flat))]
+
+
+def _pool_of(member: ExpertBackend) -> Pool | None:
+    """The pool of experts like ``member`` (same group key), if they can be pooled: plain Adam (the only
+    optimizer whose step runs on pooled state) over parameters :func:`poolable` takes."""
+    key = group_key(member)
+    if key is None:
+        return None
+    if key not in _pools:
+        params = _parameters(member)
+        _pools[key] = Pool(params) if _plain_adam(member.optimizer) and poolable(params) else None
+    return _pools[key]
+
+
+def _pooled(members: Sequence[ExpertBackend], pool: Pool, locked: bool) -> list[Member]:
+    """Each member's place in ``pool``, pooling those not (or no longer) in it under their lock (held
+    already if ``locked``). The first time, the node's other experts of this kind (those the runtime
+    knows) are pooled too, with their optimizer state: they share the members' chunk, and their own
+    tensors are freed at once instead of living on beside rows kept for them."""
+    places = [pool.member(member, _parameters(member)) for member in members]
+    if None in places:
+        key, ours = group_key(members[0]), set(members)
+        others = [backend for backend, k in list(_keys.items())
+                  if k == key and backend.pooled is None and backend not in ours]
+        pool.reserve(places.count(None) + len(others))
+        for i, (member, place) in enumerate(zip(members, places)):
+            if place is None:
+                if locked:
+                    places[i] = pool.adopt(member, _parameters(member))
+                else:
+                    with member.lock:
+                        places[i] = pool.adopt(member, _parameters(member))
+        for backend in others:  # one lock at a time: no other thread holds one lock and waits for another
+            with backend.lock:
+                params = _parameters(backend)
+                place = pool.adopt(backend, params)
+                if all(backend.optimizer.state.get(p) for p in params):  # stepped: its state moves too
+                    pool.adopt_state(backend, place, params)
+    return places  # type: ignore[return-value]
 
 
 def forward(members: Sequence[ExpertBackend],
             inputs: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
     """Each member's outputs (on the CPU) for its inputs: as ``member.forward(inputs[i])`` would give."""
+    pool = _pool_of(members[0])
+    pooled = None if pool is None else _pooled(members, pool, locked=False)  # not in inference mode
     with torch.inference_mode():
-        stack = _Stack(members, inputs, grad=False)
-        outputs = stack.outputs()
-    return [list(to_host(tuple(o.contiguous() for o in outs))) for outs in stack.split(outputs)]
+        stack = _Stack(members, inputs, grad=False, pool=pool, pooled=pooled)
+        return stack.split(stack.outputs())
 
 
 def backward(members: Sequence[ExpertBackend], inputs: Sequence[Sequence[torch.Tensor]],
@@ -150,23 +223,20 @@ def backward(members: Sequence[ExpertBackend], inputs: Sequence[Sequence[torch.T
         member.lock.acquire()
     replied = False
     try:
-        stack = _Stack(members, inputs, grad=True)
-        padded_rows = max(stack.rows)
+        pool = _pool_of(members[0])
+        pooled = None if pool is None else _pooled(members, pool, locked=True)
+        stack = _Stack(members, inputs, grad=True, pool=pool, pooled=pooled)
         with torch.enable_grad():
             outputs = stack.outputs()
-            grads_padded = [
-                _pad_stack([g[j].to(members[0].device) for g in grad_outputs], padded_rows)
-                for j in range(len(outputs))
-            ]
+            grads_padded = [stack.pad([g[j] for g in grad_outputs]) for j in range(len(outputs))]
             torch.autograd.backward(outputs, grads_padded)
         input_grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in stack.inputs]
-        answers = [list(to_host(tuple(g.contiguous() for g in grads)))
-                   for grads in stack.split([g.detach() for g in input_grads])]
+        answers = stack.split([g.detach() for g in input_grads])
         for member in members:
             member.settled.clear()
         replied = True
         reply(answers)
-        return _step(members, stack)
+        return _step_pooled(members, stack) if stack.flat is not None else _step(members, stack)
     finally:
         for member in members:
             member.settled.set()
@@ -174,6 +244,74 @@ def backward(members: Sequence[ExpertBackend], inputs: Sequence[Sequence[torch.T
             member.lock.release()
         if not replied:
             logger.debug("group of %d experts failed before its reply", len(members))
+
+
+def _clip(grads: list[torch.Tensor], norms: torch.Tensor, members: Sequence[ExpertBackend]) -> list[bool]:
+    """Clip each member's stacked gradients by its own norm (``norms``, one per member); whether each one's
+    are finite (those that are not are counted and logged: their step is skipped)."""
+    max_norm = members[0].max_grad_norm
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+    finite = torch.isfinite(norms).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            members[i].skipped_steps += 1
+            logger.warning("%s: non-finite parameter gradients; optimizer step skipped", members[i].uid)
+    return finite
+
+
+def _step_pooled(members: Sequence[ExpertBackend], stack: _Stack) -> list[bool]:
+    """As :func:`_step`, for pooled members: their gradients are one [members, numel] tensor, clipped by
+    the norms of its rows, and Adam steps their pooled rows with a handful of tensor operations."""
+    assert stack.flat is not None and stack.pool is not None and stack.pooled is not None
+    flat = stack.flat.detach()
+    grad = stack.flat.grad if stack.flat.grad is not None else torch.zeros_like(flat)
+    with torch.no_grad():
+        finite = _clip([grad], torch.linalg.vector_norm(grad, dim=1), members)
+        stepped = [i for i, ok in enumerate(finite) if ok]
+        if not stepped:
+            return finite
+        index = stack.index
+        if len(stepped) < len(members):
+            rows = torch.tensor(stepped, device=flat.device)
+            flat, grad = flat.index_select(0, rows), grad.index_select(0, rows)
+            index = Index([stack.pooled[i] for i in stepped], flat.device)
+        for i in stepped:
+            member, place = members[i], stack.pooled[i]
+            if place.state is not member.optimizer.state:  # not pooled yet, or replaced (a load)
+                stack.pool.adopt_state(member, place, _parameters(member))
+        _pooled_adam(members[0].optimizer.param_groups[0], stack.pool, index, flat, grad)
+        for i in stepped:
+            members[i].version += 1
+    return finite
+
+
+def _pooled_adam(settings: dict, pool: Pool, index: Index, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Adam's step (torch's formula) of the members at ``index``: ``param`` and ``grad`` are their
+    [members, numel] parameters and gradients; their moments and step counts are gathered from the pool,
+    and all of it written back."""
+    beta1, beta2 = settings["betas"]
+    lr, eps = settings["lr"], settings["eps"]
+    steps = index.gather("steps").add_(1)  # on the CPU, as torch keeps them
+    count = steps.to(torch.float64)
+    # as torch's Adam: bias corrections in double precision, then applied as float32 scalars would be
+    step_size = (lr / (1 - beta1 ** count)).to(grad.dtype)
+    correction2_sqrt = (1 - beta2 ** count).sqrt().to(grad.dtype)
+    if steps.shape[1] > 1:  # per (member, parameter): spread over each parameter's elements
+        step_size = step_size.repeat_interleave(pool.sizes, dim=1)
+        correction2_sqrt = correction2_sqrt.repeat_interleave(pool.sizes, dim=1)
+    step_size = step_size.to(grad.device, non_blocking=True)
+    correction2_sqrt = correction2_sqrt.to(grad.device, non_blocking=True)
+    exp_avg = index.gather("exp_avg").lerp_(grad, 1 - beta1)
+    exp_avg_sq = index.gather("exp_avg_sq").mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)
+    param.sub_(step_size * exp_avg / denom)
+    index.scatter("params", param)
+    index.scatter("exp_avg", exp_avg)
+    index.scatter("exp_avg_sq", exp_avg_sq)
+    index.scatter("steps", steps)
 
 
 def _step(members: Sequence[ExpertBackend], stack: _Stack) -> list[bool]:
@@ -185,17 +323,8 @@ def _step(members: Sequence[ExpertBackend], stack: _Stack) -> list[bool]:
     with torch.no_grad():
         norms = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
-        max_norm = members[0].max_grad_norm
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
-        finite = torch.isfinite(norms).tolist()
+        finite = _clip(grads, norms, members)
         stepped = [i for i, ok in enumerate(finite) if ok]
-        for i, ok in enumerate(finite):
-            if not ok:
-                members[i].skipped_steps += 1
-                logger.warning("%s: non-finite parameter gradients; optimizer step skipped", members[i].uid)
         if stepped:
             per_member = [[p for p in _parameters(members[i]) if p.requires_grad] for i in stepped]
             if _plain_adam(members[0].optimizer):
@@ -234,7 +363,7 @@ def _stacked_adam(members: list[ExpertBackend], params: list[list[torch.nn.Param
         for member, ps in zip(members, params):
             state = member.optimizer.state[ps[j]]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(ps[j], memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(ps[j], memory_format=torch.preserve_format)
             states.append(state)
@@ -272,7 +401,7 @@ def _optimizer_step(members: list[ExpertBackend], params: list[list[torch.nn.Par
             for p in ps:
                 state = member.optimizer.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                    state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if settings["amsgrad"]:
@@ -307,8 +436,3 @@ def _optimizer_step(members: list[ExpertBackend], params: list[list[torch.nn.Par
                 member.optimizer.step()
             finally:
                 member.optimizer.zero_grad(set_to_none=True)
-
-
-def _scalar_dtype() -> torch.dtype:
-    """The dtype torch's optimizers keep their step counts in."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

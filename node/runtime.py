@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -44,19 +44,72 @@ class Overloaded(Exception):
     """The expert's queue is full; the caller should answer RESOURCE_EXHAUSTED."""
 
 
+class Parts:
+    """The outcomes of several tasks (the parts of one packed call), each task's ``future`` one
+    :meth:`part` of it: a lighter stand-in for a concurrent.futures.Future per task, which is a condition
+    variable and a list of callbacks each (a packed call queues a part per expert, hundreds a step).
+    ``on_done`` is called once, in the thread that settles the last part; :meth:`cancel` makes the runtime
+    drop the parts that have not started (as cancelling their futures would)."""
+
+    __slots__ = ("outcomes", "cancelled", "_left", "_lock", "_on_done")
+
+    def __init__(self, count: int, on_done: Callable[[], None]):
+        self.outcomes: list = [None] * count  # each part's result (a list of tensors) or exception
+        self.cancelled = False
+        self._left = count
+        self._lock = threading.Lock()
+        self._on_done = on_done
+
+    def part(self, index: int) -> Part:
+        return Part(self, index)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _settle(self, index: int, outcome: object) -> None:
+        with self._lock:
+            self.outcomes[index] = outcome
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._on_done()
+
+
+class Part:
+    """One task's outcome in its :class:`Parts`: what the runtime calls of a task's future."""
+
+    __slots__ = ("_parts", "_index")
+
+    def __init__(self, parts: Parts, index: int):
+        self._parts, self._index = parts, index
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self._parts.cancelled
+
+    def set_result(self, result: list[torch.Tensor]) -> None:
+        self._parts._settle(self._index, result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._parts._settle(self._index, exception)
+
+
 @dataclasses.dataclass(slots=True)
 class Task:
     inputs: list[torch.Tensor]
     grad_outputs: list[torch.Tensor] | None  # None for forward
     rows: int  # size of the first dimension: results are split back along it
     num_tokens: int  # positions, rows x seq for sequence experts: what limits count
-    future: concurrent.futures.Future
+    future: concurrent.futures.Future | Part
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     peer: str = ""  # the caller as CallGuard.admit keys it; the influence limits count per peer
+    _shape_key: tuple | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def shape_key(self) -> tuple:
-        return tuple(tuple(t.shape[1:]) for t in self.inputs)
+        """The trailing shapes of the inputs (computed once: batches are formed by comparing them)."""
+        if self._shape_key is None:
+            self._shape_key = tuple(tuple(t.shape[1:]) for t in self.inputs)
+        return self._shape_key
 
 
 @dataclasses.dataclass(slots=True)
@@ -87,6 +140,9 @@ class Runtime:
             (uid, backward): _Queue(backend, backward)
             for uid, backend in backends.items() for backward in (False, True)
         }
+        if grouping:  # known up front: a group's pooled storage is sized for every expert of its kind
+            for backend in backends.values():
+                group_key(backend)
         # the queues holding tasks: the next batch is chosen among these, not among every queue (a node
         # may host thousands of experts, a step touch a hundred of them)
         self._ready: dict[int, _Queue] = {}
@@ -114,6 +170,8 @@ class Runtime:
         its queues, with what waits in them, and runs on ``backend`` from now on."""
         with self._cond:
             self._retired.discard(uid)
+            if self.grouping:
+                group_key(backend)
             for backward in (False, True):
                 queue = self._queues.get((uid, backward))
                 if queue is None:
@@ -140,17 +198,18 @@ class Runtime:
         queues = [self._queues.get((uid, backward)) for backward in (False, True)]
         return sum(q.num_tokens for q in queues if q is not None)
 
-    def submit(self, uid: str, task: Task) -> concurrent.futures.Future:
+    def submit(self, uid: str, task: Task) -> concurrent.futures.Future | Part:
         result = self.submit_many([(uid, task)])[0]
         if isinstance(result, Overloaded):
             raise result
         return result
 
-    def submit_many(self, items: list[tuple[str, Task]]) -> list[concurrent.futures.Future | Overloaded]:
+    def submit_many(self, items: list[tuple[str, Task]]
+                    ) -> list[concurrent.futures.Future | Part | Overloaded]:
         """Queue several tasks at once (a batched call's parts): the device thread sees all of them
         together, so that the parts of one call for many experts can run as one group. Each task's
         future, or the Overloaded its own submit would have raised (the others are queued all the same)."""
-        results: list[concurrent.futures.Future | Overloaded] = []
+        results: list[concurrent.futures.Future | Part | Overloaded] = []
         with self._cond:
             for uid, task in items:
                 queue = self._queues.get((uid, task.grad_outputs is not None))
@@ -331,6 +390,9 @@ class Runtime:
             nonlocal answered
             answered = True
             for (_, batch), member_outputs in zip(batches, outputs):
+                if len(batch) == 1:  # most members of a group: one caller's rows
+                    batch[0].future.set_result(list(member_outputs))
+                    continue
                 sizes = [t.rows for t in batch]
                 for task, result in zip(batch, zip(*(o.split(sizes) for o in member_outputs))):
                     task.future.set_result(list(result))

@@ -35,6 +35,10 @@ shape and dtype, its tokens, its values), queued and counted as a per-expert cal
 and fails alone with that call's status; what cannot be told apart part by part (the row counts do not
 add up to the tensor, a tensor that does not decode, too many parts) refuses the whole call. The outputs
 of the parts that succeeded come back in one tensor, each part's status beside it (:class:`PackedReply`).
+A packed call's decoding and its reply's encoding take one trip off the event loop each, unless the call
+is small (``INLINE_BYTES``). The parts of experts of one schema are checked once per call (the others as
+the first: ``ExpertBackend.packed_key``), and the parts' outcomes are one :class:`~dmoe.node.runtime.Parts`
+that wakes the call once: the node's work per part is a few dictionary and list operations.
 
 GetState streams an expert's parameters, optimizer state and version to another node (the layout
 and its checks are in :mod:`dmoe.node.transfer`). It passes the same guard; a node runs at most
@@ -61,7 +65,7 @@ from dmoe.core.logsafe import printable
 from dmoe.core.wire import DTYPES, deserialize, deserialize_plain, serialize, split_chunks
 from dmoe.node.backend import ExpertBackend, OutOfBounds
 from dmoe.node.guard import CallGuard, Refused
-from dmoe.node.runtime import Overloaded, Runtime, Task
+from dmoe.node.runtime import Overloaded, Parts, Runtime, Task
 from dmoe.node.stats import ExpertCounters
 from dmoe.node.transfer import export_state, state_chunks
 from dmoe.proto import expert_pb2 as pb
@@ -78,6 +82,9 @@ MAX_RANK = 64  # dimensions of a grad_output, checked before its shape is read
 # the event loop before parsing stays within about twice that of the largest Forward it accepts
 MAX_BATCH_PARTS = 1024
 MAX_BATCH_FIELDS = 32768
+# a packed call of at most this many bytes is decoded and its reply encoded on the event loop: that takes
+# microseconds, a trip to a worker thread and back longer
+INLINE_BYTES = 64 << 10
 # the calling peer's key from CallGuard.admit, set per call (each call runs in a task of its own):
 # the runtime counts each peer's optimizer steps with it (dmoe.node.influence)
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("dmoe_node_caller", default="")
@@ -391,15 +398,18 @@ class ExpertServicer:
         started = time.perf_counter()
         limit = self.max_batch_tokens
         request = parse_packed(data, backward=backward, max_batch_tokens=limit)
-        count = len(request.uids)
+        uids = list(request.uids)
+        count = len(uids)
         self.num_batched_parts += count
         rows = list(request.rows)
         shape = tuple(request.inputs.shape)
         results: list[torch.Tensor | RequestError | None] = [None] * count
         checked: dict[int, tuple[ExpertBackend, int]] = {}  # part -> (backend, tokens)
+        # the parts of experts of one packed_key pass alike: checked once, then tokens per row (per key)
+        passed: dict[int, int] = {}
         peer, admitted = _caller.get(), 0
         try:
-            for index, (uid, n) in enumerate(zip(request.uids, rows)):
+            for index, (uid, n) in enumerate(zip(uids, rows)):
                 if index:  # the call's own admission stands for its first part
                     try:
                         self.guard.admit_part(peer)
@@ -407,62 +417,96 @@ class ExpertServicer:
                         results[index] = RequestError(e.code, e.message)
                         continue
                     admitted += 1
+                backend = self.backends.get(uid)
+                key = None if backend is None else backend.packed_key
+                per_row = None if key is None else passed.get(key)
+                if per_row is not None and n * per_row <= limit:
+                    checked[index] = (backend, n * per_row)  # type: ignore[assignment]
+                    continue
                 try:
                     checked[index] = check_packed_part(self.backends, uid, (n, *shape[1:]), request,
                                                        backward=backward, max_batch_tokens=limit)
                 except RequestError as e:
                     results[index] = self._refused(uid, e)
+                    continue
+                if key is not None:
+                    passed[key] = checked[index][1] // n
             if checked:
-                await self._serve_packed(request, rows, checked, results, backward)
+                await self._serve_packed(request, uids, rows, checked, results, backward)
         finally:
             for _ in range(admitted):
                 self.guard.release_part(peer)
-        done = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
+        failed = [isinstance(r, RequestError) for r in results]  # else a tensor: every part ends as one
+        done = [i for i, bad in enumerate(failed) if not bad]
 
         def encode() -> pb.Tensor:
             return serialize(torch.cat([results[i] for i in done]), request.reply_compression)
 
         reply = pb.PackedReply(
-            codes=[0 if isinstance(r, torch.Tensor) else r.code.value[0] for r in results],
-            messages=["" if isinstance(r, torch.Tensor) else r.message for r in results])
+            codes=[r.code.value[0] if bad else 0 for r, bad in zip(results, failed)],  # type: ignore[union-attr]
+            messages=[r.message if bad else "" for r, bad in zip(results, failed)])  # type: ignore[union-attr]
         if done:
-            reply.outputs.CopyFrom(await asyncio.to_thread(encode))
+            small = len(data) <= INLINE_BYTES
+            reply.outputs.CopyFrom(encode() if small else await asyncio.to_thread(encode))
         seconds = time.perf_counter() - started
         for index in done:
-            self.counters[request.uids[index]].record_call(backward, checked[index][1], seconds)
+            self.counters[uids[index]].record_call(backward, checked[index][1], seconds)
         return reply
 
-    async def _serve_packed(self, request: pb.PackedRequest, rows: list[int],
+    async def _serve_packed(self, request: pb.PackedRequest, uids: list[str], rows: list[int],
                             checked: dict[int, tuple[ExpertBackend, int]],
                             results: list[torch.Tensor | RequestError | None], backward: bool) -> None:
         """Decode a packed call's tensors (off the event loop), check each checked part's values, queue the
-        parts in their experts' queues at once and put each one's output (or error) in ``results``."""
-        xs, gs, refused = await asyncio.to_thread(
-            decode_packed, request, rows, {i: backend for i, (backend, _) in checked.items()},
-            backward=backward, max_input_abs=self.max_input_abs, max_grad_abs=self.max_grad_abs)
+        parts in their experts' queues at once and put each one's output (or error) in ``results``. The
+        parts' outcomes are one :class:`Parts`, which wakes this call once, when the last is settled."""
+        def decode() -> PackedParts:
+            return decode_packed(request, rows, {i: backend for i, (backend, _) in checked.items()},
+                                 backward=backward, max_input_abs=self.max_input_abs,
+                                 max_grad_abs=self.max_grad_abs)
+
+        small = request.ByteSize() <= INLINE_BYTES
+        xs, gs, refused = decode() if small else await asyncio.to_thread(decode)
         for index, error in refused.items():
-            results[index] = error
-        submitted: list[tuple[int, Task]] = []
-        for index, (backend, num_tokens) in checked.items():
-            if isinstance(results[index], RequestError):
-                results[index] = self._refused(backend.uid, results[index])
-                continue
-            task = Task([xs[index]], None if gs is None else [gs[index]], rows[index], num_tokens,
-                        concurrent.futures.Future(), peer=_caller.get())
-            submitted.append((index, task))
-        waiting: dict[int, concurrent.futures.Future] = {}
-        queued_all = self.runtime.submit_many([(request.uids[i], task) for i, task in submitted])
-        for (index, _), queued in zip(submitted, queued_all):
-            if isinstance(queued, Overloaded):
-                results[index] = self._refused(request.uids[index], RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, str(queued)))
-            else:
-                waiting[index] = queued
-        if not waiting:
+            results[index] = self._refused(uids[index], error)
+        submitted = [index for index in checked if index not in refused]
+        if not submitted:
             return
-        outputs = await _all_done(list(waiting.values()))
-        for index, output in zip(waiting, outputs):
-            uid = request.uids[index]
+        loop = asyncio.get_running_loop()
+        all_done = loop.create_future()
+
+        def settle() -> None:
+            if not all_done.done():
+                all_done.set_result(None)
+
+        def on_done() -> None:  # in the runtime thread (or here, if every part was refused)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        parts, peer, now = Parts(len(submitted), on_done), _caller.get(), time.monotonic()
+        items = [(uids[index], Task([xs[index]], None if gs is None else [gs[index]], rows[index],
+                                    checked[index][1], parts.part(k), enqueued_at=now, peer=peer))
+                 for k, index in enumerate(submitted)]
+        for k, ((uid, task), queued) in enumerate(zip(items, self.runtime.submit_many(items))):
+            if isinstance(queued, Overloaded):
+                results[submitted[k]] = self._refused(uid, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                        str(queued)))
+                task.future.set_exception(queued)  # settled: the others' wait does not wait for it
+        try:
+            await all_done
+        except asyncio.CancelledError:  # the call's deadline, the caller gone: drop what has not run
+            parts.cancel()
+            raise
+        for index, output in zip(submitted, parts.outcomes):
+            if results[index] is not None:  # refused by its queue
+                continue
+            if type(output) is list and len(output) == 1:  # the common case, checked with the fewest steps
+                out, x = output[0], xs[index]
+                if out.dtype == x.dtype and out.shape == x.shape:
+                    results[index] = out
+                    continue
+            uid = uids[index]
             if isinstance(output, BaseException):
                 self.counters[uid].errors += 1
                 results[index] = RequestError(grpc.StatusCode.INTERNAL,
@@ -954,20 +998,23 @@ def decode_packed(request: pb.PackedRequest, rows: list[int], checked: Mapping[i
     part in ``checked`` (those that passed check_packed_part) its rows: inputs, output gradients (backward)
     and, for parts whose values are not finite or out of the node's bounds, the RequestError their own call
     would get (all the values checked at once; part by part only if that finds a bad one)."""
-    starts = [0]
-    for n in rows:
-        starts.append(starts[-1] + n)
     try:  # decoded only up to the rows declared (parse_packed: they are the tensors' first dimension)
-        numel = starts[-1] * math.prod(request.inputs.shape[1:])
+        numel = sum(rows) * math.prod(request.inputs.shape[1:])
         inputs = deserialize(request.inputs, max_numel=numel)
         grads = deserialize(request.grad_outputs, max_numel=numel) if backward else None
     except ValueError as e:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable PackedRequest: {e}") from None
-    xs = {i: inputs[starts[i]:starts[i + 1]] for i in checked}
-    gs = {i: grads[starts[i]:starts[i + 1]] for i in checked} if grads is not None else None
+    input_rows = inputs.split(rows)  # one view per part
+    xs = {i: input_rows[i] for i in checked}
+    gs = None
+    if grads is not None:
+        grad_rows = grads.split(rows)
+        gs = {i: grad_rows[i] for i in checked}
+    whole = len(checked) == len(rows)  # every part's values: the tensors as they are
     refused: dict[int, RequestError] = {}
-    for values, what, bound in ((xs, "inputs", max_input_abs), (gs, "grad_outputs", max_grad_abs)):
-        if values is None or _all_within(list(values.values()), bound):
+    for values, tensor, what, bound in ((xs, inputs, "inputs", max_input_abs),
+                                        (gs, grads, "grad_outputs", max_grad_abs)):
+        if values is None or _all_within([tensor] if whole else list(values.values()), bound):
             continue
         for i in values:
             if i in refused:

@@ -1,6 +1,6 @@
 """The device path of a backend: the same results on CUDA as on the CPU (runs where a GPU is lent):
 plain, under bf16 and fp16 autocast, through pinned memory and the copy stream, in the runtime that stages
-the next batch while one computes, and batches sized by the device's memory."""
+the next batch while one computes, batches sized by the device's memory, and a pooled group."""
 
 import concurrent.futures
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dmoe.core.recordrules import MIN_BATCH_TOKENS
-from dmoe.node import devicepath
+from dmoe.node import devicepath, grouped
 from dmoe.node.backend import ExpertBackend
 from dmoe.node.config import NodeConfig
 from dmoe.node.experts import (
@@ -130,3 +130,25 @@ def test_batches_are_sized_by_free_cuda_memory():
     assert backends["ffn.0"].max_numel == sized.max_batch_tokens * 64
     # given, the option is kept
     assert sized_batch_config(config, frozenset({"max_batch_tokens"}), backends) is config
+
+
+@needs_cuda
+def test_a_pooled_group_on_cuda_matches_each_expert_alone_on_the_cpu():
+    config = NodeConfig(expert_cls="ffn", hidden_dim=64, lr=1e-3)
+    uids = [f"ffn.{i}" for i in range(5)]
+    gpu = [build_backend(uid, config, torch.device("cuda")) for uid in uids]
+    cpu = [build_backend(uid, config, torch.device("cpu")) for uid in uids]
+    for _ in range(2):
+        xs = [[torch.randn(1 + i, 64)] for i in range(len(uids))]
+        gs = [[torch.randn(1 + i, 64)] for i in range(len(uids))]
+        for out, b, x in zip(grouped.forward(gpu, xs), cpu, xs):
+            torch.testing.assert_close(out[0], b.forward(x)[0], rtol=1e-3, atol=1e-4)
+        replies = []
+        assert grouped.backward(gpu, xs, gs, reply=replies.append) == [True] * len(uids)
+        for reply, b, x, g in zip(replies[0], cpu, xs, gs):
+            torch.testing.assert_close(reply[0], b.backward(x, g)[0], rtol=1e-3, atol=1e-4)
+    assert gpu[0].pooled is not None and gpu[0].pooled.chunk.params.is_cuda
+    for a, b in zip(gpu, cpu):
+        assert a.version == b.version == 2
+        for p, q in zip(a.module.parameters(), b.module.parameters()):
+            torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-3, atol=1e-4)

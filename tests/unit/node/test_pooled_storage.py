@@ -1,0 +1,201 @@
+"""Pooled storage of grouped experts (dmoe.node.pool): a pooled expert's parameters and Adam state are views
+of its pool's rows, so what reads or writes them in place (its own calls, torch's own step, averaging)
+and what replaces them (checkpoint loads, state transfer, a parameter given new storage) must leave a
+grouped expert exactly where the same expert run alone would be."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+
+import pytest
+import torch
+from swarm_fixtures import wait_for
+
+from dmoe.core.experts import create_expert
+from dmoe.node import grouped
+from dmoe.node.averaging import blend
+from dmoe.node.backend import ExpertBackend
+from dmoe.node.runtime import Runtime, Task
+
+pytestmark = pytest.mark.timeout(60)
+HIDDEN = 8
+
+
+def backend(uid: str, lr: float = 1e-2) -> ExpertBackend:
+    """An ffn expert with Adam (pooled when grouped); ``lr`` sets its group key apart from other tests'."""
+    module, schema = create_expert("ffn", uid=uid, hidden_dim=HIDDEN, inner_dim=2 * HIDDEN)
+    return ExpertBackend(uid, module=module, input_schema=schema, device=torch.device("cpu"),
+                         make_optimizer=lambda params: torch.optim.Adam(params, lr=lr), expert_cls="ffn",
+                         optimizer_name="adam", max_grad_norm=1.0, max_batch_tokens=4096)
+
+
+def batch(generator: torch.Generator, rows: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [torch.randn(rows, HIDDEN, generator=generator)], [torch.randn(rows, HIDDEN, generator=generator)]
+
+
+def group_step(members: list[ExpertBackend], batches: list[tuple[list, list]]) -> list[list[torch.Tensor]]:
+    replies: list = []
+    assert grouped.backward(members, [x for x, _ in batches], [g for _, g in batches],
+                            reply=replies.append) == [True] * len(members)
+    return replies[0]
+
+
+def assert_same(a: ExpertBackend, b: ExpertBackend) -> None:
+    """The same parameters, optimizer state (as a checkpoint holds it) and version."""
+    a_tensors, a_meta = a.state_tensors()
+    b_tensors, b_meta = b.state_tensors()
+    assert a_meta["version"] == b_meta["version"] and a_tensors.keys() == b_tensors.keys()
+    for name in a_tensors:
+        torch.testing.assert_close(a_tensors[name], b_tensors[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_grouped_expert_keeps_its_state_in_its_pool_row_and_matches_one_run_alone():
+    members = [backend(f"p.{i}") for i in range(4)]
+    alone = backend("p.1")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batches = [batch(generator) for _ in members]
+        group_step(members, batches)
+        alone.backward(*batches[1])
+    pooled = members[1].pooled
+    assert pooled is not None
+    storage = pooled.chunk.params.untyped_storage().data_ptr()
+    params = list(members[1].module.parameters())
+    assert all(p.untyped_storage().data_ptr() == storage for p in params)
+    for p in params:  # torch keeps the state where it always does, its tensors views of the pool's rows
+        state = members[1].optimizer.state[p]
+        for slot, pooled_tensor in (("exp_avg", pooled.chunk.exp_avg), ("step", pooled.chunk.steps)):
+            assert state[slot].untyped_storage().data_ptr() == pooled_tensor.untyped_storage().data_ptr()
+    assert_same(members[1], alone)
+
+
+def test_steps_alone_between_grouped_steps_and_before_the_first_write_into_the_same_state():
+    """Torch's own step on the pooled views (a member that runs alone) and a member that stepped alone
+    before it was ever grouped (its state torch's own, taken into the pool) give what steps alone give."""
+    members = [backend(f"q.{i}") for i in range(3)]
+    reference = [backend(f"q.{i}") for i in range(3)]
+    generator = torch.Generator().manual_seed(1)
+    first = batch(generator)
+    members[2].backward(*first)  # stepped alone before any group
+    reference[2].backward(*first)
+    for step in range(4):
+        batches = [batch(generator) for _ in members]
+        if step == 2:  # each runs alone this time, through torch's own Adam on the pooled tensors
+            for member, ref, b in zip(members, reference, batches):
+                member.backward(*b)
+                ref.backward(*b)
+            continue
+        replies = group_step(members, batches)
+        for ref, b, reply in zip(reference, batches, replies):
+            torch.testing.assert_close(reply[0], ref.backward(*b)[0], rtol=1e-4, atol=1e-6)
+    for member, ref in zip(members, reference):
+        assert_same(member, ref)
+
+
+def test_a_checkpoint_or_transferred_state_loaded_into_a_pooled_expert_is_what_it_steps_from():
+    members = [backend(f"r.{i}") for i in range(3)]
+    donor = backend("r.0")
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        group_step(members, [batch(generator) for _ in members])
+    for _ in range(5):  # another history: other parameters, moments and step counts
+        donor.backward(*batch(generator))
+    tensors, metadata = donor.state_tensors()
+
+    def load(into: ExpertBackend) -> None:  # copies into the parameters, replaces the optimizer's state
+        into.load_state_tensors({k: v.clone() for k, v in tensors.items()}, metadata)  # (which keeps them)
+
+    load(members[0])
+    loaded = backend("r.0")
+    load(loaded)
+    assert_same(members[0], loaded)
+    for _ in range(2):  # and again: the state it loaded is pooled in turn
+        batches = [batch(generator) for _ in members]
+        expected = loaded.backward(*batches[0])[0]  # which leaves its inputs requiring grad: no matter
+        torch.testing.assert_close(group_step(members, batches)[0][0], expected, rtol=1e-4, atol=1e-6)
+        assert_same(members[0], loaded)
+        load(members[0])
+        load(loaded)
+
+
+def test_a_blend_and_a_parameter_given_new_storage_reach_the_next_group():
+    members = [backend(f"s.{i}") for i in range(3)]
+    generator = torch.Generator().manual_seed(3)
+    group_step(members, [batch(generator) for _ in members])
+    theirs = {k: v + 0.25 for k, v in backend("s.1").module.state_dict().items()}
+    blend(members[1], theirs, max_distance=1e9)  # replica averaging moves the parameters in place
+    weight = next(members[2].module.parameters())
+    with torch.no_grad():
+        weight.data = weight.detach() * 2  # new storage: the pool's row no longer holds this parameter
+    xs = [batch(generator)[0] for _ in members]
+    outputs = grouped.forward(members, xs)
+    for member, x, out in zip(members, xs, outputs):
+        torch.testing.assert_close(out[0], member.forward(x)[0], rtol=1e-5, atol=1e-6)
+    before = weight.detach().clone()
+    group_step(members, [batch(generator) for _ in members])
+    assert not torch.equal(weight.detach(), before)  # the step reached the parameter as it is now
+    assert members[2].pooled is not None
+    assert weight.untyped_storage().data_ptr() == members[2].pooled.chunk.params.untyped_storage().data_ptr()
+
+
+def test_a_group_whose_members_live_in_two_chunks_gathers_and_writes_back_each_in_its_own():
+    members = [backend(f"t.{i}", lr=3e-3) for i in range(20)]  # a key of their own: a pool of their own
+    reference = [backend(f"t.{i}", lr=3e-3) for i in range(20)]
+    generator = torch.Generator().manual_seed(4)
+    for group in (members[:3], members):  # three pooled first, in a chunk too small for the later 17
+        batches = [batch(generator, 1 + i % 3) for i in range(len(group))]
+        replies = group_step(group, batches)
+        for ref, b, reply in zip(reference, batches, replies):
+            torch.testing.assert_close(reply[0], ref.backward(*b)[0], rtol=1e-4, atol=1e-6)
+    chunks = {id(m.pooled.chunk) for m in members if m.pooled is not None}
+    assert len(chunks) == 2
+    for member, ref in zip(members, reference):
+        assert_same(member, ref)
+
+
+def test_a_dead_experts_row_is_taken_by_the_next():
+    members = [backend(f"u.{i}", lr=7e-3) for i in range(2)]
+    generator = torch.Generator().manual_seed(5)
+    group_step(members, [batch(generator) for _ in members])
+    assert members[1].pooled is not None
+    chunk, row = members[1].pooled.chunk, members[1].pooled.row
+    free = len(chunk.free)
+    del members[1]
+    gc.collect()
+    assert len(chunk.free) == free + 1
+    newcomer = backend("u.9", lr=7e-3)
+    group_step([members[0], newcomer], [batch(generator) for _ in range(2)])
+    assert newcomer.pooled is not None and (newcomer.pooled.chunk, newcomer.pooled.row) == (chunk, row)
+
+
+def test_a_runtimes_experts_of_one_kind_are_pooled_together_when_the_first_group_runs():
+    """Those of the group and the others the runtime hosts (their state moved as it is): one chunk, and
+    nothing of theirs kept twice."""
+    backends = {f"v.{i}": backend(f"v.{i}", lr=5e-3) for i in range(6)}
+    reference = {uid: backend(uid, lr=5e-3) for uid in backends}
+    generator = torch.Generator().manual_seed(6)
+    first = batch(generator)
+    backends["v.5"].backward(*first)  # stepped alone before: torch's own state
+    reference["v.5"].backward(*first)
+    runtime = Runtime(backends, max_batch_tokens=4096, max_queued_tokens=4096, batching=True, grouping=True)
+    xs = [batch(generator) for _ in range(3)]
+    futures = [runtime.submit(f"v.{i}", Task(x, g, 3, 3, concurrent.futures.Future()))
+               for i, (x, g) in enumerate(xs)]
+    runtime.start()
+    try:
+        for future, uid, (x, g) in zip(futures, backends, xs):
+            torch.testing.assert_close(future.result(30)[0], reference[uid].backward(x, g)[0],
+                                       rtol=1e-4, atol=1e-6)
+        wait_for(lambda: runtime.num_groups == 1 and runtime.num_batches == 3, 30, "the group counted")
+    finally:
+        runtime.shutdown(10)
+    chunks = {id(b.pooled.chunk) for b in backends.values() if b.pooled is not None}
+    assert len(chunks) == 1 and all(b.pooled is not None for b in backends.values())
+    pooled = backends["v.5"].pooled
+    for p in backends["v.5"].module.parameters():
+        assert p.untyped_storage().data_ptr() == pooled.chunk.params.untyped_storage().data_ptr()
+        moment = backends["v.5"].optimizer.state[p]["exp_avg"]
+        assert moment.untyped_storage().data_ptr() == pooled.chunk.exp_avg.untyped_storage().data_ptr()
+    for uid in backends:
+        assert_same(backends[uid], reference[uid])

@@ -36,9 +36,9 @@ class SwarmConfig:
                                         "known experts are used")
     # a cold lookup of 256 tokens (bench_lookup.py: gating and the DHT reads of 64 prefix keys holding 4,096
     # records, 4 nodes and a coordinator) took 500-680 ms merging every peer's copy of each key and
-    # 250-350 ms merging the 2 nearest peers'. A narrow read misses a record only where the nearest peers joined after its node's
-    # last store and before the node's early beat for them (node/announcer.py); the background reads
-    # (cache_grace) merge every peer's copy and find it
+    # 250-350 ms merging the 2 nearest peers'. A narrow read misses a record only where the nearest peers
+    # joined after its node's last store and before the node's early beat for them (node/announcer.py);
+    # the background reads (cache_grace) merge every peer's copy and find it
     lookup_breadth: int = option(2, "how many of the DHT peers nearest each prefix key a lookup that a step "
                                     "waits for merges the copies of (0: hivemind's default, its bucket "
                                     "size, every peer of a small swarm; fewer is faster, and makes it "

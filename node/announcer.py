@@ -82,24 +82,27 @@ class Announcer:
 
     async def _loop(self, known: frozenset) -> None:
         """Beat every heartbeat interval, and early when peers not in ``known`` (the routing table at
-        the last beat) have joined."""
+        the last beat) have joined. A failed look at the routing table only means no early beat."""
         clock = asyncio.get_running_loop().time
         last = clock()  # of the last beat (or failed one)
         while True:
             await asyncio.sleep(max(0.0, min(self.join_look, last + self.heartbeat_interval - clock())))
             try:
                 peers = await self._peers()
-                now = clock()
-                early = not peers <= known and now >= last + self.heartbeat_interval / 4
-                if now < last + self.heartbeat_interval and not early:
-                    continue
-                if early and now < last + self.heartbeat_interval:
-                    self.num_early_beats += 1
-                    logger.debug("%d DHT peers joined: beating early", len(peers - known))
-                known, last = peers, now
+            except Exception as e:
+                peers = known
+                logger.debug("could not read the DHT routing table (%s: %s)", type(e).__name__, e)
+            now = clock()
+            early = not peers <= known and now >= last + self.heartbeat_interval / 4
+            if now < last + self.heartbeat_interval and not early:
+                continue
+            if early and now < last + self.heartbeat_interval:
+                self.num_early_beats += 1
+                logger.debug("%d DHT peers joined: beating early", len(peers - known))
+            known, last = peers, now
+            try:
                 await self.beat()
             except Exception:
-                last = clock()
                 logger.exception("DHT heartbeat failed; will retry in %.0fs", self.heartbeat_interval)
 
     async def stop(self) -> None:

@@ -64,3 +64,39 @@ def test_peers_joining_bring_early_beats_at_most_once_per_quarter_heartbeat():
 async def _beaten_since(beats: list[float], since: float) -> None:
     while not beats or beats[-1] < since:
         await asyncio.sleep(0.05)
+
+
+def test_a_routing_table_that_cannot_be_read_leaves_the_heartbeat_as_it_was(caplog):
+    peer = DHTPeer().start()
+    try:
+        async def run() -> int:
+            announcer = Announcer(peer, records, heartbeat_interval=0.5, record_ttl=60.0, join_look=0.05)
+            looks = 0
+            read = announcer._peers
+
+            async def failing() -> frozenset:  # the first look (at start) works, every later one fails
+                nonlocal looks
+                looks += 1
+                if looks > 1:
+                    raise RuntimeError("the routing table is gone")
+                return await read()
+
+            announcer._peers = failing  # type: ignore[method-assign]
+            await announcer.start()
+            try:
+                # beats go on at the heartbeat interval (each one a real store on the DHT peer)
+                await asyncio.wait_for(_beats(announcer, 4), 30)
+                return looks
+            finally:
+                await announcer.stop()
+
+        looks = asyncio.run(run())
+        assert looks > 4  # the table was looked at (and failed) between the beats
+        assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    finally:
+        peer.shutdown()
+
+
+async def _beats(announcer: Announcer, count: int) -> None:
+    while announcer.num_beats < count:
+        await asyncio.sleep(0.05)

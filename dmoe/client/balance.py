@@ -92,6 +92,16 @@ class ReplicaBalancer:
         with self._lock:
             return self._per_expert.get((endpoint, uid))
 
+    def expected_if_measured(self, endpoint: str, uid: str, record: ExpertRecord,
+                             tokens: int) -> float | None:
+        """:meth:`expected_seconds` of one replica (``record``, at ``endpoint``) for ``tokens`` tokens if
+        ``uid`` is measured there, else None; in one look (a step asks it for each of its calls)."""
+        with self._lock:
+            measured = self._per_expert.get((endpoint, uid))
+            if measured is None:
+                return None
+            return (max(0, record.queued_tokens) + self._in_flight.get(endpoint, 0) + tokens) * measured
+
     def in_flight(self, endpoint: str) -> int:
         with self._lock:
             return self._in_flight.get(endpoint, 0)

@@ -353,7 +353,9 @@ class Dispatcher:
         step_end = started + forward_timeout
         answers = ForwardAnswers()
         failed_at: list[set[str]] = [set() for _ in jobs]  # endpoints that failed a job: not asked again
-        running: dict[asyncio.Task, _Attempt] = {}
+        running: dict[asyncio.Future, _Attempt] = {}  # each call in flight (its future) and its attempt
+        finished: list[asyncio.Future] = []  # calls of ``running`` that ended since the forward last looked
+        waiter: list[asyncio.Future] = []  # what the forward awaits: set by the first call to end
         parts: list[_Part] = []
         refused: list[tuple[ExpertCall, BaseException]] = []  # INVALID_ARGUMENT: judged once all are in
 
@@ -370,16 +372,31 @@ class Dispatcher:
                 call = ExpertCall.to(record, job.inputs, job.token_ids)
             else:
                 call = ExpertCall.to(record, job.inputs[part.rows], job.token_ids[part.rows])
-            patience = math.inf
-            if self.balancer.measured(record.dial_endpoint, job.uid) is not None:
-                expected = self.balancer.expected_seconds([record], tokens)[0]
-                patience = max(MIN_PATIENCE, PATIENCE_FACTOR * expected)
+            expected = self.balancer.expected_if_measured(record.dial_endpoint, job.uid, record, tokens)
+            patience = math.inf if expected is None else max(MIN_PATIENCE, PATIENCE_FACTOR * expected)
             self.balancer.begin(call.endpoint, tokens)  # now: the next choices of this step see it
-            task = asyncio.create_task(self._timed(call, max(0.001, step_end - now), finite))
-            # ended however it ends (even cancelled before it ran): no longer in flight
-            task.add_done_callback(lambda _, endpoint=call.endpoint: self.balancer.end(endpoint, tokens))
-            running[task] = _Attempt(part, call, now, now + patience)
-            part.running.add(task)
+            # one future per call: a request's own in its node's batched call (no task), else its task;
+            # in flight for the balancer from now to its end, its time observed when it answers (not
+            # the first call on a new channel, which pays for connecting)
+            fresh = (call.endpoint, call.tls) not in self._channels
+            shares: list[float] = []  # of the batched calls it went in (none: calls of its own)
+            future = self._start(call, max(0.001, step_end - now), False, shares, finite)
+            begun = time.monotonic()
+            attempt = _Attempt(part, call, now, now + patience)
+
+            def ended(future: asyncio.Future) -> None:  # however it ends (even cancelled before it ran)
+                self.balancer.end(call.endpoint, tokens)
+                if not fresh and not future.cancelled() and future.exception() is None:
+                    share = min(1.0, sum(shares)) if shares else 1.0
+                    self.balancer.observe(call.endpoint, call.uid, tokens, (time.monotonic() - begun) * share)
+                if running.get(future) is attempt:
+                    finished.append(future)
+                    if waiter and not waiter[0].done():
+                        waiter[0].set_result(None)
+
+            future.add_done_callback(ended)
+            running[future] = attempt
+            part.running.add(future)
             part.tried.add(record.dial_endpoint)
 
         def check(part: _Part, call: ExpertCall, output: torch.Tensor) -> None:
@@ -403,13 +420,14 @@ class Dispatcher:
         finite = _all_finite([job.inputs for job in jobs])  # else each call checks its own (and is not sent)
         now = time.monotonic()
         for index, job in enumerate(jobs):
-            whole = _Part(index, torch.arange(job.inputs.shape[0]))
-            plan = self.balancer.plan(usable(whole), int(job.inputs.shape[0]))
+            tokens = int(job.inputs.shape[0])
+            whole = _Part(index, torch.arange(tokens))
+            plan = self.balancer.plan(usable(whole), tokens)
             if not plan:
                 parts.append(whole)  # no replica to ask: lost
             offset = 0
-            for record, count in plan:
-                part = _Part(index, torch.arange(offset, offset + count))
+            for record, count in plan:  # one replica for all the rows (the usual case): the whole part
+                part = whole if count == tokens else _Part(index, torch.arange(offset, offset + count))
                 offset += count
                 parts.append(part)
                 launch(part, record, now)
@@ -419,18 +437,28 @@ class Dispatcher:
         enough_T = candidates_T.clamp(max=enough) if enough > 0 else None
         answered_T = torch.zeros(num_tokens, dtype=torch.long)
         quorum_at, satisfied = None, False
+        loop = asyncio.get_running_loop()
         while running:
             now = time.monotonic()
             deadline = step_end if quorum_at is None else min(step_end, quorum_at + timeout_after_k_min)
             if now >= deadline:
                 break
-            wake = min([deadline] + [a.patience_at for a in running.values() if not a.part.spared])
-            done, _ = await asyncio.wait(set(running), timeout=max(0.0, wake - now),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            patience_at = min((a.patience_at for a in running.values() if not a.part.spared),
+                              default=math.inf)
+            # until a call ends (its callback sets the waiter), the deadline, or a patience runs out
+            waiter[:] = [loop.create_future()]
+            timer = loop.call_later(max(0.0, min(deadline, patience_at) - now), _release, waiter[0])
+            try:
+                await waiter[0]
+            finally:
+                timer.cancel()
             now = time.monotonic()
             answered_ids = []  # token ids of the answers of this wake-up, counted at once
+            done, finished[:] = finished[:], []
             for task in done:
-                attempt = running.pop(task)
+                attempt = running.pop(task, None)
+                if attempt is None:  # already dropped (a spare overtaken in this wake-up)
+                    continue
                 part, call = attempt.part, attempt.call
                 part.running.discard(task)
                 try:
@@ -461,8 +489,8 @@ class Dispatcher:
                 part.running.clear()
             if answered_ids:
                 answered_T += _token_counts(answered_ids, num_tokens)
-            for attempt in list(running.values()):  # past its patience: ask another replica too
-                part = attempt.part
+            for attempt in list(running.values()) if now >= patience_at else ():  # past its patience:
+                part = attempt.part  # ask another replica too (a call launched since has patience left)
                 if not part.done and not part.spared and now >= attempt.patience_at:
                     part.spared = True
                     fail_over(part, now, deadline)
@@ -479,11 +507,13 @@ class Dispatcher:
                 self.balancer.observe(attempt.call.endpoint, attempt.call.uid,
                                       int(attempt.part.rows.shape[0]), now - attempt.started)
                 on_result(attempt.call, Late("no answer within the forward's deadline"))
+        running.clear()
         judge_refusals(refused, bool(answers.parts), on_result)
-        for index in range(len(jobs)):
-            undone = [p for p in parts if p.job == index and not p.done]
-            if not undone:
-                continue
+        undone_of: dict[int, list[_Part]] = {}  # the parts of each job left without an answer
+        for part in parts:
+            if not part.done:
+                undone_of.setdefault(part.job, []).append(part)
+        for undone in undone_of.values():
             if satisfied and all(id(p) in cut for p in undone):
                 answers.num_unneeded += 1
             else:
@@ -497,6 +527,24 @@ class Dispatcher:
     ) -> dict[int, torch.Tensor]:
         """Input gradients of the calls that answered in time and well, by index in ``calls``."""
         return self.run(self._backward(calls, backward_timeout, on_result))
+
+    def _start(self, call: ExpertCall, timeout: float, backward: bool, shares: list[float] | None = None,
+               finite: bool = False) -> asyncio.Future:
+        """:meth:`_call` started: the future of its outputs (cancelling it cancels the call). A call of one
+        request to a node it already talks to in batched calls is that request's own future in the node's
+        queue (no task, no coroutine: a step has hundreds of them); anything else runs :meth:`_call` in a
+        task."""
+        if (self.batch_per_node and int(call.inputs.shape[0]) <= max(1, call.max_tokens)
+                and (call.endpoint, call.tls) in self._channels and self._batching(call.endpoint, call.tls)):
+            try:
+                _check_finite(call, call.inputs, call.grad_outputs, backward, finite)
+            except LocalInputError as e:
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(e)
+                return failed
+            return self._enqueue(call, call.inputs, call.grad_outputs, timeout, backward, shares)
+        return asyncio.ensure_future(self._call(call, timeout, backward=backward, shares=shares,
+                                                finite=finite))
 
     async def _call(self, call: ExpertCall, timeout: float, *, backward: bool,
                     shares: list[float] | None = None, finite: bool = False) -> torch.Tensor:
@@ -780,13 +828,17 @@ class Dispatcher:
         results: list[torch.Tensor | BaseException] = []
         outputs: list[torch.Tensor] = []
         failure: BaseException = WireError("no outputs in a packed reply")
+        within = False  # the answered parts' values are known to be finite and within max_reply_abs
         if answered:
             sizes = [int(likes[i].shape[0]) for i in answered]
             like = torch.empty((sum(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device="meta")
             try:
-                outputs = list(_decoded([reply.outputs], like).split(sizes))
+                decoded = _decoded([reply.outputs], like)
             except ValueError as e:  # the answered parts' outputs do not decode: each of them failed
                 failure = e
+            else:  # checked whole (one op, not a cat of the parts): part by part only if out of bounds
+                within = _within([decoded], self.max_reply_abs)
+                outputs = list(decoded.split(sizes))
         given = iter(outputs)
         for queued, code, message in zip(group, reply.codes, reply.messages):
             if queued.shares is not None:
@@ -796,13 +848,15 @@ class Dispatcher:
                 results.append(PartFailed(status, message or f"status {code}"))
             else:
                 results.append(next(given) if outputs else failure)
+        if within:  # the answered parts' values, all in one tensor, were checked at once
+            return results
         return _bounded(results, self.max_reply_abs)
 
     async def _backward(self, calls, backward_timeout, on_result):
         finite = _all_finite([c.inputs for c in calls] + [c.grad_outputs for c in calls
                                                           if c.grad_outputs is not None])
-        replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True, finite=finite)
-                                         for c in calls), return_exceptions=True)
+        replies = await asyncio.gather(*[self._start(c, backward_timeout, True, finite=finite)
+                                         for c in calls], return_exceptions=True)
         results = {}
         refused: list[tuple[ExpertCall, BaseException]] = []
         for index, (call, reply) in enumerate(zip(calls, replies)):
@@ -819,6 +873,11 @@ class Dispatcher:
                 results[index] = reply
         judge_refusals(refused, bool(results), on_result)
         return results
+
+
+def _release(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _bounded(results: list[torch.Tensor | BaseException], max_abs: float

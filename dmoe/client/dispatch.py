@@ -419,9 +419,11 @@ class Dispatcher:
 
         finite = _all_finite([job.inputs for job in jobs])  # else each call checks its own (and is not sent)
         now = time.monotonic()
+        # each job's rows 0, 1, ...: views of one range (an arange per job costs more)
+        ramp = torch.arange(max([int(job.inputs.shape[0]) for job in jobs], default=0))
         for index, job in enumerate(jobs):
             tokens = int(job.inputs.shape[0])
-            whole = _Part(index, torch.arange(tokens))
+            whole = _Part(index, ramp[:tokens])
             plan = self.balancer.plan(usable(whole), tokens)
             if not plan:
                 parts.append(whole)  # no replica to ask: lost
@@ -653,22 +655,27 @@ class Dispatcher:
         queued = [q for q in self._queued.pop(key, []) if not q.future.done()]
         for start in range(0, len(queued), MAX_BATCH_PARTS):
             group = queued[start:start + MAX_BATCH_PARTS]
-            task = asyncio.ensure_future(self._send_group(key, group))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            sent: list[asyncio.Task] = []  # the group's call, once made
             waiting = [len(group)]  # requests of the group not settled or withdrawn yet
 
-            def withdrawn(_: asyncio.Future, task: asyncio.Task = task, waiting: list[int] = waiting) -> None:
+            def withdrawn(_: asyncio.Future, sent: list[asyncio.Task] = sent, waiting: list[int] = waiting
+                          ) -> None:
                 waiting[0] -= 1
-                if waiting[0] == 0 and not task.done():  # nobody waits for it any more
-                    task.cancel()
+                if waiting[0] == 0 and not sent[0].done():  # nobody waits for it any more
+                    sent[0].cancel()
 
+            task = asyncio.ensure_future(self._send_group(key, group, withdrawn))
+            sent.append(task)
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
             for queued_request in group:
                 queued_request.future.add_done_callback(withdrawn)
 
-    async def _send_group(self, key: tuple[str, bool, bool], group: list[_Queued]) -> None:
+    async def _send_group(self, key: tuple[str, bool, bool], group: list[_Queued],
+                          withdrawn: Callable[[asyncio.Future], None] | None = None) -> None:
         """One call for a group of queued requests to one node (a request alone: its own call), each
-        request's future settled with its outputs or its error."""
+        request's future settled with its outputs or its error (``withdrawn``, the callback that
+        cancels the call once every request is withdrawn, taken off first: the call is over)."""
         endpoint, tls, backward = key
         loop = asyncio.get_running_loop()
         try:
@@ -690,6 +697,8 @@ class Dispatcher:
         for queued, result in zip(group, results):
             if queued.future.done():
                 continue
+            if withdrawn is not None:
+                queued.future.remove_done_callback(withdrawn)
             if isinstance(result, asyncio.CancelledError):
                 queued.future.cancel()
             elif isinstance(result, BaseException):
@@ -784,8 +793,8 @@ class Dispatcher:
                 or self._unpacked.lacks(endpoint, tls)):
             return False
         first = group[0].like
-        return first.dim() >= 2 and all(q.like.shape[1:] == first.shape[1:] and q.like.dtype == first.dtype
-                                        for q in group)
+        row, dtype = first.shape[1:], first.dtype
+        return first.dim() >= 2 and all(q.like.dtype == dtype and q.like.shape[1:] == row for q in group)
 
     async def _send_packed(self, endpoint: str, tls: bool, backward: bool,
                            group: list[_Queued]) -> list[torch.Tensor | BaseException] | None:
@@ -794,8 +803,9 @@ class Dispatcher:
         node without packed calls, then remembered), for a batched call to carry instead."""
         loop = asyncio.get_running_loop()
         likes = [q.like for q in group]
+        rows = [x.shape[0] for x in likes]
         inputs = torch.cat(likes) if len(likes) > 1 else likes[0]
-        request = pb.PackedRequest(uids=[q.call.uid for q in group], rows=[int(x.shape[0]) for x in likes],
+        request = pb.PackedRequest(uids=[q.call.uid for q in group], rows=rows,
                                    inputs=serialize(inputs, self.compression),
                                    reply_compression=self.compression)
         if backward:
@@ -803,10 +813,10 @@ class Dispatcher:
             request.grad_outputs.CopyFrom(serialize(torch.cat(grads) if len(grads) > 1 else grads[0],
                                                     self.compression))
         data = request.SerializeToString()
-        if len(data) > min(q.call.max_unary_bytes for q in group):
+        if len(data) > min([q.call.max_unary_bytes for q in group]):
             return None
         name = "BackwardPacked" if backward else "ForwardPacked"
-        timeout = max(0.001, max(q.deadline for q in group) - loop.time())
+        timeout = max(0.001, max([q.deadline for q in group]) - loop.time())
         try:
             reply_data = await self._stub(endpoint, tls)[name](data, timeout=timeout,
                                                                metadata=self._metadata(name))
@@ -822,15 +832,16 @@ class Dispatcher:
         if len(reply.codes) != len(group) or len(reply.messages) != len(group):
             raise WireError(f"a packed reply of {len(reply.codes)} parts to a call of {len(group)}")
         self._remember_batched(endpoint, tls)
-        tokens = sum(int(x.shape[0]) for x in likes)
+        tokens = sum(rows)
         ok = grpc.StatusCode.OK.value[0]
-        answered = [i for i, code in enumerate(reply.codes) if code == ok]
+        codes = list(reply.codes)
+        # the rows of the parts answered (all of them, as a rule)
+        sizes = rows if codes.count(ok) == len(codes) else [n for n, code in zip(rows, codes) if code == ok]
         results: list[torch.Tensor | BaseException] = []
         outputs: list[torch.Tensor] = []
         failure: BaseException = WireError("no outputs in a packed reply")
         within = False  # the answered parts' values are known to be finite and within max_reply_abs
-        if answered:
-            sizes = [int(likes[i].shape[0]) for i in answered]
+        if sizes:
             like = torch.empty((sum(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device="meta")
             try:
                 decoded = _decoded([reply.outputs], like)
@@ -840,12 +851,12 @@ class Dispatcher:
                 within = _within([decoded], self.max_reply_abs)
                 outputs = list(decoded.split(sizes))
         given = iter(outputs)
-        for queued, code, message in zip(group, reply.codes, reply.messages):
+        for index, (queued, n, code) in enumerate(zip(group, rows, codes)):
             if queued.shares is not None:
-                queued.shares.append(int(queued.like.shape[0]) / tokens)
+                queued.shares.append(n / tokens)
             if code != ok:
                 status = _STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
-                results.append(PartFailed(status, message or f"status {code}"))
+                results.append(PartFailed(status, reply.messages[index] or f"status {code}"))
             else:
                 results.append(next(given) if outputs else failure)
         if within:  # the answered parts' values, all in one tensor, were checked at once
@@ -949,7 +960,10 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     if not tensors:
         return True
     if len(tensors) > 1 and all(t.dtype == tensors[0].dtype for t in tensors):
-        tensors = [torch.cat([t.reshape(-1) for t in tensors])]
+        try:  # rows of one width (a step's are) join as they are: a reshape each costs more than the check
+            tensors = [torch.cat(tensors)]
+        except RuntimeError:  # other shapes: flattened first
+            tensors = [torch.cat([t.reshape(-1) for t in tensors])]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

@@ -352,7 +352,7 @@ class Dispatcher:
         started = time.monotonic()
         step_end = started + forward_timeout
         answers = ForwardAnswers()
-        failed_at: list[set[str]] = [set() for _ in jobs]  # endpoints that failed a job: not asked again
+        failed_at: dict[int, set[str]] = {}  # by job: endpoints that failed it, not asked again
         running: dict[asyncio.Future, _Attempt] = {}  # each call in flight (its future) and its attempt
         finished: list[asyncio.Future] = []  # calls of ``running`` that ended since the forward last looked
         waiter: list[asyncio.Future] = []  # what the forward awaits: set by the first call to end
@@ -362,7 +362,7 @@ class Dispatcher:
         def usable(part: _Part) -> list[ExpertRecord]:
             uid = jobs[part.job].uid
             return [r for r in jobs[part.job].replicas
-                    if r.dial_endpoint and r.dial_endpoint not in failed_at[part.job]
+                    if r.dial_endpoint and r.dial_endpoint not in failed_at.get(part.job, ())
                     and r.dial_endpoint not in part.tried and not (avoided and avoided(r.dial_endpoint, uid))]
 
         def launch(part: _Part, record: ExpertRecord, now: float) -> None:
@@ -385,10 +385,10 @@ class Dispatcher:
             attempt = _Attempt(part, call, now, now + patience)
 
             def ended(future: asyncio.Future) -> None:  # however it ends (even cancelled before it ran)
-                self.balancer.end(call.endpoint, tokens)
+                seconds = None
                 if not fresh and not future.cancelled() and future.exception() is None:
-                    share = min(1.0, sum(shares)) if shares else 1.0
-                    self.balancer.observe(call.endpoint, call.uid, tokens, (time.monotonic() - begun) * share)
+                    seconds = (time.monotonic() - begun) * (min(1.0, sum(shares)) if shares else 1.0)
+                self.balancer.end(call.endpoint, tokens, uid=call.uid, seconds=seconds)
                 if running.get(future) is attempt:
                     finished.append(future)
                     if waiter and not waiter[0].done():
@@ -404,7 +404,7 @@ class Dispatcher:
             job = jobs[part.job]
             others = [r for r in job.replicas
                       if r.dial_endpoint and r.dial_endpoint != call.endpoint
-                      and r.dial_endpoint not in failed_at[part.job]
+                      and r.dial_endpoint not in failed_at.get(part.job, ())
                       and not (avoided and avoided(r.dial_endpoint, job.uid))]
             if others and spot_check.wants(job.uid):
                 spot_check.start(job.uid, call.endpoint, output, call.inputs, call.token_ids, others,
@@ -467,7 +467,7 @@ class Dispatcher:
                     output = task.result()
                 except Exception as e:  # whatever went wrong, it is that replica's failure, not the step's
                     _log_failure("forward", call, e)
-                    failed_at[part.job].add(call.endpoint)
+                    failed_at.setdefault(part.job, set()).add(call.endpoint)
                     if is_refusal(e):
                         refused.append((call, e))
                     else:
@@ -841,8 +841,9 @@ class Dispatcher:
         outputs: list[torch.Tensor] = []
         failure: BaseException = WireError("no outputs in a packed reply")
         within = False  # the answered parts' values are known to be finite and within max_reply_abs
-        if sizes:
-            like = torch.empty((sum(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device="meta")
+        if sizes:  # outputs of the inputs' shape: the inputs' (all parts answered), else of fewer rows
+            like = inputs if sizes is rows else torch.empty((sum(sizes), *inputs.shape[1:]),
+                                                            dtype=inputs.dtype, device="meta")
             try:
                 decoded = _decoded([reply.outputs], like)
             except ValueError as e:  # the answered parts' outputs do not decode: each of them failed
@@ -866,8 +867,7 @@ class Dispatcher:
     async def _backward(self, calls, backward_timeout, on_result):
         finite = _all_finite([c.inputs for c in calls] + [c.grad_outputs for c in calls
                                                           if c.grad_outputs is not None])
-        replies = await asyncio.gather(*[self._start(c, backward_timeout, True, finite=finite)
-                                         for c in calls], return_exceptions=True)
+        replies = await _settled([self._start(c, backward_timeout, True, finite=finite) for c in calls])
         results = {}
         refused: list[tuple[ExpertCall, BaseException]] = []
         for index, (call, reply) in enumerate(zip(calls, replies)):
@@ -884,6 +884,30 @@ class Dispatcher:
                 results[index] = reply
         judge_refusals(refused, bool(results), on_result)
         return results
+
+
+async def _settled(futures: list[asyncio.Future]) -> list[Any]:
+    """Each future's result or exception (a CancelledError for one cancelled), once all are done, as
+    ``asyncio.gather(..., return_exceptions=True)`` gives them, with one counter for all; cancelled, it
+    cancels them."""
+    waiter = asyncio.get_running_loop().create_future()
+    left = [len(futures)]
+
+    def one_done(_: asyncio.Future) -> None:
+        left[0] -= 1
+        if left[0] == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    if futures:
+        for future in futures:
+            future.add_done_callback(one_done)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+    return [asyncio.CancelledError() if f.cancelled() else f.exception() or f.result() for f in futures]
 
 
 def _release(waiter: asyncio.Future) -> None:

@@ -419,11 +419,14 @@ class Dispatcher:
 
         finite = _all_finite([job.inputs for job in jobs])  # else each call checks its own (and is not sent)
         now = time.monotonic()
-        # each job's rows 0, 1, ...: views of one range (an arange per job costs more)
-        ramp = torch.arange(max([int(job.inputs.shape[0]) for job in jobs], default=0))
+        # each job's rows 0, 1, ...: one tensor for the jobs of one size (an arange per job costs more)
+        ramps: dict[int, torch.Tensor] = {}
         for index, job in enumerate(jobs):
             tokens = int(job.inputs.shape[0])
-            whole = _Part(index, ramp[:tokens])
+            ramp = ramps.get(tokens)
+            if ramp is None:
+                ramp = ramps[tokens] = torch.arange(tokens)
+            whole = _Part(index, ramp)
             plan = self.balancer.plan(usable(whole), tokens)
             if not plan:
                 parts.append(whole)  # no replica to ask: lost

@@ -310,9 +310,9 @@ class Dispatcher:
                                       on_result, enough, avoided, spot_check))
 
     async def _timed(self, call: ExpertCall, timeout: float, finite: bool = False) -> torch.Tensor:
-        """One forward call (in flight for the balancer from its launch to its end), its time observed
-        by the balancer when it answers; not the first call on a new channel, which pays for connecting.
-        ``finite``: its inputs are known to be finite (checked with the step's others)."""
+        """A spot check's forward call, its time observed by the balancer when it answers; not the first
+        call on a new channel, which pays for connecting (a step's own calls are timed alike by the
+        forward, without a coroutine each). ``finite``: its inputs are known to be finite."""
         tokens = int(call.inputs.shape[0])
         fresh = (call.endpoint, call.tls) not in self._channels
         begun = time.monotonic()

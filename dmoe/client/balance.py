@@ -63,34 +63,51 @@ class ReplicaBalancer:
     def observe(self, endpoint: str, uid: str, tokens: int, seconds: float) -> None:
         """A call of ``tokens`` tokens of ``uid`` at ``endpoint`` took ``seconds`` (or at least that
         long: a call cut off late is observed with its time so far)."""
+        with self._lock:
+            self._observe(endpoint, uid, tokens, seconds)
+
+    def _observe(self, endpoint: str, uid: str, tokens: int, seconds: float) -> None:
+        """:meth:`observe`, the lock held."""
         if tokens <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
         measured = seconds / tokens
-        with self._lock:
-            for table, key in ((self._per_expert, (endpoint, uid)), (self._per_endpoint, endpoint)):
-                old = table.pop(key, None)
-                table[key] = measured if old is None else (1 - self.alpha) * old + self.alpha * measured
-                if len(table) > self.max_entries:
-                    table.popitem(last=False)
+        for table, key in ((self._per_expert, (endpoint, uid)), (self._per_endpoint, endpoint)):
+            old = table.pop(key, None)
+            table[key] = measured if old is None else (1 - self.alpha) * old + self.alpha * measured
+            if len(table) > self.max_entries:
+                table.popitem(last=False)
 
     def begin(self, endpoint: str, tokens: int) -> None:
         """``tokens`` were just sent to ``endpoint``."""
         with self._lock:
             self._in_flight[endpoint] = self._in_flight.get(endpoint, 0) + tokens
 
-    def end(self, endpoint: str, tokens: int) -> None:
-        """The call of ``tokens`` to ``endpoint`` ended (answered, failed or cancelled)."""
+    def end(self, endpoint: str, tokens: int, *, uid: str = "", seconds: float | None = None) -> None:
+        """The call of ``tokens`` to ``endpoint`` ended (answered, failed or cancelled); with ``seconds``,
+        it answered for ``uid`` in that time, observed as :meth:`observe` does (in the same look)."""
         with self._lock:
             left = self._in_flight.get(endpoint, 0) - tokens
             if left > 0:
                 self._in_flight[endpoint] = left
             else:
                 self._in_flight.pop(endpoint, None)
+            if seconds is not None:
+                self._observe(endpoint, uid, tokens, seconds)
 
     def measured(self, endpoint: str, uid: str) -> float | None:
         """The moving average of seconds per token of ``uid`` at ``endpoint`` (None: not measured)."""
         with self._lock:
             return self._per_expert.get((endpoint, uid))
+
+    def expected_if_measured(self, endpoint: str, uid: str, record: ExpertRecord,
+                             tokens: int) -> float | None:
+        """:meth:`expected_seconds` of one replica (``record``, at ``endpoint``) for ``tokens`` tokens if
+        ``uid`` is measured there, else None; in one look (a step asks it for each of its calls)."""
+        with self._lock:
+            measured = self._per_expert.get((endpoint, uid))
+            if measured is None:
+                return None
+            return (max(0, record.queued_tokens) + self._in_flight.get(endpoint, 0) + tokens) * measured
 
     def in_flight(self, endpoint: str) -> int:
         with self._lock:

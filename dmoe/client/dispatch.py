@@ -310,9 +310,9 @@ class Dispatcher:
                                       on_result, enough, avoided, spot_check))
 
     async def _timed(self, call: ExpertCall, timeout: float, finite: bool = False) -> torch.Tensor:
-        """One forward call (in flight for the balancer from its launch to its end), its time observed
-        by the balancer when it answers; not the first call on a new channel, which pays for connecting.
-        ``finite``: its inputs are known to be finite (checked with the step's others)."""
+        """A spot check's forward call, its time observed by the balancer when it answers; not the first
+        call on a new channel, which pays for connecting (a step's own calls are timed alike by the
+        forward, without a coroutine each). ``finite``: its inputs are known to be finite."""
         tokens = int(call.inputs.shape[0])
         fresh = (call.endpoint, call.tls) not in self._channels
         begun = time.monotonic()
@@ -352,15 +352,17 @@ class Dispatcher:
         started = time.monotonic()
         step_end = started + forward_timeout
         answers = ForwardAnswers()
-        failed_at: list[set[str]] = [set() for _ in jobs]  # endpoints that failed a job: not asked again
-        running: dict[asyncio.Task, _Attempt] = {}
+        failed_at: dict[int, set[str]] = {}  # by job: endpoints that failed it, not asked again
+        running: dict[asyncio.Future, _Attempt] = {}  # each call in flight (its future) and its attempt
+        finished: list[asyncio.Future] = []  # calls of ``running`` that ended since the forward last looked
+        waiter: list[asyncio.Future] = []  # what the forward awaits: set by the first call to end
         parts: list[_Part] = []
         refused: list[tuple[ExpertCall, BaseException]] = []  # INVALID_ARGUMENT: judged once all are in
 
         def usable(part: _Part) -> list[ExpertRecord]:
             uid = jobs[part.job].uid
             return [r for r in jobs[part.job].replicas
-                    if r.dial_endpoint and r.dial_endpoint not in failed_at[part.job]
+                    if r.dial_endpoint and r.dial_endpoint not in failed_at.get(part.job, ())
                     and r.dial_endpoint not in part.tried and not (avoided and avoided(r.dial_endpoint, uid))]
 
         def launch(part: _Part, record: ExpertRecord, now: float) -> None:
@@ -370,16 +372,31 @@ class Dispatcher:
                 call = ExpertCall.to(record, job.inputs, job.token_ids)
             else:
                 call = ExpertCall.to(record, job.inputs[part.rows], job.token_ids[part.rows])
-            patience = math.inf
-            if self.balancer.measured(record.dial_endpoint, job.uid) is not None:
-                expected = self.balancer.expected_seconds([record], tokens)[0]
-                patience = max(MIN_PATIENCE, PATIENCE_FACTOR * expected)
+            expected = self.balancer.expected_if_measured(record.dial_endpoint, job.uid, record, tokens)
+            patience = math.inf if expected is None else max(MIN_PATIENCE, PATIENCE_FACTOR * expected)
             self.balancer.begin(call.endpoint, tokens)  # now: the next choices of this step see it
-            task = asyncio.create_task(self._timed(call, max(0.001, step_end - now), finite))
-            # ended however it ends (even cancelled before it ran): no longer in flight
-            task.add_done_callback(lambda _, endpoint=call.endpoint: self.balancer.end(endpoint, tokens))
-            running[task] = _Attempt(part, call, now, now + patience)
-            part.running.add(task)
+            # one future per call: a request's own in its node's batched call (no task), else its task;
+            # in flight for the balancer from now to its end, its time observed when it answers (not
+            # the first call on a new channel, which pays for connecting)
+            fresh = (call.endpoint, call.tls) not in self._channels
+            shares: list[float] = []  # of the batched calls it went in (none: calls of its own)
+            future = self._start(call, max(0.001, step_end - now), False, shares, finite)
+            begun = time.monotonic()
+            attempt = _Attempt(part, call, now, now + patience)
+
+            def ended(future: asyncio.Future) -> None:  # however it ends (even cancelled before it ran)
+                seconds = None
+                if not fresh and not future.cancelled() and future.exception() is None:
+                    seconds = (time.monotonic() - begun) * (min(1.0, sum(shares)) if shares else 1.0)
+                self.balancer.end(call.endpoint, tokens, uid=call.uid, seconds=seconds)
+                if running.get(future) is attempt:
+                    finished.append(future)
+                    if waiter and not waiter[0].done():
+                        waiter[0].set_result(None)
+
+            future.add_done_callback(ended)
+            running[future] = attempt
+            part.running.add(future)
             part.tried.add(record.dial_endpoint)
 
         def check(part: _Part, call: ExpertCall, output: torch.Tensor) -> None:
@@ -387,7 +404,7 @@ class Dispatcher:
             job = jobs[part.job]
             others = [r for r in job.replicas
                       if r.dial_endpoint and r.dial_endpoint != call.endpoint
-                      and r.dial_endpoint not in failed_at[part.job]
+                      and r.dial_endpoint not in failed_at.get(part.job, ())
                       and not (avoided and avoided(r.dial_endpoint, job.uid))]
             if others and spot_check.wants(job.uid):
                 spot_check.start(job.uid, call.endpoint, output, call.inputs, call.token_ids, others,
@@ -402,14 +419,20 @@ class Dispatcher:
 
         finite = _all_finite([job.inputs for job in jobs])  # else each call checks its own (and is not sent)
         now = time.monotonic()
+        # each job's rows 0, 1, ...: one tensor for the jobs of one size (an arange per job costs more)
+        ramps: dict[int, torch.Tensor] = {}
         for index, job in enumerate(jobs):
-            whole = _Part(index, torch.arange(job.inputs.shape[0]))
-            plan = self.balancer.plan(usable(whole), int(job.inputs.shape[0]))
+            tokens = int(job.inputs.shape[0])
+            ramp = ramps.get(tokens)
+            if ramp is None:
+                ramp = ramps[tokens] = torch.arange(tokens)
+            whole = _Part(index, ramp)
+            plan = self.balancer.plan(usable(whole), tokens)
             if not plan:
                 parts.append(whole)  # no replica to ask: lost
             offset = 0
-            for record, count in plan:
-                part = _Part(index, torch.arange(offset, offset + count))
+            for record, count in plan:  # one replica for all the rows (the usual case): the whole part
+                part = whole if count == tokens else _Part(index, torch.arange(offset, offset + count))
                 offset += count
                 parts.append(part)
                 launch(part, record, now)
@@ -419,25 +442,35 @@ class Dispatcher:
         enough_T = candidates_T.clamp(max=enough) if enough > 0 else None
         answered_T = torch.zeros(num_tokens, dtype=torch.long)
         quorum_at, satisfied = None, False
+        loop = asyncio.get_running_loop()
         while running:
             now = time.monotonic()
             deadline = step_end if quorum_at is None else min(step_end, quorum_at + timeout_after_k_min)
             if now >= deadline:
                 break
-            wake = min([deadline] + [a.patience_at for a in running.values() if not a.part.spared])
-            done, _ = await asyncio.wait(set(running), timeout=max(0.0, wake - now),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            patience_at = min((a.patience_at for a in running.values() if not a.part.spared),
+                              default=math.inf)
+            # until a call ends (its callback sets the waiter), the deadline, or a patience runs out
+            waiter[:] = [loop.create_future()]
+            timer = loop.call_later(max(0.0, min(deadline, patience_at) - now), _release, waiter[0])
+            try:
+                await waiter[0]
+            finally:
+                timer.cancel()
             now = time.monotonic()
             answered_ids = []  # token ids of the answers of this wake-up, counted at once
+            done, finished[:] = finished[:], []
             for task in done:
-                attempt = running.pop(task)
+                attempt = running.pop(task, None)
+                if attempt is None:  # already dropped (a spare overtaken in this wake-up)
+                    continue
                 part, call = attempt.part, attempt.call
                 part.running.discard(task)
                 try:
                     output = task.result()
                 except Exception as e:  # whatever went wrong, it is that replica's failure, not the step's
                     _log_failure("forward", call, e)
-                    failed_at[part.job].add(call.endpoint)
+                    failed_at.setdefault(part.job, set()).add(call.endpoint)
                     if is_refusal(e):
                         refused.append((call, e))
                     else:
@@ -461,8 +494,8 @@ class Dispatcher:
                 part.running.clear()
             if answered_ids:
                 answered_T += _token_counts(answered_ids, num_tokens)
-            for attempt in list(running.values()):  # past its patience: ask another replica too
-                part = attempt.part
+            for attempt in list(running.values()) if now >= patience_at else ():  # past its patience:
+                part = attempt.part  # ask another replica too (a call launched since has patience left)
                 if not part.done and not part.spared and now >= attempt.patience_at:
                     part.spared = True
                     fail_over(part, now, deadline)
@@ -479,11 +512,13 @@ class Dispatcher:
                 self.balancer.observe(attempt.call.endpoint, attempt.call.uid,
                                       int(attempt.part.rows.shape[0]), now - attempt.started)
                 on_result(attempt.call, Late("no answer within the forward's deadline"))
+        running.clear()
         judge_refusals(refused, bool(answers.parts), on_result)
-        for index in range(len(jobs)):
-            undone = [p for p in parts if p.job == index and not p.done]
-            if not undone:
-                continue
+        undone_of: dict[int, list[_Part]] = {}  # the parts of each job left without an answer
+        for part in parts:
+            if not part.done:
+                undone_of.setdefault(part.job, []).append(part)
+        for undone in undone_of.values():
             if satisfied and all(id(p) in cut for p in undone):
                 answers.num_unneeded += 1
             else:
@@ -497,6 +532,24 @@ class Dispatcher:
     ) -> dict[int, torch.Tensor]:
         """Input gradients of the calls that answered in time and well, by index in ``calls``."""
         return self.run(self._backward(calls, backward_timeout, on_result))
+
+    def _start(self, call: ExpertCall, timeout: float, backward: bool, shares: list[float] | None = None,
+               finite: bool = False) -> asyncio.Future:
+        """:meth:`_call` started: the future of its outputs (cancelling it cancels the call). A call of one
+        request to a node it already talks to in batched calls is that request's own future in the node's
+        queue (no task, no coroutine: a step has hundreds of them); anything else runs :meth:`_call` in a
+        task."""
+        if (self.batch_per_node and int(call.inputs.shape[0]) <= max(1, call.max_tokens)
+                and (call.endpoint, call.tls) in self._channels and self._batching(call.endpoint, call.tls)):
+            try:
+                _check_finite(call, call.inputs, call.grad_outputs, backward, finite)
+            except LocalInputError as e:
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(e)
+                return failed
+            return self._enqueue(call, call.inputs, call.grad_outputs, timeout, backward, shares)
+        return asyncio.ensure_future(self._call(call, timeout, backward=backward, shares=shares,
+                                                finite=finite))
 
     async def _call(self, call: ExpertCall, timeout: float, *, backward: bool,
                     shares: list[float] | None = None, finite: bool = False) -> torch.Tensor:
@@ -605,22 +658,27 @@ class Dispatcher:
         queued = [q for q in self._queued.pop(key, []) if not q.future.done()]
         for start in range(0, len(queued), MAX_BATCH_PARTS):
             group = queued[start:start + MAX_BATCH_PARTS]
-            task = asyncio.ensure_future(self._send_group(key, group))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            sent: list[asyncio.Task] = []  # the group's call, once made
             waiting = [len(group)]  # requests of the group not settled or withdrawn yet
 
-            def withdrawn(_: asyncio.Future, task: asyncio.Task = task, waiting: list[int] = waiting) -> None:
+            def withdrawn(_: asyncio.Future, sent: list[asyncio.Task] = sent, waiting: list[int] = waiting
+                          ) -> None:
                 waiting[0] -= 1
-                if waiting[0] == 0 and not task.done():  # nobody waits for it any more
-                    task.cancel()
+                if waiting[0] == 0 and not sent[0].done():  # nobody waits for it any more
+                    sent[0].cancel()
 
+            task = asyncio.ensure_future(self._send_group(key, group, withdrawn))
+            sent.append(task)
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
             for queued_request in group:
                 queued_request.future.add_done_callback(withdrawn)
 
-    async def _send_group(self, key: tuple[str, bool, bool], group: list[_Queued]) -> None:
+    async def _send_group(self, key: tuple[str, bool, bool], group: list[_Queued],
+                          withdrawn: Callable[[asyncio.Future], None] | None = None) -> None:
         """One call for a group of queued requests to one node (a request alone: its own call), each
-        request's future settled with its outputs or its error."""
+        request's future settled with its outputs or its error (``withdrawn``, the callback that
+        cancels the call once every request is withdrawn, taken off first: the call is over)."""
         endpoint, tls, backward = key
         loop = asyncio.get_running_loop()
         try:
@@ -642,6 +700,8 @@ class Dispatcher:
         for queued, result in zip(group, results):
             if queued.future.done():
                 continue
+            if withdrawn is not None:
+                queued.future.remove_done_callback(withdrawn)
             if isinstance(result, asyncio.CancelledError):
                 queued.future.cancel()
             elif isinstance(result, BaseException):
@@ -736,8 +796,8 @@ class Dispatcher:
                 or self._unpacked.lacks(endpoint, tls)):
             return False
         first = group[0].like
-        return first.dim() >= 2 and all(q.like.shape[1:] == first.shape[1:] and q.like.dtype == first.dtype
-                                        for q in group)
+        row, dtype = first.shape[1:], first.dtype
+        return first.dim() >= 2 and all(q.like.dtype == dtype and q.like.shape[1:] == row for q in group)
 
     async def _send_packed(self, endpoint: str, tls: bool, backward: bool,
                            group: list[_Queued]) -> list[torch.Tensor | BaseException] | None:
@@ -746,8 +806,9 @@ class Dispatcher:
         node without packed calls, then remembered), for a batched call to carry instead."""
         loop = asyncio.get_running_loop()
         likes = [q.like for q in group]
+        rows = [x.shape[0] for x in likes]
         inputs = torch.cat(likes) if len(likes) > 1 else likes[0]
-        request = pb.PackedRequest(uids=[q.call.uid for q in group], rows=[int(x.shape[0]) for x in likes],
+        request = pb.PackedRequest(uids=[q.call.uid for q in group], rows=rows,
                                    inputs=serialize(inputs, self.compression),
                                    reply_compression=self.compression)
         if backward:
@@ -755,10 +816,10 @@ class Dispatcher:
             request.grad_outputs.CopyFrom(serialize(torch.cat(grads) if len(grads) > 1 else grads[0],
                                                     self.compression))
         data = request.SerializeToString()
-        if len(data) > min(q.call.max_unary_bytes for q in group):
+        if len(data) > min([q.call.max_unary_bytes for q in group]):
             return None
         name = "BackwardPacked" if backward else "ForwardPacked"
-        timeout = max(0.001, max(q.deadline for q in group) - loop.time())
+        timeout = max(0.001, max([q.deadline for q in group]) - loop.time())
         try:
             reply_data = await self._stub(endpoint, tls)[name](data, timeout=timeout,
                                                                metadata=self._metadata(name))
@@ -774,35 +835,42 @@ class Dispatcher:
         if len(reply.codes) != len(group) or len(reply.messages) != len(group):
             raise WireError(f"a packed reply of {len(reply.codes)} parts to a call of {len(group)}")
         self._remember_batched(endpoint, tls)
-        tokens = sum(int(x.shape[0]) for x in likes)
+        tokens = sum(rows)
         ok = grpc.StatusCode.OK.value[0]
-        answered = [i for i, code in enumerate(reply.codes) if code == ok]
+        codes = list(reply.codes)
+        # the rows of the parts answered (all of them, as a rule)
+        sizes = rows if codes.count(ok) == len(codes) else [n for n, code in zip(rows, codes) if code == ok]
         results: list[torch.Tensor | BaseException] = []
         outputs: list[torch.Tensor] = []
         failure: BaseException = WireError("no outputs in a packed reply")
-        if answered:
-            sizes = [int(likes[i].shape[0]) for i in answered]
-            like = torch.empty((sum(sizes), *inputs.shape[1:]), dtype=inputs.dtype, device="meta")
+        within = False  # the answered parts' values are known to be finite and within max_reply_abs
+        if sizes:  # outputs of the inputs' shape: the inputs' (all parts answered), else of fewer rows
+            like = inputs if sizes is rows else torch.empty((sum(sizes), *inputs.shape[1:]),
+                                                            dtype=inputs.dtype, device="meta")
             try:
-                outputs = list(_decoded([reply.outputs], like).split(sizes))
+                decoded = _decoded([reply.outputs], like)
             except ValueError as e:  # the answered parts' outputs do not decode: each of them failed
                 failure = e
+            else:  # checked whole (one op, not a cat of the parts): part by part only if out of bounds
+                within = _within([decoded], self.max_reply_abs)
+                outputs = list(decoded.split(sizes))
         given = iter(outputs)
-        for queued, code, message in zip(group, reply.codes, reply.messages):
+        for index, (queued, n, code) in enumerate(zip(group, rows, codes)):
             if queued.shares is not None:
-                queued.shares.append(int(queued.like.shape[0]) / tokens)
+                queued.shares.append(n / tokens)
             if code != ok:
                 status = _STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
-                results.append(PartFailed(status, message or f"status {code}"))
+                results.append(PartFailed(status, reply.messages[index] or f"status {code}"))
             else:
                 results.append(next(given) if outputs else failure)
+        if within:  # the answered parts' values, all in one tensor, were checked at once
+            return results
         return _bounded(results, self.max_reply_abs)
 
     async def _backward(self, calls, backward_timeout, on_result):
         finite = _all_finite([c.inputs for c in calls] + [c.grad_outputs for c in calls
                                                           if c.grad_outputs is not None])
-        replies = await asyncio.gather(*(self._call(c, backward_timeout, backward=True, finite=finite)
-                                         for c in calls), return_exceptions=True)
+        replies = await _settled([self._start(c, backward_timeout, True, finite=finite) for c in calls])
         results = {}
         refused: list[tuple[ExpertCall, BaseException]] = []
         for index, (call, reply) in enumerate(zip(calls, replies)):
@@ -819,6 +887,35 @@ class Dispatcher:
                 results[index] = reply
         judge_refusals(refused, bool(results), on_result)
         return results
+
+
+async def _settled(futures: list[asyncio.Future]) -> list[Any]:
+    """Each future's result or exception (a CancelledError for one cancelled), once all are done, as
+    ``asyncio.gather(..., return_exceptions=True)`` gives them, with one counter for all; cancelled, it
+    cancels them."""
+    waiter = asyncio.get_running_loop().create_future()
+    left = [len(futures)]
+
+    def one_done(_: asyncio.Future) -> None:
+        left[0] -= 1
+        if left[0] == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    if futures:
+        for future in futures:
+            future.add_done_callback(one_done)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+    return [asyncio.CancelledError() if f.cancelled() else f.exception() or f.result() for f in futures]
+
+
+def _release(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _bounded(results: list[torch.Tensor | BaseException], max_abs: float
@@ -890,7 +987,10 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     if not tensors:
         return True
     if len(tensors) > 1 and all(t.dtype == tensors[0].dtype for t in tensors):
-        tensors = [torch.cat([t.reshape(-1) for t in tensors])]
+        try:  # rows of one width (a step's are) join as they are: a reshape each costs more than the check
+            tensors = [torch.cat(tensors)]
+        except RuntimeError:  # other shapes: flattened first
+            tensors = [torch.cat([t.reshape(-1) for t in tensors])]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

@@ -40,7 +40,6 @@ does it for every layer unless ``--no-publish-demand``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from typing import Any
@@ -160,7 +159,7 @@ class _Dispatch(torch.autograd.Function):
         jobs, slots = [], []
         groups = group_by_expert(experts_TK)
         if groups:  # every expert's rows gathered at once, then cut (an index op per expert costs more)
-            sizes = [len(token_ids) for _, token_ids, _ in groups]
+            sizes = [token_ids.shape[0] for _, token_ids, _ in groups]
             gathered = x_TD[torch.cat([token_ids for _, token_ids, _ in groups])].split(sizes)
             for (e, token_ids, slot_ids), inputs in zip(groups, gathered):
                 jobs.append(ExpertJob(replicas[e][0].uid, replicas[e], inputs, token_ids))
@@ -174,7 +173,7 @@ class _Dispatch(torch.autograd.Function):
         out_TKD = x_TD.new_zeros(*experts_TK.shape, x_TD.shape[-1])
         answered_TK = torch.zeros(experts_TK.shape, dtype=torch.bool)
         # (the call that answered, its slots): backward goes to that replica only
-        ctx.answered = [(call, slots[job] if len(rows) == len(slots[job]) else slots[job][rows])
+        ctx.answered = [(call, slots[job] if rows.shape[0] == slots[job].shape[0] else slots[job][rows])
                         for job, rows, call, _ in answers.parts]  # a whole job's rows are 0, 1, ... in order
         if ctx.answered:  # every answer in place at once: a step through many experts has hundreds
             token_ids = torch.cat([call.token_ids for call, _ in ctx.answered])
@@ -194,7 +193,7 @@ class _Dispatch(torch.autograd.Function):
         calls = []
         quarantined = ctx.layer.swarm.quarantined
         if ctx.answered:  # every answer's output gradients gathered at once, then cut per answer
-            sizes = [len(call.token_ids) for call, _ in ctx.answered]
+            sizes = [call.token_ids.shape[0] for call, _ in ctx.answered]
             grads = grad_out_TKD[torch.cat([call.token_ids for call, _ in ctx.answered]),
                                  torch.cat([slot_ids for _, slot_ids in ctx.answered])]
             answer_of_row = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -202,7 +201,9 @@ class _Dispatch(torch.autograd.Function):
                 0, answer_of_row, (grads != 0).any(dim=1).long()).tolist()
             for (call, _), grad, any_nonzero in zip(ctx.answered, grads.split(sizes), nonzero):
                 if any_nonzero and not quarantined(call.endpoint, call.uid):
-                    calls.append(dataclasses.replace(call, grad_outputs=grad))
+                    calls.append(ExpertCall(  # the answered call with its gradients (all its fields)
+                        call.uid, call.endpoint, call.inputs, call.token_ids, grad, call.max_tokens,
+                        call.max_unary_bytes, call.tls))
         grad_x_TD = grad_out_TKD.new_zeros(ctx.num_tokens, grad_out_TKD.shape[-1])
         if calls:
             results = ctx.layer.dispatcher.backward(

@@ -129,3 +129,35 @@ def test_measurements_of_rotating_endpoints_stay_bounded():
     assert len(balancer._per_expert) == len(balancer._per_endpoint) == 8
     assert balancer.measured("10.0.0.95:1", "ffn.0") is not None  # the recently measured one is kept
     assert balancer.measured("10.0.0.96:1", "ffn.0") is None
+
+
+def test_the_expected_time_of_a_measured_replica_is_read_in_one_look():
+    """expected_if_measured (a forward's patience for each call) is expected_seconds for a replica whose
+    expert is measured, its announced queue and this client's tokens in flight counted; None otherwise."""
+    balancer = ReplicaBalancer(seed=0)
+    measured(balancer, a=1e-3)
+    busy = replica("a", queued=30)
+    balancer.begin("a", 20)
+    assert balancer.expected_if_measured("a", "ffn.0", busy, 10) == balancer.expected_seconds([busy], 10)[0]
+    assert balancer.expected_if_measured("a", "ffn.0", busy, 10) == pytest.approx((30 + 20 + 10) * 1e-3)
+    assert balancer.expected_if_measured("a", "ffn.1", replica("a", "ffn.1"), 10) is None  # node known only
+    assert balancer.expected_if_measured("b", "ffn.0", replica("b"), 10) is None
+
+
+def test_a_call_that_ends_with_its_time_is_observed_as_observe_does():
+    """end(..., seconds=) takes the call's tokens out of flight and observes its time like observe();
+    without seconds (a call that failed or was cancelled) it observes nothing."""
+    ended, observed = ReplicaBalancer(alpha=0.5, seed=0), ReplicaBalancer(alpha=0.5, seed=0)
+    for balancer in (ended, observed):
+        measured(balancer, a=1e-3)
+        balancer.begin("a", 10)
+    ended.end("a", 10, uid="ffn.0", seconds=0.05)
+    observed.end("a", 10)
+    observed.observe("a", "ffn.0", 10, 0.05)
+    assert ended.measured("a", "ffn.0") == observed.measured("a", "ffn.0") == pytest.approx((1e-3 + 5e-3) / 2)
+    other = [replica("a", "ffn.9")]  # the node's speed over its experts, observed too
+    assert ended.seconds_per_token(other) == observed.seconds_per_token(other)
+    assert ended.in_flight("a") == 0
+    ended.begin("a", 10)
+    ended.end("a", 10, uid="ffn.0")
+    assert ended.measured("a", "ffn.0") == observed.measured("a", "ffn.0") and ended.in_flight("a") == 0

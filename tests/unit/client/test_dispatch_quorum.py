@@ -637,3 +637,32 @@ def test_a_refusal_is_judged_once_the_others_are_in_and_other_failures_are_repor
     assert isinstance(errors["ffn.bad"], Disagreement) and "refused" in str(errors["ffn.bad"])
     assert not isinstance(errors["ffn.2"], Disagreement)
     assert status_code(errors["ffn.2"]) is not None  # the dead node's own gRPC status
+
+
+def test_an_answer_on_a_channel_already_open_is_observed_with_its_time(gated, dispatcher, clock):
+    """The first call to a node (a new channel: it pays for connecting) is not observed; a later one,
+    answered 0.5 s after it was sent, is observed by the balancer with exactly that time, per token."""
+    first, *_ = gated
+    first.open("q14.0")  # answered at once: the channel to the node is open after this forward
+    answers, _ = forward(dispatcher, [job("q14.0", [first.endpoint], [0, 1, 2, 3])])
+    assert answers.num_failed == 0 and dispatcher.balancer.measured(first.endpoint, "q14.0") is None
+    running = Forward(dispatcher, [job("q14.1", [first.endpoint], [0, 1])])
+    settle(dispatcher, arrived(first, "q14.1"), "the call")
+    clock.now = START + 0.5
+    first.open("q14.1")
+    answers = running.answers()
+    assert answered(answers) == [(0, [0, 1])] and running.reported("q14.1") == [None]
+    assert dispatcher.balancer.measured(first.endpoint, "q14.1") == 0.5 / 2
+
+
+def test_a_step_of_rows_of_other_widths_is_checked_for_finite_values_too():
+    """The finiteness check of a step's tensors joins rows of one width as they are, and flattens rows of
+    other widths (or other ranks) first: a NaN anywhere among them is found."""
+    mixed = [torch.ones(2, HIDDEN), torch.ones(3, HIDDEN + 1), torch.ones(5)]
+    assert dispatch._all_finite(mixed)
+    mixed[1][2, HIDDEN] = float("nan")
+    assert not dispatch._all_finite(mixed)
+    same = [torch.ones(2, HIDDEN), torch.ones(3, HIDDEN)]
+    assert dispatch._all_finite(same)
+    same[1][0, 0] = float("inf")
+    assert not dispatch._all_finite(same)

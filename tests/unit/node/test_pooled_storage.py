@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import sys
+import threading
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from dmoe.core.experts import create_expert
 from dmoe.node import grouped
 from dmoe.node.averaging import blend
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.pool import MIN_CHUNK
 from dmoe.node.runtime import Runtime, Task
 
 pytestmark = pytest.mark.timeout(60)
@@ -199,3 +202,65 @@ def test_a_runtimes_experts_of_one_kind_are_pooled_together_when_the_first_group
         assert moment.untyped_storage().data_ptr() == pooled.chunk.exp_avg.untyped_storage().data_ptr()
     for uid in backends:
         assert_same(backends[uid], reference[uid])
+
+
+def test_one_expert_more_adds_a_fraction_of_the_pool_and_a_chunk_whose_experts_are_gone_is_dropped():
+    """A placement move adds an expert before the one it replaces is gone: that must not double the
+    memory of the kind; and rows are given back, a whole chunk of them once all its experts are gone."""
+    experts = [backend(f"w.{i}", lr=4e-3) for i in range(40)]
+    for expert in experts:  # as a runtime does for the experts it hosts
+        grouped.group_key(expert)
+    generator = torch.Generator().manual_seed(7)
+    grouped.forward(experts[:2], [batch(generator)[0] for _ in range(2)])
+    pool = experts[0].pooled.pool
+    assert [c.capacity for c in pool.chunks] == [40]  # every expert the node knows, in one chunk
+    newcomers = [backend(f"w.new.{i}", lr=4e-3) for i in range(2)]
+    grouped.forward([experts[0], newcomers[0]], [batch(generator)[0] for _ in range(2)])
+    assert [c.capacity for c in pool.chunks] == [40, MIN_CHUNK]  # max(16, 1, 40 // 4)
+    grouped.forward([experts[0], newcomers[1]], [batch(generator)[0] for _ in range(2)])
+    assert [c.capacity for c in pool.chunks] == [40, MIN_CHUNK]  # its free rows used first
+    second = newcomers[0].pooled.chunk
+    assert newcomers[1].pooled.chunk is second and len(second.free) == second.capacity - 2
+    del newcomers[0]
+    gc.collect()
+    assert len(second.free) == second.capacity - 1 and pool.chunks[1] is second  # one row in use still
+    del newcomers[0], second
+    gc.collect()
+    assert [c.capacity for c in pool.chunks] == [40]
+
+
+def test_a_group_pools_the_known_experts_while_experts_are_added_on_another_thread():
+    """A group takes a snapshot of the node's experts of its kind on a runtime thread while the event loop
+    adds experts (their group keys): neither may break the other."""
+    known = [backend(f"x.{i}", lr=6e-3) for i in range(600)]
+    for expert in known:
+        grouped.group_key(expert)
+    pool = grouped._pool_of(known[0])
+    grouped._pooled(known[:1], pool, locked=False)  # all pooled now: a later group pools one, quickly
+    added = [backend(f"x.added.{i}", lr=9e-3) for i in range(600)]  # another kind: only their keys added
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def add() -> None:
+        try:
+            for expert in added:
+                grouped.group_key(expert)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+        finally:
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: inside the snapshot
+    try:
+        adder = threading.Thread(target=add)
+        adder.start()
+        groups = 0
+        while not done.is_set() or groups == 0:
+            known[0].pooled = None  # each group finds a member not pooled: a snapshot of the known experts
+            grouped._pooled(known[:1], pool, locked=False)
+            groups += 1
+        adder.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and all(grouped.group_key(expert) is not None for expert in added)

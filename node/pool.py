@@ -209,13 +209,14 @@ class Pool:
 
     def _collect(self) -> None:
         """Free the rows of the experts gone since (the caller holds the lock); drop chunks left empty."""
-        emptied = False
+        emptied: list[_Chunk] = []  # (not a chunk just made for members about to come)
         while self._released:
             chunk, row = self._released.popleft()
             chunk.free.append(row)
-            emptied = emptied or len(chunk.free) == chunk.capacity
+            if len(chunk.free) == chunk.capacity:
+                emptied.append(chunk)
         if emptied:
-            self.chunks = [c for c in self.chunks if len(c.free) < c.capacity]
+            self.chunks = [c for c in self.chunks if all(c is not e for e in emptied)]
 
     def _give_back(self, chunk: _Chunk, row: int) -> None:
         self._released.append((chunk, row))

@@ -32,6 +32,7 @@ scaling, never groups), optimizer class and hyper-parameters, and clipping norm.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -54,6 +55,9 @@ _keys: weakref.WeakKeyDictionary[ExpertBackend, tuple | None] = weakref.WeakKeyD
 _params: weakref.WeakKeyDictionary[ExpertBackend, list[torch.nn.Parameter]] = weakref.WeakKeyDictionary()
 _UNKNOWN = object()
 _pools: dict[tuple, Pool | None] = {}  # group key -> the pool of its experts (None: they are not pooled)
+# held around inserting into _keys (the event loop's add_expert) and reading it whole (a runtime thread's
+# group), and around creating pools; nothing else is taken while it is held
+_lock = threading.Lock()
 
 
 def _parameters(backend: ExpertBackend) -> list[torch.nn.Parameter]:
@@ -67,7 +71,9 @@ def group_key(backend: ExpertBackend) -> tuple | None:
     """What must be equal for experts to run as one group; None: this expert always runs alone."""
     key = _keys.get(backend, _UNKNOWN)
     if key is _UNKNOWN:
-        key = _keys[backend] = _compute_key(backend)
+        key = _compute_key(backend)
+        with _lock:
+            key = _keys.setdefault(backend, key)
     return key  # type: ignore[return-value]
 
 
@@ -169,10 +175,13 @@ def _pool_of(member: ExpertBackend) -> Pool | None:
     key = group_key(member)
     if key is None:
         return None
-    if key not in _pools:
+    pool = _pools.get(key, _UNKNOWN)
+    if pool is _UNKNOWN:
         params = _parameters(member)
-        _pools[key] = Pool(params) if _plain_adam(member.optimizer) and poolable(params) else None
-    return _pools[key]
+        with _lock:  # one pool per key, whichever runtime's group comes first
+            pool = _pools.setdefault(
+                key, Pool(params) if _plain_adam(member.optimizer) and poolable(params) else None)
+    return pool  # type: ignore[return-value]
 
 
 def _pooled(members: Sequence[ExpertBackend], pool: Pool, locked: bool) -> list[Member]:
@@ -183,7 +192,9 @@ def _pooled(members: Sequence[ExpertBackend], pool: Pool, locked: bool) -> list[
     places = [pool.member(member, _parameters(member)) for member in members]
     if None in places:
         key, ours = group_key(members[0]), set(members)
-        others = [backend for backend, k in list(_keys.items())
+        with _lock:  # add_expert may be inserting meanwhile
+            known = list(_keys.items())
+        others = [backend for backend, k in known
                   if k == key and backend.pooled is None and backend not in ours]
         pool.reserve(places.count(None) + len(others))
         for i, (member, place) in enumerate(zip(members, places)):
@@ -296,18 +307,22 @@ def _pooled_adam(settings: dict, pool: Pool, index: Index, param: torch.Tensor, 
     lr, eps = settings["lr"], settings["eps"]
     steps = index.gather("steps").add_(1)  # on the CPU, as torch keeps them
     count = steps.to(torch.float64)
-    # as torch's Adam: bias corrections in double precision, then applied as float32 scalars would be
-    step_size = (lr / (1 - beta1 ** count)).to(grad.dtype)
-    correction2_sqrt = (1 - beta2 ** count).sqrt().to(grad.dtype)
-    if steps.shape[1] > 1:  # per (member, parameter): spread over each parameter's elements
-        step_size = step_size.repeat_interleave(pool.sizes, dim=1)
-        correction2_sqrt = correction2_sqrt.repeat_interleave(pool.sizes, dim=1)
-    step_size = step_size.to(grad.device, non_blocking=True)
-    correction2_sqrt = correction2_sqrt.to(grad.device, non_blocking=True)
+    # as torch's Adam: bias corrections in double precision, then applied as float32 scalars would be;
+    # [members, parameters] of them, each parameter's column broadcast over its elements
+    step_size = (lr / (1 - beta1 ** count)).to(grad.dtype).to(grad.device, non_blocking=True)
+    correction2_sqrt = (1 - beta2 ** count).sqrt().to(grad.dtype).to(grad.device, non_blocking=True)
     exp_avg = index.gather("exp_avg").lerp_(grad, 1 - beta1)
     exp_avg_sq = index.gather("exp_avg_sq").mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)
-    param.sub_(step_size * exp_avg / denom)
+    denom = exp_avg_sq.sqrt()
+    update = exp_avg.clone()
+    if steps.shape[1] == 1:
+        denom.div_(correction2_sqrt)
+        update.mul_(step_size)
+    else:
+        for j, (offset, numel) in enumerate(zip(pool.offsets, pool.numels)):
+            denom[:, offset:offset + numel].div_(correction2_sqrt[:, j:j + 1])
+            update[:, offset:offset + numel].mul_(step_size[:, j:j + 1])
+    param.sub_(update.div_(denom.add_(eps)))
     index.scatter("params", param)
     index.scatter("exp_avg", exp_avg)
     index.scatter("exp_avg_sq", exp_avg_sq)

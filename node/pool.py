@@ -18,21 +18,27 @@ they are then: a parameter given other storage (its data pointer is not its row'
 identity is checked). A member stepped alone by torch before its state was pooled has its state copied
 into its row at its next grouped step.
 
-Chunks are allocated as members come (each at least as large as all before it, so a node's experts of one
-kind soon share one or two chunks) and a dead expert's row is reused; nothing is ever moved between
-chunks, so pooling one member never touches another.
+Chunks are allocated as members come: the first sized for every expert of the kind the node knows, each
+later one a quarter of the rows there are (at least MIN_CHUNK, and as many as a group needs at once), so
+one expert more costs a fraction of the kind's memory, not as much again. A dead expert's row is reused,
+and a chunk whose rows are all free (its experts all gone) is dropped; nothing is ever moved between
+chunks, so pooling one member never touches another. A pool's rows are taken and given back under its
+lock (runtimes of one process share pools), which is never held while waiting for anything else.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections import deque
 from collections.abc import Sequence
 
 import torch
 
 from dmoe.node.backend import ExpertBackend
 
-MIN_CHUNK = 16  # rows of the first chunk of a pool
+MIN_CHUNK = 16  # the fewest rows of a chunk
+GROWTH = 4  # a new chunk holds at least 1/GROWTH of the rows the pool has
 _SLOTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -45,7 +51,7 @@ class _Chunk:
     """Rows of pooled members: parameters, Adam's two moments ([capacity, numel]) and step counts
     ([capacity, parameters]), on the members' device."""
 
-    __slots__ = ("params", "exp_avg", "exp_avg_sq", "steps", "free", "__weakref__")
+    __slots__ = ("params", "exp_avg", "exp_avg_sq", "steps", "capacity", "free", "__weakref__")
 
     def __init__(self, capacity: int, numel: int, num_params: int, dtype: torch.dtype, device: torch.device):
         self.params = torch.zeros(capacity, numel, dtype=dtype, device=device)
@@ -53,6 +59,7 @@ class _Chunk:
         self.exp_avg_sq = torch.zeros_like(self.params)
         # on the CPU, where torch's Adam keeps step counts (its bias corrections read them as numbers)
         self.steps = torch.zeros(capacity, num_params, dtype=scalar_dtype())
+        self.capacity = capacity
         self.free = list(range(capacity - 1, -1, -1))
 
 
@@ -118,9 +125,9 @@ class Pool:
         self.offsets = [sum(self.numels[:j]) for j in range(len(params))]
         self.numel = sum(self.numels)
         self.dtype, self.device = params[0].dtype, params[0].device
-        # each parameter's share of a row: bias corrections per (member, parameter) spread to its elements
-        self.sizes = torch.tensor(self.numels)
         self.chunks: list[_Chunk] = []
+        self._lock = threading.Lock()  # held around taking and freeing rows, nothing else taken meanwhile
+        self._released: deque[tuple[_Chunk, int]] = deque()  # rows of experts gone, not yet freed
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's [..., *shape] view of ``flat`` ([..., numel])."""
@@ -177,26 +184,57 @@ class Pool:
         member.state = state
 
     def reserve(self, count: int) -> None:
-        """Make room for ``count`` more members: if the free rows are fewer, a chunk of at least that many
-        rows (and as many as all chunks before it), so that members pooled together share a chunk."""
+        """Make room for ``count`` more members: if the free rows are fewer, a chunk of at least ``count``
+        rows (so that members pooled together share it), and of a quarter of the pool's rows, so that
+        members coming one by one do not each need a chunk of their own."""
+        with self._lock:
+            self._collect()
+            self._reserve(count)
+
+    def _reserve(self, count: int) -> None:
         if sum(len(c.free) for c in self.chunks) < count:
-            capacity = max(MIN_CHUNK, count, sum(c.params.shape[0] for c in self.chunks))
+            total = sum(c.capacity for c in self.chunks)
+            capacity = max(MIN_CHUNK, count, total // GROWTH)
             self.chunks.append(_Chunk(capacity, self.numel, len(self.numels), self.dtype, self.device))
 
     def _allocate(self, backend: ExpertBackend) -> Member:
-        self.reserve(1)
-        # the chunk with the fewest free rows that has one: members fill a chunk before the next
-        chunk = min((c for c in self.chunks if c.free), key=lambda c: len(c.free))
-        member = Member(self, chunk, chunk.free.pop())
-        weakref.finalize(backend, _release, weakref.ref(chunk), member.row)
+        with self._lock:
+            self._collect()
+            self._reserve(1)
+            # the chunk with the fewest free rows that has one: members fill a chunk before the next
+            chunk = min((c for c in self.chunks if c.free), key=lambda c: len(c.free))
+            member = Member(self, chunk, chunk.free.pop())
+        weakref.finalize(backend, _release, weakref.ref(self), weakref.ref(chunk), member.row)
         return member
 
+    def _collect(self) -> None:
+        """Free the rows of the experts gone since (the caller holds the lock); drop chunks left empty."""
+        emptied: list[_Chunk] = []  # (not a chunk just made for members about to come)
+        while self._released:
+            chunk, row = self._released.popleft()
+            chunk.free.append(row)
+            if len(chunk.free) == chunk.capacity:
+                emptied.append(chunk)
+        if emptied:
+            self.chunks = [c for c in self.chunks if all(c is not e for e in emptied)]
 
-def _release(chunk_ref: weakref.ref, row: int) -> None:
-    """A pooled expert is gone: its row is free for another."""
-    chunk = chunk_ref()
-    if chunk is not None:
-        chunk.free.append(row)
+    def _give_back(self, chunk: _Chunk, row: int) -> None:
+        self._released.append((chunk, row))
+        # a finalizer may run on a thread in the middle of a pool operation (a garbage collection it set
+        # off): then the row waits, and the next operation frees it
+        if self._lock.acquire(blocking=False):
+            try:
+                self._collect()
+            finally:
+                self._lock.release()
+
+
+def _release(pool_ref: weakref.ref, chunk_ref: weakref.ref, row: int) -> None:
+    """A pooled expert is gone: its row is free for another (its views are the expert's own, gone with
+    it); a chunk no longer in use is dropped from its pool."""
+    pool, chunk = pool_ref(), chunk_ref()
+    if pool is not None and chunk is not None:
+        pool._give_back(chunk, row)
 
 
 def poolable(params: Sequence[torch.Tensor]) -> bool:

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import sys
+import threading
 
 import pytest
 import torch
 from swarm_fixtures import wait_for
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dmoe.core.experts import create_expert
 from dmoe.node import grouped
 from dmoe.node.averaging import blend
 from dmoe.node.backend import ExpertBackend
+from dmoe.node.pool import MIN_CHUNK
 from dmoe.node.runtime import Runtime, Task
 
 pytestmark = pytest.mark.timeout(60)
@@ -199,3 +203,124 @@ def test_a_runtimes_experts_of_one_kind_are_pooled_together_when_the_first_group
         assert moment.untyped_storage().data_ptr() == pooled.chunk.exp_avg.untyped_storage().data_ptr()
     for uid in backends:
         assert_same(backends[uid], reference[uid])
+
+
+def test_one_expert_more_adds_a_fraction_of_the_pool_and_a_chunk_whose_experts_are_gone_is_dropped():
+    """A placement move adds an expert before the one it replaces is gone: that must not double the
+    memory of the kind; and rows are given back, a whole chunk of them once all its experts are gone."""
+    experts = [backend(f"w.{i}", lr=4e-3) for i in range(40)]
+    for expert in experts:  # as a runtime does for the experts it hosts
+        grouped.group_key(expert)
+    generator = torch.Generator().manual_seed(7)
+    grouped.forward(experts[:2], [batch(generator)[0] for _ in range(2)])
+    pool = experts[0].pooled.pool
+    assert [c.params.shape[0] for c in pool.chunks] == [40]  # every expert the node knows, in one chunk
+    newcomers = [backend(f"w.new.{i}", lr=4e-3) for i in range(2)]
+    grouped.forward([experts[0], newcomers[0]], [batch(generator)[0] for _ in range(2)])
+    assert [c.params.shape[0] for c in pool.chunks] == [40, MIN_CHUNK]  # max(16, 1, 40 // 4)
+    grouped.forward([experts[0], newcomers[1]], [batch(generator)[0] for _ in range(2)])
+    assert [c.params.shape[0] for c in pool.chunks] == [40, MIN_CHUNK]  # its free rows used first
+    second = newcomers[0].pooled.chunk
+    assert newcomers[1].pooled.chunk is second and len(second.free) == second.params.shape[0] - 2
+    del newcomers[0]
+    gc.collect()
+    assert len(second.free) == second.params.shape[0] - 1 and pool.chunks[1] is second  # one row in use still
+    pool.reserve(20)  # room for a group of 20 (max(16, 20, 56 // 4) rows): kept while still unused
+    del newcomers[0], second
+    gc.collect()
+    assert [c.params.shape[0] for c in pool.chunks] == [40, 20]
+
+
+def test_a_group_pools_the_known_experts_while_experts_are_added_on_another_thread():
+    """A group takes a snapshot of the node's experts of its kind on a runtime thread while the event loop
+    adds experts (their group keys): neither may break the other."""
+    known = [backend(f"x.{i}", lr=6e-3) for i in range(20)]
+    for expert in known:
+        grouped.group_key(expert)
+    pool = grouped._pool_of(known[0])
+    grouped._pooled(known[:1], pool, locked=False)  # all pooled now: a later group pools one, quickly
+    linear, schema = torch.nn.Linear(HIDDEN, HIDDEN), known[0].input_schema  # a kind that never groups
+    added = [ExpertBackend(f"x.added.{i}", module=linear, input_schema=schema, device=torch.device("cpu"),
+                           make_optimizer=torch.optim.SGD, expert_cls="linear", optimizer_name="sgd",
+                           max_grad_norm=0.0, max_batch_tokens=64) for i in range(6000)]
+    errors: list[BaseException] = []
+    grouping, done = threading.Event(), threading.Event()
+
+    def add() -> None:
+        try:
+            assert grouping.wait(10)  # while the groups run
+            for expert in added:
+                grouped.group_key(expert)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+        finally:
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: inside the snapshot
+    try:
+        adder = threading.Thread(target=add)
+        adder.start()
+        groups = 0
+        while not done.is_set() or groups == 0:
+            known[0].pooled = None  # each group finds a member not pooled: a snapshot of the known experts
+            grouped._pooled(known[:1], pool, locked=False)
+            groups += 1
+            grouping.set()
+        adder.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and groups > 1 and all(grouped.group_key(expert) is None for expert in added)
+
+
+class _Expansions(TorchDispatchMode):
+    """Records the ops that make a tensor of ``full`` elements or more out of smaller ones only (the bias
+    corrections, [members, parameters], spread to every element of [members, numel])."""
+
+    def __init__(self, full: int):
+        super().__init__()
+        self.full = full
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if (isinstance(out, torch.Tensor) and out.numel() >= self.full and inputs
+                and all(t.numel() < self.full for t in inputs)):
+            self.found.append(str(func))
+        return out
+
+
+def test_the_pooled_adam_step_broadcasts_each_parameters_bias_corrections_and_keeps_torchs_formula():
+    """Members of step counts of their own (1, 2 and 3 steps alone before their group): the step is
+    torch's formula bit for bit, each parameter's bias corrections applied as numbers, and no
+    [members, numel] tensor of them is built (one was, and copied to the device, every step)."""
+    members = [backend(f"y.{i}", lr=8e-3) for i in range(3)]
+    generator = torch.Generator().manual_seed(8)
+    for i, member in enumerate(members):  # a history of its own: 1, 2 and 3 steps
+        for _ in range(i + 1):
+            member.backward(*batch(generator))
+    replies: list = []
+    grouped.backward(members, [batch(generator)[0] for _ in members], [batch(generator)[1] for _ in members],
+                     reply=replies.append)  # pooled now, state and all
+    pool, index = members[0].pooled.pool, grouped.Index([m.pooled for m in members], torch.device("cpu"))
+    param, grad = index.gather("params"), torch.randn(len(members), pool.numel, generator=generator)
+    before = {what: index.gather(what) for what in ("exp_avg", "exp_avg_sq", "steps")}
+    settings = members[0].optimizer.param_groups[0]
+    beta1, beta2 = settings["betas"]
+    expected = param.clone()
+    for m in range(len(members)):  # torch's Adam, one member and parameter at a time, scalars as numbers
+        for j, (p, g, avg, sq) in enumerate(zip(*(pool.views(t[m]) for t in (
+                expected, grad, before["exp_avg"].clone(), before["exp_avg_sq"].clone())))):
+            step = torch.tensor(float(before["steps"][m, j] + 1), dtype=torch.float64)
+            step_size = (settings["lr"] / (1 - beta1 ** step)).to(torch.float32)
+            correction2_sqrt = (1 - beta2 ** step).sqrt().to(torch.float32)
+            avg.lerp_(g, 1 - beta1)
+            sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            p.sub_(step_size * avg / (sq.sqrt() / correction2_sqrt).add_(settings["eps"]))
+    recorder = _Expansions(full=len(members) * pool.numel)
+    with recorder:
+        grouped._pooled_adam(settings, pool, index, param, grad)
+    assert recorder.found == []
+    assert torch.equal(index.gather("params"), expected)
+    assert torch.equal(index.gather("steps"), before["steps"] + 1)

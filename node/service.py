@@ -52,7 +52,6 @@ import concurrent.futures
 import contextvars
 import logging
 import math
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -61,6 +60,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from dmoe.core.auth import fullmethod
+from dmoe.core.futures import all_settled
 from dmoe.core.logsafe import printable
 from dmoe.core.wire import DTYPES, deserialize, deserialize_plain, serialize, split_chunks
 from dmoe.node.backend import ExpertBackend, OutOfBounds
@@ -558,7 +558,7 @@ class ExpertServicer:
                 waiting[index] = queued
         if not waiting:
             return results
-        outputs = await _all_done(list(waiting.values()))
+        outputs = await all_settled(list(waiting.values()))
         done: dict[int, list[torch.Tensor]] = {}
         for index, output in zip(waiting, outputs):
             uid = requests[index].uid
@@ -640,41 +640,6 @@ class ExpertServicer:
                 counters.errors += 1
         return error
 
-
-async def _all_done(futures: list[concurrent.futures.Future]) -> list:
-    """The result (or exception) of each of the runtime's futures, once all of them are done: the event
-    loop is woken once for them all, not once per part of a batched call (each wake-up takes the GIL
-    from the runtime thread between two parts). Cancelled (the call's deadline, the caller gone): the
-    futures are cancelled too, so the runtime drops the tasks that have not run yet."""
-    loop = asyncio.get_running_loop()
-    all_done = loop.create_future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def settle() -> None:
-        if not all_done.done():
-            all_done.set_result(None)
-
-    def one_done(_: concurrent.futures.Future) -> None:  # in the runtime thread (or here, if done already)
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            try:
-                loop.call_soon_threadsafe(settle)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-
-    for future in futures:
-        future.add_done_callback(one_done)
-    try:
-        await all_done
-    except asyncio.CancelledError:
-        for future in futures:
-            future.cancel()
-        raise
-    return [future.exception() or future.result() if not future.cancelled()
-            else asyncio.CancelledError() for future in futures]
 
 
 def check_info_request(backends: Mapping[str, ExpertBackend], data: bytes, *,

@@ -87,6 +87,7 @@ from dmoe.client.channels import ChannelCache
 from dmoe.client.health import Late, LocalInputError, describe, is_refusal, judge_refusals, status_code
 from dmoe.client.spotcheck import SpotChecker
 from dmoe.core.auth import SwarmKey, fullmethod
+from dmoe.core.futures import all_settled
 from dmoe.core.logsafe import printable
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import deserialize, deserialize_plain, join_chunks, serialize, split_chunks
@@ -870,7 +871,7 @@ class Dispatcher:
     async def _backward(self, calls, backward_timeout, on_result):
         finite = _all_finite([c.inputs for c in calls] + [c.grad_outputs for c in calls
                                                           if c.grad_outputs is not None])
-        replies = await _settled([self._start(c, backward_timeout, True, finite=finite) for c in calls])
+        replies = await all_settled([self._start(c, backward_timeout, True, finite=finite) for c in calls])
         results = {}
         refused: list[tuple[ExpertCall, BaseException]] = []
         for index, (call, reply) in enumerate(zip(calls, replies)):
@@ -888,29 +889,6 @@ class Dispatcher:
         judge_refusals(refused, bool(results), on_result)
         return results
 
-
-async def _settled(futures: list[asyncio.Future]) -> list[Any]:
-    """Each future's result or exception (a CancelledError for one cancelled), once all are done, as
-    ``asyncio.gather(..., return_exceptions=True)`` gives them, with one counter for all; cancelled, it
-    cancels them."""
-    waiter = asyncio.get_running_loop().create_future()
-    left = [len(futures)]
-
-    def one_done(_: asyncio.Future) -> None:
-        left[0] -= 1
-        if left[0] == 0 and not waiter.done():
-            waiter.set_result(None)
-
-    if futures:
-        for future in futures:
-            future.add_done_callback(one_done)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()
-            raise
-    return [asyncio.CancelledError() if f.cancelled() else f.exception() or f.result() for f in futures]
 
 
 def _release(waiter: asyncio.Future) -> None:

@@ -16,7 +16,7 @@ import torch
 import uvloop
 from counting_server import CountingServer
 
-from dmoe.client.dispatch import Dispatcher, ExpertCall, ExpertJob, _settled
+from dmoe.client.dispatch import Dispatcher, ExpertCall, ExpertJob
 from dmoe.client.health import LocalInputError
 from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import deserialize, serialize
@@ -119,29 +119,3 @@ def test_a_call_whose_inputs_are_not_finite_fails_alone_without_being_sent(node)
     assert isinstance(fates["ffn.bad"], LocalInputError) and fates["ffn.good"] is None
     assert [call.uid for _, _, call, _ in answers.parts] == ["ffn.good"] and answers.num_failed == 1
     assert dict(node.calls) == {"ffn.good": 1}
-
-
-def test_settled_gives_what_gather_with_exceptions_gives_and_cancels_what_it_waits_for():
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        answered, failed, cancelled = loop.create_future(), loop.create_future(), loop.create_future()
-        waiting = asyncio.ensure_future(_settled([answered, failed, cancelled]))
-        error = ValueError("bad reply")
-        loop.call_soon(answered.set_result, "outputs")
-        loop.call_soon(failed.set_exception, error)
-        loop.call_soon(cancelled.cancel)
-        results = await waiting
-        assert results[:2] == ["outputs", error] and isinstance(results[2], asyncio.CancelledError)
-        gathered = await asyncio.gather(answered, failed, cancelled, return_exceptions=True)
-        assert gathered[:2] == results[:2] and isinstance(gathered[2], asyncio.CancelledError)
-        assert await _settled([]) == []
-
-        held = [loop.create_future() for _ in range(3)]
-        waiting = asyncio.ensure_future(_settled(held))
-        await asyncio.sleep(0)
-        waiting.cancel()  # the backward given up: its calls are withdrawn
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        assert all(future.cancelled() for future in held)
-
-    asyncio.run(scenario())

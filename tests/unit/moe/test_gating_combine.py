@@ -129,8 +129,9 @@ def test_good_settings_at_their_edges_are_taken():
                      dict(noise_std=0.0, hedge=0), dict(grid=(1, 1), k=1)):
         layer = LocalMoE(**{**dict(prefix="ffn", grid=(4,), in_features=D, k=1), **settings})
         assert layer(torch.randn(2, D)).shape == (2, D)
-    with pytest.raises(ValueError, match=r"expected input \[\.\.\., 6\], got \[2, 5\]"):
-        layer(torch.randn(2, 5))
+    for width in (5, 7):  # narrower and wider inputs alike
+        with pytest.raises(ValueError, match=rf"expected input \[\.\.\., 6\], got \[2, {width}\]"):
+            layer(torch.randn(2, width))
 
 
 def test_group_by_expert_leaves_out_tokens_routed_nowhere():
@@ -190,8 +191,10 @@ def test_the_defaults_and_a_layer_that_finds_no_expert():
     assert layer.last_num_failed == 0 and layer.num_failed_calls == 0 and layer.last_routing is None
     assert layer.routed_counts().tolist() == [0, 0, 0, 0]
     x = torch.randn(3, 2, D, requires_grad=True)
+    layer.last_num_failed = 5  # as a step whose calls failed would leave it
     y = layer(x)
     assert torch.equal(y, torch.zeros(3, 2, D)) and layer.calls == 1
+    assert layer.last_num_failed == 0  # no call was made, so none failed
     assert float(layer.aux_loss) == 0.0 and float(layer.z_loss) == 0.0 and layer.last_routing is None
     y.sum().backward()  # still a function of x: its gradient is zero, not missing
     assert torch.equal(x.grad, torch.zeros(3, 2, D))

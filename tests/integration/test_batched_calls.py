@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -578,12 +578,20 @@ def framed_batch(backward: bool, uids: list[str], rows: list[int]) -> bytes:
     return cls(parts=parts).SerializeToString()
 
 
-@settings(max_examples=60, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(backward=st.booleans(),
-       uids=st.lists(st.sampled_from(UIDS[:4] + ["ffn.4", ""]), min_size=1, max_size=5),
-       rows=st.lists(st.integers(0, 6), min_size=5, max_size=5), cut=st.integers(0, 1 << 16),
-       noise=st.binary(max_size=48), mode=st.sampled_from(["valid", "cut", "insert", "flip", "random"]))
+def mutated_calls(examples: int, least_rows: int) -> Callable:
+    """Hypothesis over mutated calls: the direction, the parts' uids (hosted, not hosted, empty) and rows
+    (at least ``least_rows`` each), and how the call's bytes are mutated (see :func:`mutated`)."""
+    return lambda test: settings(
+        max_examples=examples, deadline=None, database=None, derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )(given(backward=st.booleans(),
+            uids=st.lists(st.sampled_from(UIDS[:4] + ["ffn.4", ""]), min_size=1, max_size=5),
+            rows=st.lists(st.integers(least_rows, 6), min_size=5, max_size=5), cut=st.integers(0, 1 << 16),
+            noise=st.binary(max_size=48), mode=st.sampled_from(["valid", "cut", "insert", "flip", "random"]),
+            )(test))
+
+
+@mutated_calls(examples=60, least_rows=0)
 def test_bytes_to_the_batched_calls_end_in_an_answer_or_a_refusal(pair, backward, uids, rows, cut, noise,
                                                                   mode):
     a, _ = pair
@@ -618,12 +626,7 @@ def sent_raw(node: NodeProcess, method_name: str, data: bytes) -> bytes | None:
         channel.close()
 
 
-@settings(max_examples=40, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(backward=st.booleans(),
-       uids=st.lists(st.sampled_from(UIDS[:4] + ["ffn.4", ""]), min_size=1, max_size=5),
-       rows=st.lists(st.integers(1, 6), min_size=5, max_size=5), cut=st.integers(0, 1 << 16),
-       noise=st.binary(max_size=48), mode=st.sampled_from(["valid", "cut", "insert", "flip", "random"]))
+@mutated_calls(examples=40, least_rows=1)
 def test_bytes_to_the_packed_calls_end_in_an_answer_or_a_refusal(pair, backward, uids, rows, cut, noise,
                                                                  mode):
     a, _ = pair

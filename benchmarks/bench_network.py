@@ -13,6 +13,9 @@ through :class:`dmoe.testing.netproxy.TcpProxy` (the node announces the proxy's 
   ``dmoe train --steps-in-flight N`` runs them (:class:`dmoe.lm.overlap.StepsInFlight`: each step on
   a replica of the layer holding the gate's parameters when it started, its gradients applied in
   order by Adam), so one step's requests go up while another's replies come down.
+* **dmoe, M micro x N** (``--micro MxN``): one step at a time, its tokens cut into M micro-batches,
+  N of them in flight at once (each on a replica of the layer at the step's parameters), their
+  gradients summed into one Adam update: no gradient late, the link idle only between steps.
 * **model-parallel**: the same compute per token (two expert evaluations) as a chain of two
   stages, each one expert on the node taking every token, one step in flight: what a
   model-parallel pipeline without micro-batching does, one stage after the other.
@@ -27,6 +30,7 @@ Needs root (network namespaces). Writes ``benchmarks/results/bench_network.json`
 Run::
 
     sudo python benchmarks/bench_network.py [--bandwidth 10 50 100] [--rtt 0 25 50 100 200] [--steps 4]
+        [--in-flight 2 4] [--micro 8x4]
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ NUM_EXPERTS, K = 8, 2
 COMPRESSIONS = ("none", "fp16", "8bit")
 
 
-def label(name: str, compression: str, inflight: int) -> str:
+def label(name: str, compression: str, inflight: int | str) -> str:
+    if name == "micro":
+        m, n = str(inflight).split("x")
+        return f"dmoe {compression}, {m} micro x {n}"
     return name if name == "model-parallel" else f"dmoe {compression}, {inflight} in flight"
 
 
@@ -68,9 +75,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[2],
                         help="steps in flight of the overlapped variants (each with every compression)")
+    parser.add_argument("--micro", nargs="*", default=[],
+                        help="micro-batch variants MxN: each step's tokens in M micro-batches, N of them "
+                             "in flight at once, their gradients summed into one update (none late)")
     args = parser.parse_args()
     # (name, compression, steps in flight); "model-parallel" is the chain of two one-expert stages
     variants = [*(("dmoe", c, n) for n in [1, *args.in_flight] for c in COMPRESSIONS),
+                *(("micro", c, m) for m in args.micro for c in COMPRESSIONS),
                 ("model-parallel", "none", 1)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -117,6 +128,10 @@ def main() -> None:
                     return Trainer(lambda model, x: stages[1](stages[0](x)).square().mean().backward(),
                                    torch.nn.ModuleList(stages), None, 1)
                 layer = make_layer(compression)
+                if name == "micro":
+                    m, n = map(int, in_flight.split("x"))
+                    return Trainer(lambda model, x: model(x).square().mean().backward(), layer,
+                                   lambda: make_layer(compression), n, micro_batches=m)
                 return Trainer(lambda model, x: model(x).square().mean().backward(), layer,
                                lambda: make_layer(compression), in_flight)
 
@@ -150,18 +165,39 @@ def main() -> None:
 class Trainer:
     """Training steps of ``model`` (``step(model, x)``: forward and backward), one at a time or
     ``in_flight`` at once through :class:`dmoe.lm.overlap.StepsInFlight` on replicas from
-    ``make_replica``, the gate's gradients applied by Adam."""
+    ``make_replica``, the gate's gradients applied by Adam; with ``micro_batches`` M > 1, one step at
+    a time, its M micro-batches ``in_flight`` at once, their gradients summed into one update."""
 
     def __init__(self, step: Callable[[torch.nn.Module, torch.Tensor], None], model: torch.nn.Module,
-                 make_replica: Callable[[], torch.nn.Module] | None, in_flight: int):
+                 make_replica: Callable[[], torch.nn.Module] | None, in_flight: int, *,
+                 micro_batches: int = 1):
         self.step_fn, self.model = step, model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.micro_batches = micro_batches
+        self.summed: list[torch.Tensor | None] = [None] * len(list(model.parameters()))
         self.pipeline = None if in_flight == 1 else StepsInFlight(
-            model, make_replica, in_flight=in_flight, apply=self.optimizer.step,
+            model, make_replica, in_flight=in_flight,
+            apply=self.optimizer.step if micro_batches == 1 else self._sum,
+            predict=micro_batches == 1, shorten=micro_batches == 1,
             warmup=0)  # it measures the wire: no steps one at a time first
-        self.in_flight = in_flight
+        self.in_flight = 1 if micro_batches > 1 else in_flight
+
+    def _sum(self) -> None:
+        for i, p in enumerate(self.model.parameters()):
+            if p.grad is not None:
+                self.summed[i] = p.grad.clone() if self.summed[i] is None else self.summed[i] + p.grad
 
     def step(self, x: torch.Tensor) -> None:
+        if self.micro_batches > 1:
+            for chunk in x.chunk(self.micro_batches):
+                self.pipeline.submit(lambda replica, chunk=chunk: self.step_fn(replica, chunk))
+            self.pipeline.drain()
+            for p, summed in zip(self.model.parameters(), self.summed):
+                p.grad = summed
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.summed = [None] * len(self.summed)
+            return
         if self.pipeline is None:
             self.step_fn(self.model, x)
             self.optimizer.step()

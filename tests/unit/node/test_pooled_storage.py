@@ -324,3 +324,39 @@ def test_the_pooled_adam_step_broadcasts_each_parameters_bias_corrections_and_ke
     assert recorder.found == []
     assert torch.equal(index.gather("params"), expected)
     assert torch.equal(index.gather("steps"), before["steps"] + 1)
+
+
+def test_two_experts_pooled_at_once_for_the_last_free_row_each_get_a_row_of_their_own():
+    """Rows are taken under the pool's lock: two threads that both find one free row left (held
+    together at that point, as far as the lock lets them) do not both take it, and neither fails."""
+    from dmoe.node.pool import Pool
+
+    first = backend("race.0", lr=6e-3)
+    pool = Pool(list(first.module.parameters()))
+    kept = [first] + [backend(f"race.{i}", lr=6e-3) for i in range(1, MIN_CHUNK)]
+    for expert in kept:
+        pool.adopt(expert, list(expert.module.parameters()))
+    assert [len(c.free) for c in pool.chunks] == [0]
+    pool.reserve(MIN_CHUNK + 1)  # one row free: the last of a new chunk taken but one
+    chunk = pool.chunks[-1]
+    for expert in [backend(f"race.fill.{i}", lr=6e-3) for i in range(chunk.capacity - 1)]:
+        kept.append(expert)
+        pool.adopt(expert, list(expert.module.parameters()))
+    assert sum(len(c.free) for c in pool.chunks) == 1
+    together = threading.Barrier(2, timeout=1.0)
+    reserve = pool._reserve
+
+    def reserve_then_meet(count: int) -> None:  # both threads past the count of free rows at once
+        reserve(count)
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:  # the lock kept the other one out: it comes after
+            pass
+
+    pool._reserve = reserve_then_meet
+    racers = [backend(f"race.new.{i}", lr=6e-3) for i in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        members = list(threads.map(lambda b: pool.adopt(b, list(b.module.parameters())), racers))
+    places = {(id(m.chunk), m.row) for m in members}
+    assert len(places) == 2
+    assert all((id(e.pooled.chunk), e.pooled.row) not in places for e in kept)

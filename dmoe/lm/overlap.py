@@ -77,7 +77,7 @@ Two ways around late gradients were built, measured and left out:
   time 2.593 and 2.635 after 80 steps, seeds 0 and 1, 2.112 after 300). With the experts run again
   on the replayed input (in-process experts): 2.606 and 2.631, so late routing costs nothing. With
   the experts' answers kept, as a swarm must: 2.708 and 2.753, 2.255 after 300 steps; over a swarm
-  (``bench_learning.py``, one step at a time 2.595, 2.110 after 300): 2.672 and 2.779 in two runs,
+  (``bench_learning.py``, one step at a time 2.595 for both seeds, 2.110 after 300): 2.672 and 2.779,
   2.261 after 300, and four in flight 2.877 (2.642 after 300). The late values of the forward, not the late
   gradients, cost the learning: the guess misses the pending update by about 0.43 of its norm
   (Adam's step follows each batch's noise). Each backward waiting for the update before it, the link

@@ -90,6 +90,8 @@ MODULES = [
            ["Dispatcher._forward", "_all_finite", "_token_counts", "_checked", "_decoded", "_within",
             "_check_values"],
            "the quorum (Dispatcher._forward) and the checks of answers it applies"),
+    Module("pool", ["node/pool.py"], [T + "node/test_pooled_storage.py"], [T + "node/test_pool_edges.py"],
+           note="pooled storage of grouped experts: rows, chunks, views, Adam state"),
 ]
 
 

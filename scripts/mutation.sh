@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the modules where a silent bug costs most (the wire format, uid patterns, gating
-# and routing, the dispatcher's quorum, the node's request checks and limits, auth) against their fast
-# unit tests: a table of mutants killed and survived per module, and JSON in benchmarks/results/.
+# and routing, the dispatcher's quorum, the node's request checks and limits, auth, pooled storage)
+# against their fast unit tests: a table of mutants killed and survived per module, and JSON in
+# benchmarks/results/.
 # Not part of the test command: a full run takes over an hour on two cores (--sample 150: about 40 min).
 # docs/mutation.md has the scores and the surviving mutants judged equivalent.
 #

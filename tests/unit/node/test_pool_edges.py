@@ -8,24 +8,11 @@ import gc
 
 import pytest
 import torch
+from pooled_experts import adopted, backend
 
-from dmoe.core.experts import create_expert
-from dmoe.node.backend import ExpertBackend
 from dmoe.node.pool import Pool, poolable
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def backend(uid: str, lr: float) -> ExpertBackend:
-    """A small ffn expert with Adam; ``lr`` keeps its kind apart from other tests' pools."""
-    module, schema = create_expert("ffn", uid=uid, hidden_dim=8, inner_dim=16)
-    return ExpertBackend(uid, module=module, input_schema=schema, device=torch.device("cpu"),
-                         make_optimizer=lambda params: torch.optim.Adam(params, lr=lr), expert_cls="ffn",
-                         optimizer_name="adam", max_grad_norm=1.0, max_batch_tokens=64)
-
-
-def adopted(pool, expert: ExpertBackend):
-    return pool.adopt(expert, list(expert.module.parameters()))
 
 
 def test_a_new_chunk_holds_a_quarter_of_the_rows_the_pool_has():

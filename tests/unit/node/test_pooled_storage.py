@@ -12,26 +12,17 @@ import threading
 
 import pytest
 import torch
+from pooled_experts import HIDDEN, adopted, backend
 from swarm_fixtures import wait_for
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dmoe.core.experts import create_expert
 from dmoe.node import grouped
 from dmoe.node.averaging import blend
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.pool import MIN_CHUNK
+from dmoe.node.pool import MIN_CHUNK, Pool
 from dmoe.node.runtime import Runtime, Task
 
 pytestmark = pytest.mark.timeout(60)
-HIDDEN = 8
-
-
-def backend(uid: str, lr: float = 1e-2) -> ExpertBackend:
-    """An ffn expert with Adam (pooled when grouped); ``lr`` sets its group key apart from other tests'."""
-    module, schema = create_expert("ffn", uid=uid, hidden_dim=HIDDEN, inner_dim=2 * HIDDEN)
-    return ExpertBackend(uid, module=module, input_schema=schema, device=torch.device("cpu"),
-                         make_optimizer=lambda params: torch.optim.Adam(params, lr=lr), expert_cls="ffn",
-                         optimizer_name="adam", max_grad_norm=1.0, max_batch_tokens=4096)
 
 
 def batch(generator: torch.Generator, rows: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -329,19 +320,17 @@ def test_the_pooled_adam_step_broadcasts_each_parameters_bias_corrections_and_ke
 def test_two_experts_pooled_at_once_for_the_last_free_row_each_get_a_row_of_their_own():
     """Rows are taken under the pool's lock: two threads that both find one free row left (held
     together at that point, as far as the lock lets them) do not both take it, and neither fails."""
-    from dmoe.node.pool import Pool
-
     first = backend("race.0", lr=6e-3)
     pool = Pool(list(first.module.parameters()))
     kept = [first] + [backend(f"race.{i}", lr=6e-3) for i in range(1, MIN_CHUNK)]
     for expert in kept:
-        pool.adopt(expert, list(expert.module.parameters()))
+        adopted(pool, expert)
     assert [len(c.free) for c in pool.chunks] == [0]
     pool.reserve(MIN_CHUNK + 1)  # one row free: the last of a new chunk taken but one
     chunk = pool.chunks[-1]
     for expert in [backend(f"race.fill.{i}", lr=6e-3) for i in range(chunk.capacity - 1)]:
         kept.append(expert)
-        pool.adopt(expert, list(expert.module.parameters()))
+        adopted(pool, expert)
     assert sum(len(c.free) for c in pool.chunks) == 1
     together = threading.Barrier(2, timeout=1.0)
     reserve = pool._reserve
@@ -356,7 +345,7 @@ def test_two_experts_pooled_at_once_for_the_last_free_row_each_get_a_row_of_thei
     pool._reserve = reserve_then_meet
     racers = [backend(f"race.new.{i}", lr=6e-3) for i in range(2)]
     with concurrent.futures.ThreadPoolExecutor(2) as threads:
-        members = list(threads.map(lambda b: pool.adopt(b, list(b.module.parameters())), racers))
+        members = list(threads.map(lambda b: adopted(pool, b), racers))
     places = {(id(m.chunk), m.row) for m in members}
     assert len(places) == 2
     assert all((id(e.pooled.chunk), e.pooled.row) not in places for e in kept)

@@ -84,6 +84,7 @@ from dmoe.node.transfer import (
     ExpertState,
     StateRefused,
     TransferError,
+    call_timeout,
     fetch_expert_state,
 )
 
@@ -197,7 +198,8 @@ class ReplicaAverager:
         try:
             return await fetch_expert_state(
                 endpoint, uid, key=self.key, tls=record.tls, expect=backend, optimizer=False,
-                timeout=self.stall_timeout + num_bytes / self.min_bytes_per_second,
+                timeout=call_timeout(num_bytes, stall_timeout=self.stall_timeout,
+                                     min_bytes_per_second=self.min_bytes_per_second),
                 stall_timeout=self.stall_timeout)
         except StateRefused as e:
             self._refuse(uid, endpoint, e)

@@ -29,7 +29,14 @@ from dmoe.core.records import ExpertRecord
 from dmoe.core.wire import DTYPES
 from dmoe.errors import CheckpointError, ConfigError
 from dmoe.node.backend import ExpertBackend
-from dmoe.node.transfer import DEFAULT_STALL_TIMEOUT, NotNewer, ReplicaBusy, TransferError, fetch_expert_state
+from dmoe.node.transfer import (
+    DEFAULT_STALL_TIMEOUT,
+    NotNewer,
+    ReplicaBusy,
+    TransferError,
+    call_timeout,
+    fetch_expert_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +51,8 @@ class TransferPolicy:
     deadline: float = 120.0  # seconds for the whole step; experts without a state by then start without
     lookup_timeout: float = 20.0  # seconds the DHT lookup of the replicas may take
     stall_timeout: float = DEFAULT_STALL_TIMEOUT  # seconds without a message before a replica is given up
-    min_bytes_per_second: float = 1 * MiB  # slowest replica waited for: its call gets stall_timeout
-    # plus the state's bytes at this rate
+    min_bytes_per_second: float = 1 * MiB  # slowest replica waited for: its call gets the state's bytes
+    # at this rate, and stall_timeout twice (transfer.call_timeout)
     max_replicas_tried: int = 3  # per expert
     # a replica busy with other joiners' transfers (RESOURCE_EXHAUSTED) is asked again this many times,
     # after pauses of busy_pause x (1..2) x attempt seconds, before the next replica is tried
@@ -156,7 +163,8 @@ async def _take_from(uid: str, backend: ExpertBackend, record: ExpertRecord, *, 
     endpoint = record.dial_endpoint
     expected_bytes = sum(math.prod(shape) * DTYPES[dtype].itemsize
                          for shape, dtype in backend.state_schema().values())
-    timeout = min(timeout, policy.stall_timeout + expected_bytes / policy.min_bytes_per_second)
+    timeout = min(timeout, call_timeout(expected_bytes, stall_timeout=policy.stall_timeout,
+                                        min_bytes_per_second=policy.min_bytes_per_second))
     try:
         state = await fetch_expert_state(endpoint, uid, key=key, tls=record.tls, timeout=timeout,
                                          expect=backend, newer_than=newer_than,

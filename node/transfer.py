@@ -52,6 +52,14 @@ DEFAULT_STALL_TIMEOUT = 10.0
 MiB = 1 << 20
 
 
+def call_timeout(num_bytes: int, *, stall_timeout: float, min_bytes_per_second: float) -> float:
+    """The deadline of a GetState call for a state of ``num_bytes``: one ``stall_timeout`` for the first
+    message, the bytes at the slowest rate waited for, and one more ``stall_timeout``, so that a replica
+    that falls silent (after its first message or before) is given up by the stall check, as stalled,
+    and the deadline ends only a replica that keeps sending but too slowly."""
+    return 2 * stall_timeout + num_bytes / min_bytes_per_second
+
+
 class TransferError(Exception):
     """No state from this replica: the call failed, timed out, or its state was refused."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import logging
 import threading
 import time
 
@@ -17,12 +18,12 @@ import torch
 from swarm_fixtures import expert_version, stub, wait_for
 
 from dmoe.core.auth import SwarmKey
-from dmoe.core.records import find_experts
+from dmoe.core.records import ExpertRecord, find_experts
 from dmoe.core.tls import channel_credentials
 from dmoe.core.wire import deserialize, serialize
 from dmoe.node.config import NodeConfig
 from dmoe.node.experts import build_backend
-from dmoe.node.joining import replicas_of
+from dmoe.node.joining import TransferPolicy, _take_from, replicas_of
 from dmoe.node.transfer import SERVICE, TransferError, export_state, fetch_expert_state, state_chunks
 from dmoe.proto import expert_pb2 as pb
 from dmoe.proto import expert_pb2_grpc as pbg
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.timeout(240)
 HIDDEN = 16
 PROBE = torch.linspace(-2, 2, 5 * HIDDEN).reshape(5, HIDDEN)
 GET_STATE = f"/{SERVICE}/GetState"
+LATE_HEADER_S = 0.3
 
 
 def local_expert(uid: str):
@@ -142,7 +144,8 @@ def test_a_restarted_node_takes_the_newer_state_and_keeps_its_own_when_newer(nod
 class BadDonor:
     """GetState answered as a broken or hostile node would: per uid, ``nan`` (a NaN, hash made to
     match), ``shape`` (a tensor declared with another shape), ``hash`` (a byte changed in transit),
-    ``garbage`` (a reply that is no StateChunk), ``stall`` (the header, then silence)."""
+    ``garbage`` (a reply that is no StateChunk), ``stall`` (the header, then silence), ``late-stall``
+    (the header after ``LATE_HEADER_S``, then silence)."""
 
     def __init__(self, modes: dict[str, str]):
         self.modes = modes
@@ -166,7 +169,9 @@ class BadDonor:
         if mode == "garbage":
             yield b"\xff\xfe not a protobuf"
             return
-        if mode == "stall":
+        if mode in ("stall", "late-stall"):
+            if mode == "late-stall":  # the header itself comes late (a loaded or distant replica)
+                self.released.wait(LATE_HEADER_S)
             yield messages[0].SerializeToString()
             self.released.wait(60)
             return
@@ -224,6 +229,29 @@ def test_a_hostile_replica_is_refused_and_the_node_starts_from_its_seed(node_fac
     with pytest.raises(TransferError, match="nothing received for 0.5s"):
         asyncio.run(fetch_expert_state(f"127.0.0.1:{bad_donor.port}", "ffn.4", key=None, tls=False,
                                        timeout=30, expect=local_expert("ffn.4"), stall_timeout=0.5))
+
+
+def test_a_replica_whose_first_message_comes_late_then_stalls_is_given_up_as_stalled(caplog):
+    """A joining node's call to a replica is bounded by the stall check (no message for stall_timeout)
+    and by a deadline for the state's bytes at the slowest rate waited for. The deadline leaves room for a
+    stall after the first message however late that message came, so a replica that goes silent is given
+    up as stalled, with that reason in the log, and soon after the stall timeout."""
+    donor = BadDonor({"ffn.4": "late-stall"})
+    try:
+        backend = local_expert("ffn.4")
+        record = ExpertRecord(uid="ffn.4", endpoint=f"127.0.0.1:{donor.port}", node_id="late")
+        policy = TransferPolicy(stall_timeout=0.5)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="dmoe.node.joining"):
+            taken = asyncio.run(_take_from("ffn.4", backend, record, key=None, newer_than=None, timeout=30,
+                                           policy=policy))
+        took = time.monotonic() - started
+    finally:
+        donor.stop()
+    assert taken is None and donor.calls == {"ffn.4": 1}
+    assert "not taking the state of the replica" in caplog.text
+    assert "nothing received for 0.5s" in caplog.text, caplog.text
+    assert LATE_HEADER_S + 0.5 <= took < 10, took
 
 
 def test_a_private_swarm_transfers_over_its_tls_and_refuses_outsiders(node_factory, tmp_path):

@@ -296,7 +296,7 @@ class ExpertBackend:
             update = None
         with self.lock:
             try:
-                leaves = [x.to(self.device).requires_grad_(x.is_floating_point()) for x in inputs]
+                leaves = [x.to(self.device).detach().requires_grad_(x.is_floating_point()) for x in inputs]
                 grad_outputs = [g.to(self.device) for g in grad_outputs]
                 mask = None if update is None else update.to(self.device)
                 scale = self.grad_scale if self.autocast == torch.float16 else None

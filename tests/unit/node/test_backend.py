@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -73,3 +76,41 @@ def test_non_finite_parameter_gradients_skip_the_step_and_the_caller_still_gets_
     expert.backward([torch.randn(2, 8)], [torch.randn(2, 8)])
     assert (expert.version, expert.skipped_steps) == (1, 1)
     assert any(not torch.equal(v, before[k]) for k, v in expert.module.state_dict().items())
+
+
+def test_a_backward_leaves_the_callers_tensors_as_they_were():
+    """The backward's autograd leaves are its own: the caller's inputs neither start requiring
+    gradients nor get a .grad (a caller that passes one tensor to two experts is not raced through it)."""
+    backend = build_backend("ffn.0", NodeConfig(hidden_dim=4), CPU)
+    x, grad_out = torch.randn(3, 4), torch.ones(3, 4)
+    (grad_x,) = backend.backward([x], [grad_out])
+    assert not x.requires_grad and x.grad is None and not grad_out.requires_grad
+    assert grad_x.shape == x.shape and not grad_x.requires_grad and backend.version == 1
+
+
+# Threads run the backwards of their own experts on one shared input tensor. When the backward made the
+# caller's tensor its autograd leaf, the threads raced on that tensor's .grad and the process died with
+# a segmentation fault within a second or two; hence a process of its own, and its exit status checked.
+_SHARED_INPUT_SCRIPT = """
+import threading, time, torch
+from dmoe.node.config import NodeConfig
+from dmoe.node.experts import build_backend
+x = torch.linspace(-2, 2, 5 * 16).reshape(5, 16)
+backends = [build_backend(f"ffn.{i}", NodeConfig(hidden_dim=16), torch.device("cpu")) for i in range(4)]
+deadline = time.monotonic() + SECONDS
+def run(backend):
+    while time.monotonic() < deadline:
+        backend.backward([x], [torch.ones_like(x)])
+threads = [threading.Thread(target=run, args=(b,)) for b in backends]
+for t in threads: t.start()
+for t in threads: t.join()
+print("steps", sum(b.version for b in backends))
+"""
+
+
+def test_backwards_of_several_experts_on_threads_given_one_input_tensor_all_complete():
+    script = _SHARED_INPUT_SCRIPT.replace("SECONDS", "4")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = int(done.stdout.split()[-1])
+    assert steps >= 4 and "steps" in done.stdout

@@ -31,6 +31,7 @@ scaling, never groups), optimizer class and hyper-parameters, and clipping norm.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import weakref
@@ -96,6 +97,27 @@ def _compute_key(backend: ExpertBackend) -> tuple | None:
             backend.max_grad_norm, tuple((tuple(s.shape), s.dtype) for s in backend.input_schema))
 
 
+# per thread, per group key: the module a group's vmapped call runs. torch.func.functional_call puts the
+# stacked parameters into its module for the length of the call, so that module must be no served expert's
+# (another thread may read the expert meanwhile, under its lock: a state export, a checkpoint, a replica
+# blend) and no other thread's (two runtimes of one process may run groups of one kind at once)
+_templates = threading.local()
+
+
+def _template(member: ExpertBackend) -> torch.nn.Module:
+    """A copy of ``member``'s module whose parameters are on the meta device (no memory), for this thread."""
+    by_key = getattr(_templates, "by_key", None)
+    if by_key is None:
+        by_key = _templates.by_key = {}
+    key = group_key(member)
+    template = by_key.get(key)
+    if template is None:
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                for p in _parameters(member)}
+        template = by_key[key] = copy.deepcopy(member.module, memo)
+    return template
+
+
 def _stacked_call(template: torch.nn.Module, names: list[str]) -> Callable:
     def call(params: tuple[torch.Tensor, ...], *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = torch.func.functional_call(template, dict(zip(names, params)), inputs)
@@ -119,7 +141,7 @@ class _Stack:
     def __init__(self, members: Sequence[ExpertBackend], inputs: Sequence[Sequence[torch.Tensor]],
                  grad: bool, pool: Pool | None = None, pooled: list[Member] | None = None):
         self.members, self.pool, self.pooled = members, pool, pooled
-        self.template = members[0].module
+        self.template = _template(members[0])
         self.names = [name for name, _ in self.template.named_parameters()]
         self.device = members[0].device
         self.rows = [member_inputs[0].shape[0] for member_inputs in inputs]
@@ -204,12 +226,19 @@ def _pooled(members: Sequence[ExpertBackend], pool: Pool, locked: bool) -> list[
                 else:
                     with member.lock:
                         places[i] = pool.adopt(member, _parameters(member))
-        for backend in others:  # one lock at a time: no other thread holds one lock and waits for another
-            with backend.lock:
+        for backend in others:
+            # one lock at a time. A caller that holds its members' locks (``locked``) only takes a free one:
+            # another runtime of this process may hold that expert's lock while it waits for one of ours
+            # (its own group's first backward); an expert skipped here is pooled when it next runs
+            if not backend.lock.acquire(blocking=not locked):
+                continue
+            try:
                 params = _parameters(backend)
                 place = pool.adopt(backend, params)
                 if all(backend.optimizer.state.get(p) for p in params):  # stepped: its state moves too
                     pool.adopt_state(backend, place, params)
+            finally:
+                backend.lock.release()
     return places  # type: ignore[return-value]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 import zlib
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 FREE = -1  # a dimension of any size in a TensorSpec
+_SEEDED_BUILD = threading.Lock()  # held while an expert is built from its seed (see create_expert)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,7 +116,9 @@ def create_expert(
         constructor = lambda: cls(hidden_dim=hidden_dim, inner_dim=inner)  # noqa: E731
     else:
         constructor = lambda: cls(hidden_dim=hidden_dim)  # noqa: E731
-    with torch.random.fork_rng(devices=[]):
+    # the constructor draws from torch's global generator, seeded here: one build at a time, or two
+    # threads' builds would draw from each other's seeds
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
         torch.manual_seed(uid_seed(uid, seed))
         module = constructor()
     schema_fn = getattr(cls, "input_schema", None)

@@ -255,18 +255,31 @@ class ExpertServicer:
             if self._state_exports >= self.max_state_exports:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"{self._state_exports} state transfers in progress already; retry later")
+            # the slot is held until the call ends and its export (a copy of the state, on a worker thread)
+            # has ended too: a call cancelled by its caller's deadline leaves its export running, and a
+            # peer cancelling its calls must not get more exports at once than the limit
             self._state_exports += 1
+            export = asyncio.ensure_future(asyncio.to_thread(export_state, backend,
+                                                             optimizer=not request.skip_optimizer))
             try:
-                await self._send_state(backend, context, optimizer=not request.skip_optimizer)
+                await self._send_state(backend, export, context)
             finally:
-                self._state_exports -= 1
+                if export.done():
+                    self._export_ended(export)
+                else:
+                    export.add_done_callback(self._export_ended)
 
         await self._answer(context, "GetState", handle)
 
-    async def _send_state(self, backend: ExpertBackend, context: grpc.aio.ServicerContext, *,
-                          optimizer: bool) -> None:
+    def _export_ended(self, export: asyncio.Future) -> None:
+        self._state_exports -= 1
+        if not export.cancelled():
+            export.exception()  # retrieved: the call that awaited it has reported it, or was cancelled
+
+    async def _send_state(self, backend: ExpertBackend, export: asyncio.Future,
+                          context: grpc.aio.ServicerContext) -> None:
         try:
-            header, views = await asyncio.to_thread(export_state, backend, optimizer=optimizer)
+            header, views = await asyncio.shield(export)
         except ValueError as e:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         limit = self.receive_timeout + header.total_bytes / MiB

@@ -1,0 +1,74 @@
+"""A node serves at most ``max_state_exports`` state exports (GetState) at once, each a copy of an expert's
+state: a caller that gives up on its call (its deadline) leaves the export it started running, so its slot
+comes back only when that export ends, and a peer cancelling its calls cannot run more at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from swarm_fixtures import stub, wait_for
+
+import dmoe.node.service as service
+from dmoe.node import Node, NodeConfig
+from dmoe.proto import expert_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class HeldExports:
+    """The node's real export_state, held at its start until released; counts those running."""
+
+    def __init__(self, export):
+        self.export, self.release, self.lock = export, threading.Event(), threading.Lock()
+        self.running = self.most = 0
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.release.wait(60)
+            return self.export(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def get_state(service_stub, timeout: float) -> list[pb.StateChunk]:
+    return list(service_stub.GetState(pb.GetStateRequest(uid="ffn.0"), timeout=timeout))
+
+
+def test_calls_that_give_up_keep_their_export_slots_until_their_exports_end(monkeypatch):
+    held = HeldExports(service.export_state)
+    monkeypatch.setattr(service, "export_state", held)
+    with Node(NodeConfig(experts=["ffn.0"], hidden_dim=16, device="cpu")) as node:
+        channel, service_stub = stub(node.endpoint)
+        try:
+            for _ in range(2):  # the limit's worth of calls, each giving up while its export runs
+                with pytest.raises(grpc.RpcError) as gave_up:
+                    get_state(service_stub, timeout=0.5)
+                assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_for(lambda: held.running == 2, 10, "both exports running")
+            for _ in range(3):  # their exports still run: no slot is free
+                with pytest.raises(grpc.RpcError) as refused:
+                    get_state(service_stub, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "2 state transfers in progress already" in refused.value.details()
+            assert held.running == 2 and held.most == 2
+            held.release.set()
+            wait_for(lambda: held.running == 0, 10, "the exports' end")
+            deadline = time.monotonic() + 10
+            while True:  # the slots come back with the exports' end (on the node's event loop)
+                try:
+                    chunks = get_state(service_stub, timeout=10)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert chunks[0].WhichOneof("part") == "header" and chunks[0].header.uid == "ffn.0"
+            assert held.most == 2
+        finally:
+            channel.close()

@@ -131,7 +131,11 @@ async def probe(relay: str, port: int, *, key: SwarmKey | None, node_id: str = "
         close_quietly(writer)
     if not reply.get("ok"):
         raise ConnectionRefusedError(f"relay {relay} refused the probe: {reply.get('error')}")
-    return reply
+    fields = {"reachable": bool, "address": str, "error": str, "verified": bool}
+    wrong = [name for name, kind in fields.items() if not isinstance(reply.get(name), kind)]
+    if wrong:  # a relay may be anybody's: its reply is read only once it has the verdict's form
+        raise ProtocolError(f"relay {relay} answered the probe without a verdict's {', '.join(wrong)}")
+    return {name: reply[name] for name in fields}
 
 
 def register_message(node_id: str, key: SwarmKey | None, secret: str | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dmoe.core.addresses import host_port, split_address
 from dmoe.core.auth import SwarmKey
 from dmoe.core.dht import DHTPeer
 from dmoe.moe.remote import RemoteMoE
-from dmoe.node.reachability import dial_back, trusted_relays
+from dmoe.node.reachability import dial_back, dialable, trusted_relays
 from dmoe.node.relaylink import RelayLink
 from dmoe.relay.limits import RelayLimits
 from dmoe.relay.protocol import send_message
@@ -292,3 +292,40 @@ def test_which_relays_a_node_believes_that_it_cannot_be_dialled():
     swarm = ["/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWLcX8FcvRwBEFegig9pKb2X4vBFScPWeoWeFhNLJMmHK3"]
     assert trusted_relays(["127.0.0.2:9"], swarm, ["127.0.0.1:40", "127.0.0.3:41", "127.0.0.2:9"]) == {
         "127.0.0.2:9", "127.0.0.1:40"}
+
+
+class MalformedRelay(Relay):
+    """A relay whose probe replies say "ok" without a verdict's form: ``replies`` in turn, one a probe."""
+
+    replies: list[dict] = []
+
+    async def _probe(self, peer_ip, message, writer) -> None:
+        send_message(writer, {"ok": True, **self.replies.pop(0)})
+        await writer.drain()
+
+
+@pytest.mark.parametrize("reply", [
+    {"reachable": True},  # no address, error or verified
+    {"reachable": "yes", "address": "127.0.0.1:1", "error": "", "verified": True},
+    {"reachable": False, "address": 7, "error": "no answer", "verified": False},
+    {"reachable": False, "address": "127.0.0.1:1", "error": None, "verified": False},
+])
+def test_a_relay_whose_probe_reply_is_no_verdict_is_taken_as_no_answer(reply):
+    """Such a reply (any peer may announce a relay) made the node's start-up fail: reading the verdict
+    raised KeyError. Now that relay is one that could not check: alone, the node is taken as reachable;
+    beside an honest relay, the honest one's verdict holds."""
+    with MalformedRelay(host="127.0.0.2") as malformed, Relay() as honest, \
+            socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        malformed.replies = [dict(reply), dict(reply)]
+
+        def verdict(relays: list[str]) -> dict | None:  # each named with --relay: its word alone settles it
+            return asyncio.run(dial_back(relays, port, key=None, node_id="", tls=False, trusted=set(relays)))
+
+        alone = verdict([malformed.address])
+        assert alone is None and dialable(alone, f"127.0.0.1:{port}") is True
+        listening.close()
+        both = verdict([malformed.address, honest.address])
+        assert both is not None and both["reachable"] is False and both["address"] == f"127.0.0.1:{port}"
+        assert dialable(both, f"127.0.0.1:{port}") is False
+        assert malformed.replies == []

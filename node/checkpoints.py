@@ -12,6 +12,7 @@ import threading
 from collections.abc import Mapping
 
 from dmoe.core.checkpoint import CheckpointStore
+from dmoe.errors import CheckpointError
 from dmoe.node.backend import ExpertBackend
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,19 @@ class ExpertCheckpoints:
         """Checkpoint every expert that changed since its last checkpoint (all of them if force);
         return how many were written."""
         with self._lock:
+            saved, failed = 0, []
             # a snapshot: the node adds and drops experts on its loop while this runs on a thread
-            saved = sum(self._save(uid, backend, force) for uid, backend in list(self.backends.items()))
+            for uid, backend in list(self.backends.items()):
+                try:  # one expert's failure (its directory, its state) does not cost the others theirs
+                    saved += self._save(uid, backend, force)
+                except Exception as e:
+                    logger.error("could not checkpoint %s: %s", uid, e)
+                    failed.append(uid)
             if saved:
                 logger.info("checkpoint written for %d experts in %s", saved, self.directory)
+            if failed:
+                raise CheckpointError(f"could not checkpoint {len(failed)} of {len(self.backends)} experts "
+                                      f"({', '.join(failed[:8])}{', ...' if len(failed) > 8 else ''})")
             return saved
 
     def save_one(self, uid: str, backend: ExpertBackend) -> bool:
@@ -72,5 +82,7 @@ class ExpertCheckpoints:
             await asyncio.sleep(interval)
             try:
                 await asyncio.to_thread(self.save)
+            except CheckpointError as e:  # each expert's cause is logged already
+                logger.warning("periodic checkpoint: %s", e)
             except Exception:
                 logger.exception("periodic checkpoint failed")

@@ -104,10 +104,14 @@ class CheckpointStore:
         fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{final.name}.", suffix=".tmp")
         os.close(fd)
         temp = Path(temp_name)
-        save_file(tensors, str(temp), metadata=metadata)
-        with open(temp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temp, final)
+        try:
+            save_file(tensors, str(temp), metadata=metadata)
+            with open(temp, "rb") as file:
+                os.fsync(file.fileno())
+            os.replace(temp, final)
+        except BaseException:  # a failed write (a full disk) leaves no part behind to fill it further
+            temp.unlink(missing_ok=True)
+            raise
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -161,3 +161,31 @@ def test_a_checkpoint_of_another_kind_is_not_taken_for_a_training_state(tmp_path
     with pytest.raises(ValueError, match="may not be named"):
         store.save_state("client", TrainingState(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                                  step=1, config={}, tensors={"model.extra": torch.ones(1)}))
+
+
+def test_a_failed_write_leaves_no_partial_file_and_keeps_the_checkpoints_before_it(tmp_path):
+    """A write that fails half-way (a full disk; here a tensor safetensors refuses) took its temporary
+    file with it no more: it stayed until a restart, one more each periodic pass that failed."""
+    store = CheckpointStore(tmp_path, keep=2)
+    tensors, metadata = backend().state_tensors()
+    kept = store.save("ffn.0", 1, tensors, metadata)
+    with pytest.raises(ValueError, match="contiguous"):
+        store.save("ffn.0", 2, {"w": torch.randn(4, 6).t()}, {"version": "2"})
+    assert sorted(p.name for p in (tmp_path / "ffn.0").iterdir()) == [kept.name]
+    assert store.load_latest("ffn.0")[2] == kept
+
+
+def test_a_checkpoint_pass_writes_every_expert_it_can_and_names_those_it_could_not(tmp_path, caplog):
+    """One expert whose checkpoint cannot be written (its directory is taken by a file) ended the pass, so
+    the experts after it were not saved either; now each is tried, and the pass then raises naming it."""
+    from dmoe.node.checkpoints import ExpertCheckpoints
+
+    experts = {uid: backend(uid) for uid in ("ffn.0", "ffn.1", "ffn.2")}
+    (tmp_path / "ffn.1").write_text("not a directory")
+    checkpoints = ExpertCheckpoints(str(tmp_path), keep=2, backends=experts)
+    with pytest.raises(CheckpointError, match=r"could not checkpoint 1 of 3 experts \(ffn\.1\)"):
+        checkpoints.save(force=True)
+    assert [uid for uid in experts if checkpoints.store.load_latest(uid)] == ["ffn.0", "ffn.2"]
+    assert "could not checkpoint ffn.1" in caplog.text
+    (tmp_path / "ffn.1").unlink()
+    assert checkpoints.save() == 1  # the others are unchanged since; ffn.1 is written now

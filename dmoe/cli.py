@@ -75,10 +75,13 @@ def node_start(config_path: str | None, **values) -> None:
         if not config.swarm:
             click.echo(f"others join with: --swarm {n.join_address}")
 
+    node = Node(config, given=given)
     try:
-        Node(config, given=given).run(on_ready=on_ready)
+        node.run(on_ready=on_ready)
     except (DmoeError, ValueError, OSError) as e:
         raise click.ClickException(f"node failed to start: {e}") from None
+    if node.shutdown_errors:
+        raise click.ClickException(f"node stopped, but these steps failed: {'; '.join(node.shutdown_errors)}")
 
 
 @main.group()

@@ -30,7 +30,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ from dmoe.core.modelspec import ModelSpec, expert_schema, find_specs
 from dmoe.core.modelspec import resolve as resolve_spec
 from dmoe.core.placement import Move, choose
 from dmoe.core.records import ExpertRecord, Hardware, NodeRecord, find_experts
-from dmoe.errors import ConfigError
+from dmoe.errors import ConfigError, DmoeError
 from dmoe.node.announcer import Announcer
 from dmoe.node.averaging import ReplicaAverager
 from dmoe.node.backend import ExpertBackend
@@ -130,6 +130,7 @@ class Node:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self.shutdown_errors: list[str] = []  # the steps of the last shutdown that failed, and why
 
     # ---- Python API: run on a background thread -------------------------------------------------
     def start(self, timeout: float = 120.0) -> Node:
@@ -539,11 +540,13 @@ class Node:
             return False
 
     async def _shut_down(self) -> None:
+        """Undo start-up, every step even when one before it fails (each failure is logged and kept in
+        ``shutdown_errors``): a failed last checkpoint must not leave the DHT peer and its daemon running."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
-            await self._server.enter_graceful_shutdown()
+            await self._shut_down_step("server drain", self._server.enter_graceful_shutdown())
         if self._announcer is not None and self._dht is not None and not self._dht.daemon_alive:
             logger.warning("the DHT daemon is gone (was the whole process group signalled?): records will "
                            "expire in %.0fs instead of being withdrawn", self.config.record_ttl)
@@ -553,17 +556,28 @@ class Node:
             except Exception as e:
                 logger.warning("could not withdraw DHT records (they will expire): %s", e)
         if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace)
+            await self._shut_down_step("server stop", self._server.stop(self.config.shutdown_grace))
         for relay_part in (self._relay_link, self.relay):  # after the server: relayed calls in flight finish
             if relay_part is not None:
-                await asyncio.to_thread(relay_part.shutdown)
+                await self._shut_down_step("relay shutdown", asyncio.to_thread(relay_part.shutdown))
         if self._runtime is not None:
-            await asyncio.to_thread(self._runtime.shutdown, 30)
+            await self._shut_down_step("runtime shutdown", asyncio.to_thread(self._runtime.shutdown, 30))
         if self._checkpoints is not None and self.backends:
-            await asyncio.to_thread(self._checkpoints.save, True)
+            await self._shut_down_step("last checkpoint", asyncio.to_thread(self._checkpoints.save, True))
         if self._dht is not None:
-            await asyncio.to_thread(self._stop_dht)
-        logger.info("node stopped")
+            await self._shut_down_step("DHT shutdown", asyncio.to_thread(self._stop_dht))
+        if self.shutdown_errors:
+            logger.error("node stopped; %d shutdown steps failed: %s", len(self.shutdown_errors),
+                         "; ".join(self.shutdown_errors))
+        else:
+            logger.info("node stopped")
+
+    async def _shut_down_step(self, what: str, step: Awaitable[object]) -> None:
+        try:
+            await step
+        except Exception as e:
+            logger.error("%s failed: %s", what, e, exc_info=not isinstance(e, DmoeError))
+            self.shutdown_errors.append(f"{what}: {e}")
 
     # ---- reachability: direct, or through a relay -------------------------------------------------
     def _relay_candidates(self) -> list[str]:

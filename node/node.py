@@ -77,6 +77,12 @@ from dmoe.relay.server import Relay
 logger = logging.getLogger(__name__)
 
 
+def _log_failure(task: asyncio.Task) -> None:
+    """A background task's failure, logged when it ends (nothing else awaits it)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error("%s failed: %s", task.get_name(), error, exc_info=error)
+
+
 class Node:
     def __init__(self, config: NodeConfig, given: Collection[str] | None = None):
         self.config = config
@@ -447,8 +453,13 @@ class Node:
         self._runtime.add_expert(uid, backend)
         self.backends[uid] = backend
         self.uids = self.hosted
-        await self._announcer.beat()
-        self._write_ready_file()
+        # hosted from here on, whatever fails next: the caller (a move) counts it in the node's budget
+        try:
+            await self._announcer.beat()
+        except Exception as e:
+            logger.warning("%s: could not announce it at once (the next heartbeat will): %s", uid,
+                           printable(e))
+        self._refresh_ready_file(f"hosting {uid}")
         logger.info("now hosting %s (%s)", uid, f"state of the replica at {transferred[uid].endpoint}"
                     if uid in transferred else "no live replica: its checkpoint or a fresh expert")
         return True
@@ -469,10 +480,11 @@ class Node:
                                version=backend.version, max_batch_tokens=self.config.max_batch_tokens,
                                max_message_bytes=self.config.max_message_bytes, tls=self.tls,
                                reachable=self.reachable, relay=self.relay_endpoint)
-        await self._announcer.retire([retired])
-        self._write_ready_file()
+
+        withdrawn = asyncio.Event()  # the records' withdrawal tried (the grace counts from it)
 
         async def let_go() -> None:
+            await withdrawn.wait()
             await asyncio.sleep(grace)
             if uid not in self._retiring:  # hosted again meanwhile
                 return
@@ -482,7 +494,7 @@ class Node:
                 self._retiring.discard(uid)
                 self.uids = self.hosted
                 await self._announcer.beat()
-                self._write_ready_file()
+                self._refresh_ready_file(f"keeping {uid}")
                 logger.warning("keeping %s: no other node serves it any more", uid)
                 return
             self.backends.pop(uid, None)
@@ -492,9 +504,19 @@ class Node:
                 await asyncio.to_thread(self._checkpoints.save_one, uid, backend)
             logger.info("no longer hosting %s", uid)
 
-        # cancelled at shutdown, the expert is still in self.backends: the last checkpoint covers it
-        self._tasks.append(asyncio.create_task(let_go(), name=f"dmoe-let-go-{uid}"))
-        self._tasks = [t for t in self._tasks if not t.done()]
+        # cancelled at shutdown, the expert is still in self.backends: the last checkpoint covers it.
+        # Started before anything below can fail: a uid retired is always let go (or kept) in the end
+        task = asyncio.create_task(let_go(), name=f"dmoe-let-go-{uid}")
+        task.add_done_callback(_log_failure)
+        self._tasks = [t for t in self._tasks if not t.done()] + [task]
+        try:
+            await self._announcer.retire([retired])
+        except Exception as e:
+            logger.warning("%s: could not withdraw its records (they expire in %.0fs): %s", uid,
+                           self.config.record_ttl, printable(e))
+        finally:
+            withdrawn.set()
+        self._refresh_ready_file(f"letting go of {uid}")
 
     async def _replica_alive_elsewhere(self, uid: str) -> bool:
         """Whether another node serves ``uid`` now: one of the replicas its records name answers a state
@@ -676,6 +698,14 @@ class Node:
     def restored_versions(self) -> dict[str, int]:
         """uid -> version loaded from a checkpoint at start."""
         return self._checkpoints.restored_versions if self._checkpoints is not None else {}
+
+    def _refresh_ready_file(self, why: str) -> None:
+        """The ready file rewritten after a change of what this node hosts; a failure is logged (the change
+        stands, and the next change writes the file again)."""
+        try:
+            self._write_ready_file()
+        except OSError as e:
+            logger.warning("%s: could not write the ready file %s: %s", why, self.config.ready_file, e)
 
     def _write_ready_file(self) -> None:
         """--ready-file: where this node serves and how to join its swarm, once it does."""

@@ -232,9 +232,13 @@ class ExpertServicer:
             # a Backward is answered before its optimizer step: the versions reported include that step
             stepping = [b.settled for b in (map(self.backends.get, uids) if uids else self.backends.values())
                         if b is not None and not b.settled.is_set()]
-            if stepping:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: all(event.wait(STEP_WAIT) for event in stepping))
+            if stepping:  # waited for here, on the loop: a worker thread parked per Info would let a
+                # peer's Info calls take every thread that decodes the node's Forward and Backward calls
+                loop = asyncio.get_running_loop()
+                deadline, pause = loop.time() + STEP_WAIT, 0.0005
+                while not all(event.is_set() for event in stepping) and loop.time() < deadline:
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 0.005)
             info = self.node_info(uids)
             info.receiving_bytes = self._inflight_bytes
             info.expert_calls, info.batched_calls = self.num_expert_calls, self.num_batched_calls

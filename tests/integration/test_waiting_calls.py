@@ -1,6 +1,8 @@
-"""A node serves at most ``max_state_exports`` state exports (GetState) at once, each a copy of an expert's
-state: a caller that gives up on its call (its deadline) leaves the export it started running, so its slot
-comes back only when that export ends, and a peer cancelling its calls cannot run more at once."""
+"""What a peer's waiting calls may hold of a node. It serves at most ``max_state_exports`` state exports
+(GetState) at once, each a copy of an expert's state: a caller that gives up on its call (its deadline) leaves
+the export it started running, so its slot comes back only when that export ends, and a peer cancelling its
+calls cannot run more at once. Info calls that wait for an optimizer step hold none of the worker threads
+that decode the node's expert calls."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import time
 
 import grpc
 import pytest
+import torch
 from swarm_fixtures import stub, wait_for
 
 import dmoe.node.service as service
+from dmoe.core.wire import serialize
 from dmoe.node import Node, NodeConfig
 from dmoe.proto import expert_pb2 as pb
 
@@ -70,5 +74,32 @@ def test_calls_that_give_up_keep_their_export_slots_until_their_exports_end(monk
                     time.sleep(0.05)
             assert chunks[0].WhichOneof("part") == "header" and chunks[0].header.uid == "ffn.0"
             assert held.most == 2
+        finally:
+            channel.close()
+
+
+def test_info_calls_waiting_for_a_step_leave_the_nodes_threads_to_its_expert_calls():
+    """An Info waits (up to 10 s) for an answered Backward's optimizer step, so that the versions it reports
+    count it. It waited on a worker thread of the pool that also decodes Forward and Backward calls, so a
+    dozen Info calls during a step held every worker and a Forward waited for them (about 10 s)."""
+    with Node(NodeConfig(experts=["ffn.0"], hidden_dim=16, device="cpu")) as node:
+        channel, service_stub = stub(node.endpoint)
+        backend = node.backends["ffn.0"]
+        forward = pb.ForwardRequest(uid="ffn.0", inputs=[serialize(torch.randn(4, 16))])
+        try:
+            service_stub.Forward(forward, timeout=10)
+            backend.settled.clear()  # as the runtime does from a Backward's answer to its step's end
+            try:
+                request = pb.InfoRequest(uids=["ffn.0"])
+                waiting = [service_stub.Info.future(request, timeout=30) for _ in range(12)]
+                time.sleep(0.5)  # the Info calls arrive and wait
+                assert not any(call.done() for call in waiting)
+                started = time.monotonic()
+                service_stub.Forward(forward, timeout=30)
+                took = time.monotonic() - started
+            finally:
+                backend.settled.set()
+            assert took < 2.0, f"a Forward took {took:.1f}s behind the Info calls"
+            assert [call.result().experts[0].version for call in waiting] == [0] * 12
         finally:
             channel.close()

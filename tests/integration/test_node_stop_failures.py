@@ -1,6 +1,6 @@
-"""A node's shutdown runs every step even when one fails: a last checkpoint that cannot be written is
-logged and reported (the CLI exits 1 saying which step failed), and the DHT peer and its daemon are still
-stopped; the experts whose checkpoints can be written are."""
+"""A node's shutdown runs every step even when one fails (README, "SIGINT/SIGTERM"): a last checkpoint that
+cannot be written is logged and reported (the CLI exits 1 saying which step failed), and the DHT peer and
+its daemon are still stopped; the experts whose checkpoints can be written are."""
 
 from __future__ import annotations
 

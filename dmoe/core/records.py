@@ -60,7 +60,7 @@ from dmoe.core.dht import DHTPeer
 from dmoe.core.logsafe import printable
 from dmoe.core.owner import CLOCK_MARGIN, MAX_RECORD_TTL, owned_subkey, parse_owned_subkey
 from dmoe.core.recordguard import owner_of
-from dmoe.core.uids import UID_DELIMITER, split_uid
+from dmoe.core.uids import MAX_COORD_DIGITS, UID_DELIMITER, split_uid
 
 logger = logging.getLogger(__name__)
 
@@ -452,8 +452,11 @@ def find_under_prefixes(peer: DHTPeer, keys: Sequence[str], breadth: int | None 
 
 
 def _coordinate(name: str) -> int | None:
-    """The grid coordinate a prefix entry's name spells (a non-negative integer, as uids write it)."""
-    return int(name) if name.isdecimal() and name.isascii() and str(int(name)) == name else None
+    """The grid coordinate a prefix entry's name spells (a non-negative integer of at most MAX_COORD_DIGITS
+    digits, as uids write it); None for any other name (anyone may file one)."""
+    if not (0 < len(name) <= MAX_COORD_DIGITS and name.isdecimal() and name.isascii()):
+        return None
+    return int(name) if str(int(name)) == name else None
 
 
 async def _records_by_name(node: DHTNode, key: str, model: type[_Record], names: str,

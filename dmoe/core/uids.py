@@ -13,7 +13,8 @@ import re
 
 UID_DELIMITER = "."
 _PREFIX = r"[A-Za-z_][A-Za-z0-9_\-]*"
-_COORD = r"(?:0|[1-9][0-9]*)"
+MAX_COORD_DIGITS = 9  # a grid coordinate is below 10**9: no grid is that large, and it fits any integer type
+_COORD = rf"(?:0|[1-9][0-9]{{0,{MAX_COORD_DIGITS - 1}}})"
 UID_RE = re.compile(rf"^{_PREFIX}(?:\.{_COORD})+$")
 _PATTERN_PART = re.compile(rf"^(?:{_COORD}|\[({_COORD}):({_COORD})\])$")
 MAX_PATTERN_EXPERTS = 1 << 20

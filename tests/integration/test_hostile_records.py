@@ -32,6 +32,8 @@ from dmoe.core.dht import DHTPeer
 from dmoe.core.owner import owned_subkey
 from dmoe.core.recordguard import owner_of
 from dmoe.core.records import NODES_KEY, ExpertLoad, ExpertRecord, NodeRecord, prefix_entries
+from dmoe.moe.remote import RemoteMoE
+from dmoe.node import Node, NodeConfig
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN, TOKENS = 32, 32  # 16 tokens of 32 floats: 2 KiB, above a 1 KiB message limit
@@ -174,3 +176,25 @@ def test_channels_stay_bounded_and_an_evicted_channel_finishes_its_call(swarm, m
     finally:
         slow.shutdown()
         fast.shutdown()
+
+
+@pytest.mark.parametrize("coord", ["9" * 20, "9" * 5000], ids=["above-int64", "5000-digits"])
+def test_grid_coordinates_no_grid_has_cost_a_client_nothing(coordinator, coord):
+    """A prefix entry whose name is a coordinate above int64, or longer than Python parses into an int
+    (anyone may file one): the first made every forward under the prefix raise (ValueError building the
+    beam search's tensor), the second failed the whole read of the prefix, so a client saw none of its
+    experts. Now such names are no coordinates: the honest experts are found and called as before."""
+    prefix = f"xp{len(coord)}"  # a prefix of its own per case: the module's DHT keeps what was planted
+    config = NodeConfig(experts=[f"{prefix}.[0:2]"], hidden_dim=HIDDEN, device="cpu", swarm=coordinator.swarm)
+    with Node(config), Swarm(SwarmConfig(initial_peers=coordinator.swarm, cache_ttl=0.2)) as client:
+        value = {**ExpertRecord(uid=f"{prefix}.1", endpoint="127.0.0.1:9", node_id="evil").model_dump(),
+                 "uid": f"{prefix}.{coord}"}
+        plant(client.peer, f"{prefix}.", coord, value)
+        key = f"{prefix}."
+        found = wait_for(lambda: sorted(client.live_replicas_under([key], refresh=True)[key]) == [0, 1],
+                         30, "the honest experts")
+        assert found
+        moe = RemoteMoE(client, prefix=prefix, grid=(4,), in_features=HIDDEN, k=1)
+        x = torch.randn(8, HIDDEN, requires_grad=True)
+        moe(x).sum().backward()
+        assert moe.last_num_failed == 0 and x.grad is not None and bool(x.grad.abs().sum() > 0)

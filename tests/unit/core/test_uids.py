@@ -32,3 +32,13 @@ def test_uid_validation_and_prefixes():
     assert prefix_entries("ffn.3.5") == [("ffn.", 3), ("ffn.3.", 5)]
     with pytest.raises(ValueError, match="not an expert uid"):
         split_uid("nope")
+
+
+def test_a_coordinate_has_at_most_nine_digits():
+    """No grid reaches 10**9 experts along one axis; a longer coordinate is no uid (a record naming one is
+    dropped), so it never overflows an integer tensor nor Python's parsing of it."""
+    assert is_valid_uid("ffn.999999999") and is_valid_uid("ffn.0.123456789")
+    assert not is_valid_uid("ffn.1000000000") and not is_valid_uid("ffn.99999999999999999999")
+    assert split_uid("ffn.999999999") == ("ffn", (999_999_999,))
+    with pytest.raises(ValueError, match="not an expert uid"):
+        split_uid("ffn." + "9" * 5000)

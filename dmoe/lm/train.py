@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dmoe.core.checkpoint import CheckpointStore, TrainingState
+from dmoe.core.logsafe import printable
 from dmoe.core.modelspec import ModelSpec, SpecPublisher
 from dmoe.errors import CheckpointError, ConfigError
 from dmoe.lm.config import LMConfig, TrainConfig
@@ -126,19 +127,28 @@ class Trainer:
         return model
 
     def _publish_model(self) -> None:
-        """Refuse a swarm where a node serves a uid of this model with another schema (class, sizes,
-        dtype); then publish the model's spec, so that nodes started with --model build its experts."""
+        """Refuse a swarm whose nodes serve this model's uids with another schema (class, sizes, dtype)
+        and none with this one; then publish the model's spec, so that nodes started with --model build
+        its experts. Where some replica has this model's schema, the others are only warned of (the
+        client skips them): one record of another schema, which anyone may announce, does not stop a
+        trainer."""
         from dmoe.core.records import find_experts
 
         spec = model_spec(self.config)
+        ours, matching, other = spec.expert_schema, 0, []
         for uid, replicas in find_experts(self.swarm.peer, spec.uids).items():
             for record in replicas:
-                theirs, ours = record.expert_schema, spec.expert_schema
+                theirs = record.expert_schema
                 if theirs and theirs != ours:
-                    raise ConfigError(
-                        f"node {record.node_id} at {record.endpoint} serves {uid} as {theirs}, but this model"
-                        f" needs {ours}: restart that node with --model {spec.name} (or the matching sizes), "
-                        f"or train with the sizes it serves")
+                    other.append(f"node {printable(record.node_id)} at {printable(record.endpoint)} serves "
+                                 f"{uid} as {printable(theirs)}, but this model needs {ours}")
+                else:
+                    matching += 1
+        if other and not matching:
+            raise ConfigError(f"{other[0]}: restart that node with --model {spec.name} (or the matching "
+                              f"sizes), or train with the sizes it serves")
+        for line in other[:8]:
+            logger.warning("%s; its replicas are skipped", line)
         self.spec_publisher = SpecPublisher(self.swarm.peer, spec).start()
 
     def shutdown(self) -> None:

@@ -286,6 +286,8 @@ class Swarm:
                 if schema and record.expert_schema and record.expert_schema != schema:
                     mismatched.append(record)
                     continue
+                if record.tls and self.key is None:  # a private swarm's node: not dialable without its key
+                    continue  # (and anyone's record may say so of an open node's endpoint, to shadow it)
                 endpoint = record.dial_endpoint
                 if not endpoint or (exact and (record.uid != expert or endpoint in seen)):
                     continue

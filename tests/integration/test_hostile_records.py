@@ -22,6 +22,7 @@ import pytest
 import torch
 from counting_server import CountingServer
 from hivemind.utils import get_dht_time
+from hostile import plant_records
 from swarm_fixtures import CoordinatorProcess, wait_for
 
 import dmoe.client.channels
@@ -31,9 +32,10 @@ from dmoe.client.swarm import Swarm
 from dmoe.core.dht import DHTPeer
 from dmoe.core.owner import owned_subkey
 from dmoe.core.recordguard import owner_of
-from dmoe.core.records import NODES_KEY, ExpertLoad, ExpertRecord, NodeRecord, prefix_entries
+from dmoe.core.records import NODES_KEY, ExpertLoad, ExpertRecord, NodeRecord, find_experts, prefix_entries
 from dmoe.moe.remote import RemoteMoE
 from dmoe.node import Node, NodeConfig
+from dmoe.node.joining import replicas_of
 
 pytestmark = pytest.mark.timeout(120)
 HIDDEN, TOKENS = 32, 32  # 16 tokens of 32 floats: 2 KiB, above a 1 KiB message limit
@@ -198,3 +200,26 @@ def test_grid_coordinates_no_grid_has_cost_a_client_nothing(coordinator, coord):
         x = torch.randn(8, HIDDEN, requires_grad=True)
         moe(x).sum().backward()
         assert moe.last_num_failed == 0 and x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+def test_a_record_that_calls_an_open_nodes_endpoint_tls_does_not_shadow_it(coordinator):
+    """A record of anyone's naming an honest open node's endpoint with ``tls`` (a private swarm's node,
+    which this client, without a key, cannot dial) and a later expiration: the client kept one record per
+    endpoint, that one, failed it locally on every call and never backed off, so the expert was lost on
+    every step. Now a client without a key leaves records it cannot dial out, and the honest one serves."""
+    config = NodeConfig(experts=["xt.[0:2]"], hidden_dim=HIDDEN, device="cpu", swarm=coordinator.swarm)
+    with Node(config) as node, Swarm(SwarmConfig(initial_peers=coordinator.swarm, cache_ttl=0.2)) as client:
+        plant_records(client.peer, {"xt.0": node.endpoint}, node_id="evil", ttl=600.0, tls=True)
+        wait_for(lambda: {r.node_id for r in replicas_of(find_experts(client.peer, ["xt.0"]).get("xt.0"))}
+                 == {"evil", node.node_id}, 30, "both records of xt.0")
+        wait_for(lambda: sorted(client.live_replicas_under(["xt."], refresh=True)["xt."]) == [0, 1], 30,
+                 "the node's experts")
+        [level] = client.live_levels(["xt."], exact=True)
+        assert [[r.node_id for r in replicas] for replicas in level.replicas] == [[node.node_id]] * 2
+        moe = RemoteMoE(client, prefix="xt", grid=(2,), in_features=HIDDEN, k=2, k_min=1)
+        x = torch.randn(16, HIDDEN, requires_grad=True)
+        failed = []
+        for _ in range(3):
+            moe(x).sum().backward()
+            failed.append(moe.last_num_failed)
+        assert failed == [0, 0, 0]

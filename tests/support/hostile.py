@@ -70,14 +70,14 @@ class HostileServer(LoopServer):
 
 
 def plant_records(peer: DHTPeer, records: dict[str, str], node_id: str = "hostile",
-                  ttl: float = 300.0, expert_schema: str = "") -> None:
+                  ttl: float = 300.0, **fields) -> None:
     """Announce uid -> endpoint records in the DHT, as a node with this id would: owned by the peer's
-    own key, so each is one more replica of its uid, beside those of honest nodes; ``expert_schema``
-    as such a record would announce it ("": none)."""
+    own key, so each is one more replica of its uid, beside those of honest nodes; ``fields``: the
+    records' other fields, as such a node would announce them."""
     from hivemind.utils import get_dht_time
 
-    experts = [ExpertRecord(uid=uid, endpoint=endpoint, node_id=node_id, expert_cls="ffn",
-                            expert_schema=expert_schema) for uid, endpoint in records.items()]
+    experts = [ExpertRecord(uid=uid, endpoint=endpoint, node_id=node_id, expert_cls="ffn", **fields)
+               for uid, endpoint in records.items()]
     node = NodeRecord(node_id=node_id, endpoint=next(iter(records.values())), updated_at=time.time(),
                       experts=list(records))
     stored = peer.run(store_announcement_async(peer.node, experts, node, get_dht_time() + ttl), 30)

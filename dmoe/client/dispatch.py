@@ -735,6 +735,7 @@ class Dispatcher:
                 # node hangs up while chunks are still being sent): ask with an empty batched call first
                 await stub[unary_name](b"", timeout=timeout, metadata=self._metadata(unary_name))
                 self._remember_batched(endpoint, tls)
+                timeout = max(0.001, max(q.deadline for q in group) - loop.time())  # what that call left
             if unary:
                 reply = await stub[name](data, timeout=timeout, metadata=self._metadata(name))
             else:

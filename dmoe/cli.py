@@ -75,8 +75,8 @@ def node_start(config_path: str | None, **values) -> None:
         if not config.swarm:
             click.echo(f"others join with: --swarm {n.join_address}")
 
-    node = Node(config, given=given)
     try:
+        node = Node(config, given=given)
         node.run(on_ready=on_ready)
     except (DmoeError, ValueError, OSError) as e:
         raise click.ClickException(f"node failed to start: {e}") from None

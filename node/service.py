@@ -50,8 +50,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -125,6 +127,9 @@ class ExpertServicer:
         self._inflight_bytes = 0  # bytes held by request streams being received (event loop only)
         self.max_state_exports = max_state_exports  # GetState calls served at once
         self._state_exports = 0  # GetState calls being served (event loop only)
+        # Info calls waiting for optimizer steps to end: (the steps' events, the future that wakes the call)
+        self._settling: list[tuple[list[threading.Event], asyncio.Future]] = []
+        self._settle_poller: asyncio.Task | None = None
         self.max_info_uids = max_info_uids  # uids one Info call may name
         # calls received (Info's stats): Forward/Backward in every form, of them batched ones, their parts
         self.num_expert_calls = self.num_batched_calls = self.num_batched_parts = 0
@@ -232,13 +237,8 @@ class ExpertServicer:
             # a Backward is answered before its optimizer step: the versions reported include that step
             stepping = [b.settled for b in (map(self.backends.get, uids) if uids else self.backends.values())
                         if b is not None and not b.settled.is_set()]
-            if stepping:  # waited for here, on the loop: a worker thread parked per Info would let a
-                # peer's Info calls take every thread that decodes the node's Forward and Backward calls
-                loop = asyncio.get_running_loop()
-                deadline, pause = loop.time() + STEP_WAIT, 0.0005
-                while not all(event.is_set() for event in stepping) and loop.time() < deadline:
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, 0.005)
+            if stepping:
+                await self._steps_settled(stepping)
             info = self.node_info(uids)
             info.receiving_bytes = self._inflight_bytes
             info.expert_calls, info.batched_calls = self.num_expert_calls, self.num_batched_calls
@@ -247,6 +247,35 @@ class ExpertServicer:
             return info
 
         return await self._answer(context, "Info", handle)
+
+    async def _steps_settled(self, events: list[threading.Event]) -> None:
+        """Until every event is set, or STEP_WAIT. Waited for on the loop, not on a worker thread: a thread
+        parked per Info would let a peer's Info calls take every thread that decodes the node's Forward and
+        Backward calls. One task polls the events of every waiting Info, so a wake-up costs the loop the
+        same however many wait."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._settling.append((events, waiter))
+        if self._settle_poller is None or self._settle_poller.done():
+            self._settle_poller = asyncio.create_task(self._poll_settled(), name="dmoe-info-settled")
+        try:
+            await asyncio.wait_for(waiter, STEP_WAIT)
+        except TimeoutError:
+            pass  # answered with the versions as they are (the step is counted by the next Info)
+
+    async def _poll_settled(self) -> None:
+        pause = 0.0005
+        while self._settling:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.005)
+            waiting = []
+            for events, waiter in self._settling:
+                if waiter.done():  # its Info gave up (STEP_WAIT, or the call ended)
+                    continue
+                if all(event.is_set() for event in events):
+                    waiter.set_result(None)
+                else:
+                    waiting.append((events, waiter))
+            self._settling = waiting
 
     async def get_state(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
         """The expert's state as a stream of StateChunk (written here, not yielded, so that the
@@ -269,16 +298,19 @@ class ExpertServicer:
                 await self._send_state(backend, export, context)
             finally:
                 if export.done():
-                    self._export_ended(export)
+                    self._state_exports -= 1
                 else:
-                    export.add_done_callback(self._export_ended)
+                    export.add_done_callback(functools.partial(self._export_ended, request.uid))
 
         await self._answer(context, "GetState", handle)
 
-    def _export_ended(self, export: asyncio.Future) -> None:
+    def _export_ended(self, uid: str, export: asyncio.Future) -> None:
+        """An export whose call ended before it did (its caller gave up): its slot back, its error logged."""
         self._state_exports -= 1
-        if not export.cancelled():
-            export.exception()  # retrieved: the call that awaited it has reported it, or was cancelled
+        error = None if export.cancelled() else export.exception()
+        if error is not None and not isinstance(error, ValueError):
+            logger.warning("the export of %s's state for a call that ended failed: %s", printable(uid),
+                           printable(error))
 
     async def _send_state(self, backend: ExpertBackend, export: asyncio.Future,
                           context: grpc.aio.ServicerContext) -> None:

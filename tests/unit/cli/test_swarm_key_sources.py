@@ -56,3 +56,18 @@ def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog):
             SwarmKey.load(path)
         assert [r.getMessage() for r in caplog.records] == [
             f"swarm key {path} is readable by other users of this machine: chmod 600 it"]
+
+
+def test_a_node_whose_swarm_key_cannot_be_read_fails_to_start_with_one_line(tmp_path):
+    """The key is read as the node is built, before it starts: a missing file is the same one-line error
+    as any other start-up failure, not a traceback."""
+    from click.testing import CliRunner
+
+    from dmoe.cli import main
+
+    missing = tmp_path / "none.key"
+    result = CliRunner().invoke(main, ["node", "start", "--experts", "ffn.[0:1]", "--device", "cpu",
+                                       "--swarm-key", str(missing)])
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert result.output.startswith("Error: node failed to start: cannot read the swarm key")
+    assert "Traceback" not in result.output

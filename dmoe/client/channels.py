@@ -7,6 +7,10 @@ calls running on it have ended, never under them (each call made through the cac
 counted in and, by its done callback, out). A client calls far fewer nodes in a step than the cap,
 so an honest swarm never sees a channel dropped and made again.
 
+A channel with no call for ``CHANNEL_IDLE_S`` goes idle (gRPC's client idle timeout): it lets its
+connection go and stops dialling until its next call. Without it, a channel whose node died went on
+redialling that endpoint, with back-off, for as long as the cache kept it.
+
 It is the mapping :class:`dmoe.client.dispatch.Dispatcher` keeps its channels in:
 ``cache[(endpoint, tls)] = (channel, methods)`` stores a channel and its call objects by method
 name (and may drop the least recently used entry), ``cache[(endpoint, tls)]`` returns them (the
@@ -26,6 +30,8 @@ import grpc
 logger = logging.getLogger(__name__)
 
 MAX_CHANNELS = 1024  # channels kept per Dispatcher; a client calls far fewer nodes than this in one step
+# seconds without a call after which a channel lets its connection go (a node in use is called every step)
+CHANNEL_IDLE_S = 60.0
 
 
 class _Counted:

@@ -82,6 +82,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from dmoe.client import channels
 from dmoe.client.balance import DEFAULT_MAX_TOKENS, ReplicaBalancer
 from dmoe.client.channels import ChannelCache
 from dmoe.client.health import Late, LocalInputError, describe, is_refusal, judge_refusals, status_code
@@ -264,7 +265,8 @@ class Dispatcher:
         grpc's own deserialiser hands None to the caller when a reply does not parse."""
         if (endpoint, tls) not in self._channels:
             options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.client_idle_timeout_ms", int(channels.CHANNEL_IDLE_S * 1000))]
             if tls:
                 if self.key is None:
                     raise LocalInputError(f"{endpoint} speaks a private swarm's TLS: "

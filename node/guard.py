@@ -65,6 +65,11 @@ class CallGuard:
         self._peers: collections.OrderedDict[str, _Peer] = collections.OrderedDict()
         self.num_unauthenticated = self.num_rate_limited = 0
 
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls admitted and not ended yet, of every peer."""
+        return sum(peer.in_flight for peer in list(self._peers.values()))
+
     def admit(self, method: str, peer: str, metadata,
               auth_context: Mapping[str, Sequence[bytes]] | None = None) -> str:
         """Raise Refused, or count the call in and return the peer key to pass to :meth:`release`.

@@ -25,9 +25,10 @@ pytestmark = pytest.mark.timeout(120)
 class HeldExports:
     """The node's real export_state, held at its start until released; counts those running."""
 
-    def __init__(self, export):
+    def __init__(self, export, failure: Exception | None = None):
         self.export, self.release, self.lock = export, threading.Event(), threading.Lock()
         self.running = self.most = 0
+        self.failure = failure  # raised instead of exporting, once released (None: the real export)
 
     def __call__(self, *args, **kwargs):
         with self.lock:
@@ -35,6 +36,8 @@ class HeldExports:
             self.most = max(self.most, self.running)
         try:
             self.release.wait(60)
+            if self.failure is not None:
+                raise self.failure
             return self.export(*args, **kwargs)
         finally:
             with self.lock:
@@ -64,18 +67,38 @@ def test_calls_that_give_up_keep_their_export_slots_until_their_exports_end(monk
             assert held.running == 2 and held.most == 2
             held.release.set()
             wait_for(lambda: held.running == 0, 10, "the exports' end")
-            deadline = time.monotonic() + 10
-            while True:  # the slots come back with the exports' end (on the node's event loop)
+
+            def served() -> list[pb.StateChunk] | None:  # the slots come back on the node's event loop
                 try:
-                    chunks = get_state(service_stub, timeout=10)
-                    break
+                    return get_state(service_stub, timeout=10)
                 except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
-                    time.sleep(0.05)
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    return None
+
+            chunks = wait_for(served, 10, "a GetState served once the exports ended")
             assert chunks[0].WhichOneof("part") == "header" and chunks[0].header.uid == "ffn.0"
             assert held.most == 2
         finally:
             held.release.set()  # (set already when the test got that far: a failure must not hold the node)
+            channel.close()
+
+
+def test_an_export_that_fails_after_its_caller_gave_up_is_logged_and_gives_its_slot_back(monkeypatch, caplog):
+    held = HeldExports(service.export_state, failure=RuntimeError("the state could not be read"))
+    monkeypatch.setattr(service, "export_state", held)
+    with Node(NodeConfig(experts=["ffn.0"], hidden_dim=16, device="cpu")) as node:
+        channel, service_stub = stub(node.endpoint)
+        try:
+            with pytest.raises(grpc.RpcError) as gave_up:
+                get_state(service_stub, timeout=0.5)
+            assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            held.release.set()
+            wait_for(lambda: "the export of ffn.0's state for a call that ended failed: the state could not "
+                     "be read" in caplog.text, 10, "the export's failure in the log")
+            held.failure = None
+            assert get_state(service_stub, timeout=10)[0].header.uid == "ffn.0"  # its slot is free again
+        finally:
+            held.release.set()
             channel.close()
 
 
@@ -93,7 +116,7 @@ def test_info_calls_waiting_for_a_step_leave_the_nodes_threads_to_its_expert_cal
             try:
                 request = pb.InfoRequest(uids=["ffn.0"])
                 waiting = [service_stub.Info.future(request, timeout=30) for _ in range(12)]
-                time.sleep(0.5)  # the Info calls arrive and wait
+                wait_for(lambda: node.guard.calls_in_flight == 12, 10, "the Info calls to arrive and wait")
                 assert not any(call.done() for call in waiting)
                 started = time.monotonic()
                 service_stub.Forward(forward, timeout=30)
